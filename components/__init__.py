@@ -1,0 +1,10 @@
+"""Gradio UI only: one module per tab plus shared widgets. Never imports torch."""
+from __future__ import annotations
+
+from typing import Callable
+
+from . import text_tab
+
+TAB_BUILDERS: dict[str, tuple[str, Callable]] = {
+    "text": ("Text", text_tab.build),
+}

@@ -1,0 +1,93 @@
+"""Widgets and plumbing shared by every tab: seed row, stats panel, Stop, errors, the GPU lane."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from pipelines.base import MAX_SEED, CancelToken, Event, Pipeline, PipelineError, Request
+from pipelines.guard import guarded_events
+
+GPU_LANE = dict(concurrency_id="gpu", concurrency_limit=1)
+RANDOM_WEIGHTS_NOTE = "**Random weights** (tiny preset): outputs are noise by design; use it to test the app."
+
+
+class CancelRegistry:
+    """The running request's cancel token per browser/API session, so Stop can reach it."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, CancelToken] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str | None) -> CancelToken:
+        token = CancelToken()
+        with self._lock:
+            self._tokens[session or ""] = token
+        return token
+
+    def stop(self, session: str | None) -> None:
+        with self._lock:
+            token = self._tokens.get(session or "")
+        if token is not None:
+            token.cancel()
+
+
+CANCELS = CancelRegistry()
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def stop_session(request: gr.Request) -> None:
+    CANCELS.stop(session_of(request))
+
+
+def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | None) -> Iterator[Event]:
+    """Events of ``pipeline`` for ``request``, with Stop wired in and failures turned into gr.Error."""
+    request.cancel = CANCELS.start(session_of(session))
+    events = guarded_events(pipeline, request, pipeline.store)
+    try:
+        yield from events
+    except PipelineError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+    finally:
+        request.cancel.cancel()
+        events.close()
+
+
+def on_gpu(fn: Callable) -> Callable:
+    """Wrap a GPU event handler with ``@spaces.GPU`` on ZeroGPU Spaces; a no-op everywhere else."""
+    if not os.environ.get("SPACES_ZERO_GPU"):
+        return fn
+    import spaces
+
+    return spaces.GPU(duration=120)(fn)
+
+
+def seed_row() -> gr.Number:
+    """Seed box (-1 = random) with 🎲 (random) and ♻️ (reuse the last seed) buttons, as in A1111."""
+    with gr.Row(equal_height=True):
+        seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED, scale=4)
+        dice = gr.Button("🎲", scale=0, min_width=40)
+        reuse = gr.Button("♻️", scale=0, min_width=40)
+    dice.click(lambda: -1, outputs=seed, api_visibility="private")
+    seed.reuse_button = reuse  # type: ignore[attr-defined]
+    return seed
+
+
+def link_seed_reuse(seed: gr.Number, stats: gr.JSON) -> None:
+    """♻️ puts the seed of the last result (from its stats) back into the seed box."""
+    seed.reuse_button.click(lambda s: (s or {}).get("seed", -1), inputs=stats, outputs=seed,  # type: ignore[attr-defined]
+                            api_visibility="private")
+
+
+def stats_panel(label: str = "Stats") -> gr.JSON:
+    return gr.JSON(label=label, value={})
+
+
+def number(value: Any, default: float) -> float:
+    """A numeric UI value; None (an emptied box) becomes the default instead of a crash."""
+    return default if value is None else value

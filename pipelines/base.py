@@ -1,0 +1,118 @@
+"""Requests, events and the Pipeline base class shared by every tab.
+
+A pipeline turns a request dataclass into an iterator of events:
+``Progress`` while it works, ``Partial`` for streamed values (text so far, an audio chunk, a preview
+frame) and exactly one ``Result`` at the end. The UI (``components/``) and scripts consume the same
+iterator, so everything a user sees is also available from Python and through the API.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+MAX_SEED = 2**32 - 1
+
+
+class PipelineError(Exception):
+    """An error the user caused or can fix; its message is shown to them as is."""
+
+
+class Cancelled(Exception):
+    """Raised inside a pipeline when its request's cancel token was set."""
+
+
+class CancelToken:
+    """A flag that Stop sets and that pipelines check once per step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("Stopped by the user.")
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    note: str = ""
+
+
+@dataclass
+class Partial:
+    value: Any
+
+
+@dataclass
+class Result:
+    value: Any
+    stats: dict[str, float | int | str | bool] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+Event = Progress | Partial | Result
+
+
+@dataclass
+class Request:
+    """Fields every request has. ``seed=-1`` means "pick one"; the chosen seed is reported back."""
+
+    seed: int = -1
+    cancel: CancelToken = field(default_factory=CancelToken, repr=False, compare=False)
+
+
+def resolve_seed(seed: int | float | None) -> int:
+    """Turn the user's seed into a concrete one; -1 (or None) draws a random seed."""
+    if seed is None or int(seed) < 0:
+        return random.randint(0, MAX_SEED)
+    if int(seed) > MAX_SEED:
+        raise PipelineError(f"Seed must be between -1 and {MAX_SEED}, got {int(seed)}.")
+    return int(seed)
+
+
+def require_text(value: str | None, what: str = "Prompt") -> str:
+    """Reject empty or whitespace-only text with a message the user can act on."""
+    if value is None or not str(value).strip():
+        raise PipelineError(f"{what} is empty. Type something to generate from.")
+    return str(value)
+
+
+def require_range(value: float | int | None, name: str, low: float, high: float) -> float:
+    """Reject NaN, missing and out-of-range numbers with a clear message."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PipelineError(f"{name} must be a number between {low} and {high}, got {value!r}.") from None
+    if number != number or not (low <= number <= high):
+        raise PipelineError(f"{name} must be between {low} and {high}, got {value!r}.")
+    return number
+
+
+class Pipeline:
+    """Base for every tab's pipeline: a plain object with named components and one ``generate``."""
+
+    task: str = ""
+    request_type: type[Request] = Request
+
+    def generate(self, request: Request) -> Iterator[Event]:
+        raise NotImplementedError
+
+    def run(self, request: Request) -> Result:
+        """Run to completion and return the final Result (convenient from scripts and tests)."""
+        result = None
+        for event in self.generate(request):
+            if isinstance(event, Result):
+                result = event
+        if result is None:
+            raise RuntimeError(f"{type(self).__name__}.generate ended without a Result")
+        return result

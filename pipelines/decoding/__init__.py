@@ -1,0 +1,1 @@
+"""Lossless multi-token decoding shared by the text, speech and song tabs."""

@@ -1,0 +1,92 @@
+"""Plain autoregressive decoding: the baseline every multi-token method must reproduce exactly."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from ..base import CancelToken
+
+
+@dataclass
+class SamplingConfig:
+    """Greedy when temperature is 0; else temperature and nucleus (top-p) sampling with ``seed``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class DecodeStats:
+    new_tokens: int = 0
+    forwards: int = 0
+    accepted_per_forward: list[int] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per forward (1.0 for plain decoding)."""
+        return self.new_tokens / self.forwards if self.forwards else 0.0
+
+
+def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Temperature then top-p on a [..., vocab] float tensor; returns log-probabilities."""
+    logits = logits.float() / config.temperature
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= config.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.log_softmax(-1)
+
+
+def choose_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> int:
+    """The next token from one position's logits: argmax, or a sample drawn with ``generator``."""
+    if config.greedy:
+        return int(logits.argmax(-1))
+    probs = process_logits(logits, config).exp()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(config: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    if config.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    return generator
+
+
+@torch.inference_mode()
+def plain_decode(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    config: SamplingConfig,
+    eos_ids: set[int],
+    cancel: CancelToken | None = None,
+    stats: DecodeStats | None = None,
+) -> Iterator[list[int]]:
+    """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``."""
+    stats = stats if stats is not None else DecodeStats()
+    generator = make_generator(config, input_ids.device)
+    cache = DynamicCache(config=model.config)
+    step_input = input_ids
+    for _ in range(max_new_tokens):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+        stats.forwards += 1
+        token = choose_token(out.logits[0, -1], config, generator)
+        stats.new_tokens += 1
+        stats.accepted_per_forward.append(1)
+        yield [token]
+        if token in eos_ids:
+            return
+        step_input = torch.tensor([[token]], device=input_ids.device)

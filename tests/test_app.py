@@ -76,3 +76,22 @@ def test_cli_starts_tiny_app_quickly_and_exposes_generate_text(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_auto_preset_offline_chats_with_packaged_smollm2():
+    from gradio_client import Client
+
+    from pipelines.models import ModelStore
+
+    registry = build_registry("auto", ModelStore())
+    demo = build_demo(registry)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        text, stats = client.predict("What is the capital of France?", "", "", "vanilla", 24, 0.0, 1.0, 0,
+                                     api_name="/generate_text")
+    finally:
+        demo.close()
+    assert stats["model"].startswith("SmolLM2-135M-Instruct")
+    assert "Paris" in text

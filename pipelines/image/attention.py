@@ -1,0 +1,313 @@
+"""The one attention-control layer of the image (and video) tab: diffusers attention processors on named
+cross-attention layers that (a) record attention probabilities of chosen tokens at chosen steps and (b) add a
+bias (including -inf, true masking) to chosen key columns for chosen query regions, layers and steps.
+
+Usage::
+
+    control = AttentionControl(unet)
+    control.biases.append(KeyBias(tokens=[5, 6], layers=lambda n: n.startswith("up_blocks.1"),
+                                  timesteps=(300, 650)))
+    recorder = control.record(tokens=[2, 5], layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn2"])
+    with control:                      # installs processors only on the layers something applies to
+        pipe(..., callback_on_step_end=control.step_callback)
+    heat = recorder.aggregate()        # [batch, h, w, tokens]
+
+Why processors and not a patched UNet: the processor API is diffusers' stable extension point. Why explicit
+probabilities only where recorded: ``AttnProcessor2_0`` runs SDPA, which never materialises them, and the
+explicit path costs memory. When a layer has nothing to do at a call, its original processor runs, so with
+every control off the output is bit-identical to the stock pipeline. Per-run state (step, timestep, CFG layout)
+lives on the control object rather than in ``cross_attention_kwargs`` because diffusers filters those kwargs
+against each processor's signature and sends them to self- and cross-attention alike.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+LayerFilter = Callable[[str], bool] | Collection[str] | None
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Module names of every cross-attention (``attn2``) layer of the spatial transformers, in UNet order."""
+    names = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and getattr(module, "is_cross_attention", False) and "motion_modules" not in name:
+            names.append(name)
+    return names
+
+
+def layer_matches(layers: LayerFilter, name: str) -> bool:
+    if layers is None:
+        return True
+    if callable(layers):
+        return bool(layers(name))
+    return name in layers
+
+
+def query_grid(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer's query grid given the latent size: each UNet level halves (rounding up)."""
+    height, width = latent_hw
+    for level in range(8):
+        h, w = math.ceil(height / 2**level), math.ceil(width / 2**level)
+        if h * w == num_queries:
+            return h, w
+    raise ValueError(f"Cannot place {num_queries} queries on a grid derived from latent size {latent_hw}.")
+
+
+@dataclass
+class KeyBias:
+    """Add ``value`` to the logits of key columns ``tokens`` for the queries inside ``region``.
+
+    ``region`` is an [H, W] mask over the image at any resolution (resized nearest to each layer's grid);
+    None means every query. ``timesteps`` is an inclusive window in scheduler timestep units, ``steps`` a
+    collection of step indices; both None means always. ``rows="cond"`` touches only the conditional half of a
+    classifier-free-guidance batch (token positions belong to the positive prompt); ``"all"`` every row.
+    """
+
+    tokens: Sequence[int]
+    value: float = float("-inf")
+    layers: LayerFilter = None
+    region: torch.Tensor | None = None
+    timesteps: tuple[float, float] | None = None
+    steps: Collection[int] | None = None
+    rows: str = "cond"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.tokens = [int(t) for t in self.tokens]
+        if self.value == float("-inf") and 0 in self.tokens:
+            raise ValueError("A -inf bias on key 0 (the start token) could leave a query with no key to attend to.")
+        if self.rows not in {"cond", "all"}:
+            raise ValueError(f"rows must be 'cond' or 'all', got {self.rows!r}")
+
+    def active(self, name: str, step: int, timestep: float | None) -> bool:
+        if not self.tokens or not layer_matches(self.layers, name):
+            return False
+        if self.steps is not None and step not in self.steps:
+            return False
+        if self.timesteps is not None:
+            low, high = self.timesteps
+            if timestep is None or not (low <= timestep <= high):
+                return False
+        return True
+
+
+@dataclass
+class AttentionRecorder:
+    """Keeps head-averaged cross-attention probabilities: ``maps[step][layer]`` is [rows, h, w, tokens]."""
+
+    tokens: Sequence[int] | None = None
+    layers: LayerFilter = None
+    steps: Collection[int] | None = None
+    rows: str = "cond"
+    keep_grad: bool = False
+    maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def active(self, name: str, step: int) -> bool:
+        return layer_matches(self.layers, name) and (self.steps is None or step in self.steps)
+
+    def add(self, step: int, name: str, probs: torch.Tensor) -> None:
+        self.maps.setdefault(step, {})[name] = probs if self.keep_grad else probs.detach()
+
+    def clear(self) -> None:
+        self.maps.clear()
+
+    def aggregate(self, steps: Collection[int] | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mean over recorded layers and steps, each resized (bilinear) to ``size`` (default: the largest grid)."""
+        chosen = [m for s, layers in self.maps.items() if steps is None or s in steps for m in layers.values()]
+        if not chosen:
+            raise ValueError("No attention maps were recorded for the requested steps.")
+        if size is None:
+            size = max((m.shape[1], m.shape[2]) for m in chosen)
+        resized = []
+        for m in chosen:
+            if (m.shape[1], m.shape[2]) != tuple(size):
+                m = F.interpolate(m.permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
+                                  align_corners=False).permute(0, 2, 3, 1)
+            resized.append(m.float())
+        return torch.stack(resized).mean(0)
+
+
+@dataclass
+class AppliedBias:
+    """One bias applied at one call: what tests and the stats panel read back."""
+
+    step: int
+    timestep: float | None
+    layer: str
+    label: str
+    tokens: tuple[int, ...]
+    queries: int
+
+
+class AttentionControl:
+    """Per-run state and controls for a UNet's cross-attention; a context manager that installs processors."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.layers = cross_attention_layers(unet)
+        self.biases: list[KeyBias] = []
+        self.recorders: list[AttentionRecorder] = []
+        self.applied: list[AppliedBias] = []
+        self.step = 0
+        self.timestep: float | None = None
+        self.latent_hw: tuple[int, int] | None = None
+        self.cfg = True
+        self._saved: dict[str, Any] | None = None
+        self._hook = None
+
+    def record(self, tokens: Sequence[int] | None = None, layers: LayerFilter = None,
+               steps: Collection[int] | None = None, keep_grad: bool = False) -> AttentionRecorder:
+        recorder = AttentionRecorder(tokens=tokens, layers=layers, steps=steps, keep_grad=keep_grad)
+        self.recorders.append(recorder)
+        return recorder
+
+    def controlled_layers(self) -> list[str]:
+        return [name for name in self.layers
+                if any(layer_matches(b.layers, name) for b in self.biases)
+                or any(layer_matches(r.layers, name) for r in self.recorders)]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.biases or self.recorders)
+
+    def install(self) -> None:
+        """Swap in controlled processors on the layers some control touches; the rest keep theirs."""
+        if self._saved is not None or not self.enabled:
+            return
+        saved = dict(self.unet.attn_processors)
+        processors = dict(saved)
+        for name in self.controlled_layers():
+            key = f"{name}.processor"
+            processors[key] = ControlledAttnProcessor(self, name, saved[key])
+        self.unet.set_attn_processor(processors)
+        self._saved = saved
+        self._hook = self.unet.register_forward_pre_hook(self._track_timestep, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._saved is None:
+            return
+        self.unet.set_attn_processor(self._saved)
+        self._saved = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> "AttentionControl":
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _track_timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+
+    def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` that advances the step counter (chain it if you need the tensors)."""
+        self.step = step + 1
+        return {}
+
+    @contextmanager
+    def without_cfg(self) -> Iterator[None]:
+        """For extra UNet calls on the positive prompt alone (e.g. refinement): every row is conditional."""
+        previous, self.cfg = self.cfg, False
+        try:
+            yield
+        finally:
+            self.cfg = previous
+
+    def row_slice(self, rows: str, batch: int) -> slice:
+        if rows == "cond" and self.cfg and batch % 2 == 0:
+            return slice(batch // 2, batch)
+        return slice(0, batch)
+
+    def region_mask(self, region: torch.Tensor, num_queries: int) -> torch.Tensor:
+        h, w = query_grid(num_queries, self.latent_hw or (int(math.isqrt(num_queries)),) * 2)
+        resized = F.interpolate(region[None, None].float(), size=(h, w), mode="nearest")
+        return resized.flatten() > 0.5
+
+    def build_bias(self, name: str, batch: int, num_queries: int, num_keys: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+        active = [b for b in self.biases if b.active(name, self.step, self.timestep)]
+        if not active:
+            return None
+        bias = torch.zeros(batch, 1, num_queries, num_keys, device=device, dtype=dtype)
+        for item in active:
+            tokens = [t for t in item.tokens if t < num_keys]
+            if not tokens:
+                continue
+            queries = (self.region_mask(item.region, num_queries).to(device) if item.region is not None
+                       else torch.ones(num_queries, dtype=torch.bool, device=device))
+            keys = torch.zeros(num_keys, dtype=torch.bool, device=device)
+            keys[tokens] = True
+            cells = queries[:, None] & keys[None, :]
+            bias[self.row_slice(item.rows, batch), 0] += torch.where(cells, item.value, 0.0).to(dtype)
+            self.applied.append(AppliedBias(self.step, self.timestep, name, item.label, tuple(tokens),
+                                            int(queries.sum())))
+        return bias
+
+
+class ControlledAttnProcessor:
+    """Cross-attention with optional key bias and probability recording; defers to ``fallback`` when idle."""
+
+    def __init__(self, control: AttentionControl, name: str, fallback: Any) -> None:
+        self.control = control
+        self.name = name
+        self.fallback = fallback
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        control = self.control
+        recorders = [r for r in control.recorders if r.active(self.name, control.step)]
+        bias_active = any(b.active(self.name, control.step, control.timestep) for b in control.biases)
+        if encoder_hidden_states is None or hidden_states.ndim != 3 or not (recorders or bias_active):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+        batch, num_queries, _ = hidden_states.shape
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        num_keys = key.shape[1]
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        bias = control.build_bias(self.name, batch, num_queries, num_keys, query.device, query.dtype)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, num_keys, batch).view(batch, attn.heads, -1, num_keys)
+            bias = mask if bias is None else bias + mask
+        if recorders:
+            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+            if bias is not None:
+                scores = scores + bias
+            probs = scores.softmax(dim=-1)
+            out = torch.matmul(probs, value)
+            mean = probs.mean(dim=1)
+            for recorder in recorders:
+                rows = control.row_slice(recorder.rows, batch)
+                selected = mean[rows] if recorder.tokens is None else mean[rows][..., list(recorder.tokens)]
+                h, w = query_grid(num_queries, control.latent_hw or (int(math.isqrt(num_queries)),) * 2)
+                recorder.add(control.step, self.name, selected.reshape(selected.shape[0], h, w, -1))
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor

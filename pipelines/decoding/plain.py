@@ -1,6 +1,8 @@
 """Plain autoregressive decoding: the baseline every multi-token method must reproduce exactly."""
 from __future__ import annotations
 
+import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -28,11 +30,23 @@ class DecodeStats:
     new_tokens: int = 0
     forwards: int = 0
     accepted_per_forward: list[int] = field(default_factory=list)
+    draft_s: float = 0.0  # time spent building trees and updating drafter state
+    step_s: float = 0.0  # time spent in whole steps (forward, acceptance, drafting)
 
     @property
     def tau(self) -> float:
         """Mean tokens committed per forward (1.0 for plain decoding)."""
         return self.new_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def draft_share(self) -> float:
+        """Fraction of step time spent drafting."""
+        return self.draft_s / self.step_s if self.step_s else 0.0
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.24 renames ``past_key_values`` to ``cache`` (old name kept until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
@@ -77,13 +91,16 @@ def plain_decode(
     stats = stats if stats is not None else DecodeStats()
     generator = make_generator(config, input_ids.device)
     cache = DynamicCache(config=model.config)
+    kwarg = cache_kwarg(model)
     step_input = input_ids
     for _ in range(max_new_tokens):
         if cancel is not None:
             cancel.raise_if_cancelled()
-        out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+        started = time.perf_counter()
+        out = model(input_ids=step_input, use_cache=True, **{kwarg: cache})
         stats.forwards += 1
         token = choose_token(out.logits[0, -1], config, generator)
+        stats.step_s += time.perf_counter() - started
         stats.new_tokens += 1
         stats.accepted_per_forward.append(1)
         yield [token]

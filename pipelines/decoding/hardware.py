@@ -1,0 +1,78 @@
+"""Hardware-aware tree size (PPD's idea, Chen et al. arXiv 2405.18628): a bigger tree accepts more tokens
+per forward but a forward over more query tokens costs more, by an amount that depends on the device
+(nearly flat on a host-bound GPU, close to linear on a CPU). Measure the cost curve, then keep the prefix
+of the tree template that maximises expected accepted tokens per second.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .tree import TokenTree, block_attention_mask, block_position_ids
+from .verify import CausalLMForward
+
+# H200, Llama-2-7B, bf16, sdpa, 512-token cache: GPU kernel time per forward relative to n = 1
+# (reference text-decoding.md §9.2; the static-cache/CUDA-graph regime, where trees cost the most).
+GPU_STEP_COST = {1: 1.0, 8: 1.13, 16: 1.18, 32: 1.20, 64: 1.21, 96: 1.28, 128: 1.30, 192: 1.51, 256: 1.61}
+DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81, 96, 128)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 128, repeats: int = 5,
+                      seed: int = 0) -> dict[int, float]:
+    """Median seconds of one forward with ``n`` query tokens (under a 4D float tree mask) after a
+    ``context``-token cache, for each ``n`` in ``sizes``. Weights do not matter, only shapes."""
+    forward = CausalLMForward(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (context + max(sizes),), generator=generator).tolist()
+    cache = forward.new_cache()
+    forward(tokens[:context], torch.arange(context, device=forward.device)[None], None, cache)
+    costs: dict[int, float] = {}
+    for n in sizes:
+        tree = TokenTree.chain(tokens[context], tokens[context + 1:context + n])
+        mask = block_attention_mask(tree, 0, context, forward.dtype, forward.device)
+        positions = block_position_ids(tree, 0, context, forward.device)
+        samples = []
+        for _ in range(repeats + 1):  # the first run of each shape is a warm-up
+            _sync(forward.device)
+            started = time.perf_counter()
+            forward(tree.tokens, positions, mask, cache)
+            _sync(forward.device)
+            samples.append(time.perf_counter() - started)
+            cache.crop(-n)
+        costs[n] = statistics.median(samples[1:])
+    return costs
+
+
+def interpolate(costs: dict[int, float], n: int) -> float:
+    """Cost of ``n`` query tokens, linear between measured sizes (and beyond the last two)."""
+    sizes = sorted(costs)
+    if n in costs:
+        return costs[n]
+    below = [s for s in sizes if s < n]
+    above = [s for s in sizes if s > n]
+    lo, hi = (below[-1], above[0]) if below and above else ((sizes[-2], sizes[-1]) if below else (sizes[0], sizes[1]))
+    return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
+
+
+def pick_tree_size(node_rates: list[float], costs: dict[int, float], extra_tokens: int = 1,
+                   draft_s: float = 0.0) -> int:
+    """How many template nodes (root included) to keep. ``node_rates[i]`` is the probability that node i
+    is on the accepted path (the root's is 1: it always yields the bonus token), so a prefix of n nodes
+    commits ``sum(node_rates[:n])`` tokens per step on average; a step costs a forward over those n nodes
+    plus ``extra_tokens`` re-fed ones, plus drafting."""
+    best, best_rate, expected = 1, 0.0, 0.0
+    for n, rate in enumerate(node_rates, start=1):
+        expected += rate
+        throughput = expected / (interpolate(costs, n + extra_tokens) + draft_s)
+        if throughput > best_rate:
+            best, best_rate = n, throughput
+    return best

@@ -1,0 +1,209 @@
+"""alipay Lookahead (Zhao et al., KDD 2024, arXiv 2312.12728): a trie of n-grams from the prompt and from
+generated output, retrieved as a multi-branch token tree.
+
+Every branch of ``branch_length + 1`` tokens is inserted below its first token. Prompt branches count in a
+per-request frequency that is reset when the request ends; output branches count in a global frequency
+that persists across requests (what makes repeated or RAG-style traffic fast). Retrieval matches the last
+1..``max_query_length`` tokens, then keeps the ``decoding_length`` most frequent reachable nodes no deeper
+than ``branch_length``. When the trie outgrows ``max_nodes`` it is squeezed: output frequencies are halved
+and nodes with no frequency left are dropped.
+"""
+from __future__ import annotations
+
+import heapq
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .tree import TokenTree
+from .verify import Drafter
+
+
+@dataclass
+class LookaheadConfig:
+    # alipay defaults: decoding_length 64, branch_length 12, 2-token queries, 65536 nodes.
+    decoding_length: int = 64
+    branch_length: int = 12
+    max_query_length: int = 2
+    max_nodes: int = 65536
+    prompt_weight: float = 1.0  # a prompt occurrence counts as much as an output one when ranking
+
+
+class TrieNode:
+    __slots__ = ("children", "prompt", "output")
+
+    def __init__(self) -> None:
+        self.children: dict[int, TrieNode] = {}
+        self.prompt = 0
+        self.output = 0
+
+
+class NGramTrie:
+    """``roots[t]`` is the trie of continuations seen after token ``t``."""
+
+    def __init__(self, max_nodes: int) -> None:
+        self.roots: dict[int, TrieNode] = {}
+        self.max_nodes = max_nodes
+        self.nodes = 0
+        self.prompt_nodes: list[TrieNode] = []
+
+    def insert(self, branch: list[int], from_prompt: bool) -> None:
+        """Count every node of ``branch`` (below its first token) once."""
+        node = self._root(branch[0])
+        for token in branch[1:]:
+            node = self._count(node, token, from_prompt)
+        self._bound()
+
+    def extend(self, branch: list[int]) -> None:
+        """Count only the last node of an output ``branch`` whose earlier nodes were counted when they
+        were generated: streaming the output this way counts each branch once, like ``insert`` would."""
+        node = self._root(branch[0])
+        for token in branch[1:-1]:
+            node = node.children.get(token) or self._count(node, token, False, 0)
+        self._count(node, branch[-1], False)
+        self._bound()
+
+    def _root(self, token: int) -> TrieNode:
+        node = self.roots.get(token)
+        if node is None:
+            node = self.roots[token] = TrieNode()
+        return node
+
+    def _count(self, node: TrieNode, token: int, from_prompt: bool, amount: int = 1) -> TrieNode:
+        child = node.children.get(token)
+        if child is None:
+            child = node.children[token] = TrieNode()
+            self.nodes += 1
+        if from_prompt:
+            if child.prompt == 0:
+                self.prompt_nodes.append(child)
+            child.prompt += amount
+        else:
+            child.output += amount
+        return child
+
+    def _bound(self) -> None:
+        if self.nodes > self.max_nodes:
+            self.squeeze()
+
+    def reset_prompt(self) -> None:
+        """Forget the finished request's prompt counts (and the nodes only the prompt held)."""
+        for node in self.prompt_nodes:
+            node.prompt = 0
+        self.prompt_nodes = []
+        self._prune()
+
+    def squeeze(self) -> None:
+        """Halve output frequencies and drop what falls to zero, until under budget."""
+        while self.nodes > self.max_nodes:
+            stack = list(self.roots.values())
+            while stack:
+                node = stack.pop()
+                for child in node.children.values():
+                    child.output //= 2
+                    stack.append(child)
+            before = self.nodes
+            self._prune()
+            if self.nodes == before:
+                break
+
+    def _prune(self) -> None:
+        def prune(node: TrieNode) -> int:
+            removed = 0
+            for token in list(node.children):
+                child = node.children[token]
+                removed += prune(child)
+                if child.prompt == 0 and child.output == 0 and not child.children:
+                    del node.children[token]
+                    removed += 1
+            return removed
+
+        for token in list(self.roots):
+            self.nodes -= prune(self.roots[token])
+            if not self.roots[token].children:
+                del self.roots[token]
+
+    def match(self, suffix: list[int]) -> TrieNode | None:
+        node = self.roots.get(suffix[0])
+        for token in suffix[1:]:
+            if node is None:
+                return None
+            node = node.children.get(token)
+        return node
+
+
+class LookaheadTrie(Drafter):
+    """Drafts the most frequent continuations of the current suffix as a tree (DFS order, as alipay ravels
+    it, so the most frequent branch is contiguous after the root)."""
+
+    def __init__(self, config: LookaheadConfig | None = None, trie: NGramTrie | None = None) -> None:
+        self.config = config or LookaheadConfig()
+        self.trie = trie if trie is not None else NGramTrie(self.config.max_nodes)
+        self.output: list[int] = []
+
+    def start(self, prompt: list[int]) -> None:
+        width = self.config.branch_length + 1
+        for i in range(len(prompt) - 1):
+            self.trie.insert(prompt[i:i + width], from_prompt=True)
+        # output branches may start inside the prompt's tail, as they would in one stream
+        self.output = prompt[-self.config.branch_length:]
+
+    def propose(self, context: list[int]) -> TokenTree:
+        config = self.config
+        match = None
+        for length in range(min(config.max_query_length, len(context)), 0, -1):
+            match = self.trie.match(context[-length:])
+            if match is not None and match.children:
+                break
+        if match is None or not match.children or config.decoding_length < 2:
+            return TokenTree([context[-1]], [-1])
+
+        def score(node: TrieNode) -> float:
+            return config.prompt_weight * node.prompt + node.output
+
+        # best-first over the sub-trie: a node is only reachable once its parent is taken
+        order = 0
+        heap = [(-score(child), (order := order + 1), token, child, 0, 1) for token, child in match.children.items()]
+        heapq.heapify(heap)
+        picked: list[tuple[int, int, TrieNode]] = []  # (token, parent index in picked+root, node)
+        kids: list[list[int]] = [[]]
+        while heap and len(picked) < config.decoding_length - 1:
+            _, _, token, node, parent, depth = heapq.heappop(heap)
+            picked.append((token, parent, node))
+            kids.append([])
+            kids[parent].append(len(picked))
+            if depth < config.branch_length:
+                for child_token, child in node.children.items():
+                    heapq.heappush(heap, (-score(child), (order := order + 1), child_token, child, len(picked), depth + 1))
+        tokens, parents = [context[-1]], [-1]
+        stack = [(child, 0) for child in reversed(kids[0])]
+        while stack:
+            index, parent = stack.pop()
+            tokens.append(picked[index - 1][0])
+            parents.append(parent)
+            here = len(tokens) - 1
+            stack.extend((child, here) for child in reversed(kids[index]))
+        return TokenTree(tokens, parents)
+
+    def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        for token in accepted:
+            self.output.append(token)
+            end = len(self.output)
+            for start in range(max(0, end - 1 - self.config.branch_length), end - 1):
+                self.trie.extend(self.output[start:end])
+
+    def finish(self) -> None:
+        self.output = []
+        self.trie.reset_prompt()
+
+
+_TRIES: "weakref.WeakKeyDictionary[torch.nn.Module, NGramTrie]" = weakref.WeakKeyDictionary()
+
+
+def shared_trie(model: torch.nn.Module, max_nodes: int = LookaheadConfig.max_nodes) -> NGramTrie:
+    """The model's output trie, kept across requests (alipay's global output frequencies)."""
+    trie = _TRIES.get(model)
+    if trie is None:
+        trie = _TRIES[model] = NGramTrie(max_nodes)
+    return trie

@@ -1,0 +1,47 @@
+"""Prompt lookup decoding (Saxena 2023; transformers' ``prompt_lookup_num_tokens``): find the latest earlier
+occurrence of the context's trailing n-gram and draft the tokens that followed it, as one chain.
+
+An index of every n-gram's latest end position is kept up to date as tokens are committed, so a lookup is a
+dict access instead of a scan of the whole context.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tree import TokenTree
+from .verify import Drafter
+
+
+class PromptLookup(Drafter):
+    # transformers' defaults: 10 draft tokens, n-grams of size 2 down to 1; a 3-gram first is more precise.
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 3) -> None:
+        self.num_tokens = num_tokens
+        self.max_ngram = max_ngram
+        self.context: list[int] = []
+        self.latest: dict[tuple[int, ...], int] = {}
+
+    def start(self, prompt: list[int]) -> None:
+        self.context, self.latest = [], {}
+        self._extend(prompt[:-1])
+        self.context.append(prompt[-1])
+
+    def _extend(self, tokens: list[int]) -> None:
+        """Index the n-grams ending at each new token (the newest token is indexed one step later, so a
+        lookup never finds the trailing n-gram itself)."""
+        for token in tokens:
+            self.context.append(token)
+            end = len(self.context)
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.latest[tuple(self.context[end - n:end])] = end
+
+    def propose(self, context: list[int]) -> TokenTree:
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            end = self.latest.get(tuple(context[-n:]))
+            if end is not None:
+                return TokenTree.chain(context[-1], context[end:end + self.num_tokens])
+        return TokenTree([context[-1]], [-1])
+
+    def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        last = self.context.pop()
+        self._extend([last, *accepted[:-1]])
+        self.context.append(accepted[-1])

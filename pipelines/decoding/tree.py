@@ -1,0 +1,104 @@
+"""A token tree to verify in one forward: node 0 is the root (the last committed token), every other node
+hangs below an earlier node. The ancestor-or-self mask and depth-based position ids make one forward
+score every root-to-node path as if it had been decoded on its own (SpecInfer / Token Recycling / alipay
+Lookahead all use this layout)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TokenTree:
+    """``tokens[i]`` hangs below ``parents[i]`` (``parents[0] == -1``, and ``parents[i] < i``)."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens or self.parents[0] != -1:
+            raise ValueError("A token tree needs a root (parent -1) and one parent per token.")
+        depths = [0] * len(self.tokens)
+        for i in range(1, len(self.tokens)):
+            parent = self.parents[i]
+            if not 0 <= parent < i:
+                raise ValueError(f"Node {i} has parent {parent}; parents must come before their children.")
+            depths[i] = depths[parent] + 1
+        self.depths = depths
+
+    @classmethod
+    def chain(cls, root: int, draft: list[int]) -> "TokenTree":
+        return cls([root, *draft], list(range(-1, len(draft))))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(parent == i - 1 for i, parent in enumerate(self.parents))
+
+    def children(self) -> list[dict[int, int]]:
+        """Per node, token -> child index (the first such child when a token repeats among siblings)."""
+        table: list[dict[int, int]] = [{} for _ in self.tokens]
+        for i in range(1, len(self.tokens)):
+            table[self.parents[i]].setdefault(self.tokens[i], i)
+        return table
+
+    def first_chain(self) -> "TokenTree":
+        """The longest prefix of nodes that is a chain: what a model without 4D-mask support can verify."""
+        length = 1
+        while length < len(self.parents) and self.parents[length] == length - 1:
+            length += 1
+        return TokenTree(self.tokens[:length], self.parents[:length])
+
+    def truncated(self, max_nodes: int | None = None, max_depth: int | None = None) -> "TokenTree":
+        """The first ``max_nodes`` nodes (input order keeps parents first) no deeper than ``max_depth``."""
+        keep: list[int] = []
+        index: dict[int, int] = {}
+        for i, depth in enumerate(self.depths):
+            if max_nodes is not None and len(keep) >= max_nodes:
+                break
+            if max_depth is not None and depth > max_depth:
+                continue
+            if i and self.parents[i] not in index:
+                continue
+            index[i] = len(keep)
+            keep.append(i)
+        return TokenTree([self.tokens[i] for i in keep], [index[self.parents[i]] if i else -1 for i in keep])
+
+    def ancestor_matrix(self) -> np.ndarray:
+        """``[n, n]`` bool: row i is True at i and at every ancestor of i."""
+        n = len(self.tokens)
+        allowed = np.zeros((n, n), dtype=bool)
+        allowed[0, 0] = True
+        for i in range(1, n):
+            allowed[i] = allowed[self.parents[i]]
+            allowed[i, i] = True
+        return allowed
+
+
+def block_attention_mask(tree: TokenTree, chain_before_root: int, past: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    """Additive float mask ``(1, 1, q, past + q)`` for a block of ``chain_before_root`` committed tokens
+    (causal), then the tree. Float, not bool: eager attention *adds* the mask, so a bool mask is silently
+    wrong there (reference §3.1, §9.1)."""
+    m, n = chain_before_root, len(tree)
+    q = m + n
+    allowed = np.zeros((q, past + q), dtype=bool)
+    allowed[:, :past] = True
+    allowed[:m, past:past + m] = np.tril(np.ones((m, m), dtype=bool))
+    allowed[m:, past:past + m] = True
+    allowed[m:, past + m:] = tree.ancestor_matrix()
+    blocked = torch.from_numpy(~allowed).to(device)
+    mask = torch.zeros(q, past + q, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def block_position_ids(tree: TokenTree, chain_before_root: int, past: int, device: torch.device) -> torch.Tensor:
+    """Positions of the committed chain, then ``root position + depth`` for the tree nodes."""
+    m = chain_before_root
+    positions = list(range(past, past + m)) + [past + m + depth for depth in tree.depths]
+    return torch.tensor([positions], device=device)

@@ -1,0 +1,339 @@
+"""Video tab: AnimateDiff text-to-video with a multi-shot prompt timeline.
+
+The stock diffusers ``AnimateDiffPipeline`` runs the denoising loop. Tokenworks adds, each at its hook:
+the shot timeline (``timeline.py``) compiled to FreeNoise's ``{frame: prompt}`` keyframes with an exact
+interpolation callback, FreeNoise's sliding context windows for videos longer than the motion module's
+window, Stop and per-step progress through ``callback_on_step_end``. With one shot and no extras the call
+is the stock pipeline's, so the output is bit-identical to it.
+"""
+from __future__ import annotations
+
+import queue
+import resource
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .base import (Cancelled, CancelToken, Event, Pipeline, PipelineError, Progress, Request, Result, require_range,
+                   require_text, resolve_seed)
+from .models import ModelSpec, ModelStore, ResolvedModel
+from .outputs import new_output_path, save_png, write_sidecar
+from .presets import default_model, models_for
+from .timeline import DEFAULT_SMOOTH_WINDOW, Shot, Timeline, parse_shots
+
+MAX_FRAMES = 128
+MAX_STEPS = 100
+MAX_SIDE = 1024
+STRIP_FRAMES = 8
+# AnimateDiff motion modules are trained on 16-frame clips; FreeNoise's defaults are a 16-frame window, stride 4.
+CONTEXT_LENGTH = 16
+CONTEXT_STRIDE = 4
+
+
+@dataclass
+class VideoRequest(Request):
+    prompt: str = ""
+    negative_prompt: str = ""
+    shots: str | list = ""  # JSON shot list; when it has shots it replaces `prompt` (see timeline.py)
+    smooth_window: int = DEFAULT_SMOOTH_WINDOW
+    model: str = ""
+    num_frames: int = 16
+    fps: int = 8
+    steps: int = 25
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    context_length: int = CONTEXT_LENGTH
+    context_stride: int = CONTEXT_STRIDE
+
+
+@dataclass
+class VideoOutput:
+    video: str  # MP4 path
+    strip: str  # PNG path: evenly spaced frames side by side
+    frames: np.ndarray = field(repr=False)  # (frames, height, width, 3) floats in [0, 1]
+
+
+def tiny_animatediff_pipeline(seed: int = 0):
+    """The image tab's tiny SD1.5 (real block layout) inflated with a tiny MotionAdapter into a UNetMotionModel."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
+
+    from .image.tiny import tiny_sd15_pipeline
+
+    sd = tiny_sd15_pipeline(seed)
+    torch.manual_seed(seed + 10)
+    adapter = MotionAdapter(block_out_channels=sd.unet.config.block_out_channels, motion_layers_per_block=1,
+                            motion_num_attention_heads=2, motion_norm_num_groups=4, motion_max_seq_length=32,
+                            use_motion_mid_block=False)
+    unet = UNetMotionModel.from_unet2d(sd.unet, adapter).eval()
+    return AnimateDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+                               motion_adapter=adapter, scheduler=animatediff_scheduler(None))
+
+
+def animatediff_scheduler(base: str | None):
+    """DDIM with the settings the AnimateDiff authors (and the diffusers docs) use: linear betas, linspace."""
+    from diffusers import DDIMScheduler
+
+    settings = dict(clip_sample=False, timestep_spacing="linspace", beta_schedule="linear", steps_offset=1)
+    if base is None:
+        return DDIMScheduler(beta_start=0.00085, beta_end=0.012, **settings)
+    return DDIMScheduler.from_pretrained(base, subfolder="scheduler", **settings)
+
+
+def load_animatediff(resolved: ResolvedModel, store: ModelStore):
+    """A MotionAdapter (the spec's Hub id) on its SD1.5 base (the spec's ``base`` option), or the tiny one."""
+    if resolved.source == "tiny":
+        pipe = tiny_animatediff_pipeline()
+    else:
+        from diffusers import AnimateDiffPipeline, MotionAdapter
+
+        base_id = resolved.spec.option("base")
+        base = store.resolve(ModelSpec(base_id, "sd15", hub_id=base_id)).location
+        adapter = MotionAdapter.from_pretrained(resolved.location, torch_dtype=store.dtype)
+        pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=adapter, torch_dtype=store.dtype)
+        pipe.scheduler = animatediff_scheduler(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(store.device)
+
+
+def exact_lerp(start_frame: int, end_frame: int, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """FreeNoise's segment interpolation, but exact at the ends and constant when both keys hold one prompt.
+
+    A timeline segment either holds one shot (both keyframes carry the same prompt) or is a transition; a
+    cut is a two-frame transition, so exact endpoints make it a true step function.
+    """
+    count = end_frame - start_frame + 1
+    if torch.equal(start, end):
+        return start.repeat(count, *([1] * (start.ndim - 1)))
+    rows = [start]
+    for index in range(1, count - 1):
+        alpha = index / (count - 1)
+        rows.append((1 - alpha) * start + alpha * end)
+    rows.append(end)
+    return torch.cat(rows)
+
+
+@dataclass
+class Plan:
+    """A validated request: what the pipeline call needs."""
+
+    timeline: Timeline
+    num_frames: int
+    steps: int
+    width: int
+    height: int
+    fps: int
+    guidance_scale: float
+    context_length: int
+    context_stride: int
+
+    @property
+    def uses_free_noise(self) -> bool:
+        return self.timeline.is_multi_shot or self.num_frames > self.context_length
+
+
+class VideoPipeline(Pipeline):
+    task = "video"
+    request_type = VideoRequest
+
+    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
+        self.store = store
+        self.preset = preset
+        self.specs = models_for("video", preset)
+
+    def model_choices(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def default_model_name(self) -> str:
+        return default_model("video", self.preset, self.store).name
+
+    def spec_for(self, name: str) -> ModelSpec:
+        if not name:
+            return default_model("video", self.preset, self.store)
+        for spec in self.specs:
+            if name in (spec.name, spec.hub_id):
+                return spec
+        raise PipelineError(f"Unknown video model {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+
+    def load(self, name: str):
+        return self.store.load(self.spec_for(name), load_animatediff)
+
+    def plan(self, request: VideoRequest) -> Plan:
+        """Validate the request (resolving its seed) and compile its shot timeline."""
+        num_frames = int(require_range(request.num_frames, "Frames", 2, MAX_FRAMES))
+        steps = int(require_range(request.steps, "Steps", 1, MAX_STEPS))
+        width = int(require_range(request.width, "Width", 32, MAX_SIDE))
+        height = int(require_range(request.height, "Height", 32, MAX_SIDE))
+        if width % 8 or height % 8:
+            raise PipelineError(f"Width and height must be multiples of 8, got {width}x{height}.")
+        fps = int(require_range(request.fps, "FPS", 1, 60))
+        guidance = require_range(request.guidance_scale, "CFG scale", 0.0, 30.0)
+        window = int(require_range(request.smooth_window, "Smooth window", 2, MAX_FRAMES))
+        context_length = int(require_range(request.context_length, "Context length", 8, 32))
+        stride = int(require_range(request.context_stride, "Context stride", 1, context_length))
+        timeline = parse_shots(request.shots, window)
+        if not timeline.shots:
+            timeline = Timeline((Shot(0, require_text(request.prompt)),), window)
+        timeline.validate(num_frames)
+        request.seed = resolve_seed(request.seed)
+        return Plan(timeline, num_frames, steps, width, height, fps, guidance, min(context_length, num_frames), stride)
+
+    @contextmanager
+    def applied(self, pipe, plan: Plan) -> Iterator[None]:
+        """Install this request's techniques on the cached pipeline, and take them off afterwards."""
+        if plan.uses_free_noise:
+            pipe.enable_free_noise(context_length=plan.context_length, context_stride=plan.context_stride,
+                                   prompt_interpolation_callback=exact_lerp)
+        try:
+            yield
+        finally:
+            if plan.uses_free_noise:
+                disable_free_noise(pipe)
+
+    def call_arguments(self, plan: Plan, request: VideoRequest) -> dict[str, Any]:
+        timeline = plan.timeline
+        prompt: str | dict[int, str] = (timeline.keyframes(plan.num_frames) if timeline.is_multi_shot
+                                        else timeline.shots[0].prompt)
+        return dict(prompt=prompt, negative_prompt=request.negative_prompt or None, num_frames=plan.num_frames,
+                    height=plan.height, width=plan.width, num_inference_steps=plan.steps,
+                    guidance_scale=plan.guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent")
+
+    def generate(self, request: VideoRequest) -> Iterator[Event]:
+        plan = self.plan(request)
+        yield Progress(0, plan.steps, "loading model")
+        pipe = self.load(request.model)
+        device = self.store.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with self.applied(pipe, plan):
+            arguments = self.call_arguments(plan, request)
+            latents = yield from denoise_with_progress(pipe, arguments, plan.steps, request.cancel)
+            denoise_s = time.perf_counter() - start
+            yield Progress(plan.steps, plan.steps, "decoding")
+            frames = decode(pipe, latents)
+        elapsed = time.perf_counter() - start
+        parameters = self.parameters(request, plan)
+        output = save_video(frames, plan.fps, parameters)
+        stats = {
+            "model": self.spec_for(request.model).name,
+            "time_s": round(elapsed, 3),
+            "denoise_s": round(denoise_s, 3),
+            "s_per_step": round(denoise_s / plan.steps, 4),
+            "peak_memory_mb": peak_memory_mb(device),
+            "frames": plan.num_frames,
+            "shots": len(plan.timeline.shots),
+            "free_noise": plan.uses_free_noise,
+            "seed": request.seed,
+        }
+        yield Result(output, stats, {"parameters": parameters})
+
+    def parameters(self, request: VideoRequest, plan: Plan) -> dict[str, Any]:
+        """Everything needed to reproduce the video (written next to it as a sidecar JSON)."""
+        values = {item.name: getattr(request, item.name) for item in fields(request) if item.name not in ("cancel", "shots")}
+        values.update(model=self.spec_for(request.model).name, shots=plan.timeline.describe(plan.num_frames),
+                      keyframes=plan.timeline.keyframes(plan.num_frames), context_length=plan.context_length,
+                      free_noise=plan.uses_free_noise)
+        return values
+
+
+def disable_free_noise(pipe) -> None:
+    """``pipe.disable_free_noise()`` without its crash on adapters that have no mid-block motion module.
+
+    diffusers 0.42 rebuilds the block list with ``mid_block`` unconditionally, so AnimateDiff v1-5-3
+    (``use_motion_mid_block=False``) raises AttributeError; skip blocks without motion modules instead.
+    """
+    pipe._free_noise_context_length = None
+    for block in [*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks]:
+        if hasattr(block, "motion_modules"):
+            pipe._disable_free_noise_in_block(block)
+
+
+def denoise_with_progress(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken
+                          ) -> Iterator[Event]:
+    """Run the diffusers call in a worker thread; yield a Progress per step; return its latents.
+
+    ``callback_on_step_end`` reports each step and turns Stop into ``pipe._interrupt``, which makes the
+    stock loop skip its remaining steps; the VAE decode is then skipped too.
+    """
+    events: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
+        events.put(Progress(step + 1, total))
+        if cancel.cancelled:
+            pipeline._interrupt = True
+        return {}
+
+    def work() -> None:
+        try:
+            outcome["latents"] = pipe(**arguments, callback_on_step_end=on_step_end).frames
+        except BaseException as error:  # re-raised in the consumer's thread
+            outcome["error"] = error
+        finally:
+            events.put(None)
+
+    worker = threading.Thread(target=work, name="video-denoise", daemon=True)
+    worker.start()
+    try:
+        while (event := events.get()) is not None:
+            yield event
+    finally:
+        if worker.is_alive():
+            cancel.cancel()
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    if cancel.cancelled:
+        raise Cancelled("Stopped by the user.")
+    return outcome["latents"]
+
+
+def decode(pipe, latents: torch.Tensor) -> np.ndarray:
+    """The stock pipeline's own decode and post-processing, as (frames, height, width, 3) floats in [0, 1]."""
+    with torch.no_grad():
+        video = pipe.decode_latents(latents, decode_chunk_size=16)
+        return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def save_video(frames: np.ndarray, fps: int, parameters: dict[str, Any]) -> VideoOutput:
+    """H.264 yuv420p MP4 (what browsers play) plus a frame strip PNG, both with their parameters."""
+    import imageio
+
+    path = new_output_path("video", ".mp4")
+    pixels = to_uint8(frames)
+    # yuv420p needs even sides; sizes are multiples of 8, so no rescaling (macro_block_size=1).
+    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                            macro_block_size=1, ffmpeg_log_level="error",
+                            output_params=["-movflags", "+faststart", "-crf", "18"]) as writer:
+        for frame in pixels:
+            writer.append_data(frame)
+    write_sidecar(path, parameters)
+    strip = save_png(frame_strip(pixels), parameters, path.with_suffix(".strip.png"))
+    return VideoOutput(str(path), str(strip), frames)
+
+
+def frame_strip(pixels: np.ndarray, count: int = STRIP_FRAMES):
+    """Up to ``count`` evenly spaced frames side by side, as a PIL image."""
+    from PIL import Image
+
+    picks = np.unique(np.linspace(0, len(pixels) - 1, min(count, len(pixels))).round().astype(int))
+    return Image.fromarray(np.concatenate([pixels[index] for index in picks], axis=1))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory of this run; on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

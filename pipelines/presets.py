@@ -26,6 +26,10 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("Stable Diffusion 1.5", "sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
     ],
+    "image": [
+        ModelSpec("Stable Diffusion 1.5", "sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
+    ],
     "video": [
         ModelSpec("AnimateDiff v1-5-3 on SD1.5", "animatediff", hub_id="guoyww/animatediff-motion-adapter-v1-5-3",
                   options=(("base", "stable-diffusion-v1-5/stable-diffusion-v1-5"),)),
@@ -36,6 +40,10 @@ TINY_MODELS: dict[str, list[ModelSpec]] = {
     "text": [
         ModelSpec("tiny-llama (random weights)", "causal-lm", tiny=True, options=(("family", "llama"),)),
         ModelSpec("tiny-qwen2 (random weights)", "causal-lm", tiny=True, options=(("family", "qwen2"),)),
+    ],
+    "image": [
+        ModelSpec("tiny-sd15 (random weights)", "sd15", tiny=True),
+        ModelSpec("tiny-sdxl (random weights)", "sdxl", tiny=True),
     ],
     "image": [
         ModelSpec("tiny-sd15 (random weights)", "sd15", tiny=True),

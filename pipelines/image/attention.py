@@ -107,10 +107,11 @@ class AttentionRecorder:
     steps: Collection[int] | None = None
     rows: str = "cond"
     keep_grad: bool = False
+    enabled: bool = True
     maps: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def active(self, name: str, step: int) -> bool:
-        return layer_matches(self.layers, name) and (self.steps is None or step in self.steps)
+        return self.enabled and layer_matches(self.layers, name) and (self.steps is None or step in self.steps)
 
     def add(self, step: int, name: str, probs: torch.Tensor) -> None:
         self.maps.setdefault(step, {})[name] = probs if self.keep_grad else probs.detach()
@@ -218,13 +219,18 @@ class AttentionControl:
         return {}
 
     @contextmanager
-    def without_cfg(self) -> Iterator[None]:
-        """For extra UNet calls on the positive prompt alone (e.g. refinement): every row is conditional."""
-        previous, self.cfg = self.cfg, False
+    def scope(self, recorders: list[AttentionRecorder] | None = None, biases: list[KeyBias] | None = None,
+              cfg: bool | None = None) -> Iterator[None]:
+        """Temporarily other recorders/biases/CFG layout, for extra UNet calls inside a step (refinement on
+        the positive prompt alone has no unconditional half; an anchor prompt has other token positions)."""
+        saved = (self.recorders, self.biases, self.cfg)
+        self.recorders = saved[0] if recorders is None else recorders
+        self.biases = saved[1] if biases is None else biases
+        self.cfg = saved[2] if cfg is None else cfg
         try:
             yield
         finally:
-            self.cfg = previous
+            self.recorders, self.biases, self.cfg = saved
 
     def row_slice(self, rows: str, batch: int) -> slice:
         if rows == "cond" and self.cfg and batch % 2 == 0:
@@ -291,21 +297,16 @@ class ControlledAttnProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, num_keys, batch).view(batch, attn.heads, -1, num_keys)
             bias = mask if bias is None else bias + mask
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
         if recorders:
+            # Probabilities are computed beside SDPA, not instead of it: recording never changes the image.
             scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-            if bias is not None:
-                scores = scores + bias
-            probs = scores.softmax(dim=-1)
-            out = torch.matmul(probs, value)
-            mean = probs.mean(dim=1)
+            probs = (scores if bias is None else scores + bias).softmax(dim=-1).mean(dim=1)
+            h, w = query_grid(num_queries, control.latent_hw or (int(math.isqrt(num_queries)),) * 2)
             for recorder in recorders:
-                rows = control.row_slice(recorder.rows, batch)
-                selected = mean[rows] if recorder.tokens is None else mean[rows][..., list(recorder.tokens)]
-                h, w = query_grid(num_queries, control.latent_hw or (int(math.isqrt(num_queries)),) * 2)
+                rows = probs[control.row_slice(recorder.rows, batch)]
+                selected = rows if recorder.tokens is None else rows[..., list(recorder.tokens)]
                 recorder.add(control.step, self.name, selected.reshape(selected.shape[0], h, w, -1))
-        else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
-
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

@@ -1,0 +1,400 @@
+"""Image tab pipeline: diffusers SD1.5 / SDXL with live previews, Stop, A/B and the token-level controls.
+
+With every control off the diffusers pipeline is called exactly as a user of diffusers would (prompt strings,
+generators), so its output is the stock output bit for bit. Controls compose on one ``AttentionControl``
+(LPA biases, heatmap and binding recorders) and on the positive ``prompt_embeds`` (leakage fix, ToMe).
+"""
+from __future__ import annotations
+
+import queue
+import resource
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from ..models import ModelSpec, ModelStore, ResolvedModel
+from ..outputs import save_png
+from ..presets import default_model, models_for
+from .attention import AttentionControl
+from .binding import BindingConfig, SemanticBinding, binding_layers
+from .heatmaps import overlay
+from .leakfix import isolate_items
+from .lpa import LPAConfig, route_style_tokens
+from .preview import fit_latent_rgb, latent_preview
+from .prompts import ParsedPrompt, content_words, parse_prompt, span_positions, token_positions, find_words
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
+    "default": None,
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DDIM": ("DDIMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
+TINY_SIZE = 32
+MAX_BATCH = 8
+
+
+@dataclass
+class ImageRequest(Request):
+    prompt: str = ""
+    negative_prompt: str = ""
+    model: str = ""
+    steps: int = 30
+    cfg: float = 7.5
+    width: int = 0  # 0 = the model's native size
+    height: int = 0
+    scheduler: str = "default"
+    batch_size: int = 1
+    binding: bool = False  # ToMe semantic binding on the [bracketed] or automatically found groups
+    ets_step: int = 0  # end-token substitution step (-1 = off)
+    lpa: bool = False  # Local Prompt Adaptation
+    style: str = ""  # explicit style for LPA ("" = find "in X style" in the prompt)
+    lpa_window: tuple[float, float] = (300.0, 650.0)
+    isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
+    merge_ratio: float = 0.0  # token merging for speed (pipelines/image/merging.py)
+    heatmap_words: str = ""  # comma-separated words whose cross-attention maps are overlaid
+    compare: bool = False  # also render the same seed with every control off (A/B)
+    preview_every: int = 1  # 0 = no live previews
+
+    def parameters(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
+
+    @property
+    def controlled(self) -> bool:
+        return bool(self.binding or self.lpa or self.isolate.strip() or self.merge_ratio > 0)
+
+
+@dataclass
+class LoadedImageModel:
+    pipe: Any
+    arch: str
+    preview_map: torch.Tensor
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return self.pipe.components
+
+
+def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageModel:
+    arch = resolved.spec.kind
+    if resolved.source == "tiny":
+        from .tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+        pipe = (tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()).to(store.device)
+    else:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+        pipe = cls.from_pretrained(resolved.location, torch_dtype=store.dtype).to(store.device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedImageModel(pipe, arch, fit_latent_rgb(pipe.vae))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def split_words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+class ImagePipeline(Pipeline):
+    task = "image"
+    request_type = ImageRequest
+
+    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
+        self.store = store
+        self.preset = preset
+        self.specs = models_for("image", preset)
+
+    def model_choices(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def default_model_name(self) -> str:
+        return default_model("image", self.preset, self.store).name
+
+    def spec_for(self, name: str) -> ModelSpec:
+        if not name:
+            return default_model("image", self.preset, self.store)
+        for spec in self.specs:
+            if spec.name == name or spec.hub_id == name:
+                return spec
+        if self.preset == "tiny":
+            raise PipelineError(f"Unknown model {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+        return ModelSpec(name, "sdxl" if "xl" in name.lower() else "sd15", hub_id=name)
+
+    def load(self, name: str) -> LoadedImageModel:
+        return self.store.load(self.spec_for(name), load_image_model)
+
+    def validate(self, request: ImageRequest, spec: ModelSpec) -> None:
+        require_text(request.prompt)
+        require_range(request.steps, "Steps", 1, 150)
+        require_range(request.cfg, "CFG scale", 0.0, 30.0)
+        require_range(request.batch_size, "Batch size", 1, MAX_BATCH)
+        require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
+        if request.scheduler not in SCHEDULERS:
+            raise PipelineError(f"Unknown scheduler {request.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+        native = TINY_SIZE if spec.tiny else DEFAULT_SIZE.get(spec.kind, 512)
+        request.width = int(request.width) or native
+        request.height = int(request.height) or native
+        for name, value in (("Width", request.width), ("Height", request.height)):
+            require_range(value, name, 16, 2048)
+            if value % 8:
+                raise PipelineError(f"{name} must be a multiple of 8, got {value}.")
+        low, high = (float(v) for v in request.lpa_window)
+        if not 0 <= low <= high <= 1000:
+            raise PipelineError(f"LPA window must satisfy 0 <= start <= end <= 1000, got {request.lpa_window}.")
+        request.seed = resolve_seed(request.seed)
+
+    def scheduled_pipe(self, model: LoadedImageModel, name: str) -> Any:
+        """A pipeline sharing the loaded components, with a fresh scheduler (no state shared across requests)."""
+        import diffusers
+
+        base = model.pipe
+        choice = SCHEDULERS[name]
+        if choice is None:
+            scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        else:
+            cls_name, options = choice
+            scheduler = getattr(diffusers, cls_name).from_config(base.scheduler.config, **options)
+        pipe = type(base).from_pipe(base, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(self, request: ImageRequest) -> Iterator[Event]:
+        spec = self.spec_for(request.model)
+        self.validate(request, spec)
+        yield Progress(0, int(request.steps), "loading model")
+        model = self.load(request.model)
+        parsed = parse_prompt(request.prompt, request.style)
+        runs = [("baseline", False)] if request.compare and request.controlled else []
+        runs.append(("controlled" if request.controlled else "image", request.controlled))
+        outputs: dict[str, dict[str, Any]] = {}
+        for label, controlled in runs:
+            outcome = yield from stream_in_thread(
+                lambda emit, c=controlled: self.render(model, request, parsed, c, emit), request.cancel)
+            outputs[label] = outcome
+        final = outputs[runs[-1][0]]
+        stats: dict[str, Any] = {"model": spec.name, "seed": request.seed, **final["stats"]}
+        metadata: dict[str, Any] = {"parameters": request.parameters(), "heatmaps": final["heatmaps"],
+                                    "controls": final["controls"]}
+        if "baseline" in outputs:
+            base = outputs["baseline"]
+            metadata["baseline"] = base["paths"]
+            metadata["baseline_heatmaps"] = base["heatmaps"]
+            stats["baseline_time_s"] = base["stats"]["time_s"]
+            stats["time_ratio_vs_baseline"] = round(final["stats"]["time_s"] / max(base["stats"]["time_s"], 1e-9), 4)
+        yield Result(final["paths"], stats, metadata)
+
+    # ------------------------------------------------------------------------------------------------------
+    def render(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, controlled: bool,
+               emit: Callable[[Event], None]) -> dict[str, Any]:
+        """One full generation (baseline or controlled), run on a worker thread; events go through ``emit``."""
+        pipe = self.scheduled_pipe(model, request.scheduler)
+        device = pipe._execution_device
+        steps, batch = int(request.steps), int(request.batch_size)
+        generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(batch)]
+        call: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=float(request.cfg),
+                                    height=request.height, width=request.width, num_images_per_prompt=batch,
+                                    generator=generators, output_type="pil")
+        control = AttentionControl(pipe.unet)
+        info: dict[str, Any] = {}
+        heat_tokens = self.heatmap_tokens(pipe, parsed, request)
+        heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
+                                       layers=binding_layers(model.arch)) if heat_tokens else None
+        binding = None
+        if controlled:
+            binding = self.prepare_controls(pipe, model.arch, request, parsed, control, call, generators, info)
+        else:
+            call.update(prompt=parsed.text, negative_prompt=request.negative_prompt or None)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        merge = None
+        if controlled and request.merge_ratio > 0:
+            from .merging import apply_merging
+
+            merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed)
+
+        def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+            control.step = i + 1
+            out: dict[str, Any] = {}
+            if binding is not None and i + 1 < steps and binding.wants(i + 1):
+                embeds = kwargs["prompt_embeds"]
+                half = embeds.shape[0] // 2 if p.do_classifier_free_guidance else 0
+                latents, positive = binding.refine(i + 1, p.scheduler.timesteps[i + 1], kwargs["latents"],
+                                                   embeds[half:])
+                out = {"latents": latents, "prompt_embeds": torch.cat([embeds[:half], positive])}
+            every = int(request.preview_every)
+            if every > 0 and ((i + 1) % every == 0) and i + 1 < steps:
+                emit(Partial(latent_preview(out.get("latents", kwargs["latents"]), model.preview_map,
+                                            upscale=pipe.vae_scale_factor)))
+            emit(Progress(i + 1, steps))
+            if request.cancel.cancelled:
+                p._interrupt = True
+            return out
+
+        call.update(callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if binding else ["latents"])
+        start = time.perf_counter()
+        try:
+            with control:
+                if binding is not None:
+                    self.start_binding(pipe, binding, call, generators)
+                images = pipe(**call).images
+        finally:
+            if merge is not None:
+                from .merging import merging_stats, remove_merging
+
+                info["tokens_merged"] = merging_stats(pipe.unet)["tokens_merged"]
+                remove_merging(pipe.unet)
+        elapsed = time.perf_counter() - start
+        request.cancel.raise_if_cancelled()
+        variant = "controlled" if controlled else "baseline"
+        paths = [str(save_png(image, {**request.parameters(), "seed": request.seed + i, "variant": variant,
+                                      "prompt_used": parsed.text, "model": self.spec_for(request.model).name,
+                                      "controls": info.get("controls", {})}))
+                 for i, image in enumerate(images)]
+        heatmaps = self.save_heatmaps(images, heat_recorder, heat_tokens, request, variant)
+        stats = {"time_s": round(elapsed, 4), "steps_per_s": round(steps / elapsed, 3) if elapsed > 0 else 0.0,
+                 "peak_memory_mb": round(peak_memory_mb(device), 1), "images": len(images),
+                 "tokens_merged": int(info.get("tokens_merged", 0)),
+                 "biased_attention_calls": len(control.applied)}
+        if binding is not None:
+            stats["binding_groups"] = len(binding.groups)
+            stats["binding_refinement_iterations"] = len(binding.history)
+        return {"paths": paths, "heatmaps": heatmaps, "stats": stats, "controls": info.get("controls", {})}
+
+    def prepare_controls(self, pipe: Any, arch: str, request: ImageRequest, parsed: ParsedPrompt,
+                         control: AttentionControl, call: dict[str, Any], generators: list[torch.Generator],
+                         info: dict[str, Any]) -> SemanticBinding | None:
+        """Encode the prompt ourselves and apply the embedding-level controls; set up the attention-level ones."""
+        batch = int(request.batch_size)
+        device = pipe._execution_device
+        cfg = float(request.cfg) > 1.0
+        negative = request.negative_prompt or None
+        if arch == "sdxl":
+            positive, neg, pooled, neg_pooled = pipe.encode_prompt(
+                parsed.text, parsed.text, device=device, num_images_per_prompt=batch,
+                do_classifier_free_guidance=cfg, negative_prompt=negative, negative_prompt_2=negative)
+            call.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+        else:
+            positive, neg = pipe.encode_prompt(parsed.text, device, batch, cfg, negative_prompt=negative)
+        controls: dict[str, Any] = {}
+        items = split_words(request.isolate)
+        if items:
+            positive, where = isolate_items(pipe, parsed.text, items, positive)
+            controls["isolated"] = where
+        if request.lpa:
+            if parsed.style is None:
+                raise PipelineError("LPA needs a style: write '... in watercolor style' in the prompt or fill the "
+                                    "Style field.")
+            tokenizer = pipe.tokenizer
+            content = span_positions(tokenizer, parsed.text, content_words(parsed))
+            style = token_positions(tokenizer, parsed.text, parsed.style.start, parsed.style.end)
+            control.biases.extend(route_style_tokens(control.layers, content, style,
+                                                     LPAConfig(window=tuple(request.lpa_window))))
+            controls["lpa"] = {"content_tokens": content, "style_tokens": style, "style": parsed.style.text}
+        binding = None
+        if request.binding:
+            if not parsed.groups:
+                raise PipelineError("Semantic binding found no object+attribute groups. Mark them like "
+                                    "'a [red hat] and a [blue car]'.")
+            binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps),
+                                      BindingConfig(ets_step=int(request.ets_step)),
+                                      generator=torch.Generator("cpu").manual_seed(request.seed))
+            controls["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
+                                   for g in binding.groups]
+        call.update(prompt_embeds=positive, negative_prompt_embeds=neg)
+        info["controls"] = controls
+        return binding
+
+    def start_binding(self, pipe: Any, binding: SemanticBinding, call: dict[str, Any],
+                      generators: list[torch.Generator]) -> None:
+        """Composite tokens, then the step-0 refinement on our own initial noise (the loop starts at step 1's
+        callback). The noise is drawn exactly as ``prepare_latents`` would, so seeds keep their meaning."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        positive, negative = call["prompt_embeds"], call["negative_prompt_embeds"]
+        steps, height, width = call["num_inference_steps"], call["height"], call["width"]
+        scale = pipe.vae_scale_factor
+        shape = (positive.shape[0], pipe.unet.config.in_channels, height // scale, width // scale)
+        noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=positive.dtype)
+        pipe.scheduler.set_timesteps(steps, device=pipe._execution_device)
+        latents = noise * pipe.scheduler.init_noise_sigma
+        pipe._guidance_scale = call["guidance_scale"]
+        positive = binding.prepare(positive, negative if call["guidance_scale"] > 1 else None, latents, height, width)
+        latents, positive = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
+        call.update(latents=latents / pipe.scheduler.init_noise_sigma, prompt_embeds=positive)
+
+    def heatmap_tokens(self, pipe: Any, parsed: ParsedPrompt, request: ImageRequest) -> list[tuple[str, list[int]]]:
+        chosen = []
+        for word in split_words(request.heatmap_words):
+            span = find_words(parsed.text, word)
+            if span is None:
+                raise PipelineError(f"Heatmap word '{word}' does not occur in the prompt.")
+            chosen.append((span.text, token_positions(pipe.tokenizer, parsed.text, span.start, span.end)))
+        return chosen
+
+    def save_heatmaps(self, images: list[Any], recorder: Any, tokens: list[tuple[str, list[int]]],
+                      request: ImageRequest, variant: str) -> list[list[str]]:
+        """[path, caption] per (image, word): the word's map averaged over its tokens, layers and steps."""
+        if recorder is None or not recorder.maps:
+            return []
+        maps = recorder.aggregate().cpu().numpy()  # [batch, h, w, recorded tokens]
+        saved, column = [], 0
+        spans = []
+        for word, positions in tokens:
+            spans.append((word, column, column + len(positions)))
+            column += len(positions)
+        for index, image in enumerate(images):
+            for word, first, last in spans:
+                heat = maps[index, :, :, first:last].mean(-1)
+                path = save_png(overlay(image, heat), {**request.parameters(), "heatmap_word": word,
+                                                       "variant": variant, "seed": request.seed + index})
+                saved.append([str(path), f"{variant} #{index + 1}: {word}"])
+        return saved
+
+
+_DONE = object()
+
+
+def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any) -> Iterator[Event]:
+    """Run ``work(emit)`` on a worker thread and yield what it emits; return its result (``yield from``).
+
+    diffusers' ``__call__`` is one blocking call, and previews are produced inside its step callback; the
+    thread lets them stream out as they happen. Closing the iterator (the user left) cancels the work."""
+    events: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work(events.put)
+        except BaseException as error:  # re-raised on the consumer's thread
+            outcome["error"] = error
+        finally:
+            events.put(_DONE)
+
+    thread = threading.Thread(target=target, name="image-render", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while (item := events.get()) is not _DONE:
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            cancel.cancel()
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -14,6 +14,7 @@ import warnings
 import gradio as gr
 
 from components import TAB_BUILDERS
+from components.common import explain_unreadable_inputs
 from pipelines.outputs import output_dir
 from pipelines.presets import PRESETS
 from pipelines.registry import build_registry
@@ -35,6 +36,7 @@ def build_demo(registry: dict) -> gr.Blocks:
                 label, build_tab = TAB_BUILDERS[task]
                 with gr.Tab(label, id=task, elem_id=f"tab-{task}"):
                     build_tab(pipeline)
+    explain_unreadable_inputs(demo)
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=None)
     return demo
 

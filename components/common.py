@@ -1,6 +1,7 @@
 """Widgets and plumbing shared by every tab: seed row, stats panel, Stop, errors, the GPU lane."""
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Any, Callable, Iterator
@@ -91,3 +92,33 @@ def stats_panel(label: str = "Stats") -> gr.JSON:
 def number(value: Any, default: float) -> float:
     """A numeric UI value; None (an emptied box) becomes the default instead of a crash."""
     return default if value is None else value
+
+
+def explain_unreadable_inputs(demo: gr.Blocks) -> None:
+    """Make a value a widget cannot read (a string, NaN or infinity sent as a number via the API) a gr.Error.
+
+    Gradio wraps such preprocessing failures in an exception that shared apps (show_error off) report only as
+    a generic "an exception was raised"; the caller then cannot tell which input was wrong.
+    """
+    for block in demo.blocks.values():
+        if isinstance(block, gr.components.Component) and getattr(block, "label", None):
+            block.preprocess = _explained(block.preprocess, block.label, isinstance(block, (gr.Number, gr.Slider)))
+
+
+def _explained(preprocess: Callable, label: str, numeric: bool) -> Callable:
+    expected = "a finite number" if numeric else "a value this input accepts"
+
+    def preprocess_or_explain(payload: Any) -> Any:
+        try:
+            value = preprocess(payload)
+            readable = not (numeric and isinstance(value, float) and not math.isfinite(value))
+        except gr.Error:
+            raise
+        except Exception:
+            readable = False
+        if not readable:
+            raise gr.Error(f"Invalid value for '{label}': expected {expected}, got {repr(payload)[:60]}.",
+                           print_exception=False)
+        return value
+
+    return preprocess_or_explain

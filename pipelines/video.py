@@ -8,20 +8,19 @@ is the stock pipeline's, so the output is bit-identical to it.
 """
 from __future__ import annotations
 
-import queue
 import resource
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from .base import (Cancelled, CancelToken, Event, Pipeline, PipelineError, Progress, Request, Result, require_range,
+from .base import (CancelToken, Event, Pipeline, PipelineError, Progress, Request, Result, require_range,
                    require_text, resolve_seed)
+from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
+from .image.pipeline import stream_in_thread
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import default_model, models_for
@@ -51,6 +50,8 @@ class VideoRequest(Request):
     height: int = 512
     context_length: int = CONTEXT_LENGTH
     context_stride: int = CONTEXT_STRIDE
+    merge_ratio: float = 0.0  # token merging on the spatial self-attention only (image/merging.py)
+    merge_min_tokens: int = DEFAULT_MIN_TOKENS  # per frame; smaller layers run stock (merging would cost more)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Plan:
     guidance_scale: float
     context_length: int
     context_stride: int
+    merge_ratio: float
 
     @property
     def uses_free_noise(self) -> bool:
@@ -177,22 +179,32 @@ class VideoPipeline(Pipeline):
         window = int(require_range(request.smooth_window, "Smooth window", 2, MAX_FRAMES))
         context_length = int(require_range(request.context_length, "Context length", 8, 32))
         stride = int(require_range(request.context_stride, "Context stride", 1, context_length))
+        merge_ratio = require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
+        require_range(request.merge_min_tokens, "Merge min tokens", 0, 2**20)
         timeline = parse_shots(request.shots, window)
         if not timeline.shots:
             timeline = Timeline((Shot(0, require_text(request.prompt)),), window)
         timeline.validate(num_frames)
         request.seed = resolve_seed(request.seed)
-        return Plan(timeline, num_frames, steps, width, height, fps, guidance, min(context_length, num_frames), stride)
+        return Plan(timeline, num_frames, steps, width, height, fps, guidance, min(context_length, num_frames), stride,
+                    merge_ratio)
 
     @contextmanager
-    def applied(self, pipe, plan: Plan) -> Iterator[None]:
-        """Install this request's techniques on the cached pipeline, and take them off afterwards."""
+    def applied(self, pipe, plan: Plan, request: VideoRequest) -> Iterator[None]:
+        """Install this request's techniques on the cached pipeline, and take them off afterwards.
+
+        FreeNoise first: it swaps the motion modules' transformer blocks, which must not discard anything
+        installed after it. Token merging hooks only the spatial transformers (frames folded into the batch).
+        """
         if plan.uses_free_noise:
             pipe.enable_free_noise(context_length=plan.context_length, context_stride=plan.context_stride,
                                    prompt_interpolation_callback=exact_lerp)
+        if plan.merge_ratio > 0:
+            apply_merging(pipe.unet, plan.merge_ratio, seed=request.seed, min_tokens=int(request.merge_min_tokens))
         try:
             yield
         finally:
+            remove_merging(pipe.unet)
             if plan.uses_free_noise:
                 disable_free_noise(pipe)
 
@@ -213,10 +225,13 @@ class VideoPipeline(Pipeline):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        with self.applied(pipe, plan):
+        with self.applied(pipe, plan, request):
             arguments = self.call_arguments(plan, request)
-            latents = yield from denoise_with_progress(pipe, arguments, plan.steps, request.cancel)
+            latents = yield from stream_in_thread(
+                lambda emit: denoise(pipe, arguments, plan.steps, request.cancel, emit), request.cancel)
+            request.cancel.raise_if_cancelled()
             denoise_s = time.perf_counter() - start
+            merged = merging_stats(pipe.unet)
             yield Progress(plan.steps, plan.steps, "decoding")
             frames = decode(pipe, latents)
         elapsed = time.perf_counter() - start
@@ -231,6 +246,8 @@ class VideoPipeline(Pipeline):
             "frames": plan.num_frames,
             "shots": len(plan.timeline.shots),
             "free_noise": plan.uses_free_noise,
+            "tokens_merged": merged["tokens_merged"],
+            "blocks_merged": merged["blocks_merged_per_call"],
             "seed": request.seed,
         }
         yield Result(output, stats, {"parameters": parameters})
@@ -256,44 +273,18 @@ def disable_free_noise(pipe) -> None:
             pipe._disable_free_noise_in_block(block)
 
 
-def denoise_with_progress(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken
-                          ) -> Iterator[Event]:
-    """Run the diffusers call in a worker thread; yield a Progress per step; return its latents.
-
-    ``callback_on_step_end`` reports each step and turns Stop into ``pipe._interrupt``, which makes the
-    stock loop skip its remaining steps; the VAE decode is then skipped too.
-    """
-    events: queue.Queue = queue.Queue()
-    outcome: dict[str, Any] = {}
+def denoise(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken,
+            emit: Callable[[Event], None]) -> torch.Tensor:
+    """The stock diffusers call; ``callback_on_step_end`` reports each step and turns Stop into
+    ``pipe._interrupt``, which makes the stock loop skip its remaining steps (the caller then skips decoding)."""
 
     def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
-        events.put(Progress(step + 1, total))
+        emit(Progress(step + 1, total))
         if cancel.cancelled:
             pipeline._interrupt = True
         return {}
 
-    def work() -> None:
-        try:
-            outcome["latents"] = pipe(**arguments, callback_on_step_end=on_step_end).frames
-        except BaseException as error:  # re-raised in the consumer's thread
-            outcome["error"] = error
-        finally:
-            events.put(None)
-
-    worker = threading.Thread(target=work, name="video-denoise", daemon=True)
-    worker.start()
-    try:
-        while (event := events.get()) is not None:
-            yield event
-    finally:
-        if worker.is_alive():
-            cancel.cancel()
-        worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    if cancel.cancelled:
-        raise Cancelled("Stopped by the user.")
-    return outcome["latents"]
+    return pipe(**arguments, callback_on_step_end=on_step_end).frames
 
 
 def decode(pipe, latents: torch.Tensor) -> np.ndarray:

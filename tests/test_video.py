@@ -145,3 +145,24 @@ def test_progress_per_step_and_stop_ends_within_a_step(video):
                 token.cancel()
             seen.append(event)
     assert max(event.step for event in seen if isinstance(event, Progress)) <= 3
+
+
+def test_merging_touches_only_spatial_blocks_and_merges_tokens(video):
+    from pipelines.image.merging import apply_merging, remove_merging
+
+    pipe = video.load("")
+    handle = apply_merging(pipe.unet, 0.5, min_tokens=0)
+    try:
+        hooked = {name for name, module in pipe.unet.named_modules()
+                  if module._forward_pre_hooks or module._forward_hooks}
+        assert handle.blocks and all("motion_modules" not in name for name in handle.blocks)
+        assert not any("motion_modules" in name for name in hooked)
+    finally:
+        remove_merging(pipe.unet)
+    result = run(video, prompt="a red hat", num_frames=6, merge_ratio=0.5, merge_min_tokens=0)
+    # finest level: 16x16 tokens per frame, half merged, 12 rows (6 frames x CFG), 3 blocks (down 1, up 2), 2 steps
+    assert result.stats["tokens_merged"] == 128 * 12 * 3 * 2 and result.stats["blocks_merged"] == 3
+    assert not any(module._forward_pre_hooks or module._forward_hooks for module in pipe.unet.modules())
+    stock = run(video, prompt="a red hat", num_frames=6)
+    difference = np.abs(result.value.frames - stock.value.frames)
+    assert 0 < difference.mean() < 0.25

@@ -1,0 +1,152 @@
+"""Compass Control: token insertion, encoders, coupled attention localisation, checkpoints, training."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from pipelines.base import PipelineError
+from pipelines.image.attention import AttentionControl
+from pipelines.image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, PhraseCompassEncoder, apply_compass,
+                                     insert_compass_tokens, load_official_compass, lora_diffusion_to_peft,
+                                     outside_box_mask, parse_compass_objects, square_box, write_compass_embeddings)
+from pipelines.image.tiny import tiny_sd15_pipeline
+
+
+@pytest.fixture
+def pipe():
+    return tiny_sd15_pipeline(seed=0)
+
+
+def test_compass_token_is_inserted_right_before_each_object_token(pipe):
+    objects = [CompassObject("cat", 90), CompassObject("dog", 270)]
+    write_compass_embeddings(pipe.tokenizer, pipe.text_encoder, PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer),
+                             objects)
+    compass = insert_compass_tokens("a photo of a cat and a dog", objects, pipe.tokenizer)
+    ids = pipe.tokenizer(compass.text)["input_ids"]
+    assert compass.text == f"a photo of a {PLACEHOLDER.format(0)} cat and a {PLACEHOLDER.format(1)} dog"
+    for index, (compass_pos, object_pos) in enumerate(compass.pairs):
+        assert ids[compass_pos] == pipe.tokenizer.convert_tokens_to_ids(PLACEHOLDER.format(index))
+        assert object_pos == compass_pos + 1
+    assert pipe.tokenizer.decode([ids[compass.pairs[0][1]]]).strip() == "cat"
+    assert pipe.tokenizer.decode([ids[compass.pairs[1][1]]]).strip() == "dog"
+
+
+def test_object_missing_from_prompt_is_a_clear_error(pipe):
+    write_compass_embeddings(pipe.tokenizer, pipe.text_encoder, CompassEncoder(16), [CompassObject("car", 0)])
+    with pytest.raises(PipelineError, match="does not appear in the prompt"):
+        insert_compass_tokens("a photo of a cat", [CompassObject("car", 0)], pipe.tokenizer)
+
+
+@pytest.mark.parametrize("make", ["phrase", "mlp"])
+def test_encoders_are_continuous_and_360_periodic(pipe, make):
+    torch.manual_seed(0)
+    encoder = PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer) if make == "phrase" else CompassEncoder(16)
+    with torch.no_grad():
+        angles = torch.tensor([0.0, 360.0, 37.0, 397.0, -23.0, 337.0])
+        out = encoder(angles)
+        assert torch.allclose(out[0], out[1], atol=1e-5)
+        assert torch.allclose(out[2], out[3], atol=1e-5)
+        assert torch.allclose(out[4], out[5], atol=1e-5)
+        fine = encoder(torch.arange(0, 360, 0.5))
+    steps = (fine[1:] - fine[:-1]).norm(dim=-1)
+    spread = (fine - fine.mean(0)).norm(dim=-1).max()
+    assert steps.max() < 0.05 * spread  # no jumps: a half-degree step moves the token a little
+    assert spread > 0  # and different angles give different tokens
+
+
+def test_square_box_is_enlarged_squared_and_clipped():
+    x0, y0, x1, y1 = square_box((0.2, 0.4, 0.4, 0.5))
+    assert (x1 - x0) == pytest.approx(0.24) and (y1 - y0) == pytest.approx(0.24)
+    assert (x0 + x1) / 2 == pytest.approx(0.3) and (y0 + y1) / 2 == pytest.approx(0.45)
+    assert square_box((0.0, 0.0, 1.0, 1.0)) == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_attention_of_compass_and_object_tokens_outside_their_box_is_zero(pipe):
+    objects = [CompassObject("cat", 90, (0.0, 0.0, 0.4, 0.4)), CompassObject("dog", 200, (0.5, 0.5, 1.0, 1.0))]
+    control = AttentionControl(pipe.unet)
+    stacks = [(pipe.tokenizer, pipe.text_encoder, PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer))]
+    compass = apply_compass(control, stacks, "a photo of a cat and a dog", objects)
+    tokens = [p for pair in compass.pairs for p in pair]
+    recorder = control.record(tokens=tokens)
+    with control:
+        pipe(compass.text, num_inference_steps=2, height=32, width=32, output_type="latent",
+             generator=torch.Generator().manual_seed(0), callback_on_step_end=control.step_callback)
+    assert set(recorder.maps[0]) == set(control.layers)  # every cross-attention layer was hooked
+    for layer_maps in recorder.maps.values():
+        for probs in layer_maps.values():  # [rows, h, w, 4 tokens]
+            h, w = probs.shape[1:3]
+            for index, obj in enumerate(objects):
+                outside = control.region_mask(outside_box_mask(square_box(obj.box)), h * w).view(h, w)
+                assert outside.any() and (~outside).any()
+                for column in (2 * index, 2 * index + 1):
+                    assert probs[:, outside, column].abs().max() == 0
+                    assert probs[:, ~outside, column].sum() > 0
+
+
+def test_official_checkpoint_format_round_trips(pipe, tmp_path):
+    torch.manual_seed(1)
+    encoder = CompassEncoder(16)
+    linears = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q",
+               "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+    lora = {}
+    for name in linears:
+        module = pipe.unet.get_submodule(name)
+        lora[f"{name}.lora_down.weight"] = torch.randn(4, module.in_features)
+        lora[f"{name}.lora_up.weight"] = torch.randn(module.out_features, 4)
+    state = {"merger": {"model": {**encoder.state_dict(), "gaussian_fourier_embedding.W": torch.randn(8)}},
+             "unet": {"lora": lora}}
+    torch.save(state, tmp_path / "training_state_20000.pth")
+    with open(tmp_path / "args.pkl", "wb") as handle:
+        pickle.dump({"merged_emb_dim": 16, "lora_rank": 4, "train_unet": True}, handle)
+
+    loaded = load_official_compass(tmp_path, unet=pipe.unet)
+    angles = torch.tensor([0.0, 45.0, 300.0])
+    assert torch.equal(loaded(angles), encoder(angles))
+    for name in linears:
+        module = pipe.unet.get_submodule(name)
+        assert torch.equal(module.lora_A["compass"].weight, lora[f"{name}.lora_down.weight"])
+        assert torch.equal(module.lora_B["compass"].weight, lora[f"{name}.lora_up.weight"])
+        x = torch.randn(2, module.in_features)
+        expected = module.base_layer(x) + x @ lora[f"{name}.lora_down.weight"].T @ lora[f"{name}.lora_up.weight"].T
+        assert torch.allclose(module(x), expected, atol=1e-5)
+
+
+def test_args_pickle_that_imports_code_is_refused(tmp_path):
+    with open(tmp_path / "args.pkl", "wb") as handle:
+        pickle.dump({"merged_emb_dim": 16, "hook": print}, handle)
+    torch.save({}, tmp_path / "training_state_1.pth")
+    with pytest.raises(PipelineError, match="refusing"):
+        load_official_compass(tmp_path)
+
+
+def test_lora_key_conversion_to_peft_names():
+    converted = lora_diffusion_to_peft({"a.to_q.lora_down.weight": torch.ones(1), "a.to_q.lora_up.weight": torch.ones(1),
+                                        "a.to_q.linear.weight": torch.ones(1)})
+    assert set(converted) == {"a.to_q.lora_A.weight", "a.to_q.lora_B.weight"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[{", "must be JSON"), ('{"name": "car"}', "JSON list"), ('[{"angle": 3}]', "non-empty"),
+    ('[{"name": "car", "angle": "north"}]', "number of degrees"), ('[{"name": "car", "box": [0, 0, 2, 1]}]', "box"),
+])
+def test_malformed_objects_give_clear_errors(text, message):
+    with pytest.raises(PipelineError, match=message):
+        parse_compass_objects(text)
+
+
+def test_objects_parse_with_angles_wrapped_to_one_turn():
+    objects = parse_compass_objects('[{"name": "car", "angle": 450, "box": [0, 0.5, 0.5, 1]}]')
+    assert objects == [CompassObject("car", 90.0, (0.0, 0.5, 0.5, 1.0))]
+
+
+def test_training_script_reduces_its_loss_on_a_tiny_synthetic_set(tmp_path):
+    from pipelines.image.compass_train import load_trained_compass, main
+
+    report = main(["--model", "tiny", "--synthetic", "6", "--steps", "40", "--lr", "3e-3", "--lora-rank", "2",
+                   "--out", str(tmp_path / "ckpt")])
+    assert report["final_loss"] < report["initial_loss"]
+    encoder = load_trained_compass(tmp_path / "ckpt")
+    assert encoder(torch.tensor([10.0])).shape == (1, 16)
+    assert (tmp_path / "ckpt" / "unet_lora.safetensors").is_file()

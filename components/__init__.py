@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import text_tab
+from . import text_tab, video_tab
 
 TAB_BUILDERS: dict[str, tuple[str, Callable]] = {
     "text": ("Text", text_tab.build),
+    "video": ("Video", video_tab.build),
 }

@@ -15,8 +15,15 @@ def _text(store: ModelStore, preset: str) -> Pipeline:
     return TextPipeline(store, preset)
 
 
+def _video(store: ModelStore, preset: str) -> Pipeline:
+    from .video import VideoPipeline
+
+    return VideoPipeline(store, preset)
+
+
 PIPELINE_FACTORIES: dict[str, Callable[[ModelStore, str], Pipeline]] = {
     "text": _text,
+    "video": _video,
 }
 
 

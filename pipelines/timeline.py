@@ -156,3 +156,19 @@ def parse_shots(value: str | list | None, smooth_window: int = DEFAULT_SMOOTH_WI
         transition = str(item.get("transition") or "cut").strip().lower()
         shots.append(Shot(start, str(item["prompt"] or ""), transition))
     return Timeline(tuple(shots), smooth_window)
+
+
+def add_shot(value: str, num_frames: int, transition: str = "cut") -> str:
+    """The shot list with one more shot, starting halfway through the last one's frames (for the editor)."""
+    timeline = parse_shots(value)
+    shots = [asdict(shot) for shot in timeline.shots]
+    if not shots:
+        shots.append(asdict(Shot(0, "", "cut")))
+    else:
+        last = shots[-1]["start"]
+        shots.append(asdict(Shot(min(num_frames - 1, last + max(1, (num_frames - last) // 2)), "", transition)))
+    return json.dumps(shots, indent=1)
+
+
+def remove_last_shot(value: str) -> str:
+    return json.dumps([asdict(shot) for shot in parse_shots(value).shots[:-1]], indent=1)

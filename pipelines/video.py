@@ -11,7 +11,7 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -33,6 +33,7 @@ STRIP_FRAMES = 8
 # AnimateDiff motion modules are trained on 16-frame clips; FreeNoise's defaults are a 16-frame window, stride 4.
 CONTEXT_LENGTH = 16
 CONTEXT_STRIDE = 4
+COMPARISONS = ("none", "single prompt", "merging off")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class VideoRequest(Request):
     context_stride: int = CONTEXT_STRIDE
     merge_ratio: float = 0.0  # token merging on the spatial self-attention only (image/merging.py)
     merge_min_tokens: int = DEFAULT_MIN_TOKENS  # per frame; smaller layers run stock (merging would cost more)
+    compare: str = "none"  # same-seed A/B: also render with one thing switched back (see COMPARISONS)
 
 
 @dataclass
@@ -219,20 +221,51 @@ class VideoPipeline(Pipeline):
 
     def generate(self, request: VideoRequest) -> Iterator[Event]:
         plan = self.plan(request)
+        baseline = self.baseline_request(request, plan)
         yield Progress(0, plan.steps, "loading model")
         pipe = self.load(request.model)
+        reference = None
+        if baseline is not None:
+            reference = yield from self.render(pipe, baseline, self.plan(baseline), f"A: {request.compare}")
+        output, stats, parameters = yield from self.render(pipe, request, plan, "B: as set" if reference else "")
+        metadata: dict[str, Any] = {"parameters": parameters}
+        if reference is not None:
+            metadata["baseline"] = reference[0]
+            stats.update(compare=request.compare, baseline_time_s=reference[1]["time_s"],
+                         time_ratio_vs_baseline=round(stats["time_s"] / max(reference[1]["time_s"], 1e-9), 4))
+        yield Result(output, stats, metadata)
+
+    def baseline_request(self, request: VideoRequest, plan: Plan) -> VideoRequest | None:
+        """The A side of a same-seed A/B: this request with one thing switched back to stock."""
+        if request.compare not in COMPARISONS:
+            raise PipelineError(f"Unknown comparison {request.compare!r}. Choose one of: {', '.join(COMPARISONS)}.")
+        if request.compare == "single prompt":
+            if not plan.timeline.is_multi_shot:
+                raise PipelineError("'single prompt' compares against a shot timeline: add at least two shots.")
+            return replace(request, shots="", prompt=plan.timeline.shots[0].prompt, cancel=request.cancel)
+        if request.compare == "merging off":
+            if plan.merge_ratio == 0:
+                raise PipelineError("'merging off' compares against token merging: set a merge ratio above 0.")
+            return replace(request, merge_ratio=0.0, cancel=request.cancel)
+        return None
+
+    def render(self, pipe, request: VideoRequest, plan: Plan, note: str) -> Iterator[Event]:
+        """One video: denoise (with this request's techniques installed), decode, save; returns
+        ``(VideoOutput, stats, parameters)``."""
         device = self.store.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with self.applied(pipe, plan, request):
             arguments = self.call_arguments(plan, request)
+            emit_note = (lambda event: replace(event, note=note)) if note else (lambda event: event)
             latents = yield from stream_in_thread(
-                lambda emit: denoise(pipe, arguments, plan.steps, request.cancel, emit), request.cancel)
+                lambda emit: denoise(pipe, arguments, plan.steps, request.cancel, lambda e: emit(emit_note(e))),
+                request.cancel)
             request.cancel.raise_if_cancelled()
             denoise_s = time.perf_counter() - start
             merged = merging_stats(pipe.unet)
-            yield Progress(plan.steps, plan.steps, "decoding")
+            yield Progress(plan.steps, plan.steps, f"{note} decoding".strip())
             frames = decode(pipe, latents)
         elapsed = time.perf_counter() - start
         parameters = self.parameters(request, plan)
@@ -250,7 +283,7 @@ class VideoPipeline(Pipeline):
             "blocks_merged": merged["blocks_merged_per_call"],
             "seed": request.seed,
         }
-        yield Result(output, stats, {"parameters": parameters})
+        return output, stats, parameters
 
     def parameters(self, request: VideoRequest, plan: Plan) -> dict[str, Any]:
         """Everything needed to reproduce the video (written next to it as a sidecar JSON)."""

@@ -49,3 +49,13 @@ def test_describe_lists_frame_ranges():
     rows = timeline.describe(12)
     assert [row["frames"] for row in rows] == ["0-4", "5-11"]
     assert [row["transition"] for row in rows] == ["start", "smooth"]
+
+
+def test_editor_adds_and_removes_shots():
+    from pipelines.timeline import add_shot, remove_last_shot
+
+    text = add_shot("", 16)
+    text = add_shot(text.replace('"prompt": ""', '"prompt": "a"'), 16, "smooth")
+    shots = parse_shots(text).shots
+    assert [(shot.start, shot.transition) for shot in shots] == [(0, "cut"), (8, "smooth")]
+    assert len(parse_shots(remove_last_shot(text)).shots) == 1

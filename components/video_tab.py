@@ -1,0 +1,141 @@
+"""Video tab UI: AnimateDiff with a shot timeline, token merging and a same-seed A/B. API: /generate_video."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import gradio as gr
+
+from pipelines.base import PipelineError, Progress, Result
+from pipelines.image.merging import DEFAULT_MIN_TOKENS
+from pipelines.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
+from pipelines.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
+
+from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+
+SHOTS_HELP = (
+    'Shots as JSON: `[{"start": 0, "prompt": "..."}, {"start": 8, "prompt": "...", "transition": "cut"}]`. '
+    f"Transition ({' or '.join(TRANSITIONS)}) says how a shot begins: `smooth` blends the text across the "
+    "smooth window around its start, `cut` switches at its first frame. Leave empty to use the prompt above "
+    "for every frame."
+)
+EXAMPLE_SHOTS = (
+    '[\n {"start": 0, "prompt": "a red fox walking through snow, cinematic"},\n'
+    ' {"start": 8, "prompt": "a red fox running across a frozen lake, cinematic", "transition": "smooth"},\n'
+    ' {"start": 16, "prompt": "close-up of a red fox sleeping by a fire", "transition": "cut"}\n]'
+)
+
+
+def describe(shots_text: str, frames: float | None, window: float | None) -> str:
+    """A Markdown table of the shots' frame ranges, or the reason the list cannot be used."""
+    if not (shots_text or "").strip():
+        return "Single shot: the prompt conditions every frame."
+    try:
+        rows = parse_shots(shots_text, int(number(window, 8))).describe(int(number(frames, 16)))
+    except PipelineError as error:
+        return f"⚠️ {error}"
+    lines = ["| shot | frames | begins with | prompt |", "|---|---|---|---|"]
+    lines += [f"| {row['shot']} | {row['frames']} | {row['transition']} | {row['prompt']} |" for row in rows]
+    return "\n".join(lines)
+
+
+def shot_editor(transition: str | None):
+    """Click handler: append a shot with ``transition`` (None removes the last shot); bad JSON -> gr.Error."""
+
+    def edit(shots_text: str, frames: float | None) -> str:
+        try:
+            if transition is None:
+                return remove_last_shot(shots_text)
+            return add_shot(shots_text, int(number(frames, 16)), transition)
+        except PipelineError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    return edit
+
+
+def build(pipeline: VideoPipeline) -> None:
+    tiny = pipeline.preset == "tiny"
+    if tiny:
+        gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt",
+                                placeholder="a red fox walking through snow, cinematic")
+            negative = gr.Textbox(label="Negative prompt", lines=1, value="" if tiny else "low quality, blurry")
+            with gr.Accordion("Shot timeline (multi-shot prompts)", open=False):
+                gr.Markdown(SHOTS_HELP)
+                shots = gr.Code(label="Shots (JSON)", language="json", value="", lines=6, elem_id="video-shots")
+                with gr.Row():
+                    add_cut = gr.Button("Add shot (cut)", size="sm")
+                    add_smooth = gr.Button("Add shot (smooth)", size="sm")
+                    remove = gr.Button("Remove last shot", size="sm")
+                    example = gr.Button("Example timeline", size="sm")
+                ranges = gr.Markdown(describe("", 16, 8))
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="video-generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="video-stop")
+            with gr.Row():
+                video = gr.Video(label="Video (B: as set)", format="mp4", elem_id="video-output", autoplay=True,
+                                 loop=True)
+                baseline = gr.Video(label="A/B baseline (A: same seed)", format="mp4", elem_id="video-baseline",
+                                    loop=True)
+            strip = gr.Image(label="Frame strip", type="filepath", format="png", elem_id="video-strip")
+        with gr.Column(scale=1):
+            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model")
+            frames = gr.Slider(2, MAX_FRAMES, value=8 if tiny else 16, step=1, label="Frames")
+            fps = gr.Slider(1, 30, value=8, step=1, label="FPS")
+            steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")
+            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
+            with gr.Row():
+                width = gr.Number(label="Width", value=32 if tiny else 512, precision=0, minimum=32, maximum=1024,
+                                  step=8)
+                height = gr.Number(label="Height", value=32 if tiny else 512, precision=0, minimum=32, maximum=1024,
+                                   step=8)
+            seed = seed_row()
+            compare = gr.Dropdown(list(COMPARISONS), value="none", label="Same-seed A/B",
+                                  info="Also render with one thing switched back: the timeline (first shot's "
+                                       "prompt only) or token merging")
+            with gr.Accordion("Long videos and transitions", open=False):
+                window = gr.Slider(2, 32, value=8, step=1, label="Smooth transition window (frames)")
+                context_length = gr.Slider(8, 32, value=16, step=1, label="Context window (FreeNoise)",
+                                           info="Videos longer than this (or with shots) slide this window")
+                context_stride = gr.Slider(1, 16, value=4, step=1, label="Context stride")
+            with gr.Accordion("Token merging for speed (spatial layers only)", open=False):
+                merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
+                merge_min_tokens = gr.Number(label="Merge only layers with at least this many tokens per frame",
+                                             value=0 if tiny else DEFAULT_MIN_TOKENS, precision=0, minimum=0)
+            stats = stats_panel()
+
+    for button, transition in ((add_cut, "cut"), (add_smooth, "smooth"), (remove, None)):
+        button.click(shot_editor(transition), inputs=[shots, frames], outputs=shots, api_visibility="private")
+    example.click(lambda: EXAMPLE_SHOTS, outputs=shots, api_visibility="private")
+    for trigger in (shots.change, frames.change, window.change):
+        trigger(describe, inputs=[shots, frames, window], outputs=ranges, api_visibility="private")
+
+    @on_gpu
+    def generate_video(prompt_text, negative_text, shots_text, model_name, frames_value, fps_value, steps_value,
+                       cfg_value, width_value, height_value, seed_value, compare_value, window_value, length_value,
+                       stride_value, ratio_value, min_tokens_value, request: gr.Request,
+                       progress=gr.Progress()) -> Iterator[tuple]:
+        video_request = VideoRequest(
+            prompt=prompt_text or "", negative_prompt=negative_text or "", shots=shots_text or "",
+            model=model_name or "", num_frames=int(number(frames_value, 16)), fps=int(number(fps_value, 8)),
+            steps=int(number(steps_value, 25)), guidance_scale=number(cfg_value, 7.5),
+            width=int(number(width_value, 512)), height=int(number(height_value, 512)),
+            seed=int(number(seed_value, -1)), compare=compare_value or "none",
+            smooth_window=int(number(window_value, 8)), context_length=int(number(length_value, 16)),
+            context_stride=int(number(stride_value, 4)), merge_ratio=number(ratio_value, 0.0),
+            merge_min_tokens=int(number(min_tokens_value, DEFAULT_MIN_TOKENS)),
+        )
+        for event in run_pipeline(pipeline, video_request, request):
+            if isinstance(event, Progress):
+                progress((event.step, max(event.total, 1)), desc=event.note or "denoising")
+            elif isinstance(event, Result):
+                reference = event.metadata.get("baseline")
+                yield event.value.video, reference.video if reference else None, event.value.strip, event.stats
+
+    inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
+              context_length, context_stride, merge_ratio, merge_min_tokens]
+    event = generate.click(generate_video, inputs=inputs, outputs=[video, baseline, strip, stats],
+                           api_name="generate_video", **GPU_LANE)
+    stop.click(stop_session, cancels=[event], api_visibility="private")
+    link_seed_reuse(seed, stats)

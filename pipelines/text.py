@@ -8,12 +8,30 @@ from typing import Any, Iterator
 import torch
 
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from .decoding.draft_model import DraftModel
+from .decoding.hardware import pick_tree_size, step_costs
+from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
+from .decoding.prompt_lookup import PromptLookup
+from .decoding.recycling import shared_recycler
+from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .presets import default_model, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 4096
+METHODS = ("vanilla", "recycling", "lookahead", "prompt_lookup", "draft_model")
+METHOD_LABELS = {
+    "vanilla": "Vanilla (one token per forward)",
+    "recycling": "Token Recycling",
+    "lookahead": "Lookahead (trie)",
+    "prompt_lookup": "Prompt lookup",
+    "draft_model": "Draft model",
+}
+# Under `auto`, the default draft for a target: a smaller model that shares its tokenizer.
+DEFAULT_DRAFTS = {
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "SmolLM2-135M-Instruct (packaged)",
+}
 
 
 @dataclass
@@ -24,7 +42,9 @@ class TextRequest(Request):
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
-    method: str = "vanilla"
+    method: str = "vanilla"  # one of METHODS
+    draft_model: str = ""  # for method "draft_model": a model name, Hub id or folder; "" = the default pair
+    tree_profile: str = "auto"  # tree size from the measured step cost ("auto"/"cpu") or the H200 curve ("gpu")
 
 
 @dataclass
@@ -100,6 +120,8 @@ class TextPipeline(Pipeline):
     def validate(self, request: TextRequest) -> SamplingConfig:
         require_text(request.prompt)
         require_range(request.max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS_LIMIT)
+        if request.method not in METHODS:
+            raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
         temperature = require_range(request.temperature, "Temperature", 0.0, 5.0)
         top_p = require_range(request.top_p, "Top-p", 0.01, 1.0)
         request.seed = resolve_seed(request.seed)
@@ -135,17 +157,64 @@ class TextPipeline(Pipeline):
             "time_to_first_token_s": round(first_token_s or 0.0, 4),
             "forwards": stats.forwards,
             "tau": round(stats.tau, 4),
+            "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
+            "draft_share": round(stats.draft_share, 4),
             "seed": request.seed,
         }
-        metadata = {"token_ids": tokens, "runs": [[lm.tokenizer.decode([t]) for t in run] for run in runs],
+        metadata = {"token_ids": tokens, "run_ids": runs,
+                    "runs": [[lm.tokenizer.decode([t]) for t in run] for run in runs],
                     "prompt_tokens": int(input_ids.shape[1])}
         yield Result(text, result_stats, metadata)
 
     def decode(self, lm: CausalLM, input_ids: torch.Tensor, request: TextRequest, config: SamplingConfig,
                eos_ids: set[int], stats: DecodeStats) -> Iterator[list[int]]:
-        if request.method != "vanilla":
-            raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: vanilla.")
-        return plain_decode(lm.model, input_ids, int(request.max_new_tokens), config, eos_ids, request.cancel, stats)
+        max_new = int(request.max_new_tokens)
+        if request.method == "vanilla":
+            return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats)
+        drafter = self.drafter(lm, request)
+        return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats)
+
+    def drafter(self, lm: CausalLM, request: TextRequest) -> Drafter:
+        """The method's drafter. Token Recycling's matrix and the Lookahead output trie live with the model;
+        tree sizes follow the measured cost of a forward on this device."""
+        if request.method not in METHODS:
+            raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
+        if request.method == "prompt_lookup":
+            return PromptLookup()
+        if request.method == "draft_model":
+            return DraftModel(self.load_draft(lm, request).model)
+        recycler = shared_recycler(lm.model)
+        nodes = pick_tree_size(recycler.acceptance_rates(), step_costs(lm.model, request.tree_profile))
+        if request.method == "recycling":
+            recycler.resize(nodes)
+            return recycler
+        # alipay's 64-node budget, never more than this device affords
+        return LookaheadTrie(LookaheadConfig(decoding_length=min(LookaheadConfig.decoding_length, nodes)),
+                             shared_trie(lm.model))
+
+    def draft_name(self, request: TextRequest) -> str:
+        if request.draft_model:
+            return request.draft_model
+        target = self.spec_for(request.model)
+        if self.preset == "tiny":
+            others = [spec.name for spec in self.specs if spec.name != target.name]
+            return others[0] if others else target.name
+        default = DEFAULT_DRAFTS.get(target.hub_id or "")
+        if default is None:
+            raise PipelineError(
+                f"No default draft model is known for {target.name!r}. Pick a smaller model that uses the same "
+                "tokenizer as the draft model (for example SmolLM2-135M for SmolLM2-1.7B)."
+            )
+        return default
+
+    def load_draft(self, lm: CausalLM, request: TextRequest) -> CausalLM:
+        draft = self.load(self.draft_name(request))
+        if draft.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+            raise PipelineError(
+                f"The draft model {self.draft_name(request)!r} does not share the target's tokenizer, so its "
+                "tokens cannot be verified. Pick a draft from the same model family."
+            )
+        return draft
 
 
 def eos_token_ids(lm: CausalLM) -> set[int]:

@@ -5,7 +5,7 @@ of the tree template that maximises expected accepted tokens per second.
 """
 from __future__ import annotations
 
-import statistics
+import weakref
 import time
 
 import torch
@@ -27,7 +27,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 128, repeats: int = 5,
                       seed: int = 0) -> dict[int, float]:
-    """Median seconds of one forward with ``n`` query tokens (under a 4D float tree mask) after a
+    """Seconds of one forward with ``n`` query tokens (under a 4D float tree mask) after a
     ``context``-token cache, for each ``n`` in ``sizes``. Weights do not matter, only shapes."""
     forward = CausalLMForward(model)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -35,20 +35,26 @@ def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: in
     tokens = torch.randint(0, vocab, (context + max(sizes),), generator=generator).tolist()
     cache = forward.new_cache()
     forward(tokens[:context], torch.arange(context, device=forward.device)[None], None, cache)
-    costs: dict[int, float] = {}
-    for n in sizes:
-        tree = TokenTree.chain(tokens[context], tokens[context + 1:context + n])
-        mask = block_attention_mask(tree, 0, context, forward.dtype, forward.device)
-        positions = block_position_ids(tree, 0, context, forward.device)
-        samples = []
-        for _ in range(repeats + 1):  # the first run of each shape is a warm-up
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    # round-robin over sizes so a burst of load from elsewhere hits all sizes alike; first round = warm-up
+    for round_ in range(repeats + 1):
+        for n in sizes:
+            tree = TokenTree.chain(tokens[context], tokens[context + 1:context + n])
+            mask = block_attention_mask(tree, 0, context, forward.dtype, forward.device)
+            positions = block_position_ids(tree, 0, context, forward.device)
             _sync(forward.device)
             started = time.perf_counter()
             forward(tree.tokens, positions, mask, cache)
             _sync(forward.device)
-            samples.append(time.perf_counter() - started)
+            if round_:
+                samples[n].append(time.perf_counter() - started)
             cache.crop(-n)
-        costs[n] = statistics.median(samples[1:])
+    # the minimum, because load from other processes only ever adds time; and a forward over more tokens
+    # never costs less, so the curve is kept monotone
+    costs, running = {}, 0.0
+    for n in sorted(sizes):
+        running = max(running, min(samples[n]))
+        costs[n] = running
     return costs
 
 
@@ -76,3 +82,23 @@ def pick_tree_size(node_rates: list[float], costs: dict[int, float], extra_token
         if throughput > best_rate:
             best, best_rate = n, throughput
     return best
+
+
+TREE_PROFILES = ("auto", "cpu", "gpu")
+_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, float]]" = weakref.WeakKeyDictionary()
+
+
+def step_costs(model, profile: str = "auto") -> dict[int, float]:
+    """The cost curve for ``profile``: ``gpu`` is the H200 curve above (what the GPU would use); ``auto``
+    measures this model on its own device once and keeps the result; ``cpu`` does the same and insists the
+    model is on the CPU."""
+    if profile not in TREE_PROFILES:
+        raise ValueError(f"Unknown tree profile {profile!r}; choose one of {', '.join(TREE_PROFILES)}.")
+    if profile == "gpu":
+        return dict(GPU_STEP_COST)
+    if profile == "cpu" and next(model.parameters()).device.type != "cpu":
+        raise ValueError("The cpu tree profile measures the model on the CPU; load it there or use 'auto'.")
+    costs = _MEASURED.get(model)
+    if costs is None:
+        costs = _MEASURED[model] = measure_step_cost(model)
+    return costs

@@ -61,62 +61,69 @@ def build_template(level_sizes: tuple[int, ...] = LEVEL_SIZES, rank_prior: tuple
 
 DEFAULT_TEMPLATE = build_template()
 
-_MATRICES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
-
-
-def shared_matrix(model: torch.nn.Module, top_k: int = TOP_K) -> torch.Tensor:
-    """The model's adjacency matrix, created on first use and kept for the model's lifetime."""
-    matrix = _MATRICES.get(model)
-    if matrix is None or matrix.shape[1] != top_k:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        matrix = torch.zeros(vocab, top_k, dtype=torch.long, device=next(model.parameters()).device)
-        _MATRICES[model] = matrix
-    return matrix
-
-
 class TokenRecycling(Drafter):
-    """Drafts the template from the adjacency matrix and recycles every node's top-k into it."""
+    """Drafts a prefix of the template from the adjacency matrix and recycles every node's top-k into it.
+    Also counts, per template node, how often it was offered and accepted: the hardware-aware tree size
+    uses those rates."""
 
-    def __init__(self, matrix: torch.Tensor, template: TreeTemplate = DEFAULT_TEMPLATE) -> None:
+    def __init__(self, matrix: torch.Tensor, template: TreeTemplate = DEFAULT_TEMPLATE, nodes: int | None = None) -> None:
         self.matrix = matrix
-        self.set_template(template)
-
-    def set_template(self, template: TreeTemplate) -> None:
         self.template = template
-        device = self.matrix.device
-        depth = [0] * len(template)
-        for i in range(1, len(template)):
-            depth[i] = depth[template.parents[i]] + 1
+        self.offered = [0] * len(template)
+        self.accepted = [0] * len(template)
+        self.resize(nodes or len(template))
+
+    def resize(self, nodes: int) -> None:
+        """Draft only the first ``nodes`` template nodes (root included)."""
+        self.active = self.template.truncated(nodes)
+        active, device = self.active, self.matrix.device
+        depth = [0] * len(active)
+        for i in range(1, len(active)):
+            depth[i] = depth[active.parents[i]] + 1
         self.levels = []
         for d in range(1, max(depth) + 1):
-            nodes = [i for i in range(len(template)) if depth[i] == d]
-            self.levels.append((torch.tensor(nodes, device=device),
-                                torch.tensor([template.parents[i] for i in nodes], device=device),
-                                torch.tensor([template.ranks[i] for i in nodes], device=device)))
-        self.accepted_counts = [0] * len(template)
-        self.steps = 0
+            nodes_at = [i for i in range(len(active)) if depth[i] == d]
+            self.levels.append((torch.tensor(nodes_at, device=device),
+                                torch.tensor([active.parents[i] for i in nodes_at], device=device),
+                                torch.tensor([active.ranks[i] for i in nodes_at], device=device)))
 
     def propose(self, context: list[int]) -> TokenTree:
-        tokens = torch.empty(len(self.template), dtype=torch.long, device=self.matrix.device)
+        tokens = torch.empty(len(self.active), dtype=torch.long, device=self.matrix.device)
         tokens[0] = context[-1]
         for nodes, parents, ranks in self.levels:
             tokens[nodes] = self.matrix[tokens[parents], ranks]
-        return TokenTree(tokens.tolist(), list(self.template.parents))
+        return TokenTree(tokens.tolist(), list(self.active.parents))
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         rows = torch.tensor(tree.tokens, device=self.matrix.device)
         self.matrix[rows] = logits.topk(self.matrix.shape[1], dim=-1).indices.to(self.matrix.device)
-        if len(tree) == len(self.template):
-            self.steps += 1
-            children, node = tree.children(), 0
-            self.accepted_counts[0] += 1
-            for token in accepted:
-                node = children[node].get(token, -1)
-                if node < 0:
-                    break
-                self.accepted_counts[node] += 1
+        if tree.parents != list(self.active.parents):
+            return  # cut short at the end of a request: node indices no longer match the template
+        for i in range(len(tree)):
+            self.offered[i] += 1
+        children, node = tree.children(), 0
+        self.accepted[0] += 1
+        for token in accepted:
+            node = children[node].get(token, -1)
+            if node < 0:
+                break
+            self.accepted[node] += 1
 
     def acceptance_rates(self, prior_weight: float = 20.0) -> list[float]:
-        """Per template node, the measured frequency of being on the accepted path, smoothed by the prior."""
-        return [(count + prior_weight * prior) / (self.steps + prior_weight)
-                for count, prior in zip(self.accepted_counts, self.template.prior)]
+        """Per template node, how often it was on the accepted path when offered, smoothed by the prior."""
+        return [(accepted + prior_weight * prior) / (offered + prior_weight)
+                for accepted, offered, prior in zip(self.accepted, self.offered, self.template.prior)]
+
+
+_DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, TokenRecycling]" = weakref.WeakKeyDictionary()
+
+
+def shared_recycler(model: torch.nn.Module) -> TokenRecycling:
+    """The model's drafter (matrix and acceptance counts), created on first use and kept with the model:
+    the paper's hot start across requests."""
+    drafter = _DRAFTERS.get(model)
+    if drafter is None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        matrix = torch.zeros(vocab, TOP_K, dtype=torch.long, device=next(model.parameters()).device)
+        drafter = _DRAFTERS[model] = TokenRecycling(matrix)
+    return drafter

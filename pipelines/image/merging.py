@@ -1,0 +1,414 @@
+"""Token merging for speed (ToMe for SD): bipartite soft matching of self-attention tokens, unmerged after.
+
+The mechanism of Bolya & Hoffman, "Token Merging for Fast Stable Diffusion" (2023), as ``tomesd`` applies it,
+written for current diffusers and for capture in a CUDA graph:
+
+* The tokens of a transformer block form an H×W grid. In every ``sx×sy`` cell one token, picked at random, is a
+  destination; all others (and the leftover rows/columns) are sources.
+* Each source finds its most similar destination (cosine similarity of the self-attention input). The
+  ``r = ratio·N`` sources with the highest similarity are averaged into their destination; the rest stay.
+* Self-attention (and optionally cross-attention and the MLP) runs on the ``N - r`` tokens; every merged source
+  then receives its destination's output ("unmerge"), so the block still returns ``[B, N, C]``.
+
+Installed by composition: forward hooks on each spatial ``BasicTransformerBlock``'s ``attn1`` (``attn2``,
+``ff``), a pre-hook on its ``Transformer2DModel`` that reads the grid size, and one on the UNet that reads the
+timestep. Attention processors are left alone, so the attention-control layer keeps working, and temporal
+(motion) blocks of ``UNetMotionModel`` are never touched: 5-D video latents reach the spatial transformers with
+the frames folded into the batch. ``remove_merging`` removes every hook, restoring the stock forward.
+
+Why it is faster than tomesd on a GPU, and capturable:
+
+* Merge and unmerge are one ``index_add_`` and one ``index_select`` through a single token→slot map, instead of
+  several gathers, scatters and concatenations.
+* The random destinations come from an integer hash of (seed, block, timestep, cell): elementwise tensor ops, no
+  generator state, no argsort over all N tokens, and the same layout every time the same step runs. The only
+  sort is over the sources' best scores.
+* Similarity is computed as sources × destinations in chunks, keeping only each row's max, so the full
+  similarity matrix (3.2 GB at 2048 px, the cause of tomesd's +45 % peak memory) never exists.
+* Every branch depends on shapes only, so a captured graph replays the same work; per-step randomness enters
+  through the timestep tensor.
+* "Merge only where it pays": a block whose grid has fewer than ``min_tokens`` tokens runs stock, because at
+  small token counts attention is cheap and the merge overhead would make the UNet slower.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+# tomesd defaults: ratio 0.5, 2×2 cells, random destinations, merge self-attention only.
+DEFAULT_RATIO = 0.5
+# Below this many tokens per frame the merge costs more than it saves. 4096 is SD1.5's finest level at 512 px,
+# where tomesd measured 1.05× (slower) on an H200; 16384 (1024 px) is where it first pays (0.87×). Measure with
+# `benchmarks/image_speed.py --sizes 512,768,1024` before changing it.
+DEFAULT_MIN_TOKENS = 8192
+# Largest similarity chunk (elements of sources × destinations × batch): 128 MiB in fp16.
+DEFAULT_CHUNK_ELEMENTS = 2**26
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    ratio: float = DEFAULT_RATIO
+    max_downsample: int | None = None  # None: the finest level that has attention (1 on SD1.5, 2 on SDXL)
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: int = 0
+    merge_attn: bool = True
+    merge_crossattn: bool = False  # tomesd: "not recommended"; merged queries would blur cross-attention maps
+    merge_mlp: bool = False  # tomesd: "very not recommended"
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+
+@dataclass
+class MergePlan:
+    """Where every token of a ``[B, N, C]`` batch goes: ``slots[b*N + n]`` is its row in the merged
+    ``[B*M, C]`` tensor; ``inverse_counts`` turns the summed slots into means."""
+
+    batch: int
+    tokens: int
+    merged_tokens: int
+    slots: torch.Tensor
+    inverse_counts: torch.Tensor
+
+    @property
+    def removed(self) -> int:
+        return self.tokens - self.merged_tokens
+
+
+def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """``[B, N, C] -> [B, N - r, C]``: every slot is the mean of its tokens (accumulated in fp32)."""
+    batch, tokens, channels = x.shape
+    summed = x.new_zeros(batch * plan.merged_tokens, channels, dtype=torch.float32)
+    summed.index_add_(0, plan.slots, x.reshape(batch * tokens, channels).float())
+    return summed.mul_(plan.inverse_counts).to(x.dtype).view(batch, plan.merged_tokens, channels)
+
+
+def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """``[B, N - r, C] -> [B, N, C]``: every token receives its slot's output."""
+    channels = y.shape[-1]
+    return y.reshape(-1, channels).index_select(0, plan.slots).view(plan.batch, plan.tokens, channels)
+
+
+def _hash32(x):
+    """A 32-bit integer mix of an int or an int64 tensor (products stay below 2**59: no overflow)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+class _Constants:
+    """Index tensors that depend only on shapes, built once per shape and device (never during a capture,
+    where kernels do not run and a cached tensor would hold garbage)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, build):
+        value = self._cache.get(key)
+        if value is None:
+            value = build()
+            if not _capturing():
+                self._cache[key] = value
+        return value
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_CONSTANTS = _Constants()
+
+
+def _cell_layout(h: int, w: int, sx: int, sy: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of each full ``sx×sy`` cell, ``[cells, sx*sy]``, and the leftover positions (sources)."""
+    def build():
+        rows = torch.arange(h // sy * sy, device=device).view(h // sy, sy)
+        cols = torch.arange(w // sx * sx, device=device).view(w // sx, sx)
+        cells = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(-1, sy * sx)
+        covered = torch.zeros(h, w, dtype=torch.bool, device=device)
+        covered[: h // sy * sy, : w // sx * sx] = True
+        leftover = torch.arange(h * w, device=device)[~covered.view(-1)]
+        return cells, leftover
+    return _CONSTANTS.get(("cells", h, w, sx, sy, str(device)), build)
+
+
+def destination_offsets(cells: int, cell_size: int, key: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The random destination of every cell (an index in ``[0, sx*sy)``), a pure function of ``key``."""
+    ids = _CONSTANTS.get(("ids", cells, str(device)), lambda: torch.arange(cells, device=device))
+    # A Python key stays a kernel argument: copying it to the device would break a CUDA-graph capture.
+    seed = _hash32(key & _MASK32) if isinstance(key, int) else _hash32(key.to(device).reshape(-1)[:1] & _MASK32)
+    return _hash32(ids ^ seed) % cell_size
+
+
+def partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source positions, destination positions) of an h×w grid; ``offsets=None`` picks each cell's first token."""
+    cells, leftover = _cell_layout(h, w, sx, sy, device)
+    size = sx * sy
+    if offsets is None:
+        def build():
+            return torch.cat([cells[:, 1:].reshape(-1), leftover]), cells[:, 0].contiguous()
+        return _CONSTANTS.get(("fixed", h, w, sx, sy, str(device)), build)
+    k = _CONSTANTS.get(("k", size, str(device)), lambda: torch.arange(size - 1, device=device))
+    dst = cells.gather(1, offsets[:, None]).squeeze(1)
+    src = cells.gather(1, k + (k >= offsets[:, None]).long()).reshape(-1)
+    return torch.cat([src, leftover]), dst
+
+
+def best_destinations(a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each source row of ``a [B, Na, C]``: cosine similarity to its best row of ``b [B, Nb, C]`` and its
+    index, computed in row chunks so that at most ``chunk_elements`` scores exist at once."""
+    batch, sources, _ = a.shape
+    b_t = F.normalize(b, dim=-1).transpose(1, 2)
+    rows = max(1, chunk_elements // max(1, batch * b.shape[1]))
+    values, indices = [], []
+    for start in range(0, sources, rows):
+        v, i = torch.matmul(a[:, start:start + rows], b_t).max(dim=-1)
+        values.append(v)
+        indices.append(i)
+    best = values[0] if len(values) == 1 else torch.cat(values, dim=1)
+    index = indices[0] if len(indices) == 1 else torch.cat(indices, dim=1)
+    # max over destinations does not depend on the source's norm, so normalise after the max (one pass fewer).
+    return best.float() / torch.linalg.vector_norm(a, dim=-1).float().clamp_min(1e-6), index
+
+
+def plan_merge(x: torch.Tensor, h: int, w: int, ratio: float, sx: int = 2, sy: int = 2,
+               key: torch.Tensor | int | None = 0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan | None:
+    """Bipartite soft matching of the tokens ``x [B, h*w, C]``; ``key=None`` uses fixed (top-left)
+    destinations, otherwise random ones drawn from ``key``. ``None`` when nothing would be merged."""
+    batch, tokens, _ = x.shape
+    device = x.device
+    cells = (h // sy) * (w // sx)
+    offsets = None if key is None else destination_offsets(cells, sx * sy, key, device)
+    src_pos, dst_pos = partition(h, w, sx, sy, offsets, device)
+    n_src, n_dst = src_pos.numel(), dst_pos.numel()
+    r = min(int(tokens * ratio), n_src)
+    if r <= 0 or n_dst == 0:
+        return None
+    merged_tokens = tokens - r
+    score, best = best_destinations(x.index_select(1, src_pos), x.index_select(1, dst_pos), chunk_elements)
+    order = score.argsort(dim=1, descending=True)
+
+    def build_templates():
+        ranks = torch.arange(n_src, device=device)
+        dst_slots = torch.arange(n_src - r, n_src - r + n_dst, device=device)
+        return ranks < r, ranks - r, dst_slots, torch.arange(batch, device=device)[:, None] * merged_tokens
+    is_merged, kept_slot, dst_slots, batch_offset = _CONSTANTS.get(
+        ("slots", batch, n_src, n_dst, r, str(device)), build_templates)
+    # Sources in descending similarity: the first r go into their destination's slot, the rest keep a slot each.
+    src_slots = torch.where(is_merged, best.gather(1, order) + (n_src - r), kept_slot)
+    slots = torch.empty(batch, tokens, dtype=torch.long, device=device)
+    slots.scatter_(1, dst_pos.expand(batch, -1), dst_slots.expand(batch, -1))
+    slots.scatter_(1, src_pos[order], src_slots)
+    slots = (slots + batch_offset).view(-1)
+    counts = torch.zeros(batch * merged_tokens, 1, dtype=torch.float32, device=device)
+    counts.index_add_(0, slots, torch.ones(batch * tokens, 1, dtype=torch.float32, device=device))
+    return MergePlan(batch, tokens, merged_tokens, slots, counts.reciprocal_())
+
+
+@dataclass
+class MergeStats:
+    """Counted in eager calls and during a capture (a replayed CUDA graph runs no Python)."""
+
+    tokens_merged: int = 0  # summed over every block call: removed tokens × batch rows
+    tokens_merged_last_call: int = 0  # in the last UNet call
+    blocks_merged_last_call: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"tokens_merged": self.tokens_merged, "tokens_merged_per_call": self.tokens_merged_last_call,
+                "blocks_merged_per_call": self.blocks_merged_last_call}
+
+
+@dataclass
+class _Grid:
+    """The latest token grid (h, w) seen by one spatial transformer."""
+
+    hw: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class _Run:
+    timestep: Any = None
+    stats: MergeStats = field(default_factory=MergeStats)
+
+
+def _first_arg(args: tuple, kwargs: dict, name: str) -> Any:
+    return args[0] if args else kwargs.get(name)
+
+
+def _replace_first(args: tuple, kwargs: dict, name: str, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, name: value}
+
+
+class BlockMerger:
+    """The object installed on one ``BasicTransformerBlock``: plans the merge on ``attn1``'s input, merges the
+    inputs of the chosen sublayers and unmerges their outputs."""
+
+    def __init__(self, name: str, index: int, config: MergeConfig, grid: _Grid, run: _Run) -> None:
+        self.name, self.index, self.config, self.grid, self.run = name, index, config, grid, run
+        self.plan: MergePlan | None = None
+
+    def _key(self) -> torch.Tensor | int | None:
+        if not self.config.use_rand:
+            return None
+        base = (self.config.seed * 1_000_003 + self.index * 7_919) & _MASK32
+        t = self.run.timestep
+        if isinstance(t, torch.Tensor):
+            return (t.reshape(-1)[:1].float() * 64).round().long() + base
+        return base + round(float(t or 0) * 64)
+
+    def start(self, x: torch.Tensor) -> None:
+        h, w = self.grid.hw
+        self.plan = None
+        if x.ndim != 3 or x.shape[1] != h * w or h * w < self.config.min_tokens:
+            return
+        c = self.config
+        self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, self._key(), c.chunk_elements)
+        if self.plan is not None:
+            self.run.stats.tokens_merged += self.plan.removed * self.plan.batch
+            self.run.stats.tokens_merged_last_call += self.plan.removed * self.plan.batch
+            self.run.stats.blocks_merged_last_call += 1
+
+    def merge_input(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        x = _first_arg(args, kwargs, "hidden_states")
+        plan = self.plan
+        if plan is None or x is None or x.ndim != 3 or x.shape[:2] != (plan.batch, plan.tokens):
+            return None
+        return _replace_first(args, kwargs, "hidden_states", merge(x, plan))
+
+    def unmerge_output(self, output: Any) -> Any:
+        plan = self.plan
+        if plan is None or not isinstance(output, torch.Tensor) or output.shape[:2] != (plan.batch, plan.merged_tokens):
+            return None
+        return unmerge(output, plan)
+
+
+@dataclass
+class TokenMerging:
+    """What ``apply_merging`` installed: the patched block names, the hooks, and the merge counters."""
+
+    config: MergeConfig
+    blocks: list[str]
+    stats: MergeStats
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+def spatial_transformers(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name, Transformer2DModel, downsample factor)`` for every spatial transformer of a diffusers UNet
+    (``UNet2DConditionModel``, ``UNetMotionModel``), from its structure: each downsampler halves the grid."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    found: list[tuple[str, nn.Module, int]] = []
+
+    def collect(prefix: str, block: nn.Module | None, factor: int) -> None:
+        for j, module in enumerate(getattr(block, "attentions", None) or []):
+            if isinstance(module, Transformer2DModel):
+                found.append((f"{prefix}.attentions.{j}", module, factor))
+
+    factor = 1
+    for i, block in enumerate(unet.down_blocks):
+        collect(f"down_blocks.{i}", block, factor)
+        if getattr(block, "downsamplers", None):
+            factor *= 2
+    collect("mid_block", getattr(unet, "mid_block", None), factor)
+    for i, block in enumerate(unet.up_blocks):
+        collect(f"up_blocks.{i}", block, factor)
+        if getattr(block, "upsamplers", None):
+            factor //= 2
+    return found
+
+
+def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample: int | None = None, *,
+                  sx: int = 2, sy: int = 2, use_rand: bool = True, seed: int = 0, merge_attn: bool = True,
+                  merge_crossattn: bool = False, merge_mlp: bool = False, min_tokens: int = DEFAULT_MIN_TOKENS,
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TokenMerging:
+    """Install token merging on the spatial transformer blocks of ``unet`` whose downsample factor is at most
+    ``max_downsample`` (tomesd's meaning; ``None`` = the finest level with attention). Replaces any previous
+    installation; ``ratio=0`` installs nothing, so the UNet is stock."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"Token merging ratio must be in [0, 1), got {ratio}.")
+    if sx < 1 or sy < 1:
+        raise ValueError(f"Strides must be positive, got sx={sx}, sy={sy}.")
+    remove_merging(unet)
+    config = MergeConfig(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
+                         min_tokens, chunk_elements)
+    run = _Run()
+    handle = TokenMerging(config, [], run.stats)
+    unet._token_merging = handle
+    transformers = spatial_transformers(unet)
+    if ratio == 0 or not transformers or not (merge_attn or merge_crossattn or merge_mlp):
+        return handle
+    limit = min(f for _, _, f in transformers) if max_downsample is None else max_downsample
+    chosen = [(name, module) for name, module, factor in transformers if factor <= limit]
+    if not chosen:
+        return handle
+
+    def on_unet(module, args, kwargs):
+        run.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        run.stats.tokens_merged_last_call = 0
+        run.stats.blocks_merged_last_call = 0
+    handle.hooks.append(unet.register_forward_pre_hook(on_unet, with_kwargs=True))
+
+    for name, transformer in chosen:
+        grid = _Grid()
+
+        def on_transformer(module, args, kwargs, grid=grid):
+            x = _first_arg(args, kwargs, "hidden_states")
+            grid.hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else (0, 0)
+        handle.hooks.append(transformer.register_forward_pre_hook(on_transformer, with_kwargs=True))
+        for k, block in enumerate(transformer.transformer_blocks):
+            block_name = f"{name}.transformer_blocks.{k}"
+            merger = BlockMerger(block_name, len(handle.blocks), config, grid, run)
+            handle.blocks.append(block_name)
+            handle.hooks.extend(_hook_block(block, merger))
+    return handle
+
+
+def _hook_block(block: nn.Module, merger: BlockMerger) -> list[RemovableHandle]:
+    config = merger.config
+    hooks: list[RemovableHandle] = []
+
+    def plan_and_merge(module, args, kwargs):
+        merger.start(_first_arg(args, kwargs, "hidden_states"))
+        return merger.merge_input(args, kwargs) if config.merge_attn else None
+    hooks.append(block.attn1.register_forward_pre_hook(plan_and_merge, with_kwargs=True))
+    wrapped = [block.attn1] if config.merge_attn else []
+    if config.merge_crossattn and getattr(block, "attn2", None) is not None:
+        wrapped.append(block.attn2)
+    if config.merge_mlp:
+        wrapped.append(block.ff)
+    for module in wrapped:
+        if module is not block.attn1:
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs: merger.merge_input(args, kwargs), with_kwargs=True))
+        hooks.append(module.register_forward_hook(lambda m, args, output: merger.unmerge_output(output)))
+    return hooks
+
+
+def remove_merging(unet: nn.Module) -> None:
+    """Remove everything ``apply_merging`` installed; the UNet runs its stock forward again."""
+    handle = getattr(unet, "_token_merging", None)
+    if handle is not None:
+        handle.remove()
+        del unet._token_merging
+
+
+def merging_stats(unet: nn.Module) -> dict[str, int]:
+    """Counters for the stats panel ("tokens merged"); zeros when merging is off."""
+    handle = getattr(unet, "_token_merging", None)
+    return handle.stats.as_dict() if handle is not None else MergeStats().as_dict()

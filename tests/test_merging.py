@@ -1,0 +1,269 @@
+"""Token merging for speed: bipartite soft matching, merge/unmerge round trip, and which UNet blocks it touches."""
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+
+import pytest
+import torch
+
+from pipelines.image.merging import (
+    apply_merging,
+    best_destinations,
+    merge,
+    merging_stats,
+    partition,
+    plan_merge,
+    remove_merging,
+    spatial_transformers,
+    unmerge,
+)
+
+
+SIZE = 16  # latent side: 256 tokens at the finest level, 64 at the next
+
+
+def _unet(**layout):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(block_out_channels=(16, 32, 32), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, cross_attention_dim=16, norm_num_groups=8, **layout).eval()
+
+
+@lru_cache(maxsize=None)
+def _built(kind: str):
+    return {"sd15": _sd15_unet, "sdxl": _sdxl_unet, "motion": _motion_unet}[kind]()
+
+
+def _fresh(kind: str):
+    """A private copy of a tiny UNet built once per session (tests add their own hooks)."""
+    return copy.deepcopy(_built(kind))
+
+
+def _sd15_unet():
+    """SD1.5 layout in miniature: attention at the two finest levels, none at the coarsest."""
+    return _unet(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+
+
+def _sdxl_unet():
+    """SDXL layout in miniature: no attention at full resolution, transformer depth growing downwards."""
+    return _unet(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 3), attention_head_dim=(4, 8, 8), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=4,
+                 projection_class_embeddings_input_dim=16 + 6 * 4)
+
+
+def _motion_unet():
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    unet = _fresh("sd15")
+    torch.manual_seed(1)
+    adapter = MotionAdapter(block_out_channels=(16, 32, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=16, use_motion_mid_block=True)
+    return UNetMotionModel.from_unet2d(unet, adapter).eval()
+
+
+def _sd15_inputs(size: int = SIZE):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 4, size, size, generator=g), torch.tensor(500), torch.randn(2, 5, 16, generator=g)
+
+
+def _sdxl_call(unet, size: int = SIZE):
+    sample, t, text = _sd15_inputs(size)
+    added = {"text_embeds": torch.randn(2, 16, generator=torch.Generator().manual_seed(4)),
+             "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * 2, dtype=torch.float32)}
+    return unet(sample, t, text, added_cond_kwargs=added).sample
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
+@torch.no_grad()
+def test_ratio_zero_installs_nothing_and_is_bit_identical_to_stock():
+    unet = _fresh("sd15")
+    sample, t, text = _sd15_inputs()
+    stock = unet(sample, t, text).sample
+    handle = apply_merging(unet, 0.0, min_tokens=0)
+    assert handle.blocks == [] and not any(_hooked(m) for m in unet.modules())
+    assert torch.equal(unet(sample, t, text).sample, stock)
+    assert merging_stats(unet)["tokens_merged"] == 0
+
+
+@pytest.mark.parametrize("h,w,ratio", [(16, 16, 0.5), (15, 17, 0.3), (8, 8, 0.75), (8, 8, 0.9)])
+def test_merged_token_count_matches_ratio_and_shapes_round_trip(h, w, ratio):
+    x = torch.randn(3, h * w, 12, generator=torch.Generator().manual_seed(0))
+    plan = plan_merge(x, h, w, ratio, key=11)
+    src, dst = partition(h, w, 2, 2, None, x.device)
+    expected = min(int(h * w * ratio), src.numel())  # tomesd caps the ratio at 1 - 1/(sx*sy)
+    merged = merge(x, plan)
+    assert plan.removed == expected and merged.shape == (3, h * w - expected, 12)
+    restored = unmerge(merged, plan)
+    assert restored.shape == x.shape
+    # every token gets the mean of the tokens that share its slot; tokens alone in a slot come back exactly
+    slots = plan.slots.view(3, h * w) - torch.arange(3)[:, None] * plan.merged_tokens
+    for b in range(3):
+        for slot in slots[b].unique():
+            members = slots[b] == slot
+            assert torch.allclose(restored[b, members], x[b, members].mean(0).expand(int(members.sum()), -1),
+                                  atol=1e-6)
+    alone = (1 / plan.inverse_counts.view(3, -1)).round().gather(1, slots) == 1
+    assert torch.equal(restored[alone], x[alone])
+
+
+def test_one_random_destination_per_cell_drawn_from_the_key():
+    h, w = 9, 12
+    offsets = {key: plan_offsets for key, plan_offsets in ((k, _offsets(h, w, k)) for k in (1, 2))}
+    for key, (src, dst) in offsets.items():
+        assert torch.equal(torch.sort(torch.cat([src, dst])).values, torch.arange(h * w))
+        cell_of = (dst // w // 2) * (w // 2) + (dst % w) // 2
+        assert torch.equal(torch.sort(cell_of).values, torch.arange((h // 2) * (w // 2)))
+        assert torch.equal(_offsets(h, w, key)[1], dst)  # same key, same layout (same step reproduces)
+    assert not torch.equal(offsets[1][1], offsets[2][1])
+    positions_in_cell = torch.stack([_offsets(h, w, k)[1] % 2 + (_offsets(h, w, k)[1] // w % 2) * 2 for k in range(40)])
+    assert set(positions_in_cell.unique().tolist()) == {0, 1, 2, 3}
+
+
+def _offsets(h, w, key):
+    from pipelines.image.merging import destination_offsets
+
+    offsets = destination_offsets((h // 2) * (w // 2), 4, torch.tensor(key), torch.device("cpu"))
+    return partition(h, w, 2, 2, offsets, torch.device("cpu"))
+
+
+def test_most_similar_sources_are_merged_first_and_losslessly():
+    h = w = 8
+    x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(5))
+    src, dst = partition(h, w, 2, 2, None, x.device)
+    copies = src[[0, 5, 9, 20, 33, 41]]
+    x[:, copies] = x[:, dst[[3, 3, 7, 0, 12, 15]]]  # duplicates of destinations: cosine similarity 1
+    plan = plan_merge(x, h, w, len(copies) / (h * w), key=None)
+    assert plan.removed == len(copies)
+    # merging any other source into a destination would change it: random tokens are never parallel
+    assert torch.allclose(unmerge(merge(x, plan), plan), x, atol=1e-6)
+    one_more = plan_merge(x, h, w, 7 / (h * w), key=None)
+    assert not torch.allclose(unmerge(merge(x, one_more), one_more), x, atol=1e-3)
+
+
+def test_chunked_similarity_finds_the_same_best_destinations():
+    g = torch.Generator().manual_seed(2)
+    src, dst = torch.randn(2, 300, 8, generator=g), torch.randn(2, 100, 8, generator=g)
+    whole_score, whole_best = best_destinations(src, dst, chunk_elements=2**26)
+    chunk_score, chunk_best = best_destinations(src, dst, chunk_elements=2 * 100 * 7)  # 43 chunks of 7 rows
+    cosine = torch.nn.functional.cosine_similarity(src[:, :, None], dst[:, None], dim=-1)
+    assert torch.equal(whole_best, chunk_best) and torch.equal(whole_best, cosine.argmax(-1))
+    assert torch.allclose(whole_score, chunk_score) and torch.allclose(whole_score, cosine.amax(-1), atol=1e-6)
+
+
+@torch.no_grad()
+def test_merged_unet_output_is_close_to_stock_with_bounded_error():
+    unet = _fresh("sd15")
+    sample, t, text = _sd15_inputs()
+    stock = unet(sample, t, text).sample
+    errors = {}
+    for ratio in (0.1, 0.5):
+        handle = apply_merging(unet, ratio, min_tokens=0)
+        out = unet(sample, t, text).sample
+        errors[ratio] = ((out - stock).norm() / stock.norm()).item()
+        # finest level of SD1.5 only (tomesd's max_downsample=1): down_blocks.0 and the last up block
+        assert handle.blocks == ["down_blocks.0.attentions.0.transformer_blocks.0",
+                                 "up_blocks.2.attentions.0.transformer_blocks.0",
+                                 "up_blocks.2.attentions.1.transformer_blocks.0"]
+        assert handle.stats.tokens_merged_last_call == 3 * 2 * int(SIZE * SIZE * ratio)
+    assert 0 < errors[0.1] < 0.05 and errors[0.1] < errors[0.5] < 0.2
+
+
+@torch.no_grad()
+def test_max_downsample_two_adds_the_next_level():
+    unet = _fresh("sd15")
+    handle = apply_merging(unet, 0.5, max_downsample=2, min_tokens=0)
+    assert sorted({name.split(".attentions")[0] for name in handle.blocks}) == \
+        ["down_blocks.0", "down_blocks.1", "up_blocks.1", "up_blocks.2"]
+    sample, t, text = _sd15_inputs()
+    unet(sample, t, text)
+    assert handle.stats.tokens_merged_last_call == 2 * 3 * (int(SIZE * SIZE * 0.5) + int(SIZE * SIZE // 4 * 0.5))
+
+
+@torch.no_grad()
+def test_small_token_counts_take_the_stock_path():
+    unet = _fresh("sd15")
+    sample, t, text = _sd15_inputs()
+    stock = unet(sample, t, text).sample
+    handle = apply_merging(unet, 0.5, min_tokens=SIZE * SIZE + 1)
+    assert len(handle.blocks) == 3
+    assert torch.equal(unet(sample, t, text).sample, stock)
+    assert handle.stats.tokens_merged == 0
+
+
+@torch.no_grad()
+def test_remove_merging_restores_the_stock_forward():
+    unet = _fresh("sd15")
+    sample, t, text = _sd15_inputs()
+    stock = unet(sample, t, text).sample
+    apply_merging(unet, 0.5, min_tokens=0, merge_crossattn=True, merge_mlp=True)
+    apply_merging(unet, 0.3, min_tokens=0)  # re-applying replaces, never stacks
+    assert sum(_hooked(m) for m in unet.modules()) == 1 + 3 + 3  # UNet, 3 transformers, 3 attn1
+    assert not torch.equal(unet(sample, t, text).sample, stock)
+    remove_merging(unet)
+    assert not any(_hooked(m) for m in unet.modules())
+    assert torch.equal(unet(sample, t, text).sample, stock)
+
+
+@torch.no_grad()
+def test_crossattn_and_mlp_merging_run_on_merged_tokens():
+    unet = _fresh("sd15")
+    seen = {}
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    for name in ("attn1", "attn2", "ff"):
+        getattr(block, name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, (args[0].shape[1], out.shape[1])))
+    sample, t, text = _sd15_inputs()
+    handle = apply_merging(unet, 0.5, min_tokens=0, merge_mlp=True)
+    unet(sample, t, text)
+    # hooks registered before ours see the merged input; outputs are unmerged by our hook afterwards
+    assert seen["attn1"][0] == seen["ff"][0] == SIZE * SIZE // 2 and seen["attn2"][0] == SIZE * SIZE
+    handle.remove()
+
+
+@torch.no_grad()
+def test_sdxl_merges_its_finest_attention_level_by_default():
+    unet = _fresh("sdxl")
+    levels = {name: factor for name, _, factor in spatial_transformers(unet)}
+    assert min(levels.values()) == 2  # SDXL has no attention at full resolution
+    assert apply_merging(unet, 0.5, max_downsample=1, min_tokens=0).blocks == []  # tomesd's default: nothing
+    stock = _sdxl_call(unet)
+    remove_merging(unet)
+    handle = apply_merging(unet, 0.5, min_tokens=0)
+    assert handle.blocks == ["down_blocks.1.attentions.0.transformer_blocks.0",
+                             "down_blocks.1.attentions.0.transformer_blocks.1",
+                             "up_blocks.1.attentions.0.transformer_blocks.0",
+                             "up_blocks.1.attentions.0.transformer_blocks.1",
+                             "up_blocks.1.attentions.1.transformer_blocks.0",
+                             "up_blocks.1.attentions.1.transformer_blocks.1"]
+    out = _sdxl_call(unet)
+    assert handle.stats.tokens_merged_last_call == 6 * 2 * int(SIZE * SIZE // 4 * 0.5)
+    assert 0 < ((out - stock).norm() / stock.norm()).item() < 0.2
+
+
+@torch.no_grad()
+def test_video_merges_only_spatial_blocks_with_frames_in_the_batch():
+    unet = _fresh("motion")
+    handle = apply_merging(unet, 0.5, min_tokens=0)
+    assert handle.blocks and all(".attentions." in name and "motion_modules" not in name for name in handle.blocks)
+    assert not any(_hooked(m) for name, m in unet.named_modules() if "motion_modules" in name)
+    temporal_inputs = []
+    unet.down_blocks[0].motion_modules[0].transformer_blocks[0].attn1.register_forward_pre_hook(
+        lambda m, args: temporal_inputs.append(tuple(args[0].shape)))
+    frames, size = 4, SIZE
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, frames, size, size, generator=g)
+    text = torch.randn(frames, 5, 16, generator=g)  # AnimateDiffPipeline repeats the prompt per frame
+    out = unet(sample, torch.tensor(500), text).sample
+    assert out.shape == sample.shape
+    assert handle.stats.tokens_merged_last_call == len(handle.blocks) * frames * int(size * size * 0.5)
+    assert temporal_inputs == [(size * size, frames, 16)]  # temporal attention saw every token of every frame
+    remove_merging(unet)
+    assert not any(_hooked(m) for name, m in unet.named_modules() if "motion_modules" not in name)

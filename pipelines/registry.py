@@ -21,9 +21,16 @@ def _video(store: ModelStore, preset: str) -> Pipeline:
     return VideoPipeline(store, preset)
 
 
+def _speech(store: ModelStore, preset: str) -> Pipeline:
+    from .speech import SpeechPipeline
+
+    return SpeechPipeline(store, preset)
+
+
 PIPELINE_FACTORIES: dict[str, Callable[[ModelStore, str], Pipeline]] = {
     "text": _text,
     "video": _video,
+    "speech": _speech,
 }
 
 

@@ -1,0 +1,71 @@
+"""Speech tab UI: text in, audio streamed as it is synthesised, then the WAV + sidecar and latency stats.
+
+API: /generate_speech(text, model, speed, temperature, drafting, stream, seed) -> (streamed audio chunks,
+final WAV, sidecar JSON, stats).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import gradio as gr
+
+from pipelines.audio import wav_bytes
+from pipelines.base import Partial, Result
+from pipelines.speech import SpeechPipeline, SpeechRequest
+
+from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+
+EXAMPLES = [
+    ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],
+    ["The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore."],
+    ["Streaming starts with a small chunk, so you hear the voice almost at once. Later chunks grow larger."],
+]
+
+
+def build(pipeline: SpeechPipeline) -> None:
+    if pipeline.preset == "tiny":
+        gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    with gr.Row():
+        with gr.Column(scale=2):
+            text = gr.Textbox(label="Text", lines=4, placeholder="Type what the voice should say…",
+                              elem_id="speech-text")
+            with gr.Row():
+                generate = gr.Button("Speak", variant="primary", elem_id="speech-generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
+            player = gr.Audio(label="Live (streamed)", streaming=True, autoplay=True, interactive=False,
+                              elem_id="speech-player")
+            final = gr.Audio(label="Result (WAV)", type="filepath", interactive=False, elem_id="speech-final")
+            sidecar = gr.File(label="Parameters (sidecar JSON)", interactive=False)
+        with gr.Column(scale=1):
+            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Voice / model",
+                                allow_custom_value=True,
+                                info="hibari and Piper run offline on the CPU; Bark takes a Hub id or local folder")
+            speed = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Speed (hibari, Piper)")
+            with gr.Accordion("Token AR (Bark)", open=True):
+                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                drafting = gr.Checkbox(value=True, label="Draft-and-verify (lossless prompt lookup)")
+                stream = gr.Checkbox(value=True, label="Stream in growing chunks")
+            seed = seed_row()
+            stats = stats_panel()
+    gr.Examples(EXAMPLES, inputs=[text])
+
+    @on_gpu
+    def generate_speech(text_value, model_name, speed_value, temperature_value, drafting_value, stream_value,
+                        seed_value, request: gr.Request) -> Iterator[tuple]:
+        speech_request = SpeechRequest(
+            text=text_value, model=model_name or "", speed=number(speed_value, 1.0),
+            temperature=number(temperature_value, 0.7), drafting=bool(drafting_value), stream=bool(stream_value),
+            seed=int(number(seed_value, -1)),
+        )
+        for event in run_pipeline(pipeline, speech_request, request):
+            if isinstance(event, Partial):
+                chunk = event.value
+                yield wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(), gr.skip(), gr.skip()
+            elif isinstance(event, Result):
+                yield gr.skip(), event.value, event.metadata["sidecar"], event.stats
+
+    inputs = [text, model, speed, temperature, drafting, stream, seed]
+    outputs = [player, final, sidecar, stats]
+    event = generate.click(generate_speech, inputs=inputs, outputs=outputs, api_name="generate_speech", **GPU_LANE)
+    stop.click(stop_session, cancels=[event], api_visibility="private")
+    link_seed_reuse(seed, stats)

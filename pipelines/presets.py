@@ -41,6 +41,13 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small"),
         ModelSpec("Bark · token AR", "bark", hub_id="suno/bark"),
     ],
+    "song": [
+        ModelSpec("MusicGen small", "musicgen", hub_id="facebook/musicgen-small"),
+        ModelSpec("MusicGen medium", "musicgen", hub_id="facebook/musicgen-medium"),
+        ModelSpec("Bark small", "bark", hub_id="suno/bark-small"),
+        ModelSpec("Bark", "bark", hub_id="suno/bark"),
+        ModelSpec("ACE-Step 1.5 XL turbo", "ace-step", hub_id="ACE-Step/acestep-v15-xl-turbo-diffusers"),
+    ],
 }
 
 TINY_MODELS: dict[str, list[ModelSpec]] = {
@@ -62,6 +69,11 @@ TINY_MODELS: dict[str, list[ModelSpec]] = {
     "speech": [
         # Random weights rarely emit EOS: cap the semantic stage so a CI request stays a few seconds long.
         ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True, options=(("max_semantic_tokens", 64),)),
+    ],
+    "song": [
+        ModelSpec("tiny-musicgen (random weights)", "musicgen", tiny=True),
+        ModelSpec("tiny-bark (random weights)", "bark", tiny=True),
+        ModelSpec("tiny-ace-step (random weights)", "ace-step", tiny=True),
     ],
 }
 

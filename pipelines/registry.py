@@ -27,10 +27,17 @@ def _speech(store: ModelStore, preset: str) -> Pipeline:
     return SpeechPipeline(store, preset)
 
 
+def _song(store: ModelStore, preset: str) -> Pipeline:
+    from .song import SongPipeline
+
+    return SongPipeline(store, preset)
+
+
 PIPELINE_FACTORIES: dict[str, Callable[[ModelStore, str], Pipeline]] = {
     "text": _text,
     "video": _video,
     "speech": _speech,
+    "song": _song,
 }
 
 

@@ -1,0 +1,420 @@
+"""Song tab: lyrics with structure tags to a song, in two modes (SongGen's mixed vs dual-track split).
+
+- ``dual``: two tracks rendered separately and summed (SongGen dual-track, LeVo's separate vocal/BGM output).
+  The accompaniment comes from MusicGen through Tokenworks' own decode loop (``musicgen.py``: delay pattern,
+  CFG in one batch, static cache, lossless column drafting, streamed EnCodec decode). The vocals come from
+  Bark, which sings text wrapped in ♪, one lyric line at a time, each placed in its line's slot on the
+  accompaniment's timeline (sections get time in proportion to their lines).
+- ``mixed``: one model renders the whole song: ACE-Step 1.5 through diffusers' ``AceStepPipeline``.
+
+Headroom: each stem is limited to ±1 (vocal lines peak-normalised, accompaniment hard-clipped, which real
+MusicGen output practically never reaches) and then scaled by a fixed gain (vocals 0.5, accompaniment 0.5, i.e.
+-6 dB each), so the mix can never clip and is exactly the sum of the two stems, chunk by chunk while streaming.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .bark import BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark
+from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from .models import ModelSpec, ModelStore, ResolvedModel
+from .musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen
+from .outputs import new_output_path, write_sidecar
+from .presets import models_for
+
+MODES = ("dual", "mixed")
+MODE_LABELS = {
+    "dual": "dual-track: MusicGen accompaniment + Bark vocals, mixed",
+    "mixed": "mixed: ACE-Step 1.5 renders the whole song",
+}
+MAX_DURATION_S = {"dual": 30.0, "mixed": 240.0}  # MusicGen's sinusoidal positions cap it at ~30 s
+VOCAL_GAIN = 0.5
+ACCOMPANIMENT_GAIN = 0.5
+INSTRUMENTAL_WEIGHT = 1.0  # an untexted section gets the time of one sung line
+INSTRUMENTAL_TAGS = {"intro", "outro", "instrumental", "inst", "interlude", "break", "solo"}
+SECTION_TAG = re.compile(r"^\s*\[([^\[\]]+)\]\s*$")
+EXAMPLE_LYRICS = """[intro]
+
+[verse]
+Morning light on the harbour wall
+Gulls are singing over it all
+
+[chorus]
+Sail away, sail away
+Into the blue of a brand new day
+
+[outro]
+"""
+
+
+@dataclass
+class Section:
+    tag: str
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def instrumental(self) -> bool:
+        return not self.lines
+
+
+def parse_sections(lyrics: str) -> list[Section]:
+    """Split lyrics at ``[tag]`` lines. Tags are lower-cased and may carry a number (``[Verse 2]``); text before
+    the first tag is a verse; blank lines are dropped; a tag without lines is an instrumental section."""
+    sections: list[Section] = []
+    for raw in lyrics.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        tag = SECTION_TAG.match(line)
+        if tag:
+            sections.append(Section(" ".join(tag.group(1).lower().split())))
+            continue
+        if not sections:
+            sections.append(Section("verse"))
+        sections[-1].lines.append(line)
+    return sections
+
+
+@dataclass
+class TimedLine:
+    text: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class TimedSection:
+    tag: str
+    start_s: float
+    end_s: float
+    lines: list[TimedLine]
+
+
+def plan_timeline(sections: list[Section], duration_s: float) -> list[TimedSection]:
+    """Map sections to time on the accompaniment: each sung line weighs 1, an instrumental section
+    ``INSTRUMENTAL_WEIGHT``; a section's lines share its span equally."""
+    weights = [len(s.lines) or INSTRUMENTAL_WEIGHT for s in sections]
+    total = sum(weights)
+    timed: list[TimedSection] = []
+    start = 0.0
+    for section, weight in zip(sections, weights):
+        end = start + duration_s * weight / total
+        slot = (end - start) / max(len(section.lines), 1)
+        lines = [TimedLine(text, start + i * slot, start + (i + 1) * slot) for i, text in enumerate(section.lines)]
+        timed.append(TimedSection(section.tag, start, end, lines))
+        start = end
+    return timed
+
+
+def mix_stems(vocals: np.ndarray, accompaniment: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gain-staged stems and their sum (see the module docstring): returns (vocals, accompaniment, mix)."""
+    vocal_stem = VOCAL_GAIN * np.clip(vocals, -1.0, 1.0)
+    accompaniment_stem = ACCOMPANIMENT_GAIN * np.clip(accompaniment, -1.0, 1.0)
+    return vocal_stem.astype(np.float32), accompaniment_stem.astype(np.float32), \
+        (vocal_stem + accompaniment_stem).astype(np.float32)
+
+
+def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    if source_rate == target_rate:
+        return audio
+    ratio = Fraction(target_rate, source_rate)
+    return resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+@dataclass
+class SongRequest(Request):
+    lyrics: str = ""
+    style: str = ""
+    duration_s: float = 10.0
+    mode: str = "dual"
+    draft: bool = True  # lossless column drafting in the MusicGen loop (dual mode)
+    guidance_scale: float = 3.0
+    temperature: float = 1.0
+    top_k: int = 250
+    steps: int = 8  # ACE-Step turbo: 8 steps (model card)
+
+
+@dataclass
+class Musicgen:
+    model: Any
+    tokenizer: Any
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+
+def tiny_ace_step(seed: int = 0):
+    """A random-initialised AceStepPipeline of the real classes: a 2-layer DiT, condition encoder, a Qwen3
+    text encoder over the locally built tokenizer and a small Oobleck VAE (25 latents/s, 4 kHz stereo)."""
+    from diffusers import (AceStepConditionEncoder, AceStepPipeline, AceStepTransformer1DModel, AutoencoderOobleck,
+                           FlowMatchEulerDiscreteScheduler)
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0, sliding_window=16)
+    torch.manual_seed(seed)
+    transformer = AceStepTransformer1DModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, in_channels=24,
+                                            audio_acoustic_hidden_dim=8, patch_size=2, **heads)
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          vocab_size=len(tokenizer), max_position_embeddings=4096,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    condition_encoder = AceStepConditionEncoder(hidden_size=32, intermediate_size=64, text_hidden_dim=32,
+                                                timbre_hidden_dim=8, num_lyric_encoder_hidden_layers=2,
+                                                num_timbre_encoder_hidden_layers=2, **heads)
+    vae = AutoencoderOobleck(encoder_hidden_size=6, downsampling_ratios=[4, 5, 8], decoder_channels=3,
+                             decoder_input_channels=8, audio_channels=2, channel_multiples=[1, 2, 4],
+                             sampling_rate=4000)
+    # ACE-Step feeds the DiT timesteps in [0, 1] and computes its own shifted schedule (diffusers docstring)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    pipe = AceStepPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, transformer=transformer,
+                           condition_encoder=condition_encoder, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_musicgen(resolved: ResolvedModel, store: ModelStore) -> Musicgen:
+    if resolved.source == "tiny":
+        model, tokenizer = tiny_musicgen()
+        return Musicgen(model.to(store.device), tokenizer)
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+    model = MusicgenForConditionalGeneration.from_pretrained(resolved.location, dtype=store.dtype,
+                                                             attn_implementation="sdpa")
+    return Musicgen(model.to(store.device).eval(), tokenizer)
+
+
+def load_bark(resolved: ResolvedModel, store: ModelStore) -> BarkTTS:
+    if resolved.source == "tiny":
+        tts = tiny_bark()
+        tts.model.to(store.device)
+        return tts
+    from transformers import AutoTokenizer, BarkModel
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+    model = BarkModel.from_pretrained(resolved.location, dtype=store.dtype)
+    return BarkTTS(model.to(store.device).eval(), tokenizer)
+
+
+def load_ace_step(resolved: ResolvedModel, store: ModelStore):
+    if resolved.source == "tiny":
+        return tiny_ace_step().to(store.device)
+    from diffusers import AceStepPipeline
+
+    pipe = AceStepPipeline.from_pretrained(resolved.location, torch_dtype=store.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(store.device)
+
+
+LOADERS = {"musicgen": load_musicgen, "bark": load_bark, "ace-step": load_ace_step}
+
+
+def write_wav(audio: np.ndarray, sample_rate: int, parameters: dict[str, Any], name: str) -> str:
+    import soundfile
+
+    path = new_output_path("song", f"-{name}.wav")
+    soundfile.write(path, audio.T if audio.ndim == 2 else audio, sample_rate, subtype="FLOAT")
+    write_sidecar(path, parameters)
+    return str(path)
+
+
+class SongPipeline(Pipeline):
+    task = "song"
+    request_type = SongRequest
+
+    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
+        self.store = store
+        self.preset = preset
+        self.specs = models_for("song", preset)
+
+    def spec(self, kind: str) -> ModelSpec:
+        """The first available model of ``kind`` under the preset, else the first listed one."""
+        candidates = [spec for spec in self.specs if spec.kind == kind]
+        if not candidates:
+            raise PipelineError(f"No {kind} model is listed for the song tab under preset {self.preset!r}.")
+        return next((spec for spec in candidates if self.store.available(spec)), candidates[0])
+
+    def load(self, kind: str) -> Any:
+        return self.store.load(self.spec(kind), LOADERS[kind])
+
+    def validate(self, request: SongRequest) -> list[Section]:
+        if request.mode not in MODES:
+            raise PipelineError(f"Unknown mode {request.mode!r}. Choose one of: {', '.join(MODES)}.")
+        require_text(request.lyrics, "Lyrics")
+        require_text(request.style, "Style")
+        require_range(request.duration_s, "Duration (s)", 1.0, MAX_DURATION_S[request.mode])
+        require_range(request.guidance_scale, "Guidance scale", 1.0, 15.0)
+        require_range(request.temperature, "Temperature", 0.0, 5.0)
+        require_range(request.top_k, "Top-k", 0, 4096)
+        require_range(request.steps, "Steps", 1, 100)
+        request.seed = resolve_seed(request.seed)
+        sections = parse_sections(request.lyrics)
+        if not any(section.lines for section in sections):
+            raise PipelineError("The lyrics have no sung lines. Add lines under a tag such as [verse].")
+        return sections
+
+    def parameters(self, request: SongRequest) -> dict[str, Any]:
+        return {"lyrics": request.lyrics, "style": request.style, "duration_s": request.duration_s,
+                "mode": request.mode, "seed": request.seed, "draft": request.draft,
+                "guidance_scale": request.guidance_scale, "temperature": request.temperature,
+                "top_k": request.top_k, "steps": request.steps}
+
+    def generate(self, request: SongRequest) -> Iterator[Event]:
+        sections = self.validate(request)
+        if request.mode == "dual":
+            yield from self.generate_dual(request, sections)
+        else:
+            yield from self.generate_mixed(request)
+
+    def render_vocals(self, tts: BarkTTS, timeline: list[TimedSection], sample_rate: int, total: int,
+                      request: SongRequest, stats: dict[str, Any]) -> Iterator[Event | np.ndarray]:
+        """Sing each line with Bark (``♪ line ♪``) through the decoding core, at most its slot long (the semantic
+        budget is the slot times Bark's semantic rate), peak-normalised and placed at its slot's start."""
+        vocals = np.zeros(total, dtype=np.float32)
+        lines = [line for section in timeline for line in section.lines]
+        for index, line in enumerate(lines):
+            request.cancel.raise_if_cancelled()
+            yield Progress(index, len(lines), f"singing line {index + 1}/{len(lines)}")
+            slot_s = line.end_s - line.start_s
+            settings = BarkSettings(seed=request.seed + index, drafting=request.draft, stream=False,
+                                    max_semantic_tokens=max(1, math.ceil(slot_s * tts.semantic.semantic_rate_hz)))
+            output = BarkOutput()
+            sung = np.concatenate(list(synthesize(tts, f"♪ {line.text} ♪", settings, output, request.cancel)))
+            for stage in ("semantic", "coarse"):
+                decode = getattr(output, f"{stage}_stats")
+                stats[f"vocal_{stage}_tokens"] = stats.get(f"vocal_{stage}_tokens", 0) + decode.new_tokens
+                stats[f"vocal_{stage}_forwards"] = stats.get(f"vocal_{stage}_forwards", 0) + decode.forwards
+            sung = resample(sung, tts.sample_rate, sample_rate)
+            peak = float(np.abs(sung).max()) if sung.size else 0.0
+            if peak > 0:
+                sung = sung / peak
+            start = int(round(line.start_s * sample_rate))
+            end = min(total, int(round(line.end_s * sample_rate)), start + sung.size)
+            vocals[start:end] = sung[:end - start]
+        yield vocals
+
+    def generate_dual(self, request: SongRequest, sections: list[Section]) -> Iterator[Event]:
+        started = time.perf_counter()
+        yield Progress(0, 1, "loading MusicGen and Bark")
+        musicgen = self.load("musicgen")
+        singer = self.load("bark")
+        codec_config = musicgen.model.audio_encoder.config
+        sample_rate = int(codec_config.sampling_rate)
+        hop = int(np.prod(codec_config.upsampling_ratios))
+        frame_rate = sample_rate / hop
+        num_frames = max(1, round(request.duration_s * frame_rate))
+        total = num_frames * hop
+        timeline = plan_timeline(sections, total / sample_rate)
+        vocals = None
+        vocal_stats: dict[str, Any] = {}
+        for item in self.render_vocals(singer, timeline, sample_rate, total, request, vocal_stats):
+            if isinstance(item, np.ndarray):
+                vocals = item
+            else:
+                yield item
+        vocals_done_s = time.perf_counter() - started
+        sampling = MusicgenSampling(guidance_scale=float(request.guidance_scale),
+                                    temperature=float(request.temperature), top_k=int(request.top_k),
+                                    seed=request.seed)
+        holder: dict[str, Any] = {}
+        position = 0
+        first_audio_s = None
+        stream = stream_accompaniment(musicgen.model, musicgen.tokenizer, request.style, num_frames, sampling,
+                                      draft=request.draft, cancel=request.cancel, result=holder)
+        for chunk in stream:
+            segment = vocals[position:position + chunk.size]
+            _, _, mixed = mix_stems(segment, chunk)
+            position += chunk.size
+            first_audio_s = first_audio_s if first_audio_s is not None else time.perf_counter() - started
+            yield Partial((sample_rate, mixed))
+            yield Progress(position, total, "accompaniment")
+        accompaniment = holder["value"]
+        vocal_stem, accompaniment_stem, mix = mix_stems(vocals, accompaniment.audio)
+        elapsed = time.perf_counter() - started
+        decode = accompaniment.stats
+        parameters = self.parameters(request)
+        files = {name: write_wav(audio, sample_rate, parameters, name)
+                 for name, audio in (("mix", mix), ("vocals", vocal_stem), ("accompaniment", accompaniment_stem))}
+        audio_s = total / sample_rate
+        stats = {
+            "mode": "dual",
+            "mode_label": MODE_LABELS["dual"],
+            "accompaniment_model": self.spec("musicgen").name,
+            "vocal_model": self.spec("bark").name,
+            "audio_s": round(audio_s, 3),
+            "sample_rate": sample_rate,
+            "time_s": round(elapsed, 4),
+            "rtf": round(elapsed / audio_s, 4),
+            "time_to_first_audio_s": round(first_audio_s or elapsed, 4),
+            "vocals_s": round(vocals_done_s, 4),
+            "accompaniment_rtf": round(accompaniment.decode_s / audio_s, 4),
+            "forwards": decode.forwards,
+            "columns": decode.new_tokens,
+            "tau": round(decode.tau, 4),
+            "drafting": bool(request.draft),
+            "drafted_columns": decode.drafted,
+            "cache": "static" if decode.static_cache else "dynamic",
+            **vocal_stats,
+            "vocal_tau": round((vocal_stats["vocal_semantic_tokens"] + vocal_stats["vocal_coarse_tokens"])
+                               / max(vocal_stats["vocal_semantic_forwards"] + vocal_stats["vocal_coarse_forwards"], 1), 4),
+            "sections": len(timeline),
+            "sung_lines": sum(len(s.lines) for s in timeline),
+            "seed": request.seed,
+        }
+        metadata = {"files": files, "timeline": [
+            {"tag": s.tag, "start_s": round(s.start_s, 3), "end_s": round(s.end_s, 3),
+             "lines": [{"text": ln.text, "start_s": round(ln.start_s, 3), "end_s": round(ln.end_s, 3)} for ln in s.lines]}
+            for s in timeline]}
+        yield Result(files, stats, metadata)
+
+    def generate_mixed(self, request: SongRequest) -> Iterator[Event]:
+        started = time.perf_counter()
+        yield Progress(0, int(request.steps), "loading ACE-Step")
+        pipe = self.load("ace-step")
+        progress: list[int] = []
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            progress.append(step)
+            if request.cancel.cancelled:
+                pipeline._interrupt = True
+            return callback_kwargs
+
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        output = pipe(prompt=request.style, lyrics=request.lyrics, audio_duration=float(request.duration_s),
+                      num_inference_steps=int(request.steps), guidance_scale=float(request.guidance_scale),
+                      generator=generator, callback_on_step_end=on_step_end)
+        request.cancel.raise_if_cancelled()
+        audio = output.audios[0].float().cpu().numpy()
+        peak = float(np.abs(audio).max()) if audio.size else 0.0
+        mix = (audio / peak * 0.89 if peak > 0.89 else audio).astype(np.float32)  # -1 dBFS ceiling
+        sample_rate = int(pipe.sample_rate)
+        elapsed = time.perf_counter() - started
+        yield Partial((sample_rate, mix.T))
+        files = {"mix": write_wav(mix, sample_rate, self.parameters(request), "mix")}
+        audio_s = mix.shape[-1] / sample_rate
+        stats = {
+            "mode": "mixed",
+            "mode_label": MODE_LABELS["mixed"],
+            "model": self.spec("ace-step").name,
+            "audio_s": round(audio_s, 3),
+            "sample_rate": sample_rate,
+            "time_s": round(elapsed, 4),
+            "rtf": round(elapsed / audio_s, 4) if audio_s else 0.0,
+            "time_to_first_audio_s": round(elapsed, 4),
+            "steps": len(progress),
+            "seed": request.seed,
+        }
+        yield Result(files, stats, {"files": files})

@@ -1,0 +1,165 @@
+"""Song tab: delay pattern, the MusicGen decode loop (lossless drafting, static cache, streaming), lyrics
+sections, stems and mix, and the app's /generate_song in both modes (tiny random-weight models)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.base import PipelineError
+from pipelines.musicgen import (ColumnLookupDrafter, MusicgenDecodeStats, MusicgenSampling, build_delay_pattern,
+                                decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
+                                stream_accompaniment, tiny_musicgen)
+from pipelines.song import mix_stems, parse_sections, plan_timeline
+
+GREEDY = MusicgenSampling(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def musicgen():
+    return tiny_musicgen()
+
+
+def decode(model, conditioning, frames, sampling=GREEDY, drafter=None, static=True):
+    stats = MusicgenDecodeStats()
+    list(decode_columns(model, conditioning, frames, sampling, drafter, static, stats=stats))
+    return stats
+
+
+def test_delay_pattern_round_trips_and_matches_transformers_layout(musicgen):
+    model, _ = musicgen
+    torch.manual_seed(0)
+    codes = torch.randint(0, 64, (2, 4, 9))
+    delayed = build_delay_pattern(codes, pad_id=64)
+    assert delayed.shape == (2, 4, 13)
+    assert torch.equal(revert_delay_pattern(delayed), codes)
+    assert torch.equal(delayed[:, 2, 3:12], codes[:, 2])
+    _, stock_mask = model.decoder.build_delay_pattern_mask(torch.full((4, 1), 64), 64, max_length=13)
+    assert torch.equal(stock_mask == 64, delay_pattern_pad_mask(4, 9))
+    assert torch.equal(delay_pattern_pad_mask(4, 9), delayed[0] == 64)
+
+
+def test_greedy_decode_loop_matches_transformers_generate(musicgen):
+    model, tokenizer = musicgen
+    conditioning = encode_text(model, tokenizer, ["lofi piano"], GREEDY.guidance_scale)
+    stats = decode(model, conditioning, 30)
+    ours = model.audio_encoder.decode(revert_delay_pattern(stats.columns)[None], audio_scales=[None]).audio_values
+    inputs = tokenizer(["lofi piano"], return_tensors="pt")
+    with torch.inference_mode():
+        stock = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=30 + 4 - 1)
+    assert stock.shape == ours.shape
+    torch.testing.assert_close(ours, stock)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, MusicgenSampling(temperature=1.0, top_k=20, seed=7)])
+def test_column_drafting_output_identical_to_plain_decoding(musicgen, sampling):
+    model, tokenizer = musicgen
+    conditioning = encode_text(model, tokenizer, ["jazz drums"], sampling.guidance_scale)
+    plain = decode(model, conditioning, 40, sampling, static=False)
+    drafted = decode(model, conditioning, 40, sampling, ColumnLookupDrafter())
+    assert torch.equal(plain.columns, drafted.columns)
+    assert plain.tau == 1.0 and plain.forwards == 44 - 1
+
+
+class OracleDrafter:
+    """Proposes the true next columns with every third one corrupted: exercises acceptance and rollback."""
+
+    def __init__(self, truth: torch.Tensor) -> None:
+        self.truth = truth[0]
+        self.length = 0
+
+    def extend(self, columns: torch.Tensor) -> None:
+        self.length += columns.shape[-1]
+
+    def propose(self, limit: int) -> list[tuple[int, ...]]:
+        proposal = [tuple(self.truth[:, i].tolist()) for i in range(self.length, self.length + min(limit, 4))]
+        return [tuple(c if (self.length + i) % 3 else ((c[0] + 1) % 64,) + c[1:]) for i, c in enumerate(proposal)]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_accepted_drafts_keep_output_identical_with_static_and_dynamic_cache(musicgen, static):
+    model, tokenizer = musicgen
+    conditioning = encode_text(model, tokenizer, ["ambient pads"], GREEDY.guidance_scale)
+    plain = decode(model, conditioning, 40, static=False)
+    drafted = decode(model, conditioning, 40, drafter=OracleDrafter(plain.columns), static=static)
+    assert torch.equal(plain.columns, drafted.columns)
+    assert drafted.tau > 1.5 and drafted.forwards < plain.forwards
+
+
+def test_column_lookup_proposes_what_followed_the_last_match():
+    drafter = ColumnLookupDrafter(max_ngram=2, num_draft=3)
+    columns = torch.tensor([[1, 2, 3, 1, 2, 3, 1]])
+    drafter.extend(columns)
+    assert drafter.propose(10) == [(2,), (3,), (1,)]
+    assert drafter.propose(1) == [(2,)]
+
+
+def test_streamed_chunks_concatenate_to_the_one_shot_decode(musicgen):
+    model, tokenizer = musicgen
+    holder = {}
+    chunks = list(stream_accompaniment(model, tokenizer, "rock", 60, GREEDY, draft=True, result=holder))
+    result = holder["value"]
+    assert len(chunks) >= 2 and result.first_audio_s > 0
+    one_shot = model.audio_encoder.decode(result.codes[None, None], audio_scales=[None]).audio_values[0, 0].detach().numpy()
+    streamed = np.concatenate(chunks)
+    assert streamed.shape == one_shot.shape == (60 * 640,)
+    np.testing.assert_allclose(streamed, one_shot, atol=1e-5)
+
+
+def test_parse_sections_reads_tags_numbers_untagged_text_and_instrumentals():
+    sections = parse_sections("first line\n\n[Verse 2]\n a \n b\n[CHORUS]\nc\n[outro]\n")
+    assert [(s.tag, s.lines) for s in sections] == [("verse", ["first line"]), ("verse 2", ["a", "b"]),
+                                                     ("chorus", ["c"]), ("outro", [])]
+    assert sections[-1].instrumental and not sections[0].instrumental
+
+
+def test_timeline_gives_lines_equal_slots_and_covers_the_duration():
+    timeline = plan_timeline(parse_sections("[intro]\n[verse]\na\nb\n[chorus]\nc"), 8.0)
+    assert [round(s.start_s, 6) for s in timeline] == [0.0, 2.0, 6.0] and timeline[-1].end_s == pytest.approx(8.0)
+    assert [(ln.start_s, ln.end_s) for ln in timeline[1].lines] == [(2.0, 4.0), (4.0, 6.0)]
+
+
+def test_mix_is_the_sum_of_the_stems_and_never_clips():
+    rng = np.random.default_rng(0)
+    vocals, accompaniment = rng.uniform(-1, 1, 1000), rng.uniform(-3, 3, 1000)
+    vocal_stem, accompaniment_stem, mix = mix_stems(vocals, accompaniment)
+    np.testing.assert_allclose(mix, vocal_stem + accompaniment_stem, atol=1e-6)
+    assert np.abs(mix).max() <= 1.0
+
+
+def test_song_rejects_lyrics_without_sung_lines(store):
+    from pipelines.song import SongPipeline, SongRequest
+
+    with pytest.raises(PipelineError, match="no sung lines"):
+        SongPipeline(store, "tiny").run(SongRequest(lyrics="[intro]\n[outro]", style="pop"))
+
+
+LYRICS = "[intro]\n[verse]\nla la\n"
+
+
+def read(path):
+    import soundfile
+
+    audio, rate = soundfile.read(path, dtype="float32")
+    return audio, rate
+
+
+def test_generate_song_dual_mode_through_the_api_streams_stems_and_mix(tiny_client):
+    job = tiny_client.submit(LYRICS, "lofi", 1.0, "dual", True, 3.0, 1.0, 50, 2, 11, api_name="/generate_song")
+    _, mix_path, files, stats = job.result(timeout=600)
+    assert stats["mode"] == "dual" and "MusicGen" in stats["mode_label"] and stats["tau"] >= 1.0
+    assert stats["time_to_first_audio_s"] <= stats["time_s"] and stats["cache"] == "static"
+    stems = {name: read(path) for name, path in zip(("mix", "vocals", "accompaniment"), files)}
+    (mix, rate), (vocals, _), (accompaniment, _) = stems["mix"], stems["vocals"], stems["accompaniment"]
+    assert rate == 32000 and mix.shape == vocals.shape == accompaniment.shape == (32000,)
+    np.testing.assert_allclose(mix, vocals + accompaniment, atol=1e-6)
+    assert np.abs(vocals).max() > 0
+    np.testing.assert_allclose(read(mix_path)[0], mix, atol=1e-4)
+
+
+def test_generate_song_mixed_mode_through_the_api_uses_ace_step(tiny_client):
+    _, mix_path, files, stats = tiny_client.predict(LYRICS, "lofi", 1.0, "mixed", True, 3.0, 1.0, 50, 2, 11,
+                                                    api_name="/generate_song")
+    assert stats["mode"] == "mixed" and "ACE-Step" in stats["mode_label"] and stats["steps"] == 2
+    audio, rate = read(files[0])
+    assert audio.ndim == 2 and audio.shape[1] == 2 and abs(audio.shape[0] / rate - 1.0) < 0.05

@@ -15,16 +15,22 @@ def _text(store: ModelStore, preset: str) -> Pipeline:
     return TextPipeline(store, preset)
 
 
-def _video(store: ModelStore, preset: str) -> Pipeline:
-    from .video import VideoPipeline
+def _image(store: ModelStore, preset: str) -> Pipeline:
+    from .image.pipeline import ImagePipeline
 
-    return VideoPipeline(store, preset)
+    return ImagePipeline(store, preset)
 
 
 def _speech(store: ModelStore, preset: str) -> Pipeline:
     from .speech import SpeechPipeline
 
     return SpeechPipeline(store, preset)
+
+
+def _video(store: ModelStore, preset: str) -> Pipeline:
+    from .video import VideoPipeline
+
+    return VideoPipeline(store, preset)
 
 
 def _song(store: ModelStore, preset: str) -> Pipeline:
@@ -35,6 +41,7 @@ def _song(store: ModelStore, preset: str) -> Pipeline:
 
 PIPELINE_FACTORIES: dict[str, Callable[[ModelStore, str], Pipeline]] = {
     "text": _text,
+    "image": _image,
     "video": _video,
     "speech": _speech,
     "song": _song,

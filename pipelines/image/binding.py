@@ -239,7 +239,7 @@ class SemanticBinding:
                     grad_latents, grad_text = torch.autograd.grad(loss, [latents, positive])
                     latents = latents - 0.5 * step_size * grad_latents
                     positive = positive - step_size * grad_text
-                    if float(loss) < threshold:
+                    if loss.item() < threshold:
                         break
         finally:
             self.recorder.enabled = False

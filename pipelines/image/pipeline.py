@@ -181,7 +181,7 @@ class ImagePipeline(Pipeline):
         outputs: dict[str, dict[str, Any]] = {}
         for label, controlled in runs:
             outcome = yield from stream_in_thread(
-                lambda emit, c=controlled: self.render(model, request, parsed, c, emit), request.cancel)
+                lambda emit, c=controlled, v=label: self.render(model, request, parsed, c, v, emit), request.cancel)
             outputs[label] = outcome
         final = outputs[runs[-1][0]]
         stats: dict[str, Any] = {"model": spec.name, "seed": request.seed, **final["stats"]}
@@ -197,7 +197,7 @@ class ImagePipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------------
     def render(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, controlled: bool,
-               emit: Callable[[Event], None]) -> dict[str, Any]:
+               variant: str, emit: Callable[[Event], None]) -> dict[str, Any]:
         """One full generation (baseline or controlled), run on a worker thread; events go through ``emit``."""
         pipe = self.scheduled_pipe(model, request.scheduler)
         device = pipe._execution_device
@@ -259,7 +259,6 @@ class ImagePipeline(Pipeline):
                 remove_merging(pipe.unet)
         elapsed = time.perf_counter() - start
         request.cancel.raise_if_cancelled()
-        variant = "controlled" if controlled else "baseline"
         paths = [str(save_png(image, {**request.parameters(), "seed": request.seed + i, "variant": variant,
                                       "prompt_used": parsed.text, "model": self.spec_for(request.model).name,
                                       "controls": info.get("controls", {})}))

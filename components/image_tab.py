@@ -1,0 +1,96 @@
+"""Image tab UI: SD1.5/SDXL with token-level controls, same-seed A/B, attention heatmaps. API: /generate_image."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import gradio as gr
+
+from pipelines.base import Partial, Progress, Result
+from pipelines.image.pipeline import MAX_BATCH, SCHEDULERS, ImagePipeline, ImageRequest
+
+from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+
+EXAMPLES = [
+    ["a [red hat] and a [blue car]", False, ""],
+    ["a white cat and a black dog, a castle in watercolor style", True, ""],
+    ["a pool by a table", False, "pool"],
+]
+
+
+def build(pipeline: ImagePipeline) -> None:
+    if pipeline.preset == "tiny":
+        gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="image-prompt",
+                                placeholder="a [red hat] and a [blue car] in watercolor style")
+            negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
+            with gr.Row():
+                images = gr.Gallery(label="Controlled (or plain when no control is on)", type="filepath",
+                                    format="png", columns=2, elem_id="image-output")
+                baseline = gr.Gallery(label="Baseline: same seed, controls off (A/B)", type="filepath",
+                                      format="png", columns=2, elem_id="image-baseline")
+            heatmaps = gr.Gallery(label="Cross-attention heatmaps", type="filepath", format="png", columns=4)
+        with gr.Column(scale=1):
+            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
+                                allow_custom_value=True, info="A listed model, a Hub id or a local folder")
+            scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
+            steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
+            with gr.Row():
+                width = gr.Number(label="Width (0 = native)", value=0, precision=0, minimum=0, maximum=2048, step=8)
+                height = gr.Number(label="Height (0 = native)", value=0, precision=0, minimum=0, maximum=2048, step=8)
+            batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+            seed = seed_row()
+            compare = gr.Checkbox(label="A/B: also render the baseline with the same seed", value=True)
+            with gr.Accordion("Semantic binding (ToMe)", open=False):
+                binding = gr.Checkbox(label="Bind attributes to objects", value=False,
+                                      info="Groups: [red hat] syntax, else found automatically")
+                ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=0, precision=0)
+            with gr.Accordion("Local Prompt Adaptation (LPA)", open=False):
+                lpa = gr.Checkbox(label="Route content and style tokens", value=False,
+                                  info="Style from '... in X style' or the field below")
+                style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
+                with gr.Row():
+                    window_low = gr.Number(label="Window start t", value=300, precision=0)
+                    window_high = gr.Number(label="Window end t", value=650, precision=0)
+            with gr.Accordion("Leakage fix (Follow the Flow)", open=False):
+                isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder="pool")
+            with gr.Accordion("Token merging for speed", open=False):
+                merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
+            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder="hat, car")
+            stats = stats_panel()
+    gr.Examples(EXAMPLES, inputs=[prompt, lpa, isolate])
+
+    @on_gpu
+    def generate_image(prompt_text, negative_text, model_name, scheduler_name, steps_value, cfg_value, width_value,
+                       height_value, batch_value, seed_value, compare_value, binding_value, ets_value, lpa_value,
+                       style_text, low_value, high_value, isolate_text, ratio_value, heatmap_text,
+                       request: gr.Request) -> Iterator[tuple]:
+        image_request = ImageRequest(
+            prompt=prompt_text, negative_prompt=negative_text or "", model=model_name or "",
+            scheduler=scheduler_name or "default", steps=int(number(steps_value, 30)), cfg=number(cfg_value, 7.5),
+            width=int(number(width_value, 0)), height=int(number(height_value, 0)),
+            batch_size=int(number(batch_value, 1)), seed=int(number(seed_value, -1)), compare=bool(compare_value),
+            binding=bool(binding_value), ets_step=int(number(ets_value, 0)), lpa=bool(lpa_value),
+            style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
+            isolate=isolate_text or "", merge_ratio=number(ratio_value, 0.0), heatmap_words=heatmap_text or "",
+        )
+        for event in run_pipeline(pipeline, image_request, request):
+            if isinstance(event, Partial):
+                yield event.value, gr.skip(), gr.skip(), gr.skip()
+            elif isinstance(event, Progress):
+                continue
+            elif isinstance(event, Result):
+                heat = event.metadata.get("heatmaps", []) + event.metadata.get("baseline_heatmaps", [])
+                yield (event.value, event.metadata.get("baseline", []), [tuple(h) for h in heat], event.stats)
+
+    inputs = [prompt, negative, model, scheduler, steps, cfg, width, height, batch, seed, compare, binding, ets_step,
+              lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words]
+    outputs = [images, baseline, heatmaps, stats]
+    event = generate.click(generate_image, inputs=inputs, outputs=outputs, api_name="generate_image", **GPU_LANE)
+    stop.click(stop_session, cancels=[event], api_visibility="private")
+    link_seed_reuse(seed, stats)

@@ -10,6 +10,7 @@ import torch
 from pipelines.image.merging import (
     apply_merging,
     best_destinations,
+    destination_offsets,
     merge,
     merging_stats,
     partition,
@@ -96,7 +97,7 @@ def test_ratio_zero_installs_nothing_and_is_bit_identical_to_stock():
 @pytest.mark.parametrize("h,w,ratio", [(16, 16, 0.5), (15, 17, 0.3), (8, 8, 0.75), (8, 8, 0.9)])
 def test_merged_token_count_matches_ratio_and_shapes_round_trip(h, w, ratio):
     x = torch.randn(3, h * w, 12, generator=torch.Generator().manual_seed(0))
-    plan = plan_merge(x, h, w, ratio, key=11)
+    plan = plan_merge(x, h, w, ratio, layout=11)
     src, dst = partition(h, w, 2, 2, None, x.device)
     expected = min(int(h * w * ratio), src.numel())  # tomesd caps the ratio at 1 - 1/(sx*sy)
     merged = merge(x, plan)
@@ -114,24 +115,38 @@ def test_merged_token_count_matches_ratio_and_shapes_round_trip(h, w, ratio):
     assert torch.equal(restored[alone], x[alone])
 
 
-def test_one_random_destination_per_cell_drawn_from_the_key():
+def _layout(h: int, w: int, layout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = destination_offsets((h // 2) * (w // 2), 4, seed, torch.tensor(layout), torch.device("cpu"))
+    return partition(h, w, 2, 2, offsets, torch.device("cpu"))
+
+
+def test_one_random_destination_per_cell_in_every_layout():
     h, w = 9, 12
-    offsets = {key: plan_offsets for key, plan_offsets in ((k, _offsets(h, w, k)) for k in (1, 2))}
-    for key, (src, dst) in offsets.items():
+    for layout in (1, 2):
+        src, dst = _layout(h, w, layout)
         assert torch.equal(torch.sort(torch.cat([src, dst])).values, torch.arange(h * w))
         cell_of = (dst // w // 2) * (w // 2) + (dst % w) // 2
         assert torch.equal(torch.sort(cell_of).values, torch.arange((h // 2) * (w // 2)))
-        assert torch.equal(_offsets(h, w, key)[1], dst)  # same key, same layout (same step reproduces)
-    assert not torch.equal(offsets[1][1], offsets[2][1])
-    positions_in_cell = torch.stack([_offsets(h, w, k)[1] % 2 + (_offsets(h, w, k)[1] // w % 2) * 2 for k in range(40)])
-    assert set(positions_in_cell.unique().tolist()) == {0, 1, 2, 3}
+        assert torch.equal(_layout(h, w, layout)[1], dst)  # same step, same layout: reruns reproduce
+    assert not torch.equal(_layout(h, w, 1)[1], _layout(h, w, 2)[1])
+    assert not torch.equal(_layout(h, w, 1, seed=1)[1], _layout(h, w, 1)[1])
+    dst = torch.stack([_layout(h, w, k)[1] for k in range(20)])
+    assert set((dst % 2 + dst // w % 2 * 2).unique().tolist()) == {0, 1, 2, 3}  # every position in a cell is used
 
 
-def _offsets(h, w, key):
-    from pipelines.image.merging import destination_offsets
+@torch.no_grad()
+def test_each_timestep_draws_its_layout_and_repeats_it():
+    unet = _fresh("sd15")
+    sample, _, text = _sd15_inputs()
+    handle = apply_merging(unet, 0.5, min_tokens=0)
 
-    offsets = destination_offsets((h // 2) * (w // 2), 4, torch.tensor(key), torch.device("cpu"))
-    return partition(h, w, 2, 2, offsets, torch.device("cpu"))
+    def slots(t: int) -> list[torch.Tensor]:
+        unet(sample, torch.tensor(t), text)
+        return [merger.plan.slots.clone() for merger in handle.mergers]
+    at_500, again, at_499 = slots(500), slots(500), slots(499)
+    assert all(torch.equal(a, b) for a, b in zip(at_500, again))
+    assert not any(torch.equal(a, b) for a, b in zip(at_500, at_499))
+    assert len({merger.salt for merger in handle.mergers}) == 3  # blocks draw different layouts at the same step
 
 
 def test_most_similar_sources_are_merged_first_and_losslessly():
@@ -140,11 +155,11 @@ def test_most_similar_sources_are_merged_first_and_losslessly():
     src, dst = partition(h, w, 2, 2, None, x.device)
     copies = src[[0, 5, 9, 20, 33, 41]]
     x[:, copies] = x[:, dst[[3, 3, 7, 0, 12, 15]]]  # duplicates of destinations: cosine similarity 1
-    plan = plan_merge(x, h, w, len(copies) / (h * w), key=None)
+    plan = plan_merge(x, h, w, len(copies) / (h * w), layout=None)
     assert plan.removed == len(copies)
     # merging any other source into a destination would change it: random tokens are never parallel
     assert torch.allclose(unmerge(merge(x, plan), plan), x, atol=1e-6)
-    one_more = plan_merge(x, h, w, 7 / (h * w), key=None)
+    one_more = plan_merge(x, h, w, 7 / (h * w), layout=None)
     assert not torch.allclose(unmerge(merge(x, one_more), one_more), x, atol=1e-3)
 
 

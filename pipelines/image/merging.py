@@ -20,18 +20,21 @@ Why it is faster than tomesd on a GPU, and capturable:
 
 * Merge and unmerge are one ``index_add_`` and one ``index_select`` through a single token→slot map, instead of
   several gathers, scatters and concatenations.
-* The random destinations come from an integer hash of (seed, block, timestep, cell): elementwise tensor ops, no
-  generator state, no argsort over all N tokens, and the same layout every time the same step runs. The only
-  sort is over the sources' best scores.
+* The random destinations come from a table of layouts drawn once per grid shape from a seeded generator; the
+  timestep and the block name pick the row, so each step and block gets its own layout, the same step always
+  gets the same one, and no generator state or argsort over all N tokens is needed. The only sort is over the
+  sources' best scores.
 * Similarity is computed as sources × destinations in chunks, keeping only each row's max, so the full
   similarity matrix (3.2 GB at 2048 px, the cause of tomesd's +45 % peak memory) never exists.
 * Every branch depends on shapes only, so a captured graph replays the same work; per-step randomness enters
-  through the timestep tensor.
+  through the timestep tensor. Run one eager call per shape before capturing (as CUDA graphs require anyway):
+  it builds the cached index tensors.
 * "Merge only where it pays": a block whose grid has fewer than ``min_tokens`` tokens runs stock, because at
   small token counts attention is cheap and the merge overhead would make the UNet slower.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +52,8 @@ DEFAULT_MIN_TOKENS = 8192
 # Largest similarity chunk (elements of sources × destinations × batch): 128 MiB in fp16.
 DEFAULT_CHUNK_ELEMENTS = 2**26
 
-_MASK32 = 0xFFFFFFFF
+# Random destination layouts per grid shape; (step, block) picks one of them.
+LAYOUTS = 256
 
 
 @dataclass(frozen=True)
@@ -97,13 +101,6 @@ def unmerge(y: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     return y.reshape(-1, channels).index_select(0, plan.slots).view(plan.batch, plan.tokens, channels)
 
 
-def _hash32(x):
-    """A 32-bit integer mix of an int or an int64 tensor (products stay below 2**59: no overflow)."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
-
-
 class _Constants:
     """Index tensors that depend only on shapes, built once per shape and device (never during a capture,
     where kernels do not run and a cached tensor would hold garbage)."""
@@ -140,12 +137,16 @@ def _cell_layout(h: int, w: int, sx: int, sy: int, device: torch.device) -> tupl
     return _CONSTANTS.get(("cells", h, w, sx, sy, str(device)), build)
 
 
-def destination_offsets(cells: int, cell_size: int, key: torch.Tensor | int, device: torch.device) -> torch.Tensor:
-    """The random destination of every cell (an index in ``[0, sx*sy)``), a pure function of ``key``."""
-    ids = _CONSTANTS.get(("ids", cells, str(device)), lambda: torch.arange(cells, device=device))
-    # A Python key stays a kernel argument: copying it to the device would break a CUDA-graph capture.
-    seed = _hash32(key & _MASK32) if isinstance(key, int) else _hash32(key.to(device).reshape(-1)[:1] & _MASK32)
-    return _hash32(ids ^ seed) % cell_size
+def destination_offsets(cells: int, cell_size: int, seed: int, layout: torch.Tensor | int,
+                        device: torch.device) -> torch.Tensor:
+    """The destination of every cell (an index in ``[0, sx*sy)``) in random layout number ``layout``."""
+    def build():
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(cell_size, (LAYOUTS, cells), generator=generator, dtype=torch.int16).to(device)
+    table = _CONSTANTS.get(("layouts", cells, cell_size, seed, str(device)), build)
+    if isinstance(layout, int):
+        return table[layout % LAYOUTS].long()
+    return table.index_select(0, layout.reshape(-1)[:1] % LAYOUTS).view(-1).long()
 
 
 def partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None,
@@ -181,13 +182,15 @@ def best_destinations(a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> 
 
 
 def plan_merge(x: torch.Tensor, h: int, w: int, ratio: float, sx: int = 2, sy: int = 2,
-               key: torch.Tensor | int | None = 0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan | None:
-    """Bipartite soft matching of the tokens ``x [B, h*w, C]``; ``key=None`` uses fixed (top-left)
-    destinations, otherwise random ones drawn from ``key``. ``None`` when nothing would be merged."""
+               layout: torch.Tensor | int | None = 0, seed: int = 0,
+               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan | None:
+    """Bipartite soft matching of the tokens ``x [B, h*w, C]``. Destinations: random layout number ``layout``
+    of the table drawn from ``seed``, or each cell's top-left token when ``layout`` is None (tomesd's
+    ``use_rand=False``). ``None`` when nothing would be merged."""
     batch, tokens, _ = x.shape
     device = x.device
     cells = (h // sy) * (w // sx)
-    offsets = None if key is None else destination_offsets(cells, sx * sy, key, device)
+    offsets = None if layout is None else destination_offsets(cells, sx * sy, seed, layout, device)
     src_pos, dst_pos = partition(h, w, sx, sy, offsets, device)
     n_src, n_dst = src_pos.numel(), dst_pos.numel()
     r = min(int(tokens * ratio), n_src)
@@ -236,8 +239,14 @@ class _Grid:
 
 @dataclass
 class _Run:
-    timestep: Any = None
+    step: torch.Tensor | int = 0  # the timestep in quarter units: picks the random layout of this UNet call
     stats: MergeStats = field(default_factory=MergeStats)
+
+
+def _step_key(timestep: Any) -> torch.Tensor | int:
+    if isinstance(timestep, torch.Tensor):
+        return (timestep.reshape(-1)[:1].float() * 4).round().long()
+    return round(float(timestep or 0) * 4)
 
 
 def _first_arg(args: tuple, kwargs: dict, name: str) -> Any:
@@ -254,18 +263,10 @@ class BlockMerger:
     """The object installed on one ``BasicTransformerBlock``: plans the merge on ``attn1``'s input, merges the
     inputs of the chosen sublayers and unmerges their outputs."""
 
-    def __init__(self, name: str, index: int, config: MergeConfig, grid: _Grid, run: _Run) -> None:
-        self.name, self.index, self.config, self.grid, self.run = name, index, config, grid, run
+    def __init__(self, name: str, config: MergeConfig, grid: _Grid, run: _Run) -> None:
+        self.name, self.config, self.grid, self.run = name, config, grid, run
+        self.salt = zlib.crc32(name.encode()) % LAYOUTS  # blocks differ, and keep their layout across installs
         self.plan: MergePlan | None = None
-
-    def _key(self) -> torch.Tensor | int | None:
-        if not self.config.use_rand:
-            return None
-        base = (self.config.seed * 1_000_003 + self.index * 7_919) & _MASK32
-        t = self.run.timestep
-        if isinstance(t, torch.Tensor):
-            return (t.reshape(-1)[:1].float() * 64).round().long() + base
-        return base + round(float(t or 0) * 64)
 
     def start(self, x: torch.Tensor) -> None:
         h, w = self.grid.hw
@@ -273,7 +274,8 @@ class BlockMerger:
         if x.ndim != 3 or x.shape[1] != h * w or h * w < self.config.min_tokens:
             return
         c = self.config
-        self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, self._key(), c.chunk_elements)
+        layout = self.run.step + self.salt if c.use_rand else None
+        self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, layout, c.seed, c.chunk_elements)
         if self.plan is not None:
             self.run.stats.tokens_merged += self.plan.removed * self.plan.batch
             self.run.stats.tokens_merged_last_call += self.plan.removed * self.plan.batch
@@ -295,12 +297,16 @@ class BlockMerger:
 
 @dataclass
 class TokenMerging:
-    """What ``apply_merging`` installed: the patched block names, the hooks, and the merge counters."""
+    """What ``apply_merging`` installed: one merger per patched block, the hooks, and the merge counters."""
 
     config: MergeConfig
-    blocks: list[str]
     stats: MergeStats
+    mergers: list[BlockMerger] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> list[str]:
+        return [merger.name for merger in self.mergers]
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -348,7 +354,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
     config = MergeConfig(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
                          min_tokens, chunk_elements)
     run = _Run()
-    handle = TokenMerging(config, [], run.stats)
+    handle = TokenMerging(config, run.stats)
     unet._token_merging = handle
     transformers = spatial_transformers(unet)
     if ratio == 0 or not transformers or not (merge_attn or merge_crossattn or merge_mlp):
@@ -359,7 +365,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
         return handle
 
     def on_unet(module, args, kwargs):
-        run.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        run.step = _step_key(args[1] if len(args) > 1 else kwargs.get("timestep"))
         run.stats.tokens_merged_last_call = 0
         run.stats.blocks_merged_last_call = 0
     handle.hooks.append(unet.register_forward_pre_hook(on_unet, with_kwargs=True))
@@ -372,9 +378,8 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
             grid.hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else (0, 0)
         handle.hooks.append(transformer.register_forward_pre_hook(on_transformer, with_kwargs=True))
         for k, block in enumerate(transformer.transformer_blocks):
-            block_name = f"{name}.transformer_blocks.{k}"
-            merger = BlockMerger(block_name, len(handle.blocks), config, grid, run)
-            handle.blocks.append(block_name)
+            merger = BlockMerger(f"{name}.transformer_blocks.{k}", config, grid, run)
+            handle.mergers.append(merger)
             handle.hooks.extend(_hook_block(block, merger))
     return handle
 

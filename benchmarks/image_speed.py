@@ -1,0 +1,271 @@
+"""Token merging for speed on the SD1.5 / SDXL UNet: time per UNet call, vanilla vs merged, interleaved.
+
+Random weights of the real architecture (the UNet configs are written below as dicts, no Hub), CFG batch of 2,
+77 text tokens. Every method is timed once per repeat, in rotating order, after warm-up; rows hold medians and
+the ratio to vanilla in the same mode. Modes: ``eager`` (plain calls; on CUDA timed with CUDA events) and
+``graph`` (CUDA only: each method's UNet call captured once as a CUDA graph and replayed, i.e. GPU-bound time,
+the setting of the issue's targets). The timestep changes every call as in a denoising loop, so merging draws a
+new random destination layout each step, inside the graph too. Peak memory is measured on an eager call.
+
+    python benchmarks/image_speed.py --arch sd15 --device cuda --sizes 512,1024,2048 --ratios 0,0.5 \
+        --max-downsample 1,2 --also-forced --json benchmarks/results/image_speed_sd15_h200.json
+    python benchmarks/image_speed.py --arch sd15 --tiny --sizes 64 --min-tokens 0 --json /tmp/image_speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging  # noqa: E402
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json (values that differ from the class defaults).
+SD15_UNET = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json.
+SDXL_UNET = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+# Same block layout, a few channels: for a quick CPU check of the script itself.
+TINY = {
+    "sd15": dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32,
+                 norm_num_groups=8),
+    "sdxl": dict(SDXL_UNET, block_out_channels=(32, 64, 64), layers_per_block=1, transformer_layers_per_block=(1, 1, 2),
+                 attention_head_dim=(2, 4, 4), cross_attention_dim=32, addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8),
+}
+TEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    ratio: float = 0.0
+    max_downsample: int | None = None
+    min_tokens: int | None = None
+
+    def install(self, unet) -> None:
+        remove_merging(unet)
+        if self.ratio > 0:
+            apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens)
+
+
+def build_unet(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = TINY[arch] if tiny else {"sd15": SD15_UNET, "sdxl": SDXL_UNET}[arch]
+    return UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval()
+
+
+def unet_inputs(unet, size: int, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Static inputs of one UNet call at ``size`` pixels; ``timestep`` is a device tensor updated in place."""
+    g = torch.Generator().manual_seed(size)
+    side = size // 8
+    inputs = {"sample": torch.randn(batch, 4, side, side, generator=g),
+              "timestep": torch.tensor(999.0),
+              "encoder_hidden_states": torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=g)}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=dtype, device=device)}
+    inputs["timestep"] = inputs["timestep"].to(device)
+    for key in ("sample", "encoder_hidden_states"):
+        inputs[key] = inputs[key].to(device, dtype)
+    return inputs
+
+
+class Runner:
+    """One method's UNet call at one size: eager, or captured once as a CUDA graph and replayed."""
+
+    def __init__(self, unet, inputs: dict, graph: bool) -> None:
+        self.unet, self.inputs, self.graph, self.output = unet, inputs, None, None
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._call()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self._call()
+
+    def _call(self) -> torch.Tensor:
+        return self.unet(**self.inputs).sample
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            self.output = self._call()
+        else:
+            self.graph.replay()
+        return self.output
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds of one call: CUDA events on a GPU, wall time on the CPU."""
+    if device.type == "cuda":
+        def measure(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return measure
+
+    def measure_cpu(fn):
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1000
+    return measure_cpu
+
+
+def peak_memory_mb(unet, inputs: dict, device: torch.device) -> tuple[float | None, float | None]:
+    """(peak allocated, peak above what was allocated before the call) of one eager call, MiB; None on CPU."""
+    if device.type != "cuda":
+        return None, None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    unet(**inputs)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / 2**20, (peak - before) / 2**20
+
+
+def methods_for(args) -> list[Method]:
+    methods = [Method("vanilla")]
+    downsamples = [None if d == "auto" else int(d) for d in args.max_downsample.split(",")]
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        if ratio == 0:
+            continue
+        for md in downsamples:
+            label = f"merge r={ratio} md={md or 'auto'}"
+            methods.append(Method(label, ratio, md, args.min_tokens))
+            if args.also_forced and args.min_tokens > 0:
+                methods.append(Method(label + " forced", ratio, md, 0))
+    return methods
+
+
+@torch.no_grad()
+def measure_size(unet, size: int, methods: list[Method], args, device, dtype) -> list[dict]:
+    inputs = unet_inputs(unet, size, args.batch, device, dtype)
+    timesteps = torch.linspace(999, 1, 50).round().to(device)
+    stats, outputs, peaks = {}, {}, {}
+    for method in methods:  # before any capture: graph memory pools would count in the peaks
+        method.install(unet)
+        peaks[method.name] = peak_memory_mb(unet, inputs, device)
+        outputs[method.name] = unet(**inputs).sample.float()
+        stats[method.name] = merging_stats(unet)
+    rows = []
+    for mode in args.modes:
+        runners = {}
+        for method in methods:
+            method.install(unet)
+            runners[method.name] = Runner(unet, inputs, graph=mode == "graph")
+        remove_merging(unet)  # captured graphs keep their merging; eager runners install theirs before each call
+        measure = timer(device)
+        times: dict[str, list[float]] = {m.name: [] for m in methods}
+        for repeat in range(args.warmup + args.repeats):
+            rotated = methods[repeat % len(methods):] + methods[:repeat % len(methods)]
+            for method in rotated:
+                if mode == "eager":
+                    method.install(unet)
+                inputs["timestep"].copy_(timesteps[repeat % len(timesteps)])
+                elapsed = measure(runners[method.name])
+                if repeat >= args.warmup:
+                    times[method.name].append(elapsed)
+        remove_merging(unet)
+        vanilla_ms = statistics.median(times["vanilla"])
+        base_peak, base_active = peaks["vanilla"]
+        for method in methods:
+            ms = statistics.median(times[method.name])
+            peak, active = peaks[method.name]
+            reference = outputs["vanilla"]
+            error = (outputs[method.name] - reference).norm() / reference.norm()
+            rows.append({
+                "method": method.name, "arch": args.arch, "size": size, "mode": mode, "batch": args.batch,
+                "ratio": method.ratio, "max_downsample": method.max_downsample, "min_tokens": method.min_tokens,
+                "ms": round(ms, 3), "ratio_to_vanilla": round(ms / vanilla_ms, 3),
+                "ms_min": round(min(times[method.name]), 3),
+                "tokens_merged_per_call": stats[method.name]["tokens_merged_per_call"],
+                "blocks_merged_per_call": stats[method.name]["blocks_merged_per_call"],
+                "peak_memory_mb": None if peak is None else round(peak, 1),
+                "peak_memory_ratio": None if peak is None else round(peak / base_peak, 3),
+                "peak_above_start_ratio": None if active is None else round(active / base_active, 3),
+                "relative_error_vs_vanilla": round(float(error), 5)})
+            print(json.dumps(rows[-1]), flush=True)
+        del runners
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--sizes", default="512,1024,2048", help="comma-separated image sides in pixels")
+    parser.add_argument("--ratios", default="0,0.5", help="comma-separated merge ratios (0 = vanilla, always run)")
+    parser.add_argument("--max-downsample", default="auto",
+                        help="comma-separated tomesd max_downsample values; auto = finest level with attention")
+    parser.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
+                        help="the merge-only-where-it-pays threshold (tokens per block)")
+    parser.add_argument("--also-forced", action="store_true",
+                        help="also time every merged method with min_tokens=0, to see where merging stops paying")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
+    parser.add_argument("--modes", default=None, help="eager,graph (default: both on CUDA, eager on CPU)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="tiny channels, same block layout (CPU check)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    args.modes = (args.modes or ("eager,graph" if device.type == "cuda" else "eager")).split(",")
+    if "graph" in args.modes and device.type != "cuda":
+        parser.error("--modes graph needs --device cuda")
+    unet = build_unet(args.arch, args.tiny, device, dtype)
+    methods = methods_for(args)
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        rows += measure_size(unet, size, methods, args, device, dtype)
+    report = {
+        "benchmark": "image_speed",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": f"{args.arch} UNet2DConditionModel, random weights" + (" (tiny channels)" if args.tiny else ""),
+        "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "text_tokens": TEXT_TOKENS,
+                     "repeats": args.repeats, "warmup": args.warmup, "modes": args.modes,
+                     "min_tokens": args.min_tokens, "torch": torch.__version__,
+                     "timing": "median ms per UNet call; CUDA events on GPU; methods interleaved, rotating order",
+                     "merging": "pipelines/image/merging.py (sx=sy=2, random destinations, self-attention only)"},
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "rows": rows,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,6 @@
-"""Video tab UI: AnimateDiff with a shot timeline, token merging and a same-seed A/B. API: /generate_video."""
+"""Video tab UI: AnimateDiff with a shot timeline, token controls, token merging and a same-seed A/B.
+
+API: /generate_video -> (video, A/B baseline video or None, frame strip, stats)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -93,7 +95,7 @@ def build(pipeline: VideoPipeline) -> None:
             seed = seed_row()
             compare = gr.Dropdown(list(COMPARISONS), value="none", label="Same-seed A/B",
                                   info="Also render with one thing switched back: the timeline (first shot's "
-                                       "prompt only) or token merging")
+                                       "prompt only), token merging or the token controls")
             with gr.Accordion("Long videos and transitions", open=False):
                 window = gr.Slider(2, 32, value=8, step=1, label="Smooth transition window (frames)")
                 context_length = gr.Slider(8, 32, value=16, step=1, label="Context window (FreeNoise)",
@@ -103,6 +105,17 @@ def build(pipeline: VideoPipeline) -> None:
                 merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
                 merge_min_tokens = gr.Number(label="Merge only layers with at least this many tokens per frame",
                                              value=0 if tiny else DEFAULT_MIN_TOKENS, precision=0, minimum=0)
+            with gr.Accordion("Token controls per shot (from the image tab)", open=False):
+                binding = gr.Checkbox(label="Semantic binding (ToMe composite tokens + end-token substitution)",
+                                      value=False, info="Mark groups like 'a [red hat] and a [blue car]'")
+                lpa = gr.Checkbox(label="Local Prompt Adaptation (route content and style tokens)", value=False,
+                                  info="Style from '... in X style' in each shot, or the field below")
+                style = gr.Textbox(label="Style (optional, appended to every shot)", placeholder="watercolor")
+                with gr.Row():
+                    window_low = gr.Number(label="LPA window start t", value=300, precision=0)
+                    window_high = gr.Number(label="LPA window end t", value=650, precision=0)
+                isolate = gr.Textbox(label="Leakage fix: items to encode alone (comma-separated)",
+                                     placeholder="pool")
             stats = stats_panel()
 
     for button, transition in ((add_cut, "cut"), (add_smooth, "smooth"), (remove, None)):
@@ -114,7 +127,8 @@ def build(pipeline: VideoPipeline) -> None:
     @on_gpu
     def generate_video(prompt_text, negative_text, shots_text, model_name, frames_value, fps_value, steps_value,
                        cfg_value, width_value, height_value, seed_value, compare_value, window_value, length_value,
-                       stride_value, ratio_value, min_tokens_value, request: gr.Request,
+                       stride_value, ratio_value, min_tokens_value, binding_value, lpa_value, style_text, low_value,
+                       high_value, isolate_text, request: gr.Request,
                        progress=gr.Progress()) -> Iterator[tuple]:
         video_request = VideoRequest(
             prompt=prompt_text or "", negative_prompt=negative_text or "", shots=shots_text or "",
@@ -124,7 +138,9 @@ def build(pipeline: VideoPipeline) -> None:
             seed=int(number(seed_value, -1)), compare=compare_value or "none",
             smooth_window=int(number(window_value, 8)), context_length=int(number(length_value, 16)),
             context_stride=int(number(stride_value, 4)), merge_ratio=number(ratio_value, 0.0),
-            merge_min_tokens=int(number(min_tokens_value, DEFAULT_MIN_TOKENS)),
+            merge_min_tokens=int(number(min_tokens_value, DEFAULT_MIN_TOKENS)), binding=bool(binding_value),
+            lpa=bool(lpa_value), style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
+            isolate=isolate_text or "",
         )
         for event in run_pipeline(pipeline, video_request, request):
             if isinstance(event, Progress):
@@ -134,7 +150,8 @@ def build(pipeline: VideoPipeline) -> None:
                 yield event.value.video, reference.video if reference else None, event.value.strip, event.stats
 
     inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
-              context_length, context_stride, merge_ratio, merge_min_tokens]
+              context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,
+              window_high, isolate]
     event = generate.click(generate_video, inputs=inputs, outputs=[video, baseline, strip, stats],
                            api_name="generate_video", **GPU_LANE)
     stop.click(stop_session, cancels=[event], api_visibility="private")

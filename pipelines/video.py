@@ -24,6 +24,12 @@ from .image.pipeline import stream_in_thread
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import default_model, models_for
+from .image.attention import AttentionControl
+from .image.binding import BindingConfig, attribute_free_prompt, composite_tokens, end_token_substitution, group_tokens
+from .image.leakfix import isolate_items
+from .image.lpa import LPAConfig, route_style_tokens
+from .image.prompts import (ParsedPrompt, content_words, encode_positive, find_words, parse_prompt, span_positions,
+                            token_positions)
 from .timeline import DEFAULT_SMOOTH_WINDOW, Shot, Timeline, parse_shots
 
 MAX_FRAMES = 128
@@ -33,7 +39,7 @@ STRIP_FRAMES = 8
 # AnimateDiff motion modules are trained on 16-frame clips; FreeNoise's defaults are a 16-frame window, stride 4.
 CONTEXT_LENGTH = 16
 CONTEXT_STRIDE = 4
-COMPARISONS = ("none", "single prompt", "merging off")
+COMPARISONS = ("none", "single prompt", "merging off", "controls off")
 
 
 @dataclass
@@ -54,6 +60,16 @@ class VideoRequest(Request):
     merge_ratio: float = 0.0  # token merging on the spatial self-attention only (image/merging.py)
     merge_min_tokens: int = DEFAULT_MIN_TOKENS  # per frame; smaller layers run stock (merging would cost more)
     compare: str = "none"  # same-seed A/B: also render with one thing switched back (see COMPARISONS)
+    # Image-tab token controls, per shot, on the spatial cross-attention (see ShotControls).
+    binding: bool = False  # ToMe composite tokens + end-token substitution ([red hat] groups)
+    lpa: bool = False  # Local Prompt Adaptation: content/style tokens routed to different layers
+    style: str = ""  # LPA style ("" = find "in X style" in each shot's prompt)
+    lpa_window: tuple[float, float] = (300.0, 650.0)
+    isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
+
+    @property
+    def controlled(self) -> bool:
+        return bool(self.binding or self.lpa or self.isolate.strip())
 
 
 @dataclass
@@ -136,6 +152,7 @@ class Plan:
     context_length: int
     context_stride: int
     merge_ratio: float
+    parsed: tuple[ParsedPrompt, ...] = ()  # each shot's prompt as the controls read it
 
     @property
     def uses_free_noise(self) -> bool:
@@ -187,12 +204,20 @@ class VideoPipeline(Pipeline):
         if not timeline.shots:
             timeline = Timeline((Shot(0, require_text(request.prompt)),), window)
         timeline.validate(num_frames)
+        # Controls read [group] markers and the style phrase; the model always sees the cleaned text (as in the
+        # image tab), so a controls-off A/B renders the same words. Plain prompts pass through unchanged.
+        parsed = tuple(parse_prompt(shot.prompt, request.style) for shot in timeline.shots)
+        timeline = Timeline(tuple(replace(shot, prompt=item.text) for shot, item in zip(timeline.shots, parsed)),
+                            window)
+        low, high = (float(v) for v in request.lpa_window)
+        if not 0 <= low <= high <= 1000:
+            raise PipelineError(f"LPA window must satisfy 0 <= start <= end <= 1000, got {request.lpa_window}.")
         request.seed = resolve_seed(request.seed)
         return Plan(timeline, num_frames, steps, width, height, fps, guidance, min(context_length, num_frames), stride,
-                    merge_ratio)
+                    merge_ratio, parsed)
 
     @contextmanager
-    def applied(self, pipe, plan: Plan, request: VideoRequest) -> Iterator[None]:
+    def applied(self, pipe, plan: Plan, request: VideoRequest) -> Iterator["ShotControls | None"]:
         """Install this request's techniques on the cached pipeline, and take them off afterwards.
 
         FreeNoise first: it swaps the motion modules' transformer blocks, which must not discard anything
@@ -203,8 +228,13 @@ class VideoPipeline(Pipeline):
                                    prompt_interpolation_callback=exact_lerp)
         if plan.merge_ratio > 0:
             apply_merging(pipe.unet, plan.merge_ratio, seed=request.seed, min_tokens=int(request.merge_min_tokens))
+        controls = ShotControls(pipe, plan, request) if request.controlled else None
         try:
-            yield
+            if controls is None:
+                yield None
+            else:
+                with controls:
+                    yield controls
         finally:
             remove_merging(pipe.unet)
             if plan.uses_free_noise:
@@ -243,6 +273,11 @@ class VideoPipeline(Pipeline):
             if not plan.timeline.is_multi_shot:
                 raise PipelineError("'single prompt' compares against a shot timeline: add at least two shots.")
             return replace(request, shots="", prompt=plan.timeline.shots[0].prompt, cancel=request.cancel)
+        if request.compare == "controls off":
+            if not request.controlled:
+                raise PipelineError("'controls off' compares against token controls: turn on binding, LPA or the "
+                                    "leakage fix.")
+            return replace(request, binding=False, lpa=False, isolate="", cancel=request.cancel)
         if request.compare == "merging off":
             if plan.merge_ratio == 0:
                 raise PipelineError("'merging off' compares against token merging: set a merge ratio above 0.")
@@ -256,7 +291,7 @@ class VideoPipeline(Pipeline):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        with self.applied(pipe, plan, request):
+        with self.applied(pipe, plan, request) as controls:
             arguments = self.call_arguments(plan, request)
             emit_note = (lambda event: replace(event, note=note)) if note else (lambda event: event)
             latents = yield from stream_in_thread(
@@ -269,6 +304,8 @@ class VideoPipeline(Pipeline):
             frames = decode(pipe, latents)
         elapsed = time.perf_counter() - start
         parameters = self.parameters(request, plan)
+        if controls is not None:
+            parameters["controls"] = controls.report
         output = save_video(frames, plan.fps, parameters)
         stats = {
             "model": self.spec_for(request.model).name,
@@ -281,17 +318,113 @@ class VideoPipeline(Pipeline):
             "free_noise": plan.uses_free_noise,
             "tokens_merged": merged["tokens_merged"],
             "blocks_merged": merged["blocks_merged_per_call"],
+            "biased_attention_calls": len(controls.attention.applied) if controls else 0,
             "seed": request.seed,
         }
         return output, stats, parameters
 
     def parameters(self, request: VideoRequest, plan: Plan) -> dict[str, Any]:
         """Everything needed to reproduce the video (written next to it as a sidecar JSON)."""
-        values = {item.name: getattr(request, item.name) for item in fields(request) if item.name not in ("cancel", "shots")}
+        values = {item.name: getattr(request, item.name) for item in fields(request)
+                  if item.name not in ("cancel", "shots")}
         values.update(model=self.spec_for(request.model).name, shots=plan.timeline.describe(plan.num_frames),
                       keyframes=plan.timeline.keyframes(plan.num_frames), context_length=plan.context_length,
                       free_noise=plan.uses_free_noise)
         return values
+
+
+class ShotControls:
+    """The image tab's token controls applied shot by shot on AnimateDiff's spatial cross-attention.
+
+    Text reaches a video frame only through the spatial ``attn2`` layers (motion modules have no text), with
+    one context per frame. So each shot's controls act on its own frames:
+
+    - embedding-level (leakage fix; ToMe composite tokens and end-token substitution) edit each shot's
+      positive embedding; a UNet pre-hook writes the per-frame mix of the edited embeddings (the timeline's
+      ``frame_mix``, the same weights FreeNoise interpolates) into the conditional half of the context;
+    - LPA's -inf key biases carry the shot's own token positions and cover only the shot's frames (its rows
+      of the conditional half); frames inside a smooth transition mix two prompts and are left unbiased.
+
+    ToMe's gradient refinement (binding and entropy losses) is not run on video: its extra UNet passes take
+    image latents and one context per image, not AnimateDiff's 5-D latents with one context per frame.
+    """
+
+    def __init__(self, pipe, plan: Plan, request: VideoRequest) -> None:
+        self.pipe = pipe
+        self.frames = plan.num_frames
+        self.cfg = plan.guidance_scale > 1.0
+        self.attention = AttentionControl(pipe.unet)
+        self.report: list[dict[str, Any]] = []
+        mix = plan.timeline.frame_mix(plan.num_frames)
+        edited = []
+        for index, parsed in enumerate(plan.parsed):
+            positive, report = self.edit_shot(parsed, request)
+            edited.append(positive)
+            own = [frame for frame, weights in enumerate(mix) if weights == {index: 1.0}]
+            if request.lpa and own:
+                report["lpa"] = self.route(parsed, request, own)
+            self.report.append({"shot": index + 1, **report})
+        self.per_frame = None
+        if request.binding or request.isolate.strip():
+            self.per_frame = torch.cat([sum(weight * edited[shot] for shot, weight in weights.items())
+                                        for weights in mix])
+        self._hook = None
+
+    def edit_shot(self, parsed, request: VideoRequest) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This shot's positive embedding with the leakage fix and ToMe's token merge applied."""
+        pipe, report = self.pipe, {}
+        positive = encode_positive(pipe, parsed.text, 1)
+        items = [item for item in (w.strip() for w in request.isolate.split(",")) if item]
+        present = [item for item in items if find_words(parsed.text, item) is not None]
+        if present:
+            positive, report["isolated"] = isolate_items(pipe, parsed.text, present, positive)
+        if request.binding:
+            groups = group_tokens(pipe.tokenizer, parsed)
+            if groups:
+                config = BindingConfig()
+                positive = composite_tokens(positive, groups, config)
+                length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
+                positive = end_token_substitution(positive, encode_positive(pipe, attribute_free_prompt(parsed), 1),
+                                                  length)
+                report["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
+                                     for g in groups]
+        return positive, report
+
+    def route(self, parsed, request: VideoRequest, frames: list[int]) -> dict[str, Any]:
+        """LPA's biases with this shot's token positions, on this shot's rows of the conditional half."""
+        if parsed.style is None:
+            return {"skipped": "no style: write '... in X style' in the shot or fill the Style field"}
+        tokenizer = self.pipe.tokenizer
+        content = span_positions(tokenizer, parsed.text, content_words(parsed))
+        style = token_positions(tokenizer, parsed.text, parsed.style.start, parsed.style.end)
+        offset = self.frames if self.cfg else 0
+        rows = slice(offset + frames[0], offset + frames[-1] + 1)
+        config = LPAConfig(window=tuple(float(v) for v in request.lpa_window))
+        for bias in route_style_tokens(self.attention.layers, content, style, config):
+            bias.rows = rows
+            self.attention.biases.append(bias)
+        return {"content_tokens": content, "style_tokens": style, "style": parsed.style.text,
+                "frames": f"{frames[0]}-{frames[-1]}"}
+
+    def condition(self, module, args: tuple, kwargs: dict):
+        """UNet pre-hook: the conditional half of the per-frame context becomes the edited per-frame mix."""
+        context = kwargs["encoder_hidden_states"]
+        rows = slice(self.frames, 2 * self.frames) if self.cfg else slice(0, self.frames)
+        context = context.clone()
+        context[rows] = self.per_frame.to(context.dtype)
+        return args, {**kwargs, "encoder_hidden_states": context}
+
+    def __enter__(self) -> "ShotControls":
+        if self.per_frame is not None:
+            self._hook = self.pipe.unet.register_forward_pre_hook(self.condition, with_kwargs=True)
+        self.attention.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.attention.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 def disable_free_noise(pipe) -> None:

@@ -76,14 +76,14 @@ class KeyBias:
     region: torch.Tensor | None = None
     timesteps: tuple[float, float] | None = None
     steps: Collection[int] | None = None
-    rows: str = "cond"
+    rows: str | slice = "cond"  # a slice: these batch rows (video: one shot's frames of the conditional half)
     label: str = ""
 
     def __post_init__(self) -> None:
         self.tokens = [int(t) for t in self.tokens]
         if self.value == float("-inf") and 0 in self.tokens:
             raise ValueError("A -inf bias on key 0 (the start token) could leave a query with no key to attend to.")
-        if self.rows not in {"cond", "all"}:
+        if not isinstance(self.rows, slice) and self.rows not in {"cond", "all"}:
             raise ValueError(f"rows must be 'cond' or 'all', got {self.rows!r}")
 
     def active(self, name: str, step: int, timestep: float | None) -> bool:
@@ -232,7 +232,9 @@ class AttentionControl:
         finally:
             self.recorders, self.biases, self.cfg = saved
 
-    def row_slice(self, rows: str, batch: int) -> slice:
+    def row_slice(self, rows: str | slice, batch: int) -> slice:
+        if isinstance(rows, slice):
+            return rows
         if rows == "cond" and self.cfg and batch % 2 == 0:
             return slice(batch // 2, batch)
         return slice(0, batch)

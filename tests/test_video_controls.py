@@ -1,0 +1,73 @@
+"""Image-tab token controls on the video UNet's spatial cross-attention, shot by shot, checked at the hook."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from pipelines.models import ModelStore
+from pipelines.video import VideoPipeline, VideoRequest
+from tests.test_video import RecordContext, spatial_cross_attention
+
+SMALL = dict(width=32, height=32, steps=2, guidance_scale=7.5, fps=4, seed=3, num_frames=8, context_length=8)
+SHOTS = json.dumps([{"start": 0, "prompt": "a pool by a table"},
+                    {"start": 4, "prompt": "a castle in watercolor style", "transition": "cut"}])
+
+VIDEO = VideoPipeline(ModelStore(packaged={}), "tiny")
+
+
+def contexts(**fields) -> tuple[torch.Tensor, object]:
+    pipe = VIDEO.load("")
+    recorder = RecordContext()
+    layer = spatial_cross_attention(pipe)
+    stock = layer.processor
+    layer.set_processor(recorder)
+    try:
+        result = VIDEO.run(VideoRequest(**{**SMALL, "shots": SHOTS, **fields}))
+    finally:
+        layer.set_processor(stock)
+    return recorder.contexts[0], result
+
+
+def test_leakage_fix_patches_only_the_frames_of_the_shot_that_names_the_item():
+    plain, _ = contexts()
+    fixed, result = contexts(isolate="pool")
+    pipe = VIDEO.load("")
+    from pipelines.image.prompts import encode_positive
+
+    alone = encode_positive(pipe, "pool", 1)[0, 1]
+    changed = [frame for frame in range(8) if not torch.allclose(plain[8 + frame], fixed[8 + frame], atol=1e-6)]
+    assert changed == [0, 1, 2, 3]
+    position = result.metadata["parameters"]["controls"][0]["isolated"]["pool"][0]
+    torch.testing.assert_close(fixed[8 + 0, position], alone, rtol=0, atol=1e-5)
+    assert torch.equal(plain[:8], fixed[:8])  # negative half untouched
+
+
+def test_lpa_biases_only_the_styled_shots_frames_in_its_window():
+    result = VIDEO.run(VideoRequest(**{**SMALL, "shots": SHOTS, "lpa": True, "steps": 3}))
+    report = result.metadata["parameters"]["controls"]
+    assert "skipped" in report[0]["lpa"] and report[1]["lpa"]["frames"] == "4-7"
+    assert result.stats["biased_attention_calls"] > 0
+
+
+def test_lpa_bias_rows_cover_one_shots_conditional_frames():
+    from pipelines.video import ShotControls
+
+    video_request = VideoRequest(**{**SMALL, "shots": SHOTS, "lpa": True})
+    plan = VIDEO.plan(video_request)
+    controls = ShotControls(VIDEO.load(""), plan, video_request)
+    assert controls.attention.biases and all(bias.rows == slice(12, 16) for bias in controls.attention.biases)
+    assert all(bias.timesteps == (300.0, 650.0) for bias in controls.attention.biases)
+    assert controls.per_frame is None  # LPA alone leaves the text context to FreeNoise
+
+
+def test_binding_merges_bracketed_groups_and_controls_off_ab_matches_plain_run():
+    shots = json.dumps([{"start": 0, "prompt": "a [red hat] and a [blue car]"}])
+    result = VIDEO.run(VideoRequest(**{**SMALL, "shots": shots, "binding": True, "compare": "controls off"}))
+    groups = result.metadata["parameters"]["controls"][0]["binding"]
+    assert [group["phrase"] for group in groups] == ["red hat", "blue car"]
+    plain = VIDEO.run(VideoRequest(**{**SMALL, "prompt": "a red hat and a blue car"}))
+    baseline = result.metadata["baseline"]
+    assert np.array_equal(baseline.frames, plain.value.frames)
+    assert not np.array_equal(result.value.frames, plain.value.frames)

@@ -13,7 +13,8 @@ from pipelines.audio import wav_bytes
 from pipelines.base import Partial, Result
 from pipelines.speech import SpeechPipeline, SpeechRequest
 
-from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel,
+                     stop_session)
 
 EXAMPLES = [
     ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],

@@ -200,11 +200,12 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
         semantic_idx = int(round(len(produced) / ratio))
         start = max(0, semantic_idx - max_semantic_history)
         window_end = start + cc.max_coarse_input_length
+        full_window = len(produced) + cc.sliding_window_len
         # Wait for the semantic tokens this window reads, and until the window's length is certain.
-        while not semantic.finished and (len(semantic.tokens) < window_end or
-                                         coarse_length(tts, semantic.speech_tokens) < len(produced) + cc.sliding_window_len):
+        while not semantic.finished and (len(semantic.tokens) < window_end
+                                         or coarse_length(tts, semantic.speech_tokens) < full_window):
             semantic.pull(max(window_end, len(semantic.tokens) + 1))
-        total = coarse_length(tts, semantic.speech_tokens) if semantic.finished else len(produced) + cc.sliding_window_len
+        total = coarse_length(tts, semantic.speech_tokens) if semantic.finished else full_window
         if len(produced) >= total:
             return
         window = [cc.coarse_semantic_pad_token if t == sc.semantic_pad_token else t

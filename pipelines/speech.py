@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from .audio import write_wav
-from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
+                   resolve_seed)
 from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, write_sidecar

@@ -67,19 +67,23 @@ def test_mp4_decodes_to_requested_frames_with_sidecar_and_strip(video):
     assert Image.open(result.value.strip).size == (32 * 8, 32)
 
 
-def per_frame_contexts(video, shots: str, num_frames: int) -> tuple[torch.Tensor, object]:
-    pipe = video.load("")
+def record_contexts(video, **fields) -> tuple[torch.Tensor, Result]:
+    """The text context of every frame at the first UNet call (CFG batch: [negative frames, positive frames])."""
+    layer = spatial_cross_attention(video.load(""))
     recorder = RecordContext()
-    layer = spatial_cross_attention(pipe)
     stock_processor = layer.processor
     layer.set_processor(recorder)
     try:
-        run(video, shots=shots, num_frames=num_frames, smooth_window=4, context_length=8, steps=1)
+        result = run(video, **fields)
     finally:
         layer.set_processor(stock_processor)
-    context = recorder.contexts[0]  # first UNet call; CFG batch is [negative frames, positive frames]
+    return recorder.contexts[0], result
+
+
+def per_frame_contexts(video, shots: str, num_frames: int) -> tuple[torch.Tensor, object]:
+    context, _ = record_contexts(video, shots=shots, num_frames=num_frames, smooth_window=4, context_length=8, steps=1)
     assert context.shape[0] == 2 * num_frames
-    return context, pipe
+    return context, video.load("")
 
 
 def shot_encodings(pipe, timeline) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from pipelines.models import ModelStore
 from pipelines.video import VideoPipeline, VideoRequest
-from tests.test_video import RecordContext, spatial_cross_attention
+from tests.test_video import record_contexts
 
 SMALL = dict(width=32, height=32, steps=2, guidance_scale=7.5, fps=4, seed=3, num_frames=8, context_length=8)
 SHOTS = json.dumps([{"start": 0, "prompt": "a pool by a table"},
@@ -18,16 +18,7 @@ VIDEO = VideoPipeline(ModelStore(packaged={}), "tiny")
 
 
 def contexts(**fields) -> tuple[torch.Tensor, object]:
-    pipe = VIDEO.load("")
-    recorder = RecordContext()
-    layer = spatial_cross_attention(pipe)
-    stock = layer.processor
-    layer.set_processor(recorder)
-    try:
-        result = VIDEO.run(VideoRequest(**{**SMALL, "shots": SHOTS, **fields}))
-    finally:
-        layer.set_processor(stock)
-    return recorder.contexts[0], result
+    return record_contexts(VIDEO, **{**SMALL, "shots": SHOTS, **fields})
 
 
 def test_leakage_fix_patches_only_the_frames_of_the_shot_that_names_the_item():

@@ -282,3 +282,16 @@ def test_video_merges_only_spatial_blocks_with_frames_in_the_batch():
     assert temporal_inputs == [(size * size, frames, 16)]  # temporal attention saw every token of every frame
     remove_merging(unet)
     assert not any(_hooked(m) for name, m in unet.named_modules() if "motion_modules" not in name)
+
+
+def test_planning_and_merging_trace_as_one_graph():
+    """No data-dependent Python control flow or host sync: dynamo traces plan+merge+unmerge without a break,
+    which is what capturing the merged UNet in a CUDA graph needs."""
+    x = torch.randn(2, 16 * 16, 8, generator=torch.Generator().manual_seed(0))
+
+    def merged_double(x, layout):
+        plan = plan_merge(x, 16, 16, 0.5, layout=layout)
+        return unmerge(merge(x, plan) * 2, plan)
+    expected = merged_double(x, torch.tensor([7]))
+    traced = torch.compile(merged_double, backend="eager", fullgraph=True)
+    assert torch.equal(traced(x, torch.tensor([7])), expected)

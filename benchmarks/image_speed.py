@@ -57,11 +57,12 @@ class Method:
     ratio: float = 0.0
     max_downsample: int | None = None
     min_tokens: int | None = None
+    window: int = 0
 
     def install(self, unet) -> None:
         remove_merging(unet)
         if self.ratio > 0:
-            apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens)
+            apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens, window=self.window)
 
 
 def build_unet(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -156,10 +157,11 @@ def methods_for(args) -> list[Method]:
         if ratio == 0:
             continue
         for md in downsamples:
-            label = f"merge r={ratio} md={md or 'auto'}"
-            methods.append(Method(label, ratio, md, args.min_tokens))
-            if args.also_forced and args.min_tokens > 0:
-                methods.append(Method(label + " forced", ratio, md, 0))
+            for window in (int(w) for w in args.windows.split(",")):
+                label = f"merge r={ratio} md={md or 'auto'} window={window}"
+                methods.append(Method(label, ratio, md, args.min_tokens, window))
+                if args.also_forced and args.min_tokens > 0:
+                    methods.append(Method(label + " forced", ratio, md, 0, window))
     return methods
 
 
@@ -201,7 +203,8 @@ def measure_size(unet, size: int, methods: list[Method], args, device, dtype) ->
             error = (outputs[method.name] - reference).norm() / reference.norm()
             rows.append({
                 "method": method.name, "arch": args.arch, "size": size, "mode": mode, "batch": args.batch,
-                "ratio": method.ratio, "max_downsample": method.max_downsample, "min_tokens": method.min_tokens,
+                "ratio": method.ratio, "max_downsample": method.max_downsample, "window": method.window,
+                "min_tokens": method.min_tokens,
                 "ms": round(ms, 3), "ratio_to_vanilla": round(ms / vanilla_ms, 3),
                 "ms_min": round(min(times[method.name]), 3),
                 "tokens_merged_per_call": stats[method.name]["tokens_merged_per_call"],
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ratios", default="0,0.5", help="comma-separated merge ratios (0 = vanilla, always run)")
     parser.add_argument("--max-downsample", default="auto",
                         help="comma-separated tomesd max_downsample values; auto = finest level with attention")
+    parser.add_argument("--windows", default="0,32",
+                        help="comma-separated matching windows in tokens (0 = global, as tomesd)")
     parser.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
                         help="the merge-only-where-it-pays threshold (tokens per block)")
     parser.add_argument("--also-forced", action="store_true",
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "repeats": args.repeats, "warmup": args.warmup, "modes": args.modes,
                      "min_tokens": args.min_tokens, "torch": torch.__version__,
                      "timing": "median ms per UNet call; CUDA events on GPU; methods interleaved, rotating order",
-                     "merging": "pipelines/image/merging.py (sx=sy=2, random destinations, self-attention only)"},
+                     "merging": "pipelines/image/merging.py (sx=sy=2, random destinations, self-attention only)",
+                     "windows": args.windows},
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "rows": rows,
     }

@@ -173,14 +173,37 @@ def test_chunked_similarity_finds_the_same_best_destinations():
     assert torch.allclose(whole_score, chunk_score) and torch.allclose(whole_score, cosine.amax(-1), atol=1e-6)
 
 
+def test_windowed_matching_finds_the_best_destination_inside_each_tile():
+    h, w, tile = 16, 24, 8
+    x = torch.randn(2, h * w, 8, generator=torch.Generator().manual_seed(4))
+    src, dst = partition(h, w, 2, 2, destination_offsets(96, 4, 0, 5, x.device), x.device, tile)
+    assert torch.equal(torch.sort(torch.cat([src, dst])).values, torch.arange(h * w))
+    tile_of = lambda pos: (pos // w // tile) * (w // tile) + pos % w // tile  # noqa: E731
+    groups = (h // tile) * (w // tile)
+    assert torch.equal(tile_of(dst), torch.arange(groups).repeat_interleave(dst.numel() // groups))
+    score, best = best_destinations(x[:, src], x[:, dst], groups=groups)
+    cosine = torch.nn.functional.cosine_similarity(x[:, src, None], x[:, None, dst], dim=-1)
+    cosine[:, tile_of(src)[:, None] != tile_of(dst)[None, :]] = -2  # other tiles are out of reach
+    assert torch.equal(best, cosine.argmax(-1)) and torch.allclose(score, cosine.amax(-1), atol=1e-6)
+    plan = plan_merge(x, h, w, 0.5, layout=5, window=tile)
+    restored = unmerge(merge(x, plan), plan)
+    assert plan.removed == h * w // 2 and restored.shape == x.shape
+    merged_into = plan.slots.view(2, -1)[:, dst]  # a destination's slot holds only tokens of its own tile
+    for b in range(2):
+        for d, slot in zip(dst.tolist(), merged_into[b].tolist()):
+            members = torch.nonzero(plan.slots.view(2, -1)[b] == slot).flatten()
+            assert (tile_of(members) == tile_of(torch.tensor(d))).all()
+
+
+@pytest.mark.parametrize("window", [0, 8])
 @torch.no_grad()
-def test_merged_unet_output_is_close_to_stock_with_bounded_error():
+def test_merged_unet_output_is_close_to_stock_with_bounded_error(window):
     unet = _fresh("sd15")
     sample, t, text = _sd15_inputs()
     stock = unet(sample, t, text).sample
     errors = {}
     for ratio in (0.1, 0.5):
-        handle = apply_merging(unet, ratio, min_tokens=0)
+        handle = apply_merging(unet, ratio, min_tokens=0, window=window)
         out = unet(sample, t, text).sample
         errors[ratio] = ((out - stock).norm() / stock.norm()).item()
         # finest level of SD1.5 only (tomesd's max_downsample=1): down_blocks.0 and the last up block

@@ -68,6 +68,7 @@ class MergeConfig:
     merge_crossattn: bool = False  # tomesd: "not recommended"; merged queries would blur cross-attention maps
     merge_mlp: bool = False  # tomesd: "very not recommended"
     min_tokens: int = DEFAULT_MIN_TOKENS
+    window: int = 0  # 0: every source sees every destination (tomesd); k: only those in its k×k-token tile
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
 
@@ -124,17 +125,23 @@ def _capturing() -> bool:
 _CONSTANTS = _Constants()
 
 
-def _cell_layout(h: int, w: int, sx: int, sy: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token positions of each full ``sx×sy`` cell, ``[cells, sx*sy]``, and the leftover positions (sources)."""
+def _cell_layout(h: int, w: int, sx: int, sy: int, tile: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of each full ``sx×sy`` cell, ``[cells, sx*sy]``, and the leftover positions (sources).
+    With ``tile`` (a side dividing h and w) the cells are listed tile by tile."""
     def build():
         rows = torch.arange(h // sy * sy, device=device).view(h // sy, sy)
         cols = torch.arange(w // sx * sx, device=device).view(w // sx, sx)
-        cells = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(-1, sy * sx)
+        cells = rows[:, None, :, None] * w + cols[None, :, None, :]  # [cell row, cell col, sy, sx]
+        if tile:
+            ty, tx = tile // sy, tile // sx
+            cells = cells.view(h // tile, ty, w // tile, tx, sy, sx).permute(0, 2, 1, 3, 4, 5)
+        cells = cells.reshape(-1, sy * sx)
         covered = torch.zeros(h, w, dtype=torch.bool, device=device)
         covered[: h // sy * sy, : w // sx * sx] = True
         leftover = torch.arange(h * w, device=device)[~covered.view(-1)]
         return cells, leftover
-    return _CONSTANTS.get(("cells", h, w, sx, sy, str(device)), build)
+    return _CONSTANTS.get(("cells", h, w, sx, sy, tile, str(device)), build)
 
 
 def destination_offsets(cells: int, cell_size: int, seed: int, layout: torch.Tensor | int,
@@ -149,24 +156,34 @@ def destination_offsets(cells: int, cell_size: int, seed: int, layout: torch.Ten
     return table.index_select(0, layout.reshape(-1)[:1] % LAYOUTS).view(-1).long()
 
 
-def partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source positions, destination positions) of an h×w grid; ``offsets=None`` picks each cell's first token."""
-    cells, leftover = _cell_layout(h, w, sx, sy, device)
+def partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None, device: torch.device,
+              tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source positions, destination positions) of an h×w grid, tile by tile when ``tile`` is set;
+    ``offsets=None`` picks each cell's first token."""
+    cells, leftover = _cell_layout(h, w, sx, sy, tile, device)
     size = sx * sy
     if offsets is None:
         def build():
             return torch.cat([cells[:, 1:].reshape(-1), leftover]), cells[:, 0].contiguous()
-        return _CONSTANTS.get(("fixed", h, w, sx, sy, str(device)), build)
+        return _CONSTANTS.get(("fixed", h, w, sx, sy, tile, str(device)), build)
     k = _CONSTANTS.get(("k", size, str(device)), lambda: torch.arange(size - 1, device=device))
     dst = cells.gather(1, offsets[:, None]).squeeze(1)
     src = cells.gather(1, k + (k >= offsets[:, None]).long()).reshape(-1)
     return torch.cat([src, leftover]), dst
 
 
-def best_destinations(a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_destinations(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                      groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source row of ``a [B, Na, C]``: cosine similarity to its best row of ``b [B, Nb, C]`` and its
-    index, computed in row chunks so that at most ``chunk_elements`` scores exist at once."""
+    index, computed in row chunks so that at most ``chunk_elements`` scores exist at once. With ``groups``,
+    sources and destinations are split into that many consecutive groups and only matched within their group."""
+    if groups > 1:
+        (batch, sources, channels), targets = a.shape, b.shape[1]
+        score, local = best_destinations(a.reshape(batch * groups, sources // groups, channels),
+                                         b.reshape(batch * groups, targets // groups, channels), chunk_elements)
+        offset = _CONSTANTS.get(("groups", groups, targets, str(a.device)), lambda: torch.arange(
+            0, targets, targets // groups, device=a.device)[:, None])
+        return score.view(batch, sources), (local.view(batch, groups, -1) + offset).view(batch, sources)
     batch, sources, _ = a.shape
     b_t = F.normalize(b, dim=-1).transpose(1, 2)
     rows = max(1, chunk_elements // max(1, batch * b.shape[1]))
@@ -182,22 +199,26 @@ def best_destinations(a: torch.Tensor, b: torch.Tensor, chunk_elements: int) -> 
 
 
 def plan_merge(x: torch.Tensor, h: int, w: int, ratio: float, sx: int = 2, sy: int = 2,
-               layout: torch.Tensor | int | None = 0, seed: int = 0,
+               layout: torch.Tensor | int | None = 0, seed: int = 0, window: int = 0,
                chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergePlan | None:
     """Bipartite soft matching of the tokens ``x [B, h*w, C]``. Destinations: random layout number ``layout``
     of the table drawn from ``seed``, or each cell's top-left token when ``layout`` is None (tomesd's
-    ``use_rand=False``). ``None`` when nothing would be merged."""
+    ``use_rand=False``). ``window``: sources only look for destinations inside their ``window×window`` tile
+    (when it tiles the grid); 0 compares with every destination, as tomesd. ``None`` when nothing would merge."""
     batch, tokens, _ = x.shape
     device = x.device
     cells = (h // sy) * (w // sx)
+    tiled = window > 0 and h % window == 0 and w % window == 0 and window % sx == 0 and window % sy == 0
+    tile = window if tiled and window * window < h * w else 0
     offsets = None if layout is None else destination_offsets(cells, sx * sy, seed, layout, device)
-    src_pos, dst_pos = partition(h, w, sx, sy, offsets, device)
+    src_pos, dst_pos = partition(h, w, sx, sy, offsets, device, tile)
     n_src, n_dst = src_pos.numel(), dst_pos.numel()
     r = min(int(tokens * ratio), n_src)
     if r <= 0 or n_dst == 0:
         return None
     merged_tokens = tokens - r
-    score, best = best_destinations(x.index_select(1, src_pos), x.index_select(1, dst_pos), chunk_elements)
+    groups = (h // tile) * (w // tile) if tile else 1
+    score, best = best_destinations(x.index_select(1, src_pos), x.index_select(1, dst_pos), chunk_elements, groups)
     order = score.argsort(dim=1, descending=True)
 
     def build_templates():
@@ -275,7 +296,7 @@ class BlockMerger:
             return
         c = self.config
         layout = self.run.step + self.salt if c.use_rand else None
-        self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, layout, c.seed, c.chunk_elements)
+        self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, layout, c.seed, c.window, c.chunk_elements)
         if self.plan is not None:
             self.run.stats.tokens_merged += self.plan.removed * self.plan.batch
             self.run.stats.tokens_merged_last_call += self.plan.removed * self.plan.batch
@@ -342,7 +363,7 @@ def spatial_transformers(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
 def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample: int | None = None, *,
                   sx: int = 2, sy: int = 2, use_rand: bool = True, seed: int = 0, merge_attn: bool = True,
                   merge_crossattn: bool = False, merge_mlp: bool = False, min_tokens: int = DEFAULT_MIN_TOKENS,
-                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TokenMerging:
+                  window: int = 0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TokenMerging:
     """Install token merging on the spatial transformer blocks of ``unet`` whose downsample factor is at most
     ``max_downsample`` (tomesd's meaning; ``None`` = the finest level with attention). Replaces any previous
     installation; ``ratio=0`` installs nothing, so the UNet is stock."""
@@ -352,7 +373,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
         raise ValueError(f"Strides must be positive, got sx={sx}, sy={sy}.")
     remove_merging(unet)
     config = MergeConfig(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
-                         min_tokens, chunk_elements)
+                         min_tokens, window, chunk_elements)
     run = _Run()
     handle = TokenMerging(config, run.stats)
     unet._token_merging = handle

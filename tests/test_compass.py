@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.base import PipelineError
-from pipelines.image.attention import AttentionControl
+from pipelines.image.attention import AttentionControl, cross_attention_layers
 from pipelines.image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, PhraseCompassEncoder, apply_compass,
                                      insert_compass_tokens, load_official_compass, lora_diffusion_to_peft,
                                      outside_box_mask, parse_compass_objects, square_box, write_compass_embeddings)
@@ -150,3 +150,25 @@ def test_training_script_reduces_its_loss_on_a_tiny_synthetic_set(tmp_path):
     encoder = load_trained_compass(tmp_path / "ckpt")
     assert encoder(torch.tensor([10.0])).shape == (1, 16)
     assert (tmp_path / "ckpt" / "unet_lora.safetensors").is_file()
+
+
+def test_image_pipeline_applies_call_on_every_cross_attention_layer_and_step(store):
+    from pipelines.image.pipeline import ImagePipeline, ImageRequest
+
+    pipeline = ImagePipeline(store, "tiny")
+    unet = pipeline.load("").pipe.unet
+    calls = []
+    hook = unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    objects = '[{"name": "hat", "angle": 45, "box": [0.1, 0.1, 0.6, 0.6]}]'
+    try:
+        result = pipeline.run(ImageRequest(prompt="a red hat on a table", steps=3, seed=3, compass=objects,
+                                           preview_every=0))
+    finally:
+        hook.remove()
+    compass = result.metadata["controls"]["compass"]
+    assert compass[0]["name"] == "hat" and compass[0]["tokens"][1] == compass[0]["tokens"][0] + 1
+    # one object: its bias is applied in every cross-attention layer at every UNet call
+    assert result.stats["biased_attention_calls"] == len(cross_attention_layers(unet)) * len(calls)
+    baseline = pipeline.run(ImageRequest(prompt="a red hat on a table", steps=3, seed=3, preview_every=0))
+    assert result.metadata["parameters"]["seed"] == baseline.metadata["parameters"]["seed"]
+    assert baseline.stats["biased_attention_calls"] == 0

@@ -284,3 +284,25 @@ def load_official_compass(folder: str | Path, unet: nn.Module | None = None, ste
             raise PipelineError(f"The compass LoRA does not match this UNet ({len(missing)} unexpected keys, e.g. "
                                 f"{missing[0]}); it was trained for SD 2.1.")
     return encoder.eval()
+
+
+def draw_compass_preview(objects: Sequence[CompassObject], size: int = 256) -> "Image.Image":
+    """Boxes (as given, and enlarged-squared as CALL uses them) with an arrow showing each object's heading."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (248, 248, 244))
+    draw = ImageDraw.Draw(image)
+    palette = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for index, obj in enumerate(objects):
+        colour = palette[index % len(palette)]
+        box = obj.box or DEFAULT_BOX
+        draw.rectangle([v * size for v in square_box(box)], outline=(180, 180, 180))
+        draw.rectangle([v * size for v in box], outline=colour, width=2)
+        cx, cy = (box[0] + box[2]) / 2 * size, (box[1] + box[3]) / 2 * size
+        radius = min(box[2] - box[0], box[3] - box[1]) * size * 0.4
+        heading = math.radians(obj.angle)  # 0 = towards the viewer, drawn pointing down the image
+        tip = (cx + math.sin(heading) * radius, cy + math.cos(heading) * radius)
+        draw.line([(cx, cy), tip], fill=colour, width=3)
+        draw.ellipse([tip[0] - 4, tip[1] - 4, tip[0] + 4, tip[1] + 4], fill=colour)
+        draw.text((box[0] * size + 4, box[1] * size + 2), f"{obj.name} {obj.angle:.0f}°", fill=colour)
+    return image

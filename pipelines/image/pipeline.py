@@ -10,6 +10,7 @@ import queue
 import resource
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator
 
@@ -20,6 +21,7 @@ from ..models import ModelSpec, ModelStore, ResolvedModel
 from ..outputs import save_png
 from ..presets import default_model, models_for
 from .attention import AttentionControl
+from .compass import DEFAULT_BOX, PhraseCompassEncoder, apply_compass, load_official_compass, parse_compass_objects
 from .binding import BindingConfig, SemanticBinding, binding_layers
 from .heatmaps import overlay
 from .leakfix import isolate_items
@@ -59,6 +61,8 @@ class ImageRequest(Request):
     lpa_window: tuple[float, float] = (300.0, 650.0)
     isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
     merge_ratio: float = 0.0  # token merging for speed (pipelines/image/merging.py)
+    compass: str = ""  # Compass Control objects as JSON: [{"name": "car", "angle": 90, "box": [x0, y0, x1, y1]}]
+    compass_encoder: str = "phrase"  # "phrase" (training-free) or a folder with an official/trained encoder
     heatmap_words: str = ""  # comma-separated words whose cross-attention maps are overlaid
     compare: bool = False  # also render the same seed with every control off (A/B)
     preview_every: int = 1  # 0 = no live previews
@@ -68,7 +72,7 @@ class ImageRequest(Request):
 
     @property
     def controlled(self) -> bool:
-        return bool(self.binding or self.lpa or self.isolate.strip() or self.merge_ratio > 0)
+        return bool(self.binding or self.lpa or self.isolate.strip() or self.merge_ratio > 0 or self.compass.strip())
 
 
 @dataclass
@@ -115,6 +119,7 @@ class ImagePipeline(Pipeline):
         self.store = store
         self.preset = preset
         self.specs = models_for("image", preset)
+        self._compass_encoders: dict[str, Any] = {}
 
     def model_choices(self) -> list[str]:
         return [spec.name for spec in self.specs]
@@ -208,6 +213,8 @@ class ImagePipeline(Pipeline):
                                     generator=generators, output_type="pil")
         control = AttentionControl(pipe.unet)
         info: dict[str, Any] = {}
+        if controlled and request.compass.strip():
+            parsed = self.prepare_compass(pipe, request, parsed, control, info)
         heat_tokens = self.heatmap_tokens(pipe, parsed, request)
         heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
                                        layers=binding_layers(model.arch)) if heat_tokens else None
@@ -314,8 +321,41 @@ class ImagePipeline(Pipeline):
             controls["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
                                    for g in binding.groups]
         call.update(prompt_embeds=positive, negative_prompt_embeds=neg)
-        info["controls"] = controls
+        info.setdefault("controls", {}).update(controls)
         return binding
+
+    def prepare_compass(self, pipe: Any, request: ImageRequest, parsed: ParsedPrompt, control: AttentionControl,
+                        info: dict[str, Any]) -> ParsedPrompt:
+        """Compass tokens into every text encoder of the pipeline and CALL on ``control``; returns the prompt with
+        the placeholders, re-parsed so the other controls' token positions account for them."""
+        objects = parse_compass_objects(request.compass)
+        if request.binding:
+            raise PipelineError("Compass Control and semantic binding cannot be combined yet: turn one of them off.")
+        stacks = [(pipe.tokenizer, pipe.text_encoder, self.compass_encoder(request.compass_encoder, pipe))]
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the second encoder gets the phrase encoder
+            stacks.append((pipe.tokenizer_2, pipe.text_encoder_2, PhraseCompassEncoder(pipe.text_encoder_2, pipe.tokenizer_2)))
+        compass = apply_compass(control, stacks, parsed.text, objects)
+        info.setdefault("controls", {})["compass"] = [
+            {"name": o.name, "angle": o.angle, "box": list(o.box or DEFAULT_BOX), "tokens": list(pair)}
+            for o, pair in zip(objects, compass.pairs)]
+        return parse_prompt(compass.text, request.style)
+
+    def compass_encoder(self, choice: str, pipe: Any) -> Any:
+        """The training-free phrase encoder, or an encoder loaded (once) from an official or trained folder."""
+        if choice in ("", "phrase"):
+            return PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer)
+        if choice not in self._compass_encoders:
+            folder = Path(choice).expanduser()
+            if (folder / "compass_config.json").is_file():
+                from .compass_train import load_trained_compass
+
+                self._compass_encoders[choice] = load_trained_compass(folder)
+            elif (folder / "args.pkl").is_file():
+                self._compass_encoders[choice] = load_official_compass(folder)
+            else:
+                raise PipelineError(f"Compass encoder {choice!r} is neither 'phrase' nor a folder holding an official "
+                                    "(args.pkl) or trained (compass_config.json) checkpoint.")
+        return self._compass_encoders[choice]
 
     def start_binding(self, pipe: Any, binding: SemanticBinding, call: dict[str, Any],
                       generators: list[torch.Generator]) -> None:

@@ -195,6 +195,18 @@ def test_windowed_matching_finds_the_best_destination_inside_each_tile():
             assert (tile_of(members) == tile_of(torch.tensor(d))).all()
 
 
+def test_windowed_matching_merges_image_like_tokens_as_well_as_global_matching():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.randn(2, 32, 8, 8, generator=g), size=(64, 64), mode="bicubic")
+    x = (smooth + 0.1 * torch.randn(2, 32, 64, 64, generator=g)).flatten(2).transpose(1, 2).contiguous()
+
+    def error(window: int) -> float:
+        plan = plan_merge(x, 64, 64, 0.5, layout=3, window=window)
+        return ((unmerge(merge(x, plan), plan) - x).norm() / x.norm()).item()
+    assert error(16) < 1.01 * error(0)
+    assert error(0) < 0.5 * ((x - x.roll(7, dims=1)).norm() / x.norm()).item()  # far better than a wrong match
+
+
 @pytest.mark.parametrize("window", [0, 8])
 @torch.no_grad()
 def test_merged_unet_output_is_close_to_stock_with_bounded_error(window):
@@ -307,13 +319,14 @@ def test_video_merges_only_spatial_blocks_with_frames_in_the_batch():
     assert not any(_hooked(m) for name, m in unet.named_modules() if "motion_modules" not in name)
 
 
-def test_planning_and_merging_trace_as_one_graph():
+@pytest.mark.parametrize("window", [0, 8])
+def test_planning_and_merging_trace_as_one_graph(window):
     """No data-dependent Python control flow or host sync: dynamo traces plan+merge+unmerge without a break,
     which is what capturing the merged UNet in a CUDA graph needs."""
     x = torch.randn(2, 16 * 16, 8, generator=torch.Generator().manual_seed(0))
 
     def merged_double(x, layout):
-        plan = plan_merge(x, 16, 16, 0.5, layout=layout)
+        plan = plan_merge(x, 16, 16, 0.5, layout=layout, window=window, chunk_elements=2 * 64 * 50)
         return unmerge(merge(x, plan) * 2, plan)
     expected = merged_double(x, torch.tensor([7]))
     traced = torch.compile(merged_double, backend="eager", fullgraph=True)

@@ -24,8 +24,11 @@ Why it is faster than tomesd on a GPU, and capturable:
   timestep and the block name pick the row, so each step and block gets its own layout, the same step always
   gets the same one, and no generator state or argsort over all N tokens is needed. The only sort is over the
   sources' best scores.
-* Similarity is computed as sources × destinations in chunks, keeping only each row's max, so the full
-  similarity matrix (3.2 GB at 2048 px, the cause of tomesd's +45 % peak memory) never exists.
+* Sources look for their destination inside their own 32×32-token tile (``window``): the similarity costs
+  N·256 dot products instead of N²/4·3 (1 TFLOP per block at 2048 px). On image-like features the best
+  destination is almost always a neighbour, so the merge is the same (tests/test_merging.py checks the
+  reconstruction error). ``window=0`` matches globally as tomesd, in chunks keeping only each row's max, so the
+  full similarity matrix (3.2 GB at 2048 px, the cause of tomesd's +45 % peak memory) never exists either way.
 * Every branch depends on shapes only, so a captured graph replays the same work; per-step randomness enters
   through the timestep tensor. Run one eager call per shape before capturing (as CUDA graphs require anyway):
   it builds the cached index tensors.
@@ -49,6 +52,8 @@ DEFAULT_RATIO = 0.5
 # where tomesd measured 1.05× (slower) on an H200; 16384 (1024 px) is where it first pays (0.87×). Measure with
 # `benchmarks/image_speed.py --sizes 512,768,1024` before changing it.
 DEFAULT_MIN_TOKENS = 8192
+# Side of the tile, in tokens, within which sources look for destinations; 0 = the whole grid (tomesd).
+DEFAULT_WINDOW = 32
 # Largest similarity chunk (elements of sources × destinations × batch): 128 MiB in fp16.
 DEFAULT_CHUNK_ELEMENTS = 2**26
 
@@ -68,7 +73,7 @@ class MergeConfig:
     merge_crossattn: bool = False  # tomesd: "not recommended"; merged queries would blur cross-attention maps
     merge_mlp: bool = False  # tomesd: "very not recommended"
     min_tokens: int = DEFAULT_MIN_TOKENS
-    window: int = 0  # 0: every source sees every destination (tomesd); k: only those in its k×k-token tile
+    window: int = DEFAULT_WINDOW  # k: sources see only destinations in their k×k-token tile; 0: all (tomesd)
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
 
@@ -363,7 +368,7 @@ def spatial_transformers(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
 def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample: int | None = None, *,
                   sx: int = 2, sy: int = 2, use_rand: bool = True, seed: int = 0, merge_attn: bool = True,
                   merge_crossattn: bool = False, merge_mlp: bool = False, min_tokens: int = DEFAULT_MIN_TOKENS,
-                  window: int = 0, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TokenMerging:
+                  window: int = DEFAULT_WINDOW, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TokenMerging:
     """Install token merging on the spatial transformer blocks of ``unet`` whose downsample factor is at most
     ``max_downsample`` (tomesd's meaning; ``None`` = the finest level with attention). Replaces any previous
     installation; ``ratio=0`` installs nothing, so the UNet is stock."""

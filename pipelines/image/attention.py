@@ -160,6 +160,7 @@ class AttentionControl:
         self.timestep: float | None = None
         self.latent_hw: tuple[int, int] | None = None
         self.cfg = True
+        self.static: Any = None  # fast.StaticBiases while a FastUNet call runs: biases from static gates and masks
         self._saved: dict[str, Any] | None = None
         self._hook = None
 
@@ -211,6 +212,8 @@ class AttentionControl:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if self.static is not None:  # the fast path set the timestep from the host-side schedule (no device sync)
+            return
         self.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
 
     def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
@@ -277,7 +280,9 @@ class ControlledAttnProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         control = self.control
         recorders = [r for r in control.recorders if r.active(self.name, control.step)]
-        bias_active = any(b.active(self.name, control.step, control.timestep) for b in control.biases)
+        static = control.static
+        bias_active = (static.covers(self.name) if static is not None
+                       else any(b.active(self.name, control.step, control.timestep) for b in control.biases))
         if encoder_hidden_states is None or hidden_states.ndim != 3 or not (recorders or bias_active):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
@@ -295,7 +300,8 @@ class ControlledAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        bias = control.build_bias(self.name, batch, num_queries, num_keys, query.device, query.dtype)
+        build = static.bias if static is not None else control.build_bias
+        bias = build(self.name, batch, num_queries, num_keys, query.device, query.dtype)
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, num_keys, batch).view(batch, attn.heads, -1, num_keys)
             bias = mask if bias is None else bias + mask

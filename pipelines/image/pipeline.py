@@ -21,6 +21,7 @@ from ..models import ModelSpec, ModelStore, ResolvedModel
 from ..outputs import save_png
 from ..presets import default_model, models_for
 from .attention import AttentionControl
+from .fast import FastUNet, choose_backend
 from .compass import DEFAULT_BOX, PhraseCompassEncoder, apply_compass, load_official_compass, parse_compass_objects
 from .binding import BindingConfig, SemanticBinding, binding_layers
 from .heatmaps import overlay
@@ -66,6 +67,7 @@ class ImageRequest(Request):
     heatmap_words: str = ""  # comma-separated words whose cross-attention maps are overlaid
     compare: bool = False  # also render the same seed with every control off (A/B)
     preview_every: int = 1  # 0 = no live previews
+    fast: bool = True  # captured UNet loop on CUDA (fast.py); eager static path on CPU/ZeroGPU; False = stock call
 
     def parameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
@@ -148,7 +150,7 @@ class ImagePipeline(Pipeline):
         require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
         if request.scheduler not in SCHEDULERS:
             raise PipelineError(f"Unknown scheduler {request.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
-        native = TINY_SIZE if spec.tiny else DEFAULT_SIZE.get(spec.kind, 512)
+        native = TINY_SIZE if spec.tiny else spec.option("size") or DEFAULT_SIZE.get(spec.kind, 512)
         request.width = int(request.width) or native
         request.height = int(request.height) or native
         for name, value in (("Width", request.width), ("Height", request.height)):
@@ -231,15 +233,18 @@ class ImagePipeline(Pipeline):
             from .merging import apply_merging
 
             merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed)
+        fast = FastUNet(pipe.unet, choose_backend(device, request.fast, pipe.unet), control,
+                        lambda: pipe.scheduler.timesteps)
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
-            control.step = i + 1
+            control.step = fast.step = i + 1
             out: dict[str, Any] = {}
             if binding is not None and i + 1 < steps and binding.wants(i + 1):
                 embeds = kwargs["prompt_embeds"]
                 half = embeds.shape[0] // 2 if p.do_classifier_free_guidance else 0
-                latents, positive = binding.refine(i + 1, p.scheduler.timesteps[i + 1], kwargs["latents"],
-                                                   embeds[half:])
+                with fast.suspended():
+                    latents, positive = binding.refine(i + 1, p.scheduler.timesteps[i + 1], kwargs["latents"],
+                                                       embeds[half:])
                 out = {"latents": latents, "prompt_embeds": torch.cat([embeds[:half], positive])}
             every = int(request.preview_every)
             if every > 0 and ((i + 1) % every == 0) and i + 1 < steps:
@@ -257,7 +262,8 @@ class ImagePipeline(Pipeline):
             with control:
                 if binding is not None:
                     self.start_binding(pipe, binding, call, generators)
-                images = pipe(**call).images
+                with fast:
+                    images = pipe(**call).images
         finally:
             if merge is not None:
                 from .merging import merging_stats, remove_merging
@@ -274,7 +280,7 @@ class ImagePipeline(Pipeline):
         stats = {"time_s": round(elapsed, 4), "steps_per_s": round(steps / elapsed, 3) if elapsed > 0 else 0.0,
                  "peak_memory_mb": round(peak_memory_mb(device), 1), "images": len(images),
                  "tokens_merged": int(info.get("tokens_merged", 0)),
-                 "biased_attention_calls": len(control.applied)}
+                 "biased_attention_calls": len(control.applied), **fast.stats()}
         if binding is not None:
             stats["binding_groups"] = len(binding.groups)
             stats["binding_refinement_iterations"] = len(binding.history)

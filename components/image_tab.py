@@ -76,6 +76,9 @@ def build(pipeline: ImagePipeline) -> None:
             with gr.Accordion("Token merging for speed", open=False):
                 merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
             heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder="hat, car")
+            fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
+                               info="CUDA graphs on a GPU, controls and merging kept; capture_s in the stats "
+                                    "the first time; eager on CPU and ZeroGPU")
             stats = stats_panel()
     gr.Examples(EXAMPLES, inputs=[prompt, lpa, isolate])
 
@@ -83,7 +86,7 @@ def build(pipeline: ImagePipeline) -> None:
     def generate_image(prompt_text, negative_text, model_name, scheduler_name, steps_value, cfg_value, width_value,
                        height_value, batch_value, seed_value, compare_value, binding_value, ets_value, lpa_value,
                        style_text, low_value, high_value, isolate_text, ratio_value, heatmap_text,
-                       compass_text, compass_choice, request: gr.Request) -> Iterator[tuple]:
+                       compass_text, compass_choice, fast_value, request: gr.Request) -> Iterator[tuple]:
         image_request = ImageRequest(
             prompt=prompt_text, negative_prompt=negative_text or "", model=model_name or "",
             scheduler=scheduler_name or "default", steps=int(number(steps_value, 30)), cfg=number(cfg_value, 7.5),
@@ -93,6 +96,7 @@ def build(pipeline: ImagePipeline) -> None:
             style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
             isolate=isolate_text or "", merge_ratio=number(ratio_value, 0.0), heatmap_words=heatmap_text or "",
             compass=compass_text or "", compass_encoder=compass_choice or "phrase",
+            fast=True if fast_value is None else bool(fast_value),
         )
         for event in run_pipeline(pipeline, image_request, request):
             if isinstance(event, Partial):
@@ -104,7 +108,8 @@ def build(pipeline: ImagePipeline) -> None:
                 yield (event.value, event.metadata.get("baseline", []), [tuple(h) for h in heat], event.stats)
 
     inputs = [prompt, negative, model, scheduler, steps, cfg, width, height, batch, seed, compare, binding, ets_step,
-              lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words, compass_json, compass_encoder]
+              lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words, compass_json, compass_encoder,
+              fast]
     outputs = [images, baseline, heatmaps, stats]
     event = generate.click(generate_image, inputs=inputs, outputs=outputs, api_name="generate_image", **GPU_LANE)
     stop.click(stop_session, cancels=[event], api_visibility="private")

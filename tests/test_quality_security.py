@@ -1,0 +1,127 @@
+"""Share-link security: auth on UI and API, no error details on shared apps, files limited to the output dir,
+no remote code, upload size limits."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from app import MAX_UPLOAD_SIZE, SHARE_WITHOUT_AUTH_WARNING, launch_options, parse_args
+from quality_support import (
+    REPO, client_for, free_port, registered_tasks, shared_app, start_app_process, stop_process,
+)
+
+
+@pytest.mark.slow
+def test_share_without_auth_prints_a_warning_at_startup():
+    command = [sys.executable, "app.py", "--preset", "tiny", "--share", "--port", str(free_port())]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, seen = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "without --auth" not in seen:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            seen += line
+        assert SHARE_WITHOUT_AUTH_WARNING.split(" makes")[0] in seen, seen[-2000:]
+    finally:
+        stop_process(process)
+
+
+def test_error_details_are_hidden_on_shared_apps_and_uploads_are_capped():
+    shared = launch_options(parse_args(["--share", "--auth", "u:p"]))
+    local = launch_options(parse_args([]))
+    assert shared["show_error"] is False and local["show_error"] is True
+    assert shared["auth"] == ("u", "p")
+    assert shared["max_file_size"] == local["max_file_size"] == MAX_UPLOAD_SIZE
+
+
+@pytest.fixture(scope="module")
+def auth_app():
+    """The CLI app with --auth, in a subprocess."""
+    process, url = start_app_process("--auth", "alice:s3cret-pass")
+    yield url
+    stop_process(process)
+
+
+@pytest.mark.slow
+def test_auth_refuses_unauthenticated_ui_and_api(auth_app):
+    from gradio_client import Client
+
+    task = registered_tasks()[0]
+    page = httpx.get(auth_app, timeout=30).text
+    config = json.loads(re.search(r"window\.gradio_config = (\{.*?\});</script>", page).group(1))
+    assert config["auth_required"] is True and config["components"] == [] and config["dependencies"] == [], (
+        "the UI is served without logging in")
+    assert httpx.get(f"{auth_app}config", timeout=30).status_code in (401, 403)
+    assert httpx.get(f"{auth_app}gradio_api/info", timeout=30).status_code in (401, 403)
+    raw = httpx.post(f"{auth_app}gradio_api/call/generate_{task}", json={"data": ["hi"]}, timeout=30)
+    assert raw.status_code in (401, 403), f"raw API call without credentials answered {raw.status_code}"
+    with pytest.raises(Exception):
+        Client(auth_app, verbose=False)
+    with pytest.raises(Exception):
+        Client(auth_app, verbose=False, auth=("alice", "wrong-pass"))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="gradio 6.31 embeds the API schema (window.gradio_api_info) in the login "
+                   "page although /gradio_api/info requires login; upstream, nothing callable leaks")
+def test_login_page_does_not_describe_the_api(auth_app):
+    assert "named_endpoints" not in httpx.get(auth_app, timeout=30).text
+
+
+@pytest.mark.slow
+def test_auth_admits_the_right_credentials(auth_app):
+    client = client_for(auth_app, auth=("alice", "s3cret-pass"))
+    text, stats = client.predict("hello", "", "", "vanilla", 3, 0.0, 1.0, 1, api_name="/generate_text")
+    assert stats["tokens"] >= 1
+    login = httpx.post(f"{auth_app}login", data={"username": "alice", "password": "s3cret-pass"}, timeout=30)
+    assert login.status_code == 200
+    assert "generate_text" in httpx.get(f"{auth_app}config", cookies=login.cookies, timeout=30).text
+
+
+@pytest.mark.parametrize("path", [
+    "/etc/passwd", "../../../../../../etc/passwd", "%2Fetc%2Fpasswd", str(REPO / "app.py"), "app.py",
+    str(REPO / ".git" / "config"), str(REPO / "tests" / "data" / "bad_inputs.json"),
+])
+def test_served_files_are_limited_to_the_output_dir(path):
+    base = shared_app().url.rstrip("/")
+    response = httpx.get(f"{base}/gradio_api/file={path}", timeout=30)
+    assert response.status_code in (403, 404), f"{path} was served ({response.status_code})"
+    assert "root:" not in response.text and "import" not in response.text
+
+
+def test_files_in_the_output_dir_are_served():
+    from pipelines.outputs import output_dir
+
+    probe = output_dir() / "quality-gate-probe.txt"
+    probe.write_text("served")
+    base = shared_app().url.rstrip("/")
+    assert httpx.get(f"{base}/gradio_api/file={probe}", timeout=30).text == "served"
+
+
+def test_oversize_upload_is_refused_and_the_server_keeps_serving(tmp_path):
+    base = shared_app().url.rstrip("/")
+    limit = int(re.match(r"(\d+)mb", MAX_UPLOAD_SIZE).group(1)) * 1_000_000
+    big = b"\0" * (limit + 2_000_000)
+    refused = httpx.post(f"{base}/gradio_api/upload", files={"files": ("big.png", big)}, timeout=60)
+    assert refused.status_code == 413, f"an upload over {MAX_UPLOAD_SIZE} got {refused.status_code}"
+    small = httpx.post(f"{base}/gradio_api/upload", files={"files": ("small.png", b"\x89PNG")}, timeout=60)
+    assert small.status_code == 200
+    client = client_for(shared_app().url)
+    assert client.predict("ok", "", "", "vanilla", 2, 0.0, 1.0, 1, api_name="/generate_text")[1]["tokens"] >= 1
+
+
+def test_no_code_path_enables_remote_code():
+    offenders = []
+    for path in [REPO / "app.py", *REPO.glob("pipelines/**/*.py"), *REPO.glob("components/**/*.py"),
+                 *REPO.glob("benchmarks/**/*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"trust_remote_code\s*=\s*(?!False\b)", line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "remote code must never be enabled:\n" + "\n".join(offenders)

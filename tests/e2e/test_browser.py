@@ -1,0 +1,138 @@
+"""Every tab in headless Chromium, as a person uses it, against `python app.py --preset tiny`.
+
+Debian's chromium with Python playwright (no browser download). Screenshots: .test-outputs/screenshots/.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from quality_support import ARTEFACTS, registered_tasks, start_app_process, stop_process
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+SHOTS = ARTEFACTS / "screenshots"
+DONE_TIMEOUT_MS = 180_000
+
+
+@dataclass(frozen=True)
+class BrowserTab:
+    """How a person drives a tab: its text box, the numbers they would change, what shows the result."""
+
+    label: str
+    text: str  # CSS of the main text box
+    output: str  # CSS of the element that shows the result
+    prompt: str
+    quick: dict[str, str] = field(default_factory=dict)  # number inputs (by label) for a fast run
+    long: dict[str, str] = field(default_factory=dict)  # number inputs for a run long enough to Stop
+    long_prompt: str = ""
+
+
+TABS = {
+    "text": BrowserTab("Text", "#text-prompt textarea", "#text-output textarea", "A red hat and a blue car.",
+                       quick={"Max new tokens": "16"}, long={"Max new tokens": "480"}, long_prompt="1 2 3 4 5"),
+    "image": BrowserTab("Image", "#image-prompt textarea", "#image-output img", "a [red hat] and a [blue car]",
+                        quick={"Steps": "2"}, long={"Steps": "150"}),
+    "video": BrowserTab("Video", "#video-prompt textarea", "#video-output video", "a red fox in snow",
+                        quick={"Frames": "2", "Steps": "1"}, long={"Frames": "16", "Steps": "100"}),
+    "speech": BrowserTab("Speech", "#speech-text textarea", "#speech-final audio", "Hi.",
+                         long={"Temperature (0 = greedy)": "0"},
+                         long_prompt="The quick brown fox jumps over the lazy dog. " * 3),
+    "song": BrowserTab("Song", "#song-lyrics textarea", "#song-final audio", "[verse]\nla la la\n",
+                       quick={"Duration (s)": "1"}, long={"Duration (s)": "20"}),
+}
+TASKS = registered_tasks()
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    process, url = start_app_process()
+    yield url
+    stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.fail("Debian chromium is missing: run `make setup-browser` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+def open_tab(browser, url: str, task: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name=TABS[task].label, exact=True).click()
+    page.wait_for_selector(TABS[task].text, timeout=60_000)
+    return page
+
+
+def set_numbers(page, task: str, values: dict[str, str]) -> None:
+    panel = page.locator(f"#tab-{task}")
+    for label, value in values.items():
+        box = panel.get_by_label(f"number input for {label}", exact=True)
+        if not box.count():
+            box = panel.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Tab")
+
+
+def test_every_registered_tab_is_driven_by_the_browser_gate():
+    assert set(TASKS) <= set(TABS), f"add a BrowserTab for {sorted(set(TASKS) - set(TABS))}"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tab_generates_stops_and_shows_errors_in_the_browser(browser, app_url, task):
+    from playwright.sync_api import expect
+
+    tab = TABS[task]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = open_tab(browser, app_url, task)
+    panel = page.locator(f"#tab-{task}")
+    generate, stop = page.locator(f"#{task}-generate"), page.locator(f"#{task}-stop")
+
+    # Stop mid-generation: the long run never reports its stats, and the tab is free again right away.
+    set_numbers(page, task, tab.long)
+    page.locator(tab.text).fill(tab.long_prompt or tab.prompt)
+    generate.click()
+    expect(panel.locator(".progress-text, .eta-bar, .generating").first).to_be_visible(timeout=60_000)
+    time.sleep(1.0)
+    stop.click()
+    stopped_at = time.monotonic()
+    expect(panel.locator(".progress-text, .eta-bar, .generating")).to_have_count(0, timeout=15_000)
+    stop_s = time.monotonic() - stopped_at
+    page.screenshot(path=str(SHOTS / f"{task}-stopped.png"), full_page=True)
+    assert "time_s" not in panel.inner_text(), "the stopped run still finished and reported stats"
+    assert stop_s < 10, f"the {task} tab was busy {stop_s:.1f} s after Stop"
+
+    # A bad input: an empty prompt shows an error toast and nothing runs.
+    page.locator(tab.text).fill("   ")
+    generate.click()
+    toast = page.get_by_test_id("toast-body")
+    expect(toast.first).to_be_visible(timeout=30_000)
+    expect(toast.first).to_contain_text("empty", ignore_case=True)
+    page.screenshot(path=str(SHOTS / f"{task}-error.png"), full_page=True)
+    page.locator("[data-testid='toast-close']").first.click()
+
+    # A person's quick run: the output appears with its stats.
+    set_numbers(page, task, tab.quick)
+    page.locator(tab.text).fill(tab.prompt)
+    generate.click()
+    expect(panel).to_contain_text("time_s", timeout=DONE_TIMEOUT_MS)
+    output = page.locator(tab.output).first
+    expect(output).to_be_attached(timeout=30_000)
+    if task == "text":
+        assert output.input_value().strip(), "the text output stayed empty"
+    page.screenshot(path=str(SHOTS / f"{task}.png"), full_page=True)
+    page.close()

@@ -97,7 +97,7 @@ class StaticBiases:
                 self.layers[name] = chosen
         self.anchor = {i: name for name, chosen in reversed(self.layers.items()) for i in chosen}
         self.buffers: dict[Any, Any] = {}
-        self.shapes: dict[str, tuple[int, int, int]] = {}  # layer -> (batch, queries, keys), in call order
+        self.shapes: dict[str, tuple] = {}  # layer -> its masks' key in ``buffers``, in call order
         self._patterns: dict[tuple[bool, ...], torch.Tensor] = {}
         self.gates: tuple[bool, ...] = ()
 
@@ -137,7 +137,7 @@ class StaticBiases:
         masks = self.buffers.get(key)
         if masks is None:
             masks = self.buffers[key] = self.masks(name, batch, queries, keys, device, dtype)
-        self.shapes.setdefault(name, (batch, queries, keys))
+        self.shapes.setdefault(name, key)
         on = self.buffers["gates"].index_select(0, masks.index)[:, None] & masks.rows
         cells = on[:, :, None, None] & masks.queries[:, None, :, None] & masks.keys[:, None, None, :]
         return torch.where(cells, masks.values[:, None, None, None], 0).sum(0)[:, None]
@@ -174,10 +174,8 @@ class StaticBiases:
 
     def record_applied(self, step: int, timestep: float | None) -> None:
         """What ``build_bias`` would have appended for this call (a replay runs no Python)."""
-        for name in self.shapes:
-            batch, queries, keys = self.shapes[name]
-            masks = next((m for k, m in self.buffers.items() if isinstance(m, LayerMasks) and k[:4] ==
-                          (name, batch, queries, keys)), None)
+        for name, key in self.shapes.items():
+            masks = self.buffers.get(key)
             if masks is None:
                 continue
             for i, (label, tokens, count) in zip(self.layers[name], masks.applied):
@@ -268,6 +266,7 @@ class FastUNet:
         unet._forward_pre_hooks_with_kwargs.clear()
         unet.forward = self.forward
         self._params = [p for p in unet.parameters()]
+        self._checked: set[int] = set()
         if self.control is not None and self.control._saved is None:  # installed nothing: stock processors
             self.control = None
         self._static = StaticBiases(self.control) if self.control is not None else None
@@ -363,9 +362,12 @@ class FastUNet:
             self._context = self._context_key()
         key = (spec, self._context)
         entry = self.cache.get(key)
-        if entry is not None and not all(ref() is p for ref, p in zip(entry.params, self._params)):
-            del self.cache[key]
-            entry = None
+        if entry is not None and id(entry) not in self._checked:  # same weights, not new ones at old addresses
+            if all(ref() is p for ref, p in zip(entry.params, self._params)):
+                self._checked.add(id(entry))
+            else:
+                del self.cache[key]
+                entry = None
         static = self._static
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if control is not None:

@@ -1,0 +1,272 @@
+"""Served per-step time of the denoising loop, eager vs the fast path (pipelines/image/fast.py), with the controls.
+
+Random weights of the real architectures (SD1.5 and SDXL UNets from benchmarks/image_speed.py, AnimateDiff
+v1-5-3 from benchmarks/video_speed.py; config dicts, no Hub), fp16 on CUDA, CFG batch of 2. A "step" is what
+diffusers' loop does per step: CFG concat, ``scale_model_input``, the UNet call, guidance, ``scheduler.step``
+(DDIM), and advancing the control's step counter; previews and progress callbacks are left out. Configurations:
+plain, token merging (r=0.5, the app's merge-only-where-it-pays threshold), LPA (content/style -inf routing,
+t in [300, 650]), Compass CALL (two boxed objects), and all three together. The leakage fix and ToMe's
+composite tokens only change the text embedding, so their per-step cost is the plain one.
+
+For each (model, size): ``unet graph`` is the GPU-bound anchor (the plain UNet call captured once and replayed,
+as benchmarks/image_speed.py); then every configuration runs the same loop eager and through the fast path,
+interleaved in rotating order, each timed with CUDA events over ``--steps`` steps after a warm-up round
+(which also captures the graphs, reported as ``capture_s``), median of ``--repeats``. ``max_abs_diff`` compares
+the final latents of the eager and fast loops from the same seed and noise.
+
+    python benchmarks/denoise_speed.py --device cuda --json benchmarks/results/denoise_speed_h200.json
+    python benchmarks/denoise_speed.py --tiny --json /tmp/denoise_speed_tiny.json        # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.image_speed import SD15_UNET, SDXL_UNET, TINY, Runner, timer  # noqa: E402
+from benchmarks.video_speed import ADAPTER_V153, TINY_ADAPTER, TINY_UNET  # noqa: E402
+from pipelines.image.attention import AttentionControl  # noqa: E402
+from pipelines.image.compass import CompassObject, CompassPrompt, localisation_biases  # noqa: E402
+from pipelines.image.fast import FastUNet  # noqa: E402
+from pipelines.image.lpa import route_style_tokens  # noqa: E402
+from pipelines.image.merging import apply_merging, merging_stats, remove_merging  # noqa: E402
+
+TEXT_TOKENS = 77
+CONFIGS = ("plain", "merge", "lpa", "compass", "lpa+compass+merge")
+# tomesd 0.1.3 on an H200, GPU-bound merged/vanilla (issue 4): what merging on the fast path must beat.
+TOMESD_ANCHOR = {"sd15": {512: 1.05, 1024: 0.87, 2048: 0.60}, "sdxl": {2048: 0.92}}
+# SD1.5 / AnimateDiff scheduler (scaled-linear betas); DDIM keeps the step cheap and deterministic.
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def build_unet(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype):
+    """Random-weight UNet initialised on the device (fast even for SDXL's 2.6 B parameters)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        if arch == "animatediff":
+            base = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+            unet = UNetMotionModel.from_unet2d(base, MotionAdapter(**(TINY_ADAPTER if tiny else ADAPTER_V153)))
+        else:
+            unet = UNet2DConditionModel(**(TINY[arch] if tiny else {"sd15": SD15_UNET, "sdxl": SDXL_UNET}[arch]))
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def loop_inputs(unet, arch: str, size: int, frames: int, device, dtype) -> dict:
+    """Initial latents (one image or video, CFG doubles it) and the text conditioning of the loop."""
+    g = torch.Generator().manual_seed(size)
+    side = size // 8
+    shape = (1, 4, frames, side, side) if arch == "animatediff" else (1, 4, side, side)
+    rows = 2 * frames if arch == "animatediff" else 2
+    inputs = {"latents": torch.randn(*shape, generator=g).to(device, dtype),
+              "encoder_hidden_states": torch.randn(rows, TEXT_TOKENS, unet.config.cross_attention_dim,
+                                                   generator=g).to(device, dtype)}
+    if unet.config.get("addition_embed_type") == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pooled, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=dtype, device=device)}
+    return inputs
+
+
+def make_control(unet, config: str) -> AttentionControl | None:
+    """The config's attention controls, as the image tab sets them up (token positions of a typical prompt)."""
+    control = AttentionControl(unet)
+    if "lpa" in config:  # "a cat and a dog on a bench in watercolor style": content 2-9, style 11
+        control.biases.extend(route_style_tokens(control.layers, [2, 3, 5, 6, 8, 9], [11]))
+    if "compass" in config:
+        objects = [CompassObject("cat", 90.0, (0.0, 0.3, 0.5, 0.9)), CompassObject("dog", 270.0, (0.5, 0.3, 1.0, 0.9))]
+        control.biases.extend(localisation_biases(CompassPrompt("", [(2, 3), (5, 6)]), objects))
+    return control if control.biases else None
+
+
+def denoise(unet, scheduler, inputs: dict, steps: int, guidance: float, control, fast) -> torch.Tensor:
+    """diffusers' loop body (CFG, scale, UNet, guidance, scheduler step) for ``steps`` steps."""
+    scheduler.set_timesteps(steps, device=inputs["latents"].device)
+    latents = inputs["latents"] * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise = unet(model_input, t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                     added_cond_kwargs=inputs.get("added_cond_kwargs"), return_dict=False)[0]
+        uncond, cond = noise.chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, return_dict=False)[0]
+        if control is not None:
+            control.step = i + 1
+        if fast is not None:
+            fast.step = i + 1
+    return latents
+
+
+class Case:
+    """One configuration in one mode (``eager``: the stock call; ``fast-<backend>``: through ``FastUNet``);
+    ``run()`` is one timed loop."""
+
+    def __init__(self, unet, config: str, mode: str, inputs: dict, args) -> None:
+        from diffusers import DDIMScheduler
+
+        self.unet, self.config, self.mode, self.inputs, self.args = unet, config, mode, inputs, args
+        self.name = f"{config} {mode}"
+        self.scheduler = DDIMScheduler(**SCHEDULER)
+        self.capture_s = 0.0
+        self.merged = 0
+
+    def run(self) -> torch.Tensor:
+        unet, args = self.unet, self.args
+        control = make_control(unet, self.config)
+        with ExitStack() as stack:
+            if "merge" in self.config:
+                apply_merging(unet, 0.5, seed=0, min_tokens=args.min_tokens)
+                stack.callback(remove_merging, unet)
+            if control is not None:
+                stack.enter_context(control)
+            fast = None
+            if self.mode != "eager":
+                backend = self.mode.removeprefix("fast-")
+                fast = stack.enter_context(FastUNet(unet, backend, control, lambda: self.scheduler.timesteps))
+            out = denoise(unet, self.scheduler, self.inputs, args.steps, 7.5, control, fast)
+            self.merged = merging_stats(unet)["tokens_merged_per_call"]
+        if fast is not None:
+            self.capture_s += fast.capture_s
+        return out
+
+
+def anchor_ms(unet, inputs: dict, args, device) -> float | None:
+    """GPU-bound time of the plain UNet call: captured once, replayed (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    scheduler_t = torch.tensor(500.0, device=device)
+    latents = inputs["latents"]
+    call = {"sample": torch.cat([latents] * 2), "timestep": scheduler_t,
+            "encoder_hidden_states": inputs["encoder_hidden_states"]}
+    if "added_cond_kwargs" in inputs:
+        call["added_cond_kwargs"] = inputs["added_cond_kwargs"]
+    runner = Runner(unet, call, graph=True)
+    measure = timer(device)
+    times = [measure(runner) for _ in range(args.warmup + max(args.repeats, 5))][args.warmup:]
+    del runner
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
+    unet = build_unet(arch, args.tiny, device, dtype)
+    inputs = loop_inputs(unet, arch, size, args.frames, device, dtype)
+    graph_ms = anchor_ms(unet, inputs, args, device)
+    modes = ["eager", *(f"fast-{b}" for b in args.backends)]
+    cases = [Case(unet, config, mode, inputs, args) for config in args.configs for mode in modes]
+    outputs: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {case.name: [] for case in cases}
+    clock = timer(device)
+    for repeat in range(args.warmup + args.repeats):
+        shift = repeat % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            try:
+                elapsed = clock(lambda: outputs.__setitem__(case.name, case.run().float()))
+            except Exception as error:  # a backend that fails (e.g. compile) is reported, not fatal
+                outputs[case.name] = None
+                case.error = f"{type(error).__name__}: {error}"[:300]
+                continue
+            if repeat >= args.warmup:
+                times[case.name].append(elapsed / args.steps)
+    rows = []
+    plain_fast = {mode: statistics.median(times[f"plain {mode}"]) for mode in modes[1:] if times.get(f"plain {mode}")}
+    for case in cases:
+        row = {"method": case.name, "arch": arch, "size": size, "config": case.config, "mode": case.mode,
+               "frames": args.frames if arch == "animatediff" else 1, "batch": 2, "steps": args.steps}
+        if getattr(case, "error", None):
+            rows.append({**row, "error": case.error})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        ms = statistics.median(times[case.name])
+        eager = outputs[f"{case.config} eager"]
+        row.update(ms_per_step=round(ms, 3), ms_min=round(min(times[case.name]), 3),
+                   speedup_vs_eager=round(statistics.median(times[f"{case.config} eager"]) / ms, 3),
+                   tokens_merged_per_call=case.merged)
+        if graph_ms is not None:
+            row["unet_graph_ms"] = round(graph_ms, 3)
+            row["ratio_to_unet_graph"] = round(ms / graph_ms, 3)
+        if case.mode != "eager":
+            row["capture_s"] = round(case.capture_s, 3)
+            row["max_abs_diff_vs_eager"] = float((outputs[case.name] - eager).abs().max())
+            if "merge" in case.config and case.mode in plain_fast:
+                row["ratio_to_plain_same_mode"] = round(ms / plain_fast[case.mode], 3)
+                anchor = TOMESD_ANCHOR.get(arch, {}).get(size)
+                if anchor is not None and case.config == "merge":
+                    row["tomesd_anchor_ratio"] = anchor
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del cases, unet
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--runs", default="sd15:512,sd15:1024,sd15:2048,sdxl:1024,sdxl:2048,sdxl:512,animatediff:512",
+                        help="comma-separated arch:size (arch: sd15, sdxl, animatediff)")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--backends", default=None,
+                        help="fast-path backends to time besides eager: graph, compile (default: graph on CUDA, "
+                             "eager on CPU, where it is the static path with capture disabled)")
+    parser.add_argument("--frames", type=int, default=16, help="AnimateDiff frames")
+    parser.add_argument("--steps", type=int, default=5, help="denoising steps per timed loop")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the fast path captures here)")
+    parser.add_argument("--min-tokens", type=int, default=None, help="merging threshold (default: the app's)")
+    parser.add_argument("--tiny", action="store_true", help="tiny channels, same block layout (CPU check)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    args.backends = (args.backends or ("graph" if device.type == "cuda" else "eager")).split(",")
+    args.configs = args.configs.split(",")
+    if args.min_tokens is None:
+        from pipelines.image.merging import DEFAULT_MIN_TOKENS
+
+        args.min_tokens = 0 if args.tiny else DEFAULT_MIN_TOKENS
+    started = time.perf_counter()
+    rows = []
+    for run in args.runs.split(","):
+        arch, size = run.split(":")
+        rows += measure(arch, int(size), args, device, dtype)
+    report = {
+        "benchmark": "denoise_speed",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": "SD1.5 / SDXL UNet2DConditionModel and AnimateDiff UNetMotionModel (v1-5-3), random weights"
+                 + (" (tiny channels)" if args.tiny else ""),
+        "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "text_tokens": TEXT_TOKENS,
+                     "steps_per_loop": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+                     "backends": args.backends, "configs": args.configs, "frames": args.frames,
+                     "merge": f"r=0.5, min_tokens={args.min_tokens}", "scheduler": "DDIM",
+                     "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
+                     "timing": "median ms per served step (CUDA events around the loop on GPU); configurations "
+                               "and modes interleaved in rotating order",
+                     "tomesd_anchor": TOMESD_ANCHOR},
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "rows": rows,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,1 +1,33 @@
-"""Lossless multi-token decoding shared by the text, speech and song tabs."""
+"""Lossless multi-token decoding shared by the text, speech and song tabs.
+
+One verifier, many drafters (reference: /work/shared/reference/text-decoding.md).
+
+Public API
+----------
+``plain.plain_decode(model, input_ids, max_new_tokens, config, eos_ids, cancel=None, stats=None)``
+    The baseline: one token per forward. Yields ``[token]`` lists.
+``verify.speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, drafter, cancel=None,
+stats=None, forward=None)``
+    Same contract, but each step drafts a ``TokenTree``, verifies it in one forward (float additive 4D
+    ancestor mask, ``position_ids = P + depth``) and yields the accepted run (accepted drafts + the bonus
+    token). Greedy output is identical to ``plain_decode``; with ``temperature > 0`` the verifier samples at
+    each node from the same processed logits and follows the matching child (lossless; with the same seed it
+    even draws the same tokens). Stops at EOS inside a run, never exceeds ``max_new_tokens``, checks
+    ``cancel`` every step and fills ``DecodeStats`` (forwards, tokens, τ, drafting time).
+``verify.CausalLMForward(model, tree_attention=True, embed=None)``
+    How the core calls a model. Any causal LM whose forward takes ``input_ids`` (or ``inputs_embeds``: pass
+    ``embed``), ``attention_mask`` (4D float), ``position_ids`` and a transformers cache and returns
+    ``.logits`` works; subclass ``__call__`` for models with another head. ``tree_attention=False`` is the
+    chain-only mode for attention code that cannot take a 4D mask: trees are cut to their first chain and
+    verified under the model's own causal mask. Cache rollback uses only ``cache.crop(-k)`` plus re-feeding.
+``verify.Drafter``
+    ``propose(context) -> TokenTree`` (root = ``context[-1]``), ``update(tree, logits, accepted)``, and
+    optional ``start(prompt)`` / ``finish()``.
+``tree.TokenTree(tokens, parents)``
+    ``TokenTree.chain(root, draft)`` for chain drafters; ``truncated``, ``first_chain``, ``children``.
+
+Drafters: ``recycling.TokenRecycling`` (``shared_recycler(model)``: the [vocab, 8] matrix kept per model),
+``lookahead.LookaheadTrie`` (``shared_trie(model)``), ``prompt_lookup.PromptLookup``,
+``draft_model.DraftModel(small_model)``. Tree size per device: ``hardware.step_costs(model, profile)`` and
+``hardware.pick_tree_size(rates, costs)``.
+"""

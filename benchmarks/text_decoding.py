@@ -1,0 +1,251 @@
+"""Lossless multi-token decoding vs vanilla and transformers' own prompt lookup, on one model, in one run.
+
+    python benchmarks/text_decoding.py --model smollm2-135m --prompts benchmarks/prompts/mixed39.jsonl \
+        --methods vanilla,hf-pld,recycling,lookahead,pld --max-new-tokens 128 --tree-profile auto \
+        --json benchmarks/results/text_decoding_cpu.json
+
+Greedy, batch 1. After a warm-up on the first prompt, methods run interleaved per prompt (their order
+rotates from prompt to prompt). Per method and category: tokens/s (mean of per-prompt tok/s, as
+Spec-Bench), τ (tokens per forward), speed-up vs vanilla in the same run, fraction of outputs identical to
+vanilla, and the share of step time spent drafting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.decoding.draft_model import DraftModel  # noqa: E402
+from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size, step_costs  # noqa: E402
+from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie  # noqa: E402
+from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
+from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
+from pipelines.decoding.recycling import shared_recycler  # noqa: E402
+from pipelines.decoding.verify import speculative_decode  # noqa: E402
+from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
+
+METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "draft")
+HF_PLD_TOKENS = 10  # the value transformers' docs use for prompt_lookup_num_tokens
+
+
+def resolve(name: str) -> str:
+    """A packaged alias (smollm2-135m, gemma3-270m), a local folder or a Hub id."""
+    if name in PACKAGED_RESOLVERS:
+        location = PACKAGED_RESOLVERS[name]()
+        if location is None:
+            raise SystemExit(f"The packaged model {name!r} is not installed (see requirements-weights.txt).")
+        return location
+    return name
+
+
+def load(name: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = resolve(name)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), tokenizer
+
+
+def read_prompts(path: str) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            text = item["turns"][0] if "turns" in item else item["prompt"]
+            rows.append({"prompt": text, "category": item.get("category", "all")})
+    return rows
+
+
+def encode(tokenizer, text: str, device: str) -> torch.Tensor:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_dict=False)
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return torch.tensor([list(ids)], device=device)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+class ForwardCounter:
+    """Counts the model's forward calls (for hf-pld, whose generate() does not report them)."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+
+class Runner:
+    def __init__(self, model, tokenizer, args, draft=None) -> None:
+        self.model, self.tokenizer, self.args, self.draft = model, tokenizer, args, draft
+        self.eos = eos_ids(model, tokenizer)
+        self.counter = ForwardCounter(model)
+        self.recycler = shared_recycler(model)
+        self.nodes = len(self.recycler.template)
+
+    def pick_tree(self) -> dict:
+        """Tree size for this device: the measured (or H200) cost curve against the acceptance rates the
+        recycler has measured so far."""
+        costs = step_costs(self.model, self.args.tree_profile)
+        self.nodes = pick_tree_size(self.recycler.acceptance_rates(), costs)
+        self.recycler.resize(self.nodes)
+        return {"tree_nodes": self.nodes, "step_cost_s": {str(n): round(c, 6) for n, c in costs.items()}}
+
+    def drafter(self, method: str):
+        if method == "recycling":
+            return self.recycler
+        if method == "lookahead":
+            return LookaheadTrie(LookaheadConfig(decoding_length=min(LookaheadConfig.decoding_length, self.nodes)),
+                                 shared_trie(self.model))
+        if method == "pld":
+            return PromptLookup()
+        if method == "draft":
+            return DraftModel(self.draft)
+        raise ValueError(method)
+
+    @torch.inference_mode()
+    def run(self, method: str, input_ids: torch.Tensor) -> dict:
+        max_new = self.args.max_new_tokens
+        stats = DecodeStats()
+        if method == "hf-pld":
+            before = self.counter.calls
+            started = time.perf_counter()
+            out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                      max_new_tokens=max_new, prompt_lookup_num_tokens=HF_PLD_TOKENS,
+                                      eos_token_id=sorted(self.eos), pad_token_id=sorted(self.eos)[0],
+                                      temperature=None, top_p=None, top_k=None)
+            elapsed = time.perf_counter() - started
+            tokens = out[0, input_ids.shape[1]:].tolist()
+            forwards = self.counter.calls - before
+        else:
+            if method == "vanilla":
+                steps = plain_decode(self.model, input_ids, max_new, SamplingConfig(), self.eos, stats=stats)
+            else:
+                steps = speculative_decode(self.model, input_ids, max_new, SamplingConfig(), self.eos,
+                                           self.drafter(method), stats=stats)
+            started = time.perf_counter()
+            tokens = [t for run in steps for t in run]
+            elapsed = time.perf_counter() - started
+            forwards = stats.forwards
+        return {"tokens": tokens, "time_s": elapsed, "forwards": forwards,
+                "draft_s": stats.draft_s, "step_s": stats.step_s}
+
+
+def summarise(records: list[dict], methods: list[str]) -> list[dict]:
+    rows = []
+    categories = ["all"] + sorted({r["category"] for r in records})
+    for category in categories:
+        chosen = [r for r in records if category == "all" or r["category"] == category]
+        speed = {}
+        for method in methods:
+            runs = [r[method] for r in chosen]
+            speed[method] = statistics.mean(len(x["tokens"]) / x["time_s"] for x in runs)
+        for method in methods:
+            runs = [r[method] for r in chosen]
+            step_s = sum(x["step_s"] for x in runs)
+            rows.append({
+                "method": method,
+                "category": category,
+                "prompts": len(chosen),
+                "tokens_per_s": round(speed[method], 3),
+                "tau": round(sum(len(x["tokens"]) for x in runs) / sum(x["forwards"] for x in runs), 3),
+                "speedup": round(speed[method] / speed["vanilla"], 3),
+                "identical_fraction": round(statistics.mean(x["tokens"] == r["vanilla"]["tokens"]
+                                                            for x, r in zip(runs, chosen)), 3),
+                "draft_share": round(sum(x["draft_s"] for x in runs) / step_s, 4) if step_s else None,
+            })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Hub id, local folder, or smollm2-135m / gemma3-270m")
+    parser.add_argument("--prompts", required=True, help="jsonl: 'turns' (first element) or 'prompt', optional 'category'")
+    parser.add_argument("--methods", default="vanilla,hf-pld,recycling,lookahead,pld")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--tree-profile", default="auto", choices=TREE_PROFILES,
+                        help="tree size from this device's measured step cost (auto/cpu) or the H200 curve (gpu)")
+    parser.add_argument("--draft-model", default="", help="for method 'draft': a smaller model with the same tokenizer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+    parser.add_argument("--stride", type=int, default=1, help="use every N-th prompt (keeps every category)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default); 1 avoids thread thrashing on a shared CPU")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown or "vanilla" not in methods:
+        raise SystemExit(f"--methods must include vanilla and only use {', '.join(METHODS)}; got {sorted(unknown)}")
+    model, tokenizer = load(args.model, args.device)
+    draft = None
+    if "draft" in methods:
+        if not args.draft_model:
+            raise SystemExit("Method 'draft' needs --draft-model (a smaller model with the same tokenizer).")
+        draft, _ = load(args.draft_model, args.device)
+    prompts = read_prompts(args.prompts)[::args.stride]
+    if args.limit:
+        prompts = prompts[:args.limit]
+    runner = Runner(model, tokenizer, args, draft)
+
+    warm = encode(tokenizer, prompts[0]["prompt"], args.device)
+    for method in methods:  # warm-up: kernels, allocator, and the recycler's acceptance estimate
+        runner.run(method, warm)
+    tree = runner.pick_tree()
+    print(f"tree: {tree['tree_nodes']} nodes", flush=True)
+
+    records = []
+    for i, item in enumerate(prompts):
+        input_ids = encode(tokenizer, item["prompt"], args.device)
+        order = methods[i % len(methods):] + methods[:i % len(methods)]
+        record = {"category": item["category"]}
+        for method in order:
+            record[method] = runner.run(method, input_ids)
+        records.append(record)
+        line = "  ".join(f"{m} {len(record[m]['tokens']) / record[m]['time_s']:.1f}" for m in methods)
+        print(f"[{i + 1}/{len(prompts)}] {item['category']}: {line} tok/s", flush=True)
+
+    result = {
+        "benchmark": "text_decoding",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": args.model,
+        "settings": {"methods": methods, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
+                     "prompts_file": args.prompts, "tree_profile": args.tree_profile, "greedy": True, "stride": args.stride,
+                     "hf_pld_tokens": HF_PLD_TOKENS, **tree},
+        "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "rows": summarise(records, methods),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    for row in result["rows"]:
+        if row["category"] == "all":
+            print(row)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end on tiny sizes and write the agreed JSON shape."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import step_cost  # noqa: E402
+import text_decoding  # noqa: E402
+
+
+def test_step_cost_writes_a_curve_for_every_size(tmp_path):
+    out = tmp_path / "step.json"
+    step_cost.main(["--device", "cpu", "--configs", "tiny", "--context", "16", "--repeats", "1",
+                    "--sizes", "1,4,16", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert {"benchmark", "device", "model", "settings", "command", "rows"} <= set(data)
+    assert [r["query_tokens"] for r in data["rows"]] == [1, 4, 16]
+    assert data["rows"][0]["ratio_to_one_token"] == 1.0
+
+
+def test_text_decoding_rows_compare_against_vanilla_in_the_same_run():
+    def record(category, vanilla_tokens, fast_tokens, fast_time):
+        return {"category": category,
+                "vanilla": {"tokens": vanilla_tokens, "time_s": 2.0, "forwards": len(vanilla_tokens), "draft_s": 0.0, "step_s": 2.0},
+                "pld": {"tokens": fast_tokens, "time_s": fast_time, "forwards": 2, "draft_s": 0.1, "step_s": fast_time}}
+
+    rows = text_decoding.summarise([record("math", [1, 2, 3, 4], [1, 2, 3, 4], 1.0),
+                                    record("qa", [5, 6, 7, 8], [5, 6, 7, 9], 2.0)], ["vanilla", "pld"])
+    overall = {r["method"]: r for r in rows if r["category"] == "all"}
+    assert overall["vanilla"]["speedup"] == 1.0 and overall["pld"]["speedup"] == 1.5
+    assert overall["pld"]["tau"] == 2.0 and overall["pld"]["identical_fraction"] == 0.5
+    math = next(r for r in rows if r["category"] == "math" and r["method"] == "pld")
+    assert math["speedup"] == 2.0 and math["identical_fraction"] == 1.0
+
+
+def test_prompt_file_has_39_prompts_over_12_categories():
+    rows = text_decoding.read_prompts(str(Path(__file__).resolve().parents[1] / "benchmarks/prompts/mixed39.jsonl"))
+    assert len(rows) == 39 and len({r["category"] for r in rows}) == 12

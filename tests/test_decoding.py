@@ -205,9 +205,9 @@ class ChainOracle(OracleDrafter):
 
 
 class CacheSpy(CausalLMForward):
-    def __call__(self, ids, position_ids, mask, cache):
+    def __call__(self, ids, position_ids, mask, cache, keep=None):
         self.cache = cache
-        return super().__call__(ids, position_ids, mask, cache)
+        return super().__call__(ids, position_ids, mask, cache, keep)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

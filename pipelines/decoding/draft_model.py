@@ -37,7 +37,7 @@ class DraftModel(Drafter):
         for _ in range(self.num_tokens):
             past = self.cache.get_seq_length()
             positions = torch.arange(past, past + len(step), device=self.forward.device)[None]
-            logits = self.forward(step, positions, None, self.cache)[-1]
+            logits = self.forward(step, positions, None, self.cache, keep=1)[-1]
             ranked = logits.topk(1 + self.siblings).indices.tolist()
             chain.append(ranked[0])
             alternatives.append(ranked[1:])

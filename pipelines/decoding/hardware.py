@@ -34,7 +34,7 @@ def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: in
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (context + max(sizes),), generator=generator).tolist()
     cache = forward.new_cache()
-    forward(tokens[:context], torch.arange(context, device=forward.device)[None], None, cache)
+    forward(tokens[:context], torch.arange(context, device=forward.device)[None], None, cache, keep=1)
     samples: dict[int, list[float]] = {n: [] for n in sizes}
     # round-robin over sizes so a burst of load from elsewhere hits all sizes alike; first round = warm-up
     for round_ in range(repeats + 1):

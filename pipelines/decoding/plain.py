@@ -44,9 +44,13 @@ class DecodeStats:
         return self.draft_s / self.step_s if self.step_s else 0.0
 
 
+def accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
 def cache_kwarg(model) -> str:
     """transformers 5.24 renames ``past_key_values`` to ``cache`` (old name kept until 5.40)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if accepts(model, "cache") else "past_key_values"
 
 
 def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
@@ -91,13 +95,14 @@ def plain_decode(
     stats = stats if stats is not None else DecodeStats()
     generator = make_generator(config, input_ids.device)
     cache = DynamicCache(config=model.config)
-    kwarg = cache_kwarg(model)
+    kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no LM head over the prompt
+    kwargs[cache_kwarg(model)] = cache
     step_input = input_ids
     for _ in range(max_new_tokens):
         if cancel is not None:
             cancel.raise_if_cancelled()
         started = time.perf_counter()
-        out = model(input_ids=step_input, use_cache=True, **{kwarg: cache})
+        out = model(input_ids=step_input, use_cache=True, **kwargs)
         stats.forwards += 1
         token = choose_token(out.logits[0, -1], config, generator)
         stats.step_s += time.perf_counter() - started

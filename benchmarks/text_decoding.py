@@ -104,13 +104,12 @@ class Runner:
         self.recycler = shared_recycler(model)
         self.nodes = len(self.recycler.template)
 
-    def pick_tree(self) -> dict:
-        """Tree size for this device: the measured (or H200) cost curve against the acceptance rates the
-        recycler has measured so far."""
-        costs = step_costs(self.model, self.args.tree_profile)
-        self.nodes = pick_tree_size(self.recycler.acceptance_rates(), costs)
+    def pick_tree(self) -> int:
+        """Tree size for this device, re-picked before every prompt as the pipeline does per request: the
+        measured (or H200) cost curve against the acceptance rates the recycler has measured so far."""
+        self.nodes = pick_tree_size(self.recycler.acceptance_rates(), step_costs(self.model, self.args.tree_profile))
         self.recycler.resize(self.nodes)
-        return {"tree_nodes": self.nodes, "step_cost_s": {str(n): round(c, 6) for n, c in costs.items()}}
+        return self.nodes
 
     def drafter(self, method: str):
         if method == "recycling":
@@ -215,11 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     warm = encode(tokenizer, prompts[0]["prompt"], args.device)
     for method in methods:  # warm-up: kernels, allocator, and the recycler's acceptance estimate
         runner.run(method, warm)
-    tree = runner.pick_tree()
-    print(f"tree: {tree['tree_nodes']} nodes", flush=True)
-
-    records = []
+    records, tree_sizes = [], []
     for i, item in enumerate(prompts):
+        tree_sizes.append(runner.pick_tree())
         input_ids = encode(tokenizer, item["prompt"], args.device)
         order = methods[i % len(methods):] + methods[:i % len(methods)]
         record = {"category": item["category"]}
@@ -227,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             record[method] = runner.run(method, input_ids)
         records.append(record)
         line = "  ".join(f"{m} {len(record[m]['tokens']) / record[m]['time_s']:.1f}" for m in methods)
-        print(f"[{i + 1}/{len(prompts)}] {item['category']}: {line} tok/s", flush=True)
+        print(f"[{i + 1}/{len(prompts)}] {item['category']} (tree {tree_sizes[-1]}): {line} tok/s", flush=True)
 
     result = {
         "benchmark": "text_decoding",
@@ -235,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "settings": {"methods": methods, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
                      "prompts_file": args.prompts, "tree_profile": args.tree_profile, "greedy": True, "stride": args.stride,
-                     "hf_pld_tokens": HF_PLD_TOKENS, **tree},
+                     "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
+                     "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
         "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
         "rows": summarise(records, methods),
     }

@@ -58,11 +58,11 @@ def test_caption_names_objects_headings_and_style():
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_scorer_accuracy_on_held_out_scenes(size):
-    """Bar: >= 95 % of objects found with the right shape and colour, style >= 95 %, arrow heading error median
-    <= 5 degrees (the stated bar is 90 % / 90 % / 15 degrees; measured 100 % / 100 % / ~1 degree)."""
+    """Bar: >= 95 % of objects found with the right shape and colour, style >= 90 %, arrow heading error median
+    <= 5 degrees (measured on 300 scenes: ~99.8 %, ~97-98 %, ~1 degree; benchmarks/results/microworld_scorer.json)."""
     scores = [score_image(render(scene)[0], scene) for scene in (make_scene(s, size) for s in HELD_OUT)]
     assert np.mean([s["binding"] for s in scores]) >= 0.95
-    assert np.mean([s["style_correct"] for s in scores]) >= 0.95
+    assert np.mean([s["style_correct"] for s in scores]) >= 0.90
     assert np.nanmedian([s["heading_error"] for s in scores]) <= 5
     assert np.mean([s["extra_objects"] for s in scores]) <= 0.05
 

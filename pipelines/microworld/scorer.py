@@ -8,8 +8,8 @@ No learned weights, so it works before any model is trained and cannot share a m
    centroid-aligned, over shapes and headings (5 degrees, then refined to 1 degree); the best IoU wins. An
    arrow's heading is thus read from where its head is, not from a symmetric axis.
 4. Style from texture statistics: how much of the filled shape carries colour (outline), the share of pixels at
-   full chroma against tint (striped about one half, dotted about one quarter), and grain on the ground and in
-   the pigment (watercolour).
+   full chroma against tint (striped about one half, dotted about one quarter), and blotches in the pigment that
+   survive smoothing, beyond the ground's own noise (watercolour).
 ``score_image`` then compares the detections with what the prompt asked for.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from scipy import ndimage
 from .scenes import PALETTE, SHAPES, Scene, SceneObject, shape_polygon
 
 MIN_CHROMA = 32.0  # max - min channel value: the ground is grey, the palette's tints have >= 45
+WASH = 3.0  # smoothed grey-level std inside shapes minus the ground's: flat ~0-3, watercolour ~4-8
 GRAIN = 1.5  # std of the ground's grey level above which it counts as watercolour paper (generated: ~3)
 MIN_AREA = 12  # pixels at 64 px (scaled with the image area)
 HEADINGS = {"circle": (0.0,), "star": (0.0,), "square": tuple(range(0, 90, 15)),
@@ -53,6 +54,7 @@ class Detection:
     area: int
     fill: float  # coloured pixels / filled pixels (low for outlines)
     full: float  # share of interior pixels at full chroma (vs tint)
+    wash: float  # std of the smoothed grey level inside the shape: watercolour's blotches survive smoothing
 
 
 def polygon_area_centroid(points: list[tuple[float, float]]) -> tuple[float, float, float]:
@@ -107,6 +109,7 @@ def detect(image: Image.Image | np.ndarray) -> tuple[list[Detection], float]:
     distance = np.abs((hue[..., None] - PALETTE_HUE + 180) % 360 - 180)
     nearest = distance.argmin(-1)
     min_area = MIN_AREA * (size / 64) ** 2
+    smoothed = ndimage.gaussian_filter(rgb.mean(-1), sigma=2.0 * size / 64)
     detections = []
     for index, name in enumerate(PALETTE_NAMES):
         pixels = foreground & (nearest == index)
@@ -124,17 +127,19 @@ def detect(image: Image.Image | np.ndarray) -> tuple[list[Detection], float]:
             interior = ndimage.binary_erosion(filled, iterations=1)
             interior = interior if interior.any() else filled
             strength = chroma[interior & pixels] / PALETTE_CHROMA[index]
+            core = ndimage.binary_erosion(filled, iterations=max(3, round(3 * size / 64)))
+            core = core if core.any() else interior
             ys, xs = np.nonzero(filled)
             detections.append(Detection(
                 shape, name, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())), heading, fit, area,
                 float(np.count_nonzero(component & pixels) / area),
-                float(np.mean(strength > 0.75)) if strength.size else 0.0))
+                float(np.mean(strength > 0.75)) if strength.size else 0.0, float(smoothed[core].std())))
     ground = ~ndimage.binary_dilation(foreground, iterations=2)
     grain = float(rgb[ground].mean(-1).std()) if ground.any() else 0.0
     return detections, grain
 
 
-def classify_style(detections: list[Detection], grain: float, image: np.ndarray | None = None) -> str:
+def classify_style(detections: list[Detection], grain: float) -> str:
     """The scene's style from its objects' texture statistics (weighted by area) and the ground's grain."""
     if not detections:
         return "watercolour" if grain > GRAIN else "flat"
@@ -143,7 +148,8 @@ def classify_style(detections: list[Detection], grain: float, image: np.ndarray 
     full = float(np.average([d.full for d in detections], weights=weights))
     if fill < 0.9:  # generated outlines fill 0.2-0.75 of their shape, filled styles 0.98-1
         return "outline"
-    if grain > GRAIN:
+    wash = float(np.average([d.wash for d in detections], weights=weights))
+    if grain > GRAIN and wash - grain > WASH:  # paper grain, and blotches beyond what the ground's noise explains
         return "watercolour"
     if full < 0.37:  # dotted ~0.25, striped ~0.5, flat 1
         return "dotted"

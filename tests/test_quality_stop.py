@@ -83,7 +83,6 @@ def app():
 # is swallowed, or the pipeline emits events only per audio chunk), so an API cancel or a closed browser tab leaves
 # the job running while the lane admits the next one. The Stop button (cancel token) works on every tab.
 API_CANCEL_DEFECTS = {
-    "image": "image_tab drops Progress events without yielding: Gradio cannot close it between steps",
     "video": "video_tab reports Progress via gr.Progress without yielding: Gradio cannot close it between steps",
     "speech": "the speech pipeline emits no event inside a chunk's token decoding, so nothing yields per step",
     "song": "song_tab yields only on audio chunks, not on the per-frame Progress events",

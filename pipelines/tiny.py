@@ -35,7 +35,7 @@ def tiny_tokenizer(vocab_size: int = 320):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()),  # a set: sort it, or ids vary per process
         show_progress=False,
     )
     tokenizer.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)

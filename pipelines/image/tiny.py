@@ -1,4 +1,4 @@
-"""Tiny random-initialised SD1.5 and SDXL pipelines with a CLIP tokenizer trained in-process (no downloads).
+"""Tiny random-initialised SD1.5 and SDXL pipelines with a CLIP tokenizer built in-process (no downloads).
 
 The UNets keep the real block layout (SD1.5: three cross-attention levels over a plain bottom level; SDXL: no
 attention at the top level and deeper transformer stacks below), so layer names such as
@@ -6,7 +6,6 @@ attention at the top level and deeper transformer stacks below), so layer names 
 """
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 import torch
@@ -14,7 +13,6 @@ import torch
 from ..tiny import TINY_CORPUS
 
 CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 IMAGE_CORPUS = TINY_CORPUS + (
     " a photo of a cat wearing sunglasses and a dog wearing a hat, a white cat and a black dog, a green bench "
     "and a blue bowl, a wooden table with a glass vase, a castle in watercolor style, a city street in the "
@@ -23,24 +21,34 @@ IMAGE_CORPUS = TINY_CORPUS + (
 
 
 @lru_cache(maxsize=2)
-def tiny_clip_tokenizer(vocab_size: int = 400, pad_token: str = "<|endoftext|>"):
-    """A real ``CLIPTokenizer`` whose vocab and merges come from a BPE trained here on a fixed corpus."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+def tiny_clip_tokenizer(vocab_size: int = 1024, pad_token: str = "<|endoftext|>"):
+    """A real ``CLIPTokenizer`` whose vocab and merges are built here from a fixed corpus.
+
+    Built by hand rather than with ``tokenizers``' BPE trainer: the trainer's ids change from one process to
+    the next (hash-map order), which made every tiny image test depend on the process. Here the most frequent
+    corpus words (ties by spelling) each get the merges that spell them left to right, so ids are fixed."""
+    import re
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CLIP_SPECIALS, end_of_word_suffix="</w>",
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([IMAGE_CORPUS] * 4, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" ")) for pair in model["merges"]]
-    vocab = model["vocab"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*CLIP_SPECIALS, *alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    counts = Counter(re.findall(r"[a-z]+|[0-9]", IMAGE_CORPUS.lower()))
+    merges: list[tuple[str, str]] = []
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            if (left, right) not in merges:
+                merges.append((left, right))
+                vocab.setdefault(left + right, len(vocab))
+            left += right
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
 
 

@@ -26,10 +26,6 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
     "image": [
         ModelSpec("Stable Diffusion 1.5", "sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
-    ],
-    "image": [
-        ModelSpec("Stable Diffusion 1.5", "sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
         # Trained here on procedural scenes (pipelines/microworld); available once its weights are committed.
         # Last, so it is the default only when no Hub model can be had (offline).
         ModelSpec(MICROWORLD_MODEL, "sd15", package="microworld", options=(("size", 64),)),
@@ -58,10 +54,6 @@ TINY_MODELS: dict[str, list[ModelSpec]] = {
     "text": [
         ModelSpec("tiny-llama (random weights)", "causal-lm", tiny=True, options=(("family", "llama"),)),
         ModelSpec("tiny-qwen2 (random weights)", "causal-lm", tiny=True, options=(("family", "qwen2"),)),
-    ],
-    "image": [
-        ModelSpec("tiny-sd15 (random weights)", "sd15", tiny=True),
-        ModelSpec("tiny-sdxl (random weights)", "sdxl", tiny=True),
     ],
     "image": [
         ModelSpec("tiny-sd15 (random weights)", "sd15", tiny=True),

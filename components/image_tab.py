@@ -101,8 +101,8 @@ def build(pipeline: ImagePipeline) -> None:
         for event in run_pipeline(pipeline, image_request, request):
             if isinstance(event, Partial):
                 yield event.value, gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Progress):
-                continue
+            elif isinstance(event, Progress):  # from the first (model loading) on: Gradio's own cancel needs a yield
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
                 heat = event.metadata.get("heatmaps", []) + event.metadata.get("baseline_heatmaps", [])
                 yield (event.value, event.metadata.get("baseline", []), [tuple(h) for h in heat], event.stats)

@@ -5,7 +5,7 @@ from typing import Iterator
 
 import gradio as gr
 
-from pipelines.base import Partial, Result
+from pipelines.base import Partial, Progress, Result
 from pipelines.song import EXAMPLE_LYRICS, MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
 from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
@@ -61,6 +61,8 @@ def build(pipeline: SongPipeline) -> None:
         for event in run_pipeline(pipeline, song_request, request):
             if isinstance(event, Partial):
                 yield event.value, gr.skip(), gr.skip(), gr.skip()
+            elif isinstance(event, Progress):  # one per model step: Gradio's own cancel closes the job at a yield
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
                 yield gr.skip(), event.value["mix"], list(event.value.values()), event.stats
 

@@ -10,7 +10,7 @@ from typing import Iterator
 import gradio as gr
 
 from pipelines.audio import wav_bytes
-from pipelines.base import Partial, Result
+from pipelines.base import Partial, Progress, Result
 from pipelines.speech import SpeechPipeline, SpeechRequest
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel,
@@ -62,6 +62,8 @@ def build(pipeline: SpeechPipeline) -> None:
             if isinstance(event, Partial):
                 chunk = event.value
                 yield wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(), gr.skip(), gr.skip()
+            elif isinstance(event, Progress):  # one per model forward: Gradio's own cancel closes the job at a yield
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
                 yield gr.skip(), event.value, event.metadata["sidecar"], event.stats
 

@@ -147,6 +147,8 @@ def build(pipeline: VideoPipeline) -> None:
         for event in run_pipeline(pipeline, video_request, request):
             if isinstance(event, Progress):
                 progress((event.step, max(event.total, 1)), desc=event.note or "denoising")
+                # A yield per denoising step: Gradio's own cancel (API, closed tab) closes the job only at a yield.
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
                 reference = event.metadata.get("baseline")
                 yield event.value.video, reference.video if reference else None, event.value.strip, event.stats

@@ -14,7 +14,6 @@ fine pass; with streaming off the fine pass and the codec decode are Bark's own,
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -24,7 +23,7 @@ from transformers import AlternatingCodebooksLogitsProcessor, LogitsProcessorLis
 from transformers.generation.logits_process import BarkEosPrioritizerLogitsProcessor, SuppressTokensLogitsProcessor
 
 from .audio import ChunkedDecoder, ChunkSchedule
-from .base import CancelToken, PipelineError
+from .base import CancelToken, PipelineError, Progress
 from .decoding.plain import DecodeStats, SamplingConfig
 from .decoding.prompt_lookup import PromptLookup
 from .speech_decoding import chain_decode
@@ -152,12 +151,12 @@ class SemanticStream:
     def __init__(self, tts: BarkTTS, ids: list[int], settings: BarkSettings, drafter, cancel: CancelToken | None,
                  stats: DecodeStats) -> None:
         config = SamplingConfig(settings.temperature, settings.top_p, settings.seed)
-        limit = settings.max_semantic_tokens or tts.semantic.max_new_tokens
+        self.limit = settings.max_semantic_tokens or tts.semantic.max_new_tokens
         self.eos = tts.semantic.eos_token_id
         self.tokens: list[int] = []
         self.finished = False
         self._runs = chain_decode(
-            tts.model.semantic, {"inputs_embeds": semantic_prompt(tts, ids)}, limit, config, {self.eos},
+            tts.model.semantic, {"inputs_embeds": semantic_prompt(tts, ids)}, self.limit, config, {self.eos},
             processors=semantic_processors(tts, tts.device), drafter=drafter,
             generator=seeded(config, tts.device, 0), cancel=cancel, stats=stats)
 
@@ -165,17 +164,16 @@ class SemanticStream:
     def speech_tokens(self) -> int:
         return len(self.tokens) - (1 if self.tokens and self.tokens[-1] == self.eos else 0)
 
-    def pull(self, until: int) -> None:
+    def pull(self, until: int) -> Iterator[list[int]]:
+        """Decode until ``until`` tokens exist or EOS, yielding each forward's committed run."""
         while not self.finished and len(self.tokens) < until:
             run = next(self._runs, None)
             if run is None:
                 self.finished = True
-            else:
-                self.tokens.extend(run)
-                self.finished = self.tokens[-1] == self.eos
-
-    def pull_all(self) -> None:
-        self.pull(math.inf)  # type: ignore[arg-type]
+                return
+            self.tokens.extend(run)
+            self.finished = self.tokens[-1] == self.eos
+            yield run
 
 
 def seeded(config: SamplingConfig, device: torch.device, stage: int) -> torch.Generator | None:
@@ -188,8 +186,9 @@ def seeded(config: SamplingConfig, device: torch.device, stage: int) -> torch.Ge
 
 
 def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings, drafter,
-                  cancel: CancelToken | None, stats: DecodeStats) -> Iterator[list[int]]:
-    """Bark's sliding-window coarse generation; yields coarse ids (with Bark's codebook offsets) as committed."""
+                  cancel: CancelToken | None, stats: DecodeStats) -> Iterator[tuple[str, list[int]]]:
+    """Bark's sliding-window coarse generation; yields ``(stage, run)`` per forward of either AR stage: the
+    semantic runs it pulls and the coarse ids (with Bark's codebook offsets) it commits."""
     sc, cc = tts.semantic, tts.coarse
     ratio = semantic_to_coarse_ratio(tts)
     max_semantic_history = int(np.floor(cc.max_coarse_history / ratio))
@@ -204,7 +203,8 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
         # Wait for the semantic tokens this window reads, and until the window's length is certain.
         while not semantic.finished and (len(semantic.tokens) < window_end
                                          or coarse_length(tts, semantic.speech_tokens) < full_window):
-            semantic.pull(max(window_end, len(semantic.tokens) + 1))
+            for run in semantic.pull(max(window_end, len(semantic.tokens) + 1)):
+                yield "semantic", run
         total = coarse_length(tts, semantic.speech_tokens) if semantic.finished else full_window
         if len(produced) >= total:
             return
@@ -219,7 +219,7 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
                                 new, config, set(), processors=processors, drafter=drafter, history=prompt,
                                 generator=generator, cancel=cancel, stats=stats):
             produced.extend(run)
-            yield run
+            yield "coarse", run
 
 
 def new_drafter(settings: BarkSettings) -> PromptLookup | None:
@@ -245,12 +245,21 @@ def codec_decode(tts: BarkTTS, codes: torch.Tensor) -> np.ndarray:
     return tts.model.codec_decode(codes)[0].detach().float().cpu().numpy()
 
 
-@torch.inference_mode()
 def synthesize(tts: BarkTTS, text: str, settings: BarkSettings, output: BarkOutput,
                cancel: CancelToken | None = None) -> Iterator[np.ndarray]:
     """Yield waveform chunks (float32, ``tts.sample_rate``) as they become ready; fills ``output`` as it goes."""
+    for item in synthesize_steps(tts, text, settings, output, cancel):
+        if isinstance(item, np.ndarray):
+            yield item
+
+
+@torch.inference_mode()
+def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings, output: BarkOutput,
+                     cancel: CancelToken | None = None) -> Iterator[np.ndarray | Progress]:
+    """``synthesize`` plus a Progress after every AR forward, so a consumer can stop between model steps."""
     semantic = SemanticStream(tts, text_ids(tts, text), settings, new_drafter(settings), cancel,
                               output.semantic_stats)
+    max_coarse = coarse_length(tts, semantic.limit)
     n_coarse = tts.coarse.n_coarse_codebooks
     decoder = ChunkedDecoder(lambda codes: codec_decode(tts, codes), tts.hop, settings.context_frames)
     fine: torch.Tensor | None = None
@@ -265,8 +274,12 @@ def synthesize(tts: BarkTTS, text: str, settings: BarkSettings, output: BarkOutp
         next_end = frames + settings.schedule.size(output.chunks)
         return decoder.push(fine[None], final=final)
 
-    for run in coarse_tokens(tts, semantic, settings, new_drafter(settings), cancel, output.coarse_stats):
+    for stage, run in coarse_tokens(tts, semantic, settings, new_drafter(settings), cancel, output.coarse_stats):
+        if stage == "semantic":
+            yield Progress(len(semantic.tokens), semantic.limit, "semantic tokens")
+            continue
         output.coarse.extend(run)
+        yield Progress(len(output.coarse), max_coarse, "coarse tokens")
         frames = len(output.coarse) // n_coarse
         if settings.stream and frames >= next_end:
             yield flush(frames, final=False)

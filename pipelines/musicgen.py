@@ -25,7 +25,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 from .audio import ChunkedDecoder, ChunkSchedule
-from .base import CancelToken
+from .base import CancelToken, Progress
 from .decoding.plain import DecodeStats
 
 
@@ -293,10 +293,10 @@ def stream_accompaniment(
     schedule: ChunkSchedule | None = None,
     cancel: CancelToken | None = None,
     result: dict[str, Any] | None = None,
-) -> Iterator[np.ndarray]:
+) -> Iterator[np.ndarray | Progress]:
     """Yield audio chunks (float32, mono) as the decode loop completes frames (chunk ends follow
-    ``schedule``); on exit ``result['value']`` holds the AccompanimentResult. The concatenated chunks are
-    the whole track."""
+    ``schedule``), and a Progress (complete frames) after every forward, so a consumer can stop between model
+    steps; on exit ``result['value']`` holds the AccompanimentResult. The concatenated chunks are the whole track."""
     schedule = schedule or ChunkSchedule(first=25)
     started = time.perf_counter()
     conditioning = encode_text(model, tokenizer, [prompt], sampling.guidance_scale)
@@ -313,6 +313,7 @@ def stream_accompaniment(
     for fresh in decode_columns(model, conditioning, num_frames, sampling, drafter, static_cache, cancel, stats):
         delayed.append(fresh)
         complete = sum(part.shape[-1] for part in delayed) - num_codebooks
+        yield Progress(max(complete, 0), num_frames, "accompaniment")
         if next_end < num_frames and complete >= next_end + decoder.holdback_frames:
             chunk = decoder.push(revert_delay_pattern(torch.cat(delayed, dim=-1))[0])
             next_end = next(ends)

@@ -16,16 +16,17 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .bark import BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark
+from .bark import BarkOutput, BarkSettings, BarkTTS, synthesize_steps, tiny_bark
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
 from .models import ModelSpec, ModelStore, ResolvedModel
+from .image.pipeline import stream_in_thread
 from .musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen
 from .outputs import new_output_path, write_sidecar
 from .presets import models_for
@@ -292,7 +293,13 @@ class SongPipeline(Pipeline):
             settings = BarkSettings(seed=request.seed + index, drafting=request.draft, stream=False,
                                     max_semantic_tokens=max(1, math.ceil(slot_s * tts.semantic.semantic_rate_hz)))
             output = BarkOutput()
-            sung = np.concatenate(list(synthesize(tts, f"♪ {line.text} ♪", settings, output, request.cancel)))
+            pieces = []
+            for item in synthesize_steps(tts, f"♪ {line.text} ♪", settings, output, request.cancel):
+                if isinstance(item, Progress):
+                    yield replace(item, note=f"singing line {index + 1}/{len(lines)}: {item.note}")
+                else:
+                    pieces.append(item)
+            sung = np.concatenate(pieces)
             for stage in ("semantic", "coarse"):
                 decode = getattr(output, f"{stage}_stats")
                 stats[f"vocal_{stage}_tokens"] = stats.get(f"vocal_{stage}_tokens", 0) + decode.new_tokens
@@ -335,12 +342,14 @@ class SongPipeline(Pipeline):
         stream = stream_accompaniment(musicgen.model, musicgen.tokenizer, request.style, num_frames, sampling,
                                       draft=request.draft, cancel=request.cancel, result=holder)
         for chunk in stream:
+            if isinstance(chunk, Progress):
+                yield chunk
+                continue
             segment = vocals[position:position + chunk.size]
             _, _, mixed = mix_stems(segment, chunk)
             position += chunk.size
             first_audio_s = first_audio_s if first_audio_s is not None else time.perf_counter() - started
             yield Partial((sample_rate, mixed))
-            yield Progress(position, total, "accompaniment")
         accompaniment = holder["value"]
         vocal_stem, accompaniment_stem, mix = mix_stems(vocals, accompaniment.audio)
         elapsed = time.perf_counter() - started
@@ -386,16 +395,22 @@ class SongPipeline(Pipeline):
         pipe = self.load("ace-step")
         progress: list[int] = []
 
-        def on_step_end(pipeline, step, timestep, callback_kwargs):
-            progress.append(step)
-            if request.cancel.cancelled:
-                pipeline._interrupt = True
-            return callback_kwargs
+        def render(emit) -> Any:
+            """The stock call on a worker thread, so each diffusion step's Progress streams out as it happens."""
 
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
-        output = pipe(prompt=request.style, lyrics=request.lyrics, audio_duration=float(request.duration_s),
-                      num_inference_steps=int(request.steps), guidance_scale=float(request.guidance_scale),
-                      generator=generator, callback_on_step_end=on_step_end)
+            def on_step_end(pipeline, step, timestep, callback_kwargs):
+                progress.append(step)
+                emit(Progress(step + 1, int(request.steps), "diffusion"))
+                if request.cancel.cancelled:
+                    pipeline._interrupt = True
+                return callback_kwargs
+
+            generator = torch.Generator(device="cpu").manual_seed(request.seed)
+            return pipe(prompt=request.style, lyrics=request.lyrics, audio_duration=float(request.duration_s),
+                        num_inference_steps=int(request.steps), guidance_scale=float(request.guidance_scale),
+                        generator=generator, callback_on_step_end=on_step_end)
+
+        output = yield from stream_in_thread(render, request.cancel)
         request.cancel.raise_if_cancelled()
         audio = output.audios[0].float().cpu().numpy()
         peak = float(np.abs(audio).max()) if audio.size else 0.0

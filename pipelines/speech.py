@@ -15,7 +15,7 @@ import numpy as np
 from .audio import write_wav
 from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
                    resolve_seed)
-from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark
+from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, synthesize_steps, tiny_bark
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, write_sidecar
 from .presets import default_model, models_for
@@ -136,12 +136,15 @@ class SpeechPipeline(Pipeline):
             settings = BarkSettings(temperature=float(request.temperature), seed=request.seed,
                                     drafting=bool(request.drafting), stream=bool(request.stream),
                                     max_semantic_tokens=spec.option("max_semantic_tokens"))
-            chunks = synthesize(model, request.text, settings, output, request.cancel)
+            chunks = synthesize_steps(model, request.text, settings, output, request.cancel)
             sample_rate = model.sample_rate
         else:
             chunks = model.stream(request.text, float(request.speed), request.seed)
             sample_rate = model.sample_rate
         for samples in chunks:
+            if isinstance(samples, Progress):  # one per AR forward: a point where the consumer can stop
+                yield samples
+                continue
             request.cancel.raise_if_cancelled()
             if samples.size == 0:
                 continue

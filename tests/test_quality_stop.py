@@ -79,21 +79,10 @@ def app():
     return shared_app()
 
 
-# Gradio's cancel can only close a generator at a yield; these tabs yield nothing between model steps (Progress
-# is swallowed, or the pipeline emits events only per audio chunk), so an API cancel or a closed browser tab leaves
-# the job running while the lane admits the next one. The Stop button (cancel token) works on every tab.
-API_CANCEL_DEFECTS = {
-    "video": "video_tab reports Progress via gr.Progress without yielding: Gradio cannot close it between steps",
-    "speech": "the speech pipeline emits no event inside a chunk's token decoding, so nothing yields per step",
-    "song": "song_tab yields only on audio chunks, not on the per-frame Progress events",
-}
-
-
 def stop_cases():
     for task in TASKS:
         yield pytest.param(task, "stop-button", id=f"{task}-stop-button")
-        marks = [pytest.mark.xfail(reason=API_CANCEL_DEFECTS[task], strict=True)] if task in API_CANCEL_DEFECTS else []
-        yield pytest.param(task, "api-cancel", id=f"{task}-api-cancel", marks=marks)
+        yield pytest.param(task, "api-cancel", id=f"{task}-api-cancel")
 
 
 @pytest.mark.parametrize("task,how", list(stop_cases()))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.base import PipelineError
+from pipelines.base import PipelineError, Progress
 from pipelines.musicgen import (ColumnLookupDrafter, MusicgenDecodeStats, MusicgenSampling, build_delay_pattern,
                                 decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
                                 stream_accompaniment, tiny_musicgen)
@@ -97,13 +97,68 @@ def test_column_lookup_proposes_what_followed_the_last_match():
 def test_streamed_chunks_concatenate_to_the_one_shot_decode(musicgen):
     model, tokenizer = musicgen
     holder = {}
-    chunks = list(stream_accompaniment(model, tokenizer, "rock", 60, GREEDY, draft=True, result=holder))
+    chunks = [item for item in stream_accompaniment(model, tokenizer, "rock", 60, GREEDY, draft=True, result=holder)
+              if not isinstance(item, Progress)]
     result = holder["value"]
     assert len(chunks) >= 2 and result.first_audio_s > 0
     one_shot = model.audio_encoder.decode(result.codes[None, None], audio_scales=[None]).audio_values[0, 0].detach().numpy()
     streamed = np.concatenate(chunks)
     assert streamed.shape == one_shot.shape == (60 * 640,)
     np.testing.assert_allclose(streamed, one_shot, atol=1e-5)
+
+
+class ForwardCounter:
+    """Forwards of the given models since the last ``take()``: Gradio can close a job only where it yields."""
+
+    def __init__(self, models) -> None:
+        self.count = 0
+        self.hooks = [model.register_forward_hook(self.seen) for model in models]
+
+    def seen(self, *_) -> None:
+        self.count += 1
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def test_accompaniment_yields_after_every_decode_forward(musicgen):
+    model, tokenizer = musicgen
+    holder, since_yield, items = {}, [], []
+    counter = ForwardCounter([model])
+    try:
+        for item in stream_accompaniment(model, tokenizer, "rock", 40, GREEDY, draft=True, result=holder):
+            since_yield.append(counter.take())
+            items.append(item)
+    finally:
+        counter.remove()
+    assert max(since_yield) == 1
+    progress = [item for item in items if isinstance(item, Progress)]
+    assert len(progress) == holder["value"].stats.forwards and progress[-1].step == 40
+    assert sum(item.size for item in items if not isinstance(item, Progress)) == 40 * 640
+
+
+def test_song_pipeline_reports_every_model_step(store):
+    """Dual mode: no two AR forwards (Bark's semantic/coarse, MusicGen's decoder) without an event in between;
+    mixed mode: one Progress per ACE-Step diffusion step."""
+    from pipelines.song import SongPipeline, SongRequest
+
+    pipeline = SongPipeline(store, "tiny")
+    singer, accompanist = pipeline.load("bark"), pipeline.load("musicgen")
+    counter = ForwardCounter([singer.model.semantic, singer.model.coarse_acoustics, accompanist.model])
+    try:
+        since_event = [counter.take() for _ in pipeline.generate(SongRequest(lyrics=LYRICS, style="lofi",
+                                                                             duration_s=1.0, seed=3))]
+    finally:
+        counter.remove()
+    assert max(since_event) == 1 and sum(since_event) > 20
+    events = list(pipeline.generate(SongRequest(lyrics=LYRICS, style="lofi", duration_s=1.0, mode="mixed", steps=3,
+                                                seed=3)))
+    assert [e.step for e in events if isinstance(e, Progress) and e.note == "diffusion"] == [1, 2, 3]
 
 
 def test_parse_sections_reads_tags_numbers_untagged_text_and_instrumentals():

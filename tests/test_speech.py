@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipelines.audio import ChunkedDecoder, ChunkSchedule, read_wav, wav_bytes
-from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, text_ids, tiny_bark
-from pipelines.base import PipelineError
+from pipelines.bark import (BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids,
+                            tiny_bark)
+from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import SamplingConfig, make_generator, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.speech import SpeechPipeline, SpeechRequest
@@ -114,6 +115,31 @@ def test_streamed_chunks_concatenate_to_the_one_shot_decode(tts):
     streamed = np.concatenate(chunks)
     assert streamed.shape == one_shot.shape
     np.testing.assert_allclose(streamed, one_shot, atol=1e-5)
+
+
+
+def test_every_ar_forward_is_followed_by_a_progress_event(tts):
+    """Gradio can close a job only where its generator yields: no two AR forwards may run without a yield."""
+    forwards, since_yield = [0], []
+    hooks = [model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+             for model in (tts.model.semantic, tts.model.coarse_acoustics)]
+    output = BarkOutput()
+    try:
+        items = []
+        for item in synthesize_steps(tts, TEXT, BarkSettings(temperature=0.0, max_semantic_tokens=48), output):
+            since_yield.append(forwards[0])
+            forwards[0] = 0
+            items.append(item)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(since_yield) == 1
+    progress = [item for item in items if isinstance(item, Progress)]
+    assert len(progress) == output.semantic_stats.forwards + output.coarse_stats.forwards
+    assert {item.note for item in progress} == {"semantic tokens", "coarse tokens"}
+    _, chunks = run(tts, temperature=0.0)
+    audio = [item for item in items if not isinstance(item, Progress)]
+    np.testing.assert_array_equal(np.concatenate(audio), np.concatenate(chunks))
 
 
 def test_seams_need_left_context():

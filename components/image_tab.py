@@ -8,7 +8,7 @@ import gradio as gr
 
 from pipelines.base import Partial, PipelineError, Progress, Result
 from pipelines.image.compass import draw_compass_preview, parse_compass_objects
-from pipelines.image.pipeline import MAX_BATCH, SCHEDULERS, ImagePipeline, ImageRequest
+from pipelines.image.pipeline import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
 
 from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
 
@@ -40,7 +40,7 @@ def build(pipeline: ImagePipeline) -> None:
             model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
                                 allow_custom_value=True, info="A listed model, a Hub id or a local folder")
             scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
-            steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+            steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
             cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
             with gr.Row():
                 width = gr.Number(label="Width (0 = native)", value=0, precision=0, minimum=0, maximum=2048, step=8)
@@ -51,7 +51,8 @@ def build(pipeline: ImagePipeline) -> None:
             with gr.Accordion("Semantic binding (ToMe)", open=False):
                 binding = gr.Checkbox(label="Bind attributes to objects", value=False,
                                       info="Groups: [red hat] syntax, else found automatically")
-                ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=0, precision=0)
+                ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=0, precision=0,
+                                     minimum=-1, maximum=MAX_STEPS - 1, info="A denoising step below Steps")
             with gr.Accordion("Local Prompt Adaptation (LPA)", open=False):
                 lpa = gr.Checkbox(label="Route content and style tokens", value=False,
                                   info="Style from '... in X style' or the field below")

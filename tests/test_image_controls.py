@@ -240,3 +240,28 @@ def test_stop_interrupts_within_a_step(image_pipeline):
                 request.cancel.cancel()
             assert not isinstance(event, Result)
     assert type(stopped.value).__name__ == "Cancelled" and seen <= 2
+
+
+@pytest.mark.parametrize("controls", [dict(lpa=True), dict(binding=True)], ids=["lpa", "binding"])
+def test_batch_of_two_works_with_controls_and_seeds_each_image(image_pipeline, arch, controls):
+    request = ImageRequest(prompt=PROMPT, model=TINY[arch], steps=2, seed=21, batch_size=2, **controls)
+    batch = image_pipeline.run(request)
+    assert len(batch.value) == 2 and batch.stats["images"] == 2
+    seeds = [json.loads(Image.open(path).text["parameters"])["seed"] for path in batch.value]
+    assert seeds == [21, 22]
+    images = [load_png(path) for path in batch.value]
+    assert not np.array_equal(images[0], images[1])
+    if controls.get("lpa"):  # LPA acts per row: image i is the single-image run with seed + i
+        for index, image in enumerate(images):
+            alone = image_pipeline.run(ImageRequest(prompt=PROMPT, model=TINY[arch], steps=2, seed=21 + index,
+                                                    **controls))
+            assert np.abs(load_png(alone.value[0]).astype(int) - image.astype(int)).max() <= 1
+
+
+def test_ets_step_outside_minus_one_to_last_step_is_refused(image_pipeline):
+    from pipelines.base import PipelineError
+
+    for ets_step in (-10**9, -2, 2, 10**300):
+        with pytest.raises(PipelineError, match="End-token substitution step must be between -1 and 1"):
+            image_pipeline.run(ImageRequest(prompt=PROMPT, model=TINY["sd15"], steps=2, seed=1, binding=True,
+                                            ets_step=ets_step))

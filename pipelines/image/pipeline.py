@@ -42,6 +42,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 TINY_SIZE = 32
 MAX_BATCH = 8
+MAX_STEPS = 150
 
 
 @dataclass
@@ -144,7 +145,8 @@ class ImagePipeline(Pipeline):
 
     def validate(self, request: ImageRequest, spec: ModelSpec) -> None:
         require_text(request.prompt)
-        require_range(request.steps, "Steps", 1, 150)
+        require_range(request.steps, "Steps", 1, MAX_STEPS)
+        require_range(request.ets_step, "End-token substitution step", -1, int(request.steps) - 1)
         require_range(request.cfg, "CFG scale", 0.0, 30.0)
         require_range(request.batch_size, "Batch size", 1, MAX_BATCH)
         require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
@@ -326,7 +328,9 @@ class ImagePipeline(Pipeline):
                                       generator=torch.Generator("cpu").manual_seed(request.seed))
             controls["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
                                    for g in binding.groups]
-        call.update(prompt_embeds=positive, negative_prompt_embeds=neg)
+        # The embeddings already hold one row per image: diffusers would repeat them num_images_per_prompt times
+        # again (batch x batch rows for `batch` generators). Image i still gets the noise of seed + i.
+        call.update(prompt_embeds=positive, negative_prompt_embeds=neg, num_images_per_prompt=1)
         info.setdefault("controls", {}).update(controls)
         return binding
 

@@ -31,8 +31,7 @@ def targets(params: list[dict], target: str) -> list[str]:
     if target == "$model":
         return [p["label"] for p in params if p["component"] == "Dropdown" and "model" in p["label"].lower()]
     if target == "$json":
-        return [p["label"] for p in params
-                if p["component"] in JSON_COMPONENTS or (p["component"] == "Textbox" and "JSON" in p["label"])]
+        return [p["label"] for p in params if p["component"] in JSON_COMPONENTS or "JSON" in p["label"]]
     if target == "$file":
         return [p["label"] for p in params if p["component"] in FILE_COMPONENTS]
     raise ValueError(f"unknown corpus target {target!r}")
@@ -120,6 +119,15 @@ def test_bad_input_gets_clear_error_and_next_request_succeeds(app, client, api, 
     assert stats_of(outputs), f"the valid request after {case['id']} on {labels} failed"
     if known:
         pytest.xfail("; ".join(known))
+
+
+def test_json_cases_reach_every_json_input(api):
+    """$json reaches each input that takes JSON, whatever its widget: the video shot list is a gr.Code, the image
+    compass objects a gr.Textbox."""
+    json_inputs = {"video": "Shots (JSON)", "image": "Objects as JSON (what the API takes)"}
+    for task, label in json_inputs.items():
+        if task in TASKS:
+            assert label in targets(endpoint_params(api, task), "$json"), f"{task}: {label!r} gets no bad JSON"
 
 
 def test_remote_code_model_is_refused_before_loading_on_every_tab(tmp_path):

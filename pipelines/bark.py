@@ -26,6 +26,7 @@ from .audio import ChunkedDecoder, ChunkSchedule
 from .base import CancelToken, PipelineError, Progress
 from .decoding.plain import DecodeStats, SamplingConfig
 from .decoding.prompt_lookup import PromptLookup
+from .models import ModelStore, ResolvedModel
 from .speech_decoding import chain_decode
 
 # Original Bark sampling defaults (suno-ai/bark: text_temp=0.7, waveform_temp=0.7; fine_temp=0.5).
@@ -68,6 +69,20 @@ class BarkTTS:
     @property
     def device(self) -> torch.device:
         return self.model.semantic.lm_head.weight.device
+
+
+def load_bark(resolved: ResolvedModel, store: ModelStore) -> BarkTTS:
+    """The ModelStore loader of every Bark spec (speech and the song tab's vocals share it): tiny random weights
+    built here, or ``BarkModel`` and its tokenizer from a resolved folder or Hub id."""
+    if resolved.source == "tiny":
+        tts = tiny_bark()
+    else:
+        from transformers import AutoTokenizer, BarkModel
+
+        model = BarkModel.from_pretrained(resolved.location, dtype=store.dtype)
+        tts = BarkTTS(model.eval(), AutoTokenizer.from_pretrained(resolved.location))
+    tts.model.to(store.device)
+    return tts
 
 
 def as_dict(config: Any) -> dict:

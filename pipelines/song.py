@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .bark import BarkOutput, BarkSettings, BarkTTS, synthesize_steps, tiny_bark
+from .bark import BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .image.pipeline import stream_in_thread
@@ -196,18 +196,6 @@ def load_musicgen(resolved: ResolvedModel, store: ModelStore) -> Musicgen:
     model = MusicgenForConditionalGeneration.from_pretrained(resolved.location, dtype=store.dtype,
                                                              attn_implementation="sdpa")
     return Musicgen(model.to(store.device).eval(), tokenizer)
-
-
-def load_bark(resolved: ResolvedModel, store: ModelStore) -> BarkTTS:
-    if resolved.source == "tiny":
-        tts = tiny_bark()
-        tts.model.to(store.device)
-        return tts
-    from transformers import AutoTokenizer, BarkModel
-
-    tokenizer = AutoTokenizer.from_pretrained(resolved.location)
-    model = BarkModel.from_pretrained(resolved.location, dtype=store.dtype)
-    return BarkTTS(model.to(store.device).eval(), tokenizer)
 
 
 def load_ace_step(resolved: ResolvedModel, store: ModelStore):

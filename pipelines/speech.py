@@ -15,7 +15,7 @@ import numpy as np
 from .audio import write_wav
 from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
                    resolve_seed)
-from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, synthesize_steps, tiny_bark
+from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, write_sidecar
 from .presets import default_model, models_for
@@ -61,7 +61,8 @@ class OfflineVoice:
             yield chunk.audio_float_array
 
 
-def load_speech_model(resolved: ResolvedModel, store: ModelStore) -> OfflineVoice | BarkTTS:
+def load_offline_voice(resolved: ResolvedModel, store: ModelStore) -> OfflineVoice:
+    """Loader of the packaged voices; Bark specs load with ``bark.load_bark``, shared with the song tab."""
     spec = resolved.spec
     if spec.kind == "hibari":
         from hibari import SAMPLE_RATE, Hibari
@@ -69,21 +70,12 @@ def load_speech_model(resolved: ResolvedModel, store: ModelStore) -> OfflineVoic
         tts = Hibari(voice=spec.option("voice", "heart"))
         tts.g2p  # load the G2P now so the first sentence is not charged for it
         return OfflineVoice(tts, "hibari", SAMPLE_RATE)
-    if spec.kind == "piper":
-        from pathlib import Path
+    from pathlib import Path
 
-        from piper import PiperVoice
+    from piper import PiperVoice
 
-        voice = PiperVoice.load(Path(resolved.location) / spec.option("file", "en_US-joe-medium.onnx"))
-        return OfflineVoice(voice, "piper", int(voice.config.sample_rate))
-    if resolved.source == "tiny":
-        tts = tiny_bark()
-        tts.model.to(store.device)
-        return tts
-    from transformers import AutoTokenizer, BarkModel
-
-    model = BarkModel.from_pretrained(resolved.location, dtype=store.dtype)
-    return BarkTTS(model.to(store.device).eval(), AutoTokenizer.from_pretrained(resolved.location))
+    voice = PiperVoice.load(Path(resolved.location) / spec.option("file", "en_US-joe-medium.onnx"))
+    return OfflineVoice(voice, "piper", int(voice.config.sample_rate))
 
 
 class SpeechPipeline(Pipeline):
@@ -125,7 +117,7 @@ class SpeechPipeline(Pipeline):
         if spec.kind == "bark" and abs(float(request.speed) - 1.0) > 1e-6:
             raise PipelineError("Bark has no speed control. Set speed to 1.0, or pick hibari or Piper.")
         yield Progress(0, 1, "loading model")
-        model = self.store.load(spec, load_speech_model)
+        model = self.store.load(spec, load_bark if spec.kind == "bark" else load_offline_voice)
         start = time.perf_counter()
         first_audio_s: float | None = None
         pieces: list[np.ndarray] = []

@@ -215,3 +215,18 @@ def test_generate_speech_api_streams_chunks_then_file_and_stats(tiny_client):
     assert json.loads(Path(sidecar_path).read_text())["seed"] == 7
     assert stats["seed"] == 7 and stats["drafting"] is True
     assert {"time_to_first_audio_s", "time_s", "rtf", "tau", "tau_semantic", "tau_coarse"} <= set(stats)
+
+
+def test_speech_and_song_share_one_loaded_bark(store):
+    """Same checkpoint, same ModelStore entry: using both tabs must not load Bark twice."""
+    from pipelines.presets import AUTO_MODELS
+    from pipelines.song import SongPipeline
+
+    speech, song = SpeechPipeline(store, "tiny"), SongPipeline(store, "tiny")
+    speech.run(SpeechRequest(text="Hi.", temperature=0.0, seed=3))
+    bark = store.loaded_names()
+    assert song.load("bark") is store.load(speech.spec_for(""), lambda *_: None)
+    assert store.loaded_names() == bark and len(bark) == 1
+    for hub_id in ("suno/bark-small", "suno/bark"):
+        specs = {spec for task in ("speech", "song") for spec in AUTO_MODELS[task] if spec.hub_id == hub_id}
+        assert len(specs) == 1, f"{hub_id} is listed under {len(specs)} specs: loaded once per spec"

@@ -85,21 +85,47 @@ def test_attention_of_compass_and_object_tokens_outside_their_box_is_zero(pipe):
                     assert probs[:, ~outside, column].sum() > 0
 
 
-def test_official_checkpoint_format_round_trips(pipe, tmp_path):
+def write_official_checkpoint(folder, unet, linears):
+    """A randomly initialised checkpoint in the released format: args.pkl + training_state_<step>.pth."""
     torch.manual_seed(1)
     encoder = CompassEncoder(16)
-    linears = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q",
-               "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"]
     lora = {}
     for name in linears:
-        module = pipe.unet.get_submodule(name)
+        module = unet.get_submodule(name)
         lora[f"{name}.lora_down.weight"] = torch.randn(4, module.in_features)
         lora[f"{name}.lora_up.weight"] = torch.randn(module.out_features, 4)
     state = {"merger": {"model": {**encoder.state_dict(), "gaussian_fourier_embedding.W": torch.randn(8)}},
              "unet": {"lora": lora}}
-    torch.save(state, tmp_path / "training_state_20000.pth")
-    with open(tmp_path / "args.pkl", "wb") as handle:
+    torch.save(state, folder / "training_state_20000.pth")
+    with open(folder / "args.pkl", "wb") as handle:
         pickle.dump({"merged_emb_dim": 16, "lora_rank": 4, "train_unet": True}, handle)
+    return encoder, lora
+
+
+def test_official_checkpoint_in_the_image_pipeline_applies_its_lora_only_to_compass_runs(store, tmp_path):
+    from pipelines.image.pipeline import ImagePipeline, ImageRequest
+
+    pipeline = ImagePipeline(store, "tiny")
+    unet = pipeline.load("").pipe.unet
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+    write_official_checkpoint(tmp_path, unet, [layer])
+    plain = ImageRequest(prompt="a red hat on a table", steps=2, seed=5, preview_every=0)
+    before = pipeline.run(plain)
+    objects = '[{"name": "hat", "angle": 90, "box": [0, 0, 0.5, 0.5]}]'
+    pipeline.run(ImageRequest(prompt="a red hat on a table", steps=2, seed=5, preview_every=0, compass=objects,
+                              compass_encoder=str(tmp_path)))
+    assert unet.get_submodule(layer).disable_adapters is False  # the LoRA ran for the compass request
+    after = pipeline.run(plain)
+    assert unet.get_submodule(layer).disable_adapters is True
+    from PIL import Image
+
+    assert Image.open(before.value[0]).tobytes() == Image.open(after.value[0]).tobytes()
+
+
+def test_official_checkpoint_format_round_trips(pipe, tmp_path):
+    linears = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q",
+               "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"]
+    encoder, lora = write_official_checkpoint(tmp_path, pipe.unet, linears)
 
     loaded = load_official_compass(tmp_path, unet=pipe.unet)
     angles = torch.tensor([0.0, 45.0, 300.0])

@@ -48,12 +48,14 @@ MAX_CACHED = 8
 
 def supported(unet: Any) -> bool:
     """UNets whose forward is known to capture: diffusers' SD/SDXL UNet and AnimateDiff's motion UNet, without
-    accelerate offload hooks (those move weights between devices inside the call)."""
+    accelerate offload hooks (those move weights between devices inside the call) or PEFT adapters (switching
+    them on and off per request is host-side state a captured graph would not see)."""
     try:
         from diffusers import UNet2DConditionModel, UNetMotionModel
     except ImportError:
         return False
-    return isinstance(unet, (UNet2DConditionModel, UNetMotionModel)) and getattr(unet, "_hf_hook", None) is None
+    return (isinstance(unet, (UNet2DConditionModel, UNetMotionModel)) and getattr(unet, "_hf_hook", None) is None
+            and not getattr(unet, "peft_config", None))
 
 
 def choose_backend(device: torch.device | str, fast: bool = True, unet: Any = None) -> str:

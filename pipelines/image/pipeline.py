@@ -123,6 +123,7 @@ class ImagePipeline(Pipeline):
         self.preset = preset
         self.specs = models_for("image", preset)
         self._compass_encoders: dict[str, Any] = {}
+        self._compass_loras: set[str] = set()  # official compass folders whose LoRA sits on the UNet (adapter "compass")
 
     def model_choices(self) -> list[str]:
         return [spec.name for spec in self.specs]
@@ -219,6 +220,8 @@ class ImagePipeline(Pipeline):
         info: dict[str, Any] = {}
         if controlled and request.compass.strip():
             parsed = self.prepare_compass(pipe, request, parsed, control, info)
+        self.switch_compass_lora(pipe.unet, controlled and bool(request.compass.strip())
+                                 and request.compass_encoder in self._compass_loras)
         heat_tokens = self.heatmap_tokens(pipe, parsed, request)
         heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
                                        layers=binding_layers(model.arch)) if heat_tokens else None
@@ -350,6 +353,16 @@ class ImagePipeline(Pipeline):
             for o, pair in zip(objects, compass.pairs)]
         return parse_prompt(compass.text, request.style)
 
+    @staticmethod
+    def switch_compass_lora(unet: Any, active: bool) -> None:
+        """The official compass LoRA only for runs that use its encoder; every other run sees the stock UNet."""
+        if "compass" not in (getattr(unet, "peft_config", None) or {}):
+            return
+        if active:
+            unet.enable_adapters()
+        else:
+            unet.disable_adapters()
+
     def compass_encoder(self, choice: str, pipe: Any) -> Any:
         """The training-free phrase encoder, or an encoder loaded (once) from an official or trained folder."""
         if choice in ("", "phrase"):
@@ -360,8 +373,9 @@ class ImagePipeline(Pipeline):
                 from .compass_train import load_trained_compass
 
                 self._compass_encoders[choice] = load_trained_compass(folder)
-            elif (folder / "args.pkl").is_file():
-                self._compass_encoders[choice] = load_official_compass(folder)
+            elif (folder / "args.pkl").is_file():  # official release: its rank-4 UNet LoRA comes with it
+                self._compass_encoders[choice] = load_official_compass(folder, unet=pipe.unet)
+                self._compass_loras.add(choice)
             else:
                 raise PipelineError(f"Compass encoder {choice!r} is neither 'phrase' nor a folder holding an official "
                                     "(args.pkl) or trained (compass_config.json) checkpoint.")

@@ -4,12 +4,13 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
 
 from ..base import CancelToken
+from .tree import TokenTree
 
 
 @dataclass
@@ -90,21 +91,22 @@ def plain_decode(
     eos_ids: set[int],
     cancel: CancelToken | None = None,
     stats: DecodeStats | None = None,
+    forward=None,
 ) -> Iterator[list[int]]:
-    """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``."""
+    """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``. With a
+    ``forward`` adapter (``verify.CausalLMForward`` or a subclass such as ``static.StaticForward``) each step
+    goes through it instead of the stock cache loop."""
     stats = stats if stats is not None else DecodeStats()
     generator = make_generator(config, input_ids.device)
-    cache = DynamicCache(config=model.config)
-    kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no LM head over the prompt
-    kwargs[cache_kwarg(model)] = cache
+    step = _stock_step(model) if forward is None else _adapter_step(forward)
     step_input = input_ids
     for _ in range(max_new_tokens):
         if cancel is not None:
             cancel.raise_if_cancelled()
         started = time.perf_counter()
-        out = model(input_ids=step_input, use_cache=True, **kwargs)
+        logits = step(step_input)
         stats.forwards += 1
-        token = choose_token(out.logits[0, -1], config, generator)
+        token = choose_token(logits, config, generator)
         stats.step_s += time.perf_counter() - started
         stats.new_tokens += 1
         stats.accepted_per_forward.append(1)
@@ -112,3 +114,24 @@ def plain_decode(
         if token in eos_ids:
             return
         step_input = torch.tensor([[token]], device=input_ids.device)
+
+
+def _stock_step(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's own forward on a ``DynamicCache``: last-position logits for ids appended to the cache."""
+    cache = DynamicCache(config=model.config)
+    kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no LM head over the prompt
+    kwargs[cache_kwarg(model)] = cache
+    return lambda ids: model(input_ids=ids, use_cache=True, **kwargs).logits[0, -1]
+
+
+def _adapter_step(forward) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same step through a forward adapter: a one-node tree behind the not-yet-cached ids."""
+    cache = forward.new_cache()
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        pending = ids[0].tolist()
+        mask, positions = forward.block_inputs(TokenTree([pending[-1]], [-1]), len(pending) - 1,
+                                               cache.get_seq_length())
+        return forward(pending, positions, mask, cache, keep=1)[-1]
+
+    return step

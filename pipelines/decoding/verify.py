@@ -58,6 +58,12 @@ class CausalLMForward:
     def new_cache(self):
         return DynamicCache(config=self.model.config)
 
+    def block_inputs(self, tree: TokenTree, before_root: int, past: int):
+        """Mask (None for a chain: the model's own causal mask) and position ids for ``before_root`` committed
+        tokens then ``tree``, appended at cache length ``past``; adapters with their own layout override it."""
+        mask = None if tree.is_chain else block_attention_mask(tree, before_root, past, self.dtype, self.device)
+        return mask, block_position_ids(tree, before_root, past, self.device)
+
     def __call__(self, ids: list[int], position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                  keep: int | None = None) -> torch.Tensor:
         """Logits ``[keep, vocab]`` for the last ``keep`` of ``ids`` (all when None) appended to ``cache``.
@@ -133,9 +139,7 @@ def speculative_decode(
 
             past = cache.get_seq_length()
             before_root = len(pending) - 1
-            mask = None if tree.is_chain else block_attention_mask(tree, before_root, past, forward.dtype,
-                                                                   forward.device)
-            positions = block_position_ids(tree, before_root, past, forward.device)
+            mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
             nodes, run = accept(tree, logits, config, generator)
             for i, token in enumerate(run):

@@ -1,0 +1,223 @@
+"""GPU fast path for the verifier: a static KV cache, tree blocks padded to fixed query sizes, rollback by
+moving the write position back, and one CUDA graph per padded size (reference §2.5, §9.3).
+
+Stock transformers decoding is host-bound (~22–32 ms per forward on an H200 for 0.5B–8B): every step
+re-launches ~1000 small kernels from Python. With fixed shapes the whole step (mask build, model forward,
+LM head) is captured once per bucket and replayed with a single launch; the host only writes the step's
+ids, positions, write offset and the block's ancestor pattern into pinned buffers.
+
+Layout of one step padded to bucket ``B``: rows ``0..q-1`` are the real block (re-fed committed chain, then
+the tree), rows ``q..B-1`` are dummy nodes that attend only to themselves; K/V of row ``j`` are written at
+cache row ``past + j``. The mask has the cache's full width: the prefix ``[0, past)`` is visible to real
+rows, the block follows its ancestor pattern, and every row at or beyond ``past + B`` is hidden, so stale
+K/V left there by earlier steps (rejected nodes, dummies) are never read. Rolling back is therefore only
+``length -= k`` on the host: nothing is copied or cropped.
+
+``capture=False`` (CPU, ZeroGPU, or a failed capture) runs the very same padded static code eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from .tree import TokenTree
+from .verify import CausalLMForward
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 8, 16, 32, 64, 128, 256)
+
+
+def capture_supported(device: torch.device) -> bool:
+    """CUDA graphs need a CUDA device the process owns; ZeroGPU attaches the GPU per call, so it stays eager."""
+    return device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
+
+
+class IndexedStaticLayer(StaticLayer):
+    """A ``StaticLayer`` that writes K/V at the rows named by a shared index tensor instead of bumping its own
+    counter: the write position is an input of the step, so rollback never touches device state."""
+
+    def __init__(self, max_cache_len: int, rows: torch.Tensor) -> None:
+        super().__init__(max_cache_len)
+        self.rows = rows
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows = self.rows[: key_states.shape[-2]]
+        self.keys.index_copy_(2, rows, key_states)
+        self.values.index_copy_(2, rows, value_states)
+        return self.keys, self.values
+
+
+class StaticTreeCache(Cache):
+    """Fixed-size K/V for every layer plus a host-side committed length. Speaks the two calls the verifier
+    makes on a cache: ``get_seq_length()`` and ``crop(-k)``."""
+
+    def __init__(self, num_layers: int, max_cache_len: int, rows: torch.Tensor) -> None:
+        super().__init__(layers=[IndexedStaticLayer(max_cache_len, rows) for _ in range(num_layers)])
+        self.max_cache_len = max_cache_len
+        self.length = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_cache_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``crop(-k)`` forgets the last ``k`` rows, like transformers' 5.x layers (positive values raise)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove.")
+        self.length += tokens_to_remove
+
+
+class StaticForward(CausalLMForward):
+    """``CausalLMForward`` on a static cache with bucketed, optionally CUDA-graph-captured steps.
+
+    One adapter owns one cache (its buffers are what the graphs point at): ``new_cache()`` empties it and
+    hands the same object back, so use one adapter per concurrent request. ``max_cache_len`` bounds
+    prompt + new tokens + the largest bucket. ``compile=True`` runs inductor on the step before capture
+    (fused kernels; logits may then differ from eager in the last bits)."""
+
+    def __init__(self, model, max_cache_len: int = 4096, buckets: tuple[int, ...] = BUCKETS,
+                 capture: bool | None = None, compile: bool = False,
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(model, tree_attention=True, embed=embed)
+        self.max_cache_len = max_cache_len
+        self.buckets = tuple(sorted(buckets))
+        self.capture = capture_supported(self.device) if capture is None else capture
+        top = self.buckets[-1]
+        device = self.device
+        self._cols = torch.arange(max_cache_len, device=device)
+        self._rows = torch.zeros(max_cache_len, dtype=torch.long, device=device)
+        # ids | positions | past | real rows, copied to the device in one transfer per step
+        self._host_int = torch.zeros(2 * top + 2, dtype=torch.long, pin_memory=self.capture)
+        self._host_block = torch.zeros(top, top, dtype=torch.bool, pin_memory=self.capture)
+        self._dev_int = torch.zeros(2 * top + 2, dtype=torch.long, device=device)
+        self._dev_block = torch.zeros(top, top, dtype=torch.bool, device=device)
+        self._staged = torch.cuda.Event() if self.capture else None
+        self.cache = StaticTreeCache(model.config.num_hidden_layers, max_cache_len, self._rows)
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def new_cache(self) -> StaticTreeCache:
+        self.cache.length = 0
+        return self.cache
+
+    def block_inputs(self, tree: TokenTree, before_root: int, past: int):
+        """Host-side only: the block's own ``[q, q]`` visibility pattern and its positions."""
+        m, n = before_root, len(tree)
+        allowed = np.zeros((m + n, m + n), dtype=bool)
+        allowed[:m, :m] = np.tril(np.ones((m, m), dtype=bool))
+        allowed[m:, :m] = True
+        allowed[m:, m:] = tree.ancestor_matrix()
+        positions = list(range(past, past + m)) + [past + m + depth for depth in tree.depths]
+        return allowed, positions
+
+    @property
+    def _top(self) -> int:
+        return self.buckets[-1]
+
+    def _staged_args(self, size: int) -> tuple[torch.Tensor, ...]:
+        """Views of the device staging buffers for one bucket: ids, positions, (past, real rows), pattern."""
+        top = self._top
+        return (self._dev_int[None, :size], self._dev_int[None, top:top + size], self._dev_int[2 * top:],
+                self._dev_block[:size, :size])
+
+    def bucket(self, q: int) -> int | None:
+        return next((b for b in self.buckets if b >= q), None)
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, scalars: torch.Tensor,
+              block: torch.Tensor) -> torch.Tensor:
+        """Write rows, full-width additive mask and the forward for one padded block; static shapes only."""
+        size = ids.shape[1]
+        past, real = scalars[0], scalars[1]
+        index = self._cols[:size]
+        self._rows[:size].copy_(index + past)
+        relative = self._cols - past
+        in_block = (relative >= 0) & (relative < size)
+        visible = block[:, relative.clamp(0, size - 1)] & in_block[None, :]
+        visible |= (relative < 0)[None, :] & (index < real)[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=ids.device)
+        mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[None, None]
+        inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
+        out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.kwarg: self.cache})
+        return out.logits[0]
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """The bucket's graph, captured on first use (the warm-up runs are this very step, which is
+        idempotent: same inputs, same rows written). A failed capture turns capture off for good."""
+        args = self._staged_args(size)
+        if size not in self.graphs:
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._step_fn(*args)
+                torch.cuda.current_stream().wait_stream(stream)
+                self._pool = self._pool or torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    logits = self._step_fn(*args)
+                self.graphs[size] = (graph, logits)
+            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+                log.warning("CUDA graph capture failed (%s); decoding eagerly on the static cache.", error)
+                self.capture = False
+                return self._step(*args)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits
+
+    def __call__(self, ids: list[int], position_ids, mask, cache, keep: int | None = None) -> torch.Tensor:
+        """``mask`` is ``block_inputs``' ``[q, q]`` pattern, or None for a causal block (prompt, plain steps);
+        ``position_ids`` a list (or tensor) of q positions. Returns logits ``[keep, vocab]``."""
+        q, past = len(ids), cache.length
+        positions = position_ids.flatten().tolist() if torch.is_tensor(position_ids) else list(position_ids)
+        pattern = np.tril(np.ones((q, q), dtype=bool)) if mask is None else np.asarray(mask, dtype=bool)
+        size = self.bucket(q)
+        if size is None or past + size > self.max_cache_len:
+            size = q  # oversize block (a long prompt): unpadded, eager
+        if past + size > self.max_cache_len:
+            raise ValueError(f"The static cache holds {self.max_cache_len} tokens; this step needs {past + size}.")
+        if size > self._top:
+            block = torch.from_numpy(pattern).to(self.device)
+            scalars = torch.tensor([past, q], device=self.device)
+            logits = self._step(torch.tensor([ids], device=self.device),
+                                torch.tensor([positions], device=self.device), scalars, block)
+        else:
+            logits = self._staged_step(ids, positions, pattern, past, size)
+        cache.length = past + q
+        keep = q if keep is None else keep
+        return logits[q - keep:q].clone()
+
+    def _staged_step(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int,
+                     size: int) -> torch.Tensor:
+        q, top = len(ids), self._top
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous transfer has left the pinned buffers
+        host = self._host_int.numpy()
+        host[:size] = 0
+        host[:q] = ids
+        host[top:top + size] = past
+        host[top:top + q] = positions
+        host[2 * top:] = (past, q)
+        block = self._host_block.numpy()
+        block[:size, :size] = False
+        block[:q, :q] = pattern
+        dummies = np.arange(q, size)
+        block[dummies, dummies] = True
+        self._dev_int.copy_(self._host_int, non_blocking=True)
+        self._dev_block.copy_(self._host_block, non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
+        return self._replay(size) if self.capture else self._step(*self._staged_args(size))
+

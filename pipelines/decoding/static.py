@@ -94,14 +94,15 @@ class StaticForward(CausalLMForward):
         self.capture = capture_supported(self.device) if capture is None else capture
         top = self.buckets[-1]
         device = self.device
+        on_cuda = device.type == "cuda"
         self._cols = torch.arange(max_cache_len, device=device)
         self._rows = torch.zeros(max_cache_len, dtype=torch.long, device=device)
         # ids | positions | past | real rows, copied to the device in one transfer per step
-        self._host_int = torch.zeros(2 * top + 2, dtype=torch.long, pin_memory=self.capture)
-        self._host_block = torch.zeros(top, top, dtype=torch.bool, pin_memory=self.capture)
+        self._host_int = torch.zeros(2 * top + 2, dtype=torch.long, pin_memory=on_cuda)
+        self._host_block = torch.zeros(top, top, dtype=torch.bool, pin_memory=on_cuda)
         self._dev_int = torch.zeros(2 * top + 2, dtype=torch.long, device=device)
         self._dev_block = torch.zeros(top, top, dtype=torch.bool, device=device)
-        self._staged = torch.cuda.Event() if self.capture else None
+        self._staged = torch.cuda.Event() if on_cuda else None
         self.cache = StaticTreeCache(model.config.num_hidden_layers, max_cache_len, self._rows)
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -1,0 +1,136 @@
+"""The static fast path (padded buckets, index rollback) decodes exactly what the dynamic-cache path does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.decoding.plain import SamplingConfig, plain_decode
+from pipelines.decoding.static import StaticForward, StaticTreeCache, capture_supported
+from pipelines.decoding.tree import TokenTree
+from pipelines.decoding.verify import speculative_decode
+from pipelines.tiny import tiny_causal_lm
+from tests.test_decoding import OracleDrafter, RandomTreeDrafter, drafters_for, greedy, repetitive_prompt, run
+
+FAMILIES = ("llama", "qwen2")
+BUCKETS = (1, 8, 16, 32)  # small buckets so trees of 3..30 nodes get padded and the 24-node tree spans two
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
+
+
+def static(model, **options) -> StaticForward:
+    return StaticForward(model, max_cache_len=256, buckets=BUCKETS, capture=False, **options)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_decoding_through_the_static_path_is_identical(models, family):
+    model = models[family]
+    prompt = repetitive_prompt(0, 23)
+    reference = greedy(model, prompt, 30)
+    forward = static(model)
+    assert run(plain_decode(model, prompt, 30, SamplingConfig(), set(), forward=forward)) == reference
+    assert forward.cache.get_seq_length() == 23 + 29  # the last token is never fed
+    sampled = SamplingConfig(temperature=0.8, top_p=0.9, seed=3)
+    assert (run(plain_decode(model, prompt, 30, sampled, set(), forward=forward))
+            == run(plain_decode(model, prompt, 30, sampled, set())))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed,prompt_length", [(0, 5), (2, 61)])
+def test_every_drafter_identical_through_the_static_path(models, family, seed, prompt_length):
+    model = models[family]
+    prompt = repetitive_prompt(seed, prompt_length)
+    reference = greedy(model, prompt, 30)
+    forward = static(model)
+    for name, drafter in drafters_for(model, family, reference).items():
+        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, forward=forward)) \
+            == reference, name
+    eos = reference[len(reference) // 2]
+    expected = reference[:reference.index(eos) + 1]
+    for name, drafter in drafters_for(model, family, reference).items():
+        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), {eos}, drafter, forward=forward)) \
+            == expected, name
+
+
+@pytest.mark.parametrize("size", [2, 7, 9, 16, 17, 30])
+def test_tree_sizes_around_bucket_edges(models, size):
+    model = models["llama"]
+    prompt = repetitive_prompt(5, 19)
+    reference = greedy(model, prompt, 25)
+    forward = static(model)
+    out = run(speculative_decode(model, prompt, 25, SamplingConfig(), set(), RandomTreeDrafter(size, size),
+                                 forward=forward))
+    assert out == reference
+
+
+def test_eos_mid_tree_and_sampling(models):
+    model = models["llama"]
+    prompt = repetitive_prompt(3, 17)
+    reference = greedy(model, prompt, 40)
+    eos = next(t for i, t in enumerate(reference) if i >= 8 and t not in reference[:i])
+    expected = reference[:reference.index(eos) + 1]
+    chunks = list(speculative_decode(model, prompt, 40, SamplingConfig(), {eos}, OracleDrafter(reference),
+                                     forward=static(model)))
+    assert [t for c in chunks for t in c] == expected and len(chunks[-1]) > 1
+    sampled = SamplingConfig(temperature=1.0, seed=11)
+    assert (run(speculative_decode(model, prompt, 30, sampled, set(), RandomTreeDrafter(1, 12), forward=static(model)))
+            == run(plain_decode(model, prompt, 30, sampled, set())))
+
+
+def test_rollback_moves_the_write_position_and_hides_stale_rows(models):
+    """After a tree step the cache length counts only the kept rows; the next block overwrites the rest, and
+    a step after a rollback sees exactly what a fresh cache holding the committed tokens would."""
+    model = models["llama"]
+    forward = static(model)
+    prompt = repetitive_prompt(6, 10)[0].tolist()
+    cache = forward.new_cache()
+    mask, positions = forward.block_inputs(TokenTree([prompt[-1]], [-1]), len(prompt) - 1, 0)
+    forward(prompt, positions, mask, cache, keep=1)
+    assert cache.get_seq_length() == 10
+    tree = TokenTree([7, 8, 9, 10, 11], [-1, 0, 0, 1, 3])
+    mask, positions = forward.block_inputs(tree, 0, 10)
+    assert positions == [10, 11, 11, 12, 13]
+    forward(tree.tokens, positions, mask, cache)
+    assert cache.get_seq_length() == 15
+    cache.crop(-3)  # keep the root and node 1
+    assert cache.get_seq_length() == 12
+    with pytest.raises(ValueError):
+        cache.crop(2)
+    step = [3, 4]
+    mask, positions = forward.block_inputs(TokenTree([4], [-1]), 1, 12)
+    assert positions == [12, 13]
+    after_rollback = forward(step, positions, mask, cache)
+    assert cache.get_seq_length() == 14
+
+    fresh = static(model)
+    committed = prompt + [7, 8] + step
+    mask, positions = fresh.block_inputs(TokenTree([committed[-1]], [-1]), len(committed) - 1, 0)
+    expected = fresh(committed, positions, mask, fresh.new_cache(), keep=2)
+    torch.testing.assert_close(after_rollback, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_oversize_block_runs_unpadded_and_full_cache_raises(models):
+    model = models["llama"]
+    forward = StaticForward(model, max_cache_len=64, buckets=(1, 8), capture=False)
+    prompt = repetitive_prompt(7, 40)
+    assert run(plain_decode(model, prompt, 6, SamplingConfig(), set(), forward=forward)) == greedy(model, prompt, 6)
+    with pytest.raises(ValueError, match="static cache holds 64"):
+        run(plain_decode(model, repetitive_prompt(7, 60), 10, SamplingConfig(), set(), forward=forward))
+
+
+def test_capture_selection_and_failed_capture_falls_back_to_eager(models, monkeypatch):
+    assert not capture_supported(torch.device("cpu"))
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert capture_supported(torch.device("cuda"))
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert not capture_supported(torch.device("cuda"))
+    model = models["llama"]
+    assert StaticForward(model, max_cache_len=64).capture is False  # CPU: eager
+    forward = StaticForward(model, max_cache_len=128, buckets=BUCKETS, capture=True)  # forced on a CPU: fails
+    prompt = repetitive_prompt(8, 15)
+    out = run(speculative_decode(model, prompt, 20, SamplingConfig(), set(), RandomTreeDrafter(2, 9), forward=forward))
+    assert out == greedy(model, prompt, 20)
+    assert forward.capture is False and not forward.graphs
+    assert isinstance(forward.new_cache(), StaticTreeCache) and forward.new_cache() is forward.cache

@@ -103,7 +103,12 @@ class StaticForward(CausalLMForward):
         self._dev_int = torch.zeros(2 * top + 2, dtype=torch.long, device=device)
         self._dev_block = torch.zeros(top, top, dtype=torch.bool, device=device)
         self._staged = torch.cuda.Event() if on_cuda else None
-        self.cache = StaticTreeCache(model.config.num_hidden_layers, max_cache_len, self._rows)
+        config = model.config
+        self.cache = StaticTreeCache(config.num_hidden_layers, max_cache_len, self._rows)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # allocate now, outside any compiled or captured region, so the graphs see fixed buffers
+        self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None

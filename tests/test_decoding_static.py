@@ -134,3 +134,13 @@ def test_capture_selection_and_failed_capture_falls_back_to_eager(models, monkey
     assert out == greedy(model, prompt, 20)
     assert forward.capture is False and not forward.graphs
     assert isinstance(forward.new_cache(), StaticTreeCache) and forward.new_cache() is forward.cache
+
+
+def test_gpu_step_benchmark_runs_tiny_on_cpu():
+    from benchmarks.text_gpu_step import main
+
+    result = main(["--tiny"])
+    assert result["benchmark"] == "text_gpu_step" and result["settings"]["copy_bandwidth_tb_s"] > 0
+    measured = {(row["method"], row["query_tokens"]) for row in result["rows"] if "ms" in row}
+    assert measured == {(method, n) for method in ("eager", "static") for n in (1, 8, 16)}
+    assert all(row["floor_ms"] > 0 and row["ratio_to_plain"] > 0 for row in result["rows"])

@@ -4,7 +4,7 @@
         --methods vanilla,hf-pld,recycling,lookahead,pld --max-new-tokens 128 --tree-profile auto \
         --json benchmarks/results/text_decoding_cpu.json
 
-Greedy, batch 1. After a warm-up on the first prompt, methods run interleaved per prompt (their order
+Greedy, batch 1. After a warm-up on a prompt outside the set, methods run interleaved per prompt (their order
 rotates from prompt to prompt). Per method and category: tokens/s (mean of per-prompt tok/s, as
 Spec-Bench), τ (tokens per forward), speed-up vs vanilla in the same run, fraction of outputs identical to
 vanilla, and the share of step time spent drafting.
@@ -25,14 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.decoding.draft_model import DraftModel  # noqa: E402
 from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size, step_costs  # noqa: E402
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie  # noqa: E402
+from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie  # noqa: E402
+from pipelines.decoding.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
-from pipelines.decoding.recycling import shared_recycler  # noqa: E402
+from pipelines.decoding.recycling import TokenRecycling, shared_recycler  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
 
-METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "draft")
+METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft")
+# outside every prompt set: warming up on a measured prompt would let the Lookahead trie remember its answer
+WARMUP_PROMPT = "Explain in a few sentences how a bicycle's gears make climbing a hill easier."
+
 HF_PLD_TOKENS = 10  # the value transformers' docs use for prompt_lookup_num_tokens
 
 
@@ -103,6 +107,11 @@ class Runner:
         self.counter = ForwardCounter(model)
         self.recycler = shared_recycler(model)
         self.nodes = len(self.recycler.template)
+        # the merged drafter keeps its own matrix and trie: sharing the recycling/lookahead methods' state
+        # would hand it what they just learnt on the same prompt
+        vocab = model.get_output_embeddings().weight.shape[0]
+        own = TokenRecycling(torch.zeros(vocab, self.recycler.matrix.shape[1], dtype=torch.long, device=model.device))
+        self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), step_costs(model, args.tree_profile))
 
     def pick_tree(self) -> int:
         """Tree size for this device, re-picked before every prompt as the pipeline does per request: the
@@ -119,6 +128,8 @@ class Runner:
                                  shared_trie(self.model))
         if method == "pld":
             return PromptLookup()
+        if method == "merged":
+            return self.merged
         if method == "draft":
             return DraftModel(self.draft)
         raise ValueError(method)
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = prompts[:args.limit]
     runner = Runner(model, tokenizer, args, draft)
 
-    warm = encode(tokenizer, prompts[0]["prompt"], args.device)
+    warm = encode(tokenizer, WARMUP_PROMPT, args.device)
     for method in methods:  # warm-up: kernels, allocator, and the recycler's acceptance estimate
         runner.run(method, warm)
     records, tree_sizes = [], []
@@ -233,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"methods": methods, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
                      "prompts_file": args.prompts, "tree_profile": args.tree_profile, "greedy": True, "stride": args.stride,
                      "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
+                     "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
                      "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
         "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
         "rows": summarise(records, methods),

@@ -10,6 +10,7 @@ from scipy.stats import chisquare
 from pipelines.decoding.draft_model import DraftModel
 from pipelines.decoding.hardware import measure_step_cost, pick_tree_size
 from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
+from pipelines.decoding.merged import MergedDrafter, new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.decoding.recycling import DEFAULT_TEMPLATE, LEVEL_SIZES, TokenRecycling, build_template
@@ -18,6 +19,8 @@ from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_deco
 from pipelines.tiny import tiny_causal_lm
 
 FAMILIES = ("llama", "qwen2", "gpt2")
+FLAT = {1: 1.0, 128: 1.0}  # a GPU-like cost curve: every candidate is worth verifying
+STEEP = {1: 1.0, 2: 1.1, 3: 1.2, 4: 2.0, 128: 128.0}  # a CPU-like one with a jump at 4 rows
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,8 @@ def drafters_for(model, family, reference):
         "recycling_small_tree": TokenRecycling(torch.zeros(320, 8, dtype=torch.long), nodes=12),
         "lookahead": LookaheadTrie(LookaheadConfig(decoding_length=16, branch_length=4)),
         "prompt_lookup": PromptLookup(num_tokens=4),
+        "merged_flat_cost": new_merged(TokenRecycling(torch.zeros(320, 8, dtype=torch.long)), NGramTrie(1000), FLAT),
+        "merged_steep_cost": new_merged(TokenRecycling(torch.zeros(320, 8, dtype=torch.long)), NGramTrie(1000), STEEP),
         "draft_model": DraftModel(tiny_causal_lm(family, seed=0), num_tokens=3),
         "draft_model_tree": DraftModel(tiny_causal_lm(family, seed=1), num_tokens=4, siblings=2),
         "random_tree": RandomTreeDrafter(seed=7, size=24),
@@ -321,3 +326,53 @@ def test_pick_tree_size_follows_the_cost_curve():
 def test_measure_step_cost_reports_every_size(models):
     costs = measure_step_cost(models["gpt2"], sizes=(1, 4, 16), context=8, repeats=1)
     assert sorted(costs) == [1, 4, 16] and costs[1] <= costs[4] <= costs[16]
+
+
+def merged_drafter(costs, prompt):
+    drafter = MergedDrafter(costs, TokenRecycling(torch.zeros(50, 8, dtype=torch.long)),
+                            LookaheadTrie(LookaheadConfig(decoding_length=8, branch_length=3)), PromptLookup(num_tokens=3))
+    drafter.start(prompt)
+    return drafter
+
+
+def test_merged_drafter_deduplicates_sources_into_one_trie():
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2]
+    drafter = merged_drafter(FLAT, prompt)
+    tree = drafter.propose(prompt)
+    paths = set()
+    for i in range(1, len(tree)):
+        path, node = [], i
+        while node > 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        paths.add(tuple(reversed(path)))
+    assert len(paths) == len(tree) - 1  # no path appears twice
+    assert (3, 9, 1) in paths and (3, 4) in paths  # prompt lookup's chain and the trie's other branch
+    # the chain (3 9 1), found by two n-gram lengths and by the trie, is one path
+    assert sum(1 for i in range(1, len(tree)) if tree.parents[i] == 0 and tree.tokens[i] == 3) == 1
+
+
+def test_merged_drafter_cuts_the_tree_where_the_cost_curve_stops_paying():
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2]
+    assert len(merged_drafter(STEEP, prompt).propose(prompt)) <= 3
+    assert len(merged_drafter(FLAT, prompt).propose(prompt)) > 3
+    linear = {1: 1.0, 128: 128.0}
+    assert len(merged_drafter(linear, prompt).propose(prompt)) == 1
+
+
+def test_merged_drafter_learns_acceptance_per_source():
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2]
+    drafter = merged_drafter(FLAT, prompt)
+    tree = drafter.propose(prompt)
+    logits = torch.zeros(len(tree), 50)
+    children = tree.children()
+    chosen = children[0][3]
+    logits[0, 3] = 5.0  # the model follows the 2-gram match 3 9 1 all the way
+    logits[chosen, 9] = 5.0
+    logits[children[chosen][9], 1] = 5.0
+    fresh = merged_drafter(FLAT, prompt)
+    drafter.update(tree, logits, [3, 9, 1, 0])
+    assert drafter.rate(("pld", 2, 1)) > fresh.rate(("pld", 2, 1))
+    assert drafter.rate(("pld", 2, 3)) > fresh.rate(("pld", 2, 3))
+    # the empty matrix's token 0, offered beside the accepted 3, was rejected
+    assert drafter.rate(("recycling", (0, 0), 1)) < fresh.rate(("recycling", (0, 0), 1))

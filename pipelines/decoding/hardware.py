@@ -16,7 +16,8 @@ from .verify import CausalLMForward
 # H200, Llama-2-7B, bf16, sdpa, 512-token cache: GPU kernel time per forward relative to n = 1
 # (reference text-decoding.md §9.2; the static-cache/CUDA-graph regime, where trees cost the most).
 GPU_STEP_COST = {1: 1.0, 8: 1.13, 16: 1.18, 32: 1.20, 64: 1.21, 96: 1.28, 128: 1.30, 192: 1.51, 256: 1.61}
-DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81, 96, 128)
+# small sizes densely: on a CPU the cost can jump between neighbours (MKL switches GEMM kernels at 4 rows)
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 81, 96, 128)
 
 
 def _sync(device: torch.device) -> None:

@@ -150,6 +150,10 @@ class LookaheadTrie(Drafter):
         self.output = prompt[-self.config.branch_length:]
 
     def propose(self, context: list[int]) -> TokenTree:
+        return self.scored(context)[0]
+
+    def scored(self, context: list[int]) -> tuple[TokenTree, list[float], int]:
+        """The tree, each node's frequency score (the root's is 0) and the length of the matched query."""
         config = self.config
         match = None
         for length in range(min(config.max_query_length, len(context)), 0, -1):
@@ -157,7 +161,7 @@ class LookaheadTrie(Drafter):
             if match is not None and match.children:
                 break
         if match is None or not match.children or config.decoding_length < 2:
-            return TokenTree([context[-1]], [-1])
+            return TokenTree([context[-1]], [-1]), [0.0], 0
 
         def score(node: TrieNode) -> float:
             return config.prompt_weight * node.prompt + node.output
@@ -176,15 +180,16 @@ class LookaheadTrie(Drafter):
             if depth < config.branch_length:
                 for child_token, child in node.children.items():
                     heapq.heappush(heap, (-score(child), (order := order + 1), child_token, child, len(picked), depth + 1))
-        tokens, parents = [context[-1]], [-1]
+        tokens, parents, scores = [context[-1]], [-1], [0.0]
         stack = [(child, 0) for child in reversed(kids[0])]
         while stack:
             index, parent = stack.pop()
             tokens.append(picked[index - 1][0])
             parents.append(parent)
+            scores.append(score(picked[index - 1][2]))
             here = len(tokens) - 1
             stack.extend((child, here) for child in reversed(kids[index]))
-        return TokenTree(tokens, parents)
+        return TokenTree(tokens, parents), scores, length
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         for token in accepted:

@@ -34,12 +34,19 @@ class PromptLookup(Drafter):
             for n in range(1, min(self.max_ngram, end) + 1):
                 self.latest[tuple(self.context[end - n:end])] = end
 
-    def propose(self, context: list[int]) -> TokenTree:
+    def matches(self, context: list[int]) -> list[tuple[int, list[int]]]:
+        """``(n, continuation)`` after the latest occurrence of the trailing n-gram, longest n first (one per
+        n that matches; different n often point at different earlier spots)."""
+        found = []
         for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
             end = self.latest.get(tuple(context[-n:]))
             if end is not None:
-                return TokenTree.chain(context[-1], context[end:end + self.num_tokens])
-        return TokenTree([context[-1]], [-1])
+                found.append((n, context[end:end + self.num_tokens]))
+        return found
+
+    def propose(self, context: list[int]) -> TokenTree:
+        found = self.matches(context)
+        return TokenTree.chain(context[-1], found[0][1]) if found else TokenTree([context[-1]], [-1])
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         last = self.context.pop()

@@ -66,8 +66,11 @@ class TokenRecycling(Drafter):
     Also counts, per template node, how often it was offered and accepted: the hardware-aware tree size
     uses those rates."""
 
-    def __init__(self, matrix: torch.Tensor, template: TreeTemplate = DEFAULT_TEMPLATE, nodes: int | None = None) -> None:
+    def __init__(self, matrix: torch.Tensor, template: TreeTemplate = DEFAULT_TEMPLATE, nodes: int | None = None,
+                 probs: torch.Tensor | None = None) -> None:
         self.matrix = matrix
+        # the probability each candidate had when it was recorded: how sure the model was, for the merged drafter
+        self.probs = probs if probs is not None else torch.zeros(matrix.shape, device=matrix.device)
         self.template = template
         self.offered = [0] * len(template)
         self.accepted = [0] * len(template)
@@ -88,15 +91,24 @@ class TokenRecycling(Drafter):
                                 torch.tensor([active.ranks[i] for i in nodes_at], device=device)))
 
     def propose(self, context: list[int]) -> TokenTree:
+        return self.scored(context)[0]
+
+    def scored(self, context: list[int]) -> tuple[TokenTree, list[float]]:
+        """The tree and, per node, the probability its token had after its parent's when it was recorded."""
         tokens = torch.empty(len(self.active), dtype=torch.long, device=self.matrix.device)
+        probs = torch.ones(len(self.active), device=self.matrix.device)
         tokens[0] = context[-1]
         for nodes, parents, ranks in self.levels:
-            tokens[nodes] = self.matrix[tokens[parents], ranks]
-        return TokenTree(tokens.tolist(), list(self.active.parents))
+            rows = tokens[parents]
+            tokens[nodes] = self.matrix[rows, ranks]
+            probs[nodes] = self.probs[rows, ranks]
+        return TokenTree(tokens.tolist(), list(self.active.parents)), probs.tolist()
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         rows = torch.tensor(tree.tokens, device=self.matrix.device)
-        self.matrix[rows] = logits.topk(self.matrix.shape[1], dim=-1).indices.to(self.matrix.device)
+        top = logits.float().topk(self.matrix.shape[1], dim=-1)
+        self.matrix[rows] = top.indices.to(self.matrix.device)
+        self.probs[rows] = (top.values - logits.float().logsumexp(-1, keepdim=True)).exp().to(self.probs.device)
         if tree.parents != list(self.active.parents):
             return  # cut short at the end of a request: node indices no longer match the template
         for i in range(len(tree)):

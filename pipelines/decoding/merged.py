@@ -1,0 +1,175 @@
+"""One verifier, many drafters: prompt lookup (one chain per matching n-gram length), the Lookahead trie's
+branches and Token Recycling's tree are merged into one de-duplicated token trie per step, and the device's
+cost curve decides how much of it to verify (reference §9.3: trees pay off where a wider forward is cheap;
+PPD's hardware-aware size, applied per step to measured acceptance instead of a fixed template).
+
+Every drafted node carries the sources that proposed it, each with a bucket (source, feature, depth): the
+n-gram length for prompt lookup, the match length and frequency for Lookahead, top-1 or not and the
+recorded probability for recycling. Per bucket the drafter counts how often a node whose parent was on the accepted path was
+accepted itself; a node's conditional acceptance is the best of its sources' smoothed rates, its path
+probability the product down from the root. The nodes are ranked by path probability (a child never
+outranks its parent) and the verified prefix is the one with the most expected tokens per second of
+forward. Verification is the one lossless verifier, so the output is plain greedy/sampled decoding.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .hardware import interpolate
+from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie
+from .prompt_lookup import PromptLookup
+from .recycling import TokenRecycling, shared_recycler
+from .tree import TokenTree
+from .verify import Drafter
+
+MAX_DEPTH = 12
+DEPTH_BUCKETS = 6  # depths beyond this share a bucket
+LOOKAHEAD_NODES = 64  # alipay's decoding length; the recycling template is offered whole (the paper's 80)
+PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
+
+
+def _prior(bucket: tuple) -> float:
+    """Starting estimate until a bucket has been measured."""
+    source, feature = bucket[0], bucket[1]
+    if source == "pld":
+        return 0.55 if feature >= 2 else 0.3
+    if source == "lookahead":
+        return 0.4 if feature[0] >= 2 else 0.25
+    return (feature[1] + 0.5) / PROB_BINS * (1.0 if feature[0] == 0 else 0.5)
+
+
+class MergedDrafter(Drafter):
+    """Merges ``lookup``, ``lookahead`` and ``recycler`` drafts into one trie and keeps the prefix that the
+    cost curve ``costs`` (seconds per forward over n query tokens) pays for. Acceptance counts persist
+    across requests (they describe the model and the device, not one prompt)."""
+
+    def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
+                 lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0) -> None:
+        self.costs = costs
+        self.recycler, self.lookahead = recycler, lookahead
+        self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
+        self.max_nodes = max_nodes
+        self.prior_weight = prior_weight
+        self.offered: dict[tuple, int] = {}
+        self.accepted: dict[tuple, int] = {}
+        self.sources: dict[tuple[int, ...], list[tuple]] = {}  # path of the last proposal -> its buckets
+        self.steps = self.nodes = 0  # trees proposed and their total size: the size the cost curve chose
+
+    def start(self, prompt: list[int]) -> None:
+        for drafter in (self.lookup, self.lookahead, self.recycler):
+            drafter.start(prompt)
+
+    def rate(self, bucket: tuple) -> float:
+        return ((self.accepted.get(bucket, 0) + self.prior_weight * _prior(bucket))
+                / (self.offered.get(bucket, 0) + self.prior_weight))
+
+    def propose(self, context: list[int]) -> TokenTree:
+        tokens, parents, buckets = [context[-1]], [-1], [[]]
+        children: list[dict[int, int]] = [{}]
+
+        def add(tree: TokenTree, bucket_of) -> None:
+            tree = tree.truncated(max_depth=MAX_DEPTH)
+            where = [0] * len(tree)
+            for i in range(1, len(tree)):
+                parent, token = where[tree.parents[i]], tree.tokens[i]
+                node = children[parent].get(token)
+                if node is None:
+                    node = children[parent][token] = len(tokens)
+                    tokens.append(token)
+                    parents.append(parent)
+                    buckets.append([])
+                    children.append({})
+                buckets[node].append(bucket_of(i, min(tree.depths[i], DEPTH_BUCKETS)))
+                where[i] = node
+
+        for n, chain in self.lookup.matches(context):
+            add(TokenTree.chain(context[-1], chain), lambda i, depth, n=n: ("pld", n, depth))
+        tree, scores, query = self.lookahead.scored(context)
+        add(tree, lambda i, depth: ("lookahead", (query, min(int(scores[i]), 3)), depth))
+        ranks = self.recycler.active.ranks
+        tree, probs = self.recycler.scored(context)
+        add(tree, lambda i, depth: ("recycling", (min(ranks[i], 1), min(int(probs[i] * PROB_BINS), PROB_BINS - 1)), depth))
+        return self._select(tokens, parents, buckets, children)
+
+    def _select(self, tokens, parents, buckets, children) -> TokenTree:
+        """Path probabilities, best prefix under the cost curve, then depth-first order with the likeliest
+        child first (so the likeliest path's accepted nodes sit right after the root and keep their cache)."""
+        n = len(tokens)
+        conditional = [1.0] + [max(self.rate(b) for b in buckets[i]) for i in range(1, n)]
+        for table in children:  # siblings exclude each other: their estimates cannot add up past one
+            total = sum(conditional[i] for i in table.values())
+            if total > 1.0:
+                for i in table.values():
+                    conditional[i] /= total
+        path = [1.0] * n
+        for i in range(1, n):
+            path[i] = path[parents[i]] * conditional[i]
+        depth = [0] * n
+        for i in range(1, n):
+            depth[i] = depth[parents[i]] + 1
+        ranked = sorted(range(n), key=lambda i: (-path[i], depth[i], i))[:self.max_nodes]
+        best, best_rate, expected = 1, 0.0, 0.0
+        for size, i in enumerate(ranked, start=1):
+            expected += path[i]
+            throughput = expected / interpolate(self.costs, size)
+            if throughput > best_rate:
+                best, best_rate = size, throughput
+        kept = set(ranked[:best])
+        out_tokens, out_parents, self.sources = [], [], {}
+        stack: list[tuple[int, int, tuple[int, ...]]] = [(0, -1, ())]
+        while stack:
+            node, parent, prefix = stack.pop()
+            here = len(out_tokens)
+            out_tokens.append(tokens[node])
+            out_parents.append(parent)
+            key = prefix + (tokens[node],) if node else ()
+            self.sources[key] = buckets[node]
+            below = sorted((c for c in children[node].values() if c in kept), key=lambda c: path[c])
+            stack.extend((c, here, key) for c in below)
+        self.steps, self.nodes = self.steps + 1, self.nodes + len(out_tokens)
+        return TokenTree(out_tokens, out_parents)
+
+    def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        keys: list[tuple[int, ...]] = [()]
+        for i in range(1, len(tree)):
+            keys.append(keys[tree.parents[i]] + (tree.tokens[i],))
+        on_path, node, table = {0}, 0, tree.children()
+        for token in accepted:
+            node = table[node].get(token, -1)
+            if node < 0:
+                break
+            on_path.add(node)
+        for i in range(1, len(tree)):
+            if tree.parents[i] not in on_path:
+                continue
+            for bucket in self.sources.get(keys[i], ()):
+                self.offered[bucket] = self.offered.get(bucket, 0) + 1
+                if i in on_path:
+                    self.accepted[bucket] = self.accepted.get(bucket, 0) + 1
+        for drafter in (self.lookup, self.lookahead, self.recycler):
+            drafter.update(tree, logits, accepted)
+
+    def finish(self) -> None:
+        for drafter in (self.lookup, self.lookahead, self.recycler):
+            drafter.finish()
+
+
+def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float]) -> MergedDrafter:
+    """A merged drafter over ``recycled``'s matrix and a Lookahead ``trie`` (both kept by the caller)."""
+    return MergedDrafter(costs, TokenRecycling(recycled.matrix, probs=recycled.probs),
+                         LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie))
+
+
+_DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, MergedDrafter]" = weakref.WeakKeyDictionary()
+
+
+def shared_merged(model: torch.nn.Module, costs: dict[int, float]) -> MergedDrafter:
+    """The model's merged drafter: the model's recycling matrix and output trie, and acceptance counts kept
+    across requests."""
+    drafter = _DRAFTERS.get(model)
+    if drafter is None:
+        drafter = _DRAFTERS[model] = new_merged(shared_recycler(model), shared_trie(model), costs)
+    drafter.costs = costs
+    return drafter

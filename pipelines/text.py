@@ -1,6 +1,7 @@
 """Text tab: chat with a causal LM, streamed token by token, with live decoding stats."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -13,6 +14,7 @@ from .decoding.hardware import pick_tree_size, step_costs
 from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
+from .decoding.static import BUCKETS, StaticForward
 from .decoding.recycling import shared_recycler
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
@@ -51,6 +53,7 @@ class TextRequest(Request):
 class CausalLM:
     model: Any
     tokenizer: Any
+    fast_forward: StaticForward | None = None  # the GPU fast path's adapter, built on first use, lives with the model
 
     @property
     def components(self) -> dict[str, Any]:
@@ -169,10 +172,12 @@ class TextPipeline(Pipeline):
     def decode(self, lm: CausalLM, input_ids: torch.Tensor, request: TextRequest, config: SamplingConfig,
                eos_ids: set[int], stats: DecodeStats) -> Iterator[list[int]]:
         max_new = int(request.max_new_tokens)
+        forward = fast_forward(lm, int(input_ids.shape[1]) + max_new)
         if request.method == "vanilla":
-            return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats)
+            return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats, forward=forward)
         drafter = self.drafter(lm, request)
-        return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats)
+        return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats,
+                                  forward=forward)
 
     def drafter(self, lm: CausalLM, request: TextRequest) -> Drafter:
         """The method's drafter. Token Recycling's matrix and the Lookahead output trie live with the model;
@@ -247,3 +252,19 @@ def compare_stats(vanilla: Result, method: Result) -> dict[str, Any]:
         "identical": vanilla.metadata["token_ids"] == method.metadata["token_ids"],
         "seed": fast["seed"],
     }
+
+
+def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
+    """The static-cache, CUDA-graph step (decoding/static.py) on CUDA; None (stock DynamicCache) elsewhere.
+
+    ``TOKENWORKS_TEXT_FAST``: ``auto`` (default, CUDA only), ``1`` (also on the CPU, uncaptured), ``0`` (off);
+    ``TOKENWORKS_TEXT_COMPILE=1`` adds inductor before capture (faster steps, a minute or two of compiling)."""
+    mode = os.environ.get("TOKENWORKS_TEXT_FAST", "auto")
+    if mode == "0" or (mode == "auto" and lm.model.device.type != "cuda"):
+        return None
+    needed = total_tokens + max(BUCKETS)
+    if lm.fast_forward is None or lm.fast_forward.max_cache_len < needed:
+        lm.fast_forward = StaticForward(lm.model, max_cache_len=max(4096, needed),
+                                        compile=os.environ.get("TOKENWORKS_TEXT_COMPILE") == "1")
+    return lm.fast_forward
+

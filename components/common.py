@@ -10,6 +10,7 @@ import gradio as gr
 
 from pipelines.base import MAX_SEED, CancelToken, Event, Pipeline, PipelineError, Request
 from pipelines.guard import guarded_events
+from pipelines.image.pipeline import stream_in_thread
 
 GPU_LANE = dict(concurrency_id="gpu", concurrency_limit=1)
 RANDOM_WEIGHTS_NOTE = "**Random weights** (tiny preset): outputs are noise by design; use it to test the app."
@@ -47,9 +48,19 @@ def stop_session(request: gr.Request) -> None:
 
 
 def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | None) -> Iterator[Event]:
-    """Events of ``pipeline`` for ``request``, with Stop wired in and failures turned into gr.Error."""
+    """Events of ``pipeline`` for ``request``, with Stop wired in and failures turned into gr.Error.
+
+    The pipeline runs on its own thread: a handler yields at every event (a Progress per model step at least),
+    the only place where Gradio's own cancel (API, closed tab) can close it, and each of those round trips
+    through Gradio (milliseconds) would otherwise stall the model. Closing cancels the pipeline at its next step;
+    progress that a newer event has overtaken is dropped, so the UI never lags behind the model."""
     request.cancel = CANCELS.start(session_of(session))
-    events = guarded_events(pipeline, request, pipeline.store)
+
+    def work(emit: Callable[[Event], None]) -> None:
+        for event in guarded_events(pipeline, request, pipeline.store):
+            emit(event)
+
+    events = stream_in_thread(work, request.cancel, latest_progress=True)
     try:
         yield from events
     except PipelineError as error:

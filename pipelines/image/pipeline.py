@@ -431,11 +431,13 @@ class ImagePipeline(Pipeline):
 _DONE = object()
 
 
-def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any) -> Iterator[Event]:
+def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any,
+                     latest_progress: bool = False) -> Iterator[Event]:
     """Run ``work(emit)`` on a worker thread and yield what it emits; return its result (``yield from``).
 
     diffusers' ``__call__`` is one blocking call, and previews are produced inside its step callback; the
-    thread lets them stream out as they happen. Closing the iterator (the user left) cancels the work."""
+    thread lets them stream out as they happen. Closing the iterator (the user left) cancels the work.
+    ``latest_progress`` skips a Progress when a newer event already waits, so a slow consumer never lags."""
     events: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
 
@@ -447,12 +449,13 @@ def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any
         finally:
             events.put(_DONE)
 
-    thread = threading.Thread(target=target, name="image-render", daemon=True)
+    thread = threading.Thread(target=target, name="pipeline-worker", daemon=True)
     thread.start()
     finished = False
     try:
         while (item := events.get()) is not _DONE:
-            yield item
+            if not (latest_progress and isinstance(item, Progress) and not events.empty()):
+                yield item
         finished = True
     finally:
         if not finished:

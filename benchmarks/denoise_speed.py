@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
+
 from benchmarks.image_speed import SD15_UNET, SDXL_UNET, TINY, Runner, timer  # noqa: E402
 from benchmarks.video_speed import ADAPTER_V153, TINY_ADAPTER, TINY_UNET  # noqa: E402
 from pipelines.image.attention import AttentionControl  # noqa: E402
@@ -259,12 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "timing": "median ms per served step (CUDA events around the loop on GPU); configurations "
                                "and modes interleaved in rotating order",
                      "tomesd_anchor": TOMESD_ANCHOR},
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return report
 
 

@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
+
 from pipelines.image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging  # noqa: E402
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json (values that differ from the class defaults).
@@ -301,12 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "timing": "median ms per UNet call; CUDA events on GPU; methods interleaved, rotating order",
                      "merging": "pipelines/image/merging.py (sx=sy=2, random destinations, self-attention only)",
                      "windows": args.windows},
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return report
 
 

@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
+
 from pipelines.musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen  # noqa: E402
 
 METHODS = {  # name -> (draft, static cache)
@@ -128,14 +130,11 @@ def main(argv: list[str] | None = None) -> None:
                      "temperature": args.temperature, "top_k": args.top_k, "guidance_scale": args.guidance,
                      "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
                      "torch": torch.__version__, "chunks": "first 25 frames, then doubling up to 150"},
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    print(json.dumps(report, indent=2))
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

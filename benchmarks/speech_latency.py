@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
+
 from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark, tiny_bark_tokenizer  # noqa: E402
 
 TEXT = ("Hello, this is a longer sentence that a speech model reads aloud. It goes on for a while, so the first "
@@ -201,14 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"text": TEXT, "semantic_tokens": args.semantic_tokens, "fixed_length": args.fixed_length,
                      "temperature": args.temperature, "seed": args.seed, "repeats": args.repeats,
                      "dtype": str(dtype), "schedule": asdict(BarkSettings().schedule)},
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_report(result, args.json)
 
 
 if __name__ == "__main__":

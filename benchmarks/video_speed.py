@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
+
 from pipelines.image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging  # noqa: E402
 
 # stable-diffusion-v1-5 unet/config.json (the values that differ from UNet2DConditionModel's defaults).
@@ -130,12 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "text_tokens": TEXT_TOKENS, "unet_calls_per_run": len(timesteps), "repeats": args.repeats,
                      "warmup": args.warmup, "min_tokens": args.min_tokens, "torch": torch.__version__,
                      "merging": "pipelines/image/merging.py on spatial transformer blocks only"},
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_report(report, args.json)
     return report
 
 

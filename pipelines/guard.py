@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 
 from .base import Cancelled, Event, Pipeline, PipelineError, Request
-from .models import ModelStore, release_memory
+from .models import ModelStore
 
 log = logging.getLogger("tokenworks")
 

@@ -12,19 +12,21 @@ from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Re
 from .decoding.draft_model import DraftModel
 from .decoding.hardware import pick_tree_size, step_costs
 from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
+from .decoding.merged import shared_merged
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
-from .decoding.static import BUCKETS, StaticForward
 from .decoding.recycling import shared_recycler
+from .decoding.static import BUCKETS, StaticForward
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .presets import default_model, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 4096
-METHODS = ("vanilla", "recycling", "lookahead", "prompt_lookup", "draft_model")
+METHODS = ("vanilla", "merged", "recycling", "lookahead", "prompt_lookup", "draft_model")
 METHOD_LABELS = {
     "vanilla": "Vanilla (one token per forward)",
+    "merged": "Merged (prompt lookup + Lookahead + Token Recycling in one tree)",
     "recycling": "Token Recycling",
     "lookahead": "Lookahead (trie)",
     "prompt_lookup": "Prompt lookup",
@@ -188,6 +190,8 @@ class TextPipeline(Pipeline):
             return PromptLookup()
         if request.method == "draft_model":
             return DraftModel(self.load_draft(lm, request).model)
+        if request.method == "merged":
+            return shared_merged(lm.model, step_costs(lm.model, request.tree_profile))
         recycler = shared_recycler(lm.model)
         nodes = pick_tree_size(recycler.acceptance_rates(), step_costs(lm.model, request.tree_profile))
         if request.method == "recycling":

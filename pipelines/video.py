@@ -83,7 +83,7 @@ class VideoOutput:
 
 def tiny_animatediff_pipeline(seed: int = 0):
     """The image tab's tiny SD1.5 (real block layout) inflated with a tiny MotionAdapter into a UNetMotionModel."""
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
 
     from .image.tiny import tiny_sd15_pipeline
 

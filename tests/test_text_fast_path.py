@@ -6,7 +6,7 @@ import pytest
 from pipelines.text import TextPipeline, TextRequest
 
 
-@pytest.mark.parametrize("method", ["vanilla", "recycling", "lookahead", "prompt_lookup"])
+@pytest.mark.parametrize("method", ["vanilla", "merged", "recycling", "lookahead", "prompt_lookup"])
 def test_fast_path_gives_the_stock_path_token_ids(store, monkeypatch, method):
     pipeline = TextPipeline(store, "tiny")
     request = dict(prompt="the quick brown fox jumps over the lazy dog. the quick brown", max_new_tokens=24,

@@ -286,7 +286,7 @@ def load_official_compass(folder: str | Path, unet: nn.Module | None = None, ste
     return encoder.eval()
 
 
-def draw_compass_preview(objects: Sequence[CompassObject], size: int = 256) -> "Image.Image":
+def draw_compass_preview(objects: Sequence[CompassObject], size: int = 256) -> Any:
     """Boxes (as given, and enlarged-squared as CALL uses them) with an arrow showing each object's heading."""
     from PIL import Image, ImageDraw
 

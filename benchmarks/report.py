@@ -1,0 +1,18 @@
+"""The JSON every benchmark writes (DESIGN.md §5), with the command line that made it."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def command_line(argv: list[str] | None) -> str:
+    """``python <script> <args>`` as it was run (``argv`` when called from Python, else the process's)."""
+    return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_report(report: dict, path: str | Path | None) -> None:
+    """Write ``report`` as indented JSON to ``path`` (folders created); nothing when ``path`` is None."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")

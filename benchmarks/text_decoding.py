@@ -31,6 +31,7 @@ from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
 from pipelines.decoding.recycling import TokenRecycling, shared_recycler  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
+from pipelines.models import pick_dtype  # noqa: E402
 from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
 
 METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft")
@@ -50,11 +51,11 @@ def resolve(name: str) -> str:
     return name
 
 
-def load(name: str, device: str):
+def load(name: str, device: str, dtype_name: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = resolve(name)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = pick_dtype(torch.device(device)) if dtype_name == "auto" else getattr(torch, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), tokenizer
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
     parser.add_argument("--stride", type=int, default=1, help="use every N-th prompt (keeps every category)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto = what the text tab uses (fp32 on a CPU: bf16 rows come out differently in a wider forward)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default); 1 avoids thread thrashing on a shared CPU")
     args = parser.parse_args(argv)
@@ -211,12 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(methods) - set(METHODS)
     if unknown or "vanilla" not in methods:
         raise SystemExit(f"--methods must include vanilla and only use {', '.join(METHODS)}; got {sorted(unknown)}")
-    model, tokenizer = load(args.model, args.device)
+    model, tokenizer = load(args.model, args.device, args.dtype)
     draft = None
     if "draft" in methods:
         if not args.draft_model:
             raise SystemExit("Method 'draft' needs --draft-model (a smaller model with the same tokenizer).")
-        draft, _ = load(args.draft_model, args.device)
+        draft, _ = load(args.draft_model, args.device, args.dtype)
     prompts = read_prompts(args.prompts)[::args.stride]
     if args.limit:
         prompts = prompts[:args.limit]
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": args.model,
         "settings": {"methods": methods, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
-                     "prompts_file": args.prompts, "tree_profile": args.tree_profile, "greedy": True, "stride": args.stride,
+                     "prompts_file": args.prompts, "tree_profile": args.tree_profile, "dtype": str(model.dtype).removeprefix("torch."), "greedy": True, "stride": args.stride,
                      "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
                      "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
                      "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},

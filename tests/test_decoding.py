@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from pipelines.decoding.draft_model import DraftModel
 from pipelines.decoding.hardware import measure_step_cost, pick_tree_size
 from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
-from pipelines.decoding.merged import MergedDrafter, new_merged
+from pipelines.decoding.merged import FULL, PARTIAL, MergedDrafter, new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.decoding.recycling import DEFAULT_TEMPLATE, LEVEL_SIZES, TokenRecycling, build_template
@@ -372,7 +372,16 @@ def test_merged_drafter_learns_acceptance_per_source():
     logits[children[chosen][9], 1] = 5.0
     fresh = merged_drafter(FLAT, prompt)
     drafter.update(tree, logits, [3, 9, 1, 0])
-    assert drafter.rate(("pld", 2, 1)) > fresh.rate(("pld", 2, 1))
-    assert drafter.rate(("pld", 2, 3)) > fresh.rate(("pld", 2, 3))
+    assert drafter.rate(("pld", (2, 1), 1, 0)) > fresh.rate(("pld", (2, 1), 1, 0))
+    assert drafter.rate(("pld", (2, 1), 3, 0)) > fresh.rate(("pld", (2, 1), 3, 0))
     # the empty matrix's token 0, offered beside the accepted 3, was rejected
-    assert drafter.rate(("recycling", (0, 0), 1)) < fresh.rate(("recycling", (0, 0), 1))
+    assert drafter.rate(("recycling", (0, 0), 1, 0)) < fresh.rate(("recycling", (0, 0), 1, 0))
+    # the next tree is drafted knowing how far the last step got: part of the tree's depth, then all of it
+    assert max(tree.depths) > 3 and drafter.last == PARTIAL
+    chain = TokenTree.chain(0, [7])
+    drafter.propose(prompt + [3, 9, 1, 0])
+    drafter.update(chain, torch.zeros(2, 50), [7, 8])
+    assert drafter.last == FULL
+    drafter.propose(prompt + [3, 9, 1, 0, 7, 8])
+    buckets = [b for sources in drafter.sources.values() for b in sources]
+    assert buckets and all(b[-1] == FULL for b in buckets)

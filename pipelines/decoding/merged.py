@@ -3,9 +3,10 @@ branches and Token Recycling's tree are merged into one de-duplicated token trie
 cost curve decides how much of it to verify (reference §9.3: trees pay off where a wider forward is cheap;
 PPD's hardware-aware size, applied per step to measured acceptance instead of a fixed template).
 
-Every drafted node carries the sources that proposed it, each with a bucket (source, feature, depth): the
-n-gram length for prompt lookup, the match length and frequency for Lookahead, top-1 or not and the
-recorded probability for recycling. Per bucket the drafter counts how often a node whose parent was on the accepted path was
+Every drafted node carries the sources that proposed it, each with a bucket (source, feature, depth, last):
+the n-gram length and how far back the context agrees with the earlier spot for prompt lookup, the match length and frequency for Lookahead, top-1 or not and the
+recorded probability for recycling; ``last`` says how the previous step went (nothing accepted, part of
+it, or every level offered), which tells copying stretches (a quoted passage, a translation) from free text. Per bucket the drafter counts how often a node whose parent was on the accepted path was
 accepted itself; a node's conditional acceptance is the best of its sources' smoothed rates, its path
 probability the product down from the root. The nodes are ranked by path probability (a child never
 outranks its parent) and the verified prefix is the one with the most expected tokens per second of
@@ -28,13 +29,15 @@ MAX_DEPTH = 12
 DEPTH_BUCKETS = 6  # depths beyond this share a bucket
 LOOKAHEAD_NODES = 64  # alipay's decoding length; the recycling template is offered whole (the paper's 80)
 PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
+MISSED, PARTIAL, FULL = 0, 1, 2  # the previous step accepted no drafted token, some, or one per level offered
 
 
 def _prior(bucket: tuple) -> float:
     """Starting estimate until a bucket has been measured."""
     source, feature = bucket[0], bucket[1]
     if source == "pld":
-        return 0.55 if feature >= 2 else 0.3
+        n, agreed = feature
+        return (0.3, 0.5, 0.6, 0.75, 0.85)[agreed] if n >= 2 or agreed else 0.3
     if source == "lookahead":
         return 0.4 if feature[0] >= 2 else 0.25
     return (feature[1] + 0.5) / PROB_BINS * (1.0 if feature[0] == 0 else 0.5)
@@ -46,23 +49,34 @@ class MergedDrafter(Drafter):
     across requests (they describe the model and the device, not one prompt)."""
 
     def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
-                 lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0) -> None:
+                 lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0,
+                 memory: float = 0.95) -> None:
         self.costs = costs
         self.recycler, self.lookahead = recycler, lookahead
         self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
         self.max_nodes = max_nodes
         self.prior_weight = prior_weight
+        # counts decay by this factor per observation of their bucket: acceptance drifts within a request
+        # (a copied passage starts and ends), so the estimate follows the last ~1/(1 - memory) offers
+        self.memory = memory
         self.offered: dict[tuple, int] = {}
         self.accepted: dict[tuple, int] = {}
         self.sources: dict[tuple[int, ...], list[tuple]] = {}  # path of the last proposal -> its buckets
         self.steps = self.nodes = 0  # trees proposed and their total size: the size the cost curve chose
+        self.last = MISSED
 
     def start(self, prompt: list[int]) -> None:
+        self.last = MISSED
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.start(prompt)
 
     def rate(self, bucket: tuple) -> float:
-        return ((self.accepted.get(bucket, 0) + self.prior_weight * _prior(bucket))
+        """Smoothed acceptance of ``bucket``. Its prior is the same bucket one level up (depth 1: a fixed
+        guess), so a depth that has never been offered inherits what the level above measured: otherwise
+        a tree cut at depth 2 would never learn that depth 3 pays in a copying stretch."""
+        source, feature, depth, last = bucket
+        prior = self.rate((source, feature, depth - 1, last)) if depth > 1 else _prior(bucket)
+        return ((self.accepted.get(bucket, 0) + self.prior_weight * prior)
                 / (self.offered.get(bucket, 0) + self.prior_weight))
 
     def propose(self, context: list[int]) -> TokenTree:
@@ -81,11 +95,12 @@ class MergedDrafter(Drafter):
                     parents.append(parent)
                     buckets.append([])
                     children.append({})
-                buckets[node].append(bucket_of(i, min(tree.depths[i], DEPTH_BUCKETS)))
+                buckets[node].append(bucket_of(i, min(tree.depths[i], DEPTH_BUCKETS)) + (self.last,))
                 where[i] = node
 
-        for n, chain in self.lookup.matches(context):
-            add(TokenTree.chain(context[-1], chain), lambda i, depth, n=n: ("pld", n, depth))
+        for n, chain, agreed in self.lookup.matches(context):
+            feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
+            add(TokenTree.chain(context[-1], chain), lambda i, depth, f=feature: ("pld", f, depth))
         tree, scores, query = self.lookahead.scored(context)
         add(tree, lambda i, depth: ("lookahead", (query, min(int(scores[i]), 3)), depth))
         ranks = self.recycler.active.ranks
@@ -98,11 +113,11 @@ class MergedDrafter(Drafter):
         child first (so the likeliest path's accepted nodes sit right after the root and keep their cache)."""
         n = len(tokens)
         conditional = [1.0] + [max(self.rate(b) for b in buckets[i]) for i in range(1, n)]
-        for table in children:  # siblings exclude each other: their estimates cannot add up past one
-            total = sum(conditional[i] for i in table.values())
-            if total > 1.0:
-                for i in table.values():
-                    conditional[i] /= total
+        for table in children:  # siblings exclude each other: the likeliest keeps its estimate, the rest share what is left
+            left = 1.0
+            for i in sorted(table.values(), key=lambda i: -conditional[i]):
+                conditional[i] = min(conditional[i], left)
+                left -= conditional[i]
         path = [1.0] * n
         for i in range(1, n):
             path[i] = path[parents[i]] * conditional[i]
@@ -145,11 +160,12 @@ class MergedDrafter(Drafter):
             if tree.parents[i] not in on_path:
                 continue
             for bucket in self.sources.get(keys[i], ()):
-                self.offered[bucket] = self.offered.get(bucket, 0) + 1
-                if i in on_path:
-                    self.accepted[bucket] = self.accepted.get(bucket, 0) + 1
+                self.offered[bucket] = self.offered.get(bucket, 0) * self.memory + 1
+                self.accepted[bucket] = self.accepted.get(bucket, 0) * self.memory + (i in on_path)
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.update(tree, logits, accepted)
+        drafted, depth = len(accepted) - 1, max(tree.depths)
+        self.last = MISSED if drafted == 0 else (FULL if drafted == depth else PARTIAL)
 
     def finish(self) -> None:
         for drafter in (self.lookup, self.lookahead, self.recycler):

@@ -12,6 +12,9 @@ from .tree import TokenTree
 from .verify import Drafter
 
 
+MAX_AGREED = 16
+
+
 class PromptLookup(Drafter):
     # transformers' defaults: 10 draft tokens, n-grams of size 2 down to 1; a 3-gram first is more precise.
     def __init__(self, num_tokens: int = 10, max_ngram: int = 3) -> None:
@@ -34,14 +37,18 @@ class PromptLookup(Drafter):
             for n in range(1, min(self.max_ngram, end) + 1):
                 self.latest[tuple(self.context[end - n:end])] = end
 
-    def matches(self, context: list[int]) -> list[tuple[int, list[int]]]:
-        """``(n, continuation)`` after the latest occurrence of the trailing n-gram, longest n first (one per
-        n that matches; different n often point at different earlier spots)."""
+    def matches(self, context: list[int]) -> list[tuple[int, list[int], int]]:
+        """``(n, continuation, agreed)`` after the latest occurrence of the trailing n-gram, longest n first
+        (one per n that matches; different n often point at different earlier spots). ``agreed`` is how many
+        trailing tokens (up to ``MAX_AGREED``) equal the ones before that spot: long in a copied passage."""
         found = []
         for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
             end = self.latest.get(tuple(context[-n:]))
             if end is not None:
-                found.append((n, context[end:end + self.num_tokens]))
+                agreed = n
+                while agreed < min(MAX_AGREED, end) and context[end - 1 - agreed] == context[-1 - agreed]:
+                    agreed += 1
+                found.append((n, context[end:end + self.num_tokens], agreed))
         return found
 
     def propose(self, context: list[int]) -> TokenTree:

@@ -7,6 +7,7 @@ smoke runs, and the UI says "random weights" plainly.
 """
 from __future__ import annotations
 
+from .base import PipelineError
 from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
@@ -100,3 +101,36 @@ def default_model(task: str, preset: str, store: ModelStore) -> ModelSpec:
 def hub_model_ids() -> list[str]:
     """Every Hub id the app may use (for the README's `models:` header)."""
     return sorted({spec.hub_id for specs in AUTO_MODELS.values() for spec in specs if spec.hub_id})
+
+
+class PresetModels:
+    """The model dropdown of a tab's pipeline (which sets ``task``, ``preset``, ``store`` and ``specs``): the
+    listed names, the default, and a name or Hub id back to its spec. A name that is not listed is taken as a
+    Hub id when ``unlisted`` says what kind it is (never under the tiny preset)."""
+
+    task: str
+    preset: str
+    store: ModelStore
+    specs: list[ModelSpec]
+    unknown_label = "model"
+
+    def unlisted(self, name: str) -> ModelSpec | None:
+        """The spec for a Hub id that is not listed; None refuses it."""
+        return None
+
+    def model_choices(self) -> list[str]:
+        return [spec.name for spec in self.specs]
+
+    def default_model_name(self) -> str:
+        return default_model(self.task, self.preset, self.store).name
+
+    def spec_for(self, name: str) -> ModelSpec:
+        if not name:
+            return default_model(self.task, self.preset, self.store)
+        for spec in self.specs:
+            if name in (spec.name, spec.hub_id):
+                return spec
+        spec = self.unlisted(name) if self.preset != "tiny" else None
+        if spec is None:
+            raise PipelineError(f"Unknown {self.unknown_label} {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+        return spec

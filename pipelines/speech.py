@@ -18,7 +18,7 @@ from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, R
 from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, write_sidecar
-from .presets import default_model, models_for
+from .presets import PresetModels, models_for
 
 MAX_TEXT_CHARS = 2000
 
@@ -78,8 +78,9 @@ def load_offline_voice(resolved: ResolvedModel, store: ModelStore) -> OfflineVoi
     return OfflineVoice(voice, "piper", int(voice.config.sample_rate))
 
 
-class SpeechPipeline(Pipeline):
+class SpeechPipeline(PresetModels, Pipeline):
     task = "speech"
+    unknown_label = "voice"
     request_type = SpeechRequest
 
     def __init__(self, store: ModelStore, preset: str = "auto") -> None:
@@ -87,20 +88,7 @@ class SpeechPipeline(Pipeline):
         self.preset = preset
         self.specs = models_for("speech", preset)
 
-    def model_choices(self) -> list[str]:
-        return [spec.name for spec in self.specs]
-
-    def default_model_name(self) -> str:
-        return default_model("speech", self.preset, self.store).name
-
-    def spec_for(self, name: str) -> ModelSpec:
-        if not name:
-            return default_model("speech", self.preset, self.store)
-        for spec in self.specs:
-            if spec.name == name or spec.hub_id == name:
-                return spec
-        if self.preset == "tiny":
-            raise PipelineError(f"Unknown voice {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+    def unlisted(self, name: str) -> ModelSpec:
         return ModelSpec(name, "bark", hub_id=name)
 
     def validate(self, request: SpeechRequest) -> None:

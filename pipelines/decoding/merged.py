@@ -28,6 +28,7 @@ from .verify import Drafter
 MAX_DEPTH = 12
 DEPTH_BUCKETS = 6  # depths beyond this share a bucket
 LOOKAHEAD_NODES = 64  # alipay's decoding length; the recycling template is offered whole (the paper's 80)
+OFFER_FLOOR = 16  # candidates asked of the trie and the recycler: 4x the recent verified size, at least this
 PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
 MISSED, PARTIAL, FULL = 0, 1, 2  # the previous step accepted no drafted token, some, or one per level offered
 
@@ -63,6 +64,8 @@ class MergedDrafter(Drafter):
         self.accepted: dict[tuple, int] = {}
         self.sources: dict[tuple[int, ...], list[tuple]] = {}  # path of the last proposal -> its buckets
         self.steps = self.nodes = 0  # trees proposed and their total size: the size the cost curve chose
+        self.kept = float(max_nodes)  # running mean of the verified size
+        self.lookahead_nodes = lookahead.config.decoding_length
         self.last = MISSED
 
     def start(self, prompt: list[int]) -> None:
@@ -101,12 +104,22 @@ class MergedDrafter(Drafter):
         for n, chain, agreed in self.lookup.matches(context):
             feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
             add(TokenTree.chain(context[-1], chain), lambda i, depth, f=feature: ("pld", f, depth))
+        self._limit_candidates()
         tree, scores, query = self.lookahead.scored(context)
         add(tree, lambda i, depth: ("lookahead", (query, min(int(scores[i]), 3)), depth))
         ranks = self.recycler.active.ranks
         tree, probs = self.recycler.scored(context)
         add(tree, lambda i, depth: ("recycling", (min(ranks[i], 1), min(int(probs[i] * PROB_BINS), PROB_BINS - 1)), depth))
         return self._select(tokens, parents, buckets, children)
+
+    def _limit_candidates(self) -> None:
+        """Ask the trie and the recycler for about four times what the cost curve has recently kept (a power
+        of two, so the recycler's template is rarely rebuilt): on a CPU, where 3-5 nodes are verified, merging
+        80 + 64 candidates in Python cost more than the forward saved."""
+        offer = min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
+        if len(self.recycler.active) != offer:
+            self.recycler.resize(offer)
+        self.lookahead.config.decoding_length = min(self.lookahead_nodes, offer)
 
     def _select(self, tokens, parents, buckets, children) -> TokenTree:
         """Path probabilities, best prefix under the cost curve, then depth-first order with the likeliest
@@ -144,6 +157,7 @@ class MergedDrafter(Drafter):
             below = sorted((c for c in children[node].values() if c in kept), key=lambda c: path[c])
             stack.extend((c, here, key) for c in below)
         self.steps, self.nodes = self.steps + 1, self.nodes + len(out_tokens)
+        self.kept = 0.9 * self.kept + 0.1 * len(out_tokens)
         return TokenTree(out_tokens, out_parents)
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:

@@ -27,7 +27,7 @@ from .verify import Drafter
 
 MAX_DEPTH = 12
 DEPTH_BUCKETS = 6  # depths beyond this share a bucket
-LOOKAHEAD_NODES = 64  # alipay's decoding length; the recycling template is offered whole (the paper's 80)
+LOOKAHEAD_NODES = 64  # alipay's decoding length (the recycling template: the paper's 80); both caps on the offer
 OFFER_FLOOR = 16  # candidates asked of the trie and the recycler: 4x the recent verified size, at least this
 PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
 MISSED, PARTIAL, FULL = 0, 1, 2  # the previous step accepted no drafted token, some, or one per level offered

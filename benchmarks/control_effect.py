@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
 from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld.scenes import Scene, make_scene  # noqa: E402
@@ -179,12 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings["note"] = ("tiny preset: random weights, so the numbers are meaningless; this run only checks that "
                             "the harness works end to end")
     report = {"benchmark": "control_effect", "device": str(pipeline.store.device), "model": spec_name,
-              "settings": settings, "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None
-                                                                                    else sys.argv[1:])]),
+              "settings": settings, "command": command_line(argv),
               "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_report(report, args.json)
     print(json.dumps(rows, indent=2))
     return report
 

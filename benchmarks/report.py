@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
 
 def command_line(argv: list[str] | None) -> str:
-    """``python <script> <args>`` as it was run (``argv`` when called from Python, else the process's)."""
-    return "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    """``python <script> <args>`` as it was run (``argv`` when called from Python, else the process's), quoted
+    so it can be pasted into a shell."""
+    args = [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
+    return "python " + " ".join(shlex.quote(a) for a in args)
 
 
 def write_report(report: dict, path: str | Path | None) -> None:

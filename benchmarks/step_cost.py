@@ -11,8 +11,6 @@ the text pipeline measures to pick its tree size. ``--configs tiny`` checks the 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.decoding.hardware import measure_step_cost  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 81, 96, 112, 128)
@@ -75,11 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.configs,
         "settings": {"dtype": str(dtype), "attn": "sdpa", "mask": "float 4D", "context": args.context,
                      "repeats": args.repeats, "statistic": "min over repeats, monotone", "weights": "random"},
-        "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_report(result, args.json)
     return result
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.decoding.draft_model import DraftModel  # noqa: E402
 from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size, step_costs  # noqa: E402
 from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie  # noqa: E402
@@ -249,11 +249,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
                      "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
                      "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
-        "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": summarise(records, methods),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_report(result, args.json)
     for row in result["rows"]:
         if row["category"] == "all":
             print(row)

@@ -14,9 +14,7 @@ step. Methods and sizes are interleaved per repeat; medians are reported. The fl
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.decoding.static import StaticForward  # noqa: E402
 from pipelines.decoding.tree import TokenTree  # noqa: E402
 from pipelines.decoding.verify import CausalLMForward  # noqa: E402
@@ -203,13 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "copy_bandwidth_tb_s": round(bandwidth / 1e12, 4),
                      "floor": "(weight bytes read + KV bytes at context) / measured D2D copy bandwidth",
                      "step": "inputs + forward + argmax to host + rollback"},
-        "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        "command": command_line(argv),
         "rows": rows,
     }
     if args.json or not args.tiny:
         path = Path(args.json or f"benchmarks/results/text_gpu_step_{device.type}.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_report(result, path)
         print(f"wrote {path}", flush=True)
     return result
 

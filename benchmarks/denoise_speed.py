@@ -45,7 +45,9 @@ TEXT_TOKENS = 77
 CONFIGS = ("plain", "merge", "lpa", "compass", "lpa+compass+merge")
 # tomesd 0.1.3 on an H200, GPU-bound merged/vanilla (issue 4): what merging on the fast path must beat.
 TOMESD_ANCHOR = {"sd15": {512: 1.05, 1024: 0.87, 2048: 0.60}, "sdxl": {2048: 0.92}}
-# SD1.5 / AnimateDiff scheduler (scaled-linear betas); DDIM keeps the step cheap and deterministic.
+# SD1.5 / AnimateDiff / SDXL betas (scaled linear). DDIM indexes its CPU table with the device timestep and
+# compares it on the host, so it synchronises every step; Euler (SDXL's default) keeps its sigmas on the host.
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
@@ -114,11 +116,13 @@ class Case:
     ``run()`` is one timed loop."""
 
     def __init__(self, unet, config: str, mode: str, inputs: dict, args) -> None:
-        from diffusers import DDIMScheduler
+        import diffusers
 
         self.unet, self.config, self.mode, self.inputs, self.args = unet, config, mode, inputs, args
         self.name = f"{config} {mode}"
-        self.scheduler = DDIMScheduler(**SCHEDULER)
+        options = SCHEDULER if args.scheduler == "ddim" else {k: v for k, v in SCHEDULER.items()
+                                                                if k not in ("clip_sample", "set_alpha_to_one")}
+        self.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler])(**options)
         self.capture_s = 0.0
         self.merged = 0
 
@@ -159,6 +163,21 @@ def anchor_ms(unet, inputs: dict, args, device) -> float | None:
     return statistics.median(times)
 
 
+def count_syncs(case: "Case") -> int:
+    """Host synchronisations during one loop (``torch.cuda.set_sync_debug_mode``): each one drains the GPU's
+    queue, so the host work after it (scheduler, input copies, graph launch) is no longer hidden."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            case.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 @torch.no_grad()
 def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
     unet = build_unet(arch, args.tiny, device, dtype)
@@ -182,6 +201,7 @@ def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
                 continue
             if repeat >= args.warmup:
                 times[case.name].append(elapsed / args.steps)
+    syncs = {case.name: count_syncs(case) for case in cases} if args.count_syncs and device.type == "cuda" else {}
     rows = []
     plain_fast = {mode: statistics.median(times[f"plain {mode}"]) for mode in modes[1:] if times.get(f"plain {mode}")}
     for case in cases:
@@ -196,6 +216,8 @@ def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
         row.update(ms_per_step=round(ms, 3), ms_min=round(min(times[case.name]), 3),
                    speedup_vs_eager=round(statistics.median(times[f"{case.config} eager"]) / ms, 3),
                    tokens_merged_per_call=case.merged)
+        if case.name in syncs:
+            row["host_syncs_per_loop"] = syncs[case.name]
         if graph_ms is not None:
             row["unet_graph_ms"] = round(graph_ms, 3)
             row["ratio_to_unet_graph"] = round(ms / graph_ms, 3)
@@ -230,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the fast path captures here)")
     parser.add_argument("--min-tokens", type=int, default=None, help="merging threshold (default: the app's)")
+    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    parser.add_argument("--count-syncs", action="store_true",
+                        help="CUDA: after timing, run each case once more counting host synchronisations")
     parser.add_argument("--tiny", action="store_true", help="tiny channels, same block layout (CPU check)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -256,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "text_tokens": TEXT_TOKENS,
                      "steps_per_loop": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                      "backends": args.backends, "configs": args.configs, "frames": args.frames,
-                     "merge": f"r=0.5, min_tokens={args.min_tokens}", "scheduler": "DDIM",
+                     "merge": f"r=0.5, min_tokens={args.min_tokens}", "scheduler": SCHEDULERS[args.scheduler],
                      "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
                      "timing": "median ms per served step (CUDA events around the loop on GPU); configurations "
                                "and modes interleaved in rotating order",

@@ -61,6 +61,8 @@ class Method:
     min_tokens: int | None = None
     window: int = 0
     tomesd: bool = False  # the anchor of the targets: tomesd 0.1.3 with the same ratio and level
+    crossattn: bool = False  # also merge the cross-attention queries (tomesd's merge_crossattn)
+    mlp: bool = False  # also merge the feed-forward's input (tomesd's merge_mlp)
 
     def install(self, unet) -> None:
         remove_merging(unet)
@@ -71,7 +73,8 @@ class Method:
 
             tomesd.apply_patch(unet, ratio=self.ratio, max_downsample=self.max_downsample or 1)
         elif self.ratio > 0:
-            apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens, window=self.window)
+            apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens, window=self.window,
+                          merge_crossattn=self.crossattn, merge_mlp=self.mlp)
 
 
 VANILLA = Method("vanilla")
@@ -182,6 +185,11 @@ def methods_for(args) -> list[Method]:
                 methods.append(Method(label, ratio, md, args.min_tokens, window))
                 if args.also_forced and args.min_tokens > 0:
                     methods.append(Method(label + " forced", ratio, md, 0, window))
+                if args.also_crossattn:
+                    methods.append(Method(label + " +crossattn", ratio, md, args.min_tokens, window, crossattn=True))
+                if args.also_mlp:
+                    methods.append(Method(label + " +crossattn+mlp", ratio, md, args.min_tokens, window,
+                                          crossattn=True, mlp=True))
     return methods
 
 
@@ -270,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the merge-only-where-it-pays threshold (tokens per block)")
     parser.add_argument("--also-forced", action="store_true",
                         help="also time every merged method with min_tokens=0, to see where merging stops paying")
+    parser.add_argument("--also-crossattn", action="store_true",
+                        help="also time every merged method with the cross-attention queries merged")
+    parser.add_argument("--also-mlp", action="store_true",
+                        help="also time every merged method with cross-attention and feed-forward merged")
     parser.add_argument("--tomesd", action="store_true",
                         help="also time tomesd 0.1.3 (pip install tomesd==0.1.3) with each ratio and max_downsample")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

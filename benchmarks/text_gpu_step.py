@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile-configs", default="llama-2-7b",
                         help="configs that also get the inductor-compiled fast path ('' for none)")
+    parser.add_argument("--compile-modes", default="static,dynamic",
+                        help="StaticForward compile modes to time besides 'off' (static: per bucket; dynamic: once)")
     parser.add_argument("--compile-sizes", default="1,64")
     parser.add_argument("--tiny", action="store_true", help="CPU check: tiny config, small sizes, eager fast path")
     parser.add_argument("--json", default=None)
@@ -144,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         methods = {"eager": CausalLMForward(model),
                    "static": StaticForward(model, max_cache_len=args.context + max(sizes) + 8)}
         if name in args.compile_configs.split(","):
-            methods["static_compiled"] = StaticForward(model, max_cache_len=args.context + max(sizes) + 8,
-                                                             compile=True)
+            for mode in filter(None, args.compile_modes.split(",")):
+                methods[f"static_compiled_{mode}"] = StaticForward(
+                    model, max_cache_len=args.context + max(sizes) + 8, compile=mode)
         caches = {}
         with torch.inference_mode():
             for method, forward in methods.items():
@@ -155,10 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
                 caches[method] = cache
             rng = random.Random(0)
             trees = {n: random_tree(n, vocab, rng) for n in sizes}
-            steps, failed = {}, {}
+            steps, failed, first_call = {}, {}, {}
             for n in sizes:
                 for method, forward in methods.items():
-                    if method == "static_compiled" and n not in compile_sizes:
+                    if method.startswith("static_compiled") and n not in compile_sizes:
                         continue
                     step = stepper(forward, caches[method], args.context, trees[n])
                     warm = time.perf_counter()
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
                         print(f"{name} {method} n={n} failed: {failed[(method, n)]}", flush=True)
                         continue
                     steps[(method, n)] = step
-                    print(f"{name} {method} n={n} ready ({time.perf_counter() - warm:.1f}s)", flush=True)
+                    first_call[(method, n)] = time.perf_counter() - warm
+                    print(f"{name} {method} n={n} ready ({first_call[(method, n)]:.1f}s)", flush=True)
             times = {key: [] for key in steps}
             for _ in range(args.repeats):
                 for key, step in steps.items():
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"method": method, "config": name, "query_tokens": n, "ms": round(ms, 4),
                    "min_ms": round(min(samples) * 1e3, 4), "floor_ms": round(floor_ms, 4),
                    "ratio_to_floor": round(ms / floor_ms, 3),
+                   "first_two_calls_s": round(first_call[(method, n)], 2),
                    "captured": bool(getattr(methods[method], "graphs", {}))}
             if method in plain:
                 row["ratio_to_plain"] = round(ms / (plain[method] * 1e3), 3)

@@ -17,7 +17,7 @@ from .decoding.merged import shared_merged
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.recycling import shared_recycler
-from .decoding.static import BUCKETS, StaticForward
+from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .presets import PresetModels, models_for
@@ -135,6 +135,11 @@ class TextPipeline(PresetModels, Pipeline):
         start = time.perf_counter()
         first_token_s = None
         with lm.lock:
+            forward = lm.fast_forward
+            warmed = forward.warmup_s if forward is not None else 0.0
+            if lm.model.device.type == "cuda" and (forward is None or not forward.graphs):
+                yield Progress(0, int(request.max_new_tokens), "capturing the decode step for this GPU "
+                               "(first request only; compiling it takes a minute or more)")
             for run in self.decode(lm, input_ids, request, config, eos_ids, stats):
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - start
@@ -145,6 +150,7 @@ class TextPipeline(PresetModels, Pipeline):
                 yield Progress(len(tokens), int(request.max_new_tokens))
         elapsed = time.perf_counter() - start
         text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+        warmup_s = max(0.0, lm.fast_forward.warmup_s - warmed) if lm.fast_forward is not None else 0.0
         result_stats = {
             "model": self.spec_for(request.model).name,
             "method": request.method,
@@ -156,6 +162,7 @@ class TextPipeline(PresetModels, Pipeline):
             "tau": round(stats.tau, 4),
             "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
             "draft_share": round(stats.draft_share, 4),
+            "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
         }
         metadata = {"token_ids": tokens, "run_ids": runs,
@@ -253,14 +260,30 @@ def compare_stats(vanilla: Result, method: Result) -> dict[str, Any]:
 def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
     """The static-cache, CUDA-graph step (decoding/static.py) on CUDA; None (stock DynamicCache) elsewhere.
 
-    ``TOKENWORKS_TEXT_FAST``: ``auto`` (default, CUDA only), ``1`` (also on the CPU, uncaptured), ``0`` (off);
-    ``TOKENWORKS_TEXT_COMPILE=1`` adds inductor before capture (faster steps, a minute or two of compiling)."""
+    ``TOKENWORKS_TEXT_FAST``: ``auto`` (default, CUDA only), ``1`` (also on the CPU, uncaptured), ``0`` (off).
+    ``TOKENWORKS_TEXT_COMPILE``: ``auto`` (default: ``dynamic`` where graphs are captured, i.e. CUDA outside
+    ZeroGPU), ``dynamic`` (inductor once for every bucket: ~1-3 min on the first request, then 1.7x the
+    bandwidth floor on an H200 instead of 2.2x, benchmarks/results/text_gpu_step_compile_modes_h200.json),
+    ``static`` (once per bucket), ``off``/``0``."""
     mode = os.environ.get("TOKENWORKS_TEXT_FAST", "auto")
     if mode == "0" or (mode == "auto" and lm.model.device.type != "cuda"):
         return None
     needed = total_tokens + max(BUCKETS)
     if lm.fast_forward is None or lm.fast_forward.max_cache_len < needed:
         lm.fast_forward = StaticForward(lm.model, max_cache_len=max(4096, needed),
-                                        compile=os.environ.get("TOKENWORKS_TEXT_COMPILE") == "1")
+                                        compile=compile_mode(lm.model.device))
     return lm.fast_forward
+
+
+def compile_mode(device: torch.device) -> str:
+    """``TOKENWORKS_TEXT_COMPILE`` resolved for ``device`` (see ``fast_forward``)."""
+    choice = os.environ.get("TOKENWORKS_TEXT_COMPILE", "auto")
+    if choice == "auto":
+        return "dynamic" if capture_supported(device) else "off"
+    if choice == "0":
+        return "off"
+    if choice not in COMPILE_MODES:
+        raise PipelineError(f"TOKENWORKS_TEXT_COMPILE must be auto, 0 or one of {', '.join(COMPILE_MODES)}; "
+                            f"got {choice!r}.")
+    return choice
 

@@ -24,3 +24,31 @@ def test_fast_path_is_off_on_the_cpu_by_default(store, monkeypatch):
     pipeline = TextPipeline(store, "tiny")
     pipeline.run(TextRequest(prompt="hello", max_new_tokens=3, seed=1))
     assert pipeline.load("").fast_forward is None
+
+
+def test_compile_defaults_to_dynamic_only_where_graphs_are_captured(monkeypatch):
+    import torch
+
+    from pipelines.base import PipelineError
+    from pipelines.text import compile_mode
+
+    monkeypatch.delenv("TOKENWORKS_TEXT_COMPILE", raising=False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert compile_mode(torch.device("cpu")) == "off"
+    assert compile_mode(torch.device("cuda")) == "dynamic"
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    assert compile_mode(torch.device("cuda")) == "off"  # no torch.compile under ZeroGPU
+    monkeypatch.setenv("TOKENWORKS_TEXT_COMPILE", "0")
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert compile_mode(torch.device("cuda")) == "off"
+    monkeypatch.setenv("TOKENWORKS_TEXT_COMPILE", "fast")
+    with pytest.raises(PipelineError, match="TOKENWORKS_TEXT_COMPILE"):
+        compile_mode(torch.device("cuda"))
+
+
+def test_static_forward_rejects_an_unknown_compile_mode(store):
+    from pipelines.decoding.static import StaticForward
+
+    model = TextPipeline(store, "tiny").load("").model
+    with pytest.raises(ValueError, match="compile"):
+        StaticForward(model, max_cache_len=64, compile="yes")

@@ -20,7 +20,7 @@ stats=None, forward=None)``
     ``.logits`` works; subclass ``__call__`` for models with another head. ``tree_attention=False`` is the
     chain-only mode for attention code that cannot take a 4D mask: trees are cut to their first chain and
     verified under the model's own causal mask. Cache rollback uses only ``cache.crop(-k)`` plus re-feeding.
-``static.StaticForward(model, max_cache_len=4096, buckets=BUCKETS, capture=None, compile=False)``
+``static.StaticForward(model, max_cache_len=4096, buckets=BUCKETS, capture=None, compile="off")``
     The GPU fast path with the same interface (pass it as ``forward=`` to ``plain_decode`` or
     ``speculative_decode``): one static K/V cache, blocks padded to fixed query sizes (dummy rows attend only
     to themselves), rollback by moving the write position back, one CUDA graph per bucket. ``capture=None``

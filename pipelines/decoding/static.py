@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -31,6 +32,7 @@ from .verify import CausalLMForward
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 8, 16, 32, 64, 128, 256)
+COMPILE_MODES = ("off", "static", "dynamic")
 
 
 def capture_supported(device: torch.device) -> bool:
@@ -82,11 +84,12 @@ class StaticForward(CausalLMForward):
 
     One adapter owns one cache (its buffers are what the graphs point at): ``new_cache()`` empties it and
     hands the same object back, so use one adapter per concurrent request. ``max_cache_len`` bounds
-    prompt + new tokens + the largest bucket. ``compile=True`` runs inductor on the step before capture
-    (fused kernels; logits may then differ from eager in the last bits)."""
+    prompt + new tokens + the largest bucket. ``compile`` runs inductor on the step before capture (fused
+    kernels; logits may then differ from eager in the last bits): ``"static"`` compiles once per bucket,
+    ``"dynamic"`` once for all buckets (symbolic block size), ``"off"`` not at all."""
 
     def __init__(self, model, max_cache_len: int = 4096, buckets: tuple[int, ...] = BUCKETS,
-                 capture: bool | None = None, compile: bool = False,
+                 capture: bool | None = None, compile: str = "off",
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(model, tree_attention=True, embed=embed)
         self.max_cache_len = max_cache_len
@@ -109,9 +112,12 @@ class StaticForward(CausalLMForward):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # allocate now, outside any compiled or captured region, so the graphs see fixed buffers
         self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
-        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
+        self._step_fn = self._step if compile == "off" else torch.compile(self._step, dynamic=compile == "dynamic")
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
 
     def new_cache(self) -> StaticTreeCache:
         self.cache.length = 0
@@ -163,6 +169,7 @@ class StaticForward(CausalLMForward):
         idempotent: same inputs, same rows written). A failed capture turns capture off for good."""
         args = self._staged_args(size)
         if size not in self.graphs:
+            started = time.perf_counter()
             try:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -175,6 +182,7 @@ class StaticForward(CausalLMForward):
                 with torch.cuda.graph(graph, pool=self._pool):
                     logits = self._step_fn(*args)
                 self.graphs[size] = (graph, logits)
+                self.warmup_s += time.perf_counter() - started
             except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
                 log.warning("CUDA graph capture failed (%s); decoding eagerly on the static cache.", error)
                 self.capture = False

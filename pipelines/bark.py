@@ -2,7 +2,7 @@
 
 Bark is semantic AR (text -> semantic tokens) -> coarse AR (2 EnCodec codebooks, flattened, in sliding windows
 of 60 tokens) -> fine (non-causal, the other 6 codebooks) -> EnCodec. The two AR stages run in
-``speech_decoding.chain_decode`` (plain, or lossless chain drafting), re-implementing the prompts and logits
+the decoding core's ``speculative_decode`` (plain, or lossless chain drafting), re-implementing the prompts and logits
 processors of ``BarkSemanticModel.generate`` / ``BarkCoarseModel.generate`` (batch 1, no voice preset) so that
 greedy decoding reproduces stock ``BarkModel.generate`` exactly. The coarse windows start as soon as the
 semantic tokens they read exist, so the first audio does not wait for the whole semantic pass.
@@ -26,8 +26,8 @@ from .audio import ChunkedDecoder, ChunkSchedule
 from .base import CancelToken, PipelineError, Progress
 from .decoding.plain import DecodeStats, SamplingConfig
 from .decoding.prompt_lookup import PromptLookup
+from .decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from .models import ModelStore, ResolvedModel
-from .speech_decoding import chain_decode
 
 # Original Bark sampling defaults (suno-ai/bark: text_temp=0.7, waveform_temp=0.7; fine_temp=0.5).
 BARK_TEMPERATURE = 0.7
@@ -170,10 +170,11 @@ class SemanticStream:
         self.eos = tts.semantic.eos_token_id
         self.tokens: list[int] = []
         self.finished = False
-        self._runs = chain_decode(
-            tts.model.semantic, {"inputs_embeds": semantic_prompt(tts, ids)}, self.limit, config, {self.eos},
-            processors=semantic_processors(tts, tts.device), drafter=drafter,
-            generator=seeded(config, tts.device, 0), cancel=cancel, stats=stats)
+        # the prompt is summed text and history embeddings, so it is a prefill; no id history to search
+        self._runs = speculative_decode(
+            tts.model.semantic, torch.zeros((1, 0), dtype=torch.long), self.limit, config, {self.eos}, drafter,
+            cancel, stats, chain_forward(tts.model.semantic), prefill={"inputs_embeds": semantic_prompt(tts, ids)},
+            processors=semantic_processors(tts, tts.device), generator=seeded(config, tts.device, 0))
 
     @property
     def speech_tokens(self) -> int:
@@ -230,16 +231,23 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
         processors = LogitsProcessorList([
             AlternatingCodebooksLogitsProcessor(len(prompt), sc.semantic_vocab_size, tts.codebook_size)])
         new = min(cc.sliding_window_len, total - len(produced))
-        for run in chain_decode(tts.model.coarse_acoustics, {"input_ids": torch.tensor([prompt], device=tts.device)},
-                                new, config, set(), processors=processors, drafter=drafter, history=prompt,
-                                generator=generator, cancel=cancel, stats=stats):
+        for run in speculative_decode(tts.model.coarse_acoustics, torch.tensor([prompt], device=tts.device), new,
+                                      config, set(), drafter, cancel, stats, chain_forward(tts.model.coarse_acoustics),
+                                      processors=processors, generator=generator):
             produced.extend(run)
             yield "coarse", run
 
 
-def new_drafter(settings: BarkSettings) -> PromptLookup | None:
+def new_drafter(settings: BarkSettings) -> PromptLookup | NoDraft:
     """Prompt lookup over each stage's token history (its prompt holds the coarse history Bark feeds back)."""
-    return PromptLookup() if settings.drafting else None
+    return PromptLookup() if settings.drafting else NoDraft()
+
+
+def chain_forward(model) -> CausalLMForward:
+    """Bark's attention applies its own causal mask (``BarkSelfAttention.bias``, bottom-right aligned) and has
+    no 4D-mask contract for trees, so drafts are verified as one chain under that mask; audio tokens repeat in
+    silences and held vowels, which is what prompt lookup finds."""
+    return CausalLMForward(model, tree_attention=False)
 
 
 def fine_codes(tts: BarkTTS, coarse: list[int], history: torch.Tensor | None, settings: BarkSettings,

@@ -12,10 +12,10 @@ from pipelines.audio import ChunkedDecoder, ChunkSchedule, read_wav, wav_bytes
 from pipelines.bark import (BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids,
                             tiny_bark)
 from pipelines.base import PipelineError, Progress
-from pipelines.decoding.plain import SamplingConfig, make_generator, plain_decode
+from pipelines.decoding.plain import DecodeStats, SamplingConfig, make_generator, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.speech import SpeechPipeline, SpeechRequest
-from pipelines.speech_decoding import chain_decode
+from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
 TEXT = "Hello world, a red hat."
@@ -165,15 +165,45 @@ def test_chunk_schedule_starts_small_and_grows():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_chain_decode_with_prompt_lookup_equals_plain_decode(temperature):
+def test_chain_drafting_equals_plain_decode(temperature):
     model = tiny_causal_lm("llama", seed=3)
     prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     config = SamplingConfig(temperature=temperature, top_p=0.9, seed=4)
     plain = [t for run in plain_decode(model, prompt, 40, config, set()) for t in run]
-    drafted = [t for run in chain_decode(model, {"input_ids": prompt}, 40, config, set(), drafter=PromptLookup(),
-                                         history=prompt[0].tolist(),
-                                         generator=make_generator(config, prompt.device)) for t in run]
+    drafted = [t for run in speculative_decode(model, prompt, 40, config, set(), PromptLookup(),
+                                               forward=CausalLMForward(model, tree_attention=False)) for t in run]
     assert drafted == plain
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_embeddings_prefill_and_position_processors_are_lossless(temperature):
+    """Bark's shape of a stage: the prompt given as embeddings, codebooks alternating by position."""
+    from transformers import AlternatingCodebooksLogitsProcessor, LogitsProcessorList
+
+    model = tiny_causal_lm("llama", seed=3)
+    prompt = torch.tensor([[25, 26, 27, 28, 25, 26, 27, 28, 25, 26, 27, 28, 25, 26]])
+    processors = LogitsProcessorList([AlternatingCodebooksLogitsProcessor(prompt.shape[1], 20, 60)])
+    config = SamplingConfig(temperature=temperature, top_p=0.9, seed=4)
+
+    def decode(drafter):
+        embeds = model.get_input_embeddings()(prompt)
+        stats = DecodeStats()
+        runs = list(speculative_decode(model, prompt, 40, config, set(), drafter, stats=stats,
+                                       forward=CausalLMForward(model, tree_attention=False),
+                                       prefill={"inputs_embeds": embeds}, processors=processors))
+        return [t for run in runs for t in run], stats
+
+    plain, plain_stats = decode(NoDraft())
+    drafted, drafted_stats = decode(PromptLookup())
+    assert drafted == plain
+    assert all((t >= 80) if i % 2 else (20 <= t < 80) for i, t in enumerate(plain))  # processors applied
+    assert plain_stats.forwards == 40
+    if temperature == 0.0:
+        assert drafted_stats.forwards < 40  # drafts were accepted, under the processors
+        reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
+                                   do_sample=False, logits_processor=processors, eos_token_id=None,
+                                   pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        assert plain == reference
 
 
 def test_wav_bytes_round_trip():

@@ -7,13 +7,15 @@ Public API
 ``plain.plain_decode(model, input_ids, max_new_tokens, config, eos_ids, cancel=None, stats=None)``
     The baseline: one token per forward. Yields ``[token]`` lists.
 ``verify.speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, drafter, cancel=None,
-stats=None, forward=None)``
+stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     Same contract, but each step drafts a ``TokenTree``, verifies it in one forward (float additive 4D
     ancestor mask, ``position_ids = P + depth``) and yields the accepted run (accepted drafts + the bonus
     token). Greedy output is identical to ``plain_decode``; with ``temperature > 0`` the verifier samples at
     each node from the same processed logits and follows the matching child (lossless; with the same seed it
     even draws the same tokens). Stops at EOS inside a run, never exceeds ``max_new_tokens``, checks
-    ``cancel`` every step and fills ``DecodeStats`` (forwards, tokens, τ, drafting time).
+    ``cancel`` every step and fills ``DecodeStats`` (forwards, tokens, τ, drafting time). ``prefill`` (model
+    inputs such as ``inputs_embeds``) and ``processors`` (a ``LogitsProcessorList`` applied per verified
+    position) serve stages like Bark's; ``verify.NoDraft()`` runs the same loop one token per forward.
 ``verify.CausalLMForward(model, tree_attention=True, embed=None)``
     How the core calls a model. Any causal LM whose forward takes ``input_ids`` (or ``inputs_embeds``: pass
     ``embed``), ``attention_mask`` (4D float), ``position_ids`` and a transformers cache and returns

@@ -39,6 +39,14 @@ class Drafter:
         """The request is over (finished, stopped at EOS or cancelled)."""
 
 
+class NoDraft(Drafter):
+    """Plain decoding through the verifier's loop (one token per forward): the baseline of a stage that can
+    also be drafted, run by the same code."""
+
+    def propose(self, context: list[int]) -> TokenTree:
+        return TokenTree.chain(context[-1], [])
+
+
 class CausalLMForward:
     """How the core calls a model: any causal LM whose forward takes ``input_ids`` (or ``inputs_embeds`` via
     ``embed``), a 4D float mask, ``position_ids`` and a transformers cache, and returns ``.logits``.
@@ -78,22 +86,43 @@ class CausalLMForward:
 
 
 def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
-           generator: torch.Generator | None) -> tuple[list[int], list[int]]:
+           generator: torch.Generator | None,
+           process: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> tuple[list[int], list[int]]:
     """Walk down from the root choosing the model's own token at each node (argmax, or a sample from the
     same processed distribution plain decoding uses) and follow the child holding it. Returns the accepted
     node indices and the committed tokens (their tokens, then the bonus). Sampling at the node and matching
-    a deterministic draft is lossless (reference §2.4)."""
+    a deterministic draft is lossless (reference §2.4). ``process(logits, path)`` rewrites a node's logits
+    given the tokens accepted on the way to it (a model's own per-position logits processors)."""
     children = tree.children()
-    greedy = logits.argmax(-1).tolist() if config.greedy else None
+    greedy = logits.argmax(-1).tolist() if config.greedy and process is None else None
     node, nodes, tokens = 0, [], []
     while True:
-        token = greedy[node] if greedy is not None else choose_token(logits[node], config, generator)
+        if greedy is not None:
+            token = greedy[node]
+        else:
+            token = choose_token(logits[node] if process is None else process(logits[node], tokens), config,
+                                 generator)
         tokens.append(token)
         child = children[node].get(token)
         if child is None:
             return nodes, tokens
         nodes.append(child)
         node = child
+
+
+def logits_processing(processors, prefix_len: int, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    """``accept``'s ``process`` for a transformers ``LogitsProcessorList``: the processors see a sequence of the
+    prompt's length followed by the generated ids, as in ``generate`` (their values in the prompt part are
+    zeros: the processors this serves read positions and generated tokens only)."""
+
+    def process(logits: torch.Tensor, path: list[int]) -> torch.Tensor:
+        tokens = generated + path
+        ids = torch.zeros((1, prefix_len + len(tokens)), dtype=torch.long, device=logits.device)
+        if tokens:
+            ids[0, prefix_len:] = torch.tensor(tokens, device=logits.device)
+        return processors(ids, logits[None].float())[0]
+
+    return process
 
 
 def contiguous_accepted(nodes: list[int]) -> int:
@@ -115,16 +144,40 @@ def speculative_decode(
     cancel: CancelToken | None = None,
     stats: DecodeStats | None = None,
     forward: CausalLMForward | None = None,
+    *,
+    prefill: dict[str, torch.Tensor] | None = None,
+    processors=None,
+    generator: torch.Generator | None = None,
 ) -> Iterator[list[int]]:
     """Same contract as ``plain_decode``, but each step yields the whole accepted run (1 + accepted drafts).
-    Greedy output is token-for-token plain greedy; sampled output follows the same distribution."""
+    Greedy output is token-for-token plain greedy; sampled output follows the same distribution.
+
+    For models whose prompt is not a list of ids (Bark's semantic prompt is summed text and history
+    embeddings): ``prefill`` holds the prompt's model inputs; its forward alone picks the first token and
+    ``input_ids`` is only the history the drafter searches (it may be empty). ``processors`` (a
+    ``LogitsProcessorList``) rewrite the logits at every verified position exactly where plain decoding would;
+    ``generator`` replaces the one seeded from ``config``."""
     stats = stats if stats is not None else DecodeStats()
     forward = forward or CausalLMForward(model)
-    generator = make_generator(config, forward.device)
+    generator = generator or make_generator(config, forward.device)
     cache = forward.new_cache()
     context = input_ids[0].tolist()
-    pending = list(context)  # committed but not yet cached; the last one is the root
-    produced = 0
+    generated: list[int] = []
+    prefix_len = next(iter(prefill.values())).shape[1] if prefill is not None else len(context)
+    if prefill is not None:
+        logits = model(**prefill, use_cache=True, **{forward.kwarg: cache}).logits[0, -1]
+        process = logits_processing(processors, prefix_len, generated) if processors else None
+        token = choose_token(logits if process is None else process(logits, []), config, generator)
+        stats.forwards += 1
+        stats.new_tokens += 1
+        stats.accepted_per_forward.append(1)
+        context.append(token)
+        generated.append(token)
+        yield [token]
+        if token in eos_ids:
+            return
+    pending = list(context[-1:] if prefill is not None else context)  # committed, not cached; last = root
+    produced = len(generated)
     drafter.start(list(context))
     try:
         while produced < max_new_tokens:
@@ -141,7 +194,8 @@ def speculative_decode(
             before_root = len(pending) - 1
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
-            nodes, run = accept(tree, logits, config, generator)
+            process = logits_processing(processors, prefix_len, generated) if processors else None
+            nodes, run = accept(tree, logits, config, generator, process)
             for i, token in enumerate(run):
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]
@@ -150,6 +204,7 @@ def speculative_decode(
             cache.crop(-(len(tree) - 1 - kept))
             pending = run[kept:]
             context.extend(run)
+            generated.extend(run)
 
             updating = time.perf_counter()
             drafter.update(tree, logits, run)

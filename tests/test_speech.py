@@ -12,7 +12,7 @@ from pipelines.audio import ChunkedDecoder, ChunkSchedule, read_wav, wav_bytes
 from pipelines.bark import (BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids,
                             tiny_bark)
 from pipelines.base import PipelineError, Progress
-from pipelines.decoding.plain import DecodeStats, SamplingConfig, make_generator, plain_decode
+from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.speech import SpeechPipeline, SpeechRequest
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode

@@ -26,7 +26,8 @@ from .outputs import new_output_path, save_png, write_sidecar
 from .presets import PresetModels, models_for
 from .image.attention import AttentionControl
 from .image.fast import FastUNet, choose_backend
-from .image.binding import BindingConfig, attribute_free_prompt, composite_tokens, end_token_substitution, group_tokens
+from .image.binding import (BindingConfig, SemanticBinding, attribute_free_prompt, composite_tokens,
+                            end_token_substitution, group_tokens)
 from .image.leakfix import isolate_items
 from .image.lpa import LPAConfig, route_style_tokens
 from .image.prompts import (ParsedPrompt, content_words, encode_positive, find_words, parse_prompt, span_positions,
@@ -285,9 +286,15 @@ class VideoPipeline(PresetModels, Pipeline):
             emit_note = (lambda event: replace(event, note=note)) if note else (lambda event: event)
             fast = FastUNet(pipe.unet, choose_backend(device, request.fast, pipe.unet),
                             controls.attention if controls is not None else None, lambda: pipe.scheduler.timesteps)
-            latents = yield from stream_in_thread(
-                lambda emit: denoise(pipe, arguments, plan.steps, request.cancel, lambda e: emit(emit_note(e)), fast),
-                request.cancel)
+            refine = controls.refine if controls is not None and controls.bindings else None
+
+            def run(emit):
+                if refine is not None:
+                    emit(Progress(0, plan.steps, f"{note} ToMe refinement".strip()))
+                    arguments["latents"] = controls.start(pipe, arguments)
+                return denoise(pipe, arguments, plan.steps, request.cancel, lambda e: emit(emit_note(e)), fast, refine)
+
+            latents = yield from stream_in_thread(run, request.cancel)
             request.cancel.raise_if_cancelled()
             denoise_s = time.perf_counter() - start
             merged = merging_stats(pipe.unet)
@@ -310,6 +317,7 @@ class VideoPipeline(PresetModels, Pipeline):
             "tokens_merged": merged["tokens_merged"],
             "blocks_merged": merged["blocks_merged_per_call"],
             "biased_attention_calls": len(controls.attention.applied) if controls else 0,
+            "binding_refinement_iterations": controls.refinement_iterations() if controls else 0,
             "seed": request.seed,
             **fast.stats(),
         }
@@ -335,10 +343,9 @@ class ShotControls:
       positive embedding; a UNet pre-hook writes the per-frame mix of the edited embeddings (the timeline's
       ``frame_mix``, the same weights FreeNoise interpolates) into the conditional half of the context;
     - LPA's -inf key biases carry the shot's own token positions and cover only the shot's frames (its rows
-      of the conditional half); frames inside a smooth transition mix two prompts and are left unbiased.
-
-    ToMe's gradient refinement (binding and entropy losses) is not run on video: its extra UNet passes take
-    image latents and one context per image, not AnimateDiff's 5-D latents with one context per frame.
+      of the conditional half); frames inside a smooth transition mix two prompts and are left unbiased;
+    - ToMe's refinement (``ShotBinding``) runs the image tab's binding and entropy losses on the whole video
+      with the shot's own single context, counting only the shot's frames, and moves only their latents.
     """
 
     def __init__(self, pipe, plan: Plan, request: VideoRequest) -> None:
@@ -347,23 +354,63 @@ class ShotControls:
         self.cfg = plan.guidance_scale > 1.0
         self.attention = AttentionControl(pipe.unet)
         self.report: list[dict[str, Any]] = []
-        mix = plan.timeline.frame_mix(plan.num_frames)
-        edited = []
+        self.mix = plan.timeline.frame_mix(plan.num_frames)
+        self.size = (plan.height, plan.width)
+        self.guidance = plan.guidance_scale
+        self.edited: list[torch.Tensor] = []
+        self.bindings: dict[int, ShotBinding] = {}
         for index, parsed in enumerate(plan.parsed):
-            positive, report = self.edit_shot(parsed, request)
-            edited.append(positive)
-            own = [frame for frame, weights in enumerate(mix) if weights == {index: 1.0}]
+            own = [frame for frame, weights in enumerate(self.mix) if weights == {index: 1.0}]
+            refined = request.binding and bool(own) and bool(group_tokens(pipe.tokenizer, parsed))
+            positive, report = self.edit_shot(parsed, request, refined)
+            self.edited.append(positive)
+            if refined:
+                self.bindings[index] = ShotBinding(pipe, self, parsed, plan.steps, own)
             if request.lpa and own:
                 report["lpa"] = self.route(parsed, request, own)
             self.report.append({"shot": index + 1, **report})
-        self.per_frame = None
-        if request.binding or request.isolate.strip():
-            self.per_frame = torch.cat([sum(weight * edited[shot] for shot, weight in weights.items())
-                                        for weights in mix])
+        self.negative = (encode_positive(pipe, request.negative_prompt or "", 1) if self.bindings and self.cfg
+                         else None)
+        self.per_frame = self.mixed() if request.binding or request.isolate.strip() else None
+        self.own_context = True  # off while a ShotBinding runs the UNet with a single context
         self._hook = None
 
-    def edit_shot(self, parsed, request: VideoRequest) -> tuple[torch.Tensor, dict[str, Any]]:
-        """This shot's positive embedding with the leakage fix and ToMe's token merge applied."""
+    def mixed(self) -> torch.Tensor:
+        """Each frame's conditional context: the timeline's mix of the shots' edited embeddings."""
+        return torch.cat([sum(weight * self.edited[shot] for shot, weight in weights.items())
+                          for weights in self.mix])
+
+    def start(self, pipe, arguments: dict[str, Any]) -> torch.Tensor:
+        """Initial latents drawn exactly as the pipeline would (FreeNoise shuffling included), with the bound
+        shots' composite tokens prepared and ToMe's step-0 refinement applied; pass them as ``latents=``."""
+        device = pipe._execution_device
+        pipe.scheduler.set_timesteps(arguments["num_inference_steps"], device=device)
+        pipe._guidance_scale = self.guidance
+        height, width = self.size
+        latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, self.frames, height, width,
+                                       self.edited[0].dtype, device, arguments["generator"])
+        for index, binding in self.bindings.items():
+            positive = binding.prepare(self.edited[index], self.negative, latents, height, width)
+            latents, self.edited[index] = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
+        self.per_frame.copy_(self.mixed())
+        return latents / pipe.scheduler.init_noise_sigma
+
+    def refine(self, step: int, timestep: Any, latents: torch.Tensor) -> torch.Tensor:
+        """ToMe's work for ``step`` on every bound shot; the per-frame context is updated in place (a captured
+        UNet graph reads it by address)."""
+        wanted = [index for index, binding in self.bindings.items() if binding.wants(step)]
+        for index in wanted:
+            latents, self.edited[index] = self.bindings[index].refine(step, timestep, latents, self.edited[index])
+        if wanted:
+            self.per_frame.copy_(self.mixed())
+        return latents
+
+    def refinement_iterations(self) -> int:
+        return sum(len(binding.history) for binding in self.bindings.values())
+
+    def edit_shot(self, parsed, request: VideoRequest, refined: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This shot's positive embedding with the leakage fix and ToMe's token merge applied (``refined``: the
+        merge and end-token substitution are left to the shot's ``ShotBinding``, which refines them)."""
         pipe, report = self.pipe, {}
         positive = encode_positive(pipe, parsed.text, 1)
         items = [item for item in (w.strip() for w in request.isolate.split(",")) if item]
@@ -372,12 +419,13 @@ class ShotControls:
             positive, report["isolated"] = isolate_items(pipe, parsed.text, present, positive)
         if request.binding:
             groups = group_tokens(pipe.tokenizer, parsed)
-            if groups:
+            if groups and not refined:
                 config = BindingConfig()
                 positive = composite_tokens(positive, groups, config)
                 length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
                 positive = end_token_substitution(positive, encode_positive(pipe, attribute_free_prompt(parsed), 1),
                                                   length)
+            if groups:
                 report["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
                                      for g in groups]
         return positive, report
@@ -400,6 +448,8 @@ class ShotControls:
 
     def condition(self, module, args: tuple, kwargs: dict):
         """UNet pre-hook: the conditional half of the per-frame context becomes the edited per-frame mix."""
+        if not self.own_context:
+            return None
         context = kwargs["encoder_hidden_states"]
         rows = slice(self.frames, 2 * self.frames) if self.cfg else slice(0, self.frames)
         context = context.clone()
@@ -419,6 +469,36 @@ class ShotControls:
             self._hook = None
 
 
+class ShotBinding(SemanticBinding):
+    """ToMe's refinement for one shot: the image tab's losses and steps (SD1.5 layers: AnimateDiff's spatial
+    blocks keep SD1.5's names), run on the whole video with the shot's single context (the motion modules need
+    the full frame count), counting only the shot's own frames in both losses and moving only their latents."""
+
+    def __init__(self, pipe, controls: "ShotControls", parsed: ParsedPrompt, steps: int, frames: list[int]) -> None:
+        super().__init__(pipe, "sd15", controls.attention, parsed, steps)
+        self.controls, self.frames = controls, frames
+
+    def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
+        """One context per video in ``sample``, repeated per frame as the pipeline does, instead of the timeline's
+        per-frame mix."""
+        self.controls.own_context = False
+        try:
+            return super()._unet(sample, t, context.repeat_interleave(sample.shape[2], dim=0), added)
+        finally:
+            self.controls.own_context = True
+
+    def _own(self, eps: torch.Tensor) -> torch.Tensor:
+        return eps[:, :, self.frames]
+
+    def _own_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps[self.frames]  # one context, so the spatial attention's rows are the frames
+
+    def _own_update(self, grad: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(grad)
+        mask[:, :, self.frames] = 1
+        return grad * mask
+
+
 def disable_free_noise(pipe) -> None:
     """``pipe.disable_free_noise()`` without its crash on adapters that have no mid-block motion module.
 
@@ -432,7 +512,8 @@ def disable_free_noise(pipe) -> None:
 
 
 def denoise(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken,
-            emit: Callable[[Event], None], fast: FastUNet | None = None) -> torch.Tensor:
+            emit: Callable[[Event], None], fast: FastUNet | None = None,
+            refine: Callable[[int, Any, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The stock diffusers call; ``callback_on_step_end`` reports each step and turns Stop into
     ``pipe._interrupt``, which makes the stock loop skip its remaining steps (the caller then skips decoding).
     With ``fast`` the UNet calls take the captured path (image/fast.py); the callback advances its step."""
@@ -443,10 +524,15 @@ def denoise(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken,
         emit(Progress(step + 1, total))
         if cancel.cancelled:
             pipeline._interrupt = True
-        return {}
+            return {}
+        if refine is None or step + 1 >= total:
+            return {}
+        with fast.suspended():
+            return {"latents": refine(step + 1, pipeline.scheduler.timesteps[step + 1], tensors["latents"])}
 
     with fast:
-        return pipe(**arguments, callback_on_step_end=on_step_end).frames
+        return pipe(**arguments, callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents"]).frames
 
 
 def decode(pipe, latents: torch.Tensor) -> np.ndarray:

@@ -62,3 +62,35 @@ def test_binding_merges_bracketed_groups_and_controls_off_ab_matches_plain_run()
     baseline = result.metadata["baseline"]
     assert np.array_equal(baseline.frames, plain.value.frames)
     assert not np.array_equal(result.value.frames, plain.value.frames)
+
+
+def test_binding_refines_only_the_bound_shots_frames():
+    """ToMe's step-0 refinement on video: the entropy step moves the latents of the shot with groups and no
+    other frame's; the noise itself is the pipeline's own draw for the seed."""
+    from pipelines.video import ShotControls
+
+    shots = json.dumps([{"start": 0, "prompt": "a pool by a table"},
+                        {"start": 4, "prompt": "a [red hat] and a [blue car]", "transition": "cut"}])
+    request = VideoRequest(**{**SMALL, "shots": shots, "binding": True, "steps": 10})
+    plan = VIDEO.plan(request)
+    pipe = VIDEO.load("")
+    controls = ShotControls(pipe, plan, request)
+    assert list(controls.bindings) == [1] and controls.bindings[1].frames == [4, 5, 6, 7]
+    arguments = VIDEO.call_arguments(plan, request)
+    noise = pipe.prepare_latents(1, pipe.unet.config.in_channels, 8, 32, 32, controls.edited[0].dtype,
+                                 pipe._execution_device, torch.Generator("cpu").manual_seed(request.seed))
+    before = controls.per_frame.clone()
+    with controls:
+        latents = controls.start(pipe, arguments)
+    history = controls.bindings[1].history
+    assert {entry["loss"] for entry in history} == {"binding", "entropy"}
+    assert torch.equal(latents[:, :, :4], noise[:, :, :4])
+    assert not torch.allclose(latents[:, :, 4:], noise[:, :, 4:])
+    # the refined composite tokens reach the bound shot's frames of the per-frame context, and only those
+    assert torch.equal(controls.per_frame[:4], before[:4]) and not torch.equal(controls.per_frame[4:], before[4:])
+
+
+def test_binding_refinement_runs_in_the_video_pipeline():
+    shots = json.dumps([{"start": 0, "prompt": "a [red hat] and a [blue car]"}])
+    result = VIDEO.run(VideoRequest(**{**SMALL, "shots": shots, "binding": True, "steps": 10}))
+    assert result.stats["binding_refinement_iterations"] > 0

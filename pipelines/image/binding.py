@@ -159,9 +159,21 @@ class SemanticBinding:
                 "time_ids": time_ids.to(pipe._execution_device)}
 
     def _eps(self, latents: torch.Tensor, t: Any, embeds: torch.Tensor) -> torch.Tensor:
-        model_input = self.pipe.scheduler.scale_model_input(latents, t)
-        return self.pipe.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=self.added,
-                              return_dict=False)[0]
+        return self._unet(self.pipe.scheduler.scale_model_input(latents, t), t, embeds, self.added)
+
+    def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
+        """The refinement's own UNet calls (one context per image in ``sample``)."""
+        return self.pipe.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
+
+    # What the losses and the latent update cover: everything for an image; a video shot narrows them to its frames.
+    def _own(self, eps: torch.Tensor) -> torch.Tensor:
+        return eps
+
+    def _own_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps
+
+    def _own_update(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
     # ---- per step ----------------------------------------------------------------------------------------
     def wants(self, step: int) -> bool:
@@ -189,8 +201,9 @@ class SemanticBinding:
                 token = positive[:, group.nouns[0]].detach().clone()
                 for iteration in range(config.token_refinement_steps):
                     token.requires_grad_(True)
-                    predicted = self._eps(anchor_latents, t, token[:, None, :])
-                    loss = torch.nn.functional.mse_loss(predicted.float(), target.float(), reduction="sum") / target[0].numel()
+                    predicted = self._own(self._eps(anchor_latents, t, token[:, None, :]))
+                    loss = torch.nn.functional.mse_loss(predicted.float(), self._own(target).float(),
+                                                        reduction="sum") / self._own(target)[0].numel()
                     grad = torch.autograd.grad(loss * config.token_step_size, [token])[0]
                     token = (token - grad).detach()
                     self.history.append({"step": step, "loss": "binding", "group": index, "iteration": iteration,
@@ -204,15 +217,12 @@ class SemanticBinding:
         """One classifier-free-guided step of the anchor prompt's own trajectory, on its own scheduler copy."""
         scheduler = self.anchor_schedulers[index]
         if self.negative is None:
-            noise = self.pipe.unet(scheduler.scale_model_input(latents, t), t,
-                                   encoder_hidden_states=self.anchor_embeds[index], added_cond_kwargs=self.added,
-                                   return_dict=False)[0]
+            noise = self._unet(scheduler.scale_model_input(latents, t), t, self.anchor_embeds[index], self.added)
         else:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             embeds = torch.cat([self.negative, self.anchor_embeds[index]])
             added = None if self.added is None else {k: torch.cat([v, v]) for k, v in self.added.items()}
-            uncond, cond = self.pipe.unet(model_input, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
-                                          return_dict=False)[0].chunk(2)
+            uncond, cond = self._unet(model_input, t, embeds, added).chunk(2)
             noise = uncond + self.pipe.guidance_scale * (cond - uncond)
         extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
         return scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
@@ -234,10 +244,11 @@ class SemanticBinding:
                     positive = positive.detach().requires_grad_(True)
                     self.recorder.clear()
                     self._eps(latents, t, positive)
-                    loss = entropy_loss(self.recorder.aggregate(), nouns, self.prompt_length + 1, config.temperature)
+                    loss = entropy_loss(self._own_maps(self.recorder.aggregate()), nouns, self.prompt_length + 1,
+                                        config.temperature)
                     self.history.append({"step": step, "loss": "entropy", "iteration": iteration, "value": loss.item()})
                     grad_latents, grad_text = torch.autograd.grad(loss, [latents, positive])
-                    latents = latents - 0.5 * step_size * grad_latents
+                    latents = latents - 0.5 * step_size * self._own_update(grad_latents)
                     positive = positive - step_size * grad_text
                     if loss.item() < threshold:
                         break

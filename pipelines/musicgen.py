@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .audio import ChunkedDecoder, ChunkSchedule
 from .base import CancelToken, Progress
 from .decoding.plain import DecodeStats
+from .decoding.prompt_lookup import PromptLookup
 
 
 @dataclass
@@ -135,42 +136,34 @@ def choose_column(logits: torch.Tensor, sampling: MusicgenSampling, generator: t
 
 
 class ColumnLookupDrafter:
-    """Prompt lookup over delayed columns: find the latest earlier occurrence of the last ``ngram`` columns
-    (longest n first) and propose the columns that followed it. Columns are interned to integer ids and an
-    n-gram -> position index is kept up to date, so a proposal costs O(ngram), not O(length)."""
+    """The core's prompt lookup (``decoding.prompt_lookup.PromptLookup``) over delayed columns: each distinct
+    column ``[K]`` is interned to one integer id, the id sequence is what the lookup indexes, and a proposal is
+    the columns that followed the latest earlier occurrence of the last n columns (longest n first)."""
 
     def __init__(self, max_ngram: int = 3, num_draft: int = 6) -> None:
-        self.max_ngram = max_ngram
-        self.num_draft = num_draft
+        self.lookup = PromptLookup(num_tokens=num_draft, max_ngram=max_ngram)
         self._ids: dict[tuple[int, ...], int] = {}
         self._columns: list[tuple[int, ...]] = []
         self._sequence: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}
 
     def extend(self, columns: torch.Tensor) -> None:
         """Append committed columns ``[K, n]`` (batch 1)."""
-        for column in columns.T.tolist():
-            key = tuple(column)
-            if key not in self._ids:
-                self._ids[key] = len(self._columns)
-                self._columns.append(key)
-            self._sequence.append(self._ids[key])
-            end = len(self._sequence)
-            # index the n-grams that end just before the newest column, pointing at that column
-            for n in range(1, self.max_ngram + 1):
-                if end - 1 - n >= 0:
-                    self._index[tuple(self._sequence[end - 1 - n:end - 1])] = end - 1
+        ids = []
+        for column in map(tuple, columns.T.tolist()):
+            if column not in self._ids:
+                self._ids[column] = len(self._columns)
+                self._columns.append(column)
+            ids.append(self._ids[column])
+        if self._sequence:
+            self.lookup.commit(ids)
+        else:
+            self.lookup.start(ids)
+        self._sequence.extend(ids)
 
     def propose(self, limit: int) -> list[tuple[int, ...]]:
-        limit = min(limit, self.num_draft)
-        if limit <= 0:
-            return []
-        sequence = self._sequence
-        for n in range(min(self.max_ngram, len(sequence)), 0, -1):
-            start = self._index.get(tuple(sequence[-n:]))
-            if start is not None:
-                return [self._columns[i] for i in sequence[start:start + limit]]
-        return []
+        limit = min(limit, self.lookup.num_tokens)
+        found = self.lookup.matches(self._sequence) if limit > 0 else []
+        return [self._columns[i] for i in found[0][1][:limit]] if found else []
 
 
 @dataclass

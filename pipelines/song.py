@@ -268,12 +268,16 @@ class SongPipeline(Pipeline):
         else:
             yield from self.generate_mixed(request)
 
-    def render_vocals(self, tts: BarkTTS, timeline: list[TimedSection], sample_rate: int, total: int,
-                      request: SongRequest, stats: dict[str, Any]) -> Iterator[Event | np.ndarray]:
+    def render_vocals(self, tts: BarkTTS, timeline: list[TimedSection], sample_rate: int, vocals: np.ndarray,
+                      request: SongRequest, stats: dict[str, Any]) -> Iterator[Event | int]:
         """Sing each line with Bark (``♪ line ♪``) through the decoding core, at most its slot long (the semantic
-        budget is the slot times Bark's semantic rate), peak-normalised and placed at its slot's start."""
-        vocals = np.zeros(total, dtype=np.float32)
+        budget is the slot times Bark's semantic rate), peak-normalised and written into ``vocals`` at its slot's
+        start. Lines go in timeline order and each writes only inside its own slot, so after each line (and
+        once before the first) this yields the sample index below which ``vocals`` is final."""
+        total = vocals.size
         lines = [line for section in timeline for line in section.lines]
+        starts = [min(total, int(round(line.start_s * sample_rate))) for line in lines] + [total]
+        yield starts[0]
         for index, line in enumerate(lines):
             request.cancel.raise_if_cancelled()
             yield Progress(index, len(lines), f"singing line {index + 1}/{len(lines)}")
@@ -296,10 +300,10 @@ class SongPipeline(Pipeline):
             peak = float(np.abs(sung).max()) if sung.size else 0.0
             if peak > 0:
                 sung = sung / peak
-            start = int(round(line.start_s * sample_rate))
+            start = starts[index]
             end = min(total, int(round(line.end_s * sample_rate)), start + sung.size)
             vocals[start:end] = sung[:end - start]
-        yield vocals
+            yield starts[index + 1]
 
     def generate_dual(self, request: SongRequest, sections: list[Section]) -> Iterator[Event]:
         started = time.perf_counter()
@@ -313,14 +317,22 @@ class SongPipeline(Pipeline):
         num_frames = max(1, round(request.duration_s * frame_rate))
         total = num_frames * hop
         timeline = plan_timeline(sections, total / sample_rate)
-        vocals = None
+        vocals = np.zeros(total, dtype=np.float32)
         vocal_stats: dict[str, Any] = {}
-        for item in self.render_vocals(singer, timeline, sample_rate, total, request, vocal_stats):
-            if isinstance(item, np.ndarray):
-                vocals = item
-            else:
-                yield item
-        vocals_done_s = time.perf_counter() - started
+        singing = self.render_vocals(singer, timeline, sample_rate, vocals, request, vocal_stats)
+        final = 0  # vocals[:final] are sung
+
+        def sing_until(sample: int) -> Iterator[Event]:
+            """Sing lines until the vocals below ``sample`` are final: each chunk of the mix waits only for
+            the lines it overlaps, so the first audio does not wait for the whole vocal track."""
+            nonlocal final
+            while final < sample:
+                item = next(singing)
+                if isinstance(item, int):
+                    final = item
+                else:
+                    yield item
+
         sampling = MusicgenSampling(guidance_scale=float(request.guidance_scale),
                                     temperature=float(request.temperature), top_k=int(request.top_k),
                                     seed=request.seed)
@@ -333,11 +345,14 @@ class SongPipeline(Pipeline):
             if isinstance(chunk, Progress):
                 yield chunk
                 continue
+            yield from sing_until(position + chunk.size)
             segment = vocals[position:position + chunk.size]
             _, _, mixed = mix_stems(segment, chunk)
             position += chunk.size
             first_audio_s = first_audio_s if first_audio_s is not None else time.perf_counter() - started
             yield Partial((sample_rate, mixed))
+        yield from sing_until(total)
+        vocals_done_s = time.perf_counter() - started
         accompaniment = holder["value"]
         vocal_stem, accompaniment_stem, mix = mix_stems(vocals, accompaniment.audio)
         elapsed = time.perf_counter() - started

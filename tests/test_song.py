@@ -161,6 +161,27 @@ def test_song_pipeline_reports_every_model_step(store):
     assert [e.step for e in events if isinstance(e, Progress) and e.note == "diffusion"] == [1, 2, 3]
 
 
+def test_dual_mode_streams_the_first_mix_chunk_before_the_later_lines_are_sung(store):
+    """The mix chunk covering the first line waits for that line only, not for the whole vocal track; the
+    result is the same song as singing everything first (stems, mix)."""
+    from pipelines.base import Partial, Result
+    from pipelines.song import SongPipeline, SongRequest
+
+    lyrics = "[verse]\nla la\nlo lo\n[chorus]\nli li\nlu lu\n"
+    events = list(SongPipeline(store, "tiny").generate(SongRequest(lyrics=lyrics, style="lofi", duration_s=2.0,
+                                                                   seed=3)))
+    first_chunk = next(i for i, e in enumerate(events) if isinstance(e, Partial))
+    last_line = next(i for i, e in enumerate(events) if isinstance(e, Progress) and e.note.startswith("singing line 4/4"))
+    assert first_chunk < last_line
+    result = events[-1]
+    assert isinstance(result, Result) and result.stats["sung_lines"] == 4
+    assert result.stats["time_to_first_audio_s"] < result.stats["vocals_s"]
+    mix, _ = read(result.value["mix"])
+    vocals, _ = read(result.value["vocals"])
+    accompaniment, _ = read(result.value["accompaniment"])
+    assert mix.shape == vocals.shape == accompaniment.shape and np.abs(vocals).max() > 0
+
+
 def test_parse_sections_reads_tags_numbers_untagged_text_and_instrumentals():
     sections = parse_sections("first line\n\n[Verse 2]\n a \n b\n[CHORUS]\nc\n[outro]\n")
     assert [(s.tag, s.lines) for s in sections] == [("verse", ["first line"]), ("verse 2", ["a", "b"]),

@@ -56,6 +56,10 @@ class PromptLookup(Drafter):
         return TokenTree.chain(context[-1], found[0][1]) if found else TokenTree([context[-1]], [-1])
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        self.commit(accepted)
+
+    def commit(self, tokens: list[int]) -> None:
+        """Append committed ``tokens`` to the indexed context."""
         last = self.context.pop()
-        self._extend([last, *accepted[:-1]])
-        self.context.append(accepted[-1])
+        self._extend([last, *tokens[:-1]])
+        self.context.append(tokens[-1])

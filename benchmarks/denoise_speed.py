@@ -3,7 +3,7 @@
 Random weights of the real architectures (SD1.5 and SDXL UNets from benchmarks/image_speed.py, AnimateDiff
 v1-5-3 from benchmarks/video_speed.py; config dicts, no Hub), fp16 on CUDA, CFG batch of 2. A "step" is what
 diffusers' loop does per step: CFG concat, ``scale_model_input``, the UNet call, guidance, ``scheduler.step``
-(DDIM), and advancing the control's step counter; previews and progress callbacks are left out. Configurations:
+(DDIM, or ``--scheduler default``: each model's own, as the app serves it), and advancing the control's step counter; previews and progress callbacks are left out. Configurations:
 plain, token merging (r=0.5, the app's merge-only-where-it-pays threshold), LPA (content/style -inf routing,
 t in [300, 650]), Compass CALL (two boxed objects), and all three together. The leakage fix and ToMe's
 composite tokens only change the text embedding, so their per-step cost is the plain one.
@@ -47,9 +47,13 @@ CONFIGS = ("plain", "merge", "lpa", "compass", "lpa+compass+merge")
 TOMESD_ANCHOR = {"sd15": {512: 1.05, 1024: 0.87, 2048: 0.60}, "sdxl": {2048: 0.92}}
 # SD1.5 / AnimateDiff / SDXL betas (scaled linear). DDIM indexes its CPU table with the device timestep and
 # compares it on the host, so it synchronises every step; Euler (SDXL's default) keeps its sigmas on the host.
-SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler"}
+# What the app serves with its "default" scheduler: each model's own (SD1.5 PNDM, SDXL Euler; AnimateDiff DDIM).
+ARCH_DEFAULT_SCHEDULER = {"sd15": "pndm", "sdxl": "euler", "animatediff": "ddim"}
+SCHEDULER_OPTIONS = {"ddim": dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                     "euler": dict(steps_offset=1), "pndm": dict(skip_prk_steps=True, set_alpha_to_one=False,
+                                                                steps_offset=1)}
+BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def build_unet(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -115,14 +119,13 @@ class Case:
     """One configuration in one mode (``eager``: the stock call; ``fast-<backend>``: through ``FastUNet``);
     ``run()`` is one timed loop."""
 
-    def __init__(self, unet, config: str, mode: str, inputs: dict, args) -> None:
+    def __init__(self, unet, arch: str, config: str, mode: str, inputs: dict, args) -> None:
         import diffusers
 
         self.unet, self.config, self.mode, self.inputs, self.args = unet, config, mode, inputs, args
         self.name = f"{config} {mode}"
-        options = SCHEDULER if args.scheduler == "ddim" else {k: v for k, v in SCHEDULER.items()
-                                                                if k not in ("clip_sample", "set_alpha_to_one")}
-        self.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler])(**options)
+        name = ARCH_DEFAULT_SCHEDULER[arch] if args.scheduler == "default" else args.scheduler
+        self.scheduler = getattr(diffusers, SCHEDULERS[name])(**BETAS, **SCHEDULER_OPTIONS[name])
         self.capture_s = 0.0
         self.merged = 0
 
@@ -184,7 +187,7 @@ def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
     inputs = loop_inputs(unet, arch, size, args.frames, device, dtype)
     graph_ms = anchor_ms(unet, inputs, args, device)
     modes = ["eager", *(f"fast-{b}" for b in args.backends)]
-    cases = [Case(unet, config, mode, inputs, args) for config in args.configs for mode in modes]
+    cases = [Case(unet, arch, config, mode, inputs, args) for config in args.configs for mode in modes]
     outputs: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {case.name: [] for case in cases}
     clock = timer(device)
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (the fast path captures here)")
     parser.add_argument("--min-tokens", type=int, default=None, help="merging threshold (default: the app's)")
-    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    parser.add_argument("--scheduler", default="ddim", choices=["default", *sorted(SCHEDULERS)],
+                        help="default: each architecture's own (what the app serves), see ARCH_DEFAULT_SCHEDULER")
     parser.add_argument("--count-syncs", action="store_true",
                         help="CUDA: after timing, run each case once more counting host synchronisations")
     parser.add_argument("--tiny", action="store_true", help="tiny channels, same block layout (CPU check)")
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "text_tokens": TEXT_TOKENS,
                      "steps_per_loop": args.steps, "repeats": args.repeats, "warmup": args.warmup,
                      "backends": args.backends, "configs": args.configs, "frames": args.frames,
-                     "merge": f"r=0.5, min_tokens={args.min_tokens}", "scheduler": SCHEDULERS[args.scheduler],
+                     "merge": f"r=0.5, min_tokens={args.min_tokens}", "scheduler": args.scheduler if args.scheduler != "default" else ARCH_DEFAULT_SCHEDULER,
                      "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
                      "timing": "median ms per served step (CUDA events around the loop on GPU); configurations "
                                "and modes interleaved in rotating order",

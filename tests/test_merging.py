@@ -331,3 +331,11 @@ def test_planning_and_merging_trace_as_one_graph(window):
     expected = merged_double(x, torch.tensor([7]))
     traced = torch.compile(merged_double, backend="eager", fullgraph=True)
     assert torch.equal(traced(x, torch.tensor([7])), expected)
+
+
+def test_uncaptured_cuda_calls_merge_only_from_a_higher_token_count():
+    from pipelines.image.merging import DEFAULT_MIN_TOKENS, EAGER_CUDA_MIN_TOKENS, min_tokens_for
+
+    assert min_tokens_for("graph", "cuda") == min_tokens_for("compile", "cuda") == DEFAULT_MIN_TOKENS
+    assert min_tokens_for("eager", "cuda") == min_tokens_for("off", "cuda") == EAGER_CUDA_MIN_TOKENS > DEFAULT_MIN_TOKENS
+    assert min_tokens_for("eager", "cpu") == DEFAULT_MIN_TOKENS

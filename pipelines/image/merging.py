@@ -53,6 +53,9 @@ DEFAULT_RATIO = 0.5
 # where tomesd measured 1.05× (slower) on an H200; 16384 (1024 px) is where it first pays (0.87×). Measure with
 # `benchmarks/image_speed.py --sizes 512,768,1024` before changing it.
 DEFAULT_MIN_TOKENS = 8192
+# Uncaptured CUDA calls wait on kernel launches, and merging adds launches: there it first pays at 16384 tokens
+# (SD1.5 H200 eager: 1.12x slower at 768 px = 9216 tokens, 0.92x at 1024 px; image_speed_threshold_h200.json).
+EAGER_CUDA_MIN_TOKENS = 16384
 # Side of the tile, in tokens, within which sources look for destinations; 0 = the whole grid (tomesd).
 DEFAULT_WINDOW = 32
 # Largest similarity chunk (elements of sources × destinations × batch): 128 MiB in fp16.
@@ -364,6 +367,14 @@ def spatial_transformers(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
         if getattr(block, "upsamplers", None):
             factor //= 2
     return found
+
+
+def min_tokens_for(backend: str, device: torch.device | str) -> int:
+    """The merge threshold for a fast-path ``backend`` (image/fast.py) on ``device``: higher where CUDA calls
+    run uncaptured (``off``/``eager``: ZeroGPU, the fast toggle off), the default elsewhere."""
+    if torch.device(device).type == "cuda" and backend in ("off", "eager"):
+        return EAGER_CUDA_MIN_TOKENS
+    return DEFAULT_MIN_TOKENS
 
 
 def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample: int | None = None, *,

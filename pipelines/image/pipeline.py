@@ -221,12 +221,13 @@ class ImagePipeline(PresetModels, Pipeline):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         merge = None
+        backend = choose_backend(device, request.fast, pipe.unet)
         if controlled and request.merge_ratio > 0:
-            from .merging import apply_merging
+            from .merging import apply_merging, min_tokens_for
 
-            merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed)
-        fast = FastUNet(pipe.unet, choose_backend(device, request.fast, pipe.unet), control,
-                        lambda: pipe.scheduler.timesteps)
+            merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed,
+                                  min_tokens=min_tokens_for(backend, device))
+        fast = FastUNet(pipe.unet, backend, control, lambda: pipe.scheduler.timesteps)
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
             control.step = fast.step = i + 1

@@ -12,7 +12,9 @@ For each (model, size): ``unet graph`` is the GPU-bound anchor (the plain UNet c
 as benchmarks/image_speed.py); then every configuration runs the same loop eager and through the fast path,
 interleaved in rotating order, each timed with CUDA events over ``--steps`` steps after a warm-up round
 (which also captures the graphs, reported as ``capture_s``), median of ``--repeats``. ``max_abs_diff`` compares
-the final latents of the eager and fast loops from the same seed and noise.
+the final latents of the eager and fast loops from the same seed and noise. ``config_unet_graph_ms`` is each
+fast configuration's own GPU-bound time (its captured UNet call replayed back to back, no scheduler): biased
+attention costs GPU time of its own, so ``ratio_to_config_unet_graph`` is what the serving loop adds on top.
 
     python benchmarks/denoise_speed.py --device cuda --json benchmarks/results/denoise_speed_h200.json
     python benchmarks/denoise_speed.py --tiny --json /tmp/denoise_speed_tiny.json        # CPU check
@@ -129,7 +131,9 @@ class Case:
         self.capture_s = 0.0
         self.merged = 0
 
-    def run(self) -> torch.Tensor:
+    def run(self, unet_only: bool = False) -> torch.Tensor:
+        """One loop; ``unet_only``: the same number of UNet calls back to back on the first step's inputs (no
+        scheduler, no host sync): this configuration's GPU-bound time."""
         unet, args = self.unet, self.args
         control = make_control(unet, self.config)
         with ExitStack() as stack:
@@ -142,11 +146,25 @@ class Case:
             if self.mode != "eager":
                 backend = self.mode.removeprefix("fast-")
                 fast = stack.enter_context(FastUNet(unet, backend, control, lambda: self.scheduler.timesteps))
-            out = denoise(unet, self.scheduler, self.inputs, args.steps, 7.5, control, fast)
+            if unet_only:
+                out = repeat_first_call(unet, self.scheduler, self.inputs, args.steps)
+            else:
+                out = denoise(unet, self.scheduler, self.inputs, args.steps, 7.5, control, fast)
             self.merged = merging_stats(unet)["tokens_merged_per_call"]
         if fast is not None:
             self.capture_s += fast.capture_s
         return out
+
+
+def repeat_first_call(unet, scheduler, inputs: dict, steps: int) -> torch.Tensor:
+    """``steps`` UNet calls with the first step's inputs and nothing in between (the control's step stays 0)."""
+    scheduler.set_timesteps(steps, device=inputs["latents"].device)
+    t = scheduler.timesteps[0]
+    model_input = scheduler.scale_model_input(torch.cat([inputs["latents"] * scheduler.init_noise_sigma] * 2), t)
+    for _ in range(steps):
+        noise = unet(model_input, t, encoder_hidden_states=inputs["encoder_hidden_states"],
+                     added_cond_kwargs=inputs.get("added_cond_kwargs"), return_dict=False)[0]
+    return noise
 
 
 def anchor_ms(unet, inputs: dict, args, device) -> float | None:
@@ -205,6 +223,12 @@ def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
             if repeat >= args.warmup:
                 times[case.name].append(elapsed / args.steps)
     syncs = {case.name: count_syncs(case) for case in cases} if args.count_syncs and device.type == "cuda" else {}
+    bound: dict[str, float] = {}
+    if device.type == "cuda" or args.tiny:  # each fast configuration's own bound: graphs captured above
+        for case in cases:
+            if case.mode != "eager" and not getattr(case, "error", None):
+                samples = [clock(lambda: case.run(unet_only=True)) / args.steps for _ in range(max(args.repeats, 3))]
+                bound[case.name] = statistics.median(samples)
     rows = []
     plain_fast = {mode: statistics.median(times[f"plain {mode}"]) for mode in modes[1:] if times.get(f"plain {mode}")}
     for case in cases:
@@ -224,6 +248,9 @@ def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
         if graph_ms is not None:
             row["unet_graph_ms"] = round(graph_ms, 3)
             row["ratio_to_unet_graph"] = round(ms / graph_ms, 3)
+        if case.name in bound:
+            row["config_unet_graph_ms"] = round(bound[case.name], 3)
+            row["ratio_to_config_unet_graph"] = round(ms / bound[case.name], 3)
         if case.mode != "eager":
             row["capture_s"] = round(case.capture_s, 3)
             row["max_abs_diff_vs_eager"] = float((outputs[case.name] - eager).abs().max())

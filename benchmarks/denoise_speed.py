@@ -9,9 +9,10 @@ t in [300, 650]), Compass CALL (two boxed objects), and all three together. The 
 composite tokens only change the text embedding, so their per-step cost is the plain one.
 
 For each (model, size): ``unet graph`` is the GPU-bound anchor (the plain UNet call captured once and replayed,
-as benchmarks/image_speed.py); then every configuration runs the same loop eager and through the fast path,
+as benchmarks/image_speed.py, timed in the same rotation as the loops); then every configuration runs the same loop eager and through the fast path,
 interleaved in rotating order, each timed with CUDA events over ``--steps`` steps after a warm-up round
-(which also captures the graphs, reported as ``capture_s``), median of ``--repeats``. ``max_abs_diff`` compares
+(which also captures the graphs, reported as ``capture_s``), median of ``--repeats``, per UNet call (PNDM
+makes one call more than its steps). ``max_abs_diff`` compares
 the final latents of the eager and fast loops from the same seed and noise. ``config_unet_graph_ms`` is each
 fast configuration's own GPU-bound time (its captured UNet call replayed back to back, no scheduler): biased
 attention costs GPU time of its own, so ``ratio_to_config_unet_graph`` is what the serving loop adds on top.
@@ -157,31 +158,33 @@ class Case:
 
 
 def repeat_first_call(unet, scheduler, inputs: dict, steps: int) -> torch.Tensor:
-    """``steps`` UNet calls with the first step's inputs and nothing in between (the control's step stays 0)."""
+    """As many UNet calls as a loop makes, all with the first step's inputs and nothing in between (the
+    control's step stays 0)."""
     scheduler.set_timesteps(steps, device=inputs["latents"].device)
     t = scheduler.timesteps[0]
     model_input = scheduler.scale_model_input(torch.cat([inputs["latents"] * scheduler.init_noise_sigma] * 2), t)
-    for _ in range(steps):
+    for _ in range(len(scheduler.timesteps)):
         noise = unet(model_input, t, encoder_hidden_states=inputs["encoder_hidden_states"],
                      added_cond_kwargs=inputs.get("added_cond_kwargs"), return_dict=False)[0]
     return noise
 
 
-def anchor_ms(unet, inputs: dict, args, device) -> float | None:
-    """GPU-bound time of the plain UNet call: captured once, replayed (CUDA only)."""
+def anchor_runner(unet, inputs: dict, device) -> Runner | None:
+    """The plain UNet call captured once (CUDA only): replayed back to back it is the GPU-bound time."""
     if device.type != "cuda":
         return None
-    scheduler_t = torch.tensor(500.0, device=device)
     latents = inputs["latents"]
-    call = {"sample": torch.cat([latents] * 2), "timestep": scheduler_t,
+    call = {"sample": torch.cat([latents] * 2), "timestep": torch.tensor(500.0, device=device),
             "encoder_hidden_states": inputs["encoder_hidden_states"]}
     if "added_cond_kwargs" in inputs:
         call["added_cond_kwargs"] = inputs["added_cond_kwargs"]
-    runner = Runner(unet, call, graph=True)
-    measure = timer(device)
-    times = [measure(runner) for _ in range(args.warmup + max(args.repeats, 5))][args.warmup:]
-    del runner
-    return statistics.median(times)
+    return Runner(unet, call, graph=True)
+
+
+def unet_calls(case: "Case", steps: int) -> int:
+    """UNet calls in one loop of ``steps`` steps (PNDM without PRK steps repeats its second timestep)."""
+    case.scheduler.set_timesteps(steps)
+    return len(case.scheduler.timesteps)
 
 
 def count_syncs(case: "Case") -> int:
@@ -203,14 +206,20 @@ def count_syncs(case: "Case") -> int:
 def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
     unet = build_unet(arch, args.tiny, device, dtype)
     inputs = loop_inputs(unet, arch, size, args.frames, device, dtype)
-    graph_ms = anchor_ms(unet, inputs, args, device)
+    anchor = anchor_runner(unet, inputs, device)
     modes = ["eager", *(f"fast-{b}" for b in args.backends)]
     cases = [Case(unet, arch, config, mode, inputs, args) for config in args.configs for mode in modes]
+    calls = unet_calls(cases[0], args.steps)
     outputs: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {case.name: [] for case in cases}
+    anchor_times: list[float] = []
     clock = timer(device)
     for repeat in range(args.warmup + args.repeats):
         shift = repeat % len(cases)
+        if anchor is not None:  # timed in the same rotation, so device state (clocks, caches) is shared
+            elapsed = clock(lambda: [anchor() for _ in range(calls)])
+            if repeat >= args.warmup:
+                anchor_times.append(elapsed / calls)
         for case in cases[shift:] + cases[:shift]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -221,26 +230,29 @@ def measure(arch: str, size: int, args, device, dtype) -> list[dict]:
                 case.error = f"{type(error).__name__}: {error}"[:300]
                 continue
             if repeat >= args.warmup:
-                times[case.name].append(elapsed / args.steps)
+                times[case.name].append(elapsed / calls)
+    graph_ms = statistics.median(anchor_times) if anchor_times else None
+    del anchor
     syncs = {case.name: count_syncs(case) for case in cases} if args.count_syncs and device.type == "cuda" else {}
     bound: dict[str, float] = {}
     if device.type == "cuda" or args.tiny:  # each fast configuration's own bound: graphs captured above
         for case in cases:
             if case.mode != "eager" and not getattr(case, "error", None):
-                samples = [clock(lambda: case.run(unet_only=True)) / args.steps for _ in range(max(args.repeats, 3))]
+                samples = [clock(lambda: case.run(unet_only=True)) / calls for _ in range(max(args.repeats, 3))]
                 bound[case.name] = statistics.median(samples)
     rows = []
     plain_fast = {mode: statistics.median(times[f"plain {mode}"]) for mode in modes[1:] if times.get(f"plain {mode}")}
     for case in cases:
         row = {"method": case.name, "arch": arch, "size": size, "config": case.config, "mode": case.mode,
-               "frames": args.frames if arch == "animatediff" else 1, "batch": 2, "steps": args.steps}
+               "frames": args.frames if arch == "animatediff" else 1, "batch": 2, "steps": args.steps,
+               "unet_calls": calls}
         if getattr(case, "error", None):
             rows.append({**row, "error": case.error})
             print(json.dumps(rows[-1]), flush=True)
             continue
         ms = statistics.median(times[case.name])
         eager = outputs[f"{case.config} eager"]
-        row.update(ms_per_step=round(ms, 3), ms_min=round(min(times[case.name]), 3),
+        row.update(ms_per_unet_call=round(ms, 3), ms_min=round(min(times[case.name]), 3),
                    speedup_vs_eager=round(statistics.median(times[f"{case.config} eager"]) / ms, 3),
                    tokens_merged_per_call=case.merged)
         if case.name in syncs:

@@ -63,6 +63,7 @@ class Method:
     tomesd: bool = False  # the anchor of the targets: tomesd 0.1.3 with the same ratio and level
     crossattn: bool = False  # also merge the cross-attention queries (tomesd's merge_crossattn)
     mlp: bool = False  # also merge the feed-forward's input (tomesd's merge_mlp)
+    share_plan: bool = False  # one plan per spatial transformer, reused by its deeper blocks
 
     def install(self, unet) -> None:
         remove_merging(unet)
@@ -74,7 +75,7 @@ class Method:
             tomesd.apply_patch(unet, ratio=self.ratio, max_downsample=self.max_downsample or 1)
         elif self.ratio > 0:
             apply_merging(unet, self.ratio, self.max_downsample, min_tokens=self.min_tokens, window=self.window,
-                          merge_crossattn=self.crossattn, merge_mlp=self.mlp)
+                          merge_crossattn=self.crossattn, merge_mlp=self.mlp, share_plan=self.share_plan)
 
 
 VANILLA = Method("vanilla")
@@ -187,6 +188,8 @@ def methods_for(args) -> list[Method]:
                     methods.append(Method(label + " forced", ratio, md, 0, window))
                 if args.also_crossattn:
                     methods.append(Method(label + " +crossattn", ratio, md, args.min_tokens, window, crossattn=True))
+                if args.also_shared_plan:
+                    methods.append(Method(label + " shared-plan", ratio, md, args.min_tokens, window, share_plan=True))
                 if args.also_mlp:
                     methods.append(Method(label + " +crossattn+mlp", ratio, md, args.min_tokens, window,
                                           crossattn=True, mlp=True))
@@ -280,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also time every merged method with min_tokens=0, to see where merging stops paying")
     parser.add_argument("--also-crossattn", action="store_true",
                         help="also time every merged method with the cross-attention queries merged")
+    parser.add_argument("--also-shared-plan", action="store_true",
+                        help="also time every merged method with one plan per spatial transformer")
     parser.add_argument("--also-mlp", action="store_true",
                         help="also time every merged method with cross-attention and feed-forward merged")
     parser.add_argument("--tomesd", action="store_true",

@@ -333,9 +333,23 @@ def test_planning_and_merging_trace_as_one_graph(window):
     assert torch.equal(traced(x, torch.tensor([7])), expected)
 
 
-def test_uncaptured_cuda_calls_merge_only_from_a_higher_token_count():
-    from pipelines.image.merging import DEFAULT_MIN_TOKENS, EAGER_CUDA_MIN_TOKENS, min_tokens_for
+def test_image_tab_merges_where_it_pays_for_the_model_and_backend():
+    from pipelines.image.merging import DEFAULT_MIN_TOKENS, EAGER_CUDA_MIN_TOKENS, merge_settings
 
-    assert min_tokens_for("graph", "cuda") == min_tokens_for("compile", "cuda") == DEFAULT_MIN_TOKENS
-    assert min_tokens_for("eager", "cuda") == min_tokens_for("off", "cuda") == EAGER_CUDA_MIN_TOKENS > DEFAULT_MIN_TOKENS
-    assert min_tokens_for("eager", "cpu") == DEFAULT_MIN_TOKENS
+    assert merge_settings("sd15", "graph", "cuda")["min_tokens"] == DEFAULT_MIN_TOKENS
+    assert merge_settings("sd15", "eager", "cuda")["min_tokens"] == EAGER_CUDA_MIN_TOKENS > DEFAULT_MIN_TOKENS
+    assert merge_settings("sdxl", "off", "cuda")["min_tokens"] == EAGER_CUDA_MIN_TOKENS
+    assert merge_settings("sd15", "eager", "cpu")["min_tokens"] == DEFAULT_MIN_TOKENS
+    assert merge_settings("sdxl", "graph", "cuda") == {"max_downsample": 4, "min_tokens": 4096, "share_plan": True}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("share", [False, True])
+def test_shared_plans_come_from_each_transformers_first_block(share):
+    unet = _fresh("sdxl")
+    handle = apply_merging(unet, 0.5, min_tokens=0, share_plan=share)
+    _sdxl_call(unet)
+    pairs = [handle.mergers[i:i + 2] for i in range(0, len(handle.mergers), 2)]  # depth-2 transformers
+    assert len(pairs) == 3 and all(second.name.endswith(".1") for _, second in pairs)
+    assert all((second.plan is first.plan) == share and second.plan is not None for first, second in pairs)
+    assert handle.stats.blocks_merged_last_call == 6  # every block still merges

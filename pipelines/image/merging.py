@@ -79,6 +79,9 @@ class MergeConfig:
     min_tokens: int = DEFAULT_MIN_TOKENS
     window: int = DEFAULT_WINDOW  # k: sources see only destinations in their k×k-token tile; 0: all (tomesd)
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    # plan once per spatial transformer and reuse it in its deeper blocks (SDXL stacks 2 or 10 per level):
+    # one similarity search instead of ten, on tokens that change little from block to block
+    share_plan: bool = False
 
 
 @dataclass
@@ -262,9 +265,10 @@ class MergeStats:
 
 @dataclass
 class _Grid:
-    """The latest token grid (h, w) seen by one spatial transformer."""
+    """The latest token grid (h, w) seen by one spatial transformer, and its first block's plan."""
 
     hw: tuple[int, int] = (0, 0)
+    plan: "MergePlan | None" = None
 
 
 @dataclass
@@ -293,9 +297,10 @@ class BlockMerger:
     """The object installed on one ``BasicTransformerBlock``: plans the merge on ``attn1``'s input, merges the
     inputs of the chosen sublayers and unmerges their outputs."""
 
-    def __init__(self, name: str, config: MergeConfig, grid: _Grid, run: _Run) -> None:
+    def __init__(self, name: str, config: MergeConfig, grid: _Grid, run: _Run, first: bool = True) -> None:
         self.name, self.config, self.grid, self.run = name, config, grid, run
         self.salt = zlib.crc32(name.encode()) % LAYOUTS  # blocks differ, and keep their layout across installs
+        self.first = first  # the transformer's first block (plans for the others when plans are shared)
         self.plan: MergePlan | None = None
 
     def start(self, x: torch.Tensor) -> None:
@@ -304,8 +309,13 @@ class BlockMerger:
         if x.ndim != 3 or x.shape[1] != h * w or h * w < self.config.min_tokens:
             return
         c = self.config
-        layout = self.run.step + self.salt if c.use_rand else None
-        self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, layout, c.seed, c.window, c.chunk_elements)
+        if c.share_plan and not self.first:
+            shared = self.grid.plan
+            self.plan = shared if shared is not None and shared.tokens == x.shape[1] else None
+        else:
+            layout = self.run.step + self.salt if c.use_rand else None
+            self.plan = plan_merge(x, h, w, c.ratio, c.sx, c.sy, layout, c.seed, c.window, c.chunk_elements)
+            self.grid.plan = self.plan
         if self.plan is not None:
             self.run.stats.tokens_merged += self.plan.removed * self.plan.batch
             self.run.stats.tokens_merged_last_call += self.plan.removed * self.plan.batch
@@ -369,18 +379,27 @@ def spatial_transformers(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
     return found
 
 
-def min_tokens_for(backend: str, device: torch.device | str) -> int:
-    """The merge threshold for a fast-path ``backend`` (image/fast.py) on ``device``: higher where CUDA calls
-    run uncaptured (``off``/``eager``: ZeroGPU, the fast toggle off), the default elsewhere."""
-    if torch.device(device).type == "cuda" and backend in ("off", "eager"):
-        return EAGER_CUDA_MIN_TOKENS
-    return DEFAULT_MIN_TOKENS
+def merge_settings(arch: str, backend: str, device: torch.device | str) -> dict[str, Any]:
+    """``apply_merging`` arguments for the image tab: where merging pays on this model, fast-path ``backend``
+    (image/fast.py) and device (H200 measurements, benchmarks/results/image_speed_*_h200.json).
+
+    Uncaptured CUDA calls (``off``/``eager``: ZeroGPU, the fast toggle off) wait on kernel launches and
+    merging adds launches, so there a grid needs 16384 tokens. SDXL also merges its 10-deep 1280-channel level
+    once it has 4096 tokens (2048 px), with one plan per spatial transformer: 0.82x vanilla at 2048 px, 1.00x
+    at 1024 px (per-block plans: 0.88x; the finest level alone: 0.91x)."""
+    uncaptured = torch.device(device).type == "cuda" and backend in ("off", "eager")
+    if uncaptured:
+        return {"min_tokens": EAGER_CUDA_MIN_TOKENS, "share_plan": True}
+    if arch == "sdxl":
+        return {"max_downsample": 4, "min_tokens": 4096, "share_plan": True}
+    return {"min_tokens": DEFAULT_MIN_TOKENS, "share_plan": True}
 
 
 def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample: int | None = None, *,
                   sx: int = 2, sy: int = 2, use_rand: bool = True, seed: int = 0, merge_attn: bool = True,
                   merge_crossattn: bool = False, merge_mlp: bool = False, min_tokens: int = DEFAULT_MIN_TOKENS,
-                  window: int = DEFAULT_WINDOW, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> TokenMerging:
+                  window: int = DEFAULT_WINDOW, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                  share_plan: bool = False) -> TokenMerging:
     """Install token merging on the spatial transformer blocks of ``unet`` whose downsample factor is at most
     ``max_downsample`` (tomesd's meaning; ``None`` = the finest level with attention). Replaces any previous
     installation; ``ratio=0`` installs nothing, so the UNet is stock."""
@@ -390,7 +409,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
         raise ValueError(f"Strides must be positive, got sx={sx}, sy={sy}.")
     remove_merging(unet)
     config = MergeConfig(ratio, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn, merge_mlp,
-                         min_tokens, window, chunk_elements)
+                         min_tokens, window, chunk_elements, share_plan)
     run = _Run()
     handle = TokenMerging(config, run.stats)
     unet._token_merging = handle
@@ -414,9 +433,10 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
         def on_transformer(module, args, kwargs, grid=grid):
             x = _first_arg(args, kwargs, "hidden_states")
             grid.hw = tuple(x.shape[-2:]) if x is not None and x.ndim == 4 else (0, 0)
+            grid.plan = None
         handle.hooks.append(transformer.register_forward_pre_hook(on_transformer, with_kwargs=True))
         for k, block in enumerate(transformer.transformer_blocks):
-            merger = BlockMerger(f"{name}.transformer_blocks.{k}", config, grid, run)
+            merger = BlockMerger(f"{name}.transformer_blocks.{k}", config, grid, run, first=k == 0)
             handle.mergers.append(merger)
             handle.hooks.extend(_hook_block(block, merger))
     return handle

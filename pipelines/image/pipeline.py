@@ -223,10 +223,10 @@ class ImagePipeline(PresetModels, Pipeline):
         merge = None
         backend = choose_backend(device, request.fast, pipe.unet)
         if controlled and request.merge_ratio > 0:
-            from .merging import apply_merging, min_tokens_for
+            from .merging import apply_merging, merge_settings
 
             merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed,
-                                  min_tokens=min_tokens_for(backend, device))
+                                  **merge_settings(model.arch, backend, device))
         fast = FastUNet(pipe.unet, backend, control, lambda: pipe.scheduler.timesteps)
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:

@@ -137,9 +137,11 @@ class TextPipeline(PresetModels, Pipeline):
         with lm.lock:
             forward = lm.fast_forward
             warmed = forward.warmup_s if forward is not None else 0.0
-            if lm.model.device.type == "cuda" and (forward is None or not forward.graphs):
-                yield Progress(0, int(request.max_new_tokens), "capturing the decode step for this GPU "
-                               "(first request only; compiling it takes a minute or more)")
+            if (lm.model.device.type == "cuda" and os.environ.get("TOKENWORKS_TEXT_FAST", "auto") != "0"
+                    and (forward is None or not forward.graphs)):
+                compiling = compile_mode(lm.model.device) != "off"
+                yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
+                               "request only" + ("; compiling takes a minute or more)" if compiling else ")"))
             for run in self.decode(lm, input_ids, request, config, eos_ids, stats):
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - start

@@ -63,7 +63,7 @@ def build(pipeline: TextPipeline) -> None:
         with gr.Column(scale=1):
             model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
                                 allow_custom_value=True, info="A listed model, a Hub id or a local folder")
-            method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="recycling", label="Decoding method",
+            method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="merged", label="Decoding method",
                                  info="All methods are lossless: greedy output is identical to vanilla")
             draft_model = gr.Dropdown([""] + pipeline.model_choices(), value="", label="Draft model",
                                       allow_custom_value=True, visible=False,

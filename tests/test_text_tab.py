@@ -15,7 +15,7 @@ def test_compare_text_reports_identical_outputs_speedup_and_tau(tiny_client):
 
 
 def test_generate_text_api_accepts_every_method(tiny_client):
-    for method in ("recycling", "lookahead", "draft_model"):
+    for method in ("merged", "recycling", "lookahead", "draft_model"):
         text, stats = tiny_client.predict("hello there", "", "", method, 6, 0.0, 1.0, 2, api_name="/generate_text")
         assert stats["method"] == method and stats["tokens"] == 6 and stats["forwards"] <= 6
 

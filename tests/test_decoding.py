@@ -328,6 +328,29 @@ def test_measure_step_cost_reports_every_size(models):
     assert sorted(costs) == [1, 4, 16] and costs[1] <= costs[4] <= costs[16]
 
 
+def test_measured_curves_of_named_models_are_kept_across_processes(tmp_path, monkeypatch):
+    from pipelines.decoding import hardware
+
+    monkeypatch.setenv("TOKENWORKS_CACHE", str(tmp_path))
+    model = tiny_causal_lm("llama", seed=0)
+    model.config._name_or_path = "tests/named-llama"
+    measured = {1: 0.01, 4: 0.02}
+    monkeypatch.setattr(hardware, "measure_step_cost", lambda m: dict(measured))
+    assert hardware.step_costs(model) == measured
+    assert hardware.curve_file().exists()
+
+    def fail(m):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(hardware, "measure_step_cost", fail)
+    again = tiny_causal_lm("llama", seed=0)  # another process's model object: nothing in memory
+    again.config._name_or_path = "tests/named-llama"
+    assert hardware.step_costs(again) == measured
+    unnamed = tiny_causal_lm("llama", seed=0)
+    unnamed.config._name_or_path = ""
+    assert hardware.curve_key(unnamed) is None  # random test models are measured per process
+
+
 def merged_drafter(costs, prompt):
     drafter = MergedDrafter(costs, TokenRecycling(torch.zeros(50, 8, dtype=torch.long)),
                             LookaheadTrie(LookaheadConfig(decoding_length=8, branch_length=3)), PromptLookup(num_tokens=3))

@@ -5,8 +5,12 @@ of the tree template that maximises expected accepted tokens per second.
 """
 from __future__ import annotations
 
-import weakref
+import json
+import os
+import platform
 import time
+import weakref
+from pathlib import Path
 
 import torch
 
@@ -101,5 +105,67 @@ def step_costs(model, profile: str = "auto") -> dict[int, float]:
         raise ValueError("The cpu tree profile measures the model on the CPU; load it there or use 'auto'.")
     costs = _MEASURED.get(model)
     if costs is None:
-        costs = _MEASURED[model] = measure_step_cost(model)
+        key = curve_key(model)
+        costs = stored_curve(key) if key else None
+        if costs is None:
+            costs = measure_step_cost(model)
+            if key:
+                store_curve(key, costs)
+        _MEASURED[model] = costs
     return costs
+
+
+def curve_key(model) -> str | None:
+    """What a measured curve depends on: the model (by name), its dtype, the device (GPU name, or CPU model and
+    thread count) and the sizes. None for unnamed models (random test models): those are measured per process."""
+    name = getattr(model.config, "_name_or_path", "")
+    if not name:
+        return None
+    parameter = next(model.parameters())
+    if parameter.device.type == "cuda":
+        device = torch.cuda.get_device_name(parameter.device)
+    else:
+        device = f"{cpu_model()} x{torch.get_num_threads()} threads"
+    return f"{type(model).__name__} | {name} | {parameter.dtype} | {device} | {','.join(map(str, DEFAULT_SIZES))}"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def curve_file() -> Path:
+    """Measured curves, kept across processes (the first request would otherwise spend ~15 s measuring a
+    135M model on a 2-core CPU). Delete the file to measure again."""
+    from ..packaged import cache_root
+
+    return cache_root() / "step_costs.json"
+
+
+def stored_curve(key: str) -> dict[int, float] | None:
+    try:
+        curve = json.loads(curve_file().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return {int(n): float(c) for n, c in curve.items()} if isinstance(curve, dict) else None
+
+
+def store_curve(key: str, costs: dict[int, float]) -> None:
+    path = curve_file()
+    try:
+        curves = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        curves = {}
+    curves[key] = {str(n): c for n, c in costs.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(curves, indent=1))
+        temporary.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs the next process a measurement

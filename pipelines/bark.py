@@ -210,6 +210,7 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
     max_semantic_history = int(np.floor(cc.max_coarse_history / ratio))
     config = SamplingConfig(settings.temperature, settings.top_p, settings.seed)
     generator = seeded(config, tts.device, 1)
+    forward = chain_forward(tts.model.coarse_acoustics)
     produced: list[int] = []
     while True:
         semantic_idx = int(round(len(produced) / ratio))
@@ -232,7 +233,7 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
             AlternatingCodebooksLogitsProcessor(len(prompt), sc.semantic_vocab_size, tts.codebook_size)])
         new = min(cc.sliding_window_len, total - len(produced))
         for run in speculative_decode(tts.model.coarse_acoustics, torch.tensor([prompt], device=tts.device), new,
-                                      config, set(), drafter, cancel, stats, chain_forward(tts.model.coarse_acoustics),
+                                      config, set(), drafter, cancel, stats, forward,
                                       processors=processors, generator=generator):
             produced.extend(run)
             yield "coarse", run

@@ -144,7 +144,6 @@ class ColumnLookupDrafter:
         self.lookup = PromptLookup(num_tokens=num_draft, max_ngram=max_ngram)
         self._ids: dict[tuple[int, ...], int] = {}
         self._columns: list[tuple[int, ...]] = []
-        self._sequence: list[int] = []
 
     def extend(self, columns: torch.Tensor) -> None:
         """Append committed columns ``[K, n]`` (batch 1)."""
@@ -154,15 +153,14 @@ class ColumnLookupDrafter:
                 self._ids[column] = len(self._columns)
                 self._columns.append(column)
             ids.append(self._ids[column])
-        if self._sequence:
+        if self.lookup.context:
             self.lookup.commit(ids)
         else:
             self.lookup.start(ids)
-        self._sequence.extend(ids)
 
     def propose(self, limit: int) -> list[tuple[int, ...]]:
         limit = min(limit, self.lookup.num_tokens)
-        found = self.lookup.matches(self._sequence) if limit > 0 else []
+        found = self.lookup.matches(self.lookup.context) if limit > 0 else []
         return [self._columns[i] for i in found[0][1][:limit]] if found else []
 
 

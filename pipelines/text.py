@@ -135,14 +135,12 @@ class TextPipeline(PresetModels, Pipeline):
         start = time.perf_counter()
         first_token_s = None
         with lm.lock:
-            forward = lm.fast_forward
+            forward = fast_forward(lm, int(input_ids.shape[1]) + int(request.max_new_tokens))
             warmed = forward.warmup_s if forward is not None else 0.0
-            if (lm.model.device.type == "cuda" and os.environ.get("TOKENWORKS_TEXT_FAST", "auto") != "0"
-                    and (forward is None or not forward.graphs)):
-                compiling = compile_mode(lm.model.device) != "off"
+            if forward is not None and forward.capture and not forward.graphs:
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
-                               "request only" + ("; compiling takes a minute or more)" if compiling else ")"))
-            for run in self.decode(lm, input_ids, request, config, eos_ids, stats):
+                               "request only" + ("; compiling takes a minute or more)" if forward.compiles else ")"))
+            for run in self.decode(lm, input_ids, request, config, eos_ids, stats, forward):
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - start
                 tokens.extend(run)
@@ -152,7 +150,7 @@ class TextPipeline(PresetModels, Pipeline):
                 yield Progress(len(tokens), int(request.max_new_tokens))
         elapsed = time.perf_counter() - start
         text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
-        warmup_s = max(0.0, lm.fast_forward.warmup_s - warmed) if lm.fast_forward is not None else 0.0
+        warmup_s = forward.warmup_s - warmed if forward is not None else 0.0
         result_stats = {
             "model": self.spec_for(request.model).name,
             "method": request.method,
@@ -173,9 +171,8 @@ class TextPipeline(PresetModels, Pipeline):
         yield Result(text, result_stats, metadata)
 
     def decode(self, lm: CausalLM, input_ids: torch.Tensor, request: TextRequest, config: SamplingConfig,
-               eos_ids: set[int], stats: DecodeStats) -> Iterator[list[int]]:
+               eos_ids: set[int], stats: DecodeStats, forward: StaticForward | None) -> Iterator[list[int]]:
         max_new = int(request.max_new_tokens)
-        forward = fast_forward(lm, int(input_ids.shape[1]) + max_new)
         if request.method == "vanilla":
             return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats, forward=forward)
         drafter = self.drafter(lm, request)

@@ -387,12 +387,13 @@ def merge_settings(arch: str, backend: str, device: torch.device | str) -> dict[
     merging adds launches, so there a grid needs 16384 tokens. SDXL also merges its 10-deep 1280-channel level
     once it has 4096 tokens (2048 px), with one plan per spatial transformer: 0.82x vanilla at 2048 px, 1.00x
     at 1024 px (per-block plans: 0.88x; the finest level alone: 0.91x)."""
-    uncaptured = torch.device(device).type == "cuda" and backend in ("off", "eager")
-    if uncaptured:
-        return {"min_tokens": EAGER_CUDA_MIN_TOKENS, "share_plan": True}
-    if arch == "sdxl":
-        return {"max_downsample": 4, "min_tokens": 4096, "share_plan": True}
-    return {"min_tokens": DEFAULT_MIN_TOKENS, "share_plan": True}
+    if torch.device(device).type == "cuda" and backend in ("off", "eager"):
+        where = {"min_tokens": EAGER_CUDA_MIN_TOKENS}
+    elif arch == "sdxl":
+        where = {"max_downsample": 4, "min_tokens": 4096}
+    else:
+        where = {"min_tokens": DEFAULT_MIN_TOKENS}
+    return {**where, "share_plan": True}
 
 
 def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample: int | None = None, *,

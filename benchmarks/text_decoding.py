@@ -29,16 +29,19 @@ from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTr
 from pipelines.decoding.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
+from pipelines.decoding.prompt_tokens import ParallelPromptDecoding, load_prompt_tokens, trained_path  # noqa: E402
 from pipelines.decoding.recycling import TokenRecycling, shared_recycler  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.models import pick_dtype  # noqa: E402
 from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
 
-METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft")
+METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft", "ppd", "merged-ppd")
+PROMPT_TOKEN_METHODS = ("ppd", "merged-ppd")  # PPD's trained prompt tokens: alone, and as a source of the merged tree
 # outside every prompt set: warming up on a measured prompt would let the Lookahead trie remember its answer
 WARMUP_PROMPT = "Explain in a few sentences how a bicycle's gears make climbing a hill easier."
 
-HF_PLD_TOKENS = 10  # the value transformers' docs use for prompt_lookup_num_tokens
+HF_PLD_TOKENS = 10
+PACKAGED_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}  # the value transformers' docs use for prompt_lookup_num_tokens
 
 
 def resolve(name: str) -> str:
@@ -102,7 +105,7 @@ class ForwardCounter:
 
 
 class Runner:
-    def __init__(self, model, tokenizer, args, draft=None) -> None:
+    def __init__(self, model, tokenizer, args, draft=None, prompts=None) -> None:
         self.model, self.tokenizer, self.args, self.draft = model, tokenizer, args, draft
         self.eos = eos_ids(model, tokenizer)
         self.counter = ForwardCounter(model)
@@ -112,7 +115,12 @@ class Runner:
         # would hand it what they just learnt on the same prompt
         vocab = model.get_output_embeddings().weight.shape[0]
         own = TokenRecycling(torch.zeros(vocab, self.recycler.matrix.shape[1], dtype=torch.long, device=model.device))
-        self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), step_costs(model, args.tree_profile))
+        costs = step_costs(model, args.tree_profile)
+        self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), costs)
+        if prompts is not None:  # its own matrix and trie too, so merged and merged-ppd learn the same way
+            mine = TokenRecycling(torch.zeros_like(own.matrix))
+            self.merged_ppd = new_merged(mine, NGramTrie(LookaheadConfig.max_nodes), costs, prompts)
+            self.ppd = ParallelPromptDecoding(prompts, costs)
 
     def pick_tree(self) -> int:
         """Tree size for this device, re-picked before every prompt as the pipeline does per request: the
@@ -133,6 +141,10 @@ class Runner:
             return self.merged
         if method == "draft":
             return DraftModel(self.draft)
+        if method == "ppd":
+            return self.ppd
+        if method == "merged-ppd":
+            return self.merged_ppd
         raise ValueError(method)
 
     @torch.inference_mode()
@@ -199,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tree-profile", default="auto", choices=TREE_PROFILES,
                         help="tree size from this device's measured step cost (auto/cpu) or the H200 curve (gpu)")
     parser.add_argument("--draft-model", default="", help="for method 'draft': a smaller model with the same tokenizer")
+    parser.add_argument("--prompt-tokens", default="",
+                        help="for ppd / merged-ppd: trained prompt tokens (.safetensors); default: those found for --name")
+    parser.add_argument("--name", default="", help="the model's Hub id, to find its trained prompt tokens "
+                                                    "(default: --model; smollm2-135m -> HuggingFaceTB/SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
     parser.add_argument("--stride", type=int, default=1, help="use every N-th prompt (keeps every category)")
@@ -220,10 +236,18 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.draft_model:
             raise SystemExit("Method 'draft' needs --draft-model (a smaller model with the same tokenizer).")
         draft, _ = load(args.draft_model, args.device, args.dtype)
+    trained = None
+    if set(methods) & set(PROMPT_TOKEN_METHODS):
+        name = args.name or PACKAGED_NAMES.get(args.model, args.model)
+        path = args.prompt_tokens or trained_path(name)
+        if not path:
+            raise SystemExit(f"Methods {', '.join(PROMPT_TOKEN_METHODS)} need trained prompt tokens for {name!r}: pass "
+                             "--prompt-tokens, or train them (python -m pipelines.decoding.prompt_training).")
+        trained = load_prompt_tokens(path, model)
     prompts = read_prompts(args.prompts)[::args.stride]
     if args.limit:
         prompts = prompts[:args.limit]
-    runner = Runner(model, tokenizer, args, draft)
+    runner = Runner(model, tokenizer, args, draft, trained)
 
     warm = encode(tokenizer, WARMUP_PROMPT, args.device)
     for method in methods:  # warm-up: kernels, allocator, and the recycler's acceptance estimate
@@ -248,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "prompts_file": args.prompts, "tree_profile": args.tree_profile, "dtype": str(model.dtype).removeprefix("torch."), "greedy": True, "stride": args.stride,
                      "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
                      "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
+                     **({"merged_ppd_mean_tree_nodes": round(runner.merged_ppd.nodes / max(runner.merged_ppd.steps, 1), 2),
+                         "merged_ppd_chains_per_step": round(runner.merged_ppd.chains.chains / max(runner.merged_ppd.steps, 1), 2),
+                         "prompt_tokens": str(args.prompt_tokens or trained_path(trained.model_name or args.model))}
+                        if trained is not None else {}),
                      "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
         "command": command_line(argv),
         "rows": summarise(records, methods),

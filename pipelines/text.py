@@ -16,6 +16,7 @@ from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
 from .decoding.merged import shared_merged
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
+from .decoding.prompt_tokens import ParallelPromptDecoding, PromptTokens, prompt_tokens_for
 from .decoding.recycling import shared_recycler
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
@@ -24,10 +25,11 @@ from .presets import PresetModels, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 4096
-METHODS = ("vanilla", "merged", "recycling", "lookahead", "prompt_lookup", "draft_model")
+METHODS = ("vanilla", "merged", "ppd", "recycling", "lookahead", "prompt_lookup", "draft_model")
 METHOD_LABELS = {
     "vanilla": "Vanilla (one token per forward)",
-    "merged": "Merged (prompt lookup + Lookahead + Token Recycling in one tree)",
+    "merged": "Merged (prompt lookup + Lookahead + Token Recycling + PPD prompt tokens where trained, in one tree)",
+    "ppd": "Parallel Prompt Decoding (trained prompt tokens)",
     "recycling": "Token Recycling",
     "lookahead": "Lookahead (trie)",
     "prompt_lookup": "Prompt lookup",
@@ -57,6 +59,7 @@ class CausalLM:
     model: Any
     tokenizer: Any
     fast_forward: StaticForward | None = None  # the GPU fast path's adapter, built on first use, lives with the model
+    prompts: PromptTokens | None = None  # PPD's trained prompt tokens for this model, where there are some
     # the drafters' matrix, trie and counts and the static cache are the model's shared state: one decode at a time
     # (a stopped request's worker thread finishes its current step before the next request may start)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,7 +97,10 @@ class TextPipeline(PresetModels, Pipeline):
         return ModelSpec(name, "causal-lm", hub_id=name)
 
     def load(self, name: str) -> CausalLM:
-        return self.store.load(self.spec_for(name), load_causal_lm)
+        spec = self.spec_for(name)
+        lm = self.store.load(spec, load_causal_lm)
+        lm.prompts = prompt_tokens_for(lm.model, spec.hub_id or "")
+        return lm
 
     def encode_prompt(self, lm: CausalLM, request: TextRequest) -> torch.Tensor:
         tokenizer = lm.tokenizer
@@ -162,6 +168,7 @@ class TextPipeline(PresetModels, Pipeline):
             "tau": round(stats.tau, 4),
             "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
             "draft_share": round(stats.draft_share, 4),
+            "ppd_prompt_tokens": request.method in ("merged", "ppd") and lm.prompts is not None,  # PPD chains in the tree
             "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
         }
@@ -189,7 +196,14 @@ class TextPipeline(PresetModels, Pipeline):
         if request.method == "draft_model":
             return DraftModel(self.load_draft(lm, request).model)
         if request.method == "merged":
-            return shared_merged(lm.model, step_costs(lm.model, request.tree_profile))
+            return shared_merged(lm.model, step_costs(lm.model, request.tree_profile), lm.prompts)
+        if request.method == "ppd":
+            if lm.prompts is None:
+                raise PipelineError(
+                    f"No trained prompt tokens for {self.spec_for(request.model).name!r}, so Parallel Prompt Decoding "
+                    "cannot draft with it. Train them once on a GPU (python -m pipelines.decoding.prompt_training "
+                    "--model MODEL, which writes them where this tab looks) or pick another method.")
+            return ParallelPromptDecoding(lm.prompts, step_costs(lm.model, request.tree_profile))
         recycler = shared_recycler(lm.model)
         nodes = pick_tree_size(recycler.acceptance_rates(), step_costs(lm.model, request.tree_profile))
         if request.method == "recycling":
@@ -268,9 +282,13 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
     if mode == "0" or (mode == "auto" and lm.model.device.type != "cuda"):
         return None
     needed = total_tokens + max(BUCKETS)
-    if lm.fast_forward is None or lm.fast_forward.max_cache_len < needed:
+    stale = lm.fast_forward is not None and (lm.fast_forward.embed is None) != (lm.prompts is None)
+    if lm.fast_forward is None or lm.fast_forward.max_cache_len < needed or stale:
+        # with prompt tokens every method runs through the embedding that also maps them (real ids: the
+        # model's own lookup, bit for bit), so one set of captured graphs serves every method
+        embed = lm.prompts.embedding(lm.model) if lm.prompts is not None else None
         lm.fast_forward = StaticForward(lm.model, max_cache_len=max(4096, needed),
-                                        compile=compile_mode(lm.model.device))
+                                        compile=compile_mode(lm.model.device), embed=embed)
     return lm.fast_forward
 
 

@@ -14,31 +14,16 @@ from pipelines.decoding.merged import FULL, OFFER_FLOOR, PARTIAL, MergedDrafter,
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.decoding.recycling import DEFAULT_TEMPLATE, LEVEL_SIZES, TokenRecycling, build_template
-from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
+from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-FAMILIES = ("llama", "qwen2", "gpt2")
-FLAT = {1: 1.0, 128: 1.0}  # a GPU-like cost curve: every candidate is worth verifying
-STEEP = {1: 1.0, 2: 1.1, 3: 1.2, 4: 2.0, 128: 128.0}  # a CPU-like one with a jump at 4 rows
+from decoding_support import FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, tree_logits
 
 
 @pytest.fixture(scope="module")
 def models():
     return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
-
-
-def repetitive_prompt(seed: int, length: int) -> torch.Tensor:
-    rng = random.Random(seed)
-    motif = [rng.randrange(5, 320) for _ in range(rng.randrange(3, 8))]
-    ids = (motif * (length // len(motif) + 1))[:length]
-    for i in rng.sample(range(length), length // 5):
-        ids[i] = rng.randrange(5, 320)
-    return torch.tensor([ids])
-
-
-def run(generator) -> list[int]:
-    return [token for chunk in generator for token in chunk]
 
 
 def greedy(model, prompt, max_new, eos=frozenset()) -> list[int]:
@@ -244,19 +229,10 @@ def test_tree_logits_equal_plain_forward_of_each_root_path(models, family):
     model = models[family]
     prompt = repetitive_prompt(10, 9)[0].tolist()
     tree = RandomTreeDrafter(5, 15).propose(prompt)
-    forward = CausalLMForward(model)
-    cache = forward.new_cache()
+    logits = tree_logits(CausalLMForward(model), prompt, tree)
     with torch.inference_mode():
-        forward(prompt[:-1], torch.arange(len(prompt) - 1)[None], None, cache)
-        past = cache.get_seq_length()
-        logits = forward(tree.tokens, block_position_ids(tree, 0, past, forward.device),
-                         block_attention_mask(tree, 0, past, torch.float32, forward.device), cache)
         for node in range(len(tree)):
-            path, i = [], node
-            while i >= 0:
-                path.append(tree.tokens[i])
-                i = tree.parents[i]
-            plain = model(torch.tensor([prompt[:-1] + path[::-1]])).logits[0, -1]
+            plain = model(torch.tensor([prompt[:-1] + root_path(tree, node)])).logits[0, -1]
             torch.testing.assert_close(logits[node], plain, atol=1e-5, rtol=1e-4)
 
 

@@ -8,9 +8,13 @@ import torch
 
 from pipelines.base import PipelineError, Result
 from pipelines.decoding.draft_model import DraftModel
-from pipelines.decoding.lookahead import LookaheadTrie
-from pipelines.decoding.plain import SamplingConfig, plain_decode
+from pipelines.decoding.hardware import GPU_STEP_COST
+from pipelines.decoding.lookahead import LookaheadTrie, NGramTrie
+from pipelines.decoding.merged import new_merged
+from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
+from pipelines.decoding.prompt_tokens import (ParallelPromptDecoding, new_prompt_tokens, prompt_tokens_for,
+                                              use_prompt_tokens)
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.verify import speculative_decode
 from pipelines.text import METHODS, TextPipeline, TextRequest
@@ -29,6 +33,8 @@ def pipeline(store):
 
 @pytest.mark.parametrize("model", ["tiny-llama (random weights)", "tiny-qwen2 (random weights)"])
 def test_every_method_through_the_pipeline_matches_vanilla(pipeline, model):
+    lm = pipeline.load(model)
+    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model, seed=4))  # untrained: the mechanics, not the speed
     vanilla = result(pipeline, model=model, method="vanilla", max_new_tokens=24)
     for method in METHODS[1:]:
         out = result(pipeline, model=model, method=method, max_new_tokens=24)
@@ -45,6 +51,20 @@ def test_sampled_methods_reproduce_vanilla_with_the_same_seed(pipeline):
     for method in ("recycling", "prompt_lookup"):
         out = result(pipeline, method=method, max_new_tokens=16, temperature=0.7, top_p=0.9)
         assert out.metadata["token_ids"] == vanilla.metadata["token_ids"], method
+
+
+def test_prompt_token_methods_follow_what_was_trained_for_the_model(pipeline):
+    model = "tiny-llama (random weights)"
+    lm = pipeline.load(model)
+    use_prompt_tokens(lm.model, None)
+    with pytest.raises(PipelineError, match="No trained prompt tokens"):
+        result(pipeline, model=model, method="ppd")
+    out = result(pipeline, model=model, method="merged", max_new_tokens=8)
+    assert out.stats["ppd_prompt_tokens"] is False
+    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model))
+    assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="ppd")), ParallelPromptDecoding)
+    assert pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="merged")).chains is not None
+    assert result(pipeline, model=model, method="merged", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
 
 
 def test_unknown_method_is_a_clear_error(pipeline):
@@ -84,6 +104,14 @@ def test_every_method_identical_to_greedy_on_real_smollm2():
                     DraftModel(draft, num_tokens=4, siblings=1)):
         out = [t for run in speculative_decode(model, prompt, 48, SamplingConfig(), eos, drafter) for t in run]
         assert out == reference, type(drafter).__name__
+    trained = prompt_tokens_for(model, "HuggingFaceTB/SmolLM2-135M-Instruct")  # the packaged PPD weights
+    for drafter in (ParallelPromptDecoding(trained, GPU_STEP_COST),
+                    new_merged(TokenRecycling(matrix.clone()), NGramTrie(1000), GPU_STEP_COST, trained)):
+        stats = DecodeStats()
+        out = [t for run in speculative_decode(model, prompt, 48, SamplingConfig(), eos, drafter, stats=stats)
+               for t in run]
+        assert out == reference, type(drafter).__name__
+        assert stats.tau > 1.3  # trained guesses are accepted (random vectors: ~1.0)
 
 
 def test_a_request_waits_while_another_still_decodes_on_the_same_model(pipeline):

@@ -21,6 +21,7 @@ import torch
 from .hardware import interpolate
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie
 from .prompt_lookup import PromptLookup
+from .prompt_tokens import PromptChains, PromptTokens
 from .recycling import TokenRecycling, shared_recycler
 from .tree import TokenTree
 from .verify import Drafter
@@ -31,6 +32,10 @@ LOOKAHEAD_NODES = 64  # alipay's decoding length (the recycling template: the pa
 OFFER_FLOOR = 16  # candidates asked of the trie and the recycler: 4x the recent verified size, at least this
 PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
 MISSED, PARTIAL, FULL = 0, 1, 2  # the previous step accepted no drafted token, some, or one per level offered
+
+
+def _bin(probability: float) -> int:
+    return min(int(probability * PROB_BINS), PROB_BINS - 1)
 
 
 def _prior(bucket: tuple) -> float:
@@ -47,11 +52,13 @@ def _prior(bucket: tuple) -> float:
 class MergedDrafter(Drafter):
     """Merges ``lookup``, ``lookahead`` and ``recycler`` drafts into one trie and keeps the prefix that the
     cost curve ``costs`` (seconds per forward over n query tokens) pays for. Acceptance counts persist
-    across requests (they describe the model and the device, not one prompt)."""
+    across requests (they describe the model and the device, not one prompt). With trained ``prompts``
+    (PPD), the last step's prompt-token guesses are one more source, and the verified tree carries prompt
+    chains below the nodes likeliest to end the accepted path, as many as the cost curve pays for."""
 
     def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
                  lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0,
-                 memory: float = 0.95) -> None:
+                 memory: float = 0.95, prompts: PromptTokens | None = None) -> None:
         self.costs = costs
         self.recycler, self.lookahead = recycler, lookahead
         self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
@@ -67,11 +74,18 @@ class MergedDrafter(Drafter):
         self.kept = float(max_nodes)  # running mean of the verified size
         self.lookahead_nodes = lookahead.config.decoding_length
         self.last = MISSED
+        self.offer = OFFER_FLOOR
+        self.chains = PromptChains(prompts) if prompts is not None else None
 
     def start(self, prompt: list[int]) -> None:
         self.last = MISSED
+        if self.chains is not None:
+            self.chains.start()
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.start(prompt)
+
+    def embedding(self, model):
+        return self.chains.prompts.embedding(model) if self.chains is not None else None
 
     def rate(self, bucket: tuple) -> float:
         """Smoothed acceptance of ``bucket``. Its prior is the same bucket one level up (depth 1: a fixed
@@ -109,14 +123,18 @@ class MergedDrafter(Drafter):
         add(tree, lambda i, depth: ("lookahead", (query, min(int(scores[i]), 3)), depth))
         ranks = self.recycler.active.ranks
         tree, probs = self.recycler.scored(context)
-        add(tree, lambda i, depth: ("recycling", (min(ranks[i], 1), min(int(probs[i] * PROB_BINS), PROB_BINS - 1)), depth))
+        add(tree, lambda i, depth: ("recycling", (min(ranks[i], 1), _bin(probs[i])), depth))
+        guesses = self.chains.guesses if self.chains is not None else None
+        if guesses is not None:
+            tree, ranks, path = guesses.tree(context[-1], self.offer)
+            add(tree, lambda i, depth: ("ppd", (min(ranks[i], 1), _bin(path[i] / path[tree.parents[i]])), depth))
         return self._select(tokens, parents, buckets, children)
 
     def _limit_candidates(self) -> None:
         """Ask the trie and the recycler for about four times what the cost curve has recently kept (a power
         of two, so the recycler's template is rarely rebuilt): on a CPU, where 3-5 nodes are verified, merging
         80 + 64 candidates in Python cost more than the forward saved."""
-        offer = min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
+        offer = self.offer = min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
         if len(self.recycler.active) != offer:
             self.recycler.resize(offer)
         self.lookahead.config.decoding_length = min(self.lookahead_nodes, offer)
@@ -145,22 +163,30 @@ class MergedDrafter(Drafter):
             if throughput > best_rate:
                 best, best_rate = size, throughput
         kept = set(ranked[:best])
-        out_tokens, out_parents, self.sources = [], [], {}
+        out_tokens, out_parents, out_path, self.sources = [], [], [], {}
         stack: list[tuple[int, int, tuple[int, ...]]] = [(0, -1, ())]
         while stack:
             node, parent, prefix = stack.pop()
             here = len(out_tokens)
             out_tokens.append(tokens[node])
             out_parents.append(parent)
+            out_path.append(path[node])
             key = prefix + (tokens[node],) if node else ()
             self.sources[key] = buckets[node]
             below = sorted((c for c in children[node].values() if c in kept), key=lambda c: path[c])
             stack.extend((c, here, key) for c in below)
         self.steps, self.nodes = self.steps + 1, self.nodes + len(out_tokens)
         self.kept = 0.9 * self.kept + 0.1 * len(out_tokens)
-        return TokenTree(out_tokens, out_parents)
+        tree = TokenTree(out_tokens, out_parents)
+        if self.chains is None:
+            return tree
+        return self.chains.attach(tree, out_path, sum(out_path), self.costs, self.max_nodes)
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        full_tree, full_logits = tree, logits
+        if self.chains is not None:  # the prompt chains are read here; the other drafters see real tokens only
+            real = self.chains.real_part(tree)
+            tree, logits = TokenTree(tree.tokens[:real], tree.parents[:real]), logits[:real]
         keys: list[tuple[int, ...]] = [()]
         for i in range(1, len(tree)):
             keys.append(keys[tree.parents[i]] + (tree.tokens[i],))
@@ -178,6 +204,10 @@ class MergedDrafter(Drafter):
                 self.accepted[bucket] = self.accepted.get(bucket, 0) * self.memory + (i in on_path)
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.update(tree, logits, accepted)
+        if self.chains is not None:
+            if self.chains.guesses is not None:
+                self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))
+            self.chains.read(full_tree, full_logits, accepted)
         drafted, depth = len(accepted) - 1, max(tree.depths)
         self.last = MISSED if drafted == 0 else (FULL if drafted == depth else PARTIAL)
 
@@ -186,20 +216,25 @@ class MergedDrafter(Drafter):
             drafter.finish()
 
 
-def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float]) -> MergedDrafter:
-    """A merged drafter over ``recycled``'s matrix and a Lookahead ``trie`` (both kept by the caller)."""
+def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float],
+               prompts: PromptTokens | None = None) -> MergedDrafter:
+    """A merged drafter over ``recycled``'s matrix and a Lookahead ``trie`` (both kept by the caller), with
+    trained prompt tokens when there are some."""
     return MergedDrafter(costs, TokenRecycling(recycled.matrix, probs=recycled.probs),
-                         LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie))
+                         LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie), prompts=prompts)
 
 
 _DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, MergedDrafter]" = weakref.WeakKeyDictionary()
 
 
-def shared_merged(model: torch.nn.Module, costs: dict[int, float]) -> MergedDrafter:
+def shared_merged(model: torch.nn.Module, costs: dict[int, float],
+                  prompts: PromptTokens | None = None) -> MergedDrafter:
     """The model's merged drafter: the model's recycling matrix and output trie, and acceptance counts kept
-    across requests."""
+    across requests; prompt chains when ``prompts`` are given."""
     drafter = _DRAFTERS.get(model)
     if drafter is None:
-        drafter = _DRAFTERS[model] = new_merged(shared_recycler(model), shared_trie(model), costs)
+        drafter = _DRAFTERS[model] = new_merged(shared_recycler(model), shared_trie(model), costs, prompts)
+    elif (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:
+        drafter.chains = PromptChains(prompts) if prompts is not None else None
     drafter.costs = costs
     return drafter

@@ -38,6 +38,11 @@ class Drafter:
     def finish(self) -> None:
         """The request is over (finished, stopped at EOS or cancelled)."""
 
+    def embedding(self, model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The input embedding the forward needs for this drafter's trees (None: the model's own). Drafters
+        with virtual tokens (PPD's prompt tokens) return one that also embeds those."""
+        return None
+
 
 class NoDraft(Drafter):
     """Plain decoding through the verifier's loop (one token per forward): the baseline of a stage that can
@@ -158,7 +163,10 @@ def speculative_decode(
     ``LogitsProcessorList``) rewrite the logits at every verified position exactly where plain decoding would;
     ``generator`` replaces the one seeded from ``config``."""
     stats = stats if stats is not None else DecodeStats()
-    forward = forward or CausalLMForward(model)
+    embed = drafter.embedding(model)
+    forward = forward or CausalLMForward(model, embed=embed)
+    if embed is not None and forward.embed is None:
+        raise ValueError("This drafter verifies prompt tokens: build the forward with embed=drafter.embedding(model).")
     generator = generator or make_generator(config, forward.device)
     cache = forward.new_cache()
     context = input_ids[0].tolist()

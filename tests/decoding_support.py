@@ -1,0 +1,44 @@
+"""Shared by the decoding tests: tiny model families, cost curves, prompts with repeats to draft from."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+FLAT = {1: 1.0, 128: 1.0}  # a GPU-like cost curve: every candidate is worth verifying
+STEEP = {1: 1.0, 2: 1.1, 3: 1.2, 4: 2.0, 128: 128.0}  # a CPU-like one with a jump at 4 rows
+
+
+def repetitive_prompt(seed: int, length: int) -> torch.Tensor:
+    rng = random.Random(seed)
+    motif = [rng.randrange(5, 320) for _ in range(rng.randrange(3, 8))]
+    ids = (motif * (length // len(motif) + 1))[:length]
+    for i in rng.sample(range(length), length // 5):
+        ids[i] = rng.randrange(5, 320)
+    return torch.tensor([ids])
+
+
+def run(generator) -> list[int]:
+    return [token for chunk in generator for token in chunk]
+
+
+@torch.inference_mode()
+def tree_logits(forward, context: list[int], tree: TokenTree) -> torch.Tensor:
+    """Logits of every node of ``tree`` (root = ``context[-1]``) after ``context[:-1]`` is cached."""
+    cache = forward.new_cache()
+    forward(context[:-1], torch.arange(len(context) - 1)[None], None, cache)
+    past = cache.get_seq_length()
+    return forward(tree.tokens, block_position_ids(tree, 0, past, forward.device),
+                   block_attention_mask(tree, 0, past, torch.float32, forward.device), cache)
+
+
+def root_path(tree: TokenTree, node: int) -> list[int]:
+    """Tokens from the root down to ``node``."""
+    path = []
+    while node >= 0:
+        path.append(tree.tokens[node])
+        node = tree.parents[node]
+    return path[::-1]

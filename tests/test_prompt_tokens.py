@@ -1,0 +1,236 @@
+"""Parallel Prompt Decoding: prompt-token chains in the verified tree, guesses read back, training."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipelines.decoding.lookahead import NGramTrie
+from pipelines.decoding.merged import new_merged, shared_merged
+from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
+from pipelines.decoding.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
+                                              load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
+                                              trained_path, use_prompt_tokens, weights_name)
+from pipelines.decoding.prompt_training import TrainConfig, distillation_batch, train
+from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.tree import TokenTree
+from pipelines.decoding.verify import CausalLMForward, speculative_decode
+from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
+
+from decoding_support import FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, tree_logits
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
+
+
+def ppd_drafters(model):
+    prompts = new_prompt_tokens(model, count=3, seed=1)
+    recycled = TokenRecycling(torch.zeros(320, 8, dtype=torch.long))
+    return prompts, {
+        "ppd_flat": ParallelPromptDecoding(prompts, FLAT),
+        "ppd_steep": ParallelPromptDecoding(prompts, STEEP),
+        "merged_ppd_flat": new_merged(recycled, NGramTrie(1000), FLAT, prompts),
+        "merged_ppd_steep": new_merged(TokenRecycling(torch.zeros(320, 8, dtype=torch.long)), NGramTrie(1000), STEEP,
+                                       prompts),
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed,length", [(0, 5), (1, 23), (2, 61)])
+def test_prompt_token_drafters_are_identical_to_greedy(models, family, seed, length):
+    model = models[family]
+    prompt = repetitive_prompt(seed, length)
+    reference = run(plain_decode(model, prompt, 30, SamplingConfig(), set()))
+    prompts, drafters = ppd_drafters(model)
+    for name, drafter in drafters.items():
+        stats = DecodeStats()
+        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, stats=stats)) == reference, name
+        assert stats.new_tokens == 30
+    assert drafters["ppd_flat"].chains.chains > 0 and drafters["merged_ppd_flat"].chains.chains > 0
+    eos = reference[len(reference) // 2]
+    for name, drafter in ppd_drafters(model)[1].items():
+        out = run(speculative_decode(model, prompt, 30, SamplingConfig(), {eos}, drafter))
+        assert out == reference[:reference.index(eos) + 1], name
+
+
+def test_sampling_with_prompt_tokens_reproduces_plain_sampling(models):
+    model = models["llama"]
+    prompt = repetitive_prompt(6, 15)
+    config = SamplingConfig(temperature=0.8, top_p=0.9, seed=11)
+    reference = run(plain_decode(model, prompt, 30, config, set()))
+    for drafter in ppd_drafters(model)[1].values():
+        assert run(speculative_decode(model, prompt, 30, config, set(), drafter)) == reference
+
+
+class Spy(CausalLMForward):
+    def __call__(self, ids, position_ids, mask, cache, keep=None):
+        self.cache = cache
+        self.seen = ids
+        return super().__call__(ids, position_ids, mask, cache, keep)
+
+
+def test_prompt_rows_leave_the_cache_and_virtual_ids_are_never_committed(models):
+    model = models["qwen2"]
+    prompt = repetitive_prompt(3, 17)
+    prompts, drafters = ppd_drafters(model)
+    drafter = drafters["ppd_flat"]
+    spy = Spy(model, embed=drafter.embedding(model))
+    committed, saw_virtual = prompt[0].tolist(), False
+    for chunk in speculative_decode(model, prompt, 20, SamplingConfig(), set(), drafter, forward=spy):
+        assert all(token < prompts.base for token in chunk)
+        saw_virtual |= any(token >= prompts.base for token in spy.seen)
+        committed += chunk
+        length = spy.cache.get_seq_length()
+        with torch.inference_mode():
+            fresh = model(torch.tensor([committed[:length]]), use_cache=True).past_key_values
+        for ours, theirs in zip(spy.cache.layers, fresh.layers):
+            torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-4)
+    assert saw_virtual
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_chain_row_sees_its_nodes_path_and_the_chain_before_it(models, family):
+    """Logits at p_k below node v equal a plain forward over v's path followed by p_1 … p_k (as embeddings,
+    at positions pos(v)+1 … pos(v)+k): the mask and positions of a chain are the paper's."""
+    model = models[family]
+    prompts = new_prompt_tokens(model, count=3, seed=2)
+    embed = prompts.embedding(model)
+    context = repetitive_prompt(4, 9)[0].tolist()
+    tree = TokenTree([context[-1], 11, 12, 13], [-1, 0, 0, 2])
+    chains = PromptChains(prompts)
+    tree = chains.attach(tree, [1.0, 0.3, 0.6, 0.5], 2.4, FLAT, 64)
+    logits = tree_logits(CausalLMForward(model, embed=embed), context, tree)
+    checked = 0
+    with torch.inference_mode():
+        for node in range(len(tree)):
+            if tree.tokens[node] < prompts.base:
+                continue
+            ids = torch.tensor([context[:-1] + root_path(tree, node)])
+            plain = model(inputs_embeds=embed(ids)).logits[0, -1]
+            torch.testing.assert_close(logits[node], plain, atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked == 3 * 4  # a flat curve pays for a chain below every node
+
+
+def test_guess_tree_is_best_first_over_products_of_guesses():
+    guesses = Guesses([[5, 6], [7, 8], [9]], [[0.6, 0.3], [0.5, 0.4], [0.9]])
+    tree, ranks, path = guesses.tree(1, 7)
+    assert tree.tokens[:4] == [1, 5, 6, 7] and tree.parents[:4] == [-1, 0, 0, 1]
+    assert path == sorted(path, reverse=True)
+    for i in range(1, len(tree)):
+        depth = tree.depths[i] - 1
+        assert path[i] == pytest.approx(path[tree.parents[i]] * guesses.probs[depth][ranks[i]])
+    assert len(tree) == 7 and len(guesses.tree(1, 100)[0]) == 1 + 2 + 4 + 4
+
+
+def test_chains_follow_the_cost_curve_and_the_likeliest_end_of_the_path(models):
+    prompts = new_prompt_tokens(models["llama"], count=3)
+    tree = TokenTree([0, 1, 2, 3], [-1, 0, 1, 0])
+    path = [1.0, 0.8, 0.7, 0.1]  # node 2 most likely ends the path (0.7), then the root (0.1), node 3, node 1
+    flat = PromptChains(prompts).attach(tree, path, sum(path), FLAT, 128)
+    assert len(flat) == 4 + 3 * 4
+    first_chain = flat.parents[4]
+    assert first_chain == 2 and flat.tokens[4:7] == prompts.ids and flat.parents[5:7] == [4, 5]
+    assert len(PromptChains(prompts).attach(tree, path, sum(path), STEEP, 128)) == 4
+    assert len(PromptChains(prompts).attach(tree, path, sum(path), FLAT, 10)) == 4 + 3 * 2
+
+
+def test_guesses_come_from_the_chain_below_the_last_accepted_node(models):
+    prompts = new_prompt_tokens(models["llama"], count=2)
+    chains = PromptChains(prompts, top_k=3)
+    tree = chains.attach(TokenTree([0, 1, 2], [-1, 0, 1]), [1.0, 0.5, 0.4], 1.9, FLAT, 64)
+    logits = torch.zeros(len(tree), 320)
+    below = {tree.parents[i]: i for i in range(len(tree)) if tree.tokens[i] == prompts.ids[0]}
+    logits[below[1], 42] = 9.0
+    logits[below[1] + 1, 43] = 9.0
+    logits[below[2], 50] = 9.0
+    chains.read(tree, logits, [1, 77])  # node 1 accepted, then the bonus token
+    assert [tokens[0] for tokens in chains.guesses.tokens] == [42, 43]
+    chains.read(tree, logits, [1, 2, 78])
+    assert chains.guesses.tokens[0][0] == 50
+
+
+def test_a_forward_without_the_prompt_embedding_is_refused(models):
+    model = models["llama"]
+    drafter = ParallelPromptDecoding(new_prompt_tokens(model), FLAT)
+    with pytest.raises(ValueError, match="embed"):
+        next(speculative_decode(model, repetitive_prompt(1, 8), 4, SamplingConfig(), set(), drafter,
+                                forward=CausalLMForward(model)))
+
+
+def test_virtual_embedding_keeps_real_ids_bit_identical(models):
+    model = models["gpt2"]
+    prompts = new_prompt_tokens(model, count=3)
+    ids = torch.tensor([[3, 7, prompts.base, 300, prompts.base + 2]])
+    embedded = prompts.embedding(model)(ids)
+    table = model.get_input_embeddings()
+    assert torch.equal(embedded[0, [0, 1, 3]], table(ids[0, [0, 1, 3]]))
+    assert torch.equal(embedded[0, 2], prompts.vectors[0]) and torch.equal(embedded[0, 4], prompts.vectors[2])
+
+
+def test_trained_tokens_are_found_by_model_name_and_checked_against_the_model(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENWORKS_CACHE", str(tmp_path))
+    model = models["llama"]
+    assert trained_path("someone/Unknown-Model") is None
+    prompts = new_prompt_tokens(model, count=3, model_name="someone/Tiny-Llama")
+    path = tmp_path / "prompt_tokens" / weights_name("someone/Tiny-Llama")
+    prompts.save(path)
+    assert weights_name("someone/Tiny-Llama") == "ppd-tiny-llama.safetensors"
+    assert trained_path("someone/Tiny-Llama") == path
+    loaded = load_prompt_tokens(path, model)
+    assert torch.equal(loaded.vectors, prompts.vectors) and loaded.base == prompts.base
+    other = tmp_path / "other.safetensors"
+    PromptTokens(torch.zeros(3, 48), prompts.base, "someone/Wider").save(other)
+    with pytest.raises(ValueError, match="trained for 'someone/Wider'"):
+        load_prompt_tokens(other, model)
+    with pytest.raises(ValueError, match="trained for"):
+        load_prompt_tokens(path, tiny_causal_lm("llama", seed=0, vocab_size=400))
+    fresh = tiny_causal_lm("llama", seed=0)
+    assert prompt_tokens_for(fresh, "someone/Tiny-Llama").vectors.shape == prompts.vectors.shape
+    use_prompt_tokens(fresh, None)
+    assert prompt_tokens_for(fresh, "someone/Tiny-Llama") is None
+
+
+def test_shared_merged_drafter_switches_prompt_chains_with_the_tokens(models):
+    model = tiny_causal_lm("llama", seed=3)
+    prompts = new_prompt_tokens(model)
+    assert shared_merged(model, FLAT).chains is None
+    assert shared_merged(model, FLAT, prompts).chains.prompts is prompts
+    assert shared_merged(model, FLAT).chains is None
+
+
+def test_distillation_batch_lays_chains_out_as_the_verifier_does(models):
+    prompts = PromptTokens(torch.zeros(2, 8), 320)
+    batch = distillation_batch([([5, 6, 7, 8, 9], 2)], prompts, anchors=2, rng=random.Random(0),
+                               device=torch.device("cpu"), dtype=torch.float32)
+    tokens, positions = batch["tokens"][0].tolist(), batch["positions"][0].tolist()
+    allowed = batch["mask"][0, 0] == 0
+    assert tokens[:5] == [5, 6, 7, 8, 9] and tokens[5:] == [320, 321, 320, 321]
+    anchors = [positions[5] - 1, positions[7] - 1]
+    for row, t in zip((5, 7), anchors):
+        assert positions[row:row + 2] == [t + 1, t + 2]
+        assert allowed[row, :t + 1].all() and not allowed[row, t + 1:5].any() and allowed[row, row]
+        assert allowed[row + 1, row] and allowed[row + 1, row + 1] and not allowed[row, row + 1]
+    assert not allowed[:5, 5:].any()  # real rows never see a chain: their logits are the teacher
+    for student, teacher, depth in zip(batch["students"].tolist(), batch["teachers"].tolist(), batch["depths"].tolist()):
+        assert teacher == positions[student] and 1 <= depth <= 2
+
+
+def test_training_moves_only_the_prompt_vectors_and_lowers_the_loss():
+    model = tiny_causal_lm("llama", seed=0).eval()
+    with torch.no_grad():  # random weights predict almost uniformly: sharpen them so there is something to learn
+        model.lm_head.weight.mul_(8)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    rng = random.Random(0)
+    # a model-written corpus stand-in: random sequences; the teacher is still the model's own distribution
+    data = [([rng.randrange(5, 320) for _ in range(24)], 6) for _ in range(40)]
+    config = TrainConfig(model="tiny", device="cpu", count=2, batch=8, anchors=6, epochs=10, lr=5e-2, holdout=0.2)
+    trained, report = train(model, tiny_tokenizer(), config, data=data)
+    assert report["loss_last"] < report["loss_first"]
+    assert sum(report["holdout_after"]["kl"]) < sum(report["holdout_before"]["kl"])
+    assert trained.vectors.shape == (2, model.config.hidden_size)
+    for name, parameter in model.state_dict().items():
+        assert torch.equal(parameter, before[name]), name
+

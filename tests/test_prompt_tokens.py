@@ -234,3 +234,32 @@ def test_training_moves_only_the_prompt_vectors_and_lowers_the_loss():
     for name, parameter in model.state_dict().items():
         assert torch.equal(parameter, before[name]), name
 
+
+
+def test_prompt_chains_through_the_static_path(models):
+    """The GPU fast path runs every method through the prompt-aware embedding (captured in its graphs)."""
+    from pipelines.decoding.static import StaticForward
+
+    model = models["llama"]
+    prompt = repetitive_prompt(2, 30)
+    reference = run(plain_decode(model, prompt, 30, SamplingConfig(), set()))
+    prompts, drafters = ppd_drafters(model)
+    forward = StaticForward(model, max_cache_len=512, buckets=(1, 8, 32, 128), capture=False,
+                            embed=prompts.embedding(model))
+    assert run(plain_decode(model, prompt, 30, SamplingConfig(), set(), forward=forward)) == reference
+    for name, drafter in drafters.items():
+        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, forward=forward)) == reference, name
+
+
+def test_the_likeliest_guesses_get_recycled_successors_grafted_below(models):
+    model = models["llama"]
+    prompts = new_prompt_tokens(model)
+    matrix = torch.zeros(320, 8, dtype=torch.long)
+    matrix[42] = torch.arange(100, 108)
+    matrix[43] = torch.arange(200, 208)
+    drafter = new_merged(TokenRecycling(matrix), NGramTrie(1000), FLAT, prompts, graft=1)
+    drafter.chains.guesses = Guesses([[42, 43], [44]], [[0.6, 0.3], [0.5]])
+    tree = drafter.propose([5, 6, 7])
+    paths = {tuple(root_path(tree, i)) for i in range(len(tree)) if tree.tokens[i] < prompts.base}
+    assert {(7, 42), (7, 43), (7, 42, 44), (7, 43, 44), (7, 42, 100)} <= paths
+    assert not any(path[:3] == (7, 43, 200) for path in paths)  # only the first guess is grafted

@@ -30,6 +30,7 @@ MAX_DEPTH = 12
 DEPTH_BUCKETS = 6  # depths beyond this share a bucket
 LOOKAHEAD_NODES = 64  # alipay's decoding length (the recycling template: the paper's 80); both caps on the offer
 OFFER_FLOOR = 16  # candidates asked of the trie and the recycler: 4x the recent verified size, at least this
+GRAFTS, GRAFT_NODES = 6, 16  # PPD guesses that get recycled successors, and how many (13 prompts: tau 2.56 -> 2.66)
 PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
 MISSED, PARTIAL, FULL = 0, 1, 2  # the previous step accepted no drafted token, some, or one per level offered
 
@@ -53,12 +54,15 @@ class MergedDrafter(Drafter):
     """Merges ``lookup``, ``lookahead`` and ``recycler`` drafts into one trie and keeps the prefix that the
     cost curve ``costs`` (seconds per forward over n query tokens) pays for. Acceptance counts persist
     across requests (they describe the model and the device, not one prompt). With trained ``prompts``
-    (PPD), the last step's prompt-token guesses are one more source, and the verified tree carries prompt
-    chains below the nodes likeliest to end the accepted path, as many as the cost curve pays for."""
+    (PPD), the last step's prompt-token guesses are one more source (the best ``graft`` of them get a small
+    recycled subtree of ``graft_nodes`` below, so a guess that is right is followed by its likely successors),
+    and the verified tree carries prompt chains below the nodes likeliest to end the accepted path, as many as
+    the cost curve pays for."""
 
     def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
                  lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0,
-                 memory: float = 0.95, prompts: PromptTokens | None = None) -> None:
+                 memory: float = 0.95, prompts: PromptTokens | None = None, graft: int = GRAFTS,
+                 graft_nodes: int = GRAFT_NODES) -> None:
         self.costs = costs
         self.recycler, self.lookahead = recycler, lookahead
         self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
@@ -76,6 +80,7 @@ class MergedDrafter(Drafter):
         self.last = MISSED
         self.offer = OFFER_FLOOR
         self.chains = PromptChains(prompts) if prompts is not None else None
+        self.graft, self.graft_nodes = graft, graft_nodes
 
     def start(self, prompt: list[int]) -> None:
         self.last = MISSED
@@ -100,9 +105,9 @@ class MergedDrafter(Drafter):
         tokens, parents, buckets = [context[-1]], [-1], [[]]
         children: list[dict[int, int]] = [{}]
 
-        def add(tree: TokenTree, bucket_of) -> None:
+        def add(tree: TokenTree, bucket_of, at: int = 0) -> list[int]:
             tree = tree.truncated(max_depth=MAX_DEPTH)
-            where = [0] * len(tree)
+            where = [at] * len(tree)
             for i in range(1, len(tree)):
                 parent, token = where[tree.parents[i]], tree.tokens[i]
                 node = children[parent].get(token)
@@ -114,6 +119,7 @@ class MergedDrafter(Drafter):
                     children.append({})
                 buckets[node].append(bucket_of(i, min(tree.depths[i], DEPTH_BUCKETS)) + (self.last,))
                 where[i] = node
+            return where
 
         for n, chain, agreed in self.lookup.matches(context):
             feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
@@ -126,8 +132,13 @@ class MergedDrafter(Drafter):
         add(tree, lambda i, depth: ("recycling", (min(ranks[i], 1), _bin(probs[i])), depth))
         guesses = self.chains.guesses if self.chains is not None else None
         if guesses is not None:
-            tree, ranks, path = guesses.tree(context[-1], self.offer)
-            add(tree, lambda i, depth: ("ppd", (min(ranks[i], 1), _bin(path[i] / path[tree.parents[i]])), depth))
+            guessed, guess_ranks, path = guesses.tree(context[-1], self.offer)
+            where = add(guessed, lambda i, depth: (
+                "ppd", (min(guess_ranks[i], 1), _bin(path[i] / path[guessed.parents[i]])), depth))
+            for i in range(1, min(self.graft + 1, len(guessed))):  # the likeliest guesses come first
+                sub, probs = self.recycler.scored([guessed.tokens[i]])
+                add(sub.truncated(max_nodes=self.graft_nodes), lambda j, depth, below=guessed.depths[i], p=probs: (
+                    "recycling", (min(ranks[j], 1), _bin(p[j])), min(depth + below, DEPTH_BUCKETS)), at=where[i])
         return self._select(tokens, parents, buckets, children)
 
     def _limit_candidates(self) -> None:

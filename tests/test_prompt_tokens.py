@@ -257,7 +257,8 @@ def test_the_likeliest_guesses_get_recycled_successors_grafted_below(models):
     matrix = torch.zeros(320, 8, dtype=torch.long)
     matrix[42] = torch.arange(100, 108)
     matrix[43] = torch.arange(200, 208)
-    drafter = new_merged(TokenRecycling(matrix), NGramTrie(1000), FLAT, prompts, graft=1)
+    drafter = new_merged(TokenRecycling(matrix), NGramTrie(1000), FLAT, prompts)
+    drafter.graft = 1
     drafter.chains.guesses = Guesses([[42, 43], [44]], [[0.6, 0.3], [0.5]])
     tree = drafter.propose([5, 6, 7])
     paths = {tuple(root_path(tree, i)) for i in range(len(tree)) if tree.tokens[i] < prompts.base}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .hardware import interpolate
@@ -77,7 +78,9 @@ def virtual_base(model) -> int:
 def new_prompt_tokens(model, count: int = 3, model_name: str = "", seed: int = 0) -> PromptTokens:
     """Untrained prompt tokens: the mean input embedding plus noise of the embeddings' own spread (the start
     of training; in tests, a drafter whose guesses are poor but whose mechanics are complete)."""
-    weight = model.get_input_embeddings().weight.detach().float()
+    table = model.get_input_embeddings()
+    scale = getattr(table, "embed_scale", 1.0)  # Gemma scales inside its embedding module
+    weight = table.weight.detach().float() * (scale.float().cpu() if torch.is_tensor(scale) else scale)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((count, weight.shape[1]), generator=generator) * weight.std(0).cpu()
     return PromptTokens(weight.mean(0).cpu() + noise, virtual_base(model), model_name)
@@ -86,8 +89,6 @@ def new_prompt_tokens(model, count: int = 3, model_name: str = "", seed: int = 0
 def load_prompt_tokens(path: str | Path, model) -> PromptTokens:
     """Trained prompt tokens from ``path``, checked against ``model``'s embedding size and vocabulary."""
     tensors = load_file(str(path))
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
     vectors = tensors["vectors"]

@@ -237,13 +237,8 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    table = model.get_input_embeddings()
-    last_real, base = table.num_embeddings - 1, prompts.base
-
-    def embed(ids: torch.Tensor) -> torch.Tensor:
-        real = table(ids.clamp(max=last_real))
-        virtual = vectors[(ids - base).clamp(0, len(prompts.ids) - 1)].to(real.dtype)
-        return torch.where((ids >= base).unsqueeze(-1), virtual, real)
+    # the verifier's own embedding, over the trainable vectors (its dtype/device move keeps their gradient)
+    embed = PromptTokens(vectors, prompts.base).embedding(model)
 
     losses = []
     step = 0
@@ -265,7 +260,7 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
             step += 1
             if step % 100 == 0:
                 print(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
-    trained = PromptTokens(vectors.detach().float().cpu(), base, prompts.model_name)
+    trained = PromptTokens(vectors.detach().float().cpu(), prompts.base, prompts.model_name)
     after = evaluate(model, trained, holdout, config, device, dtype)
     report = {"config": asdict(config), "sequences": len(data), "holdout_sequences": held, "steps": step,
               "planned_steps": steps,

@@ -30,13 +30,17 @@ from pipelines.decoding.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
 from pipelines.decoding.prompt_tokens import ParallelPromptDecoding, load_prompt_tokens, trained_path  # noqa: E402
+from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, load_head  # noqa: E402
+from pipelines.decoding.recurrent_drafter import trained_path as trained_head_path  # noqa: E402
 from pipelines.decoding.recycling import TokenRecycling, shared_recycler  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.models import pick_dtype  # noqa: E402
 from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
 
-METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft", "ppd", "merged-ppd")
-PROMPT_TOKEN_METHODS = ("ppd", "merged-ppd")  # PPD's trained prompt tokens: alone, and as a source of the merged tree
+METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft", "ppd", "merged-ppd",
+           "redrafter", "merged-redrafter", "merged-ppd-redrafter")
+PROMPT_TOKEN_METHODS = ("ppd", "merged-ppd", "merged-ppd-redrafter")  # PPD's trained prompt tokens: alone, and as a source of the merged tree
+HEAD_METHODS = ("redrafter", "merged-redrafter", "merged-ppd-redrafter")  # a trained ReDrafter head, alone or merged
 # outside every prompt set: warming up on a measured prompt would let the Lookahead trie remember its answer
 WARMUP_PROMPT = "Explain in a few sentences how a bicycle's gears make climbing a hill easier."
 
@@ -105,7 +109,7 @@ class ForwardCounter:
 
 
 class Runner:
-    def __init__(self, model, tokenizer, args, draft=None, prompts=None) -> None:
+    def __init__(self, model, tokenizer, args, draft=None, prompts=None, head=None) -> None:
         self.model, self.tokenizer, self.args, self.draft = model, tokenizer, args, draft
         self.eos = eos_ids(model, tokenizer)
         self.counter = ForwardCounter(model)
@@ -117,10 +121,20 @@ class Runner:
         own = TokenRecycling(torch.zeros(vocab, self.recycler.matrix.shape[1], dtype=torch.long, device=model.device))
         costs = step_costs(model, args.tree_profile)
         self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), costs)
-        if prompts is not None:  # its own matrix and trie too, so merged and merged-ppd learn the same way
-            mine = TokenRecycling(torch.zeros_like(own.matrix))
-            self.merged_ppd = new_merged(mine, NGramTrie(LookaheadConfig.max_nodes), costs, prompts)
+        # each merged variant has its own matrix and trie too, so they all learn the same way
+        self.variants = {}
+        if prompts is not None:
+            self.variants["merged-ppd"] = self.new_merged(costs, prompts=prompts)
             self.ppd = ParallelPromptDecoding(prompts, costs)
+        if head is not None:
+            self.variants["merged-redrafter"] = self.new_merged(costs, drafts=HeadDrafts(head, model))
+            self.redrafter = RecurrentDrafting(head, model, costs)
+        if prompts is not None and head is not None:
+            self.variants["merged-ppd-redrafter"] = self.new_merged(costs, prompts=prompts, drafts=HeadDrafts(head, model))
+
+    def new_merged(self, costs, **sources):
+        return new_merged(TokenRecycling(torch.zeros_like(self.merged.recycler.matrix)),
+                          NGramTrie(LookaheadConfig.max_nodes), costs, **sources)
 
     def pick_tree(self) -> int:
         """Tree size for this device, re-picked before every prompt as the pipeline does per request: the
@@ -143,8 +157,10 @@ class Runner:
             return DraftModel(self.draft)
         if method == "ppd":
             return self.ppd
-        if method == "merged-ppd":
-            return self.merged_ppd
+        if method == "redrafter":
+            return self.redrafter
+        if method in self.variants:
+            return self.variants[method]
         raise ValueError(method)
 
     @torch.inference_mode()
@@ -213,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draft-model", default="", help="for method 'draft': a smaller model with the same tokenizer")
     parser.add_argument("--prompt-tokens", default="",
                         help="for ppd / merged-ppd: trained prompt tokens (.safetensors); default: those found for --name")
-    parser.add_argument("--name", default="", help="the model's Hub id, to find its trained prompt tokens "
+    parser.add_argument("--draft-head", default="",
+                        help="for the redrafter methods: a trained draft head (.safetensors); default: the one found for --name")
+    parser.add_argument("--name", default="", help="the model's Hub id, to find its trained prompt tokens and head "
                                                     "(default: --model; smollm2-135m -> HuggingFaceTB/SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
@@ -244,10 +262,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"Methods {', '.join(PROMPT_TOKEN_METHODS)} need trained prompt tokens for {name!r}: pass "
                              "--prompt-tokens, or train them (python -m pipelines.decoding.prompt_training).")
         trained = load_prompt_tokens(path, model)
+    head = None
+    if set(methods) & set(HEAD_METHODS):
+        name = args.name or PACKAGED_NAMES.get(args.model, args.model)
+        path = args.draft_head or trained_head_path(name)
+        if not path:
+            raise SystemExit(f"Methods {', '.join(HEAD_METHODS)} need a trained draft head for {name!r}: pass "
+                             "--draft-head, or train one (python -m pipelines.decoding.recurrent_training).")
+        head = load_head(path, model)
     prompts = read_prompts(args.prompts)[::args.stride]
     if args.limit:
         prompts = prompts[:args.limit]
-    runner = Runner(model, tokenizer, args, draft, trained)
+    runner = Runner(model, tokenizer, args, draft, trained, head)
 
     warm = encode(tokenizer, WARMUP_PROMPT, args.device)
     for method in methods:  # warm-up: kernels, allocator, and the recycler's acceptance estimate
@@ -272,10 +298,14 @@ def main(argv: list[str] | None = None) -> dict:
                      "prompts_file": args.prompts, "tree_profile": args.tree_profile, "dtype": str(model.dtype).removeprefix("torch."), "greedy": True, "stride": args.stride,
                      "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
                      "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
-                     **({"merged_ppd_mean_tree_nodes": round(runner.merged_ppd.nodes / max(runner.merged_ppd.steps, 1), 2),
-                         "merged_ppd_chains_per_step": round(runner.merged_ppd.chains.chains / max(runner.merged_ppd.steps, 1), 2),
-                         "prompt_tokens": str(args.prompt_tokens or trained_path(trained.model_name or args.model))}
+                     **{f"{name.replace('-', '_')}_mean_tree_nodes": round(merged.nodes / max(merged.steps, 1), 2)
+                        for name, merged in runner.variants.items()},
+                     **{f"{name.replace('-', '_')}_chains_per_step": round(merged.chains.chains / max(merged.steps, 1), 2)
+                        for name, merged in runner.variants.items() if merged.chains is not None},
+                     **({"prompt_tokens": str(args.prompt_tokens or trained_path(trained.model_name or args.model))}
                         if trained is not None else {}),
+                     **({"draft_head": str(args.draft_head or trained_head_path(head.model_name or args.model))}
+                        if head is not None else {}),
                      "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
         "command": command_line(argv),
         "rows": summarise(records, methods),

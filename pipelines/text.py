@@ -17,6 +17,7 @@ from .decoding.merged import shared_merged
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.prompt_tokens import ParallelPromptDecoding, PromptTokens, prompt_tokens_for
+from .decoding.recurrent_drafter import DraftHead, RecurrentDrafting, head_for
 from .decoding.recycling import shared_recycler
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
@@ -25,10 +26,12 @@ from .presets import PresetModels, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 4096
-METHODS = ("vanilla", "merged", "ppd", "recycling", "lookahead", "prompt_lookup", "draft_model")
+METHODS = ("vanilla", "merged", "redrafter", "ppd", "recycling", "lookahead", "prompt_lookup", "draft_model")
 METHOD_LABELS = {
     "vanilla": "Vanilla (one token per forward)",
-    "merged": "Merged (prompt lookup + Lookahead + Token Recycling + PPD prompt tokens where trained, in one tree)",
+    "merged": "Merged (prompt lookup + Lookahead + Token Recycling + a trained draft head or PPD prompt tokens, "
+              "in one tree)",
+    "redrafter": "Recurrent Drafter (trained draft head)",
     "ppd": "Parallel Prompt Decoding (trained prompt tokens)",
     "recycling": "Token Recycling",
     "lookahead": "Lookahead (trie)",
@@ -60,6 +63,7 @@ class CausalLM:
     tokenizer: Any
     fast_forward: StaticForward | None = None  # the GPU fast path's adapter, built on first use, lives with the model
     prompts: PromptTokens | None = None  # PPD's trained prompt tokens for this model, where there are some
+    head: DraftHead | None = None  # a trained ReDrafter head for this model, where there is one
     # the drafters' matrix, trie and counts and the static cache are the model's shared state: one decode at a time
     # (a stopped request's worker thread finishes its current step before the next request may start)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -100,6 +104,7 @@ class TextPipeline(PresetModels, Pipeline):
         spec = self.spec_for(name)
         lm = self.store.load(spec, load_causal_lm)
         lm.prompts = prompt_tokens_for(lm.model, spec.hub_id or "")
+        lm.head = head_for(lm.model, spec.hub_id or "")
         return lm
 
     def encode_prompt(self, lm: CausalLM, request: TextRequest) -> torch.Tensor:
@@ -168,7 +173,10 @@ class TextPipeline(PresetModels, Pipeline):
             "tau": round(stats.tau, 4),
             "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
             "draft_share": round(stats.draft_share, 4),
-            "ppd_prompt_tokens": request.method in ("merged", "ppd") and lm.prompts is not None,  # PPD chains in the tree
+            # which trained drafter rode along: the merged tree takes the head where there is one, else PPD chains
+            "draft_head": request.method in ("merged", "redrafter") and lm.head is not None,
+            "ppd_prompt_tokens": lm.prompts is not None and (request.method == "ppd" or
+                                                             (request.method == "merged" and lm.head is None)),
             "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
         }
@@ -196,7 +204,15 @@ class TextPipeline(PresetModels, Pipeline):
         if request.method == "draft_model":
             return DraftModel(self.load_draft(lm, request).model)
         if request.method == "merged":
-            return shared_merged(lm.model, step_costs(lm.model, request.tree_profile), lm.prompts)
+            costs = step_costs(lm.model, request.tree_profile)
+            return shared_merged(lm.model, costs, lm.prompts if lm.head is None else None, lm.head)
+        if request.method == "redrafter":
+            if lm.head is None:
+                raise PipelineError(
+                    f"No trained draft head for {self.spec_for(request.model).name!r}, so the Recurrent Drafter cannot "
+                    "draft with it. Train one once on a GPU (python -m pipelines.decoding.recurrent_training --model "
+                    "MODEL, which writes it where this tab looks) or pick another method.")
+            return RecurrentDrafting(lm.head, lm.model, step_costs(lm.model, request.tree_profile))
         if request.method == "ppd":
             if lm.prompts is None:
                 raise PipelineError(

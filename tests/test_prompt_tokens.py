@@ -11,9 +11,10 @@ from pipelines.decoding.merged import new_merged, shared_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
                                               load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
-                                              trained_path, use_prompt_tokens, weights_name)
+                                              trained_path, use_prompt_tokens)
 from pipelines.decoding.prompt_training import TrainConfig, distillation_batch, train
 from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.trained import weights_name
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, speculative_decode
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
@@ -175,9 +176,9 @@ def test_trained_tokens_are_found_by_model_name_and_checked_against_the_model(mo
     model = models["llama"]
     assert trained_path("someone/Unknown-Model") is None
     prompts = new_prompt_tokens(model, count=3, model_name="someone/Tiny-Llama")
-    path = tmp_path / "prompt_tokens" / weights_name("someone/Tiny-Llama")
+    path = tmp_path / "prompt_tokens" / weights_name("someone/Tiny-Llama", "ppd")
     prompts.save(path)
-    assert weights_name("someone/Tiny-Llama") == "ppd-tiny-llama.safetensors"
+    assert weights_name("someone/Tiny-Llama", "ppd") == "ppd-tiny-llama.safetensors"
     assert trained_path("someone/Tiny-Llama") == path
     loaded = load_prompt_tokens(path, model)
     assert torch.equal(loaded.vectors, prompts.vectors) and loaded.base == prompts.base

@@ -15,6 +15,7 @@ from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.decoding.prompt_tokens import (ParallelPromptDecoding, new_prompt_tokens, prompt_tokens_for,
                                               use_prompt_tokens)
+from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, head_for, new_head, use_head
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.verify import speculative_decode
 from pipelines.text import METHODS, TextPipeline, TextRequest
@@ -35,6 +36,7 @@ def pipeline(store):
 def test_every_method_through_the_pipeline_matches_vanilla(pipeline, model):
     lm = pipeline.load(model)
     use_prompt_tokens(lm.model, new_prompt_tokens(lm.model, seed=4))  # untrained: the mechanics, not the speed
+    use_head(lm.model, new_head(lm.model))
     vanilla = result(pipeline, model=model, method="vanilla", max_new_tokens=24)
     for method in METHODS[1:]:
         out = result(pipeline, model=model, method=method, max_new_tokens=24)
@@ -57,6 +59,7 @@ def test_prompt_token_methods_follow_what_was_trained_for_the_model(pipeline):
     model = "tiny-llama (random weights)"
     lm = pipeline.load(model)
     use_prompt_tokens(lm.model, None)
+    use_head(lm.model, None)
     with pytest.raises(PipelineError, match="No trained prompt tokens"):
         result(pipeline, model=model, method="ppd")
     out = result(pipeline, model=model, method="merged", max_new_tokens=8)
@@ -65,6 +68,27 @@ def test_prompt_token_methods_follow_what_was_trained_for_the_model(pipeline):
     assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="ppd")), ParallelPromptDecoding)
     assert pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="merged")).chains is not None
     assert result(pipeline, model=model, method="merged", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
+
+
+def test_the_merged_tree_takes_the_draft_head_where_there_is_one_else_ppd(pipeline):
+    model = "tiny-llama (random weights)"
+    lm = pipeline.load(model)
+    use_head(lm.model, None)
+    with pytest.raises(PipelineError, match="No trained draft head"):
+        result(pipeline, model=model, method="redrafter")
+    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model))
+    out = result(pipeline, model=model, method="merged", max_new_tokens=8)
+    assert out.stats["draft_head"] is False and out.stats["ppd_prompt_tokens"] is True
+    head = new_head(lm.model)
+    use_head(lm.model, head)
+    assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="redrafter")),
+                      RecurrentDrafting)
+    merged = pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="merged"))
+    assert merged.drafts.head is head and merged.chains is None
+    out = result(pipeline, model=model, method="merged", max_new_tokens=8)
+    assert out.stats["draft_head"] is True and out.stats["ppd_prompt_tokens"] is False
+    assert result(pipeline, model=model, method="ppd", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
+    use_head(lm.model, None)
 
 
 def test_unknown_method_is_a_clear_error(pipeline):
@@ -112,6 +136,15 @@ def test_every_method_identical_to_greedy_on_real_smollm2():
                for t in run]
         assert out == reference, type(drafter).__name__
         assert stats.tau > 1.3  # trained guesses are accepted (random vectors: ~1.0)
+    head = head_for(model, "HuggingFaceTB/SmolLM2-135M-Instruct")  # the packaged ReDrafter head
+    for drafter in (RecurrentDrafting(head, model, GPU_STEP_COST),
+                    new_merged(TokenRecycling(matrix.clone()), NGramTrie(1000), GPU_STEP_COST,
+                               drafts=HeadDrafts(head, model))):
+        stats = DecodeStats()
+        out = [t for run in speculative_decode(model, prompt, 48, SamplingConfig(), eos, drafter, stats=stats)
+               for t in run]
+        assert out == reference, type(drafter).__name__
+        assert stats.tau > 1.8  # the trained head's drafts are accepted (an untrained one's: ~1.0)
 
 
 def test_a_request_waits_while_another_still_decodes_on_the_same_model(pipeline):

@@ -22,6 +22,7 @@ from .hardware import interpolate
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie
 from .prompt_lookup import PromptLookup
 from .prompt_tokens import PromptChains, PromptTokens
+from .recurrent_drafter import DraftHead, HeadDrafts
 from .recycling import TokenRecycling, shared_recycler
 from .tree import TokenTree
 from .verify import Drafter
@@ -57,12 +58,13 @@ class MergedDrafter(Drafter):
     (PPD), the last step's prompt-token guesses are one more source (the best ``graft`` of them get a small
     recycled subtree of ``graft_nodes`` below, so a guess that is right is followed by its likely successors),
     and the verified tree carries prompt chains below the nodes likeliest to end the accepted path, as many as
-    the cost curve pays for."""
+    the cost curve pays for. With a trained draft head (ReDrafter, ``drafts``), its tree below the root is one
+    more source."""
 
     def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
                  lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0,
                  memory: float = 0.95, prompts: PromptTokens | None = None, graft: int = GRAFTS,
-                 graft_nodes: int = GRAFT_NODES) -> None:
+                 graft_nodes: int = GRAFT_NODES, drafts: HeadDrafts | None = None) -> None:
         self.costs = costs
         self.recycler, self.lookahead = recycler, lookahead
         self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
@@ -81,11 +83,21 @@ class MergedDrafter(Drafter):
         self.offer = OFFER_FLOOR
         self.chains = PromptChains(prompts) if prompts is not None else None
         self.graft, self.graft_nodes = graft, graft_nodes
+        self.drafts = drafts
+
+    @property
+    def reads_hidden(self) -> bool:
+        return self.drafts is not None
+
+    def read_hidden(self, hidden: torch.Tensor) -> None:
+        self.drafts.read_hidden(hidden)
 
     def start(self, prompt: list[int]) -> None:
         self.last = MISSED
         if self.chains is not None:
             self.chains.start()
+        if self.drafts is not None:
+            self.drafts.start()
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.start(prompt)
 
@@ -139,6 +151,10 @@ class MergedDrafter(Drafter):
                 sub, probs = self.recycler.scored([guessed.tokens[i]])
                 add(sub.truncated(max_nodes=self.graft_nodes), lambda j, depth, below=guessed.depths[i], p=probs: (
                     "recycling", (min(ranks[j], 1), _bin(p[j])), min(depth + below, DEPTH_BUCKETS)), at=where[i])
+        found = self.drafts.candidates(context[-1], self.offer) if self.drafts is not None else None
+        if found is not None:
+            drafted, head_ranks, conditional, _ = found
+            add(drafted, lambda i, depth: ("redrafter", (min(head_ranks[i], 1), _bin(conditional[i])), depth))
         return self._select(tokens, parents, buckets, children)
 
     def _limit_candidates(self) -> None:
@@ -154,7 +170,12 @@ class MergedDrafter(Drafter):
         """Path probabilities, best prefix under the cost curve, then depth-first order with the likeliest
         child first (so the likeliest path's accepted nodes sit right after the root and keep their cache)."""
         n = len(tokens)
-        conditional = [1.0] + [max(self.rate(b) for b in buckets[i]) for i in range(1, n)]
+        rates: dict[tuple, float] = {}  # many nodes share a bucket: estimate each once per step
+        for i in range(1, n):
+            for bucket in buckets[i]:
+                if bucket not in rates:
+                    rates[bucket] = self.rate(bucket)
+        conditional = [1.0] + [max(rates[b] for b in buckets[i]) for i in range(1, n)]
         for table in children:  # siblings exclude each other: their estimates cannot add up past one
             total = sum(conditional[i] for i in table.values())
             if total > 1.0:
@@ -215,6 +236,8 @@ class MergedDrafter(Drafter):
                 self.accepted[bucket] = self.accepted.get(bucket, 0) * self.memory + (i in on_path)
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.update(tree, logits, accepted)
+        if self.drafts is not None:
+            self.drafts.update(full_tree, accepted)
         if self.chains is not None:
             if self.chains.guesses is not None:
                 self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))
@@ -228,24 +251,27 @@ class MergedDrafter(Drafter):
 
 
 def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float],
-               prompts: PromptTokens | None = None) -> MergedDrafter:
+               prompts: PromptTokens | None = None, drafts: HeadDrafts | None = None) -> MergedDrafter:
     """A merged drafter over ``recycled``'s matrix and a Lookahead ``trie`` (both kept by the caller), with
-    trained prompt tokens when there are some."""
+    trained prompt tokens and a trained draft head when there are some."""
     return MergedDrafter(costs, TokenRecycling(recycled.matrix, probs=recycled.probs),
-                         LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie), prompts=prompts)
+                         LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie), prompts=prompts,
+                         drafts=drafts)
 
 
 _DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, MergedDrafter]" = weakref.WeakKeyDictionary()
 
 
-def shared_merged(model: torch.nn.Module, costs: dict[int, float],
-                  prompts: PromptTokens | None = None) -> MergedDrafter:
+def shared_merged(model: torch.nn.Module, costs: dict[int, float], prompts: PromptTokens | None = None,
+                  head: DraftHead | None = None) -> MergedDrafter:
     """The model's merged drafter: the model's recycling matrix and output trie, and acceptance counts kept
-    across requests; prompt chains when ``prompts`` are given."""
+    across requests; prompt chains when ``prompts`` are given, the draft head's tree when ``head`` is."""
     drafter = _DRAFTERS.get(model)
     if drafter is None:
         drafter = _DRAFTERS[model] = new_merged(shared_recycler(model), shared_trie(model), costs, prompts)
-    elif (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:
+    if (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:
         drafter.chains = PromptChains(prompts) if prompts is not None else None
+    if (drafter.drafts.head if drafter.drafts is not None else None) is not head:
+        drafter.drafts = HeadDrafts(head, model) if head is not None else None
     drafter.costs = costs
     return drafter

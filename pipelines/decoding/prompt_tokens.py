@@ -15,8 +15,6 @@ Trained weights for a model: ``$TOKENWORKS_CACHE/prompt_tokens/<slug>.safetensor
 from __future__ import annotations
 
 import heapq
-import re
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .hardware import interpolate
+from .trained import TrainedWeights
 from .tree import TokenTree
 from .verify import Drafter
 
 TOP_K = 10  # candidates per prompt token (the paper's K)
 CHAIN_LENGTH = 3  # the paper's 3 prompt tokens (13 prompts, GPU curve: tau 2.48 with 4, 2.56 with 3)
-PACKAGED = Path(__file__).parent / "weights"
 
 
 @dataclass
@@ -101,36 +99,22 @@ def load_prompt_tokens(path: str | Path, model) -> PromptTokens:
     return PromptTokens(vectors, base, metadata.get("model", ""))
 
 
-def weights_name(model_name: str) -> str:
-    """File name for a model id: ``HuggingFaceTB/SmolLM2-135M-Instruct`` -> ``ppd-smollm2-135m-instruct.safetensors``."""
-    return "ppd-" + re.sub(r"[^a-z0-9.-]+", "-", model_name.split("/")[-1].lower()) + ".safetensors"
+TRAINED = TrainedWeights("ppd", "prompt_tokens", load_prompt_tokens)
 
 
 def trained_path(model_name: str) -> Path | None:
     """Where ``model_name``'s trained prompt tokens are: the user's cache first, then the packaged ones."""
-    from ..packaged import cache_root
-
-    for folder in (cache_root() / "prompt_tokens", PACKAGED):
-        path = folder / weights_name(model_name)
-        if path.is_file():
-            return path
-    return None
-
-
-_LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, PromptTokens | None]" = weakref.WeakKeyDictionary()
+    return TRAINED.path(model_name)
 
 
 def prompt_tokens_for(model, model_name: str) -> PromptTokens | None:
     """The model's trained prompt tokens (loaded once and kept with the model), or None when none exist."""
-    if model not in _LOADED:
-        path = trained_path(model_name) if model_name else None
-        _LOADED[model] = load_prompt_tokens(path, model) if path else None
-    return _LOADED[model]
+    return TRAINED.for_model(model, model_name)
 
 
 def use_prompt_tokens(model, tokens: PromptTokens | None) -> None:
     """Set (or clear) the prompt tokens kept with ``model`` (tests, or tokens trained in this process)."""
-    _LOADED[model] = tokens
+    TRAINED.use(model, tokens)
 
 
 @dataclass

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .prompt_tokens import PromptTokens, new_prompt_tokens, weights_name
+from .prompt_tokens import TRAINED, PromptTokens, new_prompt_tokens
+from .recurrent_drafter import lm_head_logits
+from .trained import TrainedWeights
 
 # Openings of user requests across the kinds of prompts the text tab gets (writing, roleplay, reasoning,
 # maths, coding, extraction, STEM, humanities, translation, summarisation, QA, retrieval-style questions).
@@ -49,18 +51,19 @@ STARTERS = (
 
 
 @dataclass
-class TrainConfig:
+class DistillConfig:
+    """What every self-distilled drafter's training shares: the model, its self-instructed data, the loop."""
+
     model: str = "smollm2-135m"  # packaged alias, local folder or Hub id
     name: str = ""  # the model id recorded with the weights (default: --model)
-    out: str = ""  # default: $TOKENWORKS_CACHE/prompt_tokens/<name>.safetensors (where the text tab looks)
+    out: str = ""  # default: where the text tab looks, under $TOKENWORKS_CACHE
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    count: int = 4  # prompt tokens; a prefix of a trained chain is a trained chain (p_k never sees p_>k)
     samples: int = 4096
     question_tokens: int = 48
     answer_tokens: int = 256
     generate_batch: int = 256
     batch: int = 16
-    anchors: int = 64  # chain positions sampled per sequence and step
+    anchors: int = 64  # positions trained per sequence and step
     epochs: int = 2
     lr: float = 5e-3
     holdout: float = 0.05
@@ -69,7 +72,12 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop training after this long (0 = run every step); the report says where it stopped
 
 
-def self_instruct(model, tokenizer, config: TrainConfig) -> list[tuple[list[int], int]]:
+@dataclass
+class TrainConfig(DistillConfig):
+    count: int = 4  # prompt tokens; a prefix of a trained chain is a trained chain (p_k never sees p_>k)
+
+
+def self_instruct(model, tokenizer, config: DistillConfig) -> list[tuple[list[int], int]]:
     """``config.samples`` sequences of (ids, index where the model's answer starts), written by the model."""
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
@@ -171,22 +179,15 @@ def distillation_batch(items: list[tuple[list[int], int]], prompts: PromptTokens
             "depths": torch.tensor(depths, device=device)}
 
 
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on chosen rows (the full-vocabulary logits of every row would not fit a batch)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def distill(model, embed, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL(teacher || prompt token) per student row, and whether the prompt token's top-1 / top-10 hold the
     teacher's top-1."""
     hidden = model.base_model(inputs_embeds=embed(batch["tokens"]), attention_mask=batch["mask"],
                               position_ids=batch["positions"], use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
-    student = head_logits(model, flat[batch["students"]]).float().log_softmax(-1)
+    student = lm_head_logits(model, flat[batch["students"]]).float().log_softmax(-1)
     with torch.no_grad():
-        teacher = head_logits(model, flat[batch["teachers"]]).float().log_softmax(-1)
+        teacher = lm_head_logits(model, flat[batch["teachers"]]).float().log_softmax(-1)
     kl = (teacher.exp() * (teacher - student)).sum(-1)
     target = teacher.argmax(-1, keepdim=True)
     top = student.topk(10, dim=-1).indices
@@ -200,7 +201,7 @@ def evaluate(model, prompts: PromptTokens, items, config: TrainConfig, device, d
     m = len(prompts.ids)
     sums = {"kl": [0.0] * m, "top1": [0.0] * m, "top10": [0.0] * m}
     counts = [0] * m
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast_for(device):
         for i in range(0, len(items), config.batch):
             batch = distillation_batch(items[i:i + config.batch], prompts, config.anchors, rng, device, dtype)
             kl, top1, top10 = distill(model, embed, batch)
@@ -212,7 +213,7 @@ def evaluate(model, prompts: PromptTokens, items, config: TrainConfig, device, d
     return {key: [round(s / max(c, 1), 4) for s, c in zip(values, counts)] for key, values in sums.items()}
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
@@ -249,7 +250,7 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
             if step >= steps or time.perf_counter() >= deadline:
                 break
             batch = distillation_batch(training[i:i + config.batch], prompts, config.anchors, rng, device, dtype)
-            with _autocast(device):
+            with autocast_for(device):
                 kl, _, _ = distill(model, embed, batch)
             loss = kl.mean()
             optimizer.zero_grad(set_to_none=True)
@@ -262,24 +263,22 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
                 print(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
     trained = PromptTokens(vectors.detach().float().cpu(), prompts.base, prompts.model_name)
     after = evaluate(model, trained, holdout, config, device, dtype)
-    report = {"config": asdict(config), "sequences": len(data), "holdout_sequences": held, "steps": step,
-              "planned_steps": steps,
-              "generate_s": round(generated_s, 1), "train_s": round(time.perf_counter() - started - generated_s, 1),
-              "loss_first": round(sum(losses[:10]) / len(losses[:10]), 4),
-              "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
-              "holdout_before": before, "holdout_after": after,
-              "mean_answer_tokens": round(sum(len(ids) - start for ids, start in data) / len(data), 1)}
+    report = training_report(config, data, held, step, steps, generated_s,
+                             time.perf_counter() - started - generated_s, losses, before, after)
+    report["mean_answer_tokens"] = round(sum(len(ids) - start for ids, start in data) / len(data), 1)
     return trained, report
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in asdict(TrainConfig()).items():
+def setup(config_class: type, argv: list[str] | None, description: str):
+    """Parse ``config_class``'s flags, load the model (frozen, eval) and its tokenizer, and read or generate
+    the self-instructed data. Returns the config, model, tokenizer and data (None: ``train`` generates it)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, default in asdict(config_class()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    config = TrainConfig(**vars(parser.parse_args(argv)))
+    config = config_class(**vars(parser.parse_args(argv)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..packaged import PACKAGED_RESOLVERS, cache_root
+    from ..packaged import PACKAGED_RESOLVERS
 
     location = config.model
     if location in PACKAGED_RESOLVERS:
@@ -299,13 +298,34 @@ def main(argv: list[str] | None = None) -> dict:
         data = self_instruct(model, tokenizer, config)
         Path(config.data).parent.mkdir(parents=True, exist_ok=True)
         Path(config.data).write_text(json.dumps(data))
-    trained, report = train(model, tokenizer, config, data=data)
-    out = Path(config.out or cache_root() / "prompt_tokens" / weights_name(config.name))
+    return config, model, tokenizer, data
+
+
+def save_trained(trained, report: dict, config: DistillConfig, weights: TrainedWeights, module: str,
+                 argv: list[str] | None) -> dict:
+    """Write the trained weights (to ``--out``, else where the text tab looks) and the report beside them."""
+    out = Path(config.out) if config.out else weights.default_out(config.name)
     trained.save(out, trained_on=f"{report['sequences']} self-instructed sequences")
-    report["command"] = "python -m pipelines.decoding.prompt_training " + " ".join(argv or [])
+    report["command"] = f"python -m {module} " + " ".join(argv or [])
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1))
     return report
+
+
+def training_report(config: DistillConfig, data: list, held: int, step: int, steps: int, generated_s: float,
+                    train_s: float, losses: list[float], before: dict, after: dict) -> dict:
+    """What both trainings report: data, steps, time, loss at the start and end, held-out numbers."""
+    return {"config": asdict(config), "sequences": len(data), "holdout_sequences": held, "steps": step,
+            "planned_steps": steps, "generate_s": round(generated_s, 1), "train_s": round(train_s, 1),
+            "loss_first": round(sum(losses[:10]) / len(losses[:10]), 4),
+            "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+            "holdout_before": before, "holdout_after": after}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, model, tokenizer, data = setup(TrainConfig, argv, __doc__.split("\n\n")[0])
+    trained, report = train(model, tokenizer, config, data=data)
+    return save_trained(trained, report, config, TRAINED, "pipelines.decoding.prompt_training", argv)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class StaticForward(CausalLMForward):
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
         self.compiles = compile != "off"
         self._step_fn = torch.compile(self._step, dynamic=compile == "dynamic") if self.compiles else self._step
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
 
@@ -148,8 +148,9 @@ class StaticForward(CausalLMForward):
         return next((b for b in self.buckets if b >= q), None)
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, scalars: torch.Tensor,
-              block: torch.Tensor) -> torch.Tensor:
-        """Write rows, full-width additive mask and the forward for one padded block; static shapes only."""
+              block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write rows, full-width additive mask and the forward for one padded block; static shapes only.
+        Returns the logits and the final hidden states of every row (the graphs keep both as outputs)."""
         size = ids.shape[1]
         past, real = scalars[0], scalars[1]
         index = self._cols[:size]
@@ -162,10 +163,10 @@ class StaticForward(CausalLMForward):
         mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[None, None]
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.kwarg: self.cache})
-        return out.logits[0]
+                         output_hidden_states=True, **{self.kwarg: self.cache})
+        return out.logits[0], out.hidden_states[-1][0]
 
-    def _replay(self, size: int) -> torch.Tensor:
+    def _replay(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The bucket's graph, captured on first use (the warm-up runs are this very step, which is
         idempotent: same inputs, same rows written). A failed capture turns capture off for good."""
         args = self._staged_args(size)
@@ -181,16 +182,16 @@ class StaticForward(CausalLMForward):
                 self._pool = self._pool or torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
-                    logits = self._step_fn(*args)
-                self.graphs[size] = (graph, logits)
+                    outputs = self._step_fn(*args)
+                self.graphs[size] = (graph, outputs)
                 self.warmup_s += time.perf_counter() - started
             except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
                 log.warning("CUDA graph capture failed (%s); decoding eagerly on the static cache.", error)
                 self.capture = False
                 return self._step(*args)
-        graph, logits = self.graphs[size]
+        graph, outputs = self.graphs[size]
         graph.replay()
-        return logits
+        return outputs
 
     def __call__(self, ids: list[int], position_ids, mask, cache, keep: int | None = None) -> torch.Tensor:
         """``mask`` is ``block_inputs``' ``[q, q]`` pattern, or None for a causal block (prompt, plain steps);
@@ -206,16 +207,18 @@ class StaticForward(CausalLMForward):
         if size > self._top:
             block = torch.from_numpy(pattern).to(self.device)
             scalars = torch.tensor([past, q], device=self.device)
-            logits = self._step(torch.tensor([ids], device=self.device),
-                                torch.tensor([positions], device=self.device), scalars, block)
+            logits, hidden = self._step(torch.tensor([ids], device=self.device),
+                                        torch.tensor([positions], device=self.device), scalars, block)
         else:
-            logits = self._staged_step(ids, positions, pattern, past, size)
+            logits, hidden = self._staged_step(ids, positions, pattern, past, size)
         cache.length = past + q
         keep = q if keep is None else keep
+        if self.record_hidden:
+            self.hidden = hidden[q - keep:q].clone()
         return logits[q - keep:q].clone()
 
     def _staged_step(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int,
-                     size: int) -> torch.Tensor:
+                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
         q, top = len(ids), self._top
         if self._staged is not None:
             self._staged.synchronize()  # the previous transfer has left the pinned buffers

@@ -22,7 +22,9 @@ from .tree import TokenTree, block_attention_mask, block_position_ids
 
 class Drafter:
     """Where a tree's tokens come from. ``start``/``finish`` bracket one request; most drafters only need
-    ``propose`` and ``update``."""
+    ``propose`` and ``update``. Drafters that read the model's features (a draft head) set ``reads_hidden``."""
+
+    reads_hidden = False
 
     def start(self, prompt: list[int]) -> None:
         """A new request begins with ``prompt`` (ids, the last one is the first root)."""
@@ -34,6 +36,10 @@ class Drafter:
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         """After verification: ``logits`` is ``[len(tree), vocab]`` (raw, one row per node) and ``accepted``
         the tokens committed this step (accepted path, then the bonus token)."""
+
+    def read_hidden(self, hidden: torch.Tensor) -> None:
+        """Called before ``update`` when ``reads_hidden``: the final hidden states (the LM head's input) of
+        the tree's nodes, ``[len(tree), hidden_size]``."""
 
     def finish(self) -> None:
         """The request is over (finished, stopped at EOS or cancelled)."""
@@ -63,6 +69,8 @@ class CausalLMForward:
         self.model = model
         self.tree_attention = tree_attention
         self.embed = embed
+        self.record_hidden = False
+        self.hidden: torch.Tensor | None = None
         self.kwarg = cache_kwarg(model)
         self.trims_logits = accepts(model, "logits_to_keep")
         parameter = next(model.parameters())
@@ -85,8 +93,13 @@ class CausalLMForward:
         inputs = {"inputs_embeds": self.embed(tensor)} if self.embed is not None else {"input_ids": tensor}
         if keep is not None and self.trims_logits:
             inputs["logits_to_keep"] = keep
+        if self.record_hidden:
+            inputs["output_hidden_states"] = True
         out = self.model(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=True,
                          **{self.kwarg: cache})
+        if self.record_hidden:
+            last = out.hidden_states[-1][0]
+            self.hidden = last[-keep:] if keep is not None else last
         return out.logits[0, -keep:] if keep is not None else out.logits[0]
 
 
@@ -167,6 +180,7 @@ def speculative_decode(
     forward = forward or CausalLMForward(model, embed=embed)
     if embed is not None and forward.embed is None:
         raise ValueError("This drafter verifies prompt tokens: build the forward with embed=drafter.embedding(model).")
+    forward.record_hidden = drafter.reads_hidden
     generator = generator or make_generator(config, forward.device)
     cache = forward.new_cache()
     context = input_ids[0].tolist()
@@ -215,6 +229,8 @@ def speculative_decode(
             generated.extend(run)
 
             updating = time.perf_counter()
+            if drafter.reads_hidden:
+                drafter.read_hidden(forward.hidden[-len(tree):])
             drafter.update(tree, logits, run)
             finished = time.perf_counter()
             stats.forwards += 1

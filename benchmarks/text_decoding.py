@@ -122,19 +122,20 @@ class Runner:
         costs = step_costs(model, args.tree_profile)
         self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), costs)
         # each merged variant has its own matrix and trie too, so they all learn the same way
-        self.variants = {}
+        methods = [m.strip() for m in args.methods.split(",")]
+        variants = {"merged-ppd": dict(prompts=prompts), "merged-redrafter": dict(head=head),
+                    "merged-ppd-redrafter": dict(prompts=prompts, head=head)}
+        self.variants = {name: self.new_merged(costs, model, **sources) for name, sources in variants.items()
+                         if name in methods}
         if prompts is not None:
-            self.variants["merged-ppd"] = self.new_merged(costs, prompts=prompts)
             self.ppd = ParallelPromptDecoding(prompts, costs)
         if head is not None:
-            self.variants["merged-redrafter"] = self.new_merged(costs, drafts=HeadDrafts(head, model))
             self.redrafter = RecurrentDrafting(head, model, costs)
-        if prompts is not None and head is not None:
-            self.variants["merged-ppd-redrafter"] = self.new_merged(costs, prompts=prompts, drafts=HeadDrafts(head, model))
 
-    def new_merged(self, costs, **sources):
+    def new_merged(self, costs, model, prompts=None, head=None):
         return new_merged(TokenRecycling(torch.zeros_like(self.merged.recycler.matrix)),
-                          NGramTrie(LookaheadConfig.max_nodes), costs, **sources)
+                          NGramTrie(LookaheadConfig.max_nodes), costs, prompts,
+                          HeadDrafts(head, model) if head is not None else None)
 
     def pick_tree(self) -> int:
         """Tree size for this device, re-picked before every prompt as the pipeline does per request: the

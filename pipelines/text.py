@@ -173,7 +173,8 @@ class TextPipeline(PresetModels, Pipeline):
             "tau": round(stats.tau, 4),
             "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
             "draft_share": round(stats.draft_share, 4),
-            # which trained drafter rode along: the merged tree takes the head where there is one, else PPD chains
+            # which trained drafter the method had: the merged tree takes the head where there is one (and uses it
+            # where the cost curve affords wide trees), else PPD's chains
             "draft_head": request.method in ("merged", "redrafter") and lm.head is not None,
             "ppd_prompt_tokens": lm.prompts is not None and (request.method == "ppd" or
                                                              (request.method == "merged" and lm.head is None)),

@@ -165,6 +165,10 @@ def test_merged_drafter_takes_the_heads_tree_as_a_source(models):
     head_tree = drafts.candidates(7, drafter.offer)[0]
     assert heads and heads <= {tuple(root_path(head_tree, i)[1:]) for i in range(1, len(head_tree))}
     assert len(tree) > 1
+    drafter.costs, drafter.kept = STEEP, 2.0  # a CPU's small trees: the head's levels would cost more than they add
+    drafter.propose([5, 6, 7])
+    assert drafter.offer < 64
+    assert not any(b[0] == "redrafter" for buckets in drafter.sources.values() for b in buckets)
 
 
 def test_heads_are_found_by_model_name_and_checked_against_the_model(models, tmp_path, monkeypatch):

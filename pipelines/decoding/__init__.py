@@ -22,6 +22,8 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     ``.logits`` works; subclass ``__call__`` for models with another head. ``tree_attention=False`` is the
     chain-only mode for attention code that cannot take a 4D mask: trees are cut to their first chain and
     verified under the model's own causal mask. Cache rollback uses only ``cache.crop(-k)`` plus re-feeding.
+    With ``record_hidden`` set, ``hidden`` holds the final hidden states (the LM head's input) of the rows
+    returned, for drafters that read the model's features.
 ``static.StaticForward(model, max_cache_len=4096, buckets=BUCKETS, capture=None, compile="off")``
     The GPU fast path with the same interface (pass it as ``forward=`` to ``plain_decode`` or
     ``speculative_decode``): one static K/V cache, blocks padded to fixed query sizes (dummy rows attend only
@@ -30,12 +32,17 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request.
 ``verify.Drafter``
     ``propose(context) -> TokenTree`` (root = ``context[-1]``), ``update(tree, logits, accepted)``, and
-    optional ``start(prompt)`` / ``finish()``.
+    optional ``start(prompt)`` / ``finish()``; ``embedding(model)`` for trees with virtual tokens (PPD);
+    ``reads_hidden`` + ``read_hidden(hidden)`` for drafters fed the model's features (ReDrafter).
 ``tree.TokenTree(tokens, parents)``
     ``TokenTree.chain(root, draft)`` for chain drafters; ``truncated``, ``first_chain``, ``children``.
 
 Drafters: ``recycling.TokenRecycling`` (``shared_recycler(model)``: the [vocab, 8] matrix kept per model),
 ``lookahead.LookaheadTrie`` (``shared_trie(model)``), ``prompt_lookup.PromptLookup``,
-``draft_model.DraftModel(small_model)``. Tree size per device: ``hardware.step_costs(model, profile)`` and
+``draft_model.DraftModel(small_model)``, ``prompt_tokens.ParallelPromptDecoding(prompts, costs)`` (trained
+prompt tokens, ``prompt_training``), ``recurrent_drafter.RecurrentDrafting(head, model, costs)`` (a trained
+draft head on the model's last hidden state, ``recurrent_training``), and ``merged.MergedDrafter`` /
+``shared_merged(model, costs, prompts, head)`` joining them in one tree. Trained weights are found per model
+id by ``trained.TrainedWeights``. Tree size per device: ``hardware.step_costs(model, profile)`` and
 ``hardware.pick_tree_size(rates, costs)``.
 """

@@ -159,6 +159,7 @@ def test_merged_drafter_takes_the_heads_tree_as_a_source(models):
     drafts = HeadDrafts(random_head(model), model)
     drafter = new_merged(TokenRecycling(torch.zeros(320, 8, dtype=torch.long)), NGramTrie(1000), FLAT, drafts=drafts)
     assert drafter.reads_hidden and not Drafter.reads_hidden
+    drafter.start([5, 6, 7])
     drafts.anchor = torch.randn(model.config.hidden_size)
     tree = drafter.propose([5, 6, 7])
     heads = {key for key, buckets in drafter.sources.items() if any(b[0] == "redrafter" for b in buckets)}
@@ -169,6 +170,10 @@ def test_merged_drafter_takes_the_heads_tree_as_a_source(models):
     drafter.propose([5, 6, 7])
     assert drafter.offer < 64
     assert not any(b[0] == "redrafter" for buckets in drafter.sources.values() for b in buckets)
+    assert not drafter.reads_hidden  # so the next request's forwards do not record features at all
+    prompt = repetitive_prompt(3, 20)
+    reference = run(plain_decode(model, prompt, 20, SamplingConfig(), set()))
+    assert run(speculative_decode(model, prompt, 20, SamplingConfig(), set(), drafter)) == reference
 
 
 def test_heads_are_found_by_model_name_and_checked_against_the_model(models, tmp_path, monkeypatch):

@@ -80,20 +80,24 @@ class MergedDrafter(Drafter):
         self.kept = float(max_nodes)  # running mean of the verified size
         self.lookahead_nodes = lookahead.config.decoding_length
         self.last = MISSED
-        self.offer = OFFER_FLOOR
+        self.offer = self._offer_size()
+        self.head_on = False  # this request reads the model's features for the draft head
         self.chains = PromptChains(prompts) if prompts is not None else None
         self.graft, self.graft_nodes = graft, graft_nodes
         self.drafts = drafts
 
     @property
     def reads_hidden(self) -> bool:
-        return self.drafts is not None
+        """Whether the next request needs the model's features: a head, and trees wide enough to use it (decided
+        per request, so a CPU's forwards never pay for recording them)."""
+        return self.drafts is not None and self.offer >= FULL_OFFER
 
     def read_hidden(self, hidden: torch.Tensor) -> None:
         self.drafts.read_hidden(hidden)
 
     def start(self, prompt: list[int]) -> None:
         self.last = MISSED
+        self.head_on = self.reads_hidden
         if self.chains is not None:
             self.chains.start()
         if self.drafts is not None:
@@ -153,18 +157,21 @@ class MergedDrafter(Drafter):
                     "recycling", (min(ranks[j], 1), _bin(p[j])), min(depth + below, DEPTH_BUCKETS)), at=where[i])
         # the head's levels cost the same whatever the tree's width: they pay only where wide trees are cheap
         # (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but 1.30x -> 1.28x vanilla, 10 % drafting)
-        wide = self.offer >= FULL_OFFER
-        found = self.drafts.candidates(context[-1], self.offer) if self.drafts is not None and wide else None
+        wide = self.head_on and self.offer >= FULL_OFFER
+        found = self.drafts.candidates(context[-1], self.offer) if wide else None
         if found is not None:
             drafted, head_ranks, conditional, _ = found
             add(drafted, lambda i, depth: ("redrafter", (min(head_ranks[i], 1), _bin(conditional[i])), depth))
         return self._select(tokens, parents, buckets, children)
 
+    def _offer_size(self) -> int:
+        return min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
+
     def _limit_candidates(self) -> None:
         """Ask the trie and the recycler for about four times what the cost curve has recently kept (a power
         of two, so the recycler's template is rarely rebuilt): on a CPU, where 3-5 nodes are verified, merging
         80 + 64 candidates in Python cost more than the forward saved."""
-        offer = self.offer = min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
+        offer = self.offer = self._offer_size()
         if len(self.recycler.active) != offer:
             self.recycler.resize(offer)
         self.lookahead.config.decoding_length = min(self.lookahead_nodes, offer)
@@ -239,7 +246,7 @@ class MergedDrafter(Drafter):
                 self.accepted[bucket] = self.accepted.get(bucket, 0) * self.memory + (i in on_path)
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.update(tree, logits, accepted)
-        if self.drafts is not None:
+        if self.head_on:
             self.drafts.update(full_tree, accepted)
         if self.chains is not None:
             if self.chains.guesses is not None:

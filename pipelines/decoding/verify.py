@@ -180,7 +180,7 @@ def speculative_decode(
     forward = forward or CausalLMForward(model, embed=embed)
     if embed is not None and forward.embed is None:
         raise ValueError("This drafter verifies prompt tokens: build the forward with embed=drafter.embedding(model).")
-    forward.record_hidden = drafter.reads_hidden
+    reads_hidden = forward.record_hidden = drafter.reads_hidden  # fixed for the request
     generator = generator or make_generator(config, forward.device)
     cache = forward.new_cache()
     context = input_ids[0].tolist()
@@ -229,7 +229,7 @@ def speculative_decode(
             generated.extend(run)
 
             updating = time.perf_counter()
-            if drafter.reads_hidden:
+            if reads_hidden:
                 drafter.read_hidden(forward.hidden[-len(tree):])
             drafter.update(tree, logits, run)
             finished = time.perf_counter()

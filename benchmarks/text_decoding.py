@@ -29,9 +29,9 @@ from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTr
 from pipelines.decoding.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
-from pipelines.decoding.prompt_tokens import ParallelPromptDecoding, load_prompt_tokens, trained_path  # noqa: E402
-from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, load_head  # noqa: E402
-from pipelines.decoding.recurrent_drafter import trained_path as trained_head_path  # noqa: E402
+from pipelines.decoding import prompt_tokens, recurrent_drafter  # noqa: E402
+from pipelines.decoding.prompt_tokens import ParallelPromptDecoding  # noqa: E402
+from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting  # noqa: E402
 from pipelines.decoding.recycling import TokenRecycling, shared_recycler  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.models import pick_dtype  # noqa: E402
@@ -66,6 +66,19 @@ def load(name: str, device: str, dtype_name: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), tokenizer
+
+
+def load_trained(weights, explicit: str, methods: list[str], users: tuple[str, ...], model, args, what: str,
+                 how: str) -> tuple[object, str]:
+    """Trained drafter weights (and their path) when a method in ``users`` runs: ``explicit`` or the ones found
+    for the model's name; a clear exit when there are none."""
+    if not set(methods) & set(users):
+        return None, ""
+    name = args.name or PACKAGED_NAMES.get(args.model, args.model)
+    path = explicit or weights.path(name)
+    if not path:
+        raise SystemExit(f"Methods {', '.join(users)} need {what} for {name!r}: {how}.")
+    return weights.load(path, model), str(path)
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -255,22 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.draft_model:
             raise SystemExit("Method 'draft' needs --draft-model (a smaller model with the same tokenizer).")
         draft, _ = load(args.draft_model, args.device, args.dtype)
-    trained = None
-    if set(methods) & set(PROMPT_TOKEN_METHODS):
-        name = args.name or PACKAGED_NAMES.get(args.model, args.model)
-        path = args.prompt_tokens or trained_path(name)
-        if not path:
-            raise SystemExit(f"Methods {', '.join(PROMPT_TOKEN_METHODS)} need trained prompt tokens for {name!r}: pass "
-                             "--prompt-tokens, or train them (python -m pipelines.decoding.prompt_training).")
-        trained = load_prompt_tokens(path, model)
-    head = None
-    if set(methods) & set(HEAD_METHODS):
-        name = args.name or PACKAGED_NAMES.get(args.model, args.model)
-        path = args.draft_head or trained_head_path(name)
-        if not path:
-            raise SystemExit(f"Methods {', '.join(HEAD_METHODS)} need a trained draft head for {name!r}: pass "
-                             "--draft-head, or train one (python -m pipelines.decoding.recurrent_training).")
-        head = load_head(path, model)
+    trained, trained_at = load_trained(
+        prompt_tokens.TRAINED, args.prompt_tokens, methods, PROMPT_TOKEN_METHODS, model, args, "trained prompt tokens",
+        "pass --prompt-tokens, or train them (python -m pipelines.decoding.prompt_training)")
+    head, head_at = load_trained(
+        recurrent_drafter.TRAINED, args.draft_head, methods, HEAD_METHODS, model, args, "a trained draft head",
+        "pass --draft-head, or train one (python -m pipelines.decoding.recurrent_training)")
     prompts = read_prompts(args.prompts)[::args.stride]
     if args.limit:
         prompts = prompts[:args.limit]
@@ -303,10 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
                         for name, merged in runner.variants.items()},
                      **{f"{name.replace('-', '_')}_chains_per_step": round(merged.chains.chains / max(merged.steps, 1), 2)
                         for name, merged in runner.variants.items() if merged.chains is not None},
-                     **({"prompt_tokens": str(args.prompt_tokens or trained_path(trained.model_name or args.model))}
-                        if trained is not None else {}),
-                     **({"draft_head": str(args.draft_head or trained_head_path(head.model_name or args.model))}
-                        if head is not None else {}),
+                     **({"prompt_tokens": trained_at} if trained is not None else {}),
+                     **({"draft_head": head_at} if head is not None else {}),
                      "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
         "command": command_line(argv),
         "rows": summarise(records, methods),

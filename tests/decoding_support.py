@@ -5,7 +5,9 @@ import random
 
 import torch
 
+from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
+from pipelines.decoding.verify import speculative_decode
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 FLAT = {1: 1.0, 128: 1.0}  # a GPU-like cost curve: every candidate is worth verifying
@@ -23,6 +25,23 @@ def repetitive_prompt(seed: int, length: int) -> torch.Tensor:
 
 def run(generator) -> list[int]:
     return [token for chunk in generator for token in chunk]
+
+
+def assert_identical_to_greedy(model, prompt: torch.Tensor, make_drafters, new_tokens: int = 30) -> dict:
+    """Every drafter ``make_drafters()`` builds (name -> drafter) decodes plain greedy's ids, all
+    ``new_tokens`` of them, and stops where greedy does when an EOS comes mid-run (fresh drafters). Returns the
+    first set, for checks of what they drafted."""
+    reference = run(plain_decode(model, prompt, new_tokens, SamplingConfig(), set()))
+    drafters = make_drafters()
+    for name, drafter in drafters.items():
+        stats = DecodeStats()
+        assert run(speculative_decode(model, prompt, new_tokens, SamplingConfig(), set(), drafter, stats=stats)) == reference, name
+        assert stats.new_tokens == new_tokens
+    eos = reference[len(reference) // 2]
+    for name, drafter in make_drafters().items():
+        out = run(speculative_decode(model, prompt, new_tokens, SamplingConfig(), {eos}, drafter))
+        assert out == reference[:reference.index(eos) + 1], name
+    return drafters
 
 
 @torch.inference_mode()

@@ -8,7 +8,7 @@ import torch
 
 from pipelines.decoding.lookahead import NGramTrie
 from pipelines.decoding.merged import new_merged, shared_merged
-from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
+from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
                                               load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
                                               trained_path, use_prompt_tokens)
@@ -19,7 +19,8 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, speculative_decode
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
 
-from decoding_support import FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, tree_logits
+from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, repetitive_prompt, root_path, run,
+                              tree_logits)
 
 @pytest.fixture(scope="module")
 def models():
@@ -42,18 +43,8 @@ def ppd_drafters(model):
 @pytest.mark.parametrize("seed,length", [(0, 5), (1, 23), (2, 61)])
 def test_prompt_token_drafters_are_identical_to_greedy(models, family, seed, length):
     model = models[family]
-    prompt = repetitive_prompt(seed, length)
-    reference = run(plain_decode(model, prompt, 30, SamplingConfig(), set()))
-    prompts, drafters = ppd_drafters(model)
-    for name, drafter in drafters.items():
-        stats = DecodeStats()
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, stats=stats)) == reference, name
-        assert stats.new_tokens == 30
+    drafters = assert_identical_to_greedy(model, repetitive_prompt(seed, length), lambda: ppd_drafters(model)[1])
     assert drafters["ppd_flat"].chains.chains > 0 and drafters["merged_ppd_flat"].chains.chains > 0
-    eos = reference[len(reference) // 2]
-    for name, drafter in ppd_drafters(model)[1].items():
-        out = run(speculative_decode(model, prompt, 30, SamplingConfig(), {eos}, drafter))
-        assert out == reference[:reference.index(eos) + 1], name
 
 
 def test_sampling_with_prompt_tokens_reproduces_plain_sampling(models):

@@ -8,7 +8,7 @@ import torch
 
 from pipelines.decoding.lookahead import NGramTrie
 from pipelines.decoding.merged import new_merged, shared_merged
-from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
+from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for, lm_head_logits,
                                                   load_head, new_head, trained_path, use_head)
 from pipelines.decoding.recurrent_training import HeadConfig, frequent_vocab, head_batch, train
@@ -17,7 +17,8 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
 
-from decoding_support import FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, tree_logits
+from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, repetitive_prompt, root_path, run,
+                              tree_logits)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +51,7 @@ def head_drafters(model):
 @pytest.mark.parametrize("seed,length", [(0, 5), (1, 23), (2, 61)])
 def test_head_drafters_are_identical_to_greedy(models, family, seed, length):
     model = models[family]
-    prompt = repetitive_prompt(seed, length)
-    reference = run(plain_decode(model, prompt, 30, SamplingConfig(), set()))
-    for name, drafter in head_drafters(model).items():
-        stats = DecodeStats()
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, stats=stats)) == reference, name
-        assert stats.new_tokens == 30
-    eos = reference[len(reference) // 2]
-    for name, drafter in head_drafters(model).items():
-        out = run(speculative_decode(model, prompt, 30, SamplingConfig(), {eos}, drafter))
-        assert out == reference[:reference.index(eos) + 1], name
+    assert_identical_to_greedy(model, repetitive_prompt(seed, length), lambda: head_drafters(model))
 
 
 def test_sampling_with_the_head_reproduces_plain_sampling(models):

@@ -232,12 +232,7 @@ class MergedDrafter(Drafter):
         keys: list[tuple[int, ...]] = [()]
         for i in range(1, len(tree)):
             keys.append(keys[tree.parents[i]] + (tree.tokens[i],))
-        on_path, node, table = {0}, 0, tree.children()
-        for token in accepted:
-            node = table[node].get(token, -1)
-            if node < 0:
-                break
-            on_path.add(node)
+        on_path = set(tree.path_of(accepted))
         for i in range(1, len(tree)):
             if tree.parents[i] not in on_path:
                 continue

@@ -100,21 +100,7 @@ def load_prompt_tokens(path: str | Path, model) -> PromptTokens:
 
 
 TRAINED = TrainedWeights("ppd", "prompt_tokens", load_prompt_tokens)
-
-
-def trained_path(model_name: str) -> Path | None:
-    """Where ``model_name``'s trained prompt tokens are: the user's cache first, then the packaged ones."""
-    return TRAINED.path(model_name)
-
-
-def prompt_tokens_for(model, model_name: str) -> PromptTokens | None:
-    """The model's trained prompt tokens (loaded once and kept with the model), or None when none exist."""
-    return TRAINED.for_model(model, model_name)
-
-
-def use_prompt_tokens(model, tokens: PromptTokens | None) -> None:
-    """Set (or clear) the prompt tokens kept with ``model`` (tests, or tokens trained in this process)."""
-    TRAINED.use(model, tokens)
+trained_path, prompt_tokens_for, use_prompt_tokens = TRAINED.path, TRAINED.for_model, TRAINED.use
 
 
 @dataclass
@@ -198,12 +184,8 @@ class PromptChains:
 
     def read(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         """Keep the guesses of the chain below the last accepted node (none if it had no chain)."""
-        children, node = tree.children(), 0
-        for token in accepted:
-            child = children[node].get(token)
-            if child is None:
-                break
-            node = child
+        children = tree.children()
+        node = tree.path_of(accepted, children)[-1]
         rows, first = [], self.ids[0]
         child = children[node].get(first)
         while child is not None:

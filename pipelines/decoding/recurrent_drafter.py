@@ -108,21 +108,7 @@ def load_head(path: str | Path, model) -> DraftHead:
 
 
 TRAINED = TrainedWeights("redrafter", "draft_heads", load_head)
-
-
-def trained_path(model_name: str) -> Path | None:
-    """Where ``model_name``'s trained head is: the user's cache first, then the packaged ones."""
-    return TRAINED.path(model_name)
-
-
-def head_for(model, model_name: str) -> DraftHead | None:
-    """The model's trained draft head (loaded once and kept with the model), or None when there is none."""
-    return TRAINED.for_model(model, model_name)
-
-
-def use_head(model, head: DraftHead | None) -> None:
-    """Set (or clear) the draft head kept with ``model`` (tests, or a head trained in this process)."""
-    TRAINED.use(model, head)
+trained_path, head_for, use_head = TRAINED.path, TRAINED.for_model, TRAINED.use
 
 
 class HeadDrafts:
@@ -152,13 +138,7 @@ class HeadDrafts:
 
     def update(self, tree: TokenTree, accepted: list[int]) -> None:
         """Keep the hidden state of the last accepted node: the next root's features."""
-        children, node = tree.children(), 0
-        for token in accepted:
-            child = children[node].get(token)
-            if child is None:
-                break
-            node = child
-        self.anchor = self._rows[node].clone()
+        self.anchor = self._rows[tree.path_of(accepted)[-1]].clone()
 
     def plan(self, max_nodes: int) -> list[tuple[int, int]]:
         """Per level, how many nodes to expand and over how many vocabulary rows, for an offer of

@@ -115,12 +115,7 @@ class TokenRecycling(Drafter):
             return  # cut short at the end of a request: node indices no longer match the template
         for i in range(len(tree)):
             self.offered[i] += 1
-        children, node = tree.children(), 0
-        self.accepted[0] += 1
-        for token in accepted:
-            node = children[node].get(token, -1)
-            if node < 0:
-                break
+        for node in tree.path_of(accepted):
             self.accepted[node] += 1
 
     def acceptance_rates(self, prior_weight: float = 20.0) -> list[float]:

@@ -33,16 +33,19 @@ class TrainedWeights:
         return cache_root() / self.folder / weights_name(model_name, self.technique)
 
     def path(self, model_name: str) -> Path | None:
+        """Where ``model_name``'s trained weights are: the user's cache first, then the packaged ones."""
         for path in (self.default_out(model_name), PACKAGED / weights_name(model_name, self.technique)):
             if path.is_file():
                 return path
         return None
 
     def for_model(self, model: torch.nn.Module, model_name: str) -> Any:
+        """The model's trained weights (loaded once and kept with the model), or None when there are none."""
         if model not in self._loaded:
             path = self.path(model_name) if model_name else None
             self._loaded[model] = self.load(path, model) if path else None
         return self._loaded[model]
 
     def use(self, model: torch.nn.Module, value: Any) -> None:
+        """Set (or clear) what is kept with ``model`` (tests, or weights trained in this process)."""
         self._loaded[model] = value

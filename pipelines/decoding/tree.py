@@ -47,6 +47,17 @@ class TokenTree:
             table[self.parents[i]].setdefault(self.tokens[i], i)
         return table
 
+    def path_of(self, tokens: list[int], children: list[dict[int, int]] | None = None) -> list[int]:
+        """The nodes reached from the root by following ``tokens`` (root first), up to the first token that has
+        no child there: after verification, the accepted path. ``children`` is ``self.children()`` if at hand."""
+        children, nodes = children or self.children(), [0]
+        for token in tokens:
+            child = children[nodes[-1]].get(token)
+            if child is None:
+                break
+            nodes.append(child)
+        return nodes
+
     def first_chain(self) -> "TokenTree":
         """The longest prefix of nodes that is a chain: what a model without 4D-mask support can verify."""
         length = 1

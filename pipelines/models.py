@@ -13,9 +13,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -90,6 +91,26 @@ def module_nbytes(value: Any) -> int:
                 seen.add(id(tensor))
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def placement(value: Any) -> dict[str, set[tuple[str, torch.dtype]]]:
+    """Per component of a pipeline (or for one model), the (device, dtype) pairs of its parameters and buffers."""
+    modules = value.components if hasattr(value, "components") else {"model": value}
+    return {name: {(str(t.device), t.dtype) for t in [*module.parameters(), *module.buffers()]}
+            for name, module in modules.items() if isinstance(module, torch.nn.Module)}
+
+
+@contextmanager
+def keep_placement(value: Any, name: str) -> Iterator[None]:
+    """Guard around a request: a stored model's components must leave it on the device and in the dtype they
+    were loaded in (library helpers such as diffusers' ``from_pipe`` recast silently)."""
+    before = placement(value)
+    yield
+    after = placement(value)
+    if after != before:
+        changed = sorted(k for k in before if before[k] != after.get(k))
+        raise PipelineError(f"Internal error: the request changed the device or dtype of {name}'s "
+                            f"{', '.join(changed)}; unload it (or restart) before the next request.")
 
 
 def default_budget_bytes(device: torch.device) -> int:

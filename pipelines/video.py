@@ -21,7 +21,7 @@ from .base import (CancelToken, Event, Pipeline, PipelineError, Progress, Reques
                    require_text, resolve_seed)
 from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
 from .image.pipeline import stream_in_thread
-from .models import ModelSpec, ModelStore, ResolvedModel
+from .models import ModelSpec, ModelStore, ResolvedModel, keep_placement
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import PresetModels, models_for
 from .image.attention import AttentionControl
@@ -111,7 +111,7 @@ def animatediff_scheduler(base: str | None):
 def load_animatediff(resolved: ResolvedModel, store: ModelStore):
     """A MotionAdapter (the spec's Hub id) on its SD1.5 base (the spec's ``base`` option), or the tiny one."""
     if resolved.source == "tiny":
-        pipe = tiny_animatediff_pipeline()
+        pipe = tiny_animatediff_pipeline().to(dtype=store.dtype)
     else:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
@@ -245,9 +245,10 @@ class VideoPipeline(PresetModels, Pipeline):
         yield Progress(0, plan.steps, "loading model")
         pipe = self.load(request.model)
         reference = None
-        if baseline is not None:
-            reference = yield from self.render(pipe, baseline, self.plan(baseline), f"A: {request.compare}")
-        output, stats, parameters = yield from self.render(pipe, request, plan, "B: as set" if reference else "")
+        with keep_placement(pipe, self.spec_for(request.model).name):
+            if baseline is not None:
+                reference = yield from self.render(pipe, baseline, self.plan(baseline), f"A: {request.compare}")
+            output, stats, parameters = yield from self.render(pipe, request, plan, "B: as set" if reference else "")
         metadata: dict[str, Any] = {"parameters": parameters}
         if reference is not None:
             metadata["baseline"] = reference[0]

@@ -195,6 +195,7 @@ def ensure_placeholders(tokenizer: Any, text_encoder: nn.Module, count: int) -> 
     missing = [n for n in names if n not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=False)
+    if text_encoder.get_input_embeddings().num_embeddings < len(tokenizer):  # a tokenizer shared by two encoders
         text_encoder.resize_token_embeddings(len(tokenizer))
     return [tokenizer.convert_tokens_to_ids(n) for n in names]
 

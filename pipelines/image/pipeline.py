@@ -6,6 +6,7 @@ generators), so its output is the stock output bit for bit. Controls compose on 
 """
 from __future__ import annotations
 
+import copy
 import queue
 import resource
 import threading
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
-from ..models import ModelSpec, ModelStore, ResolvedModel
+from ..models import ModelSpec, ModelStore, ResolvedModel, keep_placement
 from ..outputs import save_png
 from ..presets import PresetModels, models_for
 from .attention import AttentionControl
@@ -27,7 +28,7 @@ from .binding import BindingConfig, SemanticBinding, binding_layers
 from .heatmaps import overlay
 from .leakfix import isolate_items
 from .lpa import LPAConfig, route_style_tokens
-from .preview import fit_latent_rgb, latent_preview
+from .preview import AsyncPreviews, fit_latent_rgb
 from .prompts import ParsedPrompt, content_words, parse_prompt, span_positions, token_positions, find_words
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
@@ -94,7 +95,7 @@ def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageM
     if resolved.source == "tiny":
         from .tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
-        pipe = (tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()).to(store.device)
+        pipe = (tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()).to(store.device, store.dtype)
     else:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -153,7 +154,10 @@ class ImagePipeline(PresetModels, Pipeline):
         request.seed = resolve_seed(request.seed)
 
     def scheduled_pipe(self, model: LoadedImageModel, name: str) -> Any:
-        """A pipeline sharing the loaded components, with a fresh scheduler (no state shared across requests)."""
+        """The loaded pipeline with a fresh scheduler (no scheduler state shared across requests).
+
+        A shallow copy, so the components are the stored ones, untouched: diffusers' ``from_pipe`` casts every
+        component to ``torch_dtype or float32``, which turned a bf16 store into fp32 after one request."""
         import diffusers
 
         base = model.pipe
@@ -163,8 +167,8 @@ class ImagePipeline(PresetModels, Pipeline):
         else:
             cls_name, options = choice
             scheduler = getattr(diffusers, cls_name).from_config(base.scheduler.config, **options)
-        pipe = type(base).from_pipe(base, scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = copy.copy(base)
+        pipe.scheduler = scheduler
         return pipe
 
     def generate(self, request: ImageRequest) -> Iterator[Event]:
@@ -176,10 +180,12 @@ class ImagePipeline(PresetModels, Pipeline):
         runs = [("baseline", False)] if request.compare and request.controlled else []
         runs.append(("controlled" if request.controlled else "image", request.controlled))
         outputs: dict[str, dict[str, Any]] = {}
-        for label, controlled in runs:
-            outcome = yield from stream_in_thread(
-                lambda emit, c=controlled, v=label: self.render(model, request, parsed, c, v, emit), request.cancel)
-            outputs[label] = outcome
+        with keep_placement(model.pipe, spec.name):
+            for label, controlled in runs:
+                outcome = yield from stream_in_thread(
+                    lambda emit, c=controlled, v=label: self.render(model, request, parsed, c, v, emit),
+                    request.cancel)
+                outputs[label] = outcome
         final = outputs[runs[-1][0]]
         stats: dict[str, Any] = {"model": spec.name, "seed": request.seed, **final["stats"]}
         metadata: dict[str, Any] = {"parameters": request.parameters(), "heatmaps": final["heatmaps"],
@@ -228,6 +234,7 @@ class ImagePipeline(PresetModels, Pipeline):
             merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed,
                                   **merge_settings(model.arch, backend, device))
         fast = FastUNet(pipe.unet, backend, control, lambda: pipe.scheduler.timesteps)
+        previews = AsyncPreviews(model.preview_map, upscale=pipe.vae_scale_factor)
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
             control.step = fast.step = i + 1
@@ -241,8 +248,9 @@ class ImagePipeline(PresetModels, Pipeline):
                 out = {"latents": latents, "prompt_embeds": torch.cat([embeds[:half], positive])}
             every = int(request.preview_every)
             if every > 0 and ((i + 1) % every == 0) and i + 1 < steps:
-                emit(Partial(latent_preview(out.get("latents", kwargs["latents"]), model.preview_map,
-                                            upscale=pipe.vae_scale_factor)))
+                previews.add(out.get("latents", kwargs["latents"]))
+                if (ready := previews.ready()) is not None:
+                    emit(Partial(ready))
             emit(Progress(i + 1, steps))
             if request.cancel.cancelled:
                 p._interrupt = True

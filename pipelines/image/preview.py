@@ -25,15 +25,49 @@ def fit_latent_rgb(vae: Any, size: int = 64) -> torch.Tensor:
     return torch.linalg.lstsq(features, colours).solution
 
 
-def latent_preview(latents: torch.Tensor, rgb_map: torch.Tensor, upscale: int = 1) -> list[Any]:
-    """One PIL image per batch row from [B, C, h, w] latents."""
+def latent_rgb(latents: torch.Tensor, rgb_map: torch.Tensor) -> torch.Tensor:
+    """[B, h, w, 3] uint8 on the latents' device (a few small kernels, no host sync)."""
+    x = latents.detach().float()
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    rgb = torch.einsum("bchw,cd->bhwd", x, rgb_map.to(x.device)).clamp(-1, 1)
+    return ((rgb + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_images(pixels: torch.Tensor, upscale: int = 1) -> list[Any]:
     from PIL import Image
 
-    x = latents.detach().float().cpu()
-    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-    rgb = torch.einsum("bchw,cd->bhwd", x, rgb_map).clamp(-1, 1)
-    pixels = ((rgb + 1) * 127.5).round().to(torch.uint8).numpy()
-    images = [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]
+    images = [Image.fromarray(np.ascontiguousarray(p)) for p in pixels.numpy()]
     if upscale > 1:
         images = [im.resize((im.width * upscale, im.height * upscale), Image.NEAREST) for im in images]
     return images
+
+
+class AsyncPreviews:
+    """Live previews that never stall the denoising loop.
+
+    Reading latents back each step (``.cpu()``) makes the host wait for the GPU, so the next step's kernels are
+    only queued once the previous ones finish: at 512 px that serialises ~30 ms of Python per step with the GPU
+    work. Here each preview is copied to pinned host memory on the side and handed out by ``ready()`` once its
+    copy has landed; the loop never waits. On the CPU the copy is immediate."""
+
+    def __init__(self, rgb_map: torch.Tensor, upscale: int = 1) -> None:
+        self.rgb_map, self.upscale = rgb_map, upscale
+        self.pending: list[tuple[Any, torch.Tensor]] = []
+
+    def add(self, latents: torch.Tensor) -> None:
+        pixels = latent_rgb(latents, self.rgb_map)
+        if pixels.device.type != "cuda":
+            self.pending.append((None, pixels))
+            return
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.pending.append((done, host))
+
+    def ready(self) -> list[Any] | None:
+        """The newest preview whose copy has finished (older ready ones are skipped), else None."""
+        newest = None
+        while self.pending and (self.pending[0][0] is None or self.pending[0][0].query()):
+            newest = self.pending.pop(0)[1]
+        return to_images(newest, self.upscale) if newest is not None else None

@@ -56,7 +56,8 @@ class DraftModel(Drafter):
         valid = 0
         while valid < min(len(accepted) - 1, len(self.chain) - 1) and accepted[valid] == self.chain[valid]:
             valid += 1
-        self.cache.crop(-(len(self.chain) - 1 - valid))
+        if len(self.chain) - 1 > valid:
+            self.cache.crop(-(len(self.chain) - 1 - valid))
         self.cached += valid
 
     def finish(self) -> None:

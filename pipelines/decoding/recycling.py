@@ -124,6 +124,12 @@ class TokenRecycling(Drafter):
                 for accepted, offered, prior in zip(self.accepted, self.offered, self.template.prior)]
 
 
+def cold_matrix(vocab: int, device: torch.device | str = "cpu", k: int = TOP_K) -> torch.Tensor:
+    """An adjacency matrix before any forward: every row holds k distinct tokens, so a cold row's siblings
+    are k different guesses rather than k copies of token 0 (which verify the same path k times)."""
+    return torch.arange(k, device=device).repeat(vocab, 1)
+
+
 _DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, TokenRecycling]" = weakref.WeakKeyDictionary()
 
 
@@ -133,6 +139,5 @@ def shared_recycler(model: torch.nn.Module) -> TokenRecycling:
     drafter = _DRAFTERS.get(model)
     if drafter is None:
         vocab = model.get_output_embeddings().weight.shape[0]
-        matrix = torch.zeros(vocab, TOP_K, dtype=torch.long, device=next(model.parameters()).device)
-        drafter = _DRAFTERS[model] = TokenRecycling(matrix)
+        drafter = _DRAFTERS[model] = TokenRecycling(cold_matrix(vocab, next(model.parameters()).device))
     return drafter

@@ -128,16 +128,13 @@ def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
         node = child
 
 
-def logits_processing(processors, prefix_len: int, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
-    """``accept``'s ``process`` for a transformers ``LogitsProcessorList``: the processors see a sequence of the
-    prompt's length followed by the generated ids, as in ``generate`` (their values in the prompt part are
-    zeros: the processors this serves read positions and generated tokens only)."""
+def logits_processing(processors, prompt: torch.Tensor, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    """``accept``'s ``process`` for a transformers ``LogitsProcessorList``: the processors see the prompt ids
+    ``prompt`` (1-D) followed by the generated ids, as in ``generate`` (repetition penalty reads the prompt)."""
 
     def process(logits: torch.Tensor, path: list[int]) -> torch.Tensor:
-        tokens = generated + path
-        ids = torch.zeros((1, prefix_len + len(tokens)), dtype=torch.long, device=logits.device)
-        if tokens:
-            ids[0, prefix_len:] = torch.tensor(tokens, device=logits.device)
+        tokens = torch.tensor(generated + path, dtype=torch.long, device=logits.device)
+        ids = torch.cat([prompt.to(logits.device), tokens])[None]
         return processors(ids, logits[None].float())[0]
 
     return process
@@ -185,10 +182,12 @@ def speculative_decode(
     cache = forward.new_cache()
     context = input_ids[0].tolist()
     generated: list[int] = []
-    prefix_len = next(iter(prefill.values())).shape[1] if prefill is not None else len(context)
+    # a prefill's prompt is not ids (Bark's summed embeddings): its processors see zeros of its length
+    prompt = (torch.zeros(next(iter(prefill.values())).shape[1], dtype=torch.long) if prefill is not None
+              else input_ids[0].detach().cpu())
     if prefill is not None:
         logits = model(**prefill, use_cache=True, **{forward.kwarg: cache}).logits[0, -1]
-        process = logits_processing(processors, prefix_len, generated) if processors else None
+        process = logits_processing(processors, prompt, generated) if processors else None
         token = choose_token(logits if process is None else process(logits, []), config, generator)
         stats.forwards += 1
         stats.new_tokens += 1
@@ -216,14 +215,16 @@ def speculative_decode(
             before_root = len(pending) - 1
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
-            process = logits_processing(processors, prefix_len, generated) if processors else None
+            process = logits_processing(processors, prompt, generated) if processors else None
             nodes, run = accept(tree, logits, config, generator, process)
             for i, token in enumerate(run):
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]
                     break
             kept = contiguous_accepted(nodes)
-            cache.crop(-(len(tree) - 1 - kept))
+            dropped = len(tree) - 1 - kept
+            if dropped:  # crop(-0) would mean "keep nothing" to a cache that reads it as a length
+                cache.crop(-dropped)
             pending = run[kept:]
             context.extend(run)
             generated.extend(run)

@@ -5,8 +5,12 @@ Every branch of ``branch_length + 1`` tokens is inserted below its first token. 
 per-request frequency that is reset when the request ends; output branches count in a global frequency
 that persists across requests (what makes repeated or RAG-style traffic fast). Retrieval matches the last
 1..``max_query_length`` tokens, then keeps the ``decoding_length`` most frequent reachable nodes no deeper
-than ``branch_length``. When the trie outgrows ``max_nodes`` it is squeezed: output frequencies are halved
-and nodes with no frequency left are dropped.
+than ``branch_length``. When output nodes outgrow ``max_nodes`` the trie is squeezed: output frequencies are
+halved and nodes with no frequency left are dropped, down to a low-water mark so the squeeze is rare.
+
+Prompt nodes do not count against ``max_nodes`` and only the last ``prompt_window`` prompt tokens are indexed:
+a long pasted document then costs a bounded insert and cannot evict the earlier answers' n-grams (the
+cross-request memory the trie exists for).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class LookaheadConfig:
     max_query_length: int = 2
     max_nodes: int = 65536
     prompt_weight: float = 1.0  # a prompt occurrence counts as much as an output one when ranking
+    prompt_window: int = 2048  # only the prompt's last tokens are indexed (bounded start on long prompts)
 
 
 class TrieNode:
@@ -53,7 +58,8 @@ class NGramTrie:
         node = self._root(branch[0])
         for token in branch[1:]:
             node = self._count(node, token, from_prompt)
-        self._bound()
+        if not from_prompt:
+            self._bound()
 
     def extend(self, branch: list[int]) -> None:
         """Count only the last node of an output ``branch`` whose earlier nodes were counted when they
@@ -84,8 +90,12 @@ class NGramTrie:
         return child
 
     def _bound(self) -> None:
-        if self.nodes > self.max_nodes:
+        if self.output_nodes() > self.max_nodes:
             self.squeeze()
+
+    def output_nodes(self) -> int:
+        """Nodes held for output, the ones the budget bounds (the request's prompt nodes are freed at its end)."""
+        return self.nodes - len(self.prompt_nodes)
 
     def reset_prompt(self) -> None:
         """Forget the finished request's prompt counts (and the nodes only the prompt held)."""
@@ -95,8 +105,9 @@ class NGramTrie:
         self._prune()
 
     def squeeze(self) -> None:
-        """Halve output frequencies and drop what falls to zero, until under budget."""
-        while self.nodes > self.max_nodes:
+        """Halve output frequencies and drop what falls to zero, until under the low-water mark (3/4 of
+        the budget), so a full trie is not re-walked on every insert."""
+        while self.output_nodes() > self.max_nodes * 3 // 4:
             stack = list(self.roots.values())
             while stack:
                 node = stack.pop()
@@ -144,7 +155,7 @@ class LookaheadTrie(Drafter):
 
     def start(self, prompt: list[int]) -> None:
         width = self.config.branch_length + 1
-        for i in range(len(prompt) - 1):
+        for i in range(max(0, len(prompt) - self.config.prompt_window), len(prompt) - 1):
             self.trie.insert(prompt[i:i + width], from_prompt=True)
         # output branches may start inside the prompt's tail, as they would in one stream
         self.output = prompt[-self.config.branch_length:]

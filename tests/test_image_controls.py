@@ -46,7 +46,8 @@ def load_png(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_controls_off_is_bit_identical_to_stock_pipeline(image_pipeline, arch):
+def test_controls_off_is_bit_identical_to_stock_pipeline(image_pipeline, arch, monkeypatch):
+    monkeypatch.setattr(image_pipeline, "preview_interval_s", 0.0)
     request = ImageRequest(prompt="a red hat and a blue car", model=TINY[arch], steps=3, seed=11, batch_size=2)
     events = list(image_pipeline.generate(request))
     result = events[-1]

@@ -62,3 +62,14 @@ def test_guard_names_the_component_a_request_recast():
     with pytest.raises(PipelineError, match="changed the device or dtype of tiny's unet"):
         with keep_placement(stored, "tiny"):
             stored.unet.to(torch.float32)
+
+
+def test_previews_are_throttled_and_capped_in_size():
+    from pipelines.image.preview import AsyncPreviews
+
+    previews = AsyncPreviews(torch.randn(5, 3), upscale=8, interval=60.0, side=512)
+    previews.add(torch.randn(1, 4, 128, 128))
+    previews.add(torch.randn(1, 4, 128, 128))  # inside the interval: skipped
+    images = previews.ready()
+    assert len(previews.pending) == 0 and images[0].size == (512, 512)
+    assert previews.ready() is None

@@ -118,6 +118,7 @@ def split_words(text: str) -> list[str]:
 class ImagePipeline(PresetModels, Pipeline):
     task = "image"
     request_type = ImageRequest
+    preview_interval_s = 0.1  # live previews at most this often (AsyncPreviews)
 
     def __init__(self, store: ModelStore, preset: str = "auto") -> None:
         self.store = store
@@ -234,7 +235,7 @@ class ImagePipeline(PresetModels, Pipeline):
             merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed,
                                   **merge_settings(model.arch, backend, device))
         fast = FastUNet(pipe.unet, backend, control, lambda: pipe.scheduler.timesteps)
-        previews = AsyncPreviews(model.preview_map, upscale=pipe.vae_scale_factor)
+        previews = AsyncPreviews(model.preview_map, upscale=pipe.vae_scale_factor, interval=self.preview_interval_s)
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
             control.step = fast.step = i + 1
@@ -427,6 +428,36 @@ class ImagePipeline(PresetModels, Pipeline):
 _DONE = object()
 
 
+class WarmThreads:
+    """Worker threads kept for reuse, one per concurrent job (never a fixed pool, so nested jobs cannot deadlock).
+
+    Why not a new thread per request: cuDNN's execution-plan cache and cuBLAS handles are per thread in PyTorch,
+    so every fresh thread re-plans each convolution on its first UNet call (~0.4 s per SD1.5 request on an H200,
+    measured in benchmarks/results/image_served_breakdown_h200.json). The most recently idle thread is reused
+    first, so a request's GPU work lands on the thread that ran the previous one."""
+
+    def __init__(self) -> None:
+        self._idle: list[queue.SimpleQueue] = []
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name="pipeline-worker", daemon=True).start()
+        inbox.put(job)
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            inbox.get()()
+            with self._lock:
+                self._idle.append(inbox)
+
+
+WORKERS = WarmThreads()
+
+
 def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any,
                      latest_progress: bool = False) -> Iterator[Event]:
     """Run ``work(emit)`` on a worker thread and yield what it emits; return its result (``yield from``).
@@ -436,6 +467,7 @@ def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any
     ``latest_progress`` skips a Progress when a newer event already waits, so a slow consumer never lags."""
     events: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
@@ -444,9 +476,9 @@ def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any
             outcome["error"] = error
         finally:
             events.put(_DONE)
+            done.set()
 
-    thread = threading.Thread(target=target, name="pipeline-worker", daemon=True)
-    thread.start()
+    WORKERS.submit(target)
     finished = False
     try:
         while (item := events.get()) is not _DONE:
@@ -456,7 +488,7 @@ def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any
     finally:
         if not finished:
             cancel.cancel()
-        thread.join()
+        done.wait()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

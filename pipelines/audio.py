@@ -1,10 +1,6 @@
-"""Streaming helpers shared by the speech and song tabs: a growing chunk schedule, exact chunk seams, WAV bytes.
+"""Streaming helpers shared by the speech and song tabs: a growing chunk schedule and WAV bytes.
 
-Seams: a codec chunk is decoded together with some already-played frames on its left (the decoder's convolutions
-and LSTM then see the same past they see in a one-shot decode) and only the samples after the ones already
-played are kept; the newest ``holdback`` frames are not played yet because a causal transposed convolution
-still adds the next frame's overlap into them. No crossfade is needed: the concatenated chunks equal the one-shot
-waveform up to the effect of the truncated left context (ParlerTTSStreamer's stride, made exact on the left).
+Exact codec seams live in ``codec_stream`` (holdback and left context derived from EnCodec's receptive field).
 """
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ import io
 import wave
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,34 +37,6 @@ class ChunkSchedule:
             ends.append(end)
             index += 1
         return ends
-
-
-class ChunkedDecoder:
-    """Decode a growing code sequence chunk by chunk, returning only the samples not yet played.
-
-    ``decode(codes)`` maps codes ``[..., frames]`` to a 1-D float waveform of ``frames * hop`` samples.
-    """
-
-    def __init__(self, decode: Callable[[object], np.ndarray], hop: int, context_frames: int = 150,
-                 holdback_frames: int = 1) -> None:
-        self.decode = decode
-        self.hop = hop
-        self.context_frames = context_frames
-        self.holdback_frames = holdback_frames
-        self.played = 0  # samples handed out so far
-
-    def push(self, codes, final: bool = False) -> np.ndarray:
-        """New samples for ``codes`` (all frames so far); with ``final`` the held-back tail is flushed too."""
-        frames = codes.shape[-1]
-        playable = frames * self.hop if final else max(0, (frames - self.holdback_frames) * self.hop)
-        if playable <= self.played:
-            return np.zeros(0, np.float32)
-        start = max(0, self.played // self.hop - self.context_frames)
-        audio = np.asarray(self.decode(codes[..., start:]), dtype=np.float32).reshape(-1)
-        offset = start * self.hop
-        new = audio[self.played - offset:playable - offset]
-        self.played = playable
-        return new
 
 
 def to_int16(samples: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ greedy decoding reproduces stock ``BarkModel.generate`` exactly. The coarse wind
 semantic tokens they read exist, so the first audio does not wait for the whole semantic pass.
 
 Streaming: the fine stage runs per chunk on the new coarse frames with the fine codes already played as its
-history (Bark's own ``fine_prompt`` mechanism), then EnCodec decodes with left context (``audio.ChunkedDecoder``).
+history (Bark's own ``fine_prompt`` mechanism), then EnCodec decodes exactly at the seams (``codec_stream.EncodecStream``).
 Bark's stock fine pass is bidirectional over up to 1024 frames, so streamed fine codes differ from a one-shot
 fine pass; with streaming off the fine pass and the codec decode are Bark's own, over everything at once.
 """
@@ -22,8 +22,9 @@ import torch
 from transformers import AlternatingCodebooksLogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import BarkEosPrioritizerLogitsProcessor, SuppressTokensLogitsProcessor
 
-from .audio import ChunkedDecoder, ChunkSchedule
+from .audio import ChunkSchedule
 from .base import CancelToken, PipelineError, Progress
+from .codec_stream import EncodecStream, randomize_codebooks
 from .decoding.plain import DecodeStats, SamplingConfig
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.verify import CausalLMForward, NoDraft, speculative_decode
@@ -97,7 +98,6 @@ class BarkSettings:
     drafting: bool = True
     stream: bool = True
     schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
-    context_frames: int = 150
     max_semantic_tokens: int | None = None  # None = Bark's own limit (768)
 
 
@@ -285,7 +285,7 @@ def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings, output: Ba
                               output.semantic_stats)
     max_coarse = coarse_length(tts, semantic.limit)
     n_coarse = tts.coarse.n_coarse_codebooks
-    decoder = ChunkedDecoder(lambda codes: codec_decode(tts, codes), tts.hop, settings.context_frames)
+    decoder = EncodecStream(tts.model.codec_model)
     fine: torch.Tensor | None = None
     next_end = settings.schedule.size(0)
 
@@ -380,4 +380,5 @@ def tiny_bark(seed: int = 0) -> BarkTTS:
     for key in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config"):
         setattr(generation, key, getattr(generation, key).to_dict())
     model.generation_config = generation
+    randomize_codebooks(model.codec_model, seed)
     return BarkTTS(model, tokenizer)

@@ -24,8 +24,9 @@ from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .audio import ChunkedDecoder, ChunkSchedule
+from .audio import ChunkSchedule
 from .base import CancelToken, Progress
+from .codec_stream import EncodecStream, randomize_codebooks
 from .decoding.plain import DecodeStats
 from .decoding.prompt_lookup import PromptLookup
 
@@ -260,19 +261,6 @@ class AccompanimentResult:
     decode_s: float
 
 
-def codec_decoder(model) -> ChunkedDecoder:
-    """Streaming EnCodec decode with left context. MusicGen's 32 kHz EnCodec is non-causal, so the newest
-    frames are held back until later frames have arrived (3 frames cover its convolutions' right reach)."""
-    config = model.audio_encoder.config
-
-    def decode(codes: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            audio = model.audio_encoder.decode(codes[None, None], audio_scales=[None]).audio_values
-        return audio[0, 0].float().cpu().numpy()
-
-    return ChunkedDecoder(decode, int(np.prod(config.upsampling_ratios)), context_frames=150, holdback_frames=3)
-
-
 def stream_accompaniment(
     model,
     tokenizer,
@@ -293,7 +281,7 @@ def stream_accompaniment(
     conditioning = encode_text(model, tokenizer, [prompt], sampling.guidance_scale)
     stats = MusicgenDecodeStats()
     drafter = ColumnLookupDrafter() if draft else None
-    decoder = codec_decoder(model)
+    decoder = EncodecStream(model.audio_encoder)
     num_codebooks = model.decoder.config.num_codebooks
     ends = iter(schedule.boundaries(num_frames))
     next_end = next(ends)
@@ -345,4 +333,5 @@ def tiny_musicgen(seed: int = 0):
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(config).eval()
     model.generation_config.update(decoder_start_token_id=64, pad_token_id=64, bos_token_id=64)
+    randomize_codebooks(model.audio_encoder, seed)
     return model, tokenizer

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from pipelines.base import MAX_SEED, CancelToken, Event, Pipeline, PipelineError, Request
+from pipelines.base import MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Request
 from pipelines.guard import guarded_events
 from pipelines.image.pipeline import stream_in_thread
 
@@ -120,6 +120,9 @@ def _explained(preprocess: Callable, label: str, numeric: bool) -> Callable:
     expected = "a finite number" if numeric else "a value this input accepts"
 
     def preprocess_or_explain(payload: Any) -> Any:
+        if isinstance(payload, str) and len(payload) > MAX_TEXT_CHARS:
+            raise gr.Error(f"'{label}' is {len(payload):,} characters; the limit is {MAX_TEXT_CHARS:,}.",
+                           print_exception=False)
         try:
             value = preprocess(payload)
             readable = not (numeric and isinstance(value, float) and not math.isfinite(value))

@@ -150,3 +150,26 @@ def test_remote_code_model_is_refused_before_loading_on_every_tab(tmp_path):
             pipeline.run(request)
         assert store.loaded_names() == [], f"{task} loaded something from a remote-code repo"
     assert not (tmp_path / "remote-code-ran").exists()
+
+
+def test_a_30_mb_prompt_is_refused_before_any_tokenizer_runs():
+    import time
+
+    from pipelines.base import MAX_TEXT_CHARS, PipelineError, require_text
+
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=f"{MAX_TEXT_CHARS:,}"):
+        require_text("x" * 30_000_000)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_30_mb_prompt_through_the_api_is_refused_in_under_a_second():
+    import time
+
+    from pipelines.base import MAX_TEXT_CHARS
+
+    client = client_for(shared_app().url)
+    started = time.monotonic()
+    with pytest.raises(Exception, match="limit"):
+        client.predict("x" * 29_000_000, "", "", "vanilla", 2, 0.0, 1.0, 1, api_name="/generate_text")
+    assert time.monotonic() - started < 5.0, f"took {time.monotonic() - started:.1f} s (limit {MAX_TEXT_CHARS})"

@@ -125,3 +125,35 @@ def test_no_code_path_enables_remote_code():
             if re.search(r"trust_remote_code\s*=\s*(?!False\b)", line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "remote code must never be enabled:\n" + "\n".join(offenders)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,route", [
+    ("get", "gradio_api/app_id"), ("get", "gradio_api/token"),
+    ("get", "gradio_api/user"), ("get", "gradio_api/heartbeat/someone-else"), ("post", "gradio_api/cancel"),
+    ("post", "gradio_api/reset"), ("get", "gradio_api/runs"),
+])
+def test_session_routes_refuse_callers_without_a_login(auth_app, method, route):
+    anonymous = httpx.request(method, f"{auth_app}{route}", json={"session_hash": "x", "fn_index": 0,
+                                                                  "event_id": "x"}, timeout=30)
+    assert anonymous.status_code == 401, f"{route} answered {anonymous.status_code} without a login"
+    wrong = httpx.post(f"{auth_app}login", data={"username": "alice", "password": "wrong"}, timeout=30)
+    with_wrong_login = httpx.request(method, f"{auth_app}{route}", cookies=wrong.cookies, timeout=30)
+    assert with_wrong_login.status_code == 401, f"{route} answered {with_wrong_login.status_code} to a wrong login"
+
+
+def test_a_request_body_over_the_total_limit_is_refused_before_it_is_read():
+    from app import MAX_REQUEST_BYTES
+
+    base = shared_app().url.rstrip("/")
+    files = [("files", (f"part{i}.png", b"\0" * 20_000_000)) for i in range(2)]
+    refused = httpx.post(f"{base}/gradio_api/upload", files=files, timeout=60)
+    assert refused.status_code == 413, f"{2 * 20_000_000} bytes over {MAX_REQUEST_BYTES} got {refused.status_code}"
+
+
+@pytest.mark.slow
+def test_startup_events_route_is_harmless_without_a_login(auth_app):
+    """launch() calls it itself; a second call does nothing and reveals no state."""
+    first = httpx.get(f"{auth_app}gradio_api/startup-events", timeout=30)
+    again = httpx.get(f"{auth_app}gradio_api/startup-events", timeout=30)
+    assert first.status_code == again.status_code == 200 and again.json() is False

@@ -434,13 +434,18 @@ class WarmThreads:
     Why not a new thread per request: cuDNN's execution-plan cache and cuBLAS handles are per thread in PyTorch,
     so every fresh thread re-plans each convolution on its first UNet call (~0.4 s per SD1.5 request on an H200,
     measured in benchmarks/results/image_served_breakdown_h200.json). The most recently idle thread is reused
-    first, so a request's GPU work lands on the thread that ran the previous one."""
+    first, so a request's GPU work lands on the thread that ran the previous one. Only with CUDA: on the CPU a
+    reused thread made order-dependent last-bit differences against the stock call (tests/test_image_controls.py,
+    tests/test_video.py in the full suite), and there is no per-thread plan cache to keep."""
 
     def __init__(self) -> None:
         self._idle: list[queue.SimpleQueue] = []
         self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], None]) -> None:
+        if not torch.cuda.is_available():  # CPU: a fresh thread per job, no thread-local state carried over
+            threading.Thread(target=job, name="pipeline-worker", daemon=True).start()
+            return
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
         if inbox is None:

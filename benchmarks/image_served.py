@@ -194,12 +194,7 @@ def image_case(arch: str, size: int, folder: str, configs: list[str], args: argp
                      height=size, width=size, generator=generator).images
 
     calls = {"stock": direct, **{name: ours(IMAGE_CONFIGS[name]) for name in configs}}
-    weights = {name: ours_weights for name in calls}
-    weights["stock"] = module_nbytes(stock) / 1e9
-    results = measure(calls, weights, args.repeats, device)
-    del stock
-    store.unload_all()
-    return rows(arch, size, results)
+    return compare(arch, size, calls, ours_weights, module_nbytes(stock) / 1e9, args, store)
 
 
 def video_case(size: int, folders: dict[str, str], configs: list[str], args: argparse.Namespace,
@@ -230,12 +225,17 @@ def video_case(size: int, folders: dict[str, str], configs: list[str], args: arg
                      guidance_scale=7.5, height=size, width=size, generator=generator).frames
 
     calls = {"stock": direct, **{config: ours(VIDEO_CONFIGS[config]) for config in configs}}
-    weights = {config: ours_weights for config in calls}
-    weights["stock"] = module_nbytes(stock) / 1e9
-    results = measure(calls, weights, args.repeats, device)
-    del stock
+    return compare("animatediff", size, calls, ours_weights, module_nbytes(stock) / 1e9, args, store)
+
+
+def compare(arch: str, size: int, calls: dict[str, Callable[[], Any]], ours_gb: float, stock_gb: float,
+            args: argparse.Namespace, store: ModelStore) -> list[dict[str, Any]]:
+    """Time the tab's configurations against the stock call, then free both pipelines for the next case."""
+    weights = {name: ours_gb for name in calls}
+    weights["stock"] = stock_gb
+    results = measure(calls, weights, args.repeats, store.device)
     store.unload_all()
-    return rows("animatediff", size, results)
+    return rows(arch, size, results)
 
 
 def rows(arch: str, size: int, results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:

@@ -30,13 +30,10 @@ def write_sidecar(media_path: Path, parameters: dict[str, Any]) -> Path:
 
 
 def save_png(image, parameters: dict[str, Any], path: Path | None = None) -> Path:
-    """Save a PIL image as PNG with its parameters as JSON in a ``parameters`` text chunk.
-
-    zlib level 1: files ~15 % larger than PIL's default level 6, written 5x faster (2048 px: 0.4 s, not 2.2 s)."""
-    from PIL.PngImagePlugin import PngInfo
+    """Save a PIL image as PNG with its parameters as JSON in a ``parameters`` text chunk (``png.png_bytes``:
+    deflated in parallel, so writing stays a small part of a request)."""
+    from .png import png_bytes
 
     path = path or new_output_path("image", ".png")
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters, default=str))
-    image.save(path, pnginfo=info, compress_level=1)
+    path.write_bytes(png_bytes(image, {"parameters": json.dumps(parameters, default=str)}))
     return path

@@ -68,3 +68,20 @@ def test_video_graph_equals_eager_static_path_and_keeps_dtype(monkeypatch):
     assert graph.stats["fast"] == "graph" and graph.stats["graph_replays"] > 0
     assert np.array_equal(graph.value.frames, eager.value.frames)
     assert placement(video.load(video.specs[0].name)) == before
+
+
+def test_previews_never_wait_for_the_gpu(image_pipeline):
+    """A preview is a few kernels and an async copy: no host sync (a host-side colour map made every preview wait
+    for all queued steps)."""
+    from pipelines.image.preview import AsyncPreviews
+
+    model = image_pipeline.load(TINY["sd15"])
+    previews = AsyncPreviews(model.preview_map, upscale=8, interval=0.0)
+    latents = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        previews.add(latents)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert previews.ready()[0].size == (512, 512)

@@ -39,3 +39,26 @@ def test_text_decoding_rows_compare_against_vanilla_in_the_same_run():
 def test_prompt_file_has_39_prompts_over_12_categories():
     rows = text_decoding.read_prompts(str(Path(__file__).resolve().parents[1] / "benchmarks/prompts/mixed39.jsonl"))
     assert len(rows) == 39 and len({r["category"] for r in rows}) == 12
+
+
+def test_text_served_drives_the_tab_and_checks_identity_against_our_plain_path(tmp_path):
+    import text_served
+
+    out = tmp_path / "served.json"
+    text_served.main(["--tiny", "--limit", "2", "--max-new-tokens", "6", "--methods", "vanilla,prompt_lookup",
+                      "--anchors", "hf-eager", "--json", str(out)])
+    rows = {(r["method"], r["category"]): r for r in json.loads(out.read_text())["rows"]}
+    assert {"tokens_per_s", "speedup_vs_plain", "tau", "identical_fraction", "recompiles_after_warmup",
+            "first_request_s", "draft_share"} <= set(rows["prompt_lookup", "all"])
+    # fp32 on the CPU: the lossless method and transformers' greedy generate reproduce our plain path exactly
+    assert rows["prompt_lookup", "all"]["identical_fraction"] == 1.0
+    assert rows["hf-eager", "all"]["identical_fraction"] == 1.0
+    assert rows["vanilla", "all"]["speedup_vs_plain"] == 1.0
+
+
+def test_first_divergence_names_the_first_differing_token():
+    import text_served
+
+    assert text_served.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert text_served.first_divergence([1, 5, 3], [1, 2, 3]) == 1
+    assert text_served.first_divergence([1, 2], [1, 2, 3]) == 2

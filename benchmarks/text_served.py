@@ -1,0 +1,238 @@
+"""The text tab as served: ``TextPipeline.generate`` per method vs transformers ``generate``, one process, interleaved.
+
+    python benchmarks/text_served.py --model "SmolLM2-135M-Instruct (packaged)" \
+        --prompts benchmarks/prompts/heldout40.jsonl --json benchmarks/results/text_served_h200.json
+    python benchmarks/text_served.py --shape 7b --prompts benchmarks/prompts/heldout40.jsonl --limit 8 \
+        --methods vanilla,merged,prompt_lookup --anchors hf-eager --json benchmarks/results/text_served_7b_h200.json
+    python benchmarks/text_served.py --tiny --limit 3 --max-new-tokens 16 --json /tmp/t.json   # a quick check
+
+Ours: the tab's request (chat template, greedy, the method's defaults) through ``TextPipeline.generate`` on the
+device and in the dtype the ModelStore picks, fast path and all, so a row is what a user of the tab gets.
+Anchors, on the same loaded weights: transformers ``generate`` eager (DynamicCache), with prompt lookup (10
+tokens, its docs' value), and with its static cache + ``torch.compile`` (run once per prompt before it is timed,
+so it is measured at its best). After one warm-up request per method on a prompt outside the set, every prompt
+runs every method in an order that rotates from prompt to prompt.
+
+Rows, per method and category ("all" for the totals): ``tokens_per_s`` (mean of per-prompt tok/s, as Spec-Bench),
+``speedup_vs_plain`` (that mean over our vanilla's) and ``total_speedup_vs_plain`` (total tokens / total time),
+``tau``, ``draft_share``, ``seconds_per_step``, ``identical_fraction`` (token ids equal to our vanilla's) and the
+first divergences, ``recompiles_after_warmup`` (dynamo frames compiled during timed calls) and
+``first_request_s`` (the method's cold request: compile and capture included).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.text_decoding import HF_PLD_TOKENS, WARMUP_PROMPT, read_prompts  # noqa: E402
+from pipelines.models import ModelStore  # noqa: E402
+from pipelines.text import CausalLM, TextPipeline, TextRequest, eos_token_ids  # noqa: E402
+
+OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "lookahead")
+ANCHORS = ("hf-eager", "hf-pld", "hf-static-compile")
+# Random weights of these shapes measure step costs (acceptance needs real weights: use --model for that).
+SHAPES = {
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+}
+
+
+def compiled_frames() -> int:
+    """Frames dynamo has compiled so far in this process (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def random_model_folder(shape: str, tokenizer: Any, root: Path) -> str:
+    """A Qwen2-architecture model of ``shape`` with random weights, saved with ``tokenizer`` as a local folder."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = root / f"random-{shape}"
+    if not (folder / "config.json").is_file():
+        config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=False,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **SHAPES[shape])
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+    return str(folder)
+
+
+class Runner:
+    """One request per call, for our methods (through the tab's pipeline) and the transformers anchors."""
+
+    def __init__(self, pipeline: TextPipeline, model_name: str, max_new_tokens: int) -> None:
+        self.pipeline, self.model_name, self.max_new = pipeline, model_name, max_new_tokens
+        self.lm: CausalLM = pipeline.load(model_name)
+        self.eos = eos_token_ids(self.lm)
+
+    def ours(self, method: str, prompt: str) -> dict[str, Any]:
+        result = self.pipeline.run(TextRequest(prompt=prompt, model=self.model_name, method=method,
+                                               max_new_tokens=self.max_new, seed=0))
+        stats = result.stats
+        return {"ids": result.metadata["token_ids"], "seconds": stats["time_s"], "tau": stats["tau"],
+                "draft_share": stats["draft_share"], "forwards": stats["forwards"]}
+
+    def anchor(self, method: str, prompt: str) -> dict[str, Any]:
+        request = TextRequest(prompt=prompt, model=self.model_name, max_new_tokens=self.max_new)
+        input_ids = self.pipeline.encode_prompt(self.lm, request)
+        options: dict[str, Any] = dict(max_new_tokens=self.max_new, do_sample=False, eos_token_id=sorted(self.eos),
+                                       pad_token_id=sorted(self.eos)[0])
+        if method == "hf-pld":
+            options["prompt_lookup_num_tokens"] = HF_PLD_TOKENS
+        if method == "hf-static-compile":
+            options["cache_implementation"] = "static"
+            self.call(input_ids, options)  # its fair best: this prompt's shapes compiled before the timed call
+        seconds, ids = self.call(input_ids, options)
+        return {"ids": ids, "seconds": seconds, "tau": 1.0, "draft_share": 0.0, "forwards": len(ids)}
+
+    def call(self, input_ids: torch.Tensor, options: dict[str, Any]) -> tuple[float, list[int]]:
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.lm.model.generate(input_ids, **options)
+        sync()
+        return time.perf_counter() - start, out[0, input_ids.shape[1]:].tolist()
+
+    def request(self, method: str, prompt: str) -> dict[str, Any]:
+        frames = compiled_frames()
+        record = self.anchor(method, prompt) if method in ANCHORS else self.ours(method, prompt)
+        record["recompiles"] = compiled_frames() - frames
+        return record
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def first_divergence(ours: list[int], plain: list[int]) -> int | None:
+    """Index of the first token where ``ours`` leaves ``plain`` (None: identical)."""
+    for i, (a, b) in enumerate(zip(ours, plain)):
+        if a != b:
+            return i
+    return None if len(ours) == len(plain) else min(len(ours), len(plain))
+
+
+def run_all(runner: Runner, prompts: list[dict], methods: list[str]) -> tuple[list[dict], dict[str, float]]:
+    """Cold request per method (first_request_s), then every prompt through every method, order rotating."""
+    first = {}
+    for method in methods:
+        sync()
+        start = time.perf_counter()
+        runner.request(method, WARMUP_PROMPT)
+        first[method] = round(time.perf_counter() - start, 3)
+        print(f"cold {method}: {first[method]} s", flush=True)
+    records = []
+    for n, item in enumerate(prompts):
+        order = methods[n % len(methods):] + methods[:n % len(methods)]
+        results = {method: runner.request(method, item["prompt"]) for method in order}
+        plain = results.get("vanilla", {}).get("ids")
+        for method, record in results.items():
+            tokens = max(len(record["ids"]), 1)
+            records.append({"method": method, "category": item["category"], "tokens": tokens,
+                            "seconds": record["seconds"], "tokens_per_s": tokens / record["seconds"],
+                            "tau": record["tau"], "draft_share": record["draft_share"],
+                            "seconds_per_step": record["seconds"] / max(record["forwards"], 1),
+                            "recompiles": record["recompiles"],
+                            "divergence": first_divergence(record["ids"], plain) if plain is not None else None})
+        print(f"prompt {n + 1}/{len(prompts)}: " + ", ".join(
+            f"{m} {results[m]['seconds']:.2f}s" for m in methods), flush=True)
+    return records, first
+
+
+def summarise(records: list[dict], methods: list[str], first: dict[str, float]) -> list[dict]:
+    rows = []
+    categories = ["all"] + sorted({r["category"] for r in records})
+    for category in categories:
+        chosen = [r for r in records if category == "all" or r["category"] == category]
+        plain = [r for r in chosen if r["method"] == "vanilla"]
+        plain_mean = statistics.mean(r["tokens_per_s"] for r in plain) if plain else None
+        plain_total = sum(r["tokens"] for r in plain) / sum(r["seconds"] for r in plain) if plain else None
+        for method in methods:
+            mine = [r for r in chosen if r["method"] == method]
+            if not mine:
+                continue
+            mean = statistics.mean(r["tokens_per_s"] for r in mine)
+            total = sum(r["tokens"] for r in mine) / sum(r["seconds"] for r in mine)
+            divergences = [r["divergence"] for r in mine if r["divergence"] is not None]
+            rows.append({
+                "method": method, "category": category, "prompts": len(mine), "tokens_per_s": round(mean, 2),
+                "speedup_vs_plain": round(mean / plain_mean, 3) if plain_mean else None,
+                "total_speedup_vs_plain": round(total / plain_total, 3) if plain_total else None,
+                "tau": round(statistics.mean(r["tau"] for r in mine), 3),
+                "draft_share": round(statistics.mean(r["draft_share"] for r in mine), 4),
+                "seconds_per_step": round(statistics.median(r["seconds_per_step"] for r in mine), 5),
+                "identical_fraction": round(1 - len(divergences) / len(mine), 3) if plain else None,
+                "first_divergences": divergences[:10],
+                "recompiles_after_warmup": sum(r["recompiles"] for r in mine),
+                "first_request_s": first[method]})
+    return rows
+
+
+def build(args: argparse.Namespace) -> tuple[TextPipeline, str]:
+    """The tab's pipeline and the model name to request: a preset name, a local folder, or a random shape."""
+    if args.tiny:
+        return TextPipeline(ModelStore(packaged={}), "tiny"), ""
+    pipeline = TextPipeline(ModelStore())
+    if not args.shape:
+        return pipeline, args.model
+    tokenizer = pipeline.load(args.model).tokenizer  # a real tokenizer (and chat template) for the random shape
+    folder = random_model_folder(args.shape, tokenizer, Path(args.models))
+    return pipeline, folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct (packaged)",
+                        help="a text-tab model name, Hub id or local folder (with --shape: whose tokenizer to use)")
+    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"],
+                        help="random weights of this shape instead of --model's (step costs only)")
+    parser.add_argument("--prompts", default="benchmarks/prompts/heldout40.jsonl")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    parser.add_argument("--methods", default=",".join(OURS), help="ours, vanilla first")
+    parser.add_argument("--anchors", default=",".join(ANCHORS), help="transformers generate anchors ('' for none)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset on this machine: a quick check")
+    parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "tokenworks-text-models"))
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    pipeline, model_name = build(args)
+    runner = Runner(pipeline, model_name, args.max_new_tokens)
+    methods = [m for m in args.methods.split(",") if m] + [a for a in args.anchors.split(",") if a]
+    prompts = read_prompts(args.prompts)[: args.limit or None]
+    records, first = run_all(runner, prompts, methods)
+    model = runner.lm.model
+    report = {"benchmark": "text_served",
+              "device": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
+              "model": args.shape and f"random {args.shape} (Qwen2 shape)" or model_name or "tiny preset",
+              "dtype": str(model.dtype),
+              "settings": {"prompts": args.prompts, "count": len(prompts), "max_new_tokens": args.max_new_tokens,
+                           "greedy": True, "hf_pld_tokens": HF_PLD_TOKENS, "command": command_line(argv)},
+              "rows": summarise(records, methods, first)}
+    for row in report["rows"]:
+        if row["category"] == "all":
+            print(row, flush=True)
+    write_report(report, args.json)
+    return report
+
+
+if __name__ == "__main__":
+    main()

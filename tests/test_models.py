@@ -56,7 +56,7 @@ def test_offline_missing_model_error_names_model_and_how_to_get_it(hub_cache, mo
     with pytest.raises(ModelUnavailable) as error:
         store.resolve(ModelSpec("big", "causal-lm", hub_id="org/missing-model"))
     message = str(error.value)
-    assert "org/missing-model" in message and "huggingface-cli download org/missing-model" in message
+    assert "org/missing-model" in message and "hf download org/missing-model" in message
 
 
 def test_offline_error_is_fast_when_hub_unreachable(hub_cache, monkeypatch):

@@ -162,7 +162,8 @@ def fetch_notice(pipeline: Any) -> str:
 
 def availability_notice(pipeline: Any) -> gr.Markdown:
     """Shown on arrival (and only then) when no model of the tab can run here; see ``refresh_availability``."""
-    return gr.Markdown(fetch_notice(pipeline), visible=not pipeline.usable(), elem_classes=["tw-unavailable"])
+    return gr.Markdown(fetch_notice(pipeline), visible=not pipeline.usable(), elem_classes=["tw-unavailable"],
+                       elem_id=f"{pipeline.task}-unavailable")
 
 
 def refresh_availability(pipeline: Any, notice: gr.Markdown, generate: gr.Button,

@@ -19,9 +19,9 @@ from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_se
 
 @dataclass(frozen=True)
 class ImageExample:
-    """One example: a prompt and the controls it turns on (every control it does not name is set off)."""
+    """One example: a prompt, the controls it turns on (every control it does not name is set off) and the visible
+    sampling settings it suits."""
 
-    title: str
     prompt: str
     binding: bool = False
     lpa: bool = False
@@ -30,42 +30,54 @@ class ImageExample:
     compass: str = ""
     merge_ratio: float = 0.0
     heatmap_words: str = ""
+    steps: int = 30
+    cfg: float = 7.5
+    seed: int = -1
 
     def row(self) -> list[Any]:
         return [self.prompt, self.binding, self.lpa, self.style, self.isolate, self.compass, self.merge_ratio,
-                self.heatmap_words]
+                self.heatmap_words, self.steps, self.cfg, self.seed]
+
+    def settings(self) -> str:
+        """The controls the example turns on, as a person reads them."""
+        compass = ", ".join(f"{o['name']} at {o['angle']}°" for o in json.loads(self.compass)) if self.compass else ""
+        settings = [name for name, on in (("Binding on", self.binding), ("LPA on", self.lpa),
+                                          (f"style '{self.style}'", self.style),
+                                          (f"leakage fix: '{self.isolate}' encoded alone", self.isolate),
+                                          (f"compass: {compass}", compass),
+                                          (f"merge ratio {self.merge_ratio}", self.merge_ratio),
+                                          (f"heatmaps of {self.heatmap_words}", self.heatmap_words)) if on]
+        text = "; ".join(settings) or "every control off"
+        return text[0].upper() + text[1:]
 
     def label(self) -> str:
-        """What a person sees before clicking: the prompt and every setting the example changes."""
-        settings = [name for name, on in (("binding on", self.binding), ("LPA on", self.lpa),
-                                          (f"style '{self.style}'", self.style),
-                                          (f"encode alone: {self.isolate}", self.isolate),
-                                          ("compass objects", self.compass),
-                                          (f"merge ratio {self.merge_ratio}", self.merge_ratio),
-                                          (f"heatmaps: {self.heatmap_words}", self.heatmap_words)) if on]
-        return f"{self.title}: {self.prompt}" + (f" ({'; '.join(settings)})" if settings else " (every control off)")
+        """What a person sees before clicking: the settings first (long prompts are cut at the end), then the prompt."""
+        return f"{self.settings()} · {self.prompt}"
 
 
 # The micro-world model knows 5 shapes, 8 colours, 5 styles and 8 headings (pipelines/microworld/scenes.py):
 # these prompts stay inside that vocabulary, one per control.
-MICROWORLD_EXAMPLES = [
-    ImageExample("Plain", "a picture of a yellow star and a blue circle, in flat style"),
-    ImageExample("Binding", "a [red square] and a [cyan circle]", binding=True),
-    ImageExample("LPA", "a green star and a purple square, in striped style", lpa=True),
-    ImageExample("Leakage fix", "a pink star and a cyan circle, in flat style", isolate="pink star"),
-    ImageExample("Compass", "an orange arrow, in flat style",
-                 compass=json.dumps([{"name": "arrow", "angle": 270, "box": [0.15, 0.3, 0.85, 0.7]}])),
-    ImageExample("Heatmaps", "a red triangle pointing up and a blue star", heatmap_words="triangle, star"),
+MICROWORLD_EXAMPLES = [  # 30 steps at CFG 5 (how the model is evaluated); seeds whose baseline shows the flaw
+    ImageExample("a picture of a yellow star and a blue circle, in flat style", seed=0, cfg=5.0),
+    ImageExample("a [red square] and a [cyan circle]", binding=True, seed=2, cfg=5.0),
+    ImageExample("a green star and a purple square, in striped style", lpa=True, seed=0, cfg=5.0),
+    ImageExample("a pink star and a cyan circle, in flat style", isolate="pink star", seed=1, cfg=5.0),
+    ImageExample("a red triangle, in flat style", seed=0, cfg=5.0,
+                 compass=json.dumps([{"name": "triangle", "angle": 90, "box": [0.5, 0.2, 0.95, 0.8]}])),
+    ImageExample("a red triangle pointing up and a blue star", heatmap_words="triangle, star", seed=0, cfg=5.0),
 ]
 PHOTO_EXAMPLES = [
-    ImageExample("Binding", "a [red hat] and a [blue car]", binding=True),
-    ImageExample("LPA", "a white cat and a black dog, a castle in watercolor style", lpa=True),
-    ImageExample("Leakage fix", "a pool by a table", isolate="pool"),
-    ImageExample("Compass", "a car on a street",
-                 compass=json.dumps([{"name": "car", "angle": 90, "box": [0.1, 0.4, 0.9, 0.9]}])),
-    ImageExample("Token merging", "a mountain lake at sunrise, detailed", merge_ratio=0.5),
-    ImageExample("Heatmaps", "a red hat and a blue car", heatmap_words="hat, car"),
+    ImageExample("a [red hat] and a [blue car]", binding=True),
+    ImageExample("a white cat and a black dog, a castle in watercolor style", lpa=True),
+    ImageExample("a pool by a table", isolate="pool"),
+    ImageExample("a car on a street", compass=json.dumps([{"name": "car", "angle": 90, "box": [0.1, 0.4, 0.9, 0.9]}])),
+    ImageExample("a mountain lake at sunrise, detailed", merge_ratio=0.5),
+    ImageExample("a red hat and a blue car", heatmap_words="hat, car"),
 ]
+PLACEHOLDERS = {  # prompt, heatmap words, items to encode alone: per model family
+    True: ("a [red square] and a [cyan circle], in striped style", "square, circle", "red square"),
+    False: ("a [red hat] and a [blue car] in watercolor style", "hat, car", "pool"),
+}
 AB_INFO = ("Rendered only when a control is on (binding, LPA, leakage fix, compass or merging): with every control "
            "off the image already is the baseline.")
 MICROWORLD_MERGE_INFO = (f"Off for the micro-world model: its largest attention grid is 8×8 = 64 tokens, far below the "
@@ -74,11 +86,13 @@ MICROWORLD_MERGE_INFO = (f"Off for the micro-world model: its largest attention 
 
 def model_controls(name: str | None) -> tuple[dict, ...]:
     """Updates for the picked model: its examples shown (micro-world or photo), token merging off with the reason
-    where the model cannot use it. Order: micro-world examples, photo examples, merge ratio."""
+    where the model cannot use it, placeholders in its vocabulary. Order: micro-world examples, photo examples,
+    merge ratio, prompt, heatmap words, leakage-fix items."""
     microworld = name == MICROWORLD_MODEL
     merge = (gr.update(interactive=False, value=0.0, info=MICROWORLD_MERGE_INFO) if microworld
              else gr.update(interactive=True, info=None))
-    return gr.update(visible=microworld), gr.update(visible=not microworld), merge
+    placeholders = (gr.update(placeholder=text) for text in PLACEHOLDERS[microworld])
+    return gr.update(visible=microworld), gr.update(visible=not microworld), merge, *placeholders
 
 
 def opened_accordions(binding: bool, lpa: bool, style: str, isolate: str, compass: str, ratio: float) -> tuple:
@@ -93,10 +107,11 @@ def build(pipeline: ImagePipeline) -> None:
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
     notice = availability_notice(pipeline)
     default_model = pipeline.default_model_name()
+    prompt_hint, heatmap_hint, isolate_hint = PLACEHOLDERS[default_model == MICROWORLD_MODEL]
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="image-prompt",
-                                placeholder="a [red hat] and a [blue car] in watercolor style")
+                                placeholder=prompt_hint)
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
@@ -134,7 +149,7 @@ def build(pipeline: ImagePipeline) -> None:
                     window_low = gr.Number(label="Window start t", value=300, precision=0)
                     window_high = gr.Number(label="Window end t", value=650, precision=0)
             with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
-                isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder="pool")
+                isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
             with gr.Accordion("Compass Control (object orientation)", open=False,
                               elem_id="image-compass") as compass_box:
                 gr.Markdown("One row per object: a word of the prompt, its heading in degrees (0 = facing the "
@@ -152,17 +167,17 @@ def build(pipeline: ImagePipeline) -> None:
                 merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)",
                                         elem_id="image-merge-ratio", interactive=default_model != MICROWORLD_MODEL,
                                         info=MICROWORLD_MERGE_INFO if default_model == MICROWORLD_MODEL else None)
-            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder="hat, car")
+            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder=heatmap_hint)
             fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
                                info="CUDA graphs on a GPU, controls and merging kept; capture_s in the stats "
                                     "the first time; eager on CPU and ZeroGPU")
             stats = stats_panel()
-    example_inputs = [prompt, binding, lpa, style, isolate, compass_json, merge_ratio, heatmap_words]
+    example_inputs = [prompt, binding, lpa, style, isolate, compass_json, merge_ratio, heatmap_words, steps, cfg, seed]
     example_sets = []
     for examples, label, microworld in ((MICROWORLD_EXAMPLES, "Examples for the micro-world model", True),
                                         (PHOTO_EXAMPLES, "Examples", False)):
         example_set = gr.Examples([e.row() for e in examples], inputs=example_inputs, example_labels=[
-            e.label() for e in examples], label=f"{label} (each sets the controls it lists and turns the others off)",
+            e.label() for e in examples], label=f"{label} (each sets the controls it lists and turns the others off; also steps, CFG and seed)",
             visible=(default_model == MICROWORLD_MODEL) == microworld,
             elem_id=f"image-examples-{'microworld' if microworld else 'photo'}")
         example_set.load_input_event.then(opened_accordions, inputs=example_inputs[1:7],
@@ -204,8 +219,8 @@ def build(pipeline: ImagePipeline) -> None:
     compass_table.input(compass_rows_to_json, inputs=compass_table, outputs=compass_json, api_visibility="private")
     compass_json.change(compass_preview_image, inputs=compass_json, outputs=compass_preview, api_visibility="private")
     link_seed_reuse(seed, stats)
-    model.change(model_controls, inputs=model, outputs=[*example_sets, merge_ratio], api_visibility="private",
-                 queue=False)
+    model.change(model_controls, inputs=model, outputs=[*example_sets, merge_ratio, prompt, heatmap_words, isolate],
+                 api_visibility="private", queue=False)
     refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})
 
 

@@ -71,3 +71,23 @@ def test_video_tab_with_a_model_hides_the_notice():
     generate = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "video-generate")
     assert notice.visible is False and generate.interactive is not False
     assert isinstance(generate, gr.Button)
+
+
+def test_a_model_fetched_while_the_app_runs_counts_after_a_page_reload(hub_offline_empty_cache):
+    from app import build_demo
+    from pipelines.models import ModelStore
+    from pipelines.video import VideoPipeline
+
+    demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "auto")})
+    refresh = next(f.fn for f in demo.fns.values() if f.targets == [(0, "load")])
+    notice, generate, picker = refresh()
+    assert notice["visible"] and generate["interactive"] is False
+    for repo in ("guoyww/animatediff-motion-adapter-v1-5-3", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        folder = hub_offline_empty_cache / f"models--{repo.replace('/', '--')}"  # what `hf download` leaves
+        (folder / "snapshots" / "abc").mkdir(parents=True)
+        (folder / "snapshots" / "abc" / "config.json").write_text("{}")
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text("abc")
+    notice, generate, picker = refresh()
+    assert notice["visible"] is False and generate["interactive"] is True
+    assert picker["choices"] == [("AnimateDiff v1-5-3 on SD1.5 · available here", "AnimateDiff v1-5-3 on SD1.5")]

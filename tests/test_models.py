@@ -58,6 +58,7 @@ def test_offline_missing_model_error_names_model_and_how_to_get_it(hub_cache, mo
     message = str(error.value)
     assert "org/missing-model" in message and "hf download org/missing-model" in message
     assert models.hub_cache_dir() in message  # where the copied cache must go
+    assert "marked 'available here'" in message  # the words the model pickers use
 
 
 def test_offline_error_is_fast_when_hub_unreachable(hub_cache, monkeypatch):

@@ -62,7 +62,9 @@ def build(pipeline: SongPipeline) -> None:
                                  label="Vocals model", visible=dual, elem_id="song-vocals-model")
             song_model = gr.Dropdown(pipeline.model_choices("ace-step"), value=pipeline.default_model_name("ace-step"),
                                      label="Song model (mixed mode)", visible=not dual, elem_id="song-song-model")
-            duration = gr.Slider(1, MAX_DURATION_S[start_mode], value=10, step=1, label="Duration (s)",
+            # Built with the largest limit of any mode: an API call (which never sees a mode change) may ask for
+            # a long mixed-mode song; the pipeline refuses too long a dual-track one with a clear error.
+            duration = gr.Slider(1, max(MAX_DURATION_S.values()), value=10, step=1, label="Duration (s)",
                                  info=duration_info(start_mode))
             draft = gr.Checkbox(value=True, label="Lossless column drafting (dual-track)", visible=dual,
                                 info="Prompt lookup over codebook columns, verified: same audio, fewer forwards")

@@ -278,3 +278,14 @@ def test_song_mode_shows_only_its_own_models_and_settings():
     assert visible(mode_controls("dual", 10)) == [True, True, False, True, True, False]
     assert visible(mode_controls("mixed", 10)) == [False, False, True, False, False, True]
     assert mode_controls("dual", 120)[-1]["value"] == 30 and mode_controls("mixed", 120)[-1]["maximum"] == 240
+
+
+def test_generate_song_api_accepts_a_long_mixed_mode_duration(tiny_client):
+    """The duration slider's bound is the longest mode's, whatever mode the page starts in (the API never changes
+    mode in the page, so a dual-track bound would refuse every mixed-mode song over 30 s)."""
+    from gradio_client.exceptions import AppError
+
+    # 45 s passes the widget (a 30 s bound would refuse it there as an "Invalid value"); the pipeline then
+    # refuses it for dual-track mode with the mode's own limit.
+    with pytest.raises(AppError, match=r"Duration \(s\) must be between 1.0 and 30.0"):
+        tiny_client.predict(LYRICS, "lofi", 45.0, "dual", True, 3.0, 1.0, 50, 2, 11, api_name="/generate_song")

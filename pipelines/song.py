@@ -29,13 +29,17 @@ from .models import ModelSpec, ModelStore, ResolvedModel
 from .image.pipeline import stream_in_thread
 from .musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen
 from .outputs import new_output_path, write_sidecar
-from .presets import models_for
+from .presets import fetch_plan, first_usable, labelled_choices, models_for
 
 MODES = ("dual", "mixed")
 MODE_LABELS = {
     "dual": "dual-track: MusicGen accompaniment + Bark vocals, mixed",
     "mixed": "mixed: ACE-Step 1.5 renders the whole song",
 }
+# The models each mode runs, by kind, and the request field (the tab's picker) that names each one.
+MODE_KINDS = {"dual": ("musicgen", "bark"), "mixed": ("ace-step",)}
+MODEL_FIELDS = {"musicgen": "accompaniment_model", "bark": "vocal_model", "ace-step": "song_model"}
+MODEL_ROLES = {"musicgen": "accompaniment model", "bark": "vocals model", "ace-step": "song model"}
 MAX_DURATION_S = {"dual": 30.0, "mixed": 240.0}  # MusicGen's sinusoidal positions cap it at ~30 s
 VOCAL_GAIN = 0.5
 ACCOMPANIMENT_GAIN = 0.5
@@ -143,6 +147,9 @@ class SongRequest(Request):
     temperature: float = 1.0
     top_k: int = 250
     steps: int = 8  # ACE-Step turbo: 8 steps (model card)
+    accompaniment_model: str = ""  # a listed MusicGen name ("" = the first usable one)
+    vocal_model: str = ""  # a listed Bark name
+    song_model: str = ""  # a listed ACE-Step name (mixed mode)
 
 
 @dataclass
@@ -229,15 +236,44 @@ class SongPipeline(Pipeline):
         self.preset = preset
         self.specs = models_for("song", preset)
 
-    def spec(self, kind: str) -> ModelSpec:
-        """The first available model of ``kind`` under the preset, else the first listed one."""
-        candidates = [spec for spec in self.specs if spec.kind == kind]
+    def candidates(self, kind: str) -> list[ModelSpec]:
+        return [spec for spec in self.specs if spec.kind == kind]
+
+    def spec(self, kind: str, name: str = "") -> ModelSpec:
+        """The listed model of ``kind`` called ``name`` (its name or Hub id); for "" the first usable one, else
+        the first listed one."""
+        candidates = self.candidates(kind)
         if not candidates:
             raise PipelineError(f"No {kind} model is listed for the song tab under preset {self.preset!r}.")
-        return next((spec for spec in candidates if self.store.available(spec)), candidates[0])
+        if not name:
+            return first_usable(candidates, self.store) or candidates[0]
+        for spec in candidates:
+            if name in (spec.name, spec.hub_id):
+                return spec
+        raise PipelineError(f"Unknown {MODEL_ROLES[kind]} {name!r}. Choose one of: "
+                            f"{', '.join(spec.name for spec in candidates)}.")
 
-    def load(self, kind: str) -> Any:
-        return self.store.load(self.spec(kind), LOADERS[kind])
+    def load(self, kind: str, name: str = "") -> Any:
+        return self.store.load(self.spec(kind, name), LOADERS[kind])
+
+    def model_choices(self, kind: str) -> list[tuple[str, str]]:
+        """The picker of ``kind``: (label, name) per listed model, marked as available here or needing a download."""
+        return labelled_choices(self.candidates(kind), self.store)
+
+    def default_model_name(self, kind: str) -> str:
+        return self.spec(kind).name
+
+    def usable_modes(self) -> list[str]:
+        """The modes whose every model can run now (here, or downloaded from a Hub that answers)."""
+        return [mode for mode, kinds in MODE_KINDS.items()
+                if all(first_usable(self.candidates(kind), self.store) for kind in kinds)]
+
+    def usable(self) -> bool:
+        return bool(self.usable_modes())
+
+    def fetch_plan(self) -> list[tuple[str, list[str]]]:
+        """What downloads make the default (dual-track) mode run: a MusicGen and a Bark, as (name, repositories)."""
+        return [item for kind in MODE_KINDS["dual"] for item in fetch_plan(self.candidates(kind), self.store)]
 
     def validate(self, request: SongRequest) -> list[Section]:
         if request.mode not in MODES:
@@ -249,6 +285,8 @@ class SongPipeline(Pipeline):
         require_range(request.temperature, "Temperature", 0.0, 5.0)
         require_range(request.top_k, "Top-k", 0, 4096)
         require_range(request.steps, "Steps", 1, 100)
+        for kind in MODE_KINDS[request.mode]:
+            self.spec(kind, getattr(request, MODEL_FIELDS[kind]))  # an unknown name fails before any work
         request.seed = resolve_seed(request.seed)
         sections = parse_sections(request.lyrics)
         if not any(section.lines for section in sections):
@@ -259,7 +297,9 @@ class SongPipeline(Pipeline):
         return {"lyrics": request.lyrics, "style": request.style, "duration_s": request.duration_s,
                 "mode": request.mode, "seed": request.seed, "draft": request.draft,
                 "guidance_scale": request.guidance_scale, "temperature": request.temperature,
-                "top_k": request.top_k, "steps": request.steps}
+                "top_k": request.top_k, "steps": request.steps,
+                **{MODEL_FIELDS[kind]: self.spec(kind, getattr(request, MODEL_FIELDS[kind])).name
+                   for kind in MODE_KINDS[request.mode]}}
 
     def generate(self, request: SongRequest) -> Iterator[Event]:
         sections = self.validate(request)
@@ -308,8 +348,8 @@ class SongPipeline(Pipeline):
     def generate_dual(self, request: SongRequest, sections: list[Section]) -> Iterator[Event]:
         started = time.perf_counter()
         yield Progress(0, 1, "loading MusicGen and Bark")
-        musicgen = self.load("musicgen")
-        singer = self.load("bark")
+        musicgen = self.load("musicgen", request.accompaniment_model)
+        singer = self.load("bark", request.vocal_model)
         codec_config = musicgen.model.audio_encoder.config
         sample_rate = int(codec_config.sampling_rate)
         hop = int(np.prod(codec_config.upsampling_ratios))
@@ -364,8 +404,8 @@ class SongPipeline(Pipeline):
         stats = {
             "mode": "dual",
             "mode_label": MODE_LABELS["dual"],
-            "accompaniment_model": self.spec("musicgen").name,
-            "vocal_model": self.spec("bark").name,
+            "accompaniment_model": self.spec("musicgen", request.accompaniment_model).name,
+            "vocal_model": self.spec("bark", request.vocal_model).name,
             "audio_s": round(audio_s, 3),
             "sample_rate": sample_rate,
             "time_s": round(elapsed, 4),
@@ -395,7 +435,7 @@ class SongPipeline(Pipeline):
     def generate_mixed(self, request: SongRequest) -> Iterator[Event]:
         started = time.perf_counter()
         yield Progress(0, int(request.steps), "loading ACE-Step")
-        pipe = self.load("ace-step")
+        pipe = self.load("ace-step", request.song_model)
         progress: list[int] = []
 
         def render(emit) -> Any:
@@ -426,7 +466,7 @@ class SongPipeline(Pipeline):
         stats = {
             "mode": "mixed",
             "mode_label": MODE_LABELS["mixed"],
-            "model": self.spec("ace-step").name,
+            "model": self.spec("ace-step", request.song_model).name,
             "audio_s": round(audio_s, 3),
             "sample_rate": sample_rate,
             "time_s": round(elapsed, 4),

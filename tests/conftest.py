@@ -38,3 +38,16 @@ def tiny_client(tiny_app):
     from gradio_client import Client
 
     return Client(tiny_app, verbose=False)
+
+
+@pytest.fixture
+def hub_offline_empty_cache(tmp_path, monkeypatch):
+    """A machine with an empty Hugging Face cache and no Hub: every Hub model needs a download."""
+    from pipelines import models
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    return cache

@@ -62,3 +62,91 @@ def test_generate_image_rejects_bad_compass_objects(tiny_client, objects, messag
 
     with pytest.raises(AppError, match=message):
         call(tiny_client, compass=objects)
+
+
+def test_microworld_examples_stay_in_its_vocabulary_and_show_every_control():
+    import re
+
+    from components.image_tab import MICROWORLD_EXAMPLES
+    from pipelines.microworld.scenes import DIRECTIONS, PALETTE, SHAPES, STYLES
+
+    vocabulary = {*SHAPES, *PALETTE, *STYLES, *DIRECTIONS, "a", "an", "and", "picture", "drawing", "of", "there",
+                  "is", "in", "style", "pointing"}
+    for example in MICROWORLD_EXAMPLES:
+        words = set(re.findall(r"[a-z-]+", example.prompt.lower()))
+        assert words <= vocabulary, f"{example.prompt}: {sorted(words - vocabulary)} are not micro-world words"
+    shown = {field for example in MICROWORLD_EXAMPLES for field in ("binding", "lpa", "isolate", "compass",
+                                                                     "heatmap_words") if getattr(example, field)}
+    assert shown == {"binding", "lpa", "isolate", "compass", "heatmap_words"}  # merging is off on this model
+    assert any(not e.binding and not e.lpa and not e.isolate and not e.compass for e in MICROWORLD_EXAMPLES)
+
+
+def test_examples_list_their_settings_and_open_the_accordions_they_change():
+    from components.image_tab import MICROWORLD_EXAMPLES, PHOTO_EXAMPLES, opened_accordions
+
+    lpa = next(e for e in PHOTO_EXAMPLES if e.lpa)
+    assert lpa.label() == f"LPA on · {lpa.prompt}"  # settings first: a long prompt is cut at its end, not them
+    assert MICROWORLD_EXAMPLES[0].label().startswith("Every control off · ")
+    compass = next(e for e in MICROWORLD_EXAMPLES if e.compass)
+    assert compass.label().startswith("Compass: triangle at 90°")
+    binding, lpa_box, leak, compass, merge = opened_accordions(False, True, "", "pool", "", 0.0)
+    assert lpa_box == {"open": True, "__type__": "update"} and leak["open"] is True
+    assert all(not isinstance(update, dict) or "open" not in update for update in (binding, compass, merge))
+
+
+def test_picking_the_microworld_model_swaps_examples_and_turns_merging_off_with_the_reason():
+    from components.image_tab import model_controls
+    from pipelines.presets import MICROWORLD_MODEL
+
+    micro, photo, merge, prompt, heatmaps, isolate = model_controls(MICROWORLD_MODEL)
+    assert micro["visible"] and not photo["visible"]
+    assert merge["interactive"] is False and merge["value"] == 0.0 and "nothing would merge" in merge["info"]
+    assert "square" in prompt["placeholder"] and "hat" not in heatmaps["placeholder"]  # hints in its vocabulary
+    micro, photo, merge, prompt, heatmaps, isolate = model_controls("Stable Diffusion 1.5")
+    assert not micro["visible"] and photo["visible"] and merge["interactive"] is True
+    assert "hat" in prompt["placeholder"]
+
+
+def test_offline_image_tab_opens_on_the_microworld_model_with_its_examples(hub_offline_empty_cache):
+    import gradio as gr
+
+    from app import build_demo
+    from pipelines.image.pipeline import ImagePipeline
+    from pipelines.models import ModelStore
+    from pipelines.presets import MICROWORLD_MODEL
+
+    store = ModelStore(packaged={}, installed={"microworld": lambda: True})
+    demo = build_demo({"image": ImagePipeline(store, "auto")})
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert blocks["image-model"].value == MICROWORLD_MODEL
+    labels = dict((value, label) for label, value in blocks["image-model"].choices)
+    assert labels[MICROWORLD_MODEL].endswith("available here")
+    assert labels["Stable Diffusion 1.5"].endswith("needs a download (Hub unreachable)")
+    assert blocks["image-examples-microworld"].visible and not blocks["image-examples-photo"].visible
+    assert "only when a control is on" in blocks["image-compare"].info
+    assert blocks["image-merge-ratio"].interactive is False
+    notice = next(b for b in demo.blocks.values() if isinstance(b, gr.Markdown) and "tw-unavailable" in b.elem_classes)
+    assert notice.visible is False  # the micro-world model runs here
+
+
+@pytest.mark.slow
+def test_every_microworld_example_runs_on_the_trained_model_with_its_control_at_work(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from components.image_tab import MICROWORLD_EXAMPLES
+    from pipelines.image.pipeline import ImagePipeline, ImageRequest
+    from pipelines.models import ModelStore
+    from pipelines.presets import MICROWORLD_MODEL
+
+    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
+    pipeline = ImagePipeline(ModelStore(), "auto")
+    if not pipeline.store.availability(pipeline.spec_for(MICROWORLD_MODEL)).here:
+        pytest.skip("the micro-world weights or their MiniLM package are missing")
+    for example in MICROWORLD_EXAMPLES:
+        settings = {k: v for k, v in asdict(example).items() if k != "steps"}
+        result = pipeline.run(ImageRequest(model=MICROWORLD_MODEL, steps=2, compare=True, **settings))
+        controlled = bool(example.binding or example.lpa or example.isolate or example.compass)
+        assert bool(result.metadata.get("baseline")) == controlled, example.prompt
+        controls = result.metadata["controls"]
+        assert bool(controls) == controlled, (example.prompt, controls)
+        assert len(result.metadata["heatmaps"]) == len([w for w in example.heatmap_words.split(",") if w.strip()])

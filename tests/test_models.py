@@ -56,7 +56,9 @@ def test_offline_missing_model_error_names_model_and_how_to_get_it(hub_cache, mo
     with pytest.raises(ModelUnavailable) as error:
         store.resolve(ModelSpec("big", "causal-lm", hub_id="org/missing-model"))
     message = str(error.value)
-    assert "org/missing-model" in message and "huggingface-cli download org/missing-model" in message
+    assert "org/missing-model" in message and "hf download org/missing-model" in message
+    assert models.hub_cache_dir() in message  # where the copied cache must go
+    assert "marked 'available here'" in message  # the words the model pickers use
 
 
 def test_offline_error_is_fast_when_hub_unreachable(hub_cache, monkeypatch):
@@ -134,3 +136,51 @@ def test_tiny_preset_builds_and_generates(store):
     result = TextPipeline(store, "tiny").run(TextRequest(prompt="hi", max_new_tokens=5, seed=1))
     assert 1 <= result.stats["tokens"] <= 5
     assert result.stats["forwards"] == result.stats["tokens"] and result.stats["tau"] == 1.0
+
+
+def test_availability_says_here_or_which_repositories_to_fetch(hub_cache, monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    store = ModelStore(packaged={})
+    cached = store.availability(ModelSpec("c", "x", hub_id="org/cached"))
+    assert cached.here and cached.usable and cached.label == "available here"
+    missing = store.availability(ModelSpec("m", "x", hub_id="org/missing"))
+    assert (missing.here, missing.usable, missing.missing) == (False, False, ("org/missing",))
+    assert missing.label == "needs a download (Hub unreachable)"
+    # AnimateDiff sits on a base model: a cached adapter alone is not enough.
+    adapter = store.availability(ModelSpec("a", "animatediff", hub_id="org/cached", options=(("base", "org/base"),)))
+    assert not adapter.here and adapter.missing == ("org/base",)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    online = store.availability(ModelSpec("m", "x", hub_id="org/missing"))
+    assert online.usable and not online.here and online.label == "needs a download (on first use)"
+
+
+def test_availability_of_packaged_weights_never_converts_them():
+    def converting_resolver(spec):
+        raise AssertionError("the availability query ran the (converting) resolver")
+
+    spec = ModelSpec("p", "causal-lm", package="pkg")
+    installed = ModelStore(packaged={"pkg": converting_resolver}, installed={"pkg": lambda: True})
+    assert installed.availability(spec).here
+    absent = ModelStore(packaged={"pkg": converting_resolver}, installed={"pkg": lambda: False}).availability(spec)
+    assert not absent.usable and absent.package == "pkg" and "make setup" in absent.label
+
+
+def test_default_store_checks_every_packaged_model_cheaply():
+    from pipelines.packaged import PACKAGED_INSTALLED, PACKAGED_RESOLVERS
+
+    assert set(PACKAGED_INSTALLED) == set(PACKAGED_RESOLVERS)
+    assert set(ModelStore().installed) == set(PACKAGED_INSTALLED)
+
+
+def test_pickers_mark_each_model_and_say_what_an_offline_tab_needs(hub_cache, monkeypatch):
+    from pipelines.video import VideoPipeline
+
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    video = VideoPipeline(ModelStore(packaged={}), "auto")
+    assert video.model_choices() == [(f"{name} · needs a download (Hub unreachable)", name)
+                                     for name in video.model_names()]
+    assert not video.usable()
+    assert video.fetch_plan() == [("AnimateDiff v1-5-3 on SD1.5", ["guoyww/animatediff-motion-adapter-v1-5-3",
+                                                                    "stable-diffusion-v1-5/stable-diffusion-v1-5"])]
+    tiny = VideoPipeline(ModelStore(packaged={}), "tiny")
+    assert tiny.usable() and all(label.endswith("· available here") for label, _ in tiny.model_choices())

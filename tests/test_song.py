@@ -239,3 +239,53 @@ def test_generate_song_mixed_mode_through_the_api_uses_ace_step(tiny_client):
     assert stats["mode"] == "mixed" and "ACE-Step" in stats["mode_label"] and stats["steps"] == 2
     audio, rate = read(files[0])
     assert audio.ndim == 2 and audio.shape[1] == 2 and abs(audio.shape[0] / rate - 1.0) < 0.05
+
+
+def test_song_pickers_choose_the_accompaniment_and_vocals_models(store):
+    from dataclasses import replace
+
+    from pipelines.song import SongPipeline, SongRequest
+
+    pipeline = SongPipeline(store, "tiny")
+    second = replace(pipeline.candidates("musicgen")[0], name="tiny-musicgen B (random weights)")
+    pipeline.specs = [*pipeline.specs, second]
+    assert [name for _, name in pipeline.model_choices("musicgen")] == ["tiny-musicgen (random weights)", second.name]
+    request = SongRequest(lyrics=LYRICS, style="lofi", duration_s=1.0, steps=2, seed=3, accompaniment_model=second.name,
+                          vocal_model=pipeline.default_model_name("bark"))
+    result = pipeline.run(request)
+    assert result.stats["accompaniment_model"] == second.name and second.name in store.loaded_names()
+    assert "tiny-musicgen (random weights)" not in store.loaded_names()
+    with pytest.raises(PipelineError, match="Unknown vocals model 'nope'"):
+        pipeline.run(replace(request, vocal_model="nope"))
+
+
+def test_offline_song_tab_names_the_models_it_needs(hub_offline_empty_cache):
+    from pipelines.models import ModelStore
+    from pipelines.song import SongPipeline
+
+    pipeline = SongPipeline(ModelStore(packaged={}), "auto")
+    assert pipeline.usable_modes() == [] and not pipeline.usable()
+    assert pipeline.fetch_plan() == [("MusicGen small", ["facebook/musicgen-small"]),
+                                     ("Bark small · token AR", ["suno/bark-small"])]
+    assert all(label.endswith("needs a download (Hub unreachable)") for label, _ in pipeline.model_choices("bark"))
+
+
+def test_song_mode_shows_only_its_own_models_and_settings():
+    from components.song_tab import mode_controls
+
+    visible = lambda updates: [update["visible"] for update in updates[:6]]  # noqa: E731
+    # accompaniment, vocals, song model, drafting, top-k, diffusion steps
+    assert visible(mode_controls("dual", 10)) == [True, True, False, True, True, False]
+    assert visible(mode_controls("mixed", 10)) == [False, False, True, False, False, True]
+    assert mode_controls("dual", 120)[-1]["value"] == 30 and mode_controls("mixed", 120)[-1]["maximum"] == 240
+
+
+def test_generate_song_api_accepts_a_long_mixed_mode_duration(tiny_client):
+    """The duration slider's bound is the longest mode's, whatever mode the page starts in (the API never changes
+    mode in the page, so a dual-track bound would refuse every mixed-mode song over 30 s)."""
+    from gradio_client.exceptions import AppError
+
+    # 45 s passes the widget (a 30 s bound would refuse it there as an "Invalid value"); the pipeline then
+    # refuses it for dual-track mode with the mode's own limit.
+    with pytest.raises(AppError, match=r"Duration \(s\) must be between 1.0 and 30.0"):
+        tiny_client.predict(LYRICS, "lofi", 45.0, "dual", True, 3.0, 1.0, 50, 2, 11, api_name="/generate_song")

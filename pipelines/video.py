@@ -319,6 +319,8 @@ class VideoPipeline(PresetModels, Pipeline):
             "blocks_merged": merged["blocks_merged_per_call"],
             "biased_attention_calls": len(controls.attention.applied) if controls else 0,
             "binding_refinement_iterations": controls.refinement_iterations() if controls else 0,
+            **({"binding_shots": {f"shot {i + 1}": b.summary() for i, b in controls.bindings.items()}}
+               if controls and controls.bindings else {}),
             "seed": request.seed,
             **fast.stats(),
         }
@@ -423,9 +425,10 @@ class ShotControls:
             if groups and not refined:
                 config = BindingConfig()
                 positive = composite_tokens(positive, groups, config)
-                length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
-                positive = end_token_substitution(positive, encode_positive(pipe, attribute_free_prompt(parsed), 1),
-                                                  length)
+                if config.ets_step >= 0:
+                    length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
+                    merged = encode_positive(pipe, attribute_free_prompt(parsed), 1)
+                    positive = end_token_substitution(positive, merged, length)
             if groups:
                 report["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
                                      for g in groups]
@@ -471,12 +474,14 @@ class ShotControls:
 
 
 class ShotBinding(SemanticBinding):
-    """ToMe's refinement for one shot: the image tab's losses and steps (SD1.5 layers: AnimateDiff's spatial
-    blocks keep SD1.5's names), run on the whole video with the shot's single context (the motion modules need
+    """ToMe's refinement for one shot: the image tab's losses, steps and layers (chosen by grid size, as for an
+    image of the video's frame size), run on the whole video with the shot's single context (the motion modules need
     the full frame count), counting only the shot's own frames in both losses and moving only their latents."""
 
     def __init__(self, pipe, controls: "ShotControls", parsed: ParsedPrompt, steps: int, frames: list[int]) -> None:
-        super().__init__(pipe, "sd15", controls.attention, parsed, steps)
+        height, width = controls.size
+        super().__init__(pipe, "sd15", controls.attention, parsed, steps,
+                         latent_hw=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
         self.controls, self.frames = controls, frames
 
     def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:

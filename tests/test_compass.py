@@ -198,3 +198,73 @@ def test_image_pipeline_applies_call_on_every_cross_attention_layer_and_step(sto
     baseline = pipeline.run(ImageRequest(prompt="a red hat on a table", steps=3, seed=3, preview_every=0))
     assert result.metadata["parameters"]["seed"] == baseline.metadata["parameters"]["seed"]
     assert baseline.stats["biased_attention_calls"] == 0
+
+
+def test_compass_token_key_gets_its_object_token_key_added(pipe):
+    """class2special_soft (official inference and training): key[compass] += key[object], conditional rows only."""
+    objects = [CompassObject("cat", 90), CompassObject("dog", 270)]
+    control = AttentionControl(pipe.unet)
+    stacks = [(pipe.tokenizer, pipe.text_encoder, PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer))]
+    compass = apply_compass(control, stacks, "a photo of a cat and a dog", objects)
+    assert [(s.target, s.source) for s in control.key_shares] == compass.pairs
+    control.biases.clear()  # the key share alone
+    name = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"
+    attn = pipe.unet.get_submodule(name)
+    hidden = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(1))
+    control.latent_hw = (4, 4)
+    with torch.no_grad():
+        stock = attn(hidden, encoder_hidden_states=context)
+        with control:
+            shared = attn(hidden, encoder_hidden_states=context)
+        key = attn.to_k(context)
+        for compass_pos, object_pos in compass.pairs:
+            key[1, compass_pos] += key[1, object_pos]  # row 1 is the conditional half of a CFG batch
+        heads = attn.heads
+        split = lambda x: x.view(2, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(split(attn.to_q(hidden)), split(key),
+                                                               split(attn.to_v(context)))
+        expected = attn.to_out[0](out.transpose(1, 2).reshape(2, -1, key.shape[-1]))
+    assert torch.allclose(shared, expected, atol=1e-6)
+    assert torch.equal(shared[0], stock[0]) and not torch.allclose(shared[1], stock[1])
+
+
+def test_compass_training_uses_the_key_share_as_inference_does(tmp_path, monkeypatch):
+    from pipelines.image import compass_train
+
+    shared_layers = []
+    original = AttentionControl.share_keys
+
+    def spy(self, name, key):
+        shared = original(self, name, key)
+        if not torch.equal(shared, key):
+            shared_layers.append(name)
+        return shared
+
+    monkeypatch.setattr(AttentionControl, "share_keys", spy)
+    rows = compass_train.synthetic_rows(1, tmp_path, 32)
+    pipe = tiny_sd15_pipeline(seed=0)
+    trainer = compass_train.CompassTrainer(pipe, 16)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    trainer.loss(rows[0], 32, noise, torch.tensor([500]))
+    assert sorted(set(shared_layers)) == sorted(cross_attention_layers(pipe.unet))
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 5, 8, 16])
+def test_every_box_keeps_at_least_one_cell_on_every_grid(pipe, side):
+    """A box can be smaller than a cell of a coarse grid (64 px: grids 16/8/4/2): its CALL mask must still leave
+    it at least one cell, or the compass and object tokens get no attention at all on that layer."""
+    control = AttentionControl(pipe.unet)
+    control.latent_hw = (side, side)
+    generator = torch.Generator().manual_seed(side)
+    boxes = [(0.1, 0.1, 0.35, 0.35), (0.45, 0.45, 0.55, 0.55), (0.6, 0.05, 0.62, 0.07), (0.0, 0.9, 1.0, 1.0)]
+    for _ in range(40):
+        x0, y0 = (torch.rand(2, generator=generator) * 0.9).tolist()
+        w, h = (torch.rand(2, generator=generator) * 0.3 + 0.005).tolist()
+        boxes.append((x0, y0, min(1.0, x0 + w), min(1.0, y0 + h)))
+    for box in boxes:
+        biased = control.region_mask(outside_box_mask(square_box(box)), side * side)
+        assert not biased.all(), (box, side)
+    large = control.region_mask(outside_box_mask(square_box((0.0, 0.0, 0.5, 0.5))), side * side).view(side, side)
+    if side >= 4:  # on grids finer than the box, the box's own cells stay exactly its cells
+        assert not large[: side // 2 - 1, : side // 2 - 1].any() and large[side // 2 + 1:, :].all()

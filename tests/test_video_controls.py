@@ -94,3 +94,6 @@ def test_binding_refinement_runs_in_the_video_pipeline():
     shots = json.dumps([{"start": 0, "prompt": "a [red hat] and a [blue car]"}])
     result = VIDEO.run(VideoRequest(**{**SMALL, "shots": shots, "binding": True, "steps": 10}))
     assert result.stats["binding_refinement_iterations"] > 0
+    shot = result.stats["binding_shots"]["shot 1"]  # the token step is scaled to the video's latent: no blow-up
+    for norms in shot["binding_token_norm"].values():
+        assert len(norms) >= 2 and max(norms) < 1.5 * norms[0] and min(norms) > 0.5 * norms[0]

@@ -1,6 +1,7 @@
 """The one attention-control layer of the image (and video) tab: diffusers attention processors on named
 cross-attention layers that (a) record attention probabilities of chosen tokens at chosen steps and (b) add a
-bias (including -inf, true masking) to chosen key columns for chosen query regions, layers and steps.
+bias (including -inf, true masking) to chosen key columns for chosen query regions, layers and steps, and
+(c) add one token's key to another's (``KeyShare``).
 
 Usage::
 
@@ -40,6 +41,37 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
         if name.endswith("attn2") and getattr(module, "is_cross_attention", False) and "motion_modules" not in name:
             names.append(name)
     return names
+
+
+def cross_attention_levels(unet: torch.nn.Module) -> dict[str, int]:
+    """How many times each cross-attention layer's input is halved from the latent, read from where the UNet's
+    blocks down- and upsample (so any diffusers UNet works, whatever its depth or which levels have attention)."""
+    layers = cross_attention_layers(unet)
+    levels: dict[str, int] = {}
+
+    def assign(prefix: str, level: int) -> None:
+        levels.update({name: level for name in layers if name.startswith(prefix)})
+
+    level = 0
+    for index, block in enumerate(unet.down_blocks):
+        assign(f"down_blocks.{index}.", level)
+        level += getattr(block, "downsamplers", None) is not None
+    assign("mid_block.", level)
+    for index, block in enumerate(unet.up_blocks):
+        assign(f"up_blocks.{index}.", level)
+        level -= getattr(block, "upsamplers", None) is not None
+    return levels
+
+
+def level_grid(level: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the query grid ``level`` halvings below the latent (a stride-2 convolution rounds up)."""
+    height, width = latent_hw
+    return math.ceil(height / 2**level), math.ceil(width / 2**level)
+
+
+def layer_grids(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Each cross-attention layer's query grid for a latent of ``latent_hw``."""
+    return {name: level_grid(level, latent_hw) for name, level in cross_attention_levels(unet).items()}
 
 
 def layer_matches(layers: LayerFilter, name: str) -> bool:
@@ -99,6 +131,21 @@ class KeyBias:
 
 
 @dataclass
+class KeyShare:
+    """Add token ``source``'s key to token ``target``'s key, so every query's logit for ``target`` gains its logit
+    for ``source`` (Compass Control's ``class2special_soft``: the compass token's key gets its object's key).
+    ``rows`` as for ``KeyBias``."""
+
+    target: int
+    source: int
+    layers: LayerFilter = None
+    rows: str | slice = "cond"
+
+    def active(self, name: str, num_keys: int) -> bool:
+        return max(self.target, self.source) < num_keys and layer_matches(self.layers, name)
+
+
+@dataclass
 class AttentionRecorder:
     """Keeps head-averaged cross-attention probabilities: ``maps[step][layer]`` is [rows, h, w, tokens]."""
 
@@ -154,6 +201,7 @@ class AttentionControl:
         self.unet = unet
         self.layers = cross_attention_layers(unet)
         self.biases: list[KeyBias] = []
+        self.key_shares: list[KeyShare] = []
         self.recorders: list[AttentionRecorder] = []
         self.applied: list[AppliedBias] = []
         self.step = 0
@@ -173,11 +221,12 @@ class AttentionControl:
     def controlled_layers(self) -> list[str]:
         return [name for name in self.layers
                 if any(layer_matches(b.layers, name) for b in self.biases)
+                or any(layer_matches(s.layers, name) for s in self.key_shares)
                 or any(layer_matches(r.layers, name) for r in self.recorders)]
 
     @property
     def enabled(self) -> bool:
-        return bool(self.biases or self.recorders)
+        return bool(self.biases or self.key_shares or self.recorders)
 
     def install(self) -> None:
         """Swap in controlled processors on the layers some control touches; the rest keep theirs."""
@@ -243,9 +292,26 @@ class AttentionControl:
         return slice(0, batch)
 
     def region_mask(self, region: torch.Tensor, num_queries: int) -> torch.Tensor:
+        """``region`` on this layer's grid: the cells whose centre it covers. Where that would cover every cell
+        although the region leaves part of the image free (a box smaller than a cell of a coarse grid), only the
+        cells it covers entirely, so the free part keeps at least the cells it touches."""
         h, w = query_grid(num_queries, self.latent_hw or (int(math.isqrt(num_queries)),) * 2)
-        resized = F.interpolate(region[None, None].float(), size=(h, w), mode="nearest")
-        return resized.flatten() > 0.5
+        region = region[None, None].float()
+        inside = F.interpolate(region, size=(h, w), mode="nearest-exact") > 0.5
+        if inside.all() and not (region > 0.5).all():
+            inside = -F.adaptive_max_pool2d(-region, (h, w)) > 0.5
+        return inside.flatten()
+
+    def share_keys(self, name: str, key: torch.Tensor) -> torch.Tensor:
+        """``key`` ([batch, keys, dim]) with this layer's key shares added."""
+        shares = [s for s in self.key_shares if s.active(name, key.shape[1])]
+        if not shares:
+            return key
+        key = key.clone()
+        for share in shares:
+            rows = self.row_slice(share.rows, key.shape[0])
+            key[rows, share.target] = key[rows, share.target] + key[rows, share.source]
+        return key
 
     def build_bias(self, name: str, batch: int, num_queries: int, num_keys: int, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor | None:
@@ -283,14 +349,16 @@ class ControlledAttnProcessor:
         static = control.static
         bias_active = (static.covers(self.name) if static is not None
                        else any(b.active(self.name, control.step, control.timestep) for b in control.biases))
-        if encoder_hidden_states is None or hidden_states.ndim != 3 or not (recorders or bias_active):
+        sharing = any(s.active(self.name, encoder_hidden_states.shape[1]) for s in control.key_shares
+                      ) if encoder_hidden_states is not None else False
+        if encoder_hidden_states is None or hidden_states.ndim != 3 or not (recorders or bias_active or sharing):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
         batch, num_queries, _ = hidden_states.shape
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
+        key = control.share_keys(self.name, attn.to_k(encoder_hidden_states))
         value = attn.to_v(encoder_hidden_states)
         num_keys = key.shape[1]
         head_dim = key.shape[-1] // attn.heads

@@ -1,38 +1,54 @@
-"""ToMe semantic binding (Hu et al., NeurIPS 2024, arXiv 2411.07132) on SD1.5 and SDXL.
+"""ToMe semantic binding (Hu et al., NeurIPS 2024, arXiv 2411.07132) on SD1.5, SDXL and other diffusers UNets.
 
 Each object+attributes group becomes one composite token (noun slot = 1.1·Σnoun + 1.2·Σattributes, attribute
-slots zeroed), the end tokens are swapped for those of the prompt without attributes (end-token substitution),
-and in the first steps two losses refine the result:
+slots zeroed), optionally the end tokens are swapped for those of the prompt without attributes (end-token
+substitution; off by default, as in the official attribute-binding config), and in the first steps two losses
+refine the result:
 - binding loss: MSE between ε(z, "red hat") and ε(z, composite token alone), 3 gradient steps on the token,
-  with a separate anchor latent per group advanced by its own copy of the scheduler;
-- entropy loss: entropy of each noun's cross-attention map (stored on the paper's layers), gradient steps on
-  the latents and the positive text embedding until a threshold or an iteration cap.
+  with a separate anchor latent per group advanced by its own copy of the scheduler. The official step (10000 on
+  a mean over SDXL's 4x128x128 latent) is scaled by the latent's size: the gradient of a mean grows as the latent
+  shrinks, and unscaled the token's norm went 14 -> 300-500 on a 64 px model. Each update is also capped relative
+  to the token's norm, and a step that raises the loss is undone and retried shorter;
+- entropy loss: entropy of each noun's cross-attention map (on the layers of the grid a quarter of the latent
+  side, see ``binding_layers``), gradient steps on the latents and the positive text embedding until a
+  threshold (the official one, rescaled to the grid's cell count) or an iteration cap.
 Runs inside ``callback_on_step_end`` (for step i+1) and once before the loop (for step 0); the callback's
 ``prompt_embeds`` are ``cat([negative, positive])``, so only the positive half is edited.
 """
 from __future__ import annotations
 
 import copy
+import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .attention import AttentionControl
+from .attention import AttentionControl, layer_grids
 from .prompts import ParsedPrompt, encode_positive, span_positions, token_positions
 
-# Official SDXL layers: up_blocks.0.attentions.1.transformer_blocks.{1,2,3} (32x32 maps at 1024 px).
-SDXL_BINDING_LAYERS = tuple(f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2" for i in (1, 2, 3))
-# SD1.5 equivalent: the 16x16 cross-attention layers at 512 px (a quarter of the latent side), as Attend-and-Excite.
-SD15_BINDING_PREFIXES = ("down_blocks.2.attentions.", "up_blocks.1.attentions.")
+REFERENCE_LATENT_ELEMENTS = 4 * 128 * 128  # SDXL's latent at 1024 px, where the official token step was tuned
+REFERENCE_GRID_CELLS = 32 * 32  # the official entropy thresholds are for 32x32 maps (attention_res=32)
+MIN_BINDING_GRID = 8  # coarser maps leave too few cells for the entropy loss to tell two objects apart
 
 
-def binding_layers(arch: str) -> Any:
-    if arch == "sdxl":
-        return set(SDXL_BINDING_LAYERS)
-    return lambda name: name.startswith(SD15_BINDING_PREFIXES)
+def binding_grid(latent_hw: tuple[int, int], grids: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """The attention grid the losses read: a quarter of the latent side (SDXL at 1024 px: 32x32, the official
+    layers' grid; SD1.5 at 512 px: 16x16, Attend-and-Excite's), at least 8 a side; the UNet's nearest grid."""
+    target = max(min(latent_hw) / 4, MIN_BINDING_GRID)
+    return min(set(grids), key=lambda grid: (abs(math.log(min(grid) / target)), -min(grid)))
+
+
+def binding_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
+    """Cross-attention layers on the binding grid, chosen by grid size (not by name, so any UNet depth and
+    resolution gets the intended maps); the decoder's where it has some, as the official code reads decoder maps."""
+    grids = layer_grids(unet, latent_hw)
+    grid = binding_grid(latent_hw, grids.values())
+    chosen = {name for name, size in grids.items() if size == grid}
+    return {name for name in chosen if name.startswith("up_blocks.")} or chosen
 
 
 @dataclass
@@ -45,13 +61,15 @@ class BindingConfig:
     token_control_steps: int = 5  # tome_control_steps[0]
     attention_control_steps: int = 5  # tome_control_steps[1]
     token_refinement_steps: int = 3  # gradient steps on each composite token per denoising step
-    token_step_size: float = 10000.0  # stoken -= grad(10000 * loss)
+    token_step_size: float = 10000.0  # stoken -= grad(10000 * loss), on SDXL's latent; scaled to the latent size
+    token_max_update: float = 0.25  # ours: no update longer than this share of the token's norm
+    token_backoff: float = 0.5  # ours: a step that raised the loss is undone and retried this much shorter
     attention_refinement_steps: tuple[int, int] = (4, 4)  # cap while t/1000 > 0.9, then after
     scale_factor: float = 3.0  # entropy step = 3 * linspace(1, 0, steps)[i]; latents take half of it
     temperature: float = 0.5  # softmax over text tokens at temperature 0.5
     thresholds: dict[int, float] = field(default_factory=lambda: {0: 26, 1: 25, 2: 24, 3: 23, 4: 22.5, 5: 22,
                                                                   6: 21.5, 7: 21, 8: 21, 9: 21})
-    ets_step: int = 0  # RunConfig1 substitutes at step 0; a negative value turns it off
+    ets_step: int = -1  # off: RunConfig2 sets eot_replace_step=60 > 50 steps (RunConfig1, "wearing" prompts: 0)
     reference_steps: int = 50
 
     def scaled(self, count: int, steps: int) -> int:
@@ -111,11 +129,26 @@ def entropy_loss(maps: torch.Tensor, noun_positions: list[int], last: int, tempe
     return -2 * (nouns * torch.log(nouns + 1e-5)).sum()
 
 
+def entropy_threshold(config: BindingConfig, step: int, nouns: int, cells: int) -> float:
+    """The official stopping threshold (for 32x32 maps) as the same share of the largest possible loss on a grid
+    of ``cells``: the loss is 2x an entropy, which tops out at 2·ln(cells) per noun."""
+    official = config.thresholds.get(step, min(config.thresholds.values())) / 2 * nouns - 2
+    return official * math.log(cells) / math.log(REFERENCE_GRID_CELLS)
+
+
+def capped_update(token: torch.Tensor, update: torch.Tensor, max_share: float) -> torch.Tensor:
+    """``update`` ([batch, dim]) shortened per row to at most ``max_share`` of that row's token norm."""
+    limit = max_share * token.norm(dim=-1, keepdim=True)
+    length = update.norm(dim=-1, keepdim=True)
+    return update * torch.clamp(limit / (length + 1e-12), max=1.0)
+
+
 class SemanticBinding:
     """Holds one generation's binding state; ``refine(step, ...)`` edits latents and the positive embedding."""
 
     def __init__(self, pipe: Any, arch: str, control: AttentionControl, parsed: ParsedPrompt, steps: int,
-                 config: BindingConfig | None = None, generator: torch.Generator | None = None) -> None:
+                 config: BindingConfig | None = None, generator: torch.Generator | None = None,
+                 latent_hw: tuple[int, int] | None = None) -> None:
         self.pipe = pipe
         self.arch = arch
         self.control = control
@@ -127,10 +160,13 @@ class SemanticBinding:
         self.token_steps = self.config.scaled(self.config.token_control_steps, steps)
         self.attention_steps = self.config.scaled(self.config.attention_control_steps, steps)
         self.scale_range = np.linspace(1.0, 0.0, steps)
-        self.recorder = control.record(layers=binding_layers(arch), keep_grad=True)
+        side = pipe.unet.config.sample_size
+        self.latent_hw = latent_hw or (tuple(side) if isinstance(side, (tuple, list)) else (side, side))
+        self.recorder = control.record(layers=binding_layers(pipe.unet, self.latent_hw), keep_grad=True)
         self.recorder.enabled = False
         self.generator = generator
-        self.history: list[dict[str, float | int | str]] = []
+        self.history: list[dict[str, float | int | str | bool]] = []
+        self.token_norms: list[list[float]] = [[] for _ in self.groups]  # per group: after merge, after each step
         self.anchor_embeds: list[torch.Tensor] = []
         self.anchor_latents: list[torch.Tensor] = []
         self.anchor_schedulers: list[Any] = []
@@ -145,7 +181,21 @@ class SemanticBinding:
         self.anchor_latents = [latents.clone() for _ in self.groups]
         self.anchor_schedulers = [copy.deepcopy(self.pipe.scheduler) for _ in self.groups]
         self.added = self._added_cond(batch, height, width, positive.dtype)
-        return composite_tokens(positive, self.groups, self.config)
+        merged = composite_tokens(positive, self.groups, self.config)
+        self._log_norms(merged)
+        return merged
+
+    def _log_norms(self, positive: torch.Tensor) -> None:
+        for index, group in enumerate(self.groups):
+            self.token_norms[index].append(round(positive[:, group.nouns[0]].float().norm(dim=-1).mean().item(), 4))
+
+    def summary(self) -> dict[str, Any]:
+        """What the stats panel shows: each composite token's norm over the steps and the loss traces."""
+        binding = {g.phrase: [round(float(h["value"]), 6) for h in self.history
+                              if h["loss"] == "binding" and h["group"] == i] for i, g in enumerate(self.groups)}
+        return {"binding_token_norm": {g.phrase: self.token_norms[i] for i, g in enumerate(self.groups)},
+                "binding_loss_trace": binding,
+                "binding_entropy_trace": [round(float(h["value"]), 4) for h in self.history if h["loss"] == "entropy"]}
 
     def _added_cond(self, batch: int, height: int, width: int, dtype: torch.dtype) -> dict | None:
         if self.arch != "sdxl":
@@ -192,26 +242,56 @@ class SemanticBinding:
 
     def refine_tokens(self, step: int, t: Any, positive: torch.Tensor) -> torch.Tensor:
         positive = positive.clone()
-        config = self.config
         with self.control.scope(recorders=[], biases=[], cfg=False):
             for index, group in enumerate(self.groups):
                 anchor_latents = self.anchor_latents[index].detach()
                 with torch.no_grad():
-                    target = self._eps(anchor_latents, t, self.anchor_embeds[index])
-                token = positive[:, group.nouns[0]].detach().clone()
-                for iteration in range(config.token_refinement_steps):
-                    token.requires_grad_(True)
-                    predicted = self._own(self._eps(anchor_latents, t, token[:, None, :]))
-                    loss = torch.nn.functional.mse_loss(predicted.float(), self._own(target).float(),
-                                                        reduction="sum") / self._own(target)[0].numel()
-                    grad = torch.autograd.grad(loss * config.token_step_size, [token])[0]
-                    token = (token - grad).detach()
-                    self.history.append({"step": step, "loss": "binding", "group": index, "iteration": iteration,
-                                         "value": loss.item()})
+                    target = self._own(self._eps(anchor_latents, t, self.anchor_embeds[index])).float()
+
+                def loss_of(token: torch.Tensor) -> torch.Tensor:
+                    predicted = self._own(self._eps(anchor_latents, t, token[:, None, :].to(positive.dtype)))
+                    return (predicted.float() - target).pow(2).flatten(1).mean(1)  # per image, as the official mean
+
+                token = self.descend(positive[:, group.nouns[0]].detach().float(), loss_of, target[0].numel(),
+                                     {"step": step, "loss": "binding", "group": index})
                 positive[:, group.nouns[0]] = token.to(positive.dtype)
                 with torch.no_grad():
                     self.anchor_latents[index] = self._advance_anchor(index, t, anchor_latents)
+        self._log_norms(positive)
         return positive
+
+    def descend(self, token: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], elements: int,
+                record: dict[str, Any]) -> torch.Tensor:
+        """``token_refinement_steps`` gradient steps on ``token`` ([batch, dim]) against the per-image ``loss_of``.
+
+        The step is the official one scaled by ``elements / REFERENCE_LATENT_ELEMENTS`` and capped per row at
+        ``token_max_update`` of the token's norm. Each proposal is scored by the next evaluation (the last by one
+        extra forward pass without gradients); a row whose loss rose goes back to its last accepted token and
+        retries with the step times ``token_backoff``, so the returned token never scores worse than the input."""
+        config = self.config
+        if config.token_refinement_steps <= 0:
+            return token
+        size = config.token_step_size * elements / REFERENCE_LATENT_ELEMENTS
+        best, best_loss, best_grad = token, None, torch.zeros_like(token)
+        scale = torch.ones(token.shape[0], 1, device=token.device)
+        for iteration in range(config.token_refinement_steps + 1):
+            last = iteration == config.token_refinement_steps
+            candidate = token.detach().requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                loss = loss_of(candidate)
+            accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss.detach() <= best_loss
+            self.history.append({**record, "iteration": iteration, "value": loss.detach().mean().item(),
+                                 "accepted": bool(accepted.all())})
+            fresh = not last and bool(accepted.any())  # a rejected row keeps the gradient of its accepted token
+            grad = torch.autograd.grad(loss.sum(), [candidate])[0] if fresh else best_grad
+            keep = accepted[:, None]
+            best = torch.where(keep, candidate.detach(), best)
+            best_loss = torch.where(accepted, loss.detach(), best_loss) if best_loss is not None else loss.detach()
+            best_grad = torch.where(keep, grad, best_grad)
+            scale = torch.where(keep, scale, scale * config.token_backoff)
+            if not last:
+                token = best - capped_update(best, scale * size * best_grad, config.token_max_update)
+        return best
 
     def _advance_anchor(self, index: int, t: Any, latents: torch.Tensor) -> torch.Tensor:
         """One classifier-free-guided step of the anchor prompt's own trajectory, on its own scheduler copy."""
@@ -231,7 +311,6 @@ class SemanticBinding:
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
         nouns = [g.nouns[0] for g in self.groups]
-        threshold = config.thresholds.get(step, min(config.thresholds.values())) / 2 * len(nouns) - 2
         train_steps = self.pipe.scheduler.config.num_train_timesteps
         caps = config.attention_refinement_steps
         cap = caps[0] if float(t) / train_steps > 0.9 else caps[1]
@@ -244,8 +323,9 @@ class SemanticBinding:
                     positive = positive.detach().requires_grad_(True)
                     self.recorder.clear()
                     self._eps(latents, t, positive)
-                    loss = entropy_loss(self._own_maps(self.recorder.aggregate()), nouns, self.prompt_length + 1,
-                                        config.temperature)
+                    maps = self._own_maps(self.recorder.aggregate())
+                    loss = entropy_loss(maps, nouns, self.prompt_length + 1, config.temperature)
+                    threshold = entropy_threshold(config, step, len(nouns), maps.shape[1] * maps.shape[2])
                     self.history.append({"step": step, "loss": "entropy", "iteration": iteration, "value": loss.item()})
                     grad_latents, grad_text = torch.autograd.grad(loss, [latents, positive])
                     latents = latents - 0.5 * step_size * self._own_update(grad_latents)

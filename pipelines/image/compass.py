@@ -5,7 +5,10 @@ embedding comes from an angle encoder and is written into the text encoder's inp
 (textual-inversion style), so CLIP contextualises it with the prompt. Coupled Attention Localisation (CALL)
 then adds -inf to the logits of both the compass token and its object token for every query outside the
 object's box (enlarged x1.2 and made square, as the official code does), in every cross-attention layer at every
-step, through the shared attention-control layer.
+step, through the shared attention-control layer. As in the official inference and training
+(``--replace_attn_maps=class2special_soft``), the compass token's key also gets its object token's key added, so
+the compass token attends where its object does; an encoder trained with it runs off its training distribution
+without it. On every layer's grid each box keeps at least one cell (a coarse grid can be coarser than the box).
 
 Encoders behind one interface (``__call__(angles_deg) -> [n, width]``):
 - ``PhraseCompassEncoder`` (training-free, any SD model): the text encoder's own input embeddings of orientation
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import PipelineError
-from .attention import AttentionControl, KeyBias
+from .attention import AttentionControl, KeyBias, KeyShare
 
 BOX_SCALE = 1.2  # official: boxes enlarged x1.2 and squared before localisation
 DEFAULT_BOX = (0.25, 0.25, 0.75, 0.75)  # official fallback when no box is given
@@ -118,7 +121,11 @@ def outside_box_mask(box: tuple[float, ...], size: int = 64) -> torch.Tensor:
     x0, y0, x1, y1 = box
     inside_x = (coords >= x0) & (coords <= x1)
     inside_y = (coords >= y0) & (coords <= y1)
-    return (~(inside_y[:, None] & inside_x[None, :])).float()
+    outside = ~(inside_y[:, None] & inside_x[None, :])
+    if outside.all():  # a box thinner than a pixel: keep the pixel holding its centre
+        row, column = (min(int((v0 + v1) / 2 * size), size - 1) for v0, v1 in ((y0, y1), (x0, x1)))
+        outside[row, column] = False
+    return outside.float()
 
 
 class AngleEncoder(Protocol):
@@ -226,14 +233,25 @@ def localisation_biases(compass: CompassPrompt, objects: Sequence[CompassObject]
     return biases
 
 
+def key_shares(compass: CompassPrompt) -> list[KeyShare]:
+    """``class2special_soft``: each compass token's key gets its object token's key added (conditional rows)."""
+    return [KeyShare(target=compass_pos, source=object_pos) for compass_pos, object_pos in compass.pairs]
+
+
+def localise(control: AttentionControl, compass: CompassPrompt, objects: Sequence[CompassObject]) -> None:
+    """Register CALL (box masks) and the compass tokens' key shares on ``control``: inference and training."""
+    control.biases.extend(localisation_biases(compass, objects))
+    control.key_shares.extend(key_shares(compass))
+
+
 def apply_compass(control: AttentionControl, text_stacks: Sequence[tuple[Any, nn.Module, AngleEncoder]],
                   prompt: str, objects: Sequence[CompassObject]) -> CompassPrompt:
     """Prepare one run: set the compass embeddings in every (tokenizer, text encoder) of the pipeline (SDXL has
-    two), rewrite the prompt with the placeholders and register CALL on ``control``."""
+    two), rewrite the prompt with the placeholders and register CALL and the key shares on ``control``."""
     for tokenizer, text_encoder, encoder in text_stacks:
         write_compass_embeddings(tokenizer, text_encoder, encoder, objects)
     compass = insert_compass_tokens(prompt, objects, text_stacks[0][0])
-    control.biases.extend(localisation_biases(compass, objects))
+    localise(control, compass, objects)
     return compass
 
 

@@ -6,7 +6,8 @@
 Each row of ``rows.jsonl``: {"image": path, "object": word, "angle": degrees, "box": [x0, y0, x1, y1]}
 (optionally "prompt" with the object word in it; default "a photo of a {object}"). As in the paper the text
 encoder and UNet stay frozen; the encoder's token goes in through the input embedding table, and CALL confines
-the compass and object tokens to the box during training as at inference (official: lr 1e-4, LoRA rank 4).
+the compass and object tokens to the box and the compass token's key gets the object's (``class2special_soft``)
+during training as at inference (official: lr 1e-4, LoRA rank 4).
 ``--synthetic N`` draws N arrow images pointing along their angle, for smoke runs and the tests.
 """
 from __future__ import annotations
@@ -25,8 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .attention import AttentionControl
-from .compass import (PLACEHOLDER, CompassEncoder, CompassObject, ensure_placeholders, insert_compass_tokens,
-                      localisation_biases)
+from .compass import PLACEHOLDER, CompassEncoder, CompassObject, ensure_placeholders, insert_compass_tokens, localise
 
 
 @dataclass
@@ -143,7 +143,7 @@ class CompassTrainer:
         noisy = pipe.scheduler.add_noise(latents, noise, timestep)
         control = AttentionControl(pipe.unet)
         control.cfg = False
-        control.biases.extend(localisation_biases(compass, [obj]))
+        localise(control, compass, [obj])
         with control:
             prediction = pipe.unet(noisy, timestep, encoder_hidden_states=embeds).sample
         return F.mse_loss(prediction.float(), noise.float())

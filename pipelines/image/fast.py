@@ -104,7 +104,8 @@ class StaticBiases:
         self.gates: tuple[bool, ...] = ()
 
     def structure(self) -> tuple:
-        return tuple((name, len(chosen)) for name, chosen in self.layers.items())
+        shares = tuple((s.target, s.source, str(s.rows)) for s in self.control.key_shares)  # captured as indices
+        return tuple((name, len(chosen)) for name, chosen in self.layers.items()) + shares
 
     def covers(self, name: str) -> bool:
         return name in self.layers

@@ -58,7 +58,7 @@ class ImageRequest(Request):
     scheduler: str = "default"
     batch_size: int = 1
     binding: bool = False  # ToMe semantic binding on the [bracketed] or automatically found groups
-    ets_step: int = 0  # end-token substitution step (-1 = off)
+    ets_step: int = -1  # end-token substitution step (-1 = off, the official attribute-binding default)
     lpa: bool = False  # Local Prompt Adaptation
     style: str = ""  # explicit style for LPA ("" = find "in X style" in the prompt)
     lpa_window: tuple[float, float] = (300.0, 650.0)
@@ -109,6 +109,10 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def latent_size(pipe: Any, request: ImageRequest) -> tuple[int, int]:
+    return int(request.height) // pipe.vae_scale_factor, int(request.width) // pipe.vae_scale_factor
 
 
 def split_words(text: str) -> list[str]:
@@ -217,8 +221,9 @@ class ImagePipeline(PresetModels, Pipeline):
         self.switch_compass_lora(pipe.unet, controlled and bool(request.compass.strip())
                                  and request.compass_encoder in self._compass_loras)
         heat_tokens = self.heatmap_tokens(pipe, parsed, request)
+        heat_layers = binding_layers(pipe.unet, latent_size(pipe, request))
         heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
-                                       layers=binding_layers(model.arch)) if heat_tokens else None
+                                       layers=heat_layers) if heat_tokens else None
         binding = None
         if controlled:
             binding = self.prepare_controls(pipe, model.arch, request, parsed, control, call, generators, info)
@@ -286,6 +291,7 @@ class ImagePipeline(PresetModels, Pipeline):
         if binding is not None:
             stats["binding_groups"] = len(binding.groups)
             stats["binding_refinement_iterations"] = len(binding.history)
+            stats.update(binding.summary())
         return {"paths": paths, "heatmaps": heatmaps, "stats": stats, "controls": info.get("controls", {})}
 
     def prepare_controls(self, pipe: Any, arch: str, request: ImageRequest, parsed: ParsedPrompt,
@@ -325,7 +331,8 @@ class ImagePipeline(PresetModels, Pipeline):
                                     "'a [red hat] and a [blue car]'.")
             binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps),
                                       BindingConfig(ets_step=int(request.ets_step)),
-                                      generator=torch.Generator("cpu").manual_seed(request.seed))
+                                      generator=torch.Generator("cpu").manual_seed(request.seed),
+                                      latent_hw=latent_size(pipe, request))
             controls["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
                                    for g in binding.groups]
         # The embeddings already hold one row per image: diffusers would repeat them num_images_per_prompt times

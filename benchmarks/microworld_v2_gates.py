@@ -59,7 +59,7 @@ def generate(pipe: Any, prompt: str, seeds: int, args: argparse.Namespace, contr
 
 def colour_gate(pipe: Any, args: argparse.Namespace, sheet: list) -> dict[str, Any]:
     correct = []
-    for prompt, colour, shape in scenes_v2.single_object_prompts():
+    for prompt, colour, shape in scenes_v2.single_object_prompts()[::args.stride]:
         images = generate(pipe, prompt, args.seeds, args)
         sheet.append(images)
         truth = {"objects": [{"shape": shape, "colour": colour}]}
@@ -72,7 +72,7 @@ def colour_gate(pipe: Any, args: argparse.Namespace, sheet: list) -> dict[str, A
 
 def heading_gate(pipe: Any, args: argparse.Namespace, sheet: list) -> dict[str, Any]:
     errors, found = [], []
-    for prompt, heading in scenes_v2.heading_prompts():
+    for prompt, heading in scenes_v2.heading_prompts()[::args.stride]:
         images = generate(pipe, prompt, args.seeds, args)
         sheet.append(images)
         truth = {"objects": [{"shape": "arrow", "colour": scenes_v2.FAVOURITE["arrow"], "heading": heading}]}
@@ -122,7 +122,7 @@ def colour_positions(tokenizer: Any, prompt: str, colours: list[str]) -> list[in
 
 def oracle_gate(pipe: Any, args: argparse.Namespace, sheet: list) -> dict[str, Any]:
     off, on = [], []
-    for prompt, pairs in scenes_v2.swapped_prompts():
+    for prompt, pairs in scenes_v2.swapped_prompts()[::args.stride]:
         truth = {"objects": [{"shape": s, "colour": c} for c, s in pairs]}
         baseline = generate(pipe, prompt, args.seeds, args)
         control = AttentionControl(pipe.unet)
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--size", type=int, default=scenes_v2.SIZE)
     parser.add_argument("--noise", type=int, default=60)
+    parser.add_argument("--stride", type=int, default=1, help="every n-th prompt of each gate (smoke runs)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--json")
     parser.add_argument("--sheet", help="contact sheet PNG: colour, heading and oracle (off | on) rows")

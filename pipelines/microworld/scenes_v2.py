@@ -110,10 +110,24 @@ def overlapping(center: np.ndarray, radius: np.ndarray, count: np.ndarray, gap: 
     return hit
 
 
-def draw_batch(rng: np.random.Generator, n: int, size: int) -> Layouts:
+def swap_pairs(rng: np.random.Generator, count: np.ndarray, shape: np.ndarray,
+               colour: np.ndarray) -> np.ndarray:
+    """Make objects 0 and 1 of every scene a swapped pair (two shapes, each in the other's favourite colour), in
+    place; returns the counts (at least 2)."""
+    favourite = np.array([COLOURS.index(FAVOURITE[s]) for s in SHAPES])
+    first = rng.integers(0, len(SHAPES), len(count))
+    second = (first + rng.integers(1, len(SHAPES), len(count))) % len(SHAPES)
+    shape[:, 0], shape[:, 1] = first, second
+    colour[:, 0], colour[:, 1] = favourite[second], favourite[first]
+    return np.maximum(count, 2)
+
+
+def draw_batch(rng: np.random.Generator, n: int, size: int, held_out: bool = False) -> Layouts:
     count = rng.choice(OBJECT_COUNTS, n)
     shape = rng.integers(0, len(SHAPES), (n, MAX_OBJECTS))
     colour = draw_colours(rng, shape)
+    if held_out:
+        count = swap_pairs(rng, count, shape, colour)
     mode = rng.choice(len(STYLE_MODES), n, p=[p for _, p in STYLE_MODES])
     per_object = rng.integers(0, len(STYLES), (n, MAX_OBJECTS))
     shared = np.repeat(rng.integers(1, len(STYLES), (n, 1)), MAX_OBJECTS, 1)
@@ -138,14 +152,14 @@ def sample_layouts(n: int, seed: int | tuple[int, ...], size: int = SIZE, held_o
     """``n`` scenes for ``seed`` (the same seed always gives the same scenes). Colours within a scene differ and
     objects do not touch; ``held_out=False`` (training) rejects the swapped combinations, ``True`` keeps only them."""
     rng = np.random.default_rng(seed)
-    result = draw_batch(rng, n, size)
+    result = draw_batch(rng, n, size, held_out)
     for _ in range(1000):
         bad = ~distinct_colours(result.colour, result.count)
         bad |= overlapping(result.center, result.radius, result.count, GAP * size / SIZE)
         bad |= swapped(result.shape, result.colour, result.count) != held_out
         if not bad.any():
             return result
-        fresh = draw_batch(rng, int(bad.sum()), size)
+        fresh = draw_batch(rng, int(bad.sum()), size, held_out)
         for name in ("shape", "colour", "style", "center", "radius", "heading", "count", "mode"):
             getattr(result, name)[bad] = getattr(fresh, name)
     raise RuntimeError("could not sample scenes that satisfy the constraints")

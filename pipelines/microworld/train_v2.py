@@ -20,10 +20,13 @@ has to travel between sessions. Data is rendered on the device each step (``scen
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tarfile
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,28 +124,42 @@ def descend(optimizer: Any, schedule: Any, loss: torch.Tensor, params: list[torc
 
 
 class Batches:
-    """Scenes and captions for step s+1 drawn on a CPU thread while the device works on step s."""
+    """Scenes and token ids for the coming steps, drawn on CPU threads while the device works (numpy and the
+    tokenizer release the GIL for most of it): ``ahead`` batches in flight, in step order."""
 
-    def __init__(self, make: Callable[[int], Any], first: int) -> None:
-        self.make, self.pool = make, ThreadPoolExecutor(1)
-        self.next = self.pool.submit(make, first)
+    def __init__(self, make: Callable[[int], Any], first: int, ahead: int = 4) -> None:
+        self.make, self.pool = make, ThreadPoolExecutor(ahead)
+        self.queue = deque(self.pool.submit(make, first + i) for i in range(ahead))
+        self.upcoming = first + ahead
 
-    def __call__(self, step: int) -> Any:
-        batch = self.next.result()
-        self.next = self.pool.submit(self.make, step + 1)
+    def __call__(self) -> Any:
+        batch = self.queue.popleft().result()
+        self.queue.append(self.pool.submit(self.make, self.upcoming))
+        self.upcoming += 1
         return batch
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def captioned(config: TrainConfig, stage: str, step: int, batch: int, uncond: float = 0.0) -> tuple[Any, Any]:
-    """(layouts, token ids) for one step: seeded by (seed, stage, step); ``uncond`` of the captions empty."""
+THREAD = threading.local()
+
+
+def thread_tokenizer(tokenizer: Any) -> Any:
+    """This thread's own copy of ``tokenizer``: a fast tokenizer shared by threads fails ("Already borrowed")."""
+    if getattr(THREAD, "source", None) is not tokenizer:
+        THREAD.source, THREAD.copy = tokenizer, copy.deepcopy(tokenizer)
+    return THREAD.copy
+
+
+def captioned(config: TrainConfig, tokenizer: Any, stage: str, step: int, batch: int,
+              uncond: float = 0.0) -> tuple[Any, torch.Tensor]:
+    """(layouts, caption token ids) for one step: seeded by (seed, stage, step); ``uncond`` of the captions empty."""
     seed = (config.seed, STAGES.index(stage), step)
     layouts = scenes_v2.sample_layouts(batch, seed, config.size)
     rng = np.random.default_rng((*seed, 1))
     captions = ["" if rng.random() < uncond else scenes_v2.caption(layouts, i, rng) for i in range(batch)]
-    return layouts, captions
+    return layouts, text_v2.tokenize(thread_tokenizer(tokenizer), captions)
 
 
 def stage_steps(config: TrainConfig, budget: Budget) -> Iterator[int]:
@@ -157,11 +174,11 @@ def train_clip(models: Models, config: TrainConfig, device: torch.device, budget
     clip = text_v2.build_clip(models.tokenizer, config.text_width, config.text_layers, config.vision_layers,
                               config.size, config.seed).to(device).train()
     optimizer, schedule = optimiser(clip.parameters(), config.clip_lr, config.warmup, weight_decay=0.1)
-    batches = Batches(lambda s: captioned(config, "clip", s, config.clip_batch), 1)
+    batches = Batches(lambda s: captioned(config, models.tokenizer, "clip", s, config.clip_batch), 1)
     start, running = time.monotonic(), []
     for step in stage_steps(config, budget):
-        layouts, captions = batches(step)
-        ids = text_v2.tokenize(models.tokenizer, captions).to(device)
+        layouts, ids = batches()
+        ids = ids.to(device)
         images, _ = scenes_v2.render_layouts(layouts, device)
         with autocast(config, device):
             loss = text_v2.contrastive_loss(clip, ids, images)
@@ -195,7 +212,7 @@ def train_vae(models: Models, config: TrainConfig, device: torch.device, budget:
     batches = Batches(lambda s: scenes_v2.sample_layouts(config.vae_batch, (config.seed, 1, s), config.size), 1)
     start, running = time.monotonic(), []
     for step in stage_steps(config, budget):
-        x = scenes_v2.render_layouts(batches(step), device)[0] * 2 - 1
+        x = scenes_v2.render_layouts(batches(), device)[0] * 2 - 1
         with autocast(config, device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
@@ -255,12 +272,12 @@ def latents_of(models: Models, images: torch.Tensor, config: TrainConfig, device
 
 
 @torch.no_grad()
-def conditioning(models: Models, captions: list[str], layouts: Any, config: TrainConfig,
+def conditioning(models: Models, ids: torch.Tensor, layouts: Any, config: TrainConfig,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(scaled latents of freshly rendered scenes, the frozen encoder's token states of their captions)."""
     latents = latents_of(models, scenes_v2.render_layouts(layouts, device)[0], config, device)
     with autocast(config, device):
-        context = models.text_encoder(text_v2.tokenize(models.tokenizer, captions).to(device))[0].float()
+        context = models.text_encoder(ids.to(device))[0].float()
     return latents, context
 
 
@@ -283,13 +300,14 @@ def train_unet(models: Models, config: TrainConfig, device: torch.device, budget
     warmup = config.resume_warmup if first else config.warmup
     optimizer, schedule = optimiser(unet.parameters(), config.unet_lr, warmup)
     ema = EMAModel(unet.parameters(), decay=config.ema, use_ema_warmup=True)
-    batches = Batches(lambda s: captioned(config, "unet", s, config.unet_batch, config.uncond), first + 1)
+    batches = Batches(lambda s: captioned(config, models.tokenizer, "unet", s, config.unet_batch, config.uncond),
+                      first + 1)
     torch.manual_seed(config.seed + first)
     start, running = time.monotonic(), []
     for local in stage_steps(config, budget):
         step = first + local
-        layouts, captions = batches(step)
-        x0, context = conditioning(models, captions, layouts, config, device)
+        layouts, ids = batches()
+        x0, context = conditioning(models, ids, layouts, config, device)
         noisy, noise, t = noised(alphas, x0)
         with autocast(config, device):
             prediction = model(noisy, t, encoder_hidden_states=context).sample.float()

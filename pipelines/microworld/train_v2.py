@@ -63,7 +63,7 @@ class TrainConfig:
     text_layers: int = 3
     vision_layers: int = 4
     vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: f = 4
-    unet_channels: tuple[int, ...] = (64, 128, 160, 160)  # cross-attention at 32, 16, 8; a plain level at 4
+    unet_channels: tuple[int, ...] = (64, 128, 144, 144)  # 15.5 M: attention at 32, 16, 8; a plain level at 4
     layers_per_block: int = 2
     head_dim: int = 32
     norm_groups: int = 16
@@ -393,7 +393,7 @@ def parameter_counts(models: Models) -> dict[str, int]:
             for name in ("text_encoder", "vae", "unet", "compass") if getattr(models, name) is not None}
 
 
-def pack(folder: Path, target: Path) -> list[Path]:
+def pack(folder: Path, target: Path, part_bytes: int = PART_BYTES) -> list[Path]:
     """``folder`` as an uncompressed tar split into parts <= 15 MiB (the device returns at most 8 files of 16 MiB),
     plus the report and samples as plain files. Unpack with: cat PREFIX.tar.part* | tar -x -C DEST."""
     target.mkdir(parents=True, exist_ok=True)
@@ -402,7 +402,7 @@ def pack(folder: Path, target: Path) -> list[Path]:
         tar.add(folder, arcname=folder.name)
     parts = []
     with open(archive, "rb") as whole:
-        while chunk := whole.read(PART_BYTES):
+        while chunk := whole.read(part_bytes):
             parts.append(target / f"{archive.name}.part{len(parts):02d}")
             parts[-1].write_bytes(chunk)
     archive.unlink()
@@ -440,7 +440,7 @@ def stage_budgets(config: TrainConfig, stages: list[str], started: float) -> Cal
 
     def budget(stage: str) -> Budget:
         if stage != "unet":
-            return Budget(fixed[stage])
+            return Budget(max(0.01, fixed[stage]))  # Budget(0) would mean no limit
         used = (time.monotonic() - started) / 60
         later = sum(fixed[s] for s in stages[stages.index(stage) + 1:])
         return Budget(max(0.05, config.minutes - used - later - config.reserve_minutes))

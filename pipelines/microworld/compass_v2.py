@@ -108,6 +108,7 @@ def train_compass(models: Any, config: Any, device: torch.device, budget: Any) -
         noisy, noise, t = noised(alphas, latents_of(models, batch["images"], config, device))
         injection.vectors = encoder(batch["angles"])
         control.biases = batch["biases"]
+        control.applied.clear()  # the per-call log of applied biases would grow with every step
         with autocast(config, device), control:
             context = text_encoder(batch["ids"])[0]
             prediction = models.unet(noisy, t, encoder_hidden_states=context).sample.float()

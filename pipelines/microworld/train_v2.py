@@ -1,10 +1,13 @@
 """Train micro-world v2 on freshly rendered scenes, stage by stage, within a wall-clock budget; resumable.
 
     # one accelerator call (10 minutes): every stage, everything in one folder, packed for the trip back
-    python -m pipelines.microworld.train_v2 --stages clip,vae,unet --minutes 9 \
+    python -m pipelines.microworld.train_v2 --stages clip,vae,unet --minutes 8.5 \
         --out outputs/microworld_v2 --pack "$OUT"
-    # a later call or session: continue the UNet (and train the compass encoder) from the saved weights alone
-    python -m pipelines.microworld.train_v2 --stages unet,compass --minutes 9 --resume DIR --out DIR2 --pack "$OUT"
+    # a later call (same folder) or session (the folder unpacked and carried): continue the UNet, then train
+    # the compass encoder, from the saved weights alone
+    python -m pipelines.microworld.train_v2 --stages unet,compass --minutes 9 \
+        --resume outputs/microworld_v2 --out outputs/microworld_v2 --pack "$OUT"
+    # back home: cat microworld_v2.tar.part* | tar -x -C outputs/
 
 Stages (each saves the folder when it ends, so a killed call keeps what finished):
 - ``clip``: a small CLIP (``text_v2``) trained contrastively on scene/caption pairs; its text tower is kept,
@@ -417,7 +420,8 @@ def sample_sheet(models: Models, config: TrainConfig, device: torch.device, fold
     """Held-out swapped prompts, headings and single objects, ``seeds`` each: a quick look at what was learnt."""
     from PIL import Image
 
-    prompts = [p for p, _ in scenes_v2.swapped_prompts()[::5]] + [p for p, _ in scenes_v2.heading_prompts()[::2]]
+    prompts = ([p for p, _ in scenes_v2.swapped_prompts()[::5]] + [p for p, _ in scenes_v2.heading_prompts()[::2]]
+               + [p for p, _, _ in scenes_v2.single_object_prompts()[::8]])
     pipe = assemble(models).to(device)
     pipe.set_progress_bar_config(disable=True)
     rows = []
@@ -456,7 +460,7 @@ def check_stages(stages: list[str], models: Models) -> None:
         if stage in stages and getattr(models, part) is not None:
             raise SystemExit(f"The resumed folder already has a trained {part}; it stays frozen (the UNet was "
                              f"trained on it). Drop '{stage}' from --stages.")
-    needs = {"vae": ["text_encoder"], "unet": ["text_encoder", "vae"], "compass": ["text_encoder", "vae", "unet"]}
+    needs = {"unet": ["text_encoder", "vae"], "compass": ["text_encoder", "vae", "unet"]}
     done = {"clip": "text_encoder", "vae": "vae", "unet": "unet"}
     for stage in stages:
         missing = [p for p in needs.get(stage, []) if getattr(models, p) is None

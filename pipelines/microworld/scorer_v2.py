@@ -1,0 +1,91 @@
+"""Classical scorer for micro-world v2 images, with a precision term and an image-validity check.
+
+v1's scorer (``scorer.py``) rewards noise: it counts every asked object it can match and ignores what else is
+there, so smooth random noise scored presence 0.875 (issue 22). Here:
+- An image is *valid* only if most of it is the plain ground (``MIN_BACKGROUND`` of the pixels within
+  ``GROUND_TOLERANCE`` of the ground colour; v2 scenes keep >= ~60 %); an invalid image scores 0 everywhere.
+- Only detections whose fitted shape overlaps the component well (``MIN_FIT`` IoU) count as objects.
+- ``presence`` and ``binding`` are F1 scores: matches over (asked + detected) / 2, so every extra detection
+  costs as much as a missing object. ``found`` keeps the plain recall.
+Detection itself (palette segmentation, shape and heading fit, texture statistics) is v1's ``detect``; per-object
+styles are read from each detection's texture statistics with v1's thresholds.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .scenes import BACKGROUND
+from .scorer import Detection, angle_error, detect
+
+MIN_BACKGROUND = 0.5
+GROUND_TOLERANCE = 24.0  # max per-channel difference from the ground colour
+MIN_FIT = 0.6  # IoU of the fitted shape with the detected component
+
+
+def as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
+
+
+def ground_share(rgb: np.ndarray) -> float:
+    """Share of pixels at the ground colour."""
+    return float(np.mean(np.abs(rgb - np.array(BACKGROUND, np.float32)).max(-1) <= GROUND_TOLERANCE))
+
+
+def object_style(detection: Detection) -> str:
+    """One object's fill style from its texture statistics (v1's scene-level thresholds, per object)."""
+    if detection.fill < 0.9:
+        return "outline"
+    if detection.full < 0.37:
+        return "dotted"
+    return "striped" if detection.full < 0.75 else "flat"
+
+
+def match(wanted: list[dict[str, Any]], detections: list[Detection]) -> tuple[dict[int, int], int]:
+    """Asked object -> detection: exact (shape and colour) matches first, then the same shape in any colour.
+    Returns the matching and how many of them are exact."""
+    free = list(range(len(detections)))
+    matched: dict[int, int] = {}
+    for exact in (True, False):
+        for i, obj in enumerate(wanted):
+            if i in matched:
+                continue
+            for j in free:
+                if detections[j].shape == obj["shape"] and (not exact or detections[j].colour == obj["colour"]):
+                    matched[i] = j
+                    free.remove(j)
+                    break
+        if exact:
+            bound = len(matched)
+    return matched, bound
+
+
+def score_image(image: Image.Image | np.ndarray, truth: dict[str, Any]) -> dict[str, Any]:
+    """Score ``image`` against the objects a prompt asked for (``truth["objects"]``: shape, colour, and optionally
+    style and heading). Keys: valid, ground, presence (shape F1), binding (shape+colour F1), found (recall),
+    leakage, heading_error (NaN without a matched arrow), style_agreement (NaN without asked styles),
+    extra_objects, detections."""
+    rgb = as_rgb(image)
+    wanted = truth["objects"]
+    ground = ground_share(rgb)
+    valid = ground >= MIN_BACKGROUND
+    detections = [d for d in detect(rgb)[0] if d.fit >= MIN_FIT] if valid else []
+    matched, bound = match(wanted, detections)
+    total = len(wanted) + len(detections)
+    colours = {o["colour"] for o in wanted}
+    leaked = sum(1 for i, j in matched.items()
+                 if detections[j].colour != wanted[i]["colour"] and detections[j].colour in colours)
+    errors = [angle_error(detections[j].heading, wanted[i]["heading"]) for i, j in matched.items()
+              if wanted[i]["shape"] == "arrow" and "heading" in wanted[i]]
+    styled = [(object_style(detections[j]) == wanted[i]["style"]) for i, j in matched.items() if "style" in wanted[i]]
+    n = max(1, len(wanted))
+    return {"valid": float(valid), "ground": ground,
+            "presence": 2 * len(matched) / total if total else 0.0,
+            "binding": 2 * bound / total if total else 0.0,
+            "found": len(matched) / n, "leakage": leaked / n,
+            "heading_error": float(np.mean(errors)) if errors else float("nan"),
+            "style_agreement": float(np.mean(styled)) if styled else float("nan"),
+            "extra_objects": len(detections) - len(matched), "detections": [asdict(d) for d in detections]}

@@ -1,0 +1,118 @@
+"""Micro-world v2 trainer: every stage runs a step at tiny sizes, saves a loadable SD folder, resumes from the
+weights alone, packs into parts the device can return; the saved model runs in the served image pipeline and
+through the sanity-gates script."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY = ["--device", "cpu", "--dtype", "fp32", "--size", "32", "--text-width", "32", "--text-layers", "2",
+        "--vision-layers", "1", "--vae-channels", "8,16,16", "--unet-channels", "16,16,16,16",
+        "--layers-per-block", "1", "--head-dim", "8", "--norm-groups", "4", "--clip-batch", "8", "--vae-batch", "4",
+        "--unet-batch", "4", "--compass-batch", "2", "--max-steps", "2", "--log-every", "1", "--no-samples"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from pipelines.microworld.train_v2 import parse_args, train
+
+    out = tmp_path_factory.mktemp("microworld_v2") / "run"
+    return train(parse_args(TINY + ["--stages", "clip,vae,unet", "--out", str(out)]))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_stages_save_a_loadable_sd_folder_with_a_clip_text_encoder(trained):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    report = json.loads((trained / "train_report.json").read_text())
+    assert report["steps"] == {"clip": 2, "vae": 2, "unet": 2, "compass": 0}
+    stages = [row["stage"] for row in report["runs"][0]["history"] if "step" in row]
+    assert stages == ["clip", "clip", "vae", "vae", "unet", "unet"]
+    assert all(np.isfinite(row.get("loss", row.get("mse", 0))) for row in report["runs"][0]["history"])
+    assert all(f.stat().st_size <= 15 * 2**20 for f in trained.rglob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(trained, torch_dtype=torch.float32)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert pipe.vae_scale_factor == 4 and pipe.vae.config.scaling_factor != 0.18215
+    assert pipe.tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_resume_continues_the_unet_from_weights_and_trains_a_compass_encoder(trained, tmp_path):
+    from pipelines.image.compass_train import load_trained_compass
+    from pipelines.microworld.train_v2 import parse_args, train
+
+    resumed = train(parse_args(TINY + ["--stages", "unet,compass", "--resume", str(trained),
+                                       "--out", str(tmp_path / "resumed")]))
+    report = json.loads((resumed / "train_report.json").read_text())
+    assert report["steps"] == {"clip": 2, "vae": 2, "unet": 4, "compass": 2} and len(report["runs"]) == 2
+    unet_steps = [row["step"] for row in report["runs"][1]["history"] if row.get("stage") == "unet" and "step" in row]
+    assert unet_steps == [3, 4]
+    for part in ("vae", "text_encoder"):
+        before, after = weights(trained / part), weights(resumed / part)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = weights(trained / "unet"), weights(resumed / "unet")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    encoder = load_trained_compass(resumed / "compass")
+    assert encoder(torch.tensor([0.0, 90.0])).shape == (2, 32)
+    with pytest.raises(SystemExit, match="frozen"):
+        train(parse_args(TINY + ["--stages", "clip", "--resume", str(trained), "--out", str(tmp_path / "no")]))
+
+
+def test_pack_splits_the_folder_into_parts_that_unpack_to_the_same_files(trained, tmp_path):
+    from pipelines.microworld import train_v2
+
+    parts = train_v2.pack(trained, tmp_path / "out", part_bytes=50_000)
+    assert len(parts) > 1 and all(p.stat().st_size <= 50_000 for p in parts)
+    assert (tmp_path / "out" / "train_report.json").is_file()
+    (tmp_path / "back").mkdir()
+    subprocess.run(f"cat {tmp_path / 'out'}/{trained.name}.tar.part* | tar -x -C {tmp_path / 'back'}", shell=True,
+                   check=True)
+    for original in trained.rglob("*"):
+        if original.is_file():
+            copy = tmp_path / "back" / trained.name / original.relative_to(trained)
+            assert copy.read_bytes() == original.read_bytes()
+
+
+def test_v2_model_runs_in_the_served_image_pipeline(trained, tmp_path, monkeypatch):
+    from pipelines.base import Result
+    from pipelines.image.pipeline import ImagePipeline, ImageRequest
+    from pipelines.models import ModelStore
+
+    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
+    pipeline = ImagePipeline(ModelStore(device=torch.device("cpu")), "auto")
+    request = ImageRequest(prompt="a striped red circle and a green arrow pointing left", model=str(trained),
+                           steps=2, seed=3, width=32, height=32, preview_every=0, fast=False)
+    result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
+    image = Image.open(result.value[0])
+    assert image.size == (32, 32) and np.asarray(image).std() > 0
+
+
+def test_gates_script_runs_on_the_trained_folder(trained, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "gates", Path(__file__).parents[1] / "benchmarks" / "microworld_v2_gates.py")
+    gates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gates)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(trained / "tokenizer")
+    assert gates.colour_positions(tokenizer, "a yellow circle and a red triangle", ["yellow", "red"]) == [2, 6]
+    report = gates.main(["--model", str(trained), "--device", "cpu", "--seeds", "1", "--steps", "1", "--size", "32",
+                         "--noise", "3", "--stride", "20", "--bootstrap", "20", "--json", str(tmp_path / "g.json"),
+                         "--sheet", str(tmp_path / "g.png")])
+    assert set(report["gates"]) == {"single_object_colour_accuracy", "heading_error_deg", "noise_presence",
+                                    "oracle_binding_gain"}
+    assert report["gates"]["noise_presence"]["value"] <= 0.1
+    assert report["gates"]["oracle_binding_gain"]["units"] == 1
+    assert json.loads((tmp_path / "g.json").read_text())["passed"] == report["passed"]

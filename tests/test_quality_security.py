@@ -143,7 +143,7 @@ def test_session_routes_refuse_callers_without_a_login(auth_app, method, route):
 
 
 def test_a_request_body_over_the_total_limit_is_refused_before_it_is_read():
-    from app import MAX_REQUEST_BYTES
+    from request_guard import MAX_REQUEST_BYTES
 
     base = shared_app().url.rstrip("/")
     files = [("files", (f"part{i}.png", b"\0" * 20_000_000)) for i in range(2)]

@@ -15,6 +15,9 @@ from starlette.responses import JSONResponse
 
 # Whole request body (all files and text together): Gradio's max_file_size is per file (issue 25: 10 x 24 MB passed).
 MAX_REQUEST_BYTES = 30_000_000
+# Bodies that carry no files (the JSON of API calls and queue joins: text inputs of at most MAX_TEXT_CHARS each,
+# file references, numbers): refused past this before Gradio parses them, so a 30 MB prompt costs no JSON parse.
+MAX_FORMLESS_BYTES = 2_000_000
 # Uploads one session may hold in Gradio's temp folder; upload temp files are deleted UPLOAD_TTL_S after they were
 # written (Blocks.delete_cache), so bytes are charged for that long.
 MAX_SESSION_UPLOAD_BYTES = 100_000_000
@@ -62,8 +65,9 @@ class UploadLedger:
 
 
 class RequestGuard:
-    """Refuse (413) bodies over MAX_REQUEST_BYTES and uploads over the session's remaining budget: by the declared
-    Content-Length before reading, else as soon as the streamed body passes the cap. With auth on, refuse (401) the
+    """Refuse (413) multipart bodies over MAX_REQUEST_BYTES, other bodies over MAX_FORMLESS_BYTES, and uploads over
+    the session's remaining budget: by the declared Content-Length before reading, else as soon as the streamed
+    body passes the cap. With auth on, refuse (401) the
     session routes to callers without a login cookie."""
 
     def __init__(self, app, auth_required: bool = False, ledger: UploadLedger | None = None) -> None:
@@ -78,7 +82,7 @@ class RequestGuard:
             return await JSONResponse({"error": "Not authenticated"}, status_code=401)(scope, receive, send)
         is_upload = scope["path"].rstrip("/") == UPLOAD_ROUTE
         session = session_key(scope, headers)
-        limit = min(MAX_REQUEST_BYTES, self.ledger.remaining(session)) if is_upload else MAX_REQUEST_BYTES
+        limit = min(body_limit(headers), self.ledger.remaining(session)) if is_upload else body_limit(headers)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             return await too_large(limit, is_upload)(scope, receive, send)
@@ -119,11 +123,18 @@ class RequestGuard:
                 self.ledger.settle(upload_session, received, kept)
 
 
+def body_limit(headers: dict) -> int:
+    """MAX_REQUEST_BYTES for multipart bodies (files), MAX_FORMLESS_BYTES for everything else."""
+    is_form = headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data")
+    return MAX_REQUEST_BYTES if is_form else MAX_FORMLESS_BYTES
+
+
 def too_large(limit: int, is_upload: bool) -> JSONResponse:
     refused = "This upload" if is_upload else "This request"
-    return JSONResponse({"error": f"{refused} is over {limit:,} bytes. Requests are limited to {MAX_REQUEST_BYTES:,} "
-                                  f"bytes and each session's uploads to {MAX_SESSION_UPLOAD_BYTES:,} bytes per "
-                                  f"{UPLOAD_TTL_S // 60} minutes."}, status_code=413)
+    return JSONResponse({"error": f"{refused} is over {limit:,} bytes. Uploads are limited to {MAX_REQUEST_BYTES:,} "
+                                  f"bytes per request and {MAX_SESSION_UPLOAD_BYTES:,} bytes per session every "
+                                  f"{UPLOAD_TTL_S // 60} minutes, other requests to {MAX_FORMLESS_BYTES:,} bytes."},
+                        status_code=413)
 
 
 def session_key(scope: dict, headers: dict) -> str:

@@ -197,3 +197,12 @@ def test_a_huge_prompt_is_refused_fast_with_flat_memory_before_any_tokenizer(meg
     assert tokenizer_calls == [], f"a tokenizer ran before the refusal: {tokenizer_calls}"
     raw_call(url, "text", ["a short prompt", "", "", "vanilla", 2, 0.0, 1.0, 1])
     assert tokenizer_calls, "the spy saw no tokenizer call for a valid prompt: it watches the wrong methods"
+
+
+def test_gradio_deletes_temp_files_when_the_upload_budget_forgets_them():
+    """Uploads and cached outputs of finished requests are deleted by Gradio (Blocks.delete_cache) after the
+    same time the session budget charges them for, so the budget bounds what a session holds on disk."""
+    from app import build_demo
+
+    sweep_s, age_s = build_demo({}).delete_cache
+    assert age_s == UPLOAD_TTL_S and 0 < sweep_s <= age_s / 4

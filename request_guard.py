@@ -46,10 +46,10 @@ class UploadLedger:
         self.in_flight: dict[str, int] = defaultdict(int)
 
     def used(self, session: str) -> int:
-        kept = self.kept[session]
+        kept = self.kept.get(session, ())
         while kept and kept[0][0] < self.clock() - self.ttl_s:
             kept.popleft()
-        return sum(size for _, size in kept) + self.in_flight[session]
+        return sum(size for _, size in kept) + self.in_flight.get(session, 0)
 
     def remaining(self, session: str) -> int:
         return max(0, self.limit - self.used(session))
@@ -60,8 +60,17 @@ class UploadLedger:
     def settle(self, session: str, size: int, kept: bool) -> None:
         """An upload of ``size`` bytes ended; ``kept``: Gradio accepted its files (they stay until the TTL)."""
         self.in_flight[session] -= size
+        if not self.in_flight[session]:
+            del self.in_flight[session]
         if kept and size:
             self.kept[session].append((self.clock(), size))
+        self.used(session)  # drops what expired
+        if not self.kept.get(session, True):
+            del self.kept[session]
+
+    def sessions(self) -> int:
+        """How many sessions the ledger remembers (ones with nothing kept or in flight are forgotten)."""
+        return len(self.kept.keys() | self.in_flight.keys())
 
 
 class RequestGuard:
@@ -89,8 +98,9 @@ class RequestGuard:
         await self._forward_counted(scope, receive, send, limit, session if is_upload else None)
 
     async def _forward_counted(self, scope, receive, send, limit: int, upload_session: str | None) -> None:
-        """Pass the request on, counting its body; past ``limit``, answer 413 and stop the app reading."""
-        received, state = 0, {"refused": False, "status": 0}
+        """Pass the request on, counting its body; past ``limit``, stop the app reading and answer 413 once it has
+        unwound (Gradio deletes a refused upload's partial files on the way out)."""
+        received, state = 0, {"refused": False, "started": False, "status": 0}
 
         async def counting_receive() -> dict:
             nonlocal received
@@ -99,18 +109,17 @@ class RequestGuard:
             received += size
             if upload_session is not None:
                 self.ledger.receive(upload_session, size)
-            if received > limit and not state["refused"]:
+            if received > limit:
                 state["refused"] = True
-                if not state["status"]:
-                    await too_large(limit, upload_session is not None)(scope, receive, send)
                 raise BodyTooLarge(f"Request body over {limit:,} bytes")
             return message
 
         async def guarded_send(message: dict) -> None:
+            if state["refused"]:
+                return
             if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-            if not state["refused"]:
-                await send(message)
+                state["started"], state["status"] = True, message["status"]
+            await send(message)
 
         try:
             await self.app(scope, counting_receive, guarded_send)
@@ -121,6 +130,8 @@ class RequestGuard:
             if upload_session is not None:
                 kept = not state["refused"] and 200 <= state["status"] < 300
                 self.ledger.settle(upload_session, received, kept)
+        if state["refused"] and not state["started"]:
+            await too_large(limit, upload_session is not None)(scope, receive, send)
 
 
 def body_limit(headers: dict) -> int:

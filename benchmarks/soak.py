@@ -267,7 +267,8 @@ def summarise(records: list[dict], samples: list, args: argparse.Namespace, end_
                   if r["outcome"] not in ("lost", "unreadable") and r["outcome"] != EXPECTED.get(r["kind"], "error")]
     latencies = [r["latency_s"] for r in records if r["kind"] == "valid" and r["outcome"] == "ok"]
     return {
-        "benchmark": "soak", "command": command_line(None), "host": "127.0.0.1 (loopback only)",
+        "benchmark": "soak", "command": command_line(None), "commit": args.commit,
+        "host": "127.0.0.1 (loopback only)",
         "preset": "tiny", "clients": args.clients, "duration_min": round(end_s / 60, 1),
         "pause_between_requests_s": list(args.pause), "request_timeout_s": args.timeout,
         "note": ("Shared 2-core CPU machine (run under nice -n 19 next to other work): each client pauses between "
@@ -305,6 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip()
     process, url = start_app_process()
     args.t0 = time.monotonic()
     deadline = args.t0 + args.minutes * 60

@@ -123,6 +123,13 @@ def test_the_ledger_counts_uploads_in_flight_and_forgets_refused_ones():
     assert ledger.used("a") == 4
     clock.now += 61
     assert ledger.used("a") == 0
+    ledger.receive("b", 3)
+    ledger.settle("b", 3, kept=False)
+    assert ledger.sessions() == 1, "sessions with nothing kept must be forgotten, or the ledger grows per address"
+    clock.now += 61
+    ledger.receive("a", 1)
+    ledger.settle("a", 1, kept=False)
+    assert ledger.sessions() == 0
 
 
 def test_sessions_are_keyed_by_a_valid_login_token_only():

@@ -59,7 +59,9 @@ class Soaker:
 
         self.url, self.timeout, self.rng = url, timeout, rng
         self.downloads = downloads
-        self.client = Client(url, verbose=False, download_files=str(downloads))
+        # gradio_client's own HTTP calls (queue join, cancel, upload) use httpx's 5 s default: on a starved CPU the
+        # server may acknowledge a join later than that, and the client then drops a job the server still runs.
+        self.client = Client(url, verbose=False, download_files=str(downloads), httpx_kwargs={"timeout": timeout})
         self.api = self.client.view_api(print_info=False, return_format="dict")
         self.last_task: str | None = None
         self.tasks = [name.removeprefix("/generate_") for name in self.api["named_endpoints"]
@@ -77,7 +79,7 @@ class Soaker:
         except AppError as error:
             return "error", str(error)[:200]
         except TimeoutError:
-            job.cancel()
+            threading.Thread(target=job.cancel, daemon=True).start()
             return "lost", f"no answer within {self.timeout:.0f} s"
         unreadable = [f"{path}: {problem}" for path in output_files(outputs) if (problem := unreadable_reason(path))]
         shutil.rmtree(self.downloads, ignore_errors=True)
@@ -271,8 +273,11 @@ def summarise(records: list[dict], samples: list, args: argparse.Namespace, end_
         "host": "127.0.0.1 (loopback only)",
         "preset": "tiny", "clients": args.clients, "duration_min": round(end_s / 60, 1),
         "pause_between_requests_s": list(args.pause), "request_timeout_s": args.timeout,
-        "note": ("Shared 2-core CPU machine (run under nice -n 19 next to other work): each client pauses between "
-                 "requests, so the rate is low on purpose; the point is many mixed requests over a long time."),
+        "note": ("Shared 2-core CPU machine (run under nice -n 19 next to other work, load average about 20): each "
+                 "client pauses between requests, so the rate is low on purpose; the point is many mixed requests "
+                 "over a long time. gradio_client's HTTP timeout is set to the request timeout (its 5 s default "
+                 "dropped jobs whose queue join a starved server acknowledged later: soak_cpu_run1.json)."),
+        "load_average_1_5_15": [round(load, 1) for load in os.getloadavg()],
         "requests": len(records), "requests_per_min": round(len(records) / max(end_s / 60, 1e-9), 1),
         "lost": sum(r["outcome"] == "lost" for r in records),
         "unreadable_outputs": sum(r["outcome"] == "unreadable" for r in records),
@@ -298,7 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=300.0, help="seconds before the RSS baseline")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take before it is lost")
-    parser.add_argument("--pause", type=float, nargs=2, default=(2.0, 8.0), help="min and max pause between requests")
+    parser.add_argument("--pause", type=float, nargs=2, default=(5.0, 20.0), help="min and max pause between requests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)

@@ -76,8 +76,7 @@ class UploadLedger:
 class RequestGuard:
     """Refuse (413) multipart bodies over MAX_REQUEST_BYTES, other bodies over MAX_FORMLESS_BYTES, and uploads over
     the session's remaining budget: by the declared Content-Length before reading, else as soon as the streamed
-    body passes the cap. With auth on, refuse (401) the
-    session routes to callers without a login cookie."""
+    body passes the cap. With auth on, refuse (401) the session routes to callers without a login cookie."""
 
     def __init__(self, app, auth_required: bool = False, ledger: UploadLedger | None = None) -> None:
         self.app, self.auth_required = app, auth_required
@@ -100,7 +99,7 @@ class RequestGuard:
     async def _forward_counted(self, scope, receive, send, limit: int, upload_session: str | None) -> None:
         """Pass the request on, counting its body; past ``limit``, stop the app reading and answer 413 once it has
         unwound (Gradio deletes a refused upload's partial files on the way out)."""
-        received, state = 0, {"refused": False, "started": False, "status": 0}
+        received, state = 0, {"refused": False, "status": 0}
 
         async def counting_receive() -> dict:
             nonlocal received
@@ -118,7 +117,7 @@ class RequestGuard:
             if state["refused"]:
                 return
             if message["type"] == "http.response.start":
-                state["started"], state["status"] = True, message["status"]
+                state["status"] = message["status"]
             await send(message)
 
         try:
@@ -130,7 +129,7 @@ class RequestGuard:
             if upload_session is not None:
                 kept = not state["refused"] and 200 <= state["status"] < 300
                 self.ledger.settle(upload_session, received, kept)
-        if state["refused"] and not state["started"]:
+        if state["refused"] and not state["status"]:
             await too_large(limit, upload_session is not None)(scope, receive, send)
 
 

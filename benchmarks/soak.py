@@ -273,7 +273,7 @@ def summarise(records: list[dict], samples: list, args: argparse.Namespace, end_
         "host": "127.0.0.1 (loopback only)",
         "preset": "tiny", "clients": args.clients, "duration_min": round(end_s / 60, 1),
         "pause_between_requests_s": list(args.pause), "request_timeout_s": args.timeout,
-        "note": ("Shared 2-core CPU machine (run under nice -n 19 next to other work, load average about 20): each "
+        "note": ("Shared 2-core CPU machine (run under nice -n 19 next to other work; load average below): each "
                  "client pauses between requests, so the rate is low on purpose; the point is many mixed requests "
                  "over a long time. gradio_client's HTTP timeout is set to the request timeout (its 5 s default "
                  "dropped jobs whose queue join a starved server acknowledged later: soak_cpu_run1.json)."),

@@ -13,22 +13,18 @@ import warnings
 
 import gradio as gr
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
 
 from components import TAB_BUILDERS
 from components.common import explain_unreadable_inputs
 from pipelines.outputs import output_dir
 from pipelines.presets import PRESETS
 from pipelines.registry import build_registry
+from request_guard import UPLOAD_TTL_S, RequestGuard
 
 QUEUE_MAX_SIZE = 32
 MAX_UPLOAD_SIZE = "25mb"
-# Whole request body (all files and text together): Gradio's max_file_size is per file (issue 25: 10 x 24 MB passed).
-MAX_REQUEST_BYTES = 30_000_000
-# Routes Gradio serves without its login check; behind --auth they need a session (issue 25). Left open:
-# /gradio_api/startup-events, which launch() itself calls and which only runs the startup events once.
-SESSION_ROUTES = ("/gradio_api/app_id", "/gradio_api/token", "/gradio_api/user",
-                  "/gradio_api/heartbeat", "/gradio_api/cancel", "/gradio_api/reset", "/gradio_api/runs")
+# Gradio deletes its temp files (uploads, cached outputs) older than UPLOAD_TTL_S, looking every TEMP_SWEEP_S.
+TEMP_SWEEP_S = 300
 SHARE_WITHOUT_AUTH_WARNING = (
     "Warning: --share without --auth makes this app (and your GPU) reachable by anyone with the link for a week. "
     "Add --auth USER:PASS."
@@ -37,7 +33,7 @@ SHARE_WITHOUT_AUTH_WARNING = (
 
 def build_demo(registry: dict) -> gr.Blocks:
     """The whole UI for the pipelines in ``registry`` (one tab each), without launching it."""
-    with gr.Blocks(title="Tokenworks") as demo:
+    with gr.Blocks(title="Tokenworks", delete_cache=(TEMP_SWEEP_S, UPLOAD_TTL_S)) as demo:
         gr.Markdown("# Tokenworks\nFast decoding and token-level control of generative models, side by side.")
         with gr.Tabs():
             for task, pipeline in registry.items():
@@ -47,37 +43,6 @@ def build_demo(registry: dict) -> gr.Blocks:
     explain_unreadable_inputs(demo)
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=None)
     return demo
-
-
-class RequestGuard:
-    """ASGI middleware: refuse bodies over MAX_REQUEST_BYTES before they are read, and, with auth on, the
-    session routes of callers without a login cookie."""
-
-    def __init__(self, app, auth_required: bool = False) -> None:
-        self.app, self.auth_required = app, auth_required
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
-            refusal = JSONResponse({"error": f"Request over {MAX_REQUEST_BYTES:,} bytes."}, status_code=413)
-            return await refusal(scope, receive, send)
-        if self.auth_required and scope["path"].startswith(SESSION_ROUTES) and not _logged_in(scope, headers):
-            return await JSONResponse({"error": "Not authenticated"}, status_code=401)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-def _logged_in(scope: dict, headers: dict) -> bool:
-    app = scope.get("app")
-    cookies = headers.get(b"cookie", b"").decode("latin-1")
-    tokens = getattr(app, "tokens", {}) or {}
-    for part in cookies.split(";"):
-        name, _, value = part.strip().partition("=")
-        if name.startswith("access-token") and value in tokens:
-            return True
-    return False
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:

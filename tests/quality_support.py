@@ -225,10 +225,11 @@ def run_job(job, timeout: float = 180.0) -> list[Any]:
     return [list(output) for output in job.outputs()]
 
 
-def raw_call(url: str, task: str, data: list[Any], timeout: float = 120.0) -> tuple[str, Any]:
-    """POST ``data`` as-is (NaN and infinities included) to the raw HTTP API; returns (event, payload)."""
+def raw_call(url: str, task: str, data: list[Any] | bytes, timeout: float = 120.0) -> tuple[str, Any]:
+    """POST ``data`` as-is (NaN and infinities included; bytes: an encoded body) to the raw HTTP API; returns
+    (event, payload)."""
     base = url.rstrip("/")
-    body = json.dumps({"data": data}, allow_nan=True)
+    body = data if isinstance(data, bytes) else json.dumps({"data": data}, allow_nan=True)
     response = httpx.post(f"{base}/gradio_api/call/generate_{task}", content=body,
                           headers={"content-type": "application/json"}, timeout=timeout)
     if response.status_code != 200:

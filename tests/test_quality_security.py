@@ -131,7 +131,8 @@ def test_no_code_path_enables_remote_code():
 @pytest.mark.parametrize("method,route", [
     ("get", "gradio_api/app_id"), ("get", "gradio_api/token"),
     ("get", "gradio_api/user"), ("get", "gradio_api/heartbeat/someone-else"), ("post", "gradio_api/cancel"),
-    ("post", "gradio_api/reset"), ("get", "gradio_api/runs"),
+    ("post", "gradio_api/reset"), ("get", "gradio_api/runs"), ("post", "gradio_api/stream/some-event"),
+    ("post", "gradio_api/stream/some-event/close"), ("get", "gradio_api/stream/someone/run/1/playlist.m3u8"),
 ])
 def test_session_routes_refuse_callers_without_a_login(auth_app, method, route):
     anonymous = httpx.request(method, f"{auth_app}{route}", json={"session_hash": "x", "fn_index": 0,
@@ -143,7 +144,7 @@ def test_session_routes_refuse_callers_without_a_login(auth_app, method, route):
 
 
 def test_a_request_body_over_the_total_limit_is_refused_before_it_is_read():
-    from app import MAX_REQUEST_BYTES
+    from request_guard import MAX_REQUEST_BYTES
 
     base = shared_app().url.rstrip("/")
     files = [("files", (f"part{i}.png", b"\0" * 20_000_000)) for i in range(2)]
@@ -157,3 +158,67 @@ def test_startup_events_route_is_harmless_without_a_login(auth_app):
     first = httpx.get(f"{auth_app}gradio_api/startup-events", timeout=30)
     again = httpx.get(f"{auth_app}gradio_api/startup-events", timeout=30)
     assert first.status_code == again.status_code == 200 and again.json() is False
+
+
+def output_probe() -> str:
+    from pipelines.outputs import output_dir
+
+    probe = output_dir() / "auth-gate-probe.txt"
+    probe.write_text("another user's output")
+    return str(probe)
+
+
+# Routes that read or change queue state, files and uploads; Gradio checks the login on these itself.
+# (method, route, request keyword arguments); the route is formatted with the path of a file in the output dir.
+LOGIN_CHECKED_ROUTES = [
+    ("get", "gradio_api/queue/data?session_hash=someone", {}),
+    ("post", "gradio_api/queue/join", {"json": {"data": [], "fn_index": 0, "session_hash": "someone"}}),
+    ("get", "gradio_api/queue/status", {}),
+    ("get", "gradio_api/call/generate_text/some-event", {}),
+    ("get", "gradio_api/file={probe}", {}),
+    ("post", "gradio_api/upload", {"files": {"files": ("a.txt", b"x")}}),
+    ("get", "gradio_api/upload_progress?upload_id=someone", {}),
+    ("post", "gradio_api/component_server", {"json": {"component_id": 1, "fn_name": "x", "data": None,
+                                                      "session_hash": "someone"}}),
+    ("post", "gradio_api/process_recording", {}),
+    ("get", "gradio_api/run-history/records", {}),
+    ("get", "monitoring", {}),
+]
+
+
+def status_of(method: str, url: str, cookies=None, **kwargs) -> int:
+    """The status line only: some routes answer an endless event stream once admitted."""
+    with httpx.stream(method, url, cookies=cookies, timeout=30, **kwargs) as response:
+        return response.status_code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,route,kwargs", LOGIN_CHECKED_ROUTES, ids=[r[1].split("?")[0] for r in
+                                                                           LOGIN_CHECKED_ROUTES])
+def test_queue_file_and_upload_routes_refuse_callers_without_a_login(auth_app, method, route, kwargs):
+    url = auth_app + route.format(probe=output_probe())
+    assert status_of(method, url, **kwargs) == 401, f"{route} answered without a login"
+    wrong = httpx.post(f"{auth_app}login", data={"username": "alice", "password": "wrong"}, timeout=30)
+    assert status_of(method, url, cookies=wrong.cookies, **kwargs) == 401, f"{route} answered a wrong login"
+
+
+@pytest.mark.slow
+def test_the_login_opens_the_file_queue_and_upload_routes(auth_app):
+    """The other side of the gate above: the same requests pass with the right login."""
+    login = httpx.post(f"{auth_app}login", data={"username": "alice", "password": "s3cret-pass"}, timeout=30)
+    probe = output_probe()
+    assert httpx.get(f"{auth_app}gradio_api/file={probe}", cookies=login.cookies, timeout=30).text == (
+        "another user's output")
+    for method, route, kwargs in LOGIN_CHECKED_ROUTES[:3] + LOGIN_CHECKED_ROUTES[5:6]:
+        assert status_of(method, auth_app + route, cookies=login.cookies, **kwargs) == 200, route
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,route", [
+    ("get", "gradio_api/vibe-code"), ("get", "gradio_api/monitoring/some-key"), ("get", "gradio_api/profiling/traces"),
+])
+def test_developer_routes_are_off_for_everyone(auth_app, method, route):
+    """Vibe editing, monitoring and profiling are off in Tokenworks: refused with or without a login."""
+    login = httpx.post(f"{auth_app}login", data={"username": "alice", "password": "s3cret-pass"}, timeout=30)
+    for cookies in (None, login.cookies):
+        assert status_of(method, auth_app + route, cookies=cookies) in (403, 404), route

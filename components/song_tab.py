@@ -8,7 +8,8 @@ import gradio as gr
 from pipelines.base import Partial, Progress, Result
 from pipelines.song import EXAMPLE_LYRICS, MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
-from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
+                     stats_panel, wire_stop)
 
 EXAMPLES = [
     [EXAMPLE_LYRICS, "gentle acoustic folk, fingerpicked guitar, warm, 90 bpm"],
@@ -64,10 +65,11 @@ def build(pipeline: SongPipeline) -> None:
             elif isinstance(event, Progress):  # one per model step: Gradio's own cancel closes the job at a yield
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
-                yield gr.skip(), event.value["mix"], list(event.value.values()), event.stats
+                yield None, event.value["mix"], list(event.value.values()), event.stats  # None ends the stream
 
     inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed]
+    clear_on_start([generate.click], [final, stems, stats])
     event = generate.click(generate_song, inputs=inputs, outputs=[live, final, stems, stats],
                            api_name="generate_song", **GPU_LANE)
-    stop.click(stop_session, cancels=[event], api_visibility="private")
+    wire_stop(stop, "song", [event], stats)
     link_seed_reuse(seed, stats)

@@ -13,8 +13,8 @@ from pipelines.audio import wav_bytes
 from pipelines.base import Partial, Progress, Result
 from pipelines.speech import SpeechPipeline, SpeechRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel,
-                     stop_session)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
+                     stats_panel, wire_stop)
 
 EXAMPLES = [
     ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],
@@ -65,10 +65,11 @@ def build(pipeline: SpeechPipeline) -> None:
             elif isinstance(event, Progress):  # one per model forward: Gradio's own cancel closes the job at a yield
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
-                yield gr.skip(), event.value, event.metadata["sidecar"], event.stats
+                yield None, event.value, event.metadata["sidecar"], event.stats  # None ends the stream
 
     inputs = [text, model, speed, temperature, drafting, stream, seed]
     outputs = [player, final, sidecar, stats]
+    clear_on_start([generate.click], [final, sidecar, stats])
     event = generate.click(generate_speech, inputs=inputs, outputs=outputs, api_name="generate_speech", **GPU_LANE)
-    stop.click(stop_session, cancels=[event], api_visibility="private")
+    wire_stop(stop, "speech", [event], stats)
     link_seed_reuse(seed, stats)

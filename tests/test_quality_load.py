@@ -27,7 +27,10 @@ def user_plan(tasks: list[str]) -> list[tuple[str, int]]:
 
 
 def one_user(url: str, task: str, seed: int, extra: dict | None = None) -> tuple[str, object]:
-    """One user with their own client and session: ("ok", outputs) or ("refused", message)."""
+    """One user with their own client and session: ("ok", outputs), ("refused", message) or ("lost", why): a
+    job the server dropped ends in gradio_client as a bare CancelledError (its event stream closed) or never."""
+    from concurrent.futures import CancelledError, TimeoutError
+
     from gradio_client.exceptions import AppError
     from gradio_client.utils import QueueError
 
@@ -35,11 +38,14 @@ def one_user(url: str, task: str, seed: int, extra: dict | None = None) -> tuple
     api = client.view_api(print_info=False, return_format="dict")
     case = tab_case(task, api["named_endpoints"][f"/generate_{task}"]["parameters"])
     try:
-        return "ok", run_job(submit(client, api, task, {**case.valid, **case.sampled, **(extra or {}), SEED_LABEL: seed}), 600)
+        outputs = run_job(submit(client, api, task, {**case.valid, **case.sampled, **(extra or {}), SEED_LABEL: seed}), 600)
     except (AppError, QueueError) as error:
         if QUEUE_FULL.search(str(error)):
             return "refused", str(error)
         raise
+    except (CancelledError, TimeoutError) as error:
+        return "lost", f"{type(error).__name__} {error}"
+    return ("ok", outputs) if outputs and outputs[-1][-1] else ("lost", f"no result: {outputs!r:.200}")
 
 
 def test_twenty_concurrent_users_each_get_their_own_result():
@@ -52,6 +58,8 @@ def test_twenty_concurrent_users_each_get_their_own_result():
 
     client = client_for(app.url)
     api = client.view_api(print_info=False, return_format="dict")
+    lost = [(task, seed, value) for (task, seed), (status, value) in zip(plan, results) if status == "lost"]
+    assert not lost, f"jobs lost (no result and no error): {lost}"
     completed = 0
     for (task, seed), (status, value) in zip(plan, results):
         if status == "refused":
@@ -77,6 +85,7 @@ def test_overflowing_the_queue_refuses_clearly_and_loses_no_job():
         unhook()
         small.close()
     statuses = [status for status, _ in results]
+    assert "lost" not in statuses, f"a job was lost: {results}"
     assert statuses.count("refused") >= 1, "8 users on a queue of 2 overflow it"
     assert statuses.count("ok") >= 2, "the queued jobs still complete"
     for seed, (status, value) in enumerate(results):

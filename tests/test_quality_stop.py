@@ -122,3 +122,30 @@ def test_stop_ends_the_job_within_a_step_and_the_next_job_starts(app, task, how)
     outputs = run_job(submit(client, api, task, case.valid), timeout=NEXT_JOB_DEADLINE_S)
     assert stats_of(outputs), "the job after Stop failed"
     assert time.monotonic() - started < NEXT_JOB_DEADLINE_S
+
+
+def test_stop_reports_the_token_it_stopped_at_and_keeps_the_partial_output(app):
+    """What the Stop button shows: where the run stopped, from the run itself; the partial text stays and no
+    Result pretends the run finished."""
+    from components.common import CANCELS, run_pipeline
+    from pipelines.base import Partial
+    from pipelines.text import TextRequest
+
+    request = TextRequest(**{"prompt": "1 2 3 4 5", "max_new_tokens": 480, "seed": 1, "method": "vanilla"})
+    seen, stopped = [], None
+    unhook = hook_model_forwards(lambda: time.sleep(0.01))
+    try:
+        for event in run_pipeline(app.registry["text"], request, None):
+            seen.append(event)
+            if stopped is None and isinstance(event, Progress) and event.step >= 5:
+                stopped = CANCELS.stop(None, "text")
+    finally:
+        unhook()
+    assert stopped is not None and stopped.step >= 5, "Stop found the running request and how far it got"
+    report = stopped.stopped_stats()
+    assert report["stopped"] is True and report["stopped_at"] == f"token {stopped.step} of 480"
+    assert f"Stopped at token {stopped.step} of 480" in stopped.stopped_message()
+    assert not any(isinstance(event, Result) for event in seen), "a stopped run reports no finished result"
+    partial = [event.value for event in seen if isinstance(event, Partial)]
+    assert partial and partial[-1], "the partial output is kept"
+    assert CANCELS.stop(None, "text") is None, "a run that has ended is not reported as stopped again"

@@ -83,9 +83,8 @@ def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message:
 
     def stop_and_report(request: gr.Request):
         run = CANCELS.stop(session_of(request), task)
-        if run is None:
-            return [gr.skip()] * len(outputs)
-        return [run.stopped_stats()] + ([run.stopped_message()] if message is not None else [])
+        report = [run.stopped_stats(), run.stopped_message()] if run is not None else [gr.skip(), gr.skip()]
+        return tuple(report) if message is not None else report[0]
 
     stop.click(stop_and_report, outputs=outputs, cancels=events, queue=False, api_visibility="private")
 

@@ -55,7 +55,7 @@ def plain_html(text: str) -> str:
 
 def run_headline(result: Result) -> str:
     stats = result.stats
-    return (f"**{METHOD_LABELS[stats['method']]}**: {stats['tokens']} tokens in {stats['time_s']:.2f} s, "
+    return (f"**{short_label(stats['method'])}**: {stats['tokens']} tokens in {stats['time_s']:.2f} s, "
             f"**{stats['tokens_per_s']:.1f} tokens/s**, τ {stats['tau']:.2f} tokens per forward "
             f"({stats['forwards']} forwards). Saved to `{result.metadata['file']}` with its parameters "
             f"(`.json` next to it).")
@@ -63,13 +63,17 @@ def run_headline(result: Result) -> str:
 
 def compare_headline(comparison: dict[str, Any]) -> str:
     """The A/B verdict: the speed-up, whether B reproduced A's tokens, and why B is slower when it is."""
-    label = METHOD_LABELS[comparison["method"]].split(" (")[0]
+    label = short_label(comparison["method"])
     verdict = (f"**{label}: {comparison['speedup']:.2f}× vanilla** ({comparison['method_tokens_per_s']:.1f} vs "
                f"{comparison['vanilla_tokens_per_s']:.1f} tokens/s, τ {comparison['tau']:.2f} tokens per forward). ")
     verdict += ("**Output identical to vanilla** ✓" if comparison["identical"] else
                 "**Output differs from vanilla** ✗ (sampling draws differently, or the method is not lossless here)")
     reason = slower_reason(comparison)
     return verdict + (f"\n\n{reason}" if reason else "")
+
+
+def short_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method).split(" (")[0]
 
 
 def slower_reason(comparison: dict[str, Any]) -> str:
@@ -101,17 +105,18 @@ def build(pipeline: TextPipeline) -> None:
             colour = gr.Checkbox(value=True, label="Colour the tokens each forward accepted", elem_id="text-colour")
             output = gr.Textbox(label="Output", visible=False, elem_id="text-output")  # the API's plain text
             saved = gr.File(label="Saved: the text and its parameters (JSON)", file_count="multiple",
-                            interactive=False, elem_id="text-saved")
-            with gr.Row(visible=False, elem_id="text-ab") as ab_panel:
-                with gr.Column():
-                    gr.Markdown(VANILLA_HEADING)
-                    vanilla_view = gr.HTML(elem_id="text-compare-vanilla", elem_classes=COLOURED)
-                with gr.Column():
-                    method_heading = gr.Markdown("#### B · Method", elem_id="text-compare-heading")
-                    method_view = gr.HTML(elem_id="text-compare-method", elem_classes=COLOURED)
+                            interactive=False, visible=False, elem_id="text-saved")
+            with gr.Column(visible=False, elem_id="text-ab") as ab_panel:
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown(VANILLA_HEADING)
+                        vanilla_view = gr.HTML(elem_id="text-compare-vanilla", elem_classes=COLOURED)
+                    with gr.Column():
+                        method_heading = gr.Markdown("#### B · Method", elem_id="text-compare-heading")
+                        method_view = gr.HTML(elem_id="text-compare-method", elem_classes=COLOURED)
+                comparison = stats_panel("Comparison")
             vanilla_text = gr.Textbox(label="Vanilla", visible=False)  # the API's plain texts of the A/B
             method_text = gr.Textbox(label="Method", visible=False)
-            comparison = stats_panel("Comparison")
         with gr.Column(scale=1):
             model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
                                 allow_custom_value=True, info="A listed model, a Hub id or a local folder")
@@ -179,7 +184,7 @@ def build(pipeline: TextPipeline) -> None:
                 yield text, plain_html(text), gr.skip(), gr.skip(), gr.skip()
             else:
                 files = [done.metadata["file"], done.metadata["sidecar"]]
-                yield text, result_html(done), done.stats, run_headline(done), files
+                yield text, result_html(done), done.stats, run_headline(done), gr.update(value=files, visible=True)
 
     @on_gpu
     def compare_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
@@ -204,12 +209,14 @@ def build(pipeline: TextPipeline) -> None:
                 continue
             summary = compare_stats(results["vanilla"], results["method"])
             files = [path for run in results.values() for path in (run.metadata["file"], run.metadata["sidecar"])]
-            yield *views, summary, compare_headline(summary), files
+            yield *views, summary, compare_headline(summary), gr.update(value=files, visible=True)
 
     def clear_for_run(comparing: bool, method_name: str | None = None) -> list:
         """What a new run starts from: no previous output, stats, headline, files or A/B left on screen."""
-        heading = f"#### B · {METHOD_LABELS.get(method_name or '', 'Method')}"
-        return ["", "", {}, "", None, gr.update(visible=comparing), "", "", {}, heading]
+        label = short_label(method_name or "vanilla")
+        note = plain_html(f"Comparing: A (vanilla) and B ({label}) run one after the other, below.") if comparing else ""
+        return ["", note, {}, "", gr.update(value=None, visible=False), gr.update(visible=comparing), "", "", {},
+                f"#### B · {label}"]
 
     inputs = [prompt, system, model, method, max_new_tokens, temperature, top_p, seed]
     cleared = [output, view, stats, headline, saved, ab_panel, vanilla_view, method_view, comparison, method_heading]

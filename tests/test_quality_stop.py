@@ -149,3 +149,30 @@ def test_stop_reports_the_token_it_stopped_at_and_keeps_the_partial_output(app):
     partial = [event.value for event in seen if isinstance(event, Partial)]
     assert partial and partial[-1], "the partial output is kept"
     assert CANCELS.stop(None, "text") is None, "a run that has ended is not reported as stopped again"
+
+
+def test_the_stop_button_writes_its_report_into_the_tab_panels():
+    """The Stop button's own handler: one stats dict for a tab with a stats panel, stats and a message for the
+    text tab; nothing (skipped) when the session has nothing running on that tab."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from components.common import CANCELS, wire_stop
+
+    with gr.Blocks() as demo:
+        stop, stats, message = gr.Button(), gr.JSON(), gr.Markdown()
+        wire_stop(stop, "image", [], stats)
+        wire_stop(stop, "text", [], stats, message)
+    image_stop, text_stop = [fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "stop_and_report"]
+    session = SimpleNamespace(session_hash="stop-report-test")
+    run = CANCELS.start(session.session_hash, "image")
+    run.step, run.total = 3, 30
+    report = image_stop(session)
+    assert run.token.cancelled and report["stopped_at"] == "step 3 of 30" and report["steps_done"] == 3
+    run = CANCELS.start(session.session_hash, "text")
+    run.step, run.total = 7, 64
+    report, shown = text_stop(session)
+    assert report["stopped_at"] == "token 7 of 64" and "Stopped at token 7 of 64" in shown
+    run.finished = True
+    assert all(isinstance(value, dict) and value.get("__type__") for value in text_stop(session)), "skipped"

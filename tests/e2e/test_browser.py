@@ -189,6 +189,7 @@ def test_text_tab_one_view_headline_compare_and_stop(browser, app_url):
     expect(headline).to_contain_text("× vanilla", timeout=DONE_TIMEOUT_MS)
     expect(headline).to_contain_text("identical to vanilla")
     assert answer not in view.inner_text(), "the top view still holds the previous prompt's answer"
+    expect(view).to_contain_text("Comparing")
     expect(page.locator("#text-ab")).to_contain_text("A · Vanilla")
     expect(page.locator("#text-compare-heading")).to_contain_text("B · Merged")
     assert page.locator("#text-compare-method").inner_text().strip(), "the method's output is shown"

@@ -10,8 +10,8 @@ from pipelines.base import Partial, PipelineError, Progress, Result
 from pipelines.image.compass import draw_compass_preview, parse_compass_objects
 from pipelines.image.pipeline import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
-                     stats_panel, wire_stop)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline,
+                     seed_row, stats_panel, wire_stop)
 
 EXAMPLES = [
     ["a [red hat] and a [blue car]", False, ""],

@@ -8,8 +8,8 @@ import gradio as gr
 from pipelines.base import Partial, Progress, Result
 from pipelines.song import EXAMPLE_LYRICS, MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
-                     stats_panel, wire_stop)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline,
+                     seed_row, stats_panel, wire_stop)
 
 EXAMPLES = [
     [EXAMPLE_LYRICS, "gentle acoustic folk, fingerpicked guitar, warm, 90 bpm"],

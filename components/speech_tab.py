@@ -13,8 +13,8 @@ from pipelines.audio import wav_bytes
 from pipelines.base import Partial, Progress, Result
 from pipelines.speech import SpeechPipeline, SpeechRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
-                     stats_panel, wire_stop)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline,
+                     seed_row, stats_panel, wire_stop)
 
 EXAMPLES = [
     ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],

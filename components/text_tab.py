@@ -12,8 +12,8 @@ import gradio as gr
 from pipelines.base import Partial, Result, resolve_seed
 from pipelines.text import MAX_NEW_TOKENS_LIMIT, METHOD_LABELS, METHODS, TextPipeline, TextRequest, compare_stats
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel,
-                     wire_stop)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
+                     stats_panel, wire_stop)
 
 EXAMPLES = [
     ["Explain in three sentences why the sky is blue."],
@@ -214,7 +214,8 @@ def build(pipeline: TextPipeline) -> None:
     def clear_for_run(comparing: bool, method_name: str | None = None) -> list:
         """What a new run starts from: no previous output, stats, headline, files or A/B left on screen."""
         label = short_label(method_name or "vanilla")
-        note = plain_html(f"Comparing: A (vanilla) and B ({label}) run one after the other, below.") if comparing else ""
+        note = plain_html(f"Comparing: A (vanilla) and B ({label}) run one after the other, below.")
+        note = note if comparing else ""
         return ["", note, {}, "", gr.update(value=None, visible=False), gr.update(visible=comparing), "", "", {},
                 f"#### B · {label}"]
 

@@ -12,8 +12,8 @@ from pipelines.image.merging import DEFAULT_MIN_TOKENS
 from pipelines.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
 from pipelines.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
-                     stats_panel, wire_stop)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, clear_on_start, link_seed_reuse, number, on_gpu, run_pipeline,
+                     seed_row, stats_panel, wire_stop)
 
 SHOTS_HELP = (
     'Shots as JSON: `[{"start": 0, "prompt": "..."}, {"start": 8, "prompt": "...", "transition": "cut"}]`. '

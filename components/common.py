@@ -32,17 +32,20 @@ class Run:
     started: float = field(default_factory=time.monotonic)
     step: int = 0
     total: int = 0
+    stage: str = ""  # the last Progress note ("loading model", ...), so a stop before step 1 says what it stopped
     finished: bool = False
 
     def stopped_stats(self) -> dict[str, Any]:
         unit = STEP_UNITS.get(self.task, "step")
-        return {"stopped": True, "stopped_at": f"{unit} {self.step} of {self.total}", f"{unit}s_done": self.step,
-                "time_s": round(time.monotonic() - self.started, 3)}
+        report = {"stopped": True, "stopped_at": f"{unit} {self.step} of {self.total}", f"{unit}s_done": self.step,
+                  "time_s": round(time.monotonic() - self.started, 3)}
+        return {**report, "stage": self.stage} if self.stage else report
 
     def stopped_message(self) -> str:
         unit = STEP_UNITS.get(self.task, "step")
-        return (f"**Stopped at {unit} {self.step} of {self.total}** after {time.monotonic() - self.started:.1f} s. "
-                "What was made so far is kept; it is not a finished result.")
+        stage = f" ({self.stage})" if self.stage else ""
+        return (f"**Stopped at {unit} {self.step} of {self.total}**{stage} after "
+                f"{time.monotonic() - self.started:.1f} s. What was made so far is kept; it is not a finished result.")
 
 
 class RunRegistry:
@@ -114,7 +117,7 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
     try:
         for event in events:
             if isinstance(event, Progress):
-                run.step, run.total = event.step, event.total
+                run.step, run.total, run.stage = event.step, event.total, event.note
             elif isinstance(event, Result):
                 run.finished = True
             yield event

@@ -170,6 +170,10 @@ def test_the_stop_button_writes_its_report_into_the_tab_panels():
     run.step, run.total = 3, 30
     report = image_stop(session)
     assert run.token.cancelled and report["stopped_at"] == "step 3 of 30" and report["steps_done"] == 3
+    assert "stage" not in report
+    run = CANCELS.start(session.session_hash, "image")
+    run.total, run.stage = 30, "loading model"
+    assert image_stop(session)["stage"] == "loading model", "a stop before the first step says what it stopped"
     run = CANCELS.start(session.session_hash, "text")
     run.step, run.total = 7, 64
     report, shown = text_stop(session)

@@ -36,9 +36,9 @@ class Run:
     finished: bool = False
 
     def stopped_stats(self) -> dict[str, Any]:
-        unit = STEP_UNITS.get(self.task, "step")
+        unit, elapsed = STEP_UNITS.get(self.task, "step"), time.monotonic() - self.started
         report = {"stopped": True, "stopped_at": f"{unit} {self.step} of {self.total}", f"{unit}s_done": self.step,
-                  "time_s": round(time.monotonic() - self.started, 3)}
+                  "time_s": round(elapsed, 3), f"{unit}s_per_s": round(self.step / elapsed, 3) if elapsed else 0.0}
         return {**report, "stage": self.stage} if self.stage else report
 
     def stopped_message(self) -> str:

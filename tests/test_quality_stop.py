@@ -175,8 +175,9 @@ def test_the_stop_button_writes_its_report_into_the_tab_panels():
     run.total, run.stage = 30, "loading model"
     assert image_stop(session)["stage"] == "loading model", "a stop before the first step says what it stopped"
     run = CANCELS.start(session.session_hash, "text")
-    run.step, run.total = 7, 64
+    run.step, run.total, run.started = 7, 64, run.started - 2.0  # it ran 2 s
     report, shown = text_stop(session)
     assert report["stopped_at"] == "token 7 of 64" and "Stopped at token 7 of 64" in shown
+    assert report["tokens_per_s"] == pytest.approx(7 / report["time_s"], rel=0.05)
     run.finished = True
     assert all(isinstance(value, dict) and value.get("__type__") for value in text_stop(session)), "skipped"

@@ -15,7 +15,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from components import TAB_BUILDERS
-from components.common import explain_unreadable_inputs
+from components.common import explain_unreadable_inputs, give_text_inputs_api_defaults
 from pipelines.outputs import output_dir
 from pipelines.presets import PRESETS
 from pipelines.registry import build_registry
@@ -41,6 +41,7 @@ def build_demo(registry: dict) -> gr.Blocks:
                 with gr.Tab(label, id=task, elem_id=f"tab-{task}"):
                     build_tab(pipeline)
     explain_unreadable_inputs(demo)
+    give_text_inputs_api_defaults(demo)
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=None)
     return demo
 

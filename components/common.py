@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from pipelines.base import MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Request
+from pipelines.base import (MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request,
+                            Result)
 from pipelines.guard import guarded_events
 from pipelines.image.pipeline import stream_in_thread
 
@@ -16,35 +19,84 @@ GPU_LANE = dict(concurrency_id="gpu", concurrency_limit=1)
 RANDOM_WEIGHTS_NOTE = "**Random weights** (tiny preset): outputs are noise by design; use it to test the app."
 
 
-class CancelRegistry:
-    """The running request's cancel token per browser/API session, so Stop can reach it."""
+# What a tab's Progress steps count, for "stopped at token/step N".
+STEP_UNITS = {"text": "token"}
+
+
+@dataclass
+class Run:
+    """One running request: its cancel token and how far it got (from its Progress events)."""
+
+    task: str
+    token: CancelToken = field(default_factory=CancelToken)
+    started: float = field(default_factory=time.monotonic)
+    step: int = 0
+    total: int = 0
+    stage: str = ""  # the last Progress note ("loading model", ...), so a stop before step 1 says what it stopped
+    finished: bool = False
+
+    def stopped_stats(self) -> dict[str, Any]:
+        unit, elapsed = STEP_UNITS.get(self.task, "step"), time.monotonic() - self.started
+        report = {"stopped": True, "stopped_at": f"{unit} {self.step} of {self.total}", f"{unit}s_done": self.step,
+                  "time_s": round(elapsed, 3), f"{unit}s_per_s": round(self.step / elapsed, 3) if elapsed else 0.0}
+        return {**report, "stage": self.stage} if self.stage else report
+
+    def stopped_message(self) -> str:
+        unit = STEP_UNITS.get(self.task, "step")
+        stage = f" ({self.stage})" if self.stage else ""
+        return (f"**Stopped at {unit} {self.step} of {self.total}**{stage} after "
+                f"{time.monotonic() - self.started:.1f} s. What was made so far is kept; it is not a finished result.")
+
+
+class RunRegistry:
+    """The running request per browser/API session and tab, so Stop can reach it and say where it stopped."""
 
     def __init__(self) -> None:
-        self._tokens: dict[str, CancelToken] = {}
+        self._runs: dict[tuple[str, str], Run] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str | None) -> CancelToken:
-        token = CancelToken()
+    def start(self, session: str | None, task: str) -> Run:
+        run = Run(task)
         with self._lock:
-            self._tokens[session or ""] = token
-        return token
+            self._runs[(session or "", task)] = run
+        return run
 
-    def stop(self, session: str | None) -> None:
+    def stop(self, session: str | None, task: str | None = None) -> Run | None:
+        """Cancel the session's running request on ``task`` (every tab when None); the run, if one was running."""
         with self._lock:
-            token = self._tokens.get(session or "")
-        if token is not None:
-            token.cancel()
+            runs = [run for (owner, kind), run in self._runs.items()
+                    if owner == (session or "") and task in (None, kind)]
+        for run in runs:
+            run.token.cancel()
+        running = [run for run in runs if not run.finished]
+        return running[0] if running else None
 
 
-CANCELS = CancelRegistry()
+CANCELS = RunRegistry()
 
 
 def session_of(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None
 
 
-def stop_session(request: gr.Request) -> None:
-    CANCELS.stop(session_of(request))
+def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message: gr.Markdown | None = None) -> None:
+    """Stop cancels ``events`` (queued or running) and reports where the run stopped in ``stats`` (and
+    ``message``): the partial output stays, and the stats say plainly that it is not a finished result."""
+    outputs = [stats] + ([message] if message is not None else [])
+
+    def stop_and_report(request: gr.Request):
+        run = CANCELS.stop(session_of(request), task)
+        report = [run.stopped_stats(), run.stopped_message()] if run is not None else [gr.skip(), gr.skip()]
+        return tuple(report) if message is not None else report[0]
+
+    stop.click(stop_and_report, outputs=outputs, cancels=events, queue=False, api_visibility="private")
+
+
+def clear_on_start(triggers: list, outputs: list) -> None:
+    """Empty ``outputs`` the moment a run is asked for, so no panel shows the previous run's result as if it
+    were this one's (a stopped or failed run then leaves nothing stale behind)."""
+    empty = [{} if isinstance(output, gr.JSON) else None for output in outputs]
+    gr.on(triggers, lambda: empty, outputs=outputs, queue=False, api_visibility="private")
 
 
 def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | None) -> Iterator[Event]:
@@ -54,7 +106,8 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
     the only place where Gradio's own cancel (API, closed tab) can close it, and each of those round trips
     through Gradio (milliseconds) would otherwise stall the model. Closing cancels the pipeline at its next step;
     progress that a newer event has overtaken is dropped, so the UI never lags behind the model."""
-    request.cancel = CANCELS.start(session_of(session))
+    run = CANCELS.start(session_of(session), pipeline.task)
+    request.cancel = run.token
 
     def work(emit: Callable[[Event], None]) -> None:
         for event in guarded_events(pipeline, request, pipeline.store):
@@ -62,12 +115,26 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
 
     events = stream_in_thread(work, request.cancel, latest_progress=True)
     try:
-        yield from events
+        for event in events:
+            if isinstance(event, Progress):
+                run.step, run.total, run.stage = event.step, event.total, event.note
+            elif isinstance(event, Result):
+                run.finished = True
+            yield event
     except PipelineError as error:
         raise gr.Error(str(error), print_exception=False) from None
     finally:
+        run.finished = True
         request.cancel.cancel()
         events.close()
+
+
+def give_text_inputs_api_defaults(demo: gr.Blocks) -> None:
+    """An empty text box is "" rather than None, so API callers may leave it out: every endpoint is then callable
+    with only its prompt (gradio_client requires every parameter whose widget starts without a value)."""
+    for block in demo.blocks.values():
+        if isinstance(block, (gr.Textbox, gr.Code)) and block.value is None:
+            block.value = ""
 
 
 def on_gpu(fn: Callable) -> Callable:

@@ -13,8 +13,8 @@ from pipelines.image.merging import DEFAULT_MIN_TOKENS
 from pipelines.image.pipeline import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
 from pipelines.presets import MICROWORLD_MODEL
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
-                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
+                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
 
 
 @dataclass(frozen=True)
@@ -214,8 +214,9 @@ def build(pipeline: ImagePipeline) -> None:
               lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words, compass_json, compass_encoder,
               fast]
     outputs = [images, baseline, heatmaps, stats]
+    clear_on_start([generate.click], outputs)
     event = generate.click(generate_image, inputs=inputs, outputs=outputs, api_name="generate_image", **GPU_LANE)
-    stop.click(stop_session, cancels=[event], api_visibility="private")
+    wire_stop(stop, "image", [event], stats)
     compass_table.input(compass_rows_to_json, inputs=compass_table, outputs=compass_json, api_visibility="private")
     compass_json.change(compass_preview_image, inputs=compass_json, outputs=compass_preview, api_visibility="private")
     link_seed_reuse(seed, stats)

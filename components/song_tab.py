@@ -8,8 +8,8 @@ import gradio as gr
 from pipelines.base import Partial, Progress, Result
 from pipelines.song import EXAMPLE_LYRICS, MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
-                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
+                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
 
 EXAMPLES = [
     [EXAMPLE_LYRICS, "gentle acoustic folk, fingerpicked guitar, warm, 90 bpm"],
@@ -94,13 +94,14 @@ def build(pipeline: SongPipeline) -> None:
             elif isinstance(event, Progress):  # one per model step: Gradio's own cancel closes the job at a yield
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
-                yield gr.skip(), event.value["mix"], list(event.value.values()), event.stats
+                yield None, event.value["mix"], list(event.value.values()), event.stats  # None ends the stream
 
     inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed, accompaniment, vocals,
               song_model]
+    clear_on_start([generate.click], [final, stems, stats])
     event = generate.click(generate_song, inputs=inputs, outputs=[live, final, stems, stats],
                            api_name="generate_song", **GPU_LANE)
-    stop.click(stop_session, cancels=[event], api_visibility="private")
+    wire_stop(stop, "song", [event], stats)
     link_seed_reuse(seed, stats)
     mode.change(mode_controls, inputs=[mode, duration],
                 outputs=[accompaniment, vocals, song_model, draft, top_k, steps, duration], api_visibility="private",

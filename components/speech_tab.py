@@ -13,8 +13,8 @@ from pipelines.audio import wav_bytes
 from pipelines.base import Partial, Progress, Result
 from pipelines.speech import SpeechPipeline, SpeechRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
-                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
+                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
 
 EXAMPLES = [
     ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],
@@ -77,12 +77,13 @@ def build(pipeline: SpeechPipeline) -> None:
             elif isinstance(event, Progress):  # one per model forward: Gradio's own cancel closes the job at a yield
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
-                yield gr.skip(), event.value, event.metadata["sidecar"], event.stats
+                yield None, event.value, event.metadata["sidecar"], event.stats  # None ends the stream
 
     inputs = [text, model, speed, temperature, drafting, stream, seed]
     outputs = [player, final, sidecar, stats]
+    clear_on_start([generate.click], [final, sidecar, stats])
     event = generate.click(generate_speech, inputs=inputs, outputs=outputs, api_name="generate_speech", **GPU_LANE)
-    stop.click(stop_session, cancels=[event], api_visibility="private")
+    wire_stop(stop, "speech", [event], stats)
     link_seed_reuse(seed, stats)
     model.change(lambda name: voice_controls(pipeline, name), inputs=model, outputs=[speed, bark_settings],
                  api_visibility="private", queue=False)

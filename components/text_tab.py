@@ -1,18 +1,19 @@
-"""Text tab UI: prompt in, streamed text and decoding stats out, tokens coloured by the forward that
-accepted them, and a Compare mode (vanilla vs the chosen method on the same prompt and seed).
+"""Text tab UI: prompt in, one streamed output view (tokens coloured by the forward that accepted them, a toggle),
+a headline with the speed and what it means, and Compare (vanilla A vs the chosen method B, same prompt and seed).
 API: /generate_text (prompt, system, model, method, max_new_tokens, temperature, top_p, seed -> text, stats)
 and /compare_text (the same plus draft model -> vanilla text, method text, comparison)."""
 from __future__ import annotations
 
 import html
-from typing import Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 
 from pipelines.base import Partial, Result, resolve_seed
 from pipelines.text import MAX_NEW_TOKENS_LIMIT, METHOD_LABELS, METHODS, TextPipeline, TextRequest, compare_stats
 
-from .common import GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row, stats_panel, stop_session
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
+                     stats_panel, wire_stop)
 
 EXAMPLES = [
     ["Explain in three sentences why the sky is blue."],
@@ -23,25 +24,70 @@ EXAMPLES = [
 RUN_COLOURS = ("#fde68a", "#bbf7d0", "#bfdbfe", "#fbcfe8", "#ddd6fe", "#fed7aa")
 LEGEND = ("<div class='tw-legend'>Coloured spans: tokens committed by one forward that accepted drafted "
           "tokens (hover for the step). Plain text: one token per forward.</div>")
+COLOURED, PLAIN = ["tw-text", "tw-coloured"], ["tw-text"]
+VANILLA_HEADING = "#### A · Vanilla (one token per forward)"
 
 
-def runs_html(runs: list[list[str]]) -> str:
-    """Accepted runs as HTML: each multi-token run one coloured span, titled with its step and length."""
-    parts, coloured = [LEGEND, "<div class='tw-runs' style='white-space: pre-wrap'>"], 0
-    for step, run in enumerate(runs, start=1):
-        text = html.escape("".join(run))
-        if len(run) > 1:
+def runs_html(runs: list[str], sizes: list[int]) -> str:
+    """Accepted runs as HTML: each multi-token run one span (coloured unless the view is plain), titled with
+    its step and length; ``runs`` are the texts of the forwards, ``sizes`` their token counts."""
+    parts, coloured = [LEGEND, "<div class='tw-runs'>"], 0
+    for step, (run, size) in enumerate(zip(runs, sizes), start=1):
+        text = html.escape(run)
+        if size > 1:
             colour = RUN_COLOURS[coloured % len(RUN_COLOURS)]
             coloured += 1
-            parts.append(f"<span style='background:{colour}' title='forward {step}: {len(run)} tokens'>{text}</span>")
+            parts.append(f"<span class='tw-run' style='--tw-run: {colour}' "
+                         f"title='forward {step}: {size} tokens'>{text}</span>")
         else:
             parts.append(text)
     parts.append("</div>")
     return "".join(parts)
 
 
+def result_html(result: Result) -> str:
+    return runs_html(result.metadata["runs"], [len(run) for run in result.metadata["run_ids"]])
+
+
 def plain_html(text: str) -> str:
-    return f"<div style='white-space: pre-wrap'>{html.escape(text)}</div>"
+    return f"<div class='tw-runs'>{html.escape(text)}</div>"
+
+
+def run_headline(result: Result) -> str:
+    stats = result.stats
+    return (f"**{short_label(stats['method'])}**: {stats['tokens']} tokens in {stats['time_s']:.2f} s, "
+            f"**{stats['tokens_per_s']:.1f} tokens/s**, τ {stats['tau']:.2f} tokens per forward "
+            f"({stats['forwards']} forwards). Saved to `{result.metadata['file']}` with its parameters "
+            f"(`.json` next to it).")
+
+
+def compare_headline(comparison: dict[str, Any]) -> str:
+    """The A/B verdict: the speed-up, whether B reproduced A's tokens, and why B is slower when it is."""
+    label = short_label(comparison["method"])
+    verdict = (f"**{label}: {comparison['speedup']:.2f}× vanilla** ({comparison['method_tokens_per_s']:.1f} vs "
+               f"{comparison['vanilla_tokens_per_s']:.1f} tokens/s, τ {comparison['tau']:.2f} tokens per forward). ")
+    verdict += ("**Output identical to vanilla** ✓" if comparison["identical"] else
+                "**Output differs from vanilla** ✗ (sampling draws differently, or the method is not lossless here)")
+    reason = slower_reason(comparison)
+    return verdict + (f"\n\n{reason}" if reason else "")
+
+
+def short_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method).split(" (")[0]
+
+
+def slower_reason(comparison: dict[str, Any]) -> str:
+    """Why B did not beat A here, from the measured numbers; "" when it did."""
+    if comparison["speedup"] >= 1.0 or comparison["method"] == "vanilla":
+        return ""
+    device = "CPU" if comparison.get("device") == "cpu" else "device"
+    tau, cost = comparison["tau"], comparison["forward_cost_ratio"]
+    if tau < 1.1:
+        return (f"Why slower here: the drafts were rarely accepted on this prompt (τ {tau:.2f}), so the method paid "
+                "for drafting and verifying and committed about one token per forward, as vanilla does.")
+    return (f"Why slower here: each of its forwards committed τ {tau:.2f} tokens but took {cost:.2f}× as long as a "
+            f"vanilla forward. On this {device} verifying the draft tree costs more than the tokens it saves; on a "
+            "GPU a forward over a small tree costs about as much as one token, which is where the method pays.")
 
 
 def build(pipeline: TextPipeline) -> None:
@@ -54,12 +100,23 @@ def build(pipeline: TextPipeline) -> None:
                 generate = gr.Button("Generate", variant="primary", elem_id="text-generate")
                 compare = gr.Button("Compare with vanilla", elem_id="text-compare")
                 stop = gr.Button("Stop", variant="stop", elem_id="text-stop")
-            output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="text-output")
-            coloured = gr.HTML(label="Accepted runs", elem_id="text-runs")
-            with gr.Row():
-                vanilla_view = gr.HTML(label="Vanilla", elem_id="text-compare-vanilla")
-                method_view = gr.HTML(label="Method", elem_id="text-compare-method")
-            comparison = stats_panel("Comparison")
+            headline = gr.Markdown(elem_id="text-headline")
+            view = gr.HTML(label="Output", elem_id="text-view", elem_classes=COLOURED, min_height=120)
+            colour = gr.Checkbox(value=True, label="Colour the tokens each forward accepted", elem_id="text-colour")
+            output = gr.Textbox(label="Output", visible=False, elem_id="text-output")  # the API's plain text
+            saved = gr.File(label="Saved: the text and its parameters (JSON)", file_count="multiple",
+                            interactive=False, visible=False, elem_id="text-saved")
+            with gr.Column(visible=False, elem_id="text-ab") as ab_panel:
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown(VANILLA_HEADING)
+                        vanilla_view = gr.HTML(elem_id="text-compare-vanilla", elem_classes=COLOURED)
+                    with gr.Column():
+                        method_heading = gr.Markdown("#### B · Method", elem_id="text-compare-heading")
+                        method_view = gr.HTML(elem_id="text-compare-method", elem_classes=COLOURED)
+                comparison = stats_panel("Comparison")
+            vanilla_text = gr.Textbox(label="Vanilla", visible=False)  # the API's plain texts of the A/B
+            method_text = gr.Textbox(label="Method", visible=False)
         with gr.Column(scale=1):
             model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
                                 allow_custom_value=True, info="A listed model, a Hub id or a local folder")
@@ -78,6 +135,8 @@ def build(pipeline: TextPipeline) -> None:
     gr.Examples(EXAMPLES, inputs=[prompt])
     method.change(lambda m: gr.update(visible=m == "draft_model"), inputs=method, outputs=draft_model,
                   api_visibility="private")
+    colour.change(lambda on: [gr.update(elem_classes=COLOURED if on else PLAIN)] * 3, inputs=colour,
+                  outputs=[view, vanilla_view, method_view], queue=False, api_visibility="private")
 
     def make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
                      draft_name="") -> TextRequest:
@@ -94,49 +153,90 @@ def build(pipeline: TextPipeline) -> None:
             elif isinstance(event, Result):
                 yield event.value, event
 
+    def compare_runs(args: tuple, request: gr.Request) -> Iterator[tuple[dict[str, str], dict[str, Result]]]:
+        """Vanilla, then the method, on one resolved seed; yields the texts so far and the finished runs."""
+        *values, seed_value, draft_name = args
+        shared_seed = resolve_seed(int(number(seed_value, -1)))  # both runs must sample with the same seed
+        texts, results = {"vanilla": "", "method": ""}, {}
+        for side, name in (("vanilla", "vanilla"), ("method", values[3] or "vanilla")):
+            text_request = make_request(*values[:3], name, *values[4:], shared_seed, draft_name)
+            for text, done in stream(text_request, request):
+                texts[side] = text
+                if done:
+                    results[side] = done
+                yield texts, results
+
     @on_gpu
     def generate_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                      request: gr.Request) -> Iterator[tuple[str, dict]]:
+                      request: gr.Request) -> Iterator[tuple[str, Any]]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
                                     top_p_value, seed_value)
         for text, done in stream(text_request, request):
             yield text, done.stats if done else {}
 
     @on_gpu
-    def generate_coloured(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value,
-                          seed_value, draft_name, request: gr.Request) -> Iterator[tuple[str, dict, str]]:
+    def generate_in_view(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value,
+                         seed_value, draft_name, request: gr.Request) -> Iterator[tuple]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
                                     top_p_value, seed_value, draft_name)
         for text, done in stream(text_request, request):
-            yield text, done.stats if done else {}, runs_html(done.metadata["runs"]) if done else plain_html(text)
+            if done is None:
+                yield text, plain_html(text), gr.skip(), gr.skip(), gr.skip()
+            else:
+                files = [done.metadata["file"], done.metadata["sidecar"]]
+                yield text, result_html(done), done.stats, run_headline(done), gr.update(value=files, visible=True)
 
     @on_gpu
     def compare_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name, request: gr.Request) -> Iterator[tuple[str, str, dict]]:
-        shared_seed = resolve_seed(int(number(seed_value, -1)))  # both runs must sample with the same seed
-        results: dict[str, Result] = {}
-        views = {"vanilla": "", "method": ""}
-        for side, name in (("vanilla", "vanilla"), ("method", method_name or "vanilla")):
-            text_request = make_request(prompt_text, system_text, model_name, name, max_tokens, temp, top_p_value,
-                                        shared_seed, draft_name)
-            for text, done in stream(text_request, request):
-                views[side] = runs_html(done.metadata["runs"]) if done else plain_html(text)
-                if done:
-                    results[side] = done
-                yield views["vanilla"], views["method"], {}
-        yield views["vanilla"], views["method"], compare_stats(results["vanilla"], results["method"])
+                     draft_name, request: gr.Request) -> Iterator[tuple[str, str, Any]]:
+        args = (prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
+                draft_name)
+        for texts, results in compare_runs(args, request):
+            finished = len(results) == 2
+            yield (texts["vanilla"], texts["method"],
+                   compare_stats(results["vanilla"], results["method"]) if finished else {})
+
+    @on_gpu
+    def compare_in_view(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
+                        draft_name, request: gr.Request) -> Iterator[tuple]:
+        args = (prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
+                draft_name)
+        for texts, results in compare_runs(args, request):
+            views = [result_html(results[side]) if side in results else plain_html(texts[side])
+                     for side in ("vanilla", "method")]
+            if len(results) < 2:
+                yield *views, gr.skip(), gr.skip(), gr.skip()
+                continue
+            summary = compare_stats(results["vanilla"], results["method"])
+            files = [path for run in results.values() for path in (run.metadata["file"], run.metadata["sidecar"])]
+            yield *views, summary, compare_headline(summary), gr.update(value=files, visible=True)
+
+    def clear_for_run(comparing: bool, method_name: str | None = None) -> list:
+        """What a new run starts from: no previous output, stats, headline, files or A/B left on screen."""
+        label = short_label(method_name or "vanilla")
+        note = plain_html(f"Comparing: A (vanilla) and B ({label}) run one after the other, below.")
+        note = note if comparing else ""
+        return ["", note, {}, "", gr.update(value=None, visible=False), gr.update(visible=comparing), "", "", {},
+                f"#### B · {label}"]
 
     inputs = [prompt, system, model, method, max_new_tokens, temperature, top_p, seed]
-    # The API keeps its original shape (8 inputs -> text, stats) on a hidden trigger; the buttons add the
-    # draft model and the coloured view.
-    api_trigger = gr.Button(visible=False)
+    cleared = [output, view, stats, headline, saved, ab_panel, vanilla_view, method_view, comparison, method_heading]
+    # The API keeps its plain shapes on hidden triggers (text and stats; A/B texts and comparison); the buttons
+    # add the draft model, the coloured view, the headline and the saved files.
+    api_trigger, api_compare_trigger = gr.Button(visible=False), gr.Button(visible=False)
     api_event = api_trigger.click(generate_text, inputs=inputs, outputs=[output, stats], api_name="generate_text",
                                   **GPU_LANE)
-    event = generate.click(generate_coloured, inputs=inputs + [draft_model], outputs=[output, stats, coloured],
-                           api_visibility="private", **GPU_LANE)
-    submitted = prompt.submit(generate_coloured, inputs=inputs + [draft_model], outputs=[output, stats, coloured],
-                              api_visibility="private", **GPU_LANE)
-    compared = compare.click(compare_text, inputs=inputs + [draft_model],
-                             outputs=[vanilla_view, method_view, comparison], api_name="compare_text", **GPU_LANE)
-    stop.click(stop_session, cancels=[event, submitted, compared, api_event], api_visibility="private")
+    api_compared = api_compare_trigger.click(compare_text, inputs=inputs + [draft_model],
+                                             outputs=[vanilla_text, method_text, comparison],
+                                             api_name="compare_text", **GPU_LANE)
+    gr.on([generate.click, prompt.submit], lambda: clear_for_run(False), outputs=cleared, queue=False,
+          api_visibility="private")
+    compare.click(lambda m: clear_for_run(True, m), inputs=method, outputs=cleared, queue=False,
+                  api_visibility="private")
+    generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=inputs + [draft_model],
+                      outputs=[output, view, stats, headline, saved], api_visibility="private", **GPU_LANE)
+    compared = compare.click(compare_in_view, inputs=inputs + [draft_model],
+                             outputs=[vanilla_view, method_view, comparison, headline, saved],
+                             api_visibility="private", **GPU_LANE)
+    wire_stop(stop, "text", [generated, compared, api_event, api_compared], stats, headline)
     link_seed_reuse(seed, stats)

@@ -12,8 +12,8 @@ from pipelines.image.merging import DEFAULT_MIN_TOKENS
 from pipelines.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
 from pipelines.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, link_seed_reuse, number, on_gpu,
-                     refresh_availability, run_pipeline, seed_row, stats_panel, stop_session)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
+                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
 
 SHOTS_HELP = (
     'Shots as JSON: `[{"start": 0, "prompt": "..."}, {"start": 8, "prompt": "...", "transition": "cut"}]`. '
@@ -159,8 +159,9 @@ def build(pipeline: VideoPipeline) -> None:
     inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
               context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,
               window_high, isolate, fast]
+    clear_on_start([generate.click], [video, baseline, strip, stats])
     event = generate.click(generate_video, inputs=inputs, outputs=[video, baseline, strip, stats],
                            api_name="generate_video", **GPU_LANE)
-    stop.click(stop_session, cancels=[event], api_visibility="private")
+    wire_stop(stop, "video", [event], stats)
     link_seed_reuse(seed, stats)
     refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})

@@ -29,6 +29,13 @@ def write_sidecar(media_path: Path, parameters: dict[str, Any]) -> Path:
     return sidecar
 
 
+def save_text(text: str, parameters: dict[str, Any]) -> tuple[Path, Path]:
+    """Save generated text as UTF-8 ``.txt`` with a ``.txt.json`` sidecar holding its parameters and stats."""
+    path = new_output_path("text", ".txt")
+    path.write_text(text, encoding="utf-8")
+    return path, write_sidecar(path, parameters)
+
+
 def save_png(image, parameters: dict[str, Any], path: Path | None = None) -> Path:
     """Save a PIL image as PNG with its parameters as JSON in a ``parameters`` text chunk (``png.png_bytes``:
     deflated in parallel, so writing stays a small part of a request)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
 import torch
@@ -22,6 +22,7 @@ from .decoding.recycling import shared_recycler
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
+from .outputs import save_text
 from .presets import PresetModels, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
@@ -55,6 +56,10 @@ class TextRequest(Request):
     method: str = "vanilla"  # one of METHODS
     draft_model: str = ""  # for method "draft_model": a model name, Hub id or folder; "" = the default pair
     tree_profile: str = "auto"  # tree size from the measured step cost ("auto"/"cpu") or the H200 curve ("gpu")
+
+    def parameters(self) -> dict[str, Any]:
+        """Every field that reproduces this result (what its sidecar JSON records)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
 
 
 @dataclass
@@ -143,6 +148,7 @@ class TextPipeline(PresetModels, Pipeline):
         stats = DecodeStats()
         tokens: list[int] = []
         runs: list[list[int]] = []
+        run_ends: list[int] = []  # characters of the shown text after each run
         start = time.perf_counter()
         first_token_s = None
         with lm.lock:
@@ -151,12 +157,14 @@ class TextPipeline(PresetModels, Pipeline):
             if forward is not None and forward.capture and not forward.graphs:
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
                                "request only" + ("; compiling takes a minute or more)" if forward.compiles else ")"))
-            for run in self.decode(lm, input_ids, request, config, eos_ids, stats, forward):
+            drafter = self.drafter(lm, request) if request.method != "vanilla" else None
+            for run in self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter):
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - start
                 tokens.extend(run)
                 runs.append(run)
                 text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+                run_ends.append(len(text))
                 yield Partial(text)
                 yield Progress(len(tokens), int(request.max_new_tokens))
         elapsed = time.perf_counter() - start
@@ -165,6 +173,7 @@ class TextPipeline(PresetModels, Pipeline):
         result_stats = {
             "model": self.spec_for(request.model).name,
             "method": request.method,
+            "device": lm.model.device.type,
             "tokens": len(tokens),
             "time_s": round(elapsed, 4),
             "tokens_per_s": round(len(tokens) / elapsed, 3) if elapsed > 0 else 0.0,
@@ -173,25 +182,21 @@ class TextPipeline(PresetModels, Pipeline):
             "tau": round(stats.tau, 4),
             "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
             "draft_share": round(stats.draft_share, 4),
-            # which trained drafter the method had: the merged tree takes the head where there is one (and uses it
-            # where the cost curve affords wide trees), else PPD's chains
-            "draft_head": request.method in ("merged", "redrafter") and lm.head is not None,
-            "ppd_prompt_tokens": lm.prompts is not None and (request.method == "ppd" or
-                                                             (request.method == "merged" and lm.head is None)),
+            **trained_drafters_used(lm, request.method, drafter),
             "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
         }
-        metadata = {"token_ids": tokens, "run_ids": runs,
-                    "runs": [[lm.tokenizer.decode([t]) for t in run] for run in runs],
-                    "prompt_tokens": int(input_ids.shape[1])}
+        saved, sidecar = save_text(text, {**request.parameters(), **result_stats})
+        metadata = {"token_ids": tokens, "run_ids": runs, "runs": run_texts(text, run_ends),
+                    "prompt_tokens": int(input_ids.shape[1]), "file": str(saved), "sidecar": str(sidecar)}
         yield Result(text, result_stats, metadata)
 
     def decode(self, lm: CausalLM, input_ids: torch.Tensor, request: TextRequest, config: SamplingConfig,
-               eos_ids: set[int], stats: DecodeStats, forward: StaticForward | None) -> Iterator[list[int]]:
+               eos_ids: set[int], stats: DecodeStats, forward: StaticForward | None,
+               drafter: Drafter | None) -> Iterator[list[int]]:
         max_new = int(request.max_new_tokens)
-        if request.method == "vanilla":
+        if drafter is None:
             return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats, forward=forward)
-        drafter = self.drafter(lm, request)
         return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats,
                                   forward=forward)
 
@@ -265,26 +270,61 @@ def eos_token_ids(lm: CausalLM) -> set[int]:
     return ids
 
 
+def trained_drafters_used(lm: CausalLM, method: str, drafter: Drafter | None) -> dict[str, bool]:
+    """Which trained drafter the request really drafted with. The merged tree reads the draft head only where
+    the cost curve affords wide trees (never on a CPU), else PPD's chains when there are prompt tokens."""
+    if method == "redrafter":
+        return {"draft_head": True, "ppd_prompt_tokens": False}
+    if method == "merged":
+        return {"draft_head": bool(getattr(drafter, "head_on", False)),
+                "ppd_prompt_tokens": getattr(drafter, "chains", None) is not None}
+    return {"draft_head": False, "ppd_prompt_tokens": method == "ppd"}
+
+
+def run_texts(text: str, run_ends: list[int]) -> list[str]:
+    """The shown text cut where each forward's accepted run ended (special tokens already stripped). Cutting
+    the final text, not decoding each token alone, keeps characters split across tokens whole."""
+    texts, start = [], 0
+    for end in run_ends:
+        end = min(max(end, start), len(text))
+        texts.append(text[start:end])
+        start = end
+    if texts and start < len(text):
+        texts[-1] += text[start:]
+    return texts
+
+
 def strip_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     return tokens[:-1] if tokens and tokens[-1] in eos_ids else tokens
 
 
 def compare_stats(vanilla: Result, method: Result) -> dict[str, Any]:
-    """The A/B summary the Compare view shows: both runs' speed and τ, the speed-up, and whether the
-    method reproduced vanilla's tokens exactly."""
+    """The A/B summary the Compare view shows: both runs' speed and τ, the speed-up, what one forward cost in
+    each (a method is slower where its forwards cost more than τ repays), and whether the method reproduced
+    vanilla's tokens exactly."""
     base, fast = vanilla.stats, method.stats
+    base_ms, fast_ms = _ms_per_forward(base), _ms_per_forward(fast)
     return {
         "method": fast["method"],
+        "device": fast.get("device", ""),
         "vanilla_tokens_per_s": base["tokens_per_s"],
         "method_tokens_per_s": fast["tokens_per_s"],
         "speedup": round(fast["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else 0.0,
         "vanilla_forwards": base["forwards"],
         "method_forwards": fast["forwards"],
+        "vanilla_ms_per_forward": base_ms,
+        "method_ms_per_forward": fast_ms,
+        "forward_cost_ratio": round(fast_ms / base_ms, 3) if base_ms else 0.0,
         "tau": fast["tau"],
         "draft_share": fast["draft_share"],
+        "draft_head": fast.get("draft_head", False),
         "identical": vanilla.metadata["token_ids"] == method.metadata["token_ids"],
         "seed": fast["seed"],
     }
+
+
+def _ms_per_forward(stats: dict[str, Any]) -> float:
+    return round(1000 * stats["time_s"] / stats["forwards"], 3) if stats["forwards"] else 0.0
 
 
 def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:

@@ -268,6 +268,8 @@ def fingerprint(value: Any) -> Any:
         suffix = path.suffix.lower()
         if suffix == ".json":  # a sidecar: parameters and timings, not the output itself
             return "sidecar"
+        if suffix == ".m3u8":  # a streamed output's playlist: chunk names differ per run, the result does not
+            return "stream"
         if suffix in {".png", ".jpg", ".jpeg", ".webp"}:
             import numpy as np
             from PIL import Image
@@ -290,6 +292,11 @@ def decode_special(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"repeat", "times"}:
         return value["repeat"] * value["times"]
     return value
+
+
+def is_update(value: Any) -> bool:
+    """A Gradio update dict (what gr.skip() and gr.update() become): not a value an API caller can use."""
+    return isinstance(value, dict) and "__type__" in value
 
 
 def is_number(value: Any) -> bool:

@@ -1,11 +1,13 @@
 """API contract of every registered tab, through gradio_client against the launched tiny app."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from quality_support import (
-    SEED_LABEL, fingerprint, is_number, prompt_label, registered_tasks, run_job, shared_app, stats_of, submit,
-    tab_case,
+    REPO, SEED_LABEL, fingerprint, is_number, is_update, prompt_label, registered_tasks, run_job, shared_app,
+    stats_of, submit, tab_case,
 )
 
 TASKS = registered_tasks()
@@ -50,6 +52,7 @@ def test_valid_request_returns_output_and_flat_numeric_stats(client, api, task):
     outputs = run_job(submit(client, api, task, case.valid))
     media, stats = outputs[-1][0], stats_of(outputs)
     assert media not in (None, "", [], {}), f"/generate_{task} returned no output"
+    assert not any(is_update(value) for value in outputs[-1]), f"a bare update dict in the result: {outputs[-1]}"
     for key in case.numeric_stats:
         assert key in stats, f"stats of /generate_{task} lack {key!r}: {sorted(stats)}"
         assert is_number(stats[key]), f"stats[{key!r}] = {stats[key]!r} is not a finite number"
@@ -82,3 +85,34 @@ def test_same_seed_reproduces_and_stats_report_it(client, api, task):
     assert fingerprint(first[-1][:-1]) == fingerprint(again[-1][:-1])
     assert stats_of(first)["seed"] == 1234
     assert 0 <= stats_of(random_seed)["seed"] and stats_of(random_seed)["seed"] != -1, "-1 resolves to a seed"
+
+
+@pytest.mark.parametrize("endpoint", ["/generate_text", "/compare_text", "/generate_image", "/generate_video",
+                                      "/generate_speech", "/generate_song"])
+def test_every_endpoint_needs_only_its_prompt(api, endpoint):
+    params = api["named_endpoints"][endpoint]["parameters"]
+    required = [param["label"] for param in params if not param["parameter_has_default"]]
+    assert required in ([], [prompt_label(params)]), f"{endpoint} requires {required}: give them defaults"
+
+
+def readme_api_examples() -> list[str]:
+    section = (REPO / "README.md").read_text().split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
+def test_readme_has_one_api_example_per_tab():
+    examples = "\n".join(readme_api_examples())
+    for task in TASKS:
+        assert f'api_name="/generate_{task}"' in examples, f"the README's API section has no example for {task}"
+
+
+def test_readme_api_examples_run_against_the_tiny_app(capsys):
+    namespace: dict = {}
+    blocks = readme_api_examples()
+    exec(blocks[0].replace("http://127.0.0.1:7860/", shared_app().url), namespace)  # the client
+    for block in blocks[1:]:
+        namespace.pop("stats", None)
+        exec(block, namespace)
+        stats = namespace.get("stats")
+        assert isinstance(stats, dict) and stats and "seed" in stats, f"no stats from:\n{block}"
+        assert capsys.readouterr().out.strip(), f"the example printed nothing:\n{block}"

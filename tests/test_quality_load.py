@@ -1,5 +1,9 @@
 """Load: 20 concurrent gradio_client users across the tabs. Every job completes or is refused with "queue full";
-none is lost, and none gets another user's result (each matches a sequential run of its own seed)."""
+none is lost, and none gets another user's result (each matches a sequential run of its own seed).
+
+A result counts as lost when it has no media: the 4 users that the held-out probe (this plan: 2 speech, 2 song)
+saw lost got `{"__type__": "update"}` where their audio should be, because the last yield of those tabs skipped
+the streamed player (gr.skip()) instead of ending its stream."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from quality_support import (
-    SEED_LABEL, client_for, fingerprint, hook_model_forwards, launch_in_process, registered_tasks, run_job,
+    SEED_LABEL, client_for, fingerprint, hook_model_forwards, is_update, launch_in_process, registered_tasks, run_job,
     shared_app, stats_of, submit, tab_case,
 )
 
@@ -27,7 +31,10 @@ def user_plan(tasks: list[str]) -> list[tuple[str, int]]:
 
 
 def one_user(url: str, task: str, seed: int, extra: dict | None = None) -> tuple[str, object]:
-    """One user with their own client and session: ("ok", outputs) or ("refused", message)."""
+    """One user with their own client and session: ("ok", outputs), ("refused", message) or ("lost", why): a
+    job the server dropped ends in gradio_client as a bare CancelledError (its event stream closed) or never."""
+    from concurrent.futures import CancelledError, TimeoutError
+
     from gradio_client.exceptions import AppError
     from gradio_client.utils import QueueError
 
@@ -35,11 +42,17 @@ def one_user(url: str, task: str, seed: int, extra: dict | None = None) -> tuple
     api = client.view_api(print_info=False, return_format="dict")
     case = tab_case(task, api["named_endpoints"][f"/generate_{task}"]["parameters"])
     try:
-        return "ok", run_job(submit(client, api, task, {**case.valid, **case.sampled, **(extra or {}), SEED_LABEL: seed}), 600)
+        values = {**case.valid, **case.sampled, **(extra or {}), SEED_LABEL: seed}
+        outputs = run_job(submit(client, api, task, values), 600)
     except (AppError, QueueError) as error:
         if QUEUE_FULL.search(str(error)):
             return "refused", str(error)
         raise
+    except (CancelledError, TimeoutError) as error:
+        return "lost", f"{type(error).__name__} {error}"
+    if not outputs or not outputs[-1][-1] or is_update(outputs[-1][0]) or outputs[-1][0] is None:
+        return "lost", f"no media or no stats in the result: {outputs[-1] if outputs else None!r:.200}"
+    return "ok", outputs
 
 
 def test_twenty_concurrent_users_each_get_their_own_result():
@@ -52,6 +65,8 @@ def test_twenty_concurrent_users_each_get_their_own_result():
 
     client = client_for(app.url)
     api = client.view_api(print_info=False, return_format="dict")
+    lost = [(task, seed, value) for (task, seed), (status, value) in zip(plan, results) if status == "lost"]
+    assert not lost, f"jobs lost (no result and no error): {lost}"
     completed = 0
     for (task, seed), (status, value) in zip(plan, results):
         if status == "refused":
@@ -77,6 +92,7 @@ def test_overflowing_the_queue_refuses_clearly_and_loses_no_job():
         unhook()
         small.close()
     statuses = [status for status, _ in results]
+    assert "lost" not in statuses, f"a job was lost: {results}"
     assert statuses.count("refused") >= 1, "8 users on a queue of 2 overflow it"
     assert statuses.count("ok") >= 2, "the queued jobs still complete"
     for seed, (status, value) in enumerate(results):

@@ -122,3 +122,62 @@ def test_stop_ends_the_job_within_a_step_and_the_next_job_starts(app, task, how)
     outputs = run_job(submit(client, api, task, case.valid), timeout=NEXT_JOB_DEADLINE_S)
     assert stats_of(outputs), "the job after Stop failed"
     assert time.monotonic() - started < NEXT_JOB_DEADLINE_S
+
+
+def test_stop_reports_the_token_it_stopped_at_and_keeps_the_partial_output(app):
+    """What the Stop button shows: where the run stopped, from the run itself; the partial text stays and no
+    Result pretends the run finished."""
+    from components.common import CANCELS, run_pipeline
+    from pipelines.base import Partial
+    from pipelines.text import TextRequest
+
+    request = TextRequest(**{"prompt": "1 2 3 4 5", "max_new_tokens": 480, "seed": 1, "method": "vanilla"})
+    seen, stopped = [], None
+    unhook = hook_model_forwards(lambda: time.sleep(0.01))
+    try:
+        for event in run_pipeline(app.registry["text"], request, None):
+            seen.append(event)
+            if stopped is None and isinstance(event, Progress) and event.step >= 5:
+                stopped = CANCELS.stop(None, "text")
+    finally:
+        unhook()
+    assert stopped is not None and stopped.step >= 5, "Stop found the running request and how far it got"
+    report = stopped.stopped_stats()
+    assert report["stopped"] is True and report["stopped_at"] == f"token {stopped.step} of 480"
+    assert f"Stopped at token {stopped.step} of 480" in stopped.stopped_message()
+    assert not any(isinstance(event, Result) for event in seen), "a stopped run reports no finished result"
+    partial = [event.value for event in seen if isinstance(event, Partial)]
+    assert partial and partial[-1], "the partial output is kept"
+    assert CANCELS.stop(None, "text") is None, "a run that has ended is not reported as stopped again"
+
+
+def test_the_stop_button_writes_its_report_into_the_tab_panels():
+    """The Stop button's own handler: one stats dict for a tab with a stats panel, stats and a message for the
+    text tab; nothing (skipped) when the session has nothing running on that tab."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from components.common import CANCELS, wire_stop
+
+    with gr.Blocks() as demo:
+        stop, stats, message = gr.Button(), gr.JSON(), gr.Markdown()
+        wire_stop(stop, "image", [], stats)
+        wire_stop(stop, "text", [], stats, message)
+    image_stop, text_stop = [fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "stop_and_report"]
+    session = SimpleNamespace(session_hash="stop-report-test")
+    run = CANCELS.start(session.session_hash, "image")
+    run.step, run.total = 3, 30
+    report = image_stop(session)
+    assert run.token.cancelled and report["stopped_at"] == "step 3 of 30" and report["steps_done"] == 3
+    assert "stage" not in report
+    run = CANCELS.start(session.session_hash, "image")
+    run.total, run.stage = 30, "loading model"
+    assert image_stop(session)["stage"] == "loading model", "a stop before the first step says what it stopped"
+    run = CANCELS.start(session.session_hash, "text")
+    run.step, run.total, run.started = 7, 64, run.started - 2.0  # it ran 2 s
+    report, shown = text_stop(session)
+    assert report["stopped_at"] == "token 7 of 64" and "Stopped at token 7 of 64" in shown
+    assert report["tokens_per_s"] == pytest.approx(7 / report["time_s"], rel=0.05)
+    run.finished = True
+    assert all(isinstance(value, dict) and value.get("__type__") for value in text_stop(session)), "skipped"

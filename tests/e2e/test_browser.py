@@ -36,7 +36,7 @@ class BrowserTab:
 
 
 TABS = {
-    "text": BrowserTab("Text", "#text-prompt textarea", "#text-output textarea", "A red hat and a blue car.",
+    "text": BrowserTab("Text", "#text-prompt textarea", "#text-view", "A red hat and a blue car.",
                        quick={"Max new tokens": "16"}, long={"Max new tokens": "480"}, long_prompt="1 2 3 4 5"),
     "image": BrowserTab("Image", "#image-prompt textarea", "#image-output img", "a [red hat] and a [blue car]",
                         quick={"Steps": "2"}, long={"Steps": "150"}),
@@ -102,7 +102,7 @@ def test_tab_generates_stops_and_shows_errors_in_the_browser(browser, app_url, t
     panel = page.locator(f"#tab-{task}")
     generate, stop = page.locator(f"#{task}-generate"), page.locator(f"#{task}-stop")
 
-    # Stop mid-generation: the long run never reports its stats, and the tab is free again right away.
+    # Stop mid-generation: the stats say where it stopped (not a finished result), and the tab is free at once.
     set_numbers(page, task, tab.long)
     page.locator(tab.text).fill(tab.long_prompt or tab.prompt)
     generate.click()
@@ -113,7 +113,7 @@ def test_tab_generates_stops_and_shows_errors_in_the_browser(browser, app_url, t
     expect(panel.locator(".progress-text, .eta-bar, .generating")).to_have_count(0, timeout=15_000)
     stop_s = time.monotonic() - stopped_at
     page.screenshot(path=str(SHOTS / f"{task}-stopped.png"), full_page=True)
-    assert "time_s" not in panel.inner_text(), "the stopped run still finished and reported stats"
+    expect(panel.get_by_text("stopped_at").first).to_be_visible(timeout=15_000)
     assert stop_s < 10, f"the {task} tab was busy {stop_s:.1f} s after Stop"
 
     # A bad input: an empty prompt shows an error toast and nothing runs.
@@ -138,6 +138,71 @@ def test_tab_generates_stops_and_shows_errors_in_the_browser(browser, app_url, t
     output = page.locator(tab.output).first
     expect(output).to_be_attached(timeout=30_000)
     if task == "text":
-        assert output.input_value().strip(), "the text output stayed empty"
+        assert output.inner_text().strip(), "the text output stayed empty"
     page.screenshot(path=str(SHOTS / f"{task}.png"), full_page=True)
+    page.close()
+
+
+def test_api_page_is_reachable_from_the_footer(browser, app_url):
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app_url)
+    link = page.get_by_text("Use via API")
+    expect(link.first).to_be_visible(timeout=60_000)
+    link.first.click()
+    expect(page.get_by_text("/generate_image").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(SHOTS / "api-page.png"), full_page=True)
+    page.close()
+
+
+def test_text_tab_one_view_headline_compare_and_stop(browser, app_url):
+    """One output view with a colour toggle, a headline after each run, Compare clearing the top view and
+    showing headed A/B panels, and Stop saying which token it stopped at."""
+    from playwright.sync_api import expect
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = open_tab(browser, app_url, "text")
+    panel, view, headline = page.locator("#tab-text"), page.locator("#text-view"), page.locator("#text-headline")
+    set_numbers(page, "text", {"Max new tokens": "24"})
+    page.locator(TABS["text"].text).fill("A red hat and a blue car. A red hat and a blue")
+    page.locator("#text-generate").click()
+    expect(headline).to_contain_text("tokens/s", timeout=DONE_TIMEOUT_MS)
+    expect(headline).to_contain_text("Saved to")
+    answer = view.inner_text().strip()
+    assert answer and "<|" not in answer, f"special tokens or no text in the view: {answer!r}"
+    assert not page.locator("#text-ab").is_visible(), "no A/B panel after a plain run"
+    expect(page.locator("#text-saved")).to_contain_text(".txt")
+    page.screenshot(path=str(SHOTS / "text-generated.png"), full_page=True)
+
+    runs = view.locator(".tw-run")
+    if runs.count():
+        coloured = runs.first.evaluate("e => getComputedStyle(e).backgroundColor")
+        page.locator("#text-colour input").uncheck()
+        expect(runs.first).to_have_css("background-color", "rgba(0, 0, 0, 0)", timeout=10_000)
+        assert coloured != "rgba(0, 0, 0, 0)", "runs are coloured while the toggle is on"
+        page.locator("#text-colour input").check()
+
+    page.locator(TABS["text"].text).fill("1 2 3 4 5")
+    page.locator("#text-compare").click()
+    expect(page.locator("#text-ab")).to_be_visible(timeout=30_000)
+    expect(headline).to_contain_text("× vanilla", timeout=DONE_TIMEOUT_MS)
+    expect(headline).to_contain_text("identical to vanilla")
+    assert answer not in view.inner_text(), "the top view still holds the previous prompt's answer"
+    expect(view).to_contain_text("Comparing")
+    expect(page.locator("#text-ab")).to_contain_text("A · Vanilla")
+    expect(page.locator("#text-compare-heading")).to_contain_text("B · Merged")
+    assert page.locator("#text-compare-method").inner_text().strip(), "the method's output is shown"
+    page.screenshot(path=str(SHOTS / "text-compared.png"), full_page=True)
+
+    set_numbers(page, "text", {"Max new tokens": "480"})
+    page.locator("#text-generate").click()
+    expect(view).not_to_be_empty(timeout=60_000)
+    time.sleep(1.0)
+    page.locator("#text-stop").click()
+    expect(headline).to_contain_text("Stopped at token", timeout=15_000)
+    expect(panel).to_contain_text("stopped_at")
+    assert view.inner_text().strip(), "the partial output is kept"
+    assert not page.locator("#text-ab").is_visible(), "the A/B panel of the compare run is gone"
+    page.screenshot(path=str(SHOTS / "text-stopped.png"), full_page=True)
     page.close()

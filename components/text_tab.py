@@ -1,7 +1,8 @@
 """Text tab UI: prompt in, streamed text and decoding stats out, tokens coloured by the forward that
 accepted them, and a Compare mode (vanilla vs the chosen method on the same prompt and seed).
-API: /generate_text (prompt, system, model, method, max_new_tokens, temperature, top_p, seed -> text, stats)
-and /compare_text (the same plus draft model -> vanilla text, method text, comparison)."""
+API: /generate_text (prompt, system, model, method, max_new_tokens, temperature, top_p, seed, top_k,
+repetition_penalty, stop_strings -> text, stats) and /compare_text (the first 8, draft model, then the 3 controls
+-> vanilla text, method text, comparison)."""
 from __future__ import annotations
 
 import html
@@ -44,6 +45,12 @@ def plain_html(text: str) -> str:
     return f"<div style='white-space: pre-wrap'>{html.escape(text)}</div>"
 
 
+def stop_lines(text: str | None) -> list[str]:
+    """Stop strings as typed: one per line, ``\\n`` and ``\\t`` standing for a newline and a tab."""
+    lines = (text or "").splitlines()
+    return [line.replace("\\n", "\n").replace("\\t", "\t") for line in lines if line]
+
+
 def build(pipeline: TextPipeline) -> None:
     if pipeline.preset == "tiny":
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
@@ -71,6 +78,10 @@ def build(pipeline: TextPipeline) -> None:
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=128, step=1, label="Max new tokens")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+            repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)")
+            stop_strings = gr.Textbox("", label="Stop strings", lines=2, placeholder="One per line; \\n is a newline",
+                                      info="The output ends where one of them appears")
             seed = seed_row()
             with gr.Accordion("System prompt", open=False):
                 system = gr.Textbox(label="System prompt", lines=2)
@@ -80,11 +91,13 @@ def build(pipeline: TextPipeline) -> None:
                   api_visibility="private")
 
     def make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name="") -> TextRequest:
+                     draft_name="", top_k_value=0, penalty=1.0, stops="") -> TextRequest:
         return TextRequest(
             prompt=prompt_text, system=system_text or "", model=model_name or "", method=method_name or "vanilla",
             max_new_tokens=int(number(max_tokens, 128)), temperature=number(temp, 0.0),
             top_p=number(top_p_value, 1.0), seed=int(number(seed_value, -1)), draft_model=draft_name or "",
+            top_k=int(number(top_k_value, 0)), repetition_penalty=number(penalty, 1.0),
+            stop_strings=stop_lines(stops),
         )
 
     def stream(text_request: TextRequest, request: gr.Request) -> Iterator[tuple[str, Result | None]]:
@@ -96,29 +109,30 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def generate_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                      request: gr.Request) -> Iterator[tuple[str, dict]]:
+                      top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple[str, dict]]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
-                                    top_p_value, seed_value)
+                                    top_p_value, seed_value, "", top_k_value, penalty, stops)
         for text, done in stream(text_request, request):
             yield text, done.stats if done else {}
 
     @on_gpu
     def generate_coloured(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value,
-                          seed_value, draft_name, request: gr.Request) -> Iterator[tuple[str, dict, str]]:
+                          seed_value, draft_name, top_k_value, penalty, stops,
+                          request: gr.Request) -> Iterator[tuple[str, dict, str]]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
-                                    top_p_value, seed_value, draft_name)
+                                    top_p_value, seed_value, draft_name, top_k_value, penalty, stops)
         for text, done in stream(text_request, request):
             yield text, done.stats if done else {}, runs_html(done.metadata["runs"]) if done else plain_html(text)
 
     @on_gpu
     def compare_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name, request: gr.Request) -> Iterator[tuple[str, str, dict]]:
+                     draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple[str, str, dict]]:
         shared_seed = resolve_seed(int(number(seed_value, -1)))  # both runs must sample with the same seed
         results: dict[str, Result] = {}
         views = {"vanilla": "", "method": ""}
         for side, name in (("vanilla", "vanilla"), ("method", method_name or "vanilla")):
             text_request = make_request(prompt_text, system_text, model_name, name, max_tokens, temp, top_p_value,
-                                        shared_seed, draft_name)
+                                        shared_seed, draft_name, top_k_value, penalty, stops)
             for text, done in stream(text_request, request):
                 views[side] = runs_html(done.metadata["runs"]) if done else plain_html(text)
                 if done:
@@ -127,16 +141,18 @@ def build(pipeline: TextPipeline) -> None:
         yield views["vanilla"], views["method"], compare_stats(results["vanilla"], results["method"])
 
     inputs = [prompt, system, model, method, max_new_tokens, temperature, top_p, seed]
-    # The API keeps its original shape (8 inputs -> text, stats) on a hidden trigger; the buttons add the
-    # draft model and the coloured view.
+    controls = [top_k, repetition_penalty, stop_strings]  # last in every endpoint, so older clients' calls still fit
+    # The API keeps its original shape (8 inputs, then the optional controls -> text, stats) on a hidden trigger;
+    # the buttons add the draft model and the coloured view.
     api_trigger = gr.Button(visible=False)
-    api_event = api_trigger.click(generate_text, inputs=inputs, outputs=[output, stats], api_name="generate_text",
-                                  **GPU_LANE)
-    event = generate.click(generate_coloured, inputs=inputs + [draft_model], outputs=[output, stats, coloured],
+    api_event = api_trigger.click(generate_text, inputs=inputs + controls, outputs=[output, stats],
+                                  api_name="generate_text", **GPU_LANE)
+    button_inputs = inputs + [draft_model] + controls
+    event = generate.click(generate_coloured, inputs=button_inputs, outputs=[output, stats, coloured],
                            api_visibility="private", **GPU_LANE)
-    submitted = prompt.submit(generate_coloured, inputs=inputs + [draft_model], outputs=[output, stats, coloured],
+    submitted = prompt.submit(generate_coloured, inputs=button_inputs, outputs=[output, stats, coloured],
                               api_visibility="private", **GPU_LANE)
-    compared = compare.click(compare_text, inputs=inputs + [draft_model],
+    compared = compare.click(compare_text, inputs=button_inputs,
                              outputs=[vanilla_view, method_view, comparison], api_name="compare_text", **GPU_LANE)
     stop.click(stop_session, cancels=[event, submitted, compared, api_event], api_visibility="private")
     link_seed_reuse(seed, stats)

@@ -13,11 +13,11 @@ import time
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
 
 from ..base import CancelToken
-from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, make_generator
-from .tree import TokenTree, block_attention_mask, block_position_ids
+from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, logits_processing, make_generator
+from .sliding import attention_layout
+from .tree import TokenTree, block_position_ids, block_visibility
 
 
 class Drafter:
@@ -63,7 +63,10 @@ class CausalLMForward:
     ``embed``), a 4D float mask, ``position_ids`` and a transformers cache, and returns ``.logits``.
 
     ``tree_attention=False`` is the chain-only mode for attention code that cannot take a 4D mask: trees
-    are cut to their first chain and verified with the model's ordinary causal mask."""
+    are cut to their first chain and verified with the model's ordinary causal mask.
+
+    Models with sliding-window layers keep every layer's K/V at full length and get one mask per layer type
+    (``sliding.AttentionLayout``); models with layers a crop cannot roll back raise ``UnsupportedAttention``."""
 
     def __init__(self, model, tree_attention: bool = True, embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
@@ -72,18 +75,23 @@ class CausalLMForward:
         self.record_hidden = False
         self.hidden: torch.Tensor | None = None
         self.kwarg = cache_kwarg(model)
+        self.layout = attention_layout(model)
         self.trims_logits = accepts(model, "logits_to_keep")
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
     def new_cache(self):
-        return DynamicCache(config=self.model.config)
+        return self.layout.new_cache(self.model.config)
 
     def block_inputs(self, tree: TokenTree, before_root: int, past: int):
         """Mask (None for a chain: the model's own causal mask) and position ids for ``before_root`` committed
         tokens then ``tree``, appended at cache length ``past``; adapters with their own layout override it."""
-        mask = None if tree.is_chain else block_attention_mask(tree, before_root, past, self.dtype, self.device)
-        return mask, block_position_ids(tree, before_root, past, self.device)
+        positions = block_position_ids(tree, before_root, past, self.device)
+        if tree.is_chain:
+            return None, positions
+        visible = torch.from_numpy(block_visibility(tree, before_root, past)).to(self.device)
+        keys = torch.cat([torch.arange(past, device=self.device), positions[0]])
+        return self.layout.masks(visible, positions[0], keys, self.dtype), positions
 
     def __call__(self, ids: list[int], position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                  keep: int | None = None) -> torch.Tensor:
@@ -126,18 +134,6 @@ def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
             return nodes, tokens
         nodes.append(child)
         node = child
-
-
-def logits_processing(processors, prompt: torch.Tensor, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
-    """``accept``'s ``process`` for a transformers ``LogitsProcessorList``: the processors see the prompt ids
-    ``prompt`` (1-D) followed by the generated ids, as in ``generate`` (repetition penalty reads the prompt)."""
-
-    def process(logits: torch.Tensor, path: list[int]) -> torch.Tensor:
-        tokens = torch.tensor(generated + path, dtype=torch.long, device=logits.device)
-        ids = torch.cat([prompt.to(logits.device), tokens])[None]
-        return processors(ids, logits[None].float())[0]
-
-    return process
 
 
 def contiguous_accepted(nodes: list[int]) -> int:

@@ -20,6 +20,9 @@ from .sliding import attention_layout
 from .tree import TokenTree, block_position_ids, block_visibility
 
 
+LONG_BLOCK = 256  # committed rows in one step beyond which the step verifies a chain only
+
+
 class Drafter:
     """Where a tree's tokens come from. ``start``/``finish`` bracket one request; most drafters only need
     ``propose`` and ``update``. Drafters that read the model's features (a draft head) set ``reads_hidden``."""
@@ -203,12 +206,14 @@ def speculative_decode(
             started = time.perf_counter()
             remaining = max_new_tokens - produced
             tree = drafter.propose(context).truncated(max_depth=remaining - 1)
-            if not forward.tree_attention:
+            past = cache.get_seq_length()
+            before_root = len(pending) - 1
+            # a long re-fed block (the prompt) goes in as a chain: the model's own causal attention, where a 4-D
+            # mask over it would cost memory and time quadratic in the prompt (8000 tokens: 2.8x plain decoding)
+            if not forward.tree_attention or before_root > LONG_BLOCK:
                 tree = tree.first_chain()
             drafted = time.perf_counter()
 
-            past = cache.get_seq_length()
-            before_root = len(pending) - 1
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
             process = logits_processing(processors, prompt, generated) if processors else None

@@ -137,3 +137,15 @@ def test_packaged_gemma3_270m_past_its_512_token_window_equals_generate():
             forward = StaticForward(model, max_cache_len=1024, capture=False) if static else None
             out = run(speculative_decode(model, prompt, 48, SamplingConfig(), set(), drafter, forward=forward))
             assert out == expected, (type(drafter).__name__, static)
+
+
+def test_the_text_tab_names_the_model_and_method_it_refuses(store):
+    from pipelines.base import PipelineError
+    from pipelines.text import TextPipeline, TextRequest
+
+    pipeline = TextPipeline(store, "tiny")
+    name = "tiny-qwen2 (random weights)"
+    pipeline.load(name).model.config.layer_types = ["linear_attention", "full_attention"]
+    request = TextRequest(prompt="hello", model=name, method="merged", max_new_tokens=4)
+    with pytest.raises(PipelineError, match=r"Merged .* cannot decode 'tiny-qwen2 \(random weights\)'.*Vanilla"):
+        list(pipeline.generate(request))

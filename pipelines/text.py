@@ -171,7 +171,7 @@ class TextPipeline(PresetModels, Pipeline):
                 run = stops.cut(tokens, run)
                 tokens.extend(run)
                 runs.append(run)
-                text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+                text = stops.trim(lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True))
                 yield Partial(text)
                 yield Progress(len(tokens), int(request.max_new_tokens))
                 if stops.matched is not None:

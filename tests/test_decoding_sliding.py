@@ -126,26 +126,16 @@ def test_packaged_gemma3_270m_past_its_512_token_window_equals_generate():
                 "of the sea and the names of the birds that rested on the rail. ") * 20
     prompt = torch.tensor([tokenizer(document + "Summary of the log:")["input_ids"]])
     assert prompt.shape[1] > 512
-    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48, min_new_tokens=48,
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
                               do_sample=False)[0, prompt.shape[1]:].tolist()
     vocab = model.config.vocab_size
-    for static in (False, True):
+    for static in (False, True):  # the static path's cost on a CPU: only the drafters of the default method
         plain_forward = StaticForward(model, max_cache_len=1024, capture=False) if static else None
-        assert run(plain_decode(model, prompt, 48, SamplingConfig(), set(), forward=plain_forward)) == expected
-        for drafter in (PromptLookup(), TokenRecycling(cold_matrix(vocab)), LookaheadTrie(),
-                        new_merged(TokenRecycling(cold_matrix(vocab)), NGramTrie(1000), STEEP)):
+        assert run(plain_decode(model, prompt, 32, SamplingConfig(), set(), forward=plain_forward)) == expected
+        drafters = [PromptLookup(), new_merged(TokenRecycling(cold_matrix(vocab)), NGramTrie(1000), STEEP)]
+        if not static:
+            drafters += [TokenRecycling(cold_matrix(vocab)), LookaheadTrie()]
+        for drafter in drafters:
             forward = StaticForward(model, max_cache_len=1024, capture=False) if static else None
-            out = run(speculative_decode(model, prompt, 48, SamplingConfig(), set(), drafter, forward=forward))
+            out = run(speculative_decode(model, prompt, 32, SamplingConfig(), set(), drafter, forward=forward))
             assert out == expected, (type(drafter).__name__, static)
-
-
-def test_the_text_tab_names_the_model_and_method_it_refuses(store):
-    from pipelines.base import PipelineError
-    from pipelines.text import TextPipeline, TextRequest
-
-    pipeline = TextPipeline(store, "tiny")
-    name = "tiny-qwen2 (random weights)"
-    pipeline.load(name).model.config.layer_types = ["linear_attention", "full_attention"]
-    request = TextRequest(prompt="hello", model=name, method="merged", max_new_tokens=4)
-    with pytest.raises(PipelineError, match=r"Merged .* cannot decode 'tiny-qwen2 \(random weights\)'.*Vanilla"):
-        list(pipeline.generate(request))

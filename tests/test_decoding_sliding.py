@@ -139,3 +139,20 @@ def test_packaged_gemma3_270m_past_its_512_token_window_equals_generate():
             forward = StaticForward(model, max_cache_len=1024, capture=False) if static else None
             out = run(speculative_decode(model, prompt, 32, SamplingConfig(), set(), drafter, forward=forward))
             assert out == expected, (type(drafter).__name__, static)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_static_path_keeps_the_window_on_the_gpu():
+    """What CUDA serves: the graph-captured static step with per-layer-type masks equals generate."""
+    model = tiny_causal_lm("gemma3", seed=0).cuda()
+    prompt = repetitive_prompt(0, PROMPT).cuda()
+    expected = generated(model, prompt, do_sample=False)
+    forward = StaticForward(model, max_cache_len=256, buckets=(1, 8, 32), capture=True)
+    assert run(plain_decode(model, prompt, NEW, SamplingConfig(), set(), forward=forward)) == expected
+    for drafter in (PromptLookup(num_tokens=4), TokenRecycling(torch.zeros(320, 8, dtype=torch.long, device="cuda")),
+                    new_merged(TokenRecycling(torch.zeros(320, 8, dtype=torch.long, device="cuda")), NGramTrie(1000),
+                               FLAT)):
+        out = run(speculative_decode(model, prompt, NEW, SamplingConfig(), set(), drafter, forward=forward))
+        assert out == expected, type(drafter).__name__
+    assert forward.graphs  # the steps ran as captured graphs

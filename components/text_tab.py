@@ -1,7 +1,8 @@
 """Text tab UI: prompt in, one streamed output view (tokens coloured by the forward that accepted them, a toggle),
 a headline with the speed and what it means, and Compare (vanilla A vs the chosen method B, same prompt and seed).
-API: /generate_text (prompt, system, model, method, max_new_tokens, temperature, top_p, seed -> text, stats)
-and /compare_text (the same plus draft model -> vanilla text, method text, comparison)."""
+API: /generate_text (prompt, system, model, method, max_new_tokens, temperature, top_p, seed, top_k,
+repetition_penalty, stop_strings -> text, stats) and /compare_text (the first 8, draft model, then the 3 controls
+-> vanilla text, method text, comparison)."""
 from __future__ import annotations
 
 import html
@@ -90,6 +91,12 @@ def slower_reason(comparison: dict[str, Any]) -> str:
             "GPU a forward over a small tree costs about as much as one token, which is where the method pays.")
 
 
+def stop_lines(text: str | None) -> list[str]:
+    """Stop strings as typed: one per line, ``\\n`` and ``\\t`` standing for a newline and a tab."""
+    lines = (text or "").splitlines()
+    return [line.replace("\\n", "\n").replace("\\t", "\t") for line in lines if line]
+
+
 def build(pipeline: TextPipeline) -> None:
     if pipeline.preset == "tiny":
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
@@ -128,6 +135,10 @@ def build(pipeline: TextPipeline) -> None:
             max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=128, step=1, label="Max new tokens")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+            repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)")
+            stop_strings = gr.Textbox("", label="Stop strings", lines=2, placeholder="One per line; \\n is a newline",
+                                      info="The output ends where one of them appears")
             seed = seed_row()
             with gr.Accordion("System prompt", open=False):
                 system = gr.Textbox(label="System prompt", lines=2)
@@ -139,11 +150,13 @@ def build(pipeline: TextPipeline) -> None:
                   outputs=[view, vanilla_view, method_view], queue=False, api_visibility="private")
 
     def make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name="") -> TextRequest:
+                     draft_name="", top_k_value=0, penalty=1.0, stops="") -> TextRequest:
         return TextRequest(
             prompt=prompt_text, system=system_text or "", model=model_name or "", method=method_name or "vanilla",
             max_new_tokens=int(number(max_tokens, 128)), temperature=number(temp, 0.0),
             top_p=number(top_p_value, 1.0), seed=int(number(seed_value, -1)), draft_model=draft_name or "",
+            top_k=int(number(top_k_value, 0)), repetition_penalty=number(penalty, 1.0),
+            stop_strings=stop_lines(stops),
         )
 
     def stream(text_request: TextRequest, request: gr.Request) -> Iterator[tuple[str, Result | None]]:
@@ -155,11 +168,12 @@ def build(pipeline: TextPipeline) -> None:
 
     def compare_runs(args: tuple, request: gr.Request) -> Iterator[tuple[dict[str, str], dict[str, Result]]]:
         """Vanilla, then the method, on one resolved seed; yields the texts so far and the finished runs."""
-        *values, seed_value, draft_name = args
+        *values, seed_value, draft_name, top_k_value, penalty, stops = args
         shared_seed = resolve_seed(int(number(seed_value, -1)))  # both runs must sample with the same seed
         texts, results = {"vanilla": "", "method": ""}, {}
         for side, name in (("vanilla", "vanilla"), ("method", values[3] or "vanilla")):
-            text_request = make_request(*values[:3], name, *values[4:], shared_seed, draft_name)
+            text_request = make_request(*values[:3], name, *values[4:], shared_seed, draft_name, top_k_value, penalty,
+                                        stops)
             for text, done in stream(text_request, request):
                 texts[side] = text
                 if done:
@@ -168,17 +182,17 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def generate_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                      request: gr.Request) -> Iterator[tuple[str, Any]]:
+                      top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple[str, Any]]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
-                                    top_p_value, seed_value)
+                                    top_p_value, seed_value, "", top_k_value, penalty, stops)
         for text, done in stream(text_request, request):
             yield text, done.stats if done else {}
 
     @on_gpu
     def generate_in_view(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value,
-                         seed_value, draft_name, request: gr.Request) -> Iterator[tuple]:
+                         seed_value, draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
-                                    top_p_value, seed_value, draft_name)
+                                    top_p_value, seed_value, draft_name, top_k_value, penalty, stops)
         for text, done in stream(text_request, request):
             if done is None:
                 yield text, plain_html(text), gr.skip(), gr.skip(), gr.skip()
@@ -188,9 +202,9 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def compare_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name, request: gr.Request) -> Iterator[tuple[str, str, Any]]:
+                     draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple[str, str, Any]]:
         args = (prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                draft_name)
+                draft_name, top_k_value, penalty, stops)
         for texts, results in compare_runs(args, request):
             finished = len(results) == 2
             yield (texts["vanilla"], texts["method"],
@@ -198,9 +212,9 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def compare_in_view(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                        draft_name, request: gr.Request) -> Iterator[tuple]:
+                        draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple]:
         args = (prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                draft_name)
+                draft_name, top_k_value, penalty, stops)
         for texts, results in compare_runs(args, request):
             views = [result_html(results[side]) if side in results else plain_html(texts[side])
                      for side in ("vanilla", "method")]
@@ -220,22 +234,23 @@ def build(pipeline: TextPipeline) -> None:
                 f"#### B · {label}"]
 
     inputs = [prompt, system, model, method, max_new_tokens, temperature, top_p, seed]
+    controls = [top_k, repetition_penalty, stop_strings]  # last in every endpoint, so older clients' calls still fit
     cleared = [output, view, stats, headline, saved, ab_panel, vanilla_view, method_view, comparison, method_heading]
     # The API keeps its plain shapes on hidden triggers (text and stats; A/B texts and comparison); the buttons
     # add the draft model, the coloured view, the headline and the saved files.
     api_trigger, api_compare_trigger = gr.Button(visible=False), gr.Button(visible=False)
-    api_event = api_trigger.click(generate_text, inputs=inputs, outputs=[output, stats], api_name="generate_text",
+    api_event = api_trigger.click(generate_text, inputs=inputs + controls, outputs=[output, stats], api_name="generate_text",
                                   **GPU_LANE)
-    api_compared = api_compare_trigger.click(compare_text, inputs=inputs + [draft_model],
+    api_compared = api_compare_trigger.click(compare_text, inputs=inputs + [draft_model] + controls,
                                              outputs=[vanilla_text, method_text, comparison],
                                              api_name="compare_text", **GPU_LANE)
     gr.on([generate.click, prompt.submit], lambda: clear_for_run(False), outputs=cleared, queue=False,
           api_visibility="private")
     compare.click(lambda m: clear_for_run(True, m), inputs=method, outputs=cleared, queue=False,
                   api_visibility="private")
-    generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=inputs + [draft_model],
+    generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=inputs + [draft_model] + controls,
                       outputs=[output, view, stats, headline, saved], api_visibility="private", **GPU_LANE)
-    compared = compare.click(compare_in_view, inputs=inputs + [draft_model],
+    compared = compare.click(compare_in_view, inputs=inputs + [draft_model] + controls,
                              outputs=[vanilla_view, method_view, comparison, headline, saved],
                              api_visibility="private", **GPU_LANE)
     wire_stop(stop, "text", [generated, compared, api_event, api_compared], stats, headline)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterator
 
 import torch
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
 from .decoding.draft_model import DraftModel
@@ -19,6 +20,7 @@ from .decoding.prompt_lookup import PromptLookup
 from .decoding.prompt_tokens import ParallelPromptDecoding, PromptTokens, prompt_tokens_for
 from .decoding.recurrent_drafter import DraftHead, RecurrentDrafting, head_for
 from .decoding.recycling import shared_recycler
+from .decoding.sliding import UnsupportedAttention, attention_layout
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
@@ -27,6 +29,8 @@ from .presets import PresetModels, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
 
 MAX_NEW_TOKENS_LIMIT = 4096
+TOP_K_LIMIT = 1000
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
 METHODS = ("vanilla", "merged", "redrafter", "ppd", "recycling", "lookahead", "prompt_lookup", "draft_model")
 METHOD_LABELS = {
     "vanilla": "Vanilla (one token per forward)",
@@ -56,6 +60,9 @@ class TextRequest(Request):
     method: str = "vanilla"  # one of METHODS
     draft_model: str = ""  # for method "draft_model": a model name, Hub id or folder; "" = the default pair
     tree_profile: str = "auto"  # tree size from the measured step cost ("auto"/"cpu") or the H200 curve ("gpu")
+    top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
+    repetition_penalty: float = 1.0  # generate's repetition_penalty over prompt and output (1 = off)
+    stop_strings: list[str] = field(default_factory=list)  # the output ends at the first one (generate's stop_strings)
 
     def parameters(self) -> dict[str, Any]:
         """Every field that reproduces this result (what its sidecar JSON records)."""
@@ -136,8 +143,13 @@ class TextPipeline(PresetModels, Pipeline):
             raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
         temperature = require_range(request.temperature, "Temperature", 0.0, 5.0)
         top_p = require_range(request.top_p, "Top-p", 0.01, 1.0)
+        top_k = int(require_range(request.top_k, "Top-k", 0, TOP_K_LIMIT))
+        require_range(request.repetition_penalty, "Repetition penalty", 0.5, 3.0)
+        request.stop_strings = [text for text in (request.stop_strings or []) if text]
+        if len(request.stop_strings) > MAX_STOP_STRINGS or any(len(t) > MAX_STOP_CHARS for t in request.stop_strings):
+            raise PipelineError(f"Up to {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each.")
         request.seed = resolve_seed(request.seed)
-        return SamplingConfig(temperature=temperature, top_p=top_p, seed=request.seed)
+        return SamplingConfig(temperature=temperature, top_p=top_p, seed=request.seed, top_k=top_k)
 
     def generate(self, request: TextRequest) -> Iterator[Event]:
         config = self.validate(request)
@@ -151,6 +163,7 @@ class TextPipeline(PresetModels, Pipeline):
         run_ends: list[int] = []  # characters of the shown text after each run
         start = time.perf_counter()
         first_token_s = None
+        stops = StopStrings(lm.tokenizer, request.stop_strings)
         with lm.lock:
             forward = fast_forward(lm, int(input_ids.shape[1]) + int(request.max_new_tokens))
             warmed = forward.warmup_s if forward is not None else 0.0
@@ -158,17 +171,22 @@ class TextPipeline(PresetModels, Pipeline):
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
                                "request only" + ("; compiling takes a minute or more)" if forward.compiles else ")"))
             drafter = self.drafter(lm, request) if request.method != "vanilla" else None
-            for run in self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter):
+            decoding = self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter)
+            for run in decoding:
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - start
+                run = stops.cut(tokens, run)
                 tokens.extend(run)
                 runs.append(run)
-                text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+                text = stops.trim(lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True))
                 run_ends.append(len(text))
                 yield Partial(text)
                 yield Progress(len(tokens), int(request.max_new_tokens))
+                if stops.matched is not None:
+                    decoding.close()  # the drafter's request ends here, under the lock
+                    break
         elapsed = time.perf_counter() - start
-        text = lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True)
+        text = stops.trim(lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True))
         warmup_s = forward.warmup_s - warmed if forward is not None else 0.0
         result_stats = {
             "model": self.spec_for(request.model).name,
@@ -185,6 +203,9 @@ class TextPipeline(PresetModels, Pipeline):
             **trained_drafters_used(lm, request.method, drafter),
             "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
+            "stopped_by": ("stop string" if stops.matched is not None else
+                           "eos" if tokens and tokens[-1] in eos_ids else "max new tokens"),
+            "stop_string": stops.matched or "",
         }
         saved, sidecar = save_text(text, {**request.parameters(), **result_stats})
         metadata = {"token_ids": tokens, "run_ids": runs, "runs": run_texts(text, run_ends),
@@ -195,16 +216,24 @@ class TextPipeline(PresetModels, Pipeline):
                eos_ids: set[int], stats: DecodeStats, forward: StaticForward | None,
                drafter: Drafter | None) -> Iterator[list[int]]:
         max_new = int(request.max_new_tokens)
+        penalty = float(request.repetition_penalty)
+        processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)]) if penalty != 1.0 else None
         if drafter is None:
-            return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats, forward=forward)
+            return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats, forward=forward,
+                                processors=processors)
         return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats,
-                                  forward=forward)
+                                  forward=forward, processors=processors)
 
     def drafter(self, lm: CausalLM, request: TextRequest) -> Drafter:
         """The method's drafter. Token Recycling's matrix and the Lookahead output trie live with the model;
         tree sizes follow the measured cost of a forward on this device."""
         if request.method not in METHODS:
             raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
+        try:
+            attention_layout(lm.model)
+        except UnsupportedAttention as error:
+            raise PipelineError(f"{METHOD_LABELS[request.method]} cannot decode {self.spec_for(request.model).name!r}: "
+                                f"{error} Pick Vanilla for this model.") from error
         if request.method == "prompt_lookup":
             return PromptLookup()
         if request.method == "draft_model":
@@ -258,6 +287,35 @@ class TextPipeline(PresetModels, Pipeline):
                 "tokens cannot be verified. Pick a draft from the same model family."
             )
         return draft
+
+
+class StopStrings:
+    """generate's ``stop_strings`` on a streamed output: the output ends with the token that completes the first
+    stop string to appear in the decoded text; the text shown ends with the string itself. Only the tail that
+    can hold a stop string is decoded after each token, so the check does not grow with the output."""
+
+    def __init__(self, tokenizer, strings: list[str]) -> None:
+        self.tokenizer, self.strings = tokenizer, list(strings)
+        self.window = max((len(text) for text in self.strings), default=0) + 4  # tokens: >= 1 character each
+        self.matched: str | None = None
+
+    def cut(self, tokens: list[int], run: list[int]) -> list[int]:
+        """``run`` up to the token that completes a stop string after ``tokens`` (all of it when none does)."""
+        if not self.strings:
+            return run
+        for i in range(len(run)):
+            tail = (tokens[-self.window:] + run[:i + 1])[-self.window:]
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            self.matched = next((stop for stop in self.strings if stop in text), None)
+            if self.matched is not None:
+                return run[:i + 1]
+        return run
+
+    def trim(self, text: str) -> str:
+        """The output text cut right after the matched stop string."""
+        if self.matched is None or self.matched not in text:
+            return text
+        return text[:text.rindex(self.matched) + len(self.matched)]
 
 
 def eos_token_ids(lm: CausalLM) -> set[int]:
@@ -338,6 +396,10 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
     mode = os.environ.get("TOKENWORKS_TEXT_FAST", "auto")
     if mode == "0" or (mode == "auto" and lm.model.device.type != "cuda"):
         return None
+    try:
+        attention_layout(lm.model)
+    except UnsupportedAttention:
+        return None  # chunked or linear layers: the stock cache (vanilla only)
     needed = total_tokens + max(BUCKETS)
     stale = lm.fast_forward is not None and (lm.fast_forward.embed is None) != (lm.prompts is None)
     if lm.fast_forward is None or lm.fast_forward.max_cache_len < needed or stale:

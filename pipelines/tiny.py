@@ -48,7 +48,7 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 320, attn: str = "sdpa"):
     """A 2-layer causal LM of a real architecture with random weights, fp32."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, eos_token_id=1, pad_token_id=0, bos_token_id=None)
     if family == "llama":
@@ -57,6 +57,11 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 320, 
     elif family == "qwen2":
         config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, **common)
+    elif family == "gemma3":  # a sliding layer then a full one, with a window of 8 tokens (Gemma-3-270M: 512)
+        config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                                  **common)
     elif family == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
     else:

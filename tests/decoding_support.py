@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
@@ -61,3 +62,15 @@ def root_path(tree: TokenTree, node: int) -> list[int]:
         path.append(tree.tokens[node])
         node = tree.parents[node]
     return path[::-1]
+
+
+def packaged_causal_lm(locate, package: str):
+    """Tokenizer and model of real weights shipped in a package (``pipelines.packaged``); skips when the
+    package is not installed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = locate()
+    if location is None:
+        pytest.skip(f"{package} is not installed")
+    model = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
+    return AutoTokenizer.from_pretrained(location), model

@@ -62,3 +62,19 @@ def test_first_divergence_names_the_first_differing_token():
     assert text_served.first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert text_served.first_divergence([1, 5, 3], [1, 2, 3]) == 1
     assert text_served.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_long_prompt_benchmark_times_start_drafters_and_the_request(tmp_path):
+    import long_prompt
+
+    out = tmp_path / "long.json"
+    long_prompt.main(["--prompt-tokens", "600", "--max-new-tokens", "6", "--repeats", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    rows = {row["method"]: row for row in data["rows"]}
+    assert {"benchmark", "device", "model", "settings", "command", "rows"} <= set(data)
+    assert rows["lookahead_trie_start"]["earlier_answer_kept"] is True
+    assert {"prompt_lookup", "lookahead", "recycling", "merged"} == {m[:-len("_drafter_costs")] for m in rows
+                                                                    if m.endswith("_drafter_costs")}
+    for method in ("plain", "merged", "merged_mask_over_prompt"):
+        assert rows[method]["identical_to_plain"] is True and rows[method]["wall_s"] > 0
+    assert rows["plain"]["ratio_to_plain"] == 1.0

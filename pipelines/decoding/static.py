@@ -11,7 +11,8 @@ the tree), rows ``q..B-1`` are dummy nodes that attend only to themselves; K/V o
 cache row ``past + j``. The mask has the cache's full width: the prefix ``[0, past)`` is visible to real
 rows, the block follows its ancestor pattern, and every row at or beyond ``past + B`` is hidden, so stale
 K/V left there by earlier steps (rejected nodes, dummies) are never read. Rolling back is therefore only
-``length -= k`` on the host: nothing is copied or cropped.
+``length -= k`` on the host: nothing is copied or cropped. Sliding-window layers are full-length here too; their
+mask is the same pattern AND the window at each row's logical position (``sliding.AttentionLayout.masks``).
 
 ``capture=False`` (CPU, ZeroGPU, or a failed capture) runs the very same padded static code eagerly.
 """
@@ -159,8 +160,9 @@ class StaticForward(CausalLMForward):
         in_block = (relative >= 0) & (relative < size)
         visible = block[:, relative.clamp(0, size - 1)] & in_block[None, :]
         visible |= (relative < 0)[None, :] & (index < real)[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=ids.device)
-        mask = mask.masked_fill(~visible, torch.finfo(self.dtype).min)[None, None]
+        # logical key positions (a block row holds its node's root + depth) for sliding layers' windows
+        keys = torch.where(in_block, positions[0][relative.clamp(0, size - 1)], self._cols)
+        mask = self.layout.masks(visible, positions[0], keys, self.dtype)
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                          output_hidden_states=True, **{self.kwarg: self.cache})

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .sliding import additive
+
 
 @dataclass
 class TokenTree:
@@ -91,11 +93,9 @@ class TokenTree:
         return allowed
 
 
-def block_attention_mask(tree: TokenTree, chain_before_root: int, past: int, dtype: torch.dtype,
-                         device: torch.device) -> torch.Tensor:
-    """Additive float mask ``(1, 1, q, past + q)`` for a block of ``chain_before_root`` committed tokens
-    (causal), then the tree. Float, not bool: eager attention *adds* the mask, so a bool mask is silently
-    wrong there (reference §3.1, §9.1)."""
+def block_visibility(tree: TokenTree, chain_before_root: int, past: int) -> np.ndarray:
+    """``[q, past + q]`` bool for a block of ``chain_before_root`` committed tokens (causal), then the tree: every
+    row sees the cached prefix, the chain is causal, tree nodes see the chain and their ancestors."""
     m, n = chain_before_root, len(tree)
     q = m + n
     allowed = np.zeros((q, past + q), dtype=bool)
@@ -103,9 +103,14 @@ def block_attention_mask(tree: TokenTree, chain_before_root: int, past: int, dty
     allowed[:m, past:past + m] = np.tril(np.ones((m, m), dtype=bool))
     allowed[m:, past:past + m] = True
     allowed[m:, past + m:] = tree.ancestor_matrix()
-    blocked = torch.from_numpy(~allowed).to(device)
-    mask = torch.zeros(q, past + q, dtype=dtype, device=device).masked_fill_(blocked, torch.finfo(dtype).min)
-    return mask[None, None]
+    return allowed
+
+
+def block_attention_mask(tree: TokenTree, chain_before_root: int, past: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    """``block_visibility`` as an additive float mask ``(1, 1, q, past + q)`` for models whose layers all
+    attend alike."""
+    return additive(torch.from_numpy(block_visibility(tree, chain_before_root, past)).to(device), dtype)
 
 
 def block_position_ids(tree: TokenTree, chain_before_root: int, past: int, device: torch.device) -> torch.Tensor:

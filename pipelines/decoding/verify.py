@@ -13,11 +13,14 @@ import time
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
 
 from ..base import CancelToken
-from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, make_generator
-from .tree import TokenTree, block_attention_mask, block_position_ids
+from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, logits_processing, make_generator
+from .sliding import attention_layout
+from .tree import TokenTree, block_position_ids, block_visibility
+
+
+LONG_BLOCK = 256  # committed rows in one step beyond which the step verifies a chain only
 
 
 class Drafter:
@@ -63,7 +66,10 @@ class CausalLMForward:
     ``embed``), a 4D float mask, ``position_ids`` and a transformers cache, and returns ``.logits``.
 
     ``tree_attention=False`` is the chain-only mode for attention code that cannot take a 4D mask: trees
-    are cut to their first chain and verified with the model's ordinary causal mask."""
+    are cut to their first chain and verified with the model's ordinary causal mask.
+
+    Models with sliding-window layers keep every layer's K/V at full length and get one mask per layer type
+    (``sliding.AttentionLayout``); models with layers a crop cannot roll back raise ``UnsupportedAttention``."""
 
     def __init__(self, model, tree_attention: bool = True, embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
@@ -72,18 +78,23 @@ class CausalLMForward:
         self.record_hidden = False
         self.hidden: torch.Tensor | None = None
         self.kwarg = cache_kwarg(model)
+        self.layout = attention_layout(model)
         self.trims_logits = accepts(model, "logits_to_keep")
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
     def new_cache(self):
-        return DynamicCache(config=self.model.config)
+        return self.layout.new_cache(self.model.config)
 
     def block_inputs(self, tree: TokenTree, before_root: int, past: int):
         """Mask (None for a chain: the model's own causal mask) and position ids for ``before_root`` committed
         tokens then ``tree``, appended at cache length ``past``; adapters with their own layout override it."""
-        mask = None if tree.is_chain else block_attention_mask(tree, before_root, past, self.dtype, self.device)
-        return mask, block_position_ids(tree, before_root, past, self.device)
+        positions = block_position_ids(tree, before_root, past, self.device)
+        if tree.is_chain:
+            return None, positions
+        visible = torch.from_numpy(block_visibility(tree, before_root, past)).to(self.device)
+        keys = torch.cat([torch.arange(past, device=self.device), positions[0]])
+        return self.layout.masks(visible, positions[0], keys, self.dtype), positions
 
     def __call__(self, ids: list[int], position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                  keep: int | None = None) -> torch.Tensor:
@@ -126,18 +137,6 @@ def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
             return nodes, tokens
         nodes.append(child)
         node = child
-
-
-def logits_processing(processors, prompt: torch.Tensor, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
-    """``accept``'s ``process`` for a transformers ``LogitsProcessorList``: the processors see the prompt ids
-    ``prompt`` (1-D) followed by the generated ids, as in ``generate`` (repetition penalty reads the prompt)."""
-
-    def process(logits: torch.Tensor, path: list[int]) -> torch.Tensor:
-        tokens = torch.tensor(generated + path, dtype=torch.long, device=logits.device)
-        ids = torch.cat([prompt.to(logits.device), tokens])[None]
-        return processors(ids, logits[None].float())[0]
-
-    return process
 
 
 def contiguous_accepted(nodes: list[int]) -> int:
@@ -207,12 +206,14 @@ def speculative_decode(
             started = time.perf_counter()
             remaining = max_new_tokens - produced
             tree = drafter.propose(context).truncated(max_depth=remaining - 1)
-            if not forward.tree_attention:
+            past = cache.get_seq_length()
+            before_root = len(pending) - 1
+            # a long re-fed block (the prompt) goes in as a chain: the model's own causal attention, where a 4-D
+            # mask over it would cost memory and time quadratic in the prompt (8000 tokens: 2.8x plain decoding)
+            if not forward.tree_attention or before_root > LONG_BLOCK:
                 tree = tree.first_chain()
             drafted = time.perf_counter()
 
-            past = cache.get_seq_length()
-            before_root = len(pending) - 1
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
             process = logits_processing(processors, prompt, generated) if processors else None

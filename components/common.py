@@ -13,7 +13,7 @@ import gradio as gr
 from pipelines.base import (MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request,
                             Result)
 from pipelines.guard import guarded_events
-from pipelines.image.pipeline import stream_in_thread
+from pipelines.streaming import stream_in_thread
 
 GPU_LANE = dict(concurrency_id="gpu", concurrency_limit=1)
 RANDOM_WEIGHTS_NOTE = "**Random weights** (tiny preset): outputs are noise by design; use it to test the app."

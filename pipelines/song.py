@@ -26,7 +26,7 @@ import torch
 from .bark import BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
 from .models import ModelSpec, ModelStore, ResolvedModel
-from .image.pipeline import stream_in_thread
+from .streaming import stream_in_thread
 from .musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen
 from .outputs import new_output_path, write_sidecar
 from .presets import fetch_plan, first_usable, labelled_choices, models_for

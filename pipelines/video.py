@@ -20,7 +20,7 @@ import torch
 from .base import (CancelToken, Event, Pipeline, PipelineError, Progress, Request, Result, require_range,
                    require_text, resolve_seed)
 from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
-from .image.pipeline import stream_in_thread
+from .streaming import stream_in_thread
 from .models import ModelSpec, ModelStore, ResolvedModel, keep_placement
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import PresetModels, models_for

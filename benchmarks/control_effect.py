@@ -31,7 +31,7 @@ from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld.scenes import Scene, make_scene  # noqa: E402
 from pipelines.microworld.scorer import score_image  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
-from pipelines.presets import MICROWORLD_MODEL  # noqa: E402
+from pipelines.presets import MICROWORLD_V1_MODEL  # noqa: E402
 
 METRICS = ("binding", "presence", "leakage", "heading_error", "style_correct")
 TARGET = {"binding": "binding", "lpa": "style_correct", "compass": "heading_error", "leakfix": "leakage"}
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--controls", default="none,binding,lpa,compass,leakfix")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--model", default=MICROWORLD_MODEL,
+    parser.add_argument("--model", default=MICROWORLD_V1_MODEL,
                         help="a preset model name or a StableDiffusionPipeline folder (e.g. runs/microworld)")
     parser.add_argument("--preset", choices=["auto", "tiny"], default="auto",
                         help="tiny: the random-weight tiny SD1.5 (checks the harness; its numbers mean nothing)")

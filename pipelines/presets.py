@@ -12,7 +12,6 @@ from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
-MICROWORLD_V1_MODEL = "micro-world v1 (64 px shapes, MiniLM text; superseded by v2)"
 # Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
 # one loaded copy. Random tiny weights rarely emit EOS: the cap keeps a CI speech request a few seconds long
 # (the song tab sets its own per-line budget).
@@ -35,9 +34,8 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("Stable Diffusion 1.5", "sd15", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
         # Trained here on procedural scenes (pipelines/microworld); available once its weights are committed.
-        # After the Hub models, so they are the default only when no Hub model can be had (offline); v2 first.
-        ModelSpec(MICROWORLD_MODEL, "sd15", package="microworld-v2", options=(("size", 128),)),
-        ModelSpec(MICROWORLD_V1_MODEL, "sd15", package="microworld", options=(("size", 64),)),
+        # Last, so it is the default only when no Hub model can be had (offline).
+        ModelSpec(MICROWORLD_MODEL, "sd15", package="microworld", options=(("size", 128),)),
     ],
     "video": [
         ModelSpec("AnimateDiff v1-5-3 on SD1.5", "animatediff", hub_id="guoyww/animatediff-motion-adapter-v1-5-3",

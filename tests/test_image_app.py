@@ -118,7 +118,7 @@ def test_offline_image_tab_opens_on_the_microworld_model_with_its_examples(hub_o
     from pipelines.models import ModelStore
     from pipelines.presets import MICROWORLD_MODEL
 
-    store = ModelStore(packaged={}, installed={"microworld-v2": lambda: True})
+    store = ModelStore(packaged={}, installed={"microworld": lambda: True})
     demo = build_demo({"image": ImagePipeline(store, "auto")})
     blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
     assert blocks["image-model"].value == MICROWORLD_MODEL

@@ -76,6 +76,8 @@ class Job:
 
 @dataclass
 class Unit:
+    """One paired unit: both images of a (prompt, seed) and their pending scores."""
+
     control: str
     prompt: str
     seed: int
@@ -92,7 +94,7 @@ def swapped_truth(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return {"objects": [{"shape": shape, "colour": colour} for colour, shape in pairs]}
 
 
-def binding_prompts(count: int) -> list[Prompt]:
+def binding_prompts() -> list[Prompt]:
     """The held-out swapped prompts with each object's colour and shape bracketed as one group."""
     out = []
     for text, pairs in scenes_v2.swapped_prompts():
@@ -102,13 +104,13 @@ def binding_prompts(count: int) -> list[Prompt]:
     return out
 
 
-def leakfix_prompts(count: int) -> list[Prompt]:
+def leakfix_prompts() -> list[Prompt]:
     """The held-out swapped prompts, each object phrase encoded alone."""
     return [Prompt({"prompt": text, "isolate": ", ".join(pair_phrases(pairs))}, swapped_truth(pairs))
             for text, pairs in scenes_v2.swapped_prompts()]
 
 
-def two_object_layouts(count: int, seed: int, pick: Callable[[Any, int], bool]) -> tuple[Any, list[int]]:
+def benchmark_layouts(count: int, seed: int, pick: Callable[[Any, int], bool]) -> tuple[Any, list[int]]:
     """Training-distribution scenes and the indices of ``count`` of them that ``pick`` accepts."""
     layouts = scenes_v2.sample_layouts(max(64, count * 8), seed)
     chosen = [i for i in range(len(layouts)) if pick(layouts, i)][:count]
@@ -120,7 +122,7 @@ def two_object_layouts(count: int, seed: int, pick: Callable[[Any, int], bool]) 
 def lpa_prompts(count: int) -> list[Prompt]:
     """Two objects of different shapes and one named style ("a red circle and a blue square, in dotted style");
     LPA routes the style words to the late layers. Target: each object's own fill matches the named style."""
-    layouts, chosen = two_object_layouts(count, SCENE_SEED + 1, lambda l, i: l.count[i] >= 2
+    layouts, chosen = benchmark_layouts(count, SCENE_SEED + 1, lambda l, i: l.count[i] >= 2
                                          and l.shape[i, 0] != l.shape[i, 1])
     out = []
     for n, i in enumerate(chosen):
@@ -152,7 +154,7 @@ def compass_prompts(count: int, encoder: str) -> list[Prompt]:
 def plan(control: str, units: int, batch: int, encoder: str) -> list[Job]:
     """Requests that make ``units`` distinct (prompt, seed) units: prompt r mod P with seeds in blocks of ``batch``."""
     requests = math.ceil(units / batch)
-    prompts = {"binding": binding_prompts, "leakfix": leakfix_prompts, "lpa": lpa_prompts,
+    prompts = {"binding": lambda n: binding_prompts(), "leakfix": lambda n: leakfix_prompts(), "lpa": lpa_prompts,
                "compass": lambda n: compass_prompts(n, encoder)}[control](requests)
     jobs = []
     for r in range(requests):

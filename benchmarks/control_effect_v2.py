@@ -177,12 +177,14 @@ def base_request(args: argparse.Namespace, seed: int, batch: int, cls: type = Im
                height=scenes_v2.SIZE, seed=seed, batch_size=batch, preview_every=0, fast=True, **fields)
 
 
-def run_jobs(pipeline: ImagePipeline, jobs: list[Job], args: argparse.Namespace, pool: Executor) -> tuple[list[Unit],
-                                                                                                        float]:
-    """Serve every job with A/B on; scoring runs in ``pool`` while the next request renders."""
-    units, start = [], time.perf_counter()
+def run_jobs(pipeline: ImagePipeline, jobs: list[Job], args: argparse.Namespace,
+             pool: Executor) -> tuple[list[Unit], dict[str, Any]]:
+    """Serve every job with A/B on; scoring runs in ``pool`` while the next request renders. Returns the units and
+    what serving them cost (wall time, the served path's own per-run times, its fast-path backend and calls)."""
+    units, served, start = [], [], time.perf_counter()
     for job in jobs:
-        on, off, _ = serve(pipeline, base_request(args, job.seed, job.batch, compare=True, **job.prompt.fields))
+        on, off, stats = serve(pipeline, base_request(args, job.seed, job.batch, compare=True, **job.prompt.fields))
+        served.append(stats)
         if len(off) != len(on):
             raise RuntimeError(f"{job.control}: the served path rendered no baseline (is the control on?)")
         for k, (off_path, on_path) in enumerate(zip(off, on)):
@@ -190,7 +192,13 @@ def run_jobs(pipeline: ImagePipeline, jobs: list[Job], args: argparse.Namespace,
             unit.scores = {"off": pool.submit(score_file, off_path, job.prompt.truth),
                            "on": pool.submit(score_file, on_path, job.prompt.truth)}
             units.append(unit)
-    return units, time.perf_counter() - start
+    cost = {"seconds": round(time.perf_counter() - start, 2), "requests": len(served),
+            "median_controlled_s": float(np.median([st["time_s"] for st in served])),
+            "median_baseline_s": float(np.median([st.get("baseline_time_s", float("nan")) for st in served])),
+            "fast": sorted({str(st.get("fast")) for st in served}),
+            "graph_replays": sum(int(st.get("graph_replays", 0)) for st in served),
+            "eager_unet_calls": sum(int(st.get("eager_unet_calls", 0)) for st in served)}
+    return units, cost
 
 
 def unit_metrics(score: dict[str, Any], truth_has_arrow: bool) -> dict[str, float]:
@@ -233,11 +241,11 @@ def scored(units: list[Unit], control: str) -> tuple[list[dict[str, float]], lis
             [unit_metrics(u.scores["on"].result(), arrow) for u in units])
 
 
-def control_row(control: str, off: list[dict[str, float]], on: list[dict[str, float]], seconds: float,
+def control_row(control: str, off: list[dict[str, float]], on: list[dict[str, float]], cost: dict[str, Any],
                 resamples: int) -> dict[str, Any]:
     return {"method": control, "units": len(off), "target_metric": TARGET[control],
-            "metrics": compare(off, on, resamples), "validity": validity(off, on),
-            "seconds": round(seconds, 2), "images": 2 * len(off)}
+            "metrics": compare(off, on, resamples), "validity": validity(off, on), "images": 2 * len(off),
+            "served": cost}
 
 
 def write_units(path: Path, units: list[Unit], off: list[dict[str, float]], on: list[dict[str, float]]) -> None:
@@ -280,6 +288,27 @@ def pair_row(control: str, units: list[Unit], pairs: int) -> list[tuple[str, lis
     return [(f"{control}: off | on pairs (first {min(pairs, len(units))} units)", images)]
 
 
+def pack_images(images: Path, target: Path) -> list[Path]:
+    """JPEG copies of every saved image (PNGs of these scenes are ~27 KB each: 3,000 of them would not fit the 64 MiB
+    a device run returns) and units.jsonl, as a tar split into parts <= 15 MiB in ``target``; the PNGs, with their
+    generation parameters, stay in ``images``. Unpack: cat control_effect_v2_jpeg.tar.part* | tar -x."""
+    from pipelines.microworld.train_v2 import pack
+
+    import shutil
+
+    staging = images.with_name("control_effect_v2_jpeg")
+    shutil.rmtree(staging, ignore_errors=True)
+    for png in images.rglob("*.png"):
+        copy = staging / png.relative_to(images).with_suffix(".jpg")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(png) as image:
+            image.convert("RGB").save(copy, quality=90)
+    if (images / "units.jsonl").is_file():
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "units.jsonl").write_text((images / "units.jsonl").read_text())
+    return pack(staging, target)
+
+
 def make_pool(workers: int) -> Executor:
     """Scoring processes (spawned: the parent holds CUDA); ``0`` scores inline, in this process."""
     if workers <= 0:
@@ -316,8 +345,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", default="outputs/control_effect_v2", help="where the served path saves PNGs")
     parser.add_argument("--sheet", help="contact sheet PNG")
     parser.add_argument("--sheet-pairs", type=int, default=6)
-    parser.add_argument("--pack", help="also write the images folder as a tar split into parts <= 15 MiB here "
-                                       "(what a device run can return); unpack: cat *.tar.part* | tar -x")
+    parser.add_argument("--pack", help="also write JPEG copies of the images and units.jsonl here, as a tar split "
+                                       "into parts <= 15 MiB (what a device run can return)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= MAX_BATCH:
@@ -348,19 +377,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(unmeasurable(control, "no trained compass encoder for this model: run train_v2 with "
                                               "--stages compass (it saves <model>/compass), or pass --compass-encoder"))
             continue
-        units, seconds = run_jobs(pipeline, plan(control, args.units, args.batch, encoder), args, pool)
+        units, cost = run_jobs(pipeline, plan(control, args.units, args.batch, encoder), args, pool)
         off, on = scored(units, control)
-        rows.append(control_row(control, off, on, seconds, args.bootstrap))
+        rows.append(control_row(control, off, on, cost, args.bootstrap))
         write_units(Path(args.images) / "units.jsonl", units, off, on)
         sheet += pair_row(control, units, args.sheet_pairs)
-        print(json.dumps({k: rows[-1][k] for k in ("method", "units", "seconds", "validity")}), flush=True)
+        print(json.dumps({k: rows[-1][k] for k in ("method", "units", "served", "validity")}), flush=True)
     pool.shutdown()
     if args.sheet:
         contact_sheet(sheet, args.sheet)
     if args.pack:
-        from pipelines.microworld.train_v2 import pack
-
-        pack(Path(args.images), Path(args.pack))
+        pack_images(Path(args.images), Path(args.pack))
     report = {"benchmark": "control_effect_v2", "device": str(pipeline.store.device),
               "model": pipeline.spec_for(args.model).name, "command": command_line(argv),
               "settings": {**{k: v for k, v in vars(args).items() if k != "json"},

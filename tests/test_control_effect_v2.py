@@ -156,3 +156,16 @@ def test_one_object_in_two_hues_counts_once_and_separate_objects_stay_apart():
     truth = {"objects": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}]}
     score = score_image(image, truth)
     assert len(score["detections"]) == 2 and score["presence"] == 1.0 and score["extra_objects"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_benchmark_serves_batches_of_eight_from_captured_graphs_on_the_gpu(tmp_path):
+    """What the 300-unit run's time rests on: A/B requests of 8 seeds replayed as CUDA graphs, scored in workers."""
+    effect = load_benchmark("control_effect_v2")
+    report = effect.main(["--units", "16", "--steps", "10", "--controls", "leakfix,lpa", "--no-gates",
+                          "--workers", "2", "--images", str(tmp_path / "images"), "--json", str(tmp_path / "e.json")])
+    for row in report["rows"]:
+        served = row["served"]
+        assert served["requests"] == 2 and row["units"] == 16 and served["fast"] == ["graph"]
+        assert served["graph_replays"] > 0 and served["eager_unet_calls"] == 0

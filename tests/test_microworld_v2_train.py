@@ -148,7 +148,7 @@ def test_control_effect_v2_runs_end_to_end_on_the_served_path(trained, tmp_path)
     report = effect.main(["--model", str(trained), "--device", "cpu", "--units", "3", "--batch", "2", "--steps", "1",
                           "--gate-seeds", "1", "--gate-stride", "20", "--noise", "4", "--bootstrap", "20",
                           "--workers", "0", "--images", str(tmp_path / "images"), "--json", str(out),
-                          "--sheet", str(tmp_path / "sheet.png"), "--sheet-pairs", "2"])
+                          "--sheet", str(tmp_path / "sheet.png"), "--sheet-pairs", "2", "--pack", str(tmp_path / "out")])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     assert set(report["gates"]) == {"single_object_colour_accuracy", "heading_error_deg", "noise_presence",
                                     "oracle_binding_gain"}
@@ -165,3 +165,8 @@ def test_control_effect_v2_runs_end_to_end_on_the_served_path(trained, tmp_path)
     assert len(lines) == 9 and {(u["control"], u["prompt"], u["seed"]) for u in lines}.__len__() == 9
     assert all(Path(u["off"]["path"]).is_file() and Path(u["on"]["path"]).is_file() for u in lines)
     assert Image.open(tmp_path / "sheet.png").size[0] == 4 * 128  # two off | on pairs per control row
+    subprocess.run(f"cat {tmp_path / 'out'}/control_effect_v2_jpeg.tar.part* | tar -x -C {tmp_path}", shell=True,
+                   check=True)
+    back = tmp_path / "control_effect_v2_jpeg"
+    assert (back / "units.jsonl").is_file() and len(list(back.rglob("*.jpg"))) == len(list(
+        (tmp_path / "images").rglob("*.png")))

@@ -2,7 +2,7 @@
 binding off and on (same seed), the share of pixels near the baseline's background colour for each, and a PNG
 sheet (top row off, bottom row on). Issue 22: before the fix every binding image was coloured noise.
 
-    python benchmarks/binding_noise_check.py --scenes 3 --json benchmarks/results/binding_noise_check.json \
+    python benchmarks/binding_noise_check.py --model V1_FOLDER --scenes 3 --json benchmarks/results/binding_noise_check.json \
         --png benchmarks/results/binding_noise_check.png
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
 from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
-from pipelines.presets import MICROWORLD_MODEL  # noqa: E402
 
 BACKGROUND_TOLERANCE = 24  # max channel difference from the background colour (8-bit)
 
@@ -34,6 +33,8 @@ def background_share(image: np.ndarray, background: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="a v1 micro-world pipeline folder (64 px; v1 weights left the repository with v2)")
     parser.add_argument("--scenes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cfg", type=float, default=5.0)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     units, tiles = [], []
     for scene in benchmark_scenes(args.scenes, 64):
         options = control_options("binding", scene)
-        request = ImageRequest(model=MICROWORLD_MODEL, steps=args.steps, cfg=args.cfg, width=64, height=64, seed=0,
+        request = ImageRequest(model=args.model, steps=args.steps, cfg=args.cfg, width=64, height=64, seed=0,
                                preview_every=0, compare=True, **options)
         result = [event for event in pipeline.generate(request) if isinstance(event, Result)][0]
         on = np.asarray(Image.open(result.value[0]).convert("RGB"))
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                       **{k: v for k, v in result.stats.items() if k.startswith("binding")}})
         tiles.append(np.concatenate([off, on], axis=0))
     Image.fromarray(np.concatenate(tiles, axis=1)).save(args.png)
-    report = {"command": command_line(argv), "model": MICROWORLD_MODEL, "device": args.device, "steps": args.steps,
+    report = {"command": command_line(argv), "model": args.model, "device": args.device, "steps": args.steps,
               "cfg": args.cfg, "units": units,
               "mean_background_share_off": float(np.mean([u["background_share_off"] for u in units])),
               "mean_background_share_on": float(np.mean([u["background_share_on"] for u in units]))}

@@ -1,11 +1,12 @@
-"""What each image control does to the picture, measured in the micro-world: the same prompts and seeds rendered
+"""What each image control does to the picture, measured in the v1 micro-world (64 px; superseded by
+control_effect_v2.py, which measures v2 on the served path with gates): the same prompts and seeds rendered
 with the control off and on through the image pipeline, each image scored by the classical micro-world scorer,
 and the paired difference reported with a bootstrap 95 % interval.
 
 Targets: binding accuracy for ToMe binding, style accuracy for LPA, heading error for compass tokens, colour
 leakage for the leakage fix (each row also reports the other metrics).
 
-    python benchmarks/control_effect.py --controls none,binding,lpa,compass,leakfix --prompts 50 --seeds 4 \
+    python benchmarks/control_effect.py --model V1_FOLDER --prompts 50 --seeds 4 \
         --device cuda --json benchmarks/results/control_effect_microworld.json            # trained model
     python benchmarks/control_effect.py --preset tiny --prompts 1 --seeds 1 --steps 2 --json OUT   # harness only
 """
@@ -31,7 +32,6 @@ from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld.scenes import Scene, make_scene  # noqa: E402
 from pipelines.microworld.scorer import score_image  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
-from pipelines.presets import MICROWORLD_MODEL  # noqa: E402
 
 METRICS = ("binding", "presence", "leakage", "heading_error", "style_correct")
 TARGET = {"binding": "binding", "lpa": "style_correct", "compass": "heading_error", "leakfix": "leakage"}
@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--controls", default="none,binding,lpa,compass,leakfix")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--model", default=MICROWORLD_MODEL,
-                        help="a preset model name or a StableDiffusionPipeline folder (e.g. runs/microworld)")
+    parser.add_argument("--model", default="",
+                        help="a v1 micro-world pipeline folder (v1 weights left the repository with v2; "
+                             "control_effect_v2.py measures v2)")
     parser.add_argument("--preset", choices=["auto", "tiny"], default="auto",
                         help="tiny: the random-weight tiny SD1.5 (checks the harness; its numbers mean nothing)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
+    if args.preset == "auto" and not args.model:
+        parser.error("--model: pass a v1 micro-world folder (64 px scenes), or --preset tiny")
     os.environ.setdefault("TOKENWORKS_OUTPUT_DIR", tempfile.mkdtemp(prefix="control-effect-"))
     controls = [c.strip() for c in args.controls.split(",") if c.strip()]
     if "none" not in controls:

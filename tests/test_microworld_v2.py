@@ -124,18 +124,14 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_scorer_reads_ground_truth_and_refuses_noise(rendered):
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
     _, images, _, truths = rendered
     scores = [score_image(image, truth) for image, truth in zip(scenes_v2.to_uint8(images), truths)]
     assert np.mean([s["presence"] for s in scores]) > 0.95 and np.mean([s["binding"] for s in scores]) > 0.95
     assert np.nanmean([s["heading_error"] for s in scores]) < 5
     assert np.nanmean([s["style_agreement"] for s in scores]) > 0.9
-    spec = importlib.util.spec_from_file_location(
-        "gates", Path(__file__).parents[1] / "benchmarks" / "microworld_v2_gates.py")
-    gates = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gates)
+    gates = importlib.import_module("benchmarks.microworld_v2_gates")
     noise = [score_image(image, truth) for image, truth in zip(gates.noise_images(12, 128), truths)]
     assert np.mean([s["presence"] for s in noise]) <= 0.1 and not any(s["valid"] for s in noise)
 

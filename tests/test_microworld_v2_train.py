@@ -3,7 +3,7 @@ weights alone, packs into parts the device can return; the saved model runs in t
 through the sanity-gates script."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 from pathlib import Path
@@ -99,20 +99,74 @@ def test_v2_model_runs_in_the_served_image_pipeline(trained, tmp_path, monkeypat
     assert image.size == (32, 32) and np.asarray(image).std() > 0
 
 
-def test_gates_script_runs_on_the_trained_folder(trained, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "gates", Path(__file__).parents[1] / "benchmarks" / "microworld_v2_gates.py")
-    gates = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gates)
+def load_benchmark(name: str):
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_oracle_confines_each_objects_words_to_its_box_on_the_served_path(trained, tmp_path, monkeypatch):
     from transformers import CLIPTokenizer
 
+    from pipelines.base import Result
+    from pipelines.models import ModelStore
+
+    gates = load_benchmark("microworld_v2_gates")
     tokenizer = CLIPTokenizer.from_pretrained(trained / "tokenizer")
-    assert gates.colour_positions(tokenizer, "a yellow circle and a red triangle", ["yellow", "red"]) == [2, 6]
-    report = gates.main(["--model", str(trained), "--device", "cpu", "--seeds", "1", "--steps", "1", "--size", "32",
-                         "--noise", "3", "--stride", "20", "--bootstrap", "20", "--json", str(tmp_path / "g.json"),
+    pairs = (("yellow", "circle"), ("red", "triangle"))
+    text = "a yellow circle and a red triangle"
+    assert [b.tokens for b in gates.oracle_biases(tokenizer, text, pairs, "phrase")] == [[2, 3], [6, 7]]
+    assert [b.tokens for b in gates.oracle_biases(tokenizer, text, pairs, "colour")] == [[2], [6]]
+    eot = gates.oracle_biases(tokenizer, text, pairs, "phrase+eot")[-1]
+    assert eot.tokens == list(range(8, 77)) and eot.region is None  # every end token, every query
+    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
+    pipeline = gates.OraclePipeline(ModelStore(device=torch.device("cpu")), "auto")
+    request = gates.OracleRequest(prompt=text, model=str(trained), steps=2, seed=1, width=32, height=32,
+                                  preview_every=0, compare=True, oracle="phrase", oracle_pairs=pairs)
+    result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
+    assert result.metadata["controls"]["oracle"] == "phrase" and result.stats["biased_attention_calls"] > 0
+    on, off = (np.asarray(Image.open(p[0]), np.float32) for p in (result.value, result.metadata["baseline"]))
+    assert np.abs(on - off).max() > 0  # the masks changed the picture; the baseline is the plain served run
+
+
+def test_gates_script_runs_on_the_trained_folder(trained, tmp_path):
+    gates = load_benchmark("microworld_v2_gates")
+    report = gates.main(["--model", str(trained), "--device", "cpu", "--gate-seeds", "1", "--steps", "1",
+                         "--noise", "4", "--gate-stride", "20", "--bootstrap", "20", "--json", str(tmp_path / "g.json"),
                          "--sheet", str(tmp_path / "g.png")])
     assert set(report["gates"]) == {"single_object_colour_accuracy", "heading_error_deg", "noise_presence",
                                     "oracle_binding_gain"}
     assert report["gates"]["noise_presence"]["value"] <= 0.1
+    assert set(report["gates"]["noise_presence"]["kinds"]) == set(gates.NOISE_KINDS)
     assert report["gates"]["oracle_binding_gain"]["units"] == 1
+    assert report["gates"]["single_object_colour_accuracy"]["images"] == 2  # 40 prompts, every 20th, one seed
     assert json.loads((tmp_path / "g.json").read_text())["passed"] == report["passed"]
+    assert Image.open(tmp_path / "g.png").size[0] == 128
+
+
+def test_control_effect_v2_runs_end_to_end_on_the_served_path(trained, tmp_path):
+    effect = load_benchmark("control_effect_v2")
+    out = tmp_path / "effect.json"
+    report = effect.main(["--model", str(trained), "--device", "cpu", "--units", "3", "--batch", "2", "--steps", "1",
+                          "--gate-seeds", "1", "--gate-stride", "20", "--noise", "4", "--bootstrap", "20",
+                          "--workers", "0", "--images", str(tmp_path / "images"), "--json", str(out),
+                          "--sheet", str(tmp_path / "sheet.png"), "--sheet-pairs", "2", "--pack", str(tmp_path / "out")])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert set(report["gates"]) == {"single_object_colour_accuracy", "heading_error_deg", "noise_presence",
+                                    "oracle_binding_gain"}
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["binding", "lpa", "compass", "leakfix"]
+    assert rows["compass"]["measurable"] is False and "compass" in rows["compass"]["reason"]  # no encoder saved
+    for name in ("binding", "lpa", "leakfix"):
+        row = rows[name]
+        assert row["units"] == 3 and row["images"] == 6 and row["target_metric"] in row["metrics"]
+        assert set(row["metrics"][row["target_metric"]]) == {"n", "off", "on", "difference", "ci95", "excludes_zero",
+                                                             "improves"}
+        assert set(row["validity"]) == {"off", "on", "ratio", "kept"}
+    lines = [json.loads(line) for line in (tmp_path / "images" / "units.jsonl").read_text().splitlines()]
+    assert len(lines) == 9 and {(u["control"], u["prompt"], u["seed"]) for u in lines}.__len__() == 9
+    assert all(Path(u["off"]["path"]).is_file() and Path(u["on"]["path"]).is_file() for u in lines)
+    assert Image.open(tmp_path / "sheet.png").size[0] == 4 * 128  # two off | on pairs per control row
+    subprocess.run(f"cat {tmp_path / 'out'}/control_effect_v2_jpeg.tar.part* | tar -x -C {tmp_path}", shell=True,
+                   check=True)
+    back = tmp_path / "control_effect_v2_jpeg"
+    assert (back / "units.jsonl").is_file() and len(list(back.rglob("*.jpg"))) == len(list(
+        (tmp_path / "images").rglob("*.png")))

@@ -103,7 +103,7 @@ def test_image_tab_offers_microworld_examples_that_show_their_settings(browser, 
     from playwright.sync_api import expect
 
     page = open_tab(browser, offline_url[0], "Image", "image")
-    expect(page.locator("#image-model input")).to_have_value(re.compile(r"^Micro-world .* · available here$"))
+    expect(page.locator("#image-model input")).to_have_value(re.compile(r"^micro-world v2 .* · available here$"))
     micro, photo = page.locator("#image-examples-microworld"), page.locator("#image-examples-photo")
     expect(micro).to_be_visible()
     expect(photo).to_be_hidden()

@@ -82,7 +82,7 @@ def encode_text(model, tokenizer, texts: list[str], guidance_scale: float) -> Mu
     return MusicgenConditioning(states, mask, guided)
 
 
-def new_cache(model, batch: int, max_columns: int, static: bool) -> EncoderDecoderCache:
+def new_cache(model, max_columns: int, static: bool) -> EncoderDecoderCache:
     """Self-attention cache: a StaticCache sized for the whole song (preallocated, compile-friendly) or a
     DynamicCache; the cross-attention cache is filled once and never changes, so it stays dynamic."""
     config = model.decoder.config
@@ -178,8 +178,7 @@ class ColumnForward:
         self.drafted = 0  # draft columns scored (tree nodes below the root)
 
     def new_cache(self) -> ColumnCache:
-        guided_batch = 2 if self.conditioning.guided else 1
-        return ColumnCache(new_cache(self.model, guided_batch, self.max_columns, self.static_cache))
+        return ColumnCache(new_cache(self.model, self.max_columns, self.static_cache))
 
     def block_inputs(self, tree: TokenTree, before_root: int, past: int) -> tuple[None, None]:
         return None, None

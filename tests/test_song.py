@@ -28,7 +28,7 @@ def musicgen():
 def decode(model, conditioning, frames, sampling=GREEDY, drafter=None, static=True, vocabulary=None):
     """Every delayed column ``[K, frames + K]`` (the start column first) and the decode stats."""
     stats = MusicgenDecodeStats()
-    start = torch.full((4, 1), model.decoder.config.pad_token_id)
+    start = torch.full((4, 1), model.decoder.config.pad_token_id, device=model.device)
     fresh = decode_columns(model, conditioning, frames, sampling, GUIDANCE, drafter, static, stats=stats,
                            vocabulary=vocabulary)
     return torch.cat([start, *fresh], dim=-1), stats
@@ -308,3 +308,15 @@ def test_generate_song_api_accepts_a_long_mixed_mode_duration(tiny_client):
     # refuses it for dual-track mode with the mode's own limit.
     with pytest.raises(AppError, match=r"Duration \(s\) must be between 1.0 and 30.0"):
         tiny_client.predict(LYRICS, "lofi", 45.0, "dual", True, 3.0, 1.0, 50, 2, 11, api_name="/generate_song")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0, top_k=20, seed=7)])
+def test_column_drafting_through_the_verifier_is_lossless_on_cuda_with_a_static_cache(sampling):
+    model, tokenizer = tiny_musicgen()
+    model = model.to("cuda")
+    conditioning = encode_text(model, tokenizer, ["jazz drums"], GUIDANCE)
+    plain, _ = decode(model, conditioning, 60, sampling)
+    drafted, stats = decode(model, conditioning, 60, sampling, column_drafter())
+    assert torch.equal(plain, drafted) and stats.forwards <= 60 + 4 - 1

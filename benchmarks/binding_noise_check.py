@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     for scene in benchmark_scenes(args.scenes, 64):
         options = control_options("binding", scene)
         request = ImageRequest(model=args.model, steps=args.steps, cfg=args.cfg, width=64, height=64, seed=0,
-                               preview_every=0, compare=True, **options)
+                               preview_every=0, compare="controls off", **options)
         result = [event for event in pipeline.generate(request) if isinstance(event, Result)][0]
         on = np.asarray(Image.open(result.value[0]).convert("RGB"))
-        off = np.asarray(Image.open(result.metadata["baseline"][0]).convert("RGB"))
+        off = np.asarray(Image.open(result.baseline.value[0]).convert("RGB"))
         background = np.median(off.reshape(-1, 3), axis=0)
         units.append({"prompt": options["prompt"], "background_share_off": background_share(off, background),
                       "background_share_on": background_share(on, background),

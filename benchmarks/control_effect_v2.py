@@ -167,7 +167,7 @@ def serve(pipeline: ImagePipeline, request: ImageRequest) -> tuple[list[str], li
     """(controlled paths, baseline paths, stats) of one served request (baseline empty when nothing is on)."""
     for event in pipeline.generate(request):
         if isinstance(event, Result):
-            return list(event.value), list(event.metadata.get("baseline", [])), dict(event.stats)
+            return list(event.value), list(event.baseline.value) if event.baseline else [], dict(event.stats)
     raise RuntimeError("the image pipeline ended without a result")
 
 
@@ -183,7 +183,7 @@ def run_jobs(pipeline: ImagePipeline, jobs: list[Job], args: argparse.Namespace,
     what serving them cost (wall time, the served path's own per-run times, its fast-path backend and calls)."""
     units, served, start = [], [], time.perf_counter()
     for job in jobs:
-        on, off, stats = serve(pipeline, base_request(args, job.seed, job.batch, compare=True, **job.prompt.fields))
+        on, off, stats = serve(pipeline, base_request(args, job.seed, job.batch, compare="controls off", **job.prompt.fields))
         served.append(stats)
         if len(off) != len(on):
             raise RuntimeError(f"{job.control}: the served path rendered no baseline (is the control on?)")

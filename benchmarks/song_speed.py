@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 
-from pipelines.musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen  # noqa: E402
+from pipelines.decoding.plain import SamplingConfig  # noqa: E402
+from pipelines.musicgen import stream_accompaniment, tiny_musicgen  # noqa: E402
+from pipelines.streaming import Returning  # noqa: E402
 
 METHODS = {  # name -> (draft, static cache)
     "plain-dynamic": (False, False),
@@ -65,16 +67,17 @@ def load(name: str, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval(), AutoTokenizer.from_pretrained(name)
 
 
-def run_once(model, tokenizer, prompt: str, frames: int, sampling: MusicgenSampling, draft: bool, static: bool) -> dict:
-    holder: dict = {}
+def run_once(model, tokenizer, prompt: str, frames: int, sampling: SamplingConfig, guidance: float, draft: bool,
+             static: bool) -> dict:
     started = time.perf_counter()
-    for _ in stream_accompaniment(model, tokenizer, prompt, frames, sampling, draft=draft, static_cache=static,
-                                  result=holder):
+    stream = Returning(stream_accompaniment(model, tokenizer, prompt, frames, sampling, guidance, draft=draft,
+                                            static_cache=static))
+    for _ in stream:
         pass
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    result = holder["value"]
+    result = stream.value
     return {"time_s": elapsed, "first_audio_s": result.first_audio_s, "forwards": result.stats.forwards,
             "tau": result.stats.tau, "codes": result.codes.cpu(), "audio_s": result.audio.size / result.sample_rate}
 
@@ -97,14 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model, tokenizer = load(args.model, device, dtype)
     frames = round(args.seconds * 50)
-    sampling = MusicgenSampling(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
-                                seed=args.seed)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     for name, (draft, static) in METHODS.items():  # warm-up
-        run_once(model, tokenizer, args.prompt, min(frames, 25), sampling, draft, static)
+        run_once(model, tokenizer, args.prompt, min(frames, 25), sampling, args.guidance, draft, static)
     runs: dict[str, list[dict]] = {name: [] for name in METHODS}
     for _ in range(args.repeats):
         for name, (draft, static) in METHODS.items():
-            runs[name].append(run_once(model, tokenizer, args.prompt, frames, sampling, draft, static))
+            runs[name].append(run_once(model, tokenizer, args.prompt, frames, sampling, args.guidance, draft, static))
     reference = runs["plain-dynamic"][0]["codes"]
     baseline = statistics.median(r["time_s"] for r in runs["plain-dynamic"])
     rows = []

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import command_line, write_report  # noqa: E402
 
 from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark, tiny_bark_tokenizer  # noqa: E402
+from pipelines.decoding.plain import SamplingConfig  # noqa: E402
+from pipelines.streaming import Returning  # noqa: E402
 
 TEXT = ("Hello, this is a longer sentence that a speech model reads aloud. It goes on for a while, so the first "
         "audio can arrive long before the whole utterance is done.")
@@ -82,18 +84,19 @@ def sync(device: torch.device) -> None:
 
 
 def time_bark(tts: BarkTTS, settings: BarkSettings, device: torch.device) -> tuple[dict, BarkOutput]:
-    output = BarkOutput()
     sync(device)
     start = time.perf_counter()
     first = None
     samples = 0
-    for chunk in synthesize(tts, TEXT, settings, output):
+    stream = Returning(synthesize(tts, TEXT, settings))
+    for chunk in stream:
         if first is None and chunk.size:
             first = time.perf_counter() - start
         samples += chunk.size
     sync(device)
     total = time.perf_counter() - start
     audio_s = samples / tts.sample_rate
+    output = stream.value
     s, c = output.semantic_stats, output.coarse_stats
     row = {"ttfa_s": first, "time_s": total, "audio_s": audio_s, "rtf": total / audio_s, "ttfa_fraction": first / total,
            "tau": (s.new_tokens + c.new_tokens) / (s.forwards + c.forwards), "tau_semantic": s.tau,
@@ -107,7 +110,8 @@ def bench_bark(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     if args.fixed_length:
         # A token id that the semantic processors suppress, so EOS never ends the utterance early.
         tts.semantic.eos_token_id = tts.semantic.semantic_pad_token + 1
-    base = dict(temperature=args.temperature, seed=args.seed, max_semantic_tokens=args.semantic_tokens)
+    base = dict(sampling=SamplingConfig(temperature=args.temperature, seed=args.seed),
+                max_semantic_tokens=args.semantic_tokens)
     time_bark(tts, BarkSettings(drafting=True, stream=True, **{**base, "max_semantic_tokens": 16}), device)  # warm-up
     samples: dict[str, list[dict]] = {name: [] for name in METHODS}
     identical: dict[str, bool] = {name: True for name in METHODS}

@@ -102,7 +102,8 @@ def clear_on_start(triggers: list, outputs: list) -> None:
 def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | None) -> Iterator[Event]:
     """Events of ``pipeline`` for ``request``, with Stop wired in and failures turned into gr.Error.
 
-    The pipeline runs on its own thread: a handler yields at every event (a Progress per model step at least),
+    The pipeline runs on its own thread, the request's one worker (stages of it that stream from a worker of their
+    own, such as a diffusers call, run there too: ``pipelines.streaming``): a handler yields at every event (a Progress per model step at least),
     the only place where Gradio's own cancel (API, closed tab) can close it, and each of those round trips
     through Gradio (milliseconds) would otherwise stall the model. Closing cancels the pipeline at its next step;
     progress that a newer event has overtaken is dropped, so the UI never lags behind the model."""

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from pipelines.base import Partial, PipelineError, Progress, Result
+from pipelines.base import NO_COMPARISON, Partial, PipelineError, Progress, Result
 from pipelines.image.compass import draw_compass_preview, parse_compass_objects
 from pipelines.image.merging import DEFAULT_MIN_TOKENS
 from pipelines.image.pipeline import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
@@ -204,7 +204,8 @@ def build(pipeline: ImagePipeline) -> None:
             prompt=prompt_text, negative_prompt=negative_text or "", model=model_name or "",
             scheduler=scheduler_name or "default", steps=int(number(steps_value, 30)), cfg=number(cfg_value, 7.5),
             width=int(number(width_value, 0)), height=int(number(height_value, 0)),
-            batch_size=int(number(batch_value, 1)), seed=int(number(seed_value, -1)), compare=bool(compare_value),
+            batch_size=int(number(batch_value, 1)), seed=int(number(seed_value, -1)),
+            compare="controls off" if compare_value else NO_COMPARISON,
             binding=bool(binding_value), ets_step=int(number(ets_value, -1)), lpa=bool(lpa_value),
             style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
             isolate=isolate_text or "", merge_ratio=number(ratio_value, 0.0), heatmap_words=heatmap_text or "",
@@ -217,8 +218,9 @@ def build(pipeline: ImagePipeline) -> None:
             elif isinstance(event, Progress):  # from the first (model loading) on: Gradio's own cancel needs a yield
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
-                heat = event.metadata.get("heatmaps", []) + event.metadata.get("baseline_heatmaps", [])
-                yield (event.value, event.metadata.get("baseline", []), [tuple(h) for h in heat], event.stats)
+                baseline = event.baseline
+                heat = event.metadata["heatmaps"] + (baseline.metadata["heatmaps"] if baseline else [])
+                yield (event.value, baseline.value if baseline else [], [tuple(h) for h in heat], event.stats)
 
     inputs = [prompt, negative, model, scheduler, steps, cfg, width, height, batch, seed, compare, binding, ets_step,
               lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words, compass_json, compass_encoder,

@@ -90,7 +90,8 @@ def build(pipeline: SongPipeline) -> None:
         )
         for event in run_pipeline(pipeline, song_request, request):
             if isinstance(event, Partial):
-                yield event.value, gr.skip(), gr.skip(), gr.skip()
+                chunk = event.value
+                yield (chunk.sample_rate, chunk.samples), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Progress):  # one per model step: Gradio's own cancel closes the job at a yield
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from pipelines.base import Partial, Result, resolve_seed
+from pipelines.base import Partial, Result
 from pipelines.text import MAX_NEW_TOKENS_LIMIT, METHOD_LABELS, METHODS, TextPipeline, TextRequest, compare_stats
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
@@ -167,18 +167,19 @@ def build(pipeline: TextPipeline) -> None:
                 yield event.value, event
 
     def compare_runs(args: tuple, request: gr.Request) -> Iterator[tuple[dict[str, str], dict[str, Result]]]:
-        """Vanilla, then the method, on one resolved seed; yields the texts so far and the finished runs."""
-        *values, seed_value, draft_name, top_k_value, penalty, stops = args
-        shared_seed = resolve_seed(int(number(seed_value, -1)))  # both runs must sample with the same seed
+        """The pipeline's same-seed A/B (vanilla, then the method); yields the texts so far and, at the end, both
+        runs' Results."""
+        text_request = make_request(*args)
+        text_request.compare = "vanilla"
         texts, results = {"vanilla": "", "method": ""}, {}
-        for side, name in (("vanilla", "vanilla"), ("method", values[3] or "vanilla")):
-            text_request = make_request(*values[:3], name, *values[4:], shared_seed, draft_name, top_k_value, penalty,
-                                        stops)
-            for text, done in stream(text_request, request):
-                texts[side] = text
-                if done:
-                    results[side] = done
-                yield texts, results
+        for event in run_pipeline(pipeline, text_request, request):
+            if isinstance(event, Partial):
+                texts["vanilla" if event.side == "A" else "method"] = event.value
+            elif isinstance(event, Result):
+                results = {"vanilla": event.baseline, "method": event}
+            else:
+                continue
+            yield texts, results
 
     @on_gpu
     def generate_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,

@@ -153,8 +153,8 @@ def build(pipeline: VideoPipeline) -> None:
                 # A yield per denoising step: Gradio's own cancel (API, closed tab) closes the job only at a yield.
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             elif isinstance(event, Result):
-                reference = event.metadata.get("baseline")
-                yield event.value.video, reference.video if reference else None, event.value.strip, event.stats
+                reference = event.baseline
+                yield event.value.video, reference.value.video if reference else None, event.value.strip, event.stats
 
     inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
               context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,

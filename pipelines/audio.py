@@ -65,3 +65,13 @@ def read_wav(data: bytes) -> tuple[int, np.ndarray]:
         rate = handle.getframerate()
         pcm = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
     return rate, pcm.astype(np.float32) / 32767.0
+
+
+@dataclass
+class AudioChunk:
+    """One streamed piece of audio: the ``Partial`` value of the speech and song tabs. ``samples`` are float32,
+    ``[n]`` (mono) or ``[n, channels]``; ``index`` counts the chunks of one stream from 0."""
+
+    samples: np.ndarray
+    sample_rate: int
+    index: int

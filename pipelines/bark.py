@@ -14,8 +14,8 @@ fine pass; with streaming off the fine pass and the codec decode are Bark's own,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import torch
@@ -25,10 +25,11 @@ from transformers.generation.logits_process import BarkEosPrioritizerLogitsProce
 from .audio import ChunkSchedule
 from .base import CancelToken, PipelineError, Progress
 from .codec_stream import EncodecStream, randomize_codebooks
-from .decoding.plain import DecodeStats, SamplingConfig
+from .decoding.plain import DecodeStats, SamplingConfig, make_generator
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from .models import ModelStore, ResolvedModel
+from .streaming import Returning
 
 # Original Bark sampling defaults (suno-ai/bark: text_temp=0.7, waveform_temp=0.7; fine_temp=0.5).
 BARK_TEMPERATURE = 0.7
@@ -92,9 +93,9 @@ def as_dict(config: Any) -> dict:
 
 @dataclass
 class BarkSettings:
-    temperature: float = BARK_TEMPERATURE  # 0 = greedy (then the fine stage takes argmax too)
-    top_p: float = 1.0
-    seed: int = 0
+    # the AR stages' sampling (greedy at temperature 0, then the fine stage takes argmax too); stage i draws with
+    # seed + i (semantic 0, coarse 1, fine 2 + chunk)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=BARK_TEMPERATURE))
     drafting: bool = True
     stream: bool = True
     schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
@@ -103,7 +104,7 @@ class BarkSettings:
 
 @dataclass
 class BarkOutput:
-    """Everything a run produced, for the Result and for tests (codes = the fine codes that were decoded)."""
+    """Everything a run produced, returned by ``synthesize_steps`` (codes = the fine codes that were decoded)."""
 
     semantic: list[int] = field(default_factory=list)
     coarse: list[int] = field(default_factory=list)
@@ -165,7 +166,7 @@ class SemanticStream:
 
     def __init__(self, tts: BarkTTS, ids: list[int], settings: BarkSettings, drafter, cancel: CancelToken | None,
                  stats: DecodeStats) -> None:
-        config = SamplingConfig(settings.temperature, settings.top_p, settings.seed)
+        config = settings.sampling
         self.limit = settings.max_semantic_tokens or tts.semantic.max_new_tokens
         self.eos = tts.semantic.eos_token_id
         self.tokens: list[int] = []
@@ -174,7 +175,7 @@ class SemanticStream:
         self._runs = speculative_decode(
             tts.model.semantic, torch.zeros((1, 0), dtype=torch.long), self.limit, config, {self.eos}, drafter,
             cancel, stats, chain_forward(tts.model.semantic), prefill={"inputs_embeds": semantic_prompt(tts, ids)},
-            processors=semantic_processors(tts, tts.device), generator=seeded(config, tts.device, 0))
+            processors=semantic_processors(tts, tts.device), generator=stage_generator(config, tts.device, 0))
 
     @property
     def speech_tokens(self) -> int:
@@ -192,13 +193,9 @@ class SemanticStream:
             yield run
 
 
-def seeded(config: SamplingConfig, device: torch.device, stage: int) -> torch.Generator | None:
+def stage_generator(config: SamplingConfig, device: torch.device, stage: int) -> torch.Generator | None:
     """One generator per AR stage (seed + stage), so drafting cannot reorder draws between stages."""
-    if config.greedy:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.seed + stage)
-    return generator
+    return make_generator(replace(config, seed=config.seed + stage), device)
 
 
 def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings, drafter,
@@ -208,8 +205,8 @@ def coarse_tokens(tts: BarkTTS, semantic: SemanticStream, settings: BarkSettings
     sc, cc = tts.semantic, tts.coarse
     ratio = semantic_to_coarse_ratio(tts)
     max_semantic_history = int(np.floor(cc.max_coarse_history / ratio))
-    config = SamplingConfig(settings.temperature, settings.top_p, settings.seed)
-    generator = seeded(config, tts.device, 1)
+    config = settings.sampling
+    generator = stage_generator(config, tts.device, 1)
     forward = chain_forward(tts.model.coarse_acoustics)
     produced: list[int] = []
     while True:
@@ -254,10 +251,10 @@ def chain_forward(model) -> CausalLMForward:
 def fine_codes(tts: BarkTTS, coarse: list[int], history: torch.Tensor | None, settings: BarkSettings,
                chunk: int) -> torch.Tensor:
     """Bark's fine stage on ``coarse`` (flat ids), with earlier fine codes [8, n] as its history; -> [1, 8, frames]."""
-    greedy = settings.temperature <= 0
+    greedy = settings.sampling.greedy
     prompt = None if history is None else {"fine_prompt": history[:, -tts.fine.max_fine_history_length:]}
     with torch.random.fork_rng(devices=[tts.device] if tts.device.type == "cuda" else []):
-        torch.manual_seed(settings.seed + 2 + chunk)
+        torch.manual_seed(settings.sampling.seed + 2 + chunk)
         return tts.model.fine_acoustics.generate(
             torch.tensor([coarse], device=tts.device), semantic_generation_config=tts.semantic,
             coarse_generation_config=tts.coarse, fine_generation_config=tts.fine, codebook_size=tts.codebook_size,
@@ -269,18 +266,19 @@ def codec_decode(tts: BarkTTS, codes: torch.Tensor) -> np.ndarray:
     return tts.model.codec_decode(codes)[0].detach().float().cpu().numpy()
 
 
-def synthesize(tts: BarkTTS, text: str, settings: BarkSettings, output: BarkOutput,
-               cancel: CancelToken | None = None) -> Iterator[np.ndarray]:
-    """Yield waveform chunks (float32, ``tts.sample_rate``) as they become ready; fills ``output`` as it goes."""
-    for item in synthesize_steps(tts, text, settings, output, cancel):
-        if isinstance(item, np.ndarray):
-            yield item
+def synthesize(tts: BarkTTS, text: str, settings: BarkSettings,
+               cancel: CancelToken | None = None) -> Generator[np.ndarray, None, BarkOutput]:
+    """Yield waveform chunks (float32, ``tts.sample_rate``) as they become ready; return the run's BarkOutput."""
+    steps = Returning(synthesize_steps(tts, text, settings, cancel))
+    yield from (item for item in steps if isinstance(item, np.ndarray))
+    return steps.value
 
 
 @torch.inference_mode()
-def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings, output: BarkOutput,
-                     cancel: CancelToken | None = None) -> Iterator[np.ndarray | Progress]:
+def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings,
+                     cancel: CancelToken | None = None) -> Generator[np.ndarray | Progress, None, BarkOutput]:
     """``synthesize`` plus a Progress after every AR forward, so a consumer can stop between model steps."""
+    output = BarkOutput()
     semantic = SemanticStream(tts, text_ids(tts, text), settings, new_drafter(settings), cancel,
                               output.semantic_stats)
     max_coarse = coarse_length(tts, semantic.limit)
@@ -319,6 +317,7 @@ def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings, output: Ba
         output.chunks = 1
         yield codec_decode(tts, fine[None])
     output.codes = fine[None]
+    return output
 
 
 TINY_SEMANTIC_VOCAB = 40

@@ -4,13 +4,29 @@ A pipeline turns a request dataclass into an iterator of events:
 ``Progress`` while it works, ``Partial`` for streamed values (text so far, an audio chunk, a preview
 frame) and exactly one ``Result`` at the end. The UI (``components/``) and scripts consume the same
 iterator, so everything a user sees is also available from Python and through the API.
+
+What each tab streams and returns:
+
+====== ============================================ ==================================================
+tab    ``Partial.value``                            ``Result.value``
+====== ============================================ ==================================================
+text   ``str``: the text so far                     ``str``: the text
+image  ``list[PIL.Image]``: preview frames          ``list[str]``: PNG paths (parameters in a text chunk)
+video  (none: Progress per denoising step)          ``video.VideoOutput``: MP4 path, frames, frame strip
+speech ``audio.AudioChunk``                         ``str``: WAV path (sidecar JSON next to it)
+song   ``audio.AudioChunk`` (of the mix)            ``dict[str, str]``: WAV path per stem (``mix`` always)
+====== ============================================ ==================================================
+
+A same-seed A/B is asked for with a request's ``compare`` (a tab's ``COMPARISONS``; ``"none"`` = off) and run
+inside the pipeline: the A side first (its Partials have ``side="A"``), then the request as set, whose Result
+carries the A side's Result as ``baseline`` and the comparison in its stats (``with_baseline``).
 """
 from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Generator, Iterator
 
 MAX_SEED = 2**32 - 1
 # Bounds text before any tokenizer sees it: a 30 MB prompt once took 220 s and 4 GB to reject (issue 25).
@@ -53,6 +69,7 @@ class Progress:
 @dataclass
 class Partial:
     value: Any
+    side: str = ""  # "A" while a same-seed A/B renders its A side, "" otherwise
 
 
 @dataclass
@@ -60,6 +77,32 @@ class Result:
     value: Any
     stats: dict[str, float | int | str | bool] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    baseline: Result | None = None  # the A side of a same-seed A/B (the request with ``compare`` switched back)
+
+
+NO_COMPARISON = "none"
+
+
+def with_baseline(result: Result, baseline: Result, compare: str) -> Result:
+    """B's Result of a same-seed A/B: A's Result attached, and what was compared and the time ratio in B's stats."""
+    ratio = result.stats["time_s"] / max(float(baseline.stats["time_s"]), 1e-9)  # type: ignore[arg-type]
+    result.stats.update(compare=compare, baseline_time_s=baseline.stats["time_s"],
+                        time_ratio_vs_baseline=round(ratio, 4))
+    result.baseline = baseline
+    return result
+
+
+def side_of_ab(events: Iterator[Event], side: str = "A") -> Generator[Event, None, Result]:
+    """Pass on one side's Progress and Partials (Partials tagged ``side``) and return its Result."""
+    result = None
+    for event in events:
+        if isinstance(event, Result):
+            result = event
+        else:
+            yield replace(event, side=side) if isinstance(event, Partial) else event
+    if result is None:
+        raise RuntimeError("an A/B side ended without a Result")
+    return result
 
 
 Event = Progress | Partial | Result

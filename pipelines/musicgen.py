@@ -6,8 +6,9 @@ shifted right by k steps, so one forward emits one "column" of K tokens and a fr
 after its first codebook. transformers' ``generate`` for MusicGen allows only greedy/sampling and calls a
 streamer once per run (reference video-audio.md §5.2, §5.4), so the step loop is written here.
 
-Draft-and-verify works on whole columns: a drafter proposes the next few columns (prompt lookup over the
-columns decoded so far: music repeats), one forward scores them after the last committed column, and the
+Draft-and-verify works on whole columns and runs in the decoding core's one verifier
+(``decoding.verify.speculative_decode``): each distinct column is interned to an id, prompt lookup over the ids
+proposes the next few columns (music repeats), one forward scores them after the last committed column, and the
 longest prefix the model itself would have chosen is kept, plus one bonus column. Chosen tokens are drawn
 in the same order and with the same generator as plain decoding, so greedy output is identical and sampled
 output follows the same distribution (the sample-and-follow rule for deterministic drafts).
@@ -15,8 +16,8 @@ output follows the same distribution (the sample-and-follow rule for determinist
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,23 +28,10 @@ from transformers.modeling_outputs import BaseModelOutput
 from .audio import ChunkSchedule
 from .base import CancelToken, Progress
 from .codec_stream import EncodecStream, randomize_codebooks
-from .decoding.plain import DecodeStats
+from .decoding.plain import DecodeStats, SamplingConfig, make_generator, process_logits
 from .decoding.prompt_lookup import PromptLookup
-
-
-@dataclass
-class MusicgenSampling:
-    """Greedy when ``temperature`` is 0. Defaults are MusicGen's (audiocraft / the Hub generation config):
-    guidance 3.0, top-k 250, temperature 1."""
-
-    guidance_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 250
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
+from .decoding.tree import TokenTree
+from .decoding.verify import Drafter, NoDraft, speculative_decode
 
 
 def build_delay_pattern(codes: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -94,7 +82,7 @@ def encode_text(model, tokenizer, texts: list[str], guidance_scale: float) -> Mu
     return MusicgenConditioning(states, mask, guided)
 
 
-def new_cache(model, batch: int, max_columns: int, static: bool) -> EncoderDecoderCache:
+def new_cache(model, max_columns: int, static: bool) -> EncoderDecoderCache:
     """Self-attention cache: a StaticCache sized for the whole song (preallocated, compile-friendly) or a
     DynamicCache; the cross-attention cache is filled once and never changes, so it stays dynamic."""
     config = model.decoder.config
@@ -115,144 +103,173 @@ def rollback_cache(cache: EncoderDecoderCache, tokens: int) -> None:
             layer.crop(-tokens)
 
 
-def guided_logits(logits: torch.Tensor, batch: int, num_codebooks: int, scale: float, guided: bool) -> torch.Tensor:
-    """Decoder logits ``[(2)B*K, S, V]`` -> guided ``[B, K, S, V]``: uncond + (cond - uncond) * scale."""
-    logits = logits.float().reshape(-1, batch, num_codebooks, *logits.shape[1:])
+def guided_logits(logits: torch.Tensor, num_codebooks: int, scale: float, guided: bool) -> torch.Tensor:
+    """Decoder logits ``[(2)K, S, V]`` of one song -> guided ``[K, S, V]``: uncond + (cond - uncond) * scale."""
+    logits = logits.float().reshape(-1, num_codebooks, *logits.shape[1:])
     if not guided:
         return logits[0]
     cond, uncond = logits[0], logits[1]
     return uncond + (cond - uncond) * scale
 
 
-def choose_column(logits: torch.Tensor, sampling: MusicgenSampling, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B, K, V]`` guided logits -> ``[B, K]`` tokens (argmax, or top-k + temperature sampling)."""
+def choose_column(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """``[K, V]`` guided logits -> ``[K]`` tokens: argmax, or one draw per codebook from the core's processed
+    distribution (temperature, top-k, top-p) with ``generator``."""
     if sampling.greedy:
         return logits.argmax(-1)
-    scores = logits / sampling.temperature
-    if 0 < sampling.top_k < scores.shape[-1]:
-        kth = scores.topk(sampling.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(-1).reshape(-1, scores.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+    probs = process_logits(logits, sampling).exp()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-class ColumnLookupDrafter:
-    """The core's prompt lookup (``decoding.prompt_lookup.PromptLookup``) over delayed columns: each distinct
-    column ``[K]`` is interned to one integer id, the id sequence is what the lookup indexes, and a proposal is
-    the columns that followed the latest earlier occurrence of the last n columns (longest n first)."""
+class ColumnVocabulary:
+    """Every distinct delayed column ``[K]`` interned to one integer id: the token alphabet in which the core's
+    verifier and drafters see MusicGen (music repeats whole columns, which prompt lookup then finds as ids)."""
 
-    def __init__(self, max_ngram: int = 3, num_draft: int = 6) -> None:
-        self.lookup = PromptLookup(num_tokens=num_draft, max_ngram=max_ngram)
+    def __init__(self) -> None:
         self._ids: dict[tuple[int, ...], int] = {}
-        self._columns: list[tuple[int, ...]] = []
+        self.columns: list[tuple[int, ...]] = []
 
-    def extend(self, columns: torch.Tensor) -> None:
-        """Append committed columns ``[K, n]`` (batch 1)."""
-        ids = []
-        for column in map(tuple, columns.T.tolist()):
-            if column not in self._ids:
-                self._ids[column] = len(self._columns)
-                self._columns.append(column)
-            ids.append(self._ids[column])
-        if self.lookup.context:
-            self.lookup.commit(ids)
-        else:
-            self.lookup.start(ids)
+    def __len__(self) -> int:
+        return len(self.columns)
 
-    def propose(self, limit: int) -> list[tuple[int, ...]]:
-        limit = min(limit, self.lookup.num_tokens)
-        found = self.lookup.matches(self.lookup.context) if limit > 0 else []
-        return [self._columns[i] for i in found[0][1][:limit]] if found else []
+    def id_of(self, column: Sequence[int]) -> int:
+        key = tuple(int(token) for token in column)
+        if key not in self._ids:
+            self._ids[key] = len(self.columns)
+            self.columns.append(key)
+        return self._ids[key]
+
+    def tensor(self, ids: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Column ids -> ``[K, len(ids)]`` codebook tokens."""
+        return torch.tensor([self.columns[i] for i in ids], dtype=torch.long, device=device).T
+
+
+class ColumnCache:
+    """The MusicGen cache as the verifier handles it: ``crop(-n)`` drops the last n columns (a static layer moves
+    its write pointer back, see ``rollback_cache``)."""
+
+    def __init__(self, cache: EncoderDecoderCache) -> None:
+        self.cache = cache
+
+    def get_seq_length(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def crop(self, negative_length: int) -> None:
+        rollback_cache(self.cache, -negative_length)
+
+
+class ColumnForward:
+    """The verifier's forward adapter for MusicGen: column ids in, guided logits ``[keep, K, V]`` out. Each id
+    becomes its column, the batch is doubled for classifier-free guidance and the text states ride along as
+    cross-attention input. Drafts are verified as chains: the decoder builds its own causal mask and positions
+    from the cache length, and takes no 4D tree mask."""
+
+    tree_attention = False
+    embed = None
+    record_hidden = False
+    kwarg = "past_key_values"
+
+    def __init__(self, model, conditioning: MusicgenConditioning, vocabulary: ColumnVocabulary,
+                 guidance_scale: float, max_columns: int, static_cache: bool) -> None:
+        self.model, self.conditioning, self.vocabulary = model, conditioning, vocabulary
+        self.guidance_scale, self.max_columns, self.static_cache = guidance_scale, max_columns, static_cache
+        self.num_codebooks = model.decoder.config.num_codebooks
+        self.device = conditioning.encoder_hidden_states.device
+        self.drafted = 0  # draft columns scored (tree nodes below the root)
+
+    def new_cache(self) -> ColumnCache:
+        return ColumnCache(new_cache(self.model, self.max_columns, self.static_cache))
+
+    def block_inputs(self, tree: TokenTree, before_root: int, past: int) -> tuple[None, None]:
+        return None, None
+
+    def __call__(self, ids: list[int], position_ids: None, mask: None, cache: ColumnCache,
+                 keep: int | None = None) -> torch.Tensor:
+        decoder_ids = self.vocabulary.tensor(ids, self.device)
+        if self.conditioning.guided:
+            decoder_ids = decoder_ids.repeat(2, 1)
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.conditioning.encoder_hidden_states),
+                         attention_mask=self.conditioning.attention_mask, decoder_input_ids=decoder_ids,
+                         past_key_values=cache.cache, use_cache=True)
+        logits = guided_logits(out.logits, self.num_codebooks, self.guidance_scale, self.conditioning.guided)
+        keep = keep or len(ids)
+        self.drafted += keep - 1
+        return logits[:, -keep:].transpose(0, 1)
+
+
+class ColumnChoice:
+    """MusicGen's choice of a whole column, in the verifier's ``processors`` slot: at each verified node the
+    guided logits ``[K, V]`` become a point mass on the id of the column the model picks there (``choose_column``,
+    then the delay pattern's forced pads). The verifier runs greedy and follows that id, so drafted and plain
+    decoding draw the same numbers from ``generator`` in the same order: greedy output is identical and sampled
+    output follows the same distribution (sample at the node, follow the matching draft)."""
+
+    def __init__(self, vocabulary: ColumnVocabulary, sampling: SamplingConfig, forced: torch.Tensor, pad: int,
+                 generator: torch.Generator | None) -> None:
+        self.vocabulary, self.sampling, self.forced, self.pad = vocabulary, sampling, forced, pad
+        self.generator = generator
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``ids`` ``[1, n]``: the columns before this node (so this is column n); ``logits`` ``[1, K, V]``."""
+        column = choose_column(logits[0], self.sampling, self.generator)
+        column = torch.where(self.forced[:, ids.shape[-1]], self.pad, column)
+        chosen = self.vocabulary.id_of(column.tolist())
+        point_mass = torch.full((1, len(self.vocabulary)), float("-inf"), device=logits.device)
+        point_mass[0, chosen] = 0.0
+        return point_mass
+
+
+def column_drafter() -> PromptLookup:
+    """Prompt lookup over column ids: up to 6 columns that followed the latest match of the last 1-3 columns."""
+    return PromptLookup(num_tokens=6, max_ngram=3)
 
 
 @dataclass
 class MusicgenDecodeStats(DecodeStats):
     drafted: int = 0
     static_cache: bool = True
-    columns: torch.Tensor | None = field(default=None, repr=False)
 
 
-@torch.inference_mode()
 def decode_columns(
     model,
     conditioning: MusicgenConditioning,
     num_frames: int,
-    sampling: MusicgenSampling,
-    drafter: ColumnLookupDrafter | None = None,
+    sampling: SamplingConfig,
+    guidance_scale: float = 3.0,
+    drafter: Drafter | None = None,
     static_cache: bool = True,
     cancel: CancelToken | None = None,
     stats: MusicgenDecodeStats | None = None,
+    vocabulary: ColumnVocabulary | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield newly committed delayed columns ``[B, K, n]`` until ``num_frames`` frames are complete.
+    """Yield newly committed delayed columns ``[K, n]`` of one song until ``num_frames`` frames are complete.
 
-    Every forward feeds the last committed column plus the drafted ones; logits at input j decide column
-    ``committed + j``. Drafting needs batch 1 (one lookup table); plain decoding takes any batch."""
+    The core's ``speculative_decode`` runs the loop over column ids (``ColumnVocabulary``): ``drafter`` proposes
+    ids (None: plain decoding, one column per forward), ``ColumnForward`` scores them after the last committed
+    column and ``ColumnChoice`` picks the model's own column at each node; the verifier keeps the longest
+    matching prefix plus one bonus column and rolls the cache back. MusicGen has no end token: it stops at the
+    delay pattern's last column."""
     stats = stats if stats is not None else MusicgenDecodeStats()
     stats.static_cache = static_cache
+    vocabulary = vocabulary if vocabulary is not None else ColumnVocabulary()
     decoder_config = model.decoder.config
     num_codebooks, pad = decoder_config.num_codebooks, decoder_config.pad_token_id
-    batch = conditioning.encoder_hidden_states.shape[0] // (2 if conditioning.guided else 1)
-    if drafter is not None and batch != 1:
-        raise ValueError("Column drafting decodes one song at a time (batch 1).")
     device = conditioning.encoder_hidden_states.device
     total = num_frames + num_codebooks
-    forced = delay_pattern_pad_mask(num_codebooks, num_frames, device)
-    columns = torch.full((batch, num_codebooks, total), pad, dtype=torch.long, device=device)
-    cache = new_cache(model, batch * (2 if conditioning.guided else 1), total, static_cache)
-    generator = None
-    if not sampling.greedy:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed)
-    if drafter is not None:
-        drafter.extend(columns[0, :, :1])
-    committed = 1
-    while committed < total:
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        started = time.perf_counter()
-        draft = drafter.propose(total - committed - 1) if drafter is not None else []
-        stats.draft_s += time.perf_counter() - started
-        step = columns[:, :, committed - 1:committed]
-        if draft:
-            draft_tensor = torch.tensor(draft, dtype=torch.long, device=device).T[None]
-            step = torch.cat([step, draft_tensor], dim=-1)
-        ids = step.reshape(batch * num_codebooks, -1)
-        if conditioning.guided:
-            ids = ids.repeat(2, 1)
-        out = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=conditioning.encoder_hidden_states),
-            attention_mask=conditioning.attention_mask,
-            decoder_input_ids=ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = guided_logits(out.logits, batch, num_codebooks, sampling.guidance_scale, conditioning.guided)
-        accepted = 0
-        while True:
-            column = choose_column(logits[:, :, accepted], sampling, generator)
-            column = torch.where(forced[None, :, committed + accepted], pad, column)
-            columns[:, :, committed + accepted] = column
-            if accepted < len(draft) and bool((column == step[:, :, 1 + accepted]).all()):
-                accepted += 1
-                continue
-            break
-        new = accepted + 1
-        rollback_cache(cache, len(draft) - accepted)
-        stats.forwards += 1
-        stats.new_tokens += new
-        stats.drafted += len(draft)
-        stats.accepted_per_forward.append(new)
-        fresh = columns[:, :, committed:committed + new]
-        if drafter is not None:
-            drafter.extend(fresh[0])
-        committed += new
-        stats.step_s += time.perf_counter() - started
-        yield fresh
-    stats.columns = columns
+    forward = ColumnForward(model, conditioning, vocabulary, guidance_scale, total, static_cache)
+    choice = ColumnChoice(vocabulary, sampling, delay_pattern_pad_mask(num_codebooks, num_frames, device), pad,
+                          make_generator(sampling, device))
+    start = torch.tensor([[vocabulary.id_of([pad] * num_codebooks)]])
+    for run in speculative_decode(model, start, total - 1, SamplingConfig(), set(), drafter or NoDraft(), cancel,
+                                  stats, forward, processors=choice):
+        stats.drafted = forward.drafted
+        yield vocabulary.tensor(run, device)
 
 
 @dataclass
-class AccompanimentResult:
+class Accompaniment:
+    """A decoded accompaniment track: what ``stream_accompaniment`` returns once its chunks are out."""
+
     audio: np.ndarray  # [samples] float32 at ``sample_rate``
     sample_rate: int
     codes: torch.Tensor  # [K, T]
@@ -261,55 +278,55 @@ class AccompanimentResult:
     decode_s: float
 
 
+@torch.inference_mode()
 def stream_accompaniment(
     model,
     tokenizer,
     prompt: str,
     num_frames: int,
-    sampling: MusicgenSampling,
+    sampling: SamplingConfig,
+    guidance_scale: float = 3.0,
     draft: bool = True,
     static_cache: bool = True,
     schedule: ChunkSchedule | None = None,
     cancel: CancelToken | None = None,
-    result: dict[str, Any] | None = None,
-) -> Iterator[np.ndarray | Progress]:
-    """Yield audio chunks (float32, mono) as the decode loop completes frames (chunk ends follow
-    ``schedule``), and a Progress (complete frames) after every forward, so a consumer can stop between model
-    steps; on exit ``result['value']`` holds the AccompanimentResult. The concatenated chunks are the whole track."""
+) -> Generator[np.ndarray | Progress, None, Accompaniment]:
+    """Yield audio chunks (float32, mono) as the decode loop completes frames (chunk ends follow ``schedule``),
+    and a Progress (complete frames) after every forward, so a consumer can stop between model steps; return the
+    whole track (``yield from`` or ``streaming.Returning``). The concatenated chunks are the whole track."""
     schedule = schedule or ChunkSchedule(first=25)
     started = time.perf_counter()
-    conditioning = encode_text(model, tokenizer, [prompt], sampling.guidance_scale)
+    conditioning = encode_text(model, tokenizer, [prompt], guidance_scale)
     stats = MusicgenDecodeStats()
-    drafter = ColumnLookupDrafter() if draft else None
     decoder = EncodecStream(model.audio_encoder)
     num_codebooks = model.decoder.config.num_codebooks
     ends = iter(schedule.boundaries(num_frames))
     next_end = next(ends)
     chunks: list[np.ndarray] = []
     first_audio_s = 0.0
-    delayed = [torch.full((1, num_codebooks, 1), model.decoder.config.pad_token_id, dtype=torch.long,
+    delayed = [torch.full((num_codebooks, 1), model.decoder.config.pad_token_id, dtype=torch.long,
                           device=model.device)]
-    for fresh in decode_columns(model, conditioning, num_frames, sampling, drafter, static_cache, cancel, stats):
+    for fresh in decode_columns(model, conditioning, num_frames, sampling, guidance_scale,
+                                column_drafter() if draft else None, static_cache, cancel, stats):
         delayed.append(fresh)
         complete = sum(part.shape[-1] for part in delayed) - num_codebooks
         yield Progress(max(complete, 0), num_frames, "accompaniment")
         if next_end < num_frames and complete >= next_end + decoder.holdback_frames:
-            chunk = decoder.push(revert_delay_pattern(torch.cat(delayed, dim=-1))[0])
+            chunk = decoder.push(revert_delay_pattern(torch.cat(delayed, dim=-1)[None])[0])
             next_end = next(ends)
             if chunk.size:
                 first_audio_s = first_audio_s or time.perf_counter() - started
                 chunks.append(chunk)
                 yield chunk
-    codes = revert_delay_pattern(stats.columns)
-    chunk = decoder.push(codes[0], final=True)
+    codes = revert_delay_pattern(torch.cat(delayed, dim=-1)[None])[0]
+    chunk = decoder.push(codes, final=True)
     if chunk.size:
         first_audio_s = first_audio_s or time.perf_counter() - started
         chunks.append(chunk)
         yield chunk
     audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-    if result is not None:
-        result["value"] = AccompanimentResult(audio, int(model.audio_encoder.config.sampling_rate), codes[0], stats,
-                                              first_audio_s, time.perf_counter() - started)
+    return Accompaniment(audio, int(model.audio_encoder.config.sampling_rate), codes, stats, first_audio_s,
+                         time.perf_counter() - started)
 
 
 def tiny_musicgen(seed: int = 0):

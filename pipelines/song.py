@@ -23,11 +23,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .bark import BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
+from .audio import AudioChunk
+from .bark import BARK_TEMPERATURE, BarkSettings, BarkTTS, load_bark, synthesize_steps
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from .decoding.plain import SamplingConfig
 from .models import ModelSpec, ModelStore, ResolvedModel
-from .streaming import stream_in_thread
-from .musicgen import MusicgenSampling, stream_accompaniment, tiny_musicgen
+from .musicgen import stream_accompaniment, tiny_musicgen
+from .streaming import Returning, stream_in_thread
 from .outputs import new_output_path, write_sidecar
 from .presets import fetch_plan, first_usable, labelled_choices, models_for
 
@@ -322,18 +324,19 @@ class SongPipeline(Pipeline):
             request.cancel.raise_if_cancelled()
             yield Progress(index, len(lines), f"singing line {index + 1}/{len(lines)}")
             slot_s = line.end_s - line.start_s
-            settings = BarkSettings(seed=request.seed + index, drafting=request.draft, stream=False,
+            settings = BarkSettings(SamplingConfig(temperature=BARK_TEMPERATURE, seed=request.seed + index),
+                                    drafting=request.draft, stream=False,
                                     max_semantic_tokens=max(1, math.ceil(slot_s * tts.semantic.semantic_rate_hz)))
-            output = BarkOutput()
+            steps = Returning(synthesize_steps(tts, f"♪ {line.text} ♪", settings, request.cancel))
             pieces = []
-            for item in synthesize_steps(tts, f"♪ {line.text} ♪", settings, output, request.cancel):
+            for item in steps:
                 if isinstance(item, Progress):
                     yield replace(item, note=f"singing line {index + 1}/{len(lines)}: {item.note}")
                 else:
                     pieces.append(item)
             sung = np.concatenate(pieces)
             for stage in ("semantic", "coarse"):
-                decode = getattr(output, f"{stage}_stats")
+                decode = getattr(steps.value, f"{stage}_stats")
                 stats[f"vocal_{stage}_tokens"] = stats.get(f"vocal_{stage}_tokens", 0) + decode.new_tokens
                 stats[f"vocal_{stage}_forwards"] = stats.get(f"vocal_{stage}_forwards", 0) + decode.forwards
             sung = resample(sung, tts.sample_rate, sample_rate)
@@ -373,14 +376,12 @@ class SongPipeline(Pipeline):
                 else:
                     yield item
 
-        sampling = MusicgenSampling(guidance_scale=float(request.guidance_scale),
-                                    temperature=float(request.temperature), top_k=int(request.top_k),
-                                    seed=request.seed)
-        holder: dict[str, Any] = {}
-        position = 0
+        sampling = SamplingConfig(temperature=float(request.temperature), top_k=int(request.top_k), seed=request.seed)
+        position, index = 0, 0
         first_audio_s = None
-        stream = stream_accompaniment(musicgen.model, musicgen.tokenizer, request.style, num_frames, sampling,
-                                      draft=request.draft, cancel=request.cancel, result=holder)
+        stream = Returning(stream_accompaniment(musicgen.model, musicgen.tokenizer, request.style, num_frames,
+                                                sampling, float(request.guidance_scale), draft=request.draft,
+                                                cancel=request.cancel))
         for chunk in stream:
             if isinstance(chunk, Progress):
                 yield chunk
@@ -390,10 +391,11 @@ class SongPipeline(Pipeline):
             _, _, mixed = mix_stems(segment, chunk)
             position += chunk.size
             first_audio_s = first_audio_s if first_audio_s is not None else time.perf_counter() - started
-            yield Partial((sample_rate, mixed))
+            yield Partial(AudioChunk(mixed, sample_rate, index))
+            index += 1
         yield from sing_until(total)
         vocals_done_s = time.perf_counter() - started
-        accompaniment = holder["value"]
+        accompaniment = stream.value
         vocal_stem, accompaniment_stem, mix = mix_stems(vocals, accompaniment.audio)
         elapsed = time.perf_counter() - started
         decode = accompaniment.stats
@@ -460,7 +462,7 @@ class SongPipeline(Pipeline):
         mix = (audio / peak * 0.89 if peak > 0.89 else audio).astype(np.float32)  # -1 dBFS ceiling
         sample_rate = int(pipe.sample_rate)
         elapsed = time.perf_counter() - started
-        yield Partial((sample_rate, mix.T))
+        yield Partial(AudioChunk(mix.T, sample_rate, 0))
         files = {"mix": write_wav(mix, sample_rate, self.parameters(request), "mix")}
         audio_s = mix.shape[-1] / sample_rate
         stats = {

@@ -12,13 +12,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .audio import write_wav
+from .audio import AudioChunk, write_wav
 from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
                    resolve_seed)
 from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
+from .decoding.plain import SamplingConfig
 from .models import ModelSpec, ModelStore, ResolvedModel
 from .outputs import new_output_path, write_sidecar
 from .presets import PresetModels, models_for
+from .streaming import Returning
 
 MAX_TEXT_CHARS = 2000
 
@@ -31,15 +33,6 @@ class SpeechRequest(Request):
     temperature: float = BARK_TEMPERATURE  # Bark only; 0 = greedy
     drafting: bool = True  # Bark only: chain draft-and-verify (lossless) instead of one token per forward
     stream: bool = True  # Bark only: chunked fine + codec decode as tokens arrive
-
-
-@dataclass
-class SpeechChunk:
-    """One streamed piece of audio (float32 mono)."""
-
-    samples: np.ndarray
-    sample_rate: int
-    index: int
 
 
 @dataclass
@@ -111,16 +104,14 @@ class SpeechPipeline(PresetModels, Pipeline):
         pieces: list[np.ndarray] = []
         extra: dict[str, Any] = {}
         metadata: dict[str, Any] = {}
+        sample_rate = model.sample_rate
         if isinstance(model, BarkTTS):
-            output = BarkOutput()
-            settings = BarkSettings(temperature=float(request.temperature), seed=request.seed,
+            settings = BarkSettings(SamplingConfig(temperature=float(request.temperature), seed=request.seed),
                                     drafting=bool(request.drafting), stream=bool(request.stream),
                                     max_semantic_tokens=spec.option("max_semantic_tokens"))
-            chunks = synthesize_steps(model, request.text, settings, output, request.cancel)
-            sample_rate = model.sample_rate
+            chunks = Returning(synthesize_steps(model, request.text, settings, request.cancel))
         else:
             chunks = model.stream(request.text, float(request.speed), request.seed)
-            sample_rate = model.sample_rate
         for samples in chunks:
             if isinstance(samples, Progress):  # one per AR forward: a point where the consumer can stop
                 yield samples
@@ -131,14 +122,14 @@ class SpeechPipeline(PresetModels, Pipeline):
             if first_audio_s is None:
                 first_audio_s = time.perf_counter() - start
             pieces.append(samples)
-            yield Partial(SpeechChunk(samples, sample_rate, len(pieces) - 1))
+            yield Partial(AudioChunk(samples, sample_rate, len(pieces) - 1))
             yield Progress(len(pieces), len(pieces) + 1, "synthesising")
         elapsed = time.perf_counter() - start
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         if audio.size == 0:
             raise PipelineError("The voice produced no audio for this text. Try words rather than symbols only.")
         if isinstance(model, BarkTTS):
-            extra, metadata = bark_stats(output, settings)
+            extra, metadata = bark_stats(chunks.value, settings)
         audio_s = audio.size / sample_rate
         stats = {
             "model": spec.name,

@@ -1,18 +1,35 @@
 """One worker thread per request, its events streamed back to the caller (image, video, song and the UI).
 
 diffusers' ``__call__`` and the song renderers are single blocking calls whose previews and chunks are produced
-inside them; running each on a worker lets those stream out as they happen, and lets the consumer cancel."""
+inside them; running each on a worker lets those stream out as they happen, and lets the consumer cancel. The UI
+runs a whole request on a worker (``components.common.run_pipeline``); a pipeline's own ``stream_in_thread`` inside
+it then runs right there on that worker, its events going straight to the request's consumer, so a request never
+holds two threads."""
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Generic, Iterator, TypeVar
 
 import torch
 
 from .base import Event, Progress
 
 _DONE = object()
+Item = TypeVar("Item")
+Value = TypeVar("Value")
+
+
+class Returning(Generic[Item, Value]):
+    """Iterate a generator in a ``for`` loop and keep what it returns: stages that stream chunks (Bark, MusicGen)
+    return their result rather than filling an out-parameter. ``value`` is set once the loop ends."""
+
+    def __init__(self, generator: Generator[Item, Any, Value]) -> None:
+        self.generator = generator
+        self.value: Value | None = None
+
+    def __iter__(self) -> Iterator[Item]:
+        self.value = yield from self.generator
 
 
 class WarmThreads:
@@ -48,6 +65,8 @@ class WarmThreads:
 
 
 WORKERS = WarmThreads()
+# On a worker: how the request it runs emits events to its consumer (None elsewhere).
+_worker = threading.local()
 
 
 def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any,
@@ -56,17 +75,25 @@ def stream_in_thread(work: Callable[[Callable[[Event], None]], Any], cancel: Any
 
     diffusers' ``__call__`` is one blocking call, and previews are produced inside its step callback; the
     thread lets them stream out as they happen. Closing the iterator (the user left) cancels the work.
-    ``latest_progress`` skips a Progress when a newer event already waits, so a slow consumer never lags."""
+    ``latest_progress`` skips a Progress when a newer event already waits, so a slow consumer never lags.
+
+    Called on a worker (a stage of a request that already streams from one), ``work`` runs in place and emits
+    straight to that request's consumer: so code between the two must pass such events on unchanged."""
+    emit_to_consumer = getattr(_worker, "emit", None)
+    if emit_to_consumer is not None:
+        return work(emit_to_consumer)
     events: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
     def target() -> None:
+        _worker.emit = events.put
         try:
             outcome["value"] = work(events.put)
         except BaseException as error:  # re-raised on the consumer's thread
             outcome["error"] = error
         finally:
+            _worker.emit = None
             events.put(_DONE)
             done.set()
 

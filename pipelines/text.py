@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator
 
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from .base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
+                   require_text, resolve_seed, side_of_ab, with_baseline)
 from .decoding.draft_model import DraftModel
 from .decoding.hardware import pick_tree_size, step_costs
 from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
@@ -32,6 +33,7 @@ MAX_NEW_TOKENS_LIMIT = 4096
 TOP_K_LIMIT = 1000
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
 METHODS = ("vanilla", "merged", "redrafter", "ppd", "recycling", "lookahead", "prompt_lookup", "draft_model")
+COMPARISONS = (NO_COMPARISON, "vanilla")  # the A side of a same-seed A/B: the request decoded with method vanilla
 METHOD_LABELS = {
     "vanilla": "Vanilla (one token per forward)",
     "merged": "Merged (prompt lookup + Lookahead + Token Recycling + a trained draft head or PPD prompt tokens, "
@@ -63,6 +65,7 @@ class TextRequest(Request):
     top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
     repetition_penalty: float = 1.0  # generate's repetition_penalty over prompt and output (1 = off)
     stop_strings: list[str] = field(default_factory=list)  # the output ends at the first one (generate's stop_strings)
+    compare: str = NO_COMPARISON  # "vanilla": decode with vanilla first, same seed (A/B; see COMPARISONS)
 
     def parameters(self) -> dict[str, Any]:
         """Every field that reproduces this result (what its sidecar JSON records)."""
@@ -152,6 +155,9 @@ class TextPipeline(PresetModels, Pipeline):
         return SamplingConfig(temperature=temperature, top_p=top_p, seed=request.seed, top_k=top_k)
 
     def generate(self, request: TextRequest) -> Iterator[Event]:
+        if request.compare != NO_COMPARISON:
+            yield from self.generate_ab(request)
+            return
         config = self.validate(request)
         yield Progress(0, int(request.max_new_tokens), "loading model")
         lm = self.load(request.model)
@@ -211,6 +217,17 @@ class TextPipeline(PresetModels, Pipeline):
         metadata = {"token_ids": tokens, "run_ids": runs, "runs": run_texts(text, run_ends),
                     "prompt_tokens": int(input_ids.shape[1]), "file": str(saved), "sidecar": str(sidecar)}
         yield Result(text, result_stats, metadata)
+
+    def generate_ab(self, request: TextRequest) -> Iterator[Event]:
+        """Same-seed A/B: the request decoded with vanilla (A, Partials tagged "A"), then as set (B); B's Result
+        carries A's, so a caller sees both texts, both speeds and whether B reproduced A's tokens."""
+        if request.compare not in COMPARISONS:
+            raise PipelineError(f"Unknown comparison {request.compare!r}. Choose one of: {', '.join(COMPARISONS)}.")
+        request.seed = resolve_seed(request.seed)  # both sides sample with one seed
+        single = replace(request, compare=NO_COMPARISON)
+        baseline = yield from side_of_ab(self.generate(replace(single, method="vanilla")))
+        result = yield from side_of_ab(self.generate(single), side="")
+        yield with_baseline(result, baseline, request.compare)
 
     def decode(self, lm: CausalLM, input_ids: torch.Tensor, request: TextRequest, config: SamplingConfig,
                eos_ids: set[int], stats: DecodeStats, forward: StaticForward | None,

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .base import (CancelToken, Event, Pipeline, PipelineError, Progress, Request, Result, require_range,
-                   require_text, resolve_seed)
+from .base import (NO_COMPARISON, CancelToken, Event, Pipeline, PipelineError, Progress, Request, Result,
+                   require_range, require_text, resolve_seed, with_baseline)
 from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
 from .streaming import stream_in_thread
 from .models import ModelSpec, ModelStore, ResolvedModel, keep_placement
@@ -41,7 +41,7 @@ STRIP_FRAMES = 8
 # AnimateDiff motion modules are trained on 16-frame clips; FreeNoise's defaults are a 16-frame window, stride 4.
 CONTEXT_LENGTH = 16
 CONTEXT_STRIDE = 4
-COMPARISONS = ("none", "single prompt", "merging off", "controls off")
+COMPARISONS = (NO_COMPARISON, "single prompt", "merging off", "controls off")
 
 
 @dataclass
@@ -61,7 +61,7 @@ class VideoRequest(Request):
     context_stride: int = CONTEXT_STRIDE
     merge_ratio: float = 0.0  # token merging on the spatial self-attention only (image/merging.py)
     merge_min_tokens: int = DEFAULT_MIN_TOKENS  # per frame; smaller layers run stock (merging would cost more)
-    compare: str = "none"  # same-seed A/B: also render with one thing switched back (see COMPARISONS)
+    compare: str = NO_COMPARISON  # same-seed A/B: also render with one thing switched back (see COMPARISONS)
     # Image-tab token controls, per shot, on the spatial cross-attention (see ShotControls).
     binding: bool = False  # ToMe composite tokens + end-token substitution ([red hat] groups)
     lpa: bool = False  # Local Prompt Adaptation: content/style tokens routed to different layers
@@ -249,12 +249,11 @@ class VideoPipeline(PresetModels, Pipeline):
             if baseline is not None:
                 reference = yield from self.render(pipe, baseline, self.plan(baseline), f"A: {request.compare}")
             output, stats, parameters = yield from self.render(pipe, request, plan, "B: as set" if reference else "")
-        metadata: dict[str, Any] = {"parameters": parameters}
+        result = Result(output, stats, {"parameters": parameters})
         if reference is not None:
-            metadata["baseline"] = reference[0]
-            stats.update(compare=request.compare, baseline_time_s=reference[1]["time_s"],
-                         time_ratio_vs_baseline=round(stats["time_s"] / max(reference[1]["time_s"], 1e-9), 4))
-        yield Result(output, stats, metadata)
+            result = with_baseline(result, Result(reference[0], reference[1], {"parameters": reference[2]}),
+                                   request.compare)
+        yield result
 
     def baseline_request(self, request: VideoRequest, plan: Plan) -> VideoRequest | None:
         """The A side of a same-seed A/B: this request with one thing switched back to stock."""

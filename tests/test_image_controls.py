@@ -219,13 +219,14 @@ def test_leakfix_patches_item_vectors_with_its_alone_encoding(arch):
 
 def test_controlled_run_with_compare_reports_ab_and_overhead(image_pipeline):
     request = ImageRequest(prompt=PROMPT, model=TINY["sd15"], steps=4, seed=2, binding=True, lpa=True,
-                           isolate="car", compare=True, heatmap_words="hat")
+                           isolate="car", compare="controls off", heatmap_words="hat")
     result = image_pipeline.run(request)
-    baseline = load_png(result.metadata["baseline"][0])
+    baseline = load_png(result.baseline.value[0])
     assert np.array_equal(baseline, stock_images("sd15", parse_prompt(PROMPT).text, 2, steps=4)[0])
     assert not np.array_equal(baseline, load_png(result.value[0]))
     assert result.stats["time_ratio_vs_baseline"] > 0 and result.stats["binding_groups"] == 2
-    assert len(result.metadata["heatmaps"]) == 1 and len(result.metadata["baseline_heatmaps"]) == 1
+    assert result.stats["compare"] == "controls off" and result.stats["baseline_time_s"] == result.baseline.stats["time_s"]
+    assert len(result.metadata["heatmaps"]) == 1 and len(result.baseline.metadata["heatmaps"]) == 1
 
 
 def test_stop_interrupts_within_a_step(image_pipeline):

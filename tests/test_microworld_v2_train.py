@@ -120,10 +120,10 @@ def test_oracle_confines_each_objects_words_to_its_box_on_the_served_path(traine
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
     pipeline = gates.OraclePipeline(ModelStore(device=torch.device("cpu")), "auto")
     request = gates.OracleRequest(prompt=text, model=str(trained), steps=2, seed=1, width=32, height=32,
-                                  preview_every=0, compare=True, oracle="phrase", oracle_pairs=pairs)
+                                  preview_every=0, compare="controls off", oracle="phrase", oracle_pairs=pairs)
     result = next(e for e in pipeline.generate(request) if isinstance(e, Result))
     assert result.metadata["controls"]["oracle"] == "phrase" and result.stats["biased_attention_calls"] > 0
-    on, off = (np.asarray(Image.open(p[0]), np.float32) for p in (result.value, result.metadata["baseline"]))
+    on, off = (np.asarray(Image.open(p[0]), np.float32) for p in (result.value, result.baseline.value))
     assert np.abs(on - off).max() > 0  # the masks changed the picture; the baseline is the plain served run
 
 

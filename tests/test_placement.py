@@ -21,7 +21,7 @@ CONTROLS = {
     "leakfix": dict(isolate="red hat"),
     "merge": dict(merge_ratio=0.5),
     "compass": dict(compass=COMPASS, prompt="a [red hat] and a [blue car]"),
-    "heatmap+compare": dict(lpa=True, heatmap_words="hat", compare=True),
+    "heatmap+compare": dict(lpa=True, heatmap_words="hat", compare="controls off"),
     "stock call": dict(fast=False, scheduler="Euler a"),
 }
 

@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from pipelines.base import PipelineError, Progress
-from pipelines.musicgen import (ColumnLookupDrafter, MusicgenDecodeStats, MusicgenSampling, build_delay_pattern,
+from pipelines.decoding.plain import SamplingConfig
+from pipelines.decoding.tree import TokenTree
+from pipelines.decoding.verify import Drafter
+from pipelines.musicgen import (ColumnVocabulary, MusicgenDecodeStats, build_delay_pattern, column_drafter,
                                 decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
                                 stream_accompaniment, tiny_musicgen)
 from pipelines.song import mix_stems, parse_sections, plan_timeline
+from pipelines.streaming import Returning
 
-GREEDY = MusicgenSampling(temperature=0.0)
+GREEDY = SamplingConfig(temperature=0.0)
+GUIDANCE = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +25,13 @@ def musicgen():
     return tiny_musicgen()
 
 
-def decode(model, conditioning, frames, sampling=GREEDY, drafter=None, static=True):
+def decode(model, conditioning, frames, sampling=GREEDY, drafter=None, static=True, vocabulary=None):
+    """Every delayed column ``[K, frames + K]`` (the start column first) and the decode stats."""
     stats = MusicgenDecodeStats()
-    list(decode_columns(model, conditioning, frames, sampling, drafter, static, stats=stats))
-    return stats
+    start = torch.full((4, 1), model.decoder.config.pad_token_id, device=model.device)
+    fresh = decode_columns(model, conditioning, frames, sampling, GUIDANCE, drafter, static, stats=stats,
+                           vocabulary=vocabulary)
+    return torch.cat([start, *fresh], dim=-1), stats
 
 
 def test_delay_pattern_round_trips_and_matches_transformers_layout(musicgen):
@@ -41,9 +49,9 @@ def test_delay_pattern_round_trips_and_matches_transformers_layout(musicgen):
 
 def test_greedy_decode_loop_matches_transformers_generate(musicgen):
     model, tokenizer = musicgen
-    conditioning = encode_text(model, tokenizer, ["lofi piano"], GREEDY.guidance_scale)
-    stats = decode(model, conditioning, 30)
-    ours = model.audio_encoder.decode(revert_delay_pattern(stats.columns)[None], audio_scales=[None]).audio_values
+    conditioning = encode_text(model, tokenizer, ["lofi piano"], GUIDANCE)
+    columns, _ = decode(model, conditioning, 30)
+    ours = model.audio_encoder.decode(revert_delay_pattern(columns[None])[None], audio_scales=[None]).audio_values
     inputs = tokenizer(["lofi piano"], return_tensors="pt")
     with torch.inference_mode():
         stock = model.generate(**inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=30 + 4 - 1)
@@ -51,55 +59,65 @@ def test_greedy_decode_loop_matches_transformers_generate(musicgen):
     torch.testing.assert_close(ours, stock)
 
 
-@pytest.mark.parametrize("sampling", [GREEDY, MusicgenSampling(temperature=1.0, top_k=20, seed=7)])
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0, top_k=20, seed=7)])
 def test_column_drafting_output_identical_to_plain_decoding(musicgen, sampling):
     model, tokenizer = musicgen
-    conditioning = encode_text(model, tokenizer, ["jazz drums"], sampling.guidance_scale)
-    plain = decode(model, conditioning, 40, sampling, static=False)
-    drafted = decode(model, conditioning, 40, sampling, ColumnLookupDrafter())
-    assert torch.equal(plain.columns, drafted.columns)
-    assert plain.tau == 1.0 and plain.forwards == 44 - 1
+    conditioning = encode_text(model, tokenizer, ["jazz drums"], GUIDANCE)
+    plain, plain_stats = decode(model, conditioning, 40, sampling, static=False)
+    drafted, _ = decode(model, conditioning, 40, sampling, column_drafter())
+    assert torch.equal(plain, drafted)
+    assert plain_stats.tau == 1.0 and plain_stats.forwards == 44 - 1
 
 
-class OracleDrafter:
-    """Proposes the true next columns with every third one corrupted: exercises acceptance and rollback."""
+def test_sampled_columns_depend_on_the_seed(musicgen):
+    model, tokenizer = musicgen
+    conditioning = encode_text(model, tokenizer, ["jazz drums"], GUIDANCE)
+    first, _ = decode(model, conditioning, 20, SamplingConfig(temperature=1.0, top_k=20, seed=7))
+    again, _ = decode(model, conditioning, 20, SamplingConfig(temperature=1.0, top_k=20, seed=7))
+    other, _ = decode(model, conditioning, 20, SamplingConfig(temperature=1.0, top_k=20, seed=8))
+    assert torch.equal(first, again) and not torch.equal(first, other)
 
-    def __init__(self, truth: torch.Tensor) -> None:
-        self.truth = truth[0]
-        self.length = 0
 
-    def extend(self, columns: torch.Tensor) -> None:
-        self.length += columns.shape[-1]
+class OracleDrafter(Drafter):
+    """Proposes the ids of the true next columns with every third one corrupted: exercises acceptance and rollback."""
 
-    def propose(self, limit: int) -> list[tuple[int, ...]]:
-        proposal = [tuple(self.truth[:, i].tolist()) for i in range(self.length, self.length + min(limit, 4))]
-        return [tuple(c if (self.length + i) % 3 else ((c[0] + 1) % 64,) + c[1:]) for i, c in enumerate(proposal)]
+    def __init__(self, truth: torch.Tensor, vocabulary: ColumnVocabulary) -> None:
+        self.truth, self.vocabulary = truth, vocabulary
+
+    def propose(self, context: list[int]) -> TokenTree:
+        length = len(context)
+        proposal = [self.truth[:, i].tolist() for i in range(length, min(length + 4, self.truth.shape[-1]))]
+        corrupted = [c if (length + i) % 3 else [(c[0] + 1) % 64, *c[1:]] for i, c in enumerate(proposal)]
+        return TokenTree.chain(context[-1], [self.vocabulary.id_of(c) for c in corrupted])
 
 
 @pytest.mark.parametrize("static", [True, False])
 def test_accepted_drafts_keep_output_identical_with_static_and_dynamic_cache(musicgen, static):
     model, tokenizer = musicgen
-    conditioning = encode_text(model, tokenizer, ["ambient pads"], GREEDY.guidance_scale)
-    plain = decode(model, conditioning, 40, static=False)
-    drafted = decode(model, conditioning, 40, drafter=OracleDrafter(plain.columns), static=static)
-    assert torch.equal(plain.columns, drafted.columns)
-    assert drafted.tau > 1.5 and drafted.forwards < plain.forwards
+    conditioning = encode_text(model, tokenizer, ["ambient pads"], GUIDANCE)
+    plain, plain_stats = decode(model, conditioning, 40, static=False)
+    vocabulary = ColumnVocabulary()
+    drafted, stats = decode(model, conditioning, 40, drafter=OracleDrafter(plain, vocabulary), static=static,
+                            vocabulary=vocabulary)
+    assert torch.equal(plain, drafted)
+    assert stats.tau > 1.5 and stats.forwards < plain_stats.forwards and stats.drafted > stats.new_tokens - stats.forwards
 
 
-def test_column_lookup_proposes_what_followed_the_last_match():
-    drafter = ColumnLookupDrafter(max_ngram=2, num_draft=3)
-    columns = torch.tensor([[1, 2, 3, 1, 2, 3, 1]])
-    drafter.extend(columns)
-    assert drafter.propose(10) == [(2,), (3,), (1,)]
-    assert drafter.propose(1) == [(2,)]
+def test_column_vocabulary_gives_repeated_columns_one_id_and_lookup_proposes_what_followed():
+    vocabulary = ColumnVocabulary()
+    columns = torch.tensor([[1, 2, 3, 1, 2, 3, 1], [5, 6, 7, 5, 6, 7, 5]])
+    ids = [vocabulary.id_of(column) for column in columns.T.tolist()]
+    assert ids == [0, 1, 2, 0, 1, 2, 0] and torch.equal(vocabulary.tensor(ids, torch.device("cpu")), columns)
+    drafter = column_drafter()
+    drafter.start(ids)
+    assert drafter.propose(ids).tokens == [0, 1, 2, 0]
 
 
 def test_streamed_chunks_concatenate_to_the_one_shot_decode(musicgen):
     model, tokenizer = musicgen
-    holder = {}
-    chunks = [item for item in stream_accompaniment(model, tokenizer, "rock", 60, GREEDY, draft=True, result=holder)
-              if not isinstance(item, Progress)]
-    result = holder["value"]
+    stream = Returning(stream_accompaniment(model, tokenizer, "rock", 60, GREEDY, draft=True))
+    chunks = [item for item in stream if not isinstance(item, Progress)]
+    result = stream.value
     assert len(chunks) >= 2 and result.first_audio_s > 0
     one_shot = model.audio_encoder.decode(result.codes[None, None], audio_scales=[None]).audio_values[0, 0].detach().numpy()
     streamed = np.concatenate(chunks)
@@ -128,17 +146,18 @@ class ForwardCounter:
 
 def test_accompaniment_yields_after_every_decode_forward(musicgen):
     model, tokenizer = musicgen
-    holder, since_yield, items = {}, [], []
+    since_yield, items = [], []
+    stream = Returning(stream_accompaniment(model, tokenizer, "rock", 40, GREEDY, draft=True))
     counter = ForwardCounter([model])
     try:
-        for item in stream_accompaniment(model, tokenizer, "rock", 40, GREEDY, draft=True, result=holder):
+        for item in stream:
             since_yield.append(counter.take())
             items.append(item)
     finally:
         counter.remove()
     assert max(since_yield) == 1
     progress = [item for item in items if isinstance(item, Progress)]
-    assert len(progress) == holder["value"].stats.forwards and progress[-1].step == 40
+    assert len(progress) == stream.value.stats.forwards and progress[-1].step == 40
     assert sum(item.size for item in items if not isinstance(item, Progress)) == 40 * 640
 
 
@@ -289,3 +308,15 @@ def test_generate_song_api_accepts_a_long_mixed_mode_duration(tiny_client):
     # refuses it for dual-track mode with the mode's own limit.
     with pytest.raises(AppError, match=r"Duration \(s\) must be between 1.0 and 30.0"):
         tiny_client.predict(LYRICS, "lofi", 45.0, "dual", True, 3.0, 1.0, 50, 2, 11, api_name="/generate_song")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0, top_k=20, seed=7)])
+def test_column_drafting_through_the_verifier_is_lossless_on_cuda_with_a_static_cache(sampling):
+    model, tokenizer = tiny_musicgen()
+    model = model.to("cuda")
+    conditioning = encode_text(model, tokenizer, ["jazz drums"], GUIDANCE)
+    plain, _ = decode(model, conditioning, 60, sampling)
+    drafted, stats = decode(model, conditioning, 60, sampling, column_drafter())
+    assert torch.equal(plain, drafted) and stats.forwards <= 60 + 4 - 1

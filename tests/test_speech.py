@@ -15,6 +15,7 @@ from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.speech import SpeechPipeline, SpeechRequest
+from pipelines.streaming import Returning
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
@@ -44,11 +45,15 @@ def short_windows() -> BarkTTS:
     return BarkTTS(base.model, base.tokenizer)
 
 
+def bark_settings(temperature: float = 0.7, seed: int = 0, **settings) -> BarkSettings:
+    return BarkSettings(SamplingConfig(temperature=temperature, seed=seed), **settings)
+
+
 def run(tts: BarkTTS, **settings) -> tuple[BarkOutput, list[np.ndarray]]:
     settings.setdefault("max_semantic_tokens", 48)
-    output = BarkOutput()
-    chunks = list(synthesize(tts, TEXT, BarkSettings(**settings), output))
-    return output, chunks
+    stream = Returning(synthesize(tts, TEXT, bark_settings(**settings)))
+    chunks = list(stream)
+    return stream.value, chunks
 
 
 def stock_waveform(tts: BarkTTS, max_semantic_tokens: int) -> np.ndarray:
@@ -76,12 +81,12 @@ def test_greedy_plain_loop_reproduces_stock_bark_generate(tts):
 
 
 def test_coarse_windows_start_before_semantic_ends_and_still_match_stock(short_windows):
-    output = BarkOutput()
-    settings = BarkSettings(temperature=0.0, drafting=False, stream=True, max_semantic_tokens=80)
-    stream = synthesize(short_windows, TEXT, settings, output)
-    next(stream)
-    semantic_at_first_audio = output.semantic_stats.new_tokens
-    list(stream)
+    settings = bark_settings(temperature=0.0, drafting=False, stream=True, max_semantic_tokens=80)
+    steps = Returning(synthesize_steps(short_windows, TEXT, settings))
+    items = list(steps)
+    output = steps.value
+    first_audio = next(i for i, item in enumerate(items) if isinstance(item, np.ndarray))
+    semantic_at_first_audio = max(item.step for item in items[:first_audio] if item.note == "semantic tokens")
     assert semantic_at_first_audio < len(output.semantic) == 80
     flat, _ = run(short_windows, temperature=0.0, drafting=False, stream=False, max_semantic_tokens=80)
     np.testing.assert_allclose(codec_decode(short_windows, flat.codes), stock_waveform(short_windows, 80), atol=1e-5)
@@ -123,10 +128,10 @@ def test_every_ar_forward_is_followed_by_a_progress_event(tts):
     forwards, since_yield = [0], []
     hooks = [model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
              for model in (tts.model.semantic, tts.model.coarse_acoustics)]
-    output = BarkOutput()
+    steps = Returning(synthesize_steps(tts, TEXT, bark_settings(temperature=0.0, max_semantic_tokens=48)))
     try:
         items = []
-        for item in synthesize_steps(tts, TEXT, BarkSettings(temperature=0.0, max_semantic_tokens=48), output):
+        for item in steps:
             since_yield.append(forwards[0])
             forwards[0] = 0
             items.append(item)
@@ -135,6 +140,7 @@ def test_every_ar_forward_is_followed_by_a_progress_event(tts):
             hook.remove()
     assert max(since_yield) == 1
     progress = [item for item in items if isinstance(item, Progress)]
+    output = steps.value
     assert len(progress) == output.semantic_stats.forwards + output.coarse_stats.forwards
     assert {item.note for item in progress} == {"semantic tokens", "coarse tokens"}
     _, chunks = run(tts, temperature=0.0)

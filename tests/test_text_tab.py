@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from components.text_tab import compare_headline, result_html, runs_html, slower_reason, stop_lines
-from pipelines.base import Result
+from pipelines.base import Partial, PipelineError, Result
 from pipelines.decoding import merged
 from pipelines.decoding.recurrent_drafter import new_head, use_head
 from pipelines.text import TextPipeline, TextRequest, compare_stats, run_texts
@@ -51,6 +51,24 @@ def test_compare_text_reports_identical_outputs_speedup_and_tau(tiny_client):
     assert comparison["vanilla_forwards"] == 20 and comparison["method_forwards"] <= 20
     assert vanilla == method and "<" not in vanilla, "the API returns the plain texts of both runs"
     assert comparison["forward_cost_ratio"] > 0 and comparison["vanilla_ms_per_forward"] > 0
+
+
+def test_text_ab_runs_inside_the_pipeline_vanilla_first_on_one_seed(pipeline):
+    """compare="vanilla": A's text streams first (Partials tagged "A"), then B's; B's Result carries A's."""
+    request = TextRequest(prompt="A red hat and a blue car. A red hat", model=MODEL, seed=-1, method="prompt_lookup",
+                          max_new_tokens=10, temperature=0.8, compare="vanilla")
+    events = list(pipeline.generate(request))
+    sides = [event.side for event in events if isinstance(event, Partial)]
+    assert sides == sorted(sides, reverse=True) and sides[0] == "A" and sides[-1] == ""
+    result = events[-1]
+    assert isinstance(result, Result) and result.baseline is not None
+    assert result.baseline.stats["method"] == "vanilla" and result.stats["method"] == "prompt_lookup"
+    assert result.baseline.stats["seed"] == result.stats["seed"] == request.seed >= 0
+    assert result.baseline.metadata["token_ids"] == result.metadata["token_ids"], "lossless, sampled on one seed"
+    assert result.stats["compare"] == "vanilla" and result.stats["time_ratio_vs_baseline"] > 0
+    assert compare_stats(result.baseline, result)["identical"] is True
+    with pytest.raises(PipelineError, match="Unknown comparison"):
+        list(pipeline.generate(TextRequest(prompt="hi", model=MODEL, compare="merging off")))
 
 
 def test_text_endpoints_are_callable_with_only_the_prompt(tiny_client):

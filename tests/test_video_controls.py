@@ -59,7 +59,7 @@ def test_binding_merges_bracketed_groups_and_controls_off_ab_matches_plain_run()
     groups = result.metadata["parameters"]["controls"][0]["binding"]
     assert [group["phrase"] for group in groups] == ["red hat", "blue car"]
     plain = VIDEO.run(VideoRequest(**{**SMALL, "prompt": "a red hat and a blue car"}))
-    baseline = result.metadata["baseline"]
+    baseline = result.baseline.value
     assert np.array_equal(baseline.frames, plain.value.frames)
     assert not np.array_equal(result.value.frames, plain.value.frames)
 

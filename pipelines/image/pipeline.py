@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
+from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
+                    require_text, resolve_seed, with_baseline)
 from ..models import ModelSpec, ModelStore, ResolvedModel, keep_placement
 from ..outputs import save_png
 from ..presets import PresetModels, models_for
@@ -43,6 +44,8 @@ DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 TINY_SIZE = 32
 MAX_BATCH = 8
 MAX_STEPS = 150
+# The A side of a same-seed A/B: every control off (the stock pipeline); asked for without a control, there is none.
+COMPARISONS = (NO_COMPARISON, "controls off")
 
 
 @dataclass
@@ -66,7 +69,7 @@ class ImageRequest(Request):
     compass: str = ""  # Compass Control objects as JSON: [{"name": "car", "angle": 90, "box": [x0, y0, x1, y1]}]
     compass_encoder: str = "phrase"  # "phrase" (training-free) or a folder with an official/trained encoder
     heatmap_words: str = ""  # comma-separated words whose cross-attention maps are overlaid
-    compare: bool = False  # also render the same seed with every control off (A/B)
+    compare: str = NO_COMPARISON  # "controls off": also render the same seed with every control off (A/B)
     preview_every: int = 1  # 0 = no live previews
     fast: bool = True  # captured UNet loop on CUDA (fast.py); eager static path on CPU/ZeroGPU; False = stock call
 
@@ -143,6 +146,8 @@ class ImagePipeline(PresetModels, Pipeline):
         require_range(request.cfg, "CFG scale", 0.0, 30.0)
         require_range(request.batch_size, "Batch size", 1, MAX_BATCH)
         require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
+        if request.compare not in COMPARISONS:
+            raise PipelineError(f"Unknown comparison {request.compare!r}. Choose one of: {', '.join(COMPARISONS)}.")
         if request.scheduler not in SCHEDULERS:
             raise PipelineError(f"Unknown scheduler {request.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
         native = TINY_SIZE if spec.tiny else spec.option("size") or DEFAULT_SIZE.get(spec.kind, 512)
@@ -181,7 +186,7 @@ class ImagePipeline(PresetModels, Pipeline):
         yield Progress(0, int(request.steps), "loading model")
         model = self.load(request.model)
         parsed = parse_prompt(request.prompt, request.style)
-        runs = [("baseline", False)] if request.compare and request.controlled else []
+        runs = [("baseline", False)] if request.compare != NO_COMPARISON and request.controlled else []
         runs.append(("controlled" if request.controlled else "image", request.controlled))
         outputs: dict[str, dict[str, Any]] = {}
         with keep_placement(model.pipe, spec.name):
@@ -194,13 +199,12 @@ class ImagePipeline(PresetModels, Pipeline):
         stats: dict[str, Any] = {"model": spec.name, "seed": request.seed, **final["stats"]}
         metadata: dict[str, Any] = {"parameters": request.parameters(), "heatmaps": final["heatmaps"],
                                     "controls": final["controls"]}
+        result = Result(final["paths"], stats, metadata)
         if "baseline" in outputs:
             base = outputs["baseline"]
-            metadata["baseline"] = base["paths"]
-            metadata["baseline_heatmaps"] = base["heatmaps"]
-            stats["baseline_time_s"] = base["stats"]["time_s"]
-            stats["time_ratio_vs_baseline"] = round(final["stats"]["time_s"] / max(base["stats"]["time_s"], 1e-9), 4)
-        yield Result(final["paths"], stats, metadata)
+            baseline = Result(base["paths"], base["stats"], {"heatmaps": base["heatmaps"], "controls": base["controls"]})
+            result = with_baseline(result, baseline, request.compare)
+        yield result
 
     # ------------------------------------------------------------------------------------------------------
     def render(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, controlled: bool,
@@ -255,7 +259,7 @@ class ImagePipeline(PresetModels, Pipeline):
             if every > 0 and ((i + 1) % every == 0) and i + 1 < steps:
                 previews.add(out.get("latents", kwargs["latents"]))
                 if (ready := previews.ready()) is not None:
-                    emit(Partial(ready))
+                    emit(Partial(ready, side="A" if variant == "baseline" else ""))
             emit(Progress(i + 1, steps))
             if request.cancel.cancelled:
                 p._interrupt = True

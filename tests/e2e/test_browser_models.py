@@ -11,6 +11,7 @@ import pytest
 
 from quality_support import start_app_process, stop_process
 from test_browser import SHOTS, browser  # noqa: F401  (the shared Chromium fixture)
+from components.image_tab import MICROWORLD_EXAMPLES
 
 pytestmark = pytest.mark.browser
 
@@ -113,7 +114,8 @@ def test_image_tab_offers_microworld_examples_that_show_their_settings(browser, 
     micro.get_by_text(re.compile(r"^LPA on · ")).click()
     expect(route).to_be_visible()  # the example opened the accordion it changed
     expect(page.locator("#image-lpa input[type=checkbox]").first).to_be_checked()
-    expect(page.locator("#image-prompt textarea")).to_have_value("a green star and a purple square, in striped style")
+    lpa_prompt = next(example.prompt for example in MICROWORLD_EXAMPLES if example.lpa)
+    expect(page.locator("#image-prompt textarea")).to_have_value(lpa_prompt)
     page.locator("#image-merging").get_by_text("Token merging for speed").click()
     expect(page.locator("#image-merging")).to_contain_text("nothing would merge")
     page.screenshot(path=str(SHOTS / "models-image-microworld.png"), full_page=True)

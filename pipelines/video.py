@@ -347,8 +347,10 @@ class ShotControls:
       ``frame_mix``, the same weights FreeNoise interpolates) into the conditional half of the context;
     - LPA's -inf key biases carry the shot's own token positions and cover only the shot's frames (its rows
       of the conditional half); frames inside a smooth transition mix two prompts and are left unbiased;
-    - ToMe's refinement (``ShotBinding``) runs the image tab's binding and entropy losses on the whole video
-      with the shot's own single context, counting only the shot's frames, and moves only their latents.
+    - ToMe's refinement (``SemanticBinding`` with the shot's ``frames``) runs the image tab's binding and entropy
+      losses on the whole video (the motion modules need every frame) with the shot's own single context, counting
+      only the shot's frames, and moves only their latents; the image tab's losses, steps and layers (chosen by
+      grid size, as for an image of the video's frame size).
     """
 
     def __init__(self, pipe, plan: Plan, request: VideoRequest) -> None:
@@ -359,23 +361,26 @@ class ShotControls:
         self.report: list[dict[str, Any]] = []
         self.mix = plan.timeline.frame_mix(plan.num_frames)
         self.size = (plan.height, plan.width)
+        self.latent_hw = (plan.height // pipe.vae_scale_factor, plan.width // pipe.vae_scale_factor)
         self.guidance = plan.guidance_scale
         self.edited: list[torch.Tensor] = []
-        self.bindings: dict[int, ShotBinding] = {}
+        self.bindings: dict[int, SemanticBinding] = {}
         for index, parsed in enumerate(plan.parsed):
             own = [frame for frame, weights in enumerate(self.mix) if weights == {index: 1.0}]
             refined = request.binding and bool(own) and bool(group_tokens(pipe.tokenizer, parsed))
             positive, report = self.edit_shot(parsed, request, refined)
             self.edited.append(positive)
             if refined:
-                self.bindings[index] = ShotBinding(pipe, self, parsed, plan.steps, own)
+                self.bindings[index] = SemanticBinding(
+                    pipe, "sd15", self.attention, parsed, plan.steps, latent_hw=self.latent_hw,
+                    guidance_scale=self.guidance, frames=own)
             if request.lpa and own:
                 report["lpa"] = self.route(parsed, request, own)
             self.report.append({"shot": index + 1, **report})
         self.negative = (encode_positive(pipe, request.negative_prompt or "", 1) if self.bindings and self.cfg
                          else None)
         self.per_frame = self.mixed() if request.binding or request.isolate.strip() else None
-        self.own_context = True  # off while a ShotBinding runs the UNet with a single context
+        self.refining = False  # while a shot's binding runs its own UNet calls (one context for every frame)
         self._hook = None
 
     def mixed(self) -> torch.Tensor:
@@ -388,13 +393,12 @@ class ShotControls:
         shots' composite tokens prepared and ToMe's step-0 refinement applied; pass them as ``latents=``."""
         device = pipe._execution_device
         pipe.scheduler.set_timesteps(arguments["num_inference_steps"], device=device)
-        pipe._guidance_scale = self.guidance
         height, width = self.size
         latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, self.frames, height, width,
                                        self.edited[0].dtype, device, arguments["generator"])
         for index, binding in self.bindings.items():
-            positive = binding.prepare(self.edited[index], self.negative, latents, height, width)
-            latents, self.edited[index] = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
+            self.edited[index] = binding.prepare(self.edited[index], self.negative, latents, height, width)
+        latents = self.refine(0, pipe.scheduler.timesteps[0], latents)
         self.per_frame.copy_(self.mixed())
         return latents / pipe.scheduler.init_noise_sigma
 
@@ -402,8 +406,12 @@ class ShotControls:
         """ToMe's work for ``step`` on every bound shot; the per-frame context is updated in place (a captured
         UNet graph reads it by address)."""
         wanted = [index for index, binding in self.bindings.items() if binding.wants(step)]
-        for index in wanted:
-            latents, self.edited[index] = self.bindings[index].refine(step, timestep, latents, self.edited[index])
+        self.refining = True
+        try:
+            for index in wanted:
+                latents, self.edited[index] = self.bindings[index].refine(step, timestep, latents, self.edited[index])
+        finally:
+            self.refining = False
         if wanted:
             self.per_frame.copy_(self.mixed())
         return latents
@@ -413,7 +421,7 @@ class ShotControls:
 
     def edit_shot(self, parsed, request: VideoRequest, refined: bool) -> tuple[torch.Tensor, dict[str, Any]]:
         """This shot's positive embedding with the leakage fix and ToMe's token merge applied (``refined``: the
-        merge and end-token substitution are left to the shot's ``ShotBinding``, which refines them)."""
+        merge and end-token substitution are left to the shot's ``SemanticBinding``, which refines them)."""
         pipe, report = self.pipe, {}
         positive = encode_positive(pipe, parsed.text, 1)
         items = [item for item in (w.strip() for w in request.isolate.split(",")) if item]
@@ -452,7 +460,7 @@ class ShotControls:
 
     def condition(self, module, args: tuple, kwargs: dict):
         """UNet pre-hook: the conditional half of the per-frame context becomes the edited per-frame mix."""
-        if not self.own_context:
+        if self.refining:
             return None
         context = kwargs["encoder_hidden_states"]
         rows = slice(self.frames, 2 * self.frames) if self.cfg else slice(0, self.frames)
@@ -471,38 +479,6 @@ class ShotControls:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-
-
-class ShotBinding(SemanticBinding):
-    """ToMe's refinement for one shot: the image tab's losses, steps and layers (chosen by grid size, as for an
-    image of the video's frame size), run on the whole video with the shot's single context (the motion modules need
-    the full frame count), counting only the shot's own frames in both losses and moving only their latents."""
-
-    def __init__(self, pipe, controls: "ShotControls", parsed: ParsedPrompt, steps: int, frames: list[int]) -> None:
-        height, width = controls.size
-        super().__init__(pipe, "sd15", controls.attention, parsed, steps,
-                         latent_hw=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
-        self.controls, self.frames = controls, frames
-
-    def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
-        """One context per video in ``sample``, repeated per frame as the pipeline does, instead of the timeline's
-        per-frame mix."""
-        self.controls.own_context = False
-        try:
-            return super()._unet(sample, t, context.repeat_interleave(sample.shape[2], dim=0), added)
-        finally:
-            self.controls.own_context = True
-
-    def _own(self, eps: torch.Tensor) -> torch.Tensor:
-        return eps[:, :, self.frames]
-
-    def _own_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps[self.frames]  # one context, so the spatial attention's rows are the frames
-
-    def _own_update(self, grad: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros_like(grad)
-        mask[:, :, self.frames] = 1
-        return grad * mask
 
 
 def disable_free_noise(pipe) -> None:

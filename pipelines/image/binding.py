@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,48 @@ def binding_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str
     grid = binding_grid(latent_hw, grids.values())
     chosen = {name for name, size in grids.items() if size == grid}
     return {name for name in chosen if name.startswith("up_blocks.")} or chosen
+
+
+def execution_order(name: str) -> tuple:
+    """Sort key of a UNet layer name in the order a forward reaches it (down blocks, mid block, up blocks; inside a
+    block by index). ``named_modules`` order is not it: diffusers registers ``up_blocks`` before ``mid_block``."""
+    section = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".")[0], 3)
+    return section, [int(part) for part in name.split(".") if part.isdigit()]
+
+
+class _MapsRecorded(Exception):
+    """Raised after the last layer the entropy loss reads: the rest of that UNet call is never needed."""
+
+
+@contextmanager
+def truncated_after(module: torch.nn.Module) -> Iterator[None]:
+    """UNet calls inside stop (silently) once ``module`` has run: the entropy loss reads only attention maps, so the
+    layers after the last recorded one add forward work and nothing to the loss or its gradients."""
+    def stop(*_: Any) -> None:
+        raise _MapsRecorded
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _MapsRecorded:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def frozen_weights(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters without ``requires_grad`` while the refinement differentiates through ``module``: gradients are
+    taken only for the latents and the text embedding, so autograd need not keep every layer's input for a weight
+    gradient nobody asks for (same values, far less memory). The flags are restored after."""
+    flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 @dataclass
@@ -144,16 +187,25 @@ def capped_update(token: torch.Tensor, update: torch.Tensor, max_share: float) -
 
 
 class SemanticBinding:
-    """Holds one generation's binding state; ``refine(step, ...)`` edits latents and the positive embedding."""
+    """Holds one generation's binding state; ``refine(step, ...)`` edits latents and the positive embedding.
+
+    ``frames``: the latents are a video's ``[batch, channels, frames, h, w]`` and the binding belongs to these
+    frames (one shot of a multi-shot video): its UNet calls give every frame the binding's own context, and the
+    losses count and the latent update moves only these frames. ``passes`` counts the refinement's UNet forwards
+    and backwards (``benchmarks/binding_passes.py``)."""
 
     def __init__(self, pipe: Any, arch: str, control: AttentionControl, parsed: ParsedPrompt, steps: int,
                  config: BindingConfig | None = None, generator: torch.Generator | None = None,
-                 latent_hw: tuple[int, int] | None = None) -> None:
+                 latent_hw: tuple[int, int] | None = None, guidance_scale: float = 7.5,
+                 frames: Sequence[int] | None = None) -> None:
         self.pipe = pipe
         self.arch = arch
         self.control = control
         self.config = config or BindingConfig()
         self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.frames = list(frames) if frames is not None else None
+        self.passes = {"forward": 0, "backward": 0}
         self.groups = group_tokens(pipe.tokenizer, parsed)
         self.prompt_length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
         self.merged_prompt = attribute_free_prompt(parsed)
@@ -162,8 +214,10 @@ class SemanticBinding:
         self.scale_range = np.linspace(1.0, 0.0, steps)
         side = pipe.unet.config.sample_size
         self.latent_hw = latent_hw or (tuple(side) if isinstance(side, (tuple, list)) else (side, side))
-        self.recorder = control.record(layers=binding_layers(pipe.unet, self.latent_hw), keep_grad=True)
+        layers = binding_layers(pipe.unet, self.latent_hw)
+        self.recorder = control.record(layers=layers, keep_grad=True)
         self.recorder.enabled = False
+        self.last_layer = pipe.unet.get_submodule(max(layers, key=execution_order))
         self.generator = generator
         self.history: list[dict[str, float | int | str | bool]] = []
         self.token_norms: list[list[float]] = [[] for _ in self.groups]  # per group: after merge, after each step
@@ -208,22 +262,35 @@ class SemanticBinding:
         return {"text_embeds": torch.zeros(batch, projection, dtype=dtype, device=pipe._execution_device),
                 "time_ids": time_ids.to(pipe._execution_device)}
 
-    def _eps(self, latents: torch.Tensor, t: Any, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet(self.pipe.scheduler.scale_model_input(latents, t), t, embeds, self.added)
+    def _eps(self, latents: torch.Tensor, t: Any, embeds: torch.Tensor, scheduler: Any = None) -> torch.Tensor:
+        scheduler = scheduler or self.pipe.scheduler
+        return self._unet(scheduler.scale_model_input(latents, t), t, embeds, self.added)
 
     def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
-        """The refinement's own UNet calls (one context per image in ``sample``)."""
+        """The refinement's own UNet calls: one context per image in ``sample`` (per video for a 5-D sample,
+        repeated per frame as AnimateDiff's pipeline does)."""
+        if sample.ndim == 5:
+            context = context.repeat_interleave(sample.shape[2], dim=0)
+        self.passes["forward"] += 1
         return self.pipe.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
 
-    # What the losses and the latent update cover: everything for an image; a video shot narrows them to its frames.
+    def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        self.passes["backward"] += 1
+        return torch.autograd.grad(loss, inputs)
+
+    # What the losses and the latent update cover: everything for an image, ``frames`` for a video shot.
     def _own(self, eps: torch.Tensor) -> torch.Tensor:
-        return eps
+        return eps if self.frames is None else eps[:, :, self.frames]
 
     def _own_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps
+        return maps if self.frames is None else maps[self.frames]  # one context: the attention's rows are frames
 
     def _own_update(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+        if self.frames is None:
+            return grad
+        mask = torch.zeros_like(grad)
+        mask[:, :, self.frames] = 1
+        return grad * mask
 
     # ---- per step ----------------------------------------------------------------------------------------
     def wants(self, step: int) -> bool:
@@ -233,7 +300,7 @@ class SemanticBinding:
         """Binding work for denoising step ``step`` (before its UNet call): ETS, token and attention refinement."""
         if step == self.config.ets_step:
             positive = end_token_substitution(positive, self.merged_prompt_embeds, self.prompt_length)
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_weights(self.pipe.unet):
             if step < self.token_steps:
                 positive = self.refine_tokens(step, t, positive)
             if step < self.attention_steps:
@@ -246,7 +313,8 @@ class SemanticBinding:
             for index, group in enumerate(self.groups):
                 anchor_latents = self.anchor_latents[index].detach()
                 with torch.no_grad():
-                    target = self._own(self._eps(anchor_latents, t, self.anchor_embeds[index])).float()
+                    noise, anchor = self._anchor_noise(index, t, anchor_latents)
+                target = self._own(anchor).float()
 
                 def loss_of(token: torch.Tensor) -> torch.Tensor:
                     predicted = self._own(self._eps(anchor_latents, t, token[:, None, :].to(positive.dtype)))
@@ -255,8 +323,9 @@ class SemanticBinding:
                 token = self.descend(positive[:, group.nouns[0]].detach().float(), loss_of, target[0].numel(),
                                      {"step": step, "loss": "binding", "group": index})
                 positive[:, group.nouns[0]] = token.to(positive.dtype)
-                with torch.no_grad():
-                    self.anchor_latents[index] = self._advance_anchor(index, t, anchor_latents)
+                extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
+                self.anchor_latents[index] = self.anchor_schedulers[index].step(noise, t, anchor_latents, **extra,
+                                                                                return_dict=False)[0]
         self._log_norms(positive)
         return positive
 
@@ -283,7 +352,7 @@ class SemanticBinding:
             self.history.append({**record, "iteration": iteration, "value": loss.detach().mean().item(),
                                  "accepted": bool(accepted.all())})
             fresh = not last and bool(accepted.any())  # a rejected row keeps the gradient of its accepted token
-            grad = torch.autograd.grad(loss.sum(), [candidate])[0] if fresh else best_grad
+            grad = self._grad(loss.sum(), [candidate])[0] if fresh else best_grad
             keep = accepted[:, None]
             best = torch.where(keep, candidate.detach(), best)
             best_loss = torch.where(accepted, loss.detach(), best_loss) if best_loss is not None else loss.detach()
@@ -293,19 +362,18 @@ class SemanticBinding:
                 token = best - capped_update(best, scale * size * best_grad, config.token_max_update)
         return best
 
-    def _advance_anchor(self, index: int, t: Any, latents: torch.Tensor) -> torch.Tensor:
-        """One classifier-free-guided step of the anchor prompt's own trajectory, on its own scheduler copy."""
+    def _anchor_noise(self, index: int, t: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call for the anchor prompt's own trajectory, on its scheduler copy: the classifier-free-guided noise
+        of its next step and its conditional prediction, which is also the binding loss's target (ε(z, anchor))."""
         scheduler = self.anchor_schedulers[index]
         if self.negative is None:
-            noise = self._unet(scheduler.scale_model_input(latents, t), t, self.anchor_embeds[index], self.added)
-        else:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            embeds = torch.cat([self.negative, self.anchor_embeds[index]])
-            added = None if self.added is None else {k: torch.cat([v, v]) for k, v in self.added.items()}
-            uncond, cond = self._unet(model_input, t, embeds, added).chunk(2)
-            noise = uncond + self.pipe.guidance_scale * (cond - uncond)
-        extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
-        return scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            cond = self._eps(latents, t, self.anchor_embeds[index], scheduler)
+            return cond, cond
+        added = None if self.added is None else {k: torch.cat([v, v]) for k, v in self.added.items()}
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        embeds = torch.cat([self.negative, self.anchor_embeds[index]])
+        uncond, cond = self._unet(model_input, t, embeds, added).chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond), cond
 
     def refine_attention(self, step: int, t: Any, latents: torch.Tensor, positive: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,12 +390,13 @@ class SemanticBinding:
                     latents = latents.detach().requires_grad_(True)
                     positive = positive.detach().requires_grad_(True)
                     self.recorder.clear()
-                    self._eps(latents, t, positive)
+                    with truncated_after(self.last_layer):
+                        self._eps(latents, t, positive)
                     maps = self._own_maps(self.recorder.aggregate())
                     loss = entropy_loss(maps, nouns, self.prompt_length + 1, config.temperature)
                     threshold = entropy_threshold(config, step, len(nouns), maps.shape[1] * maps.shape[2])
                     self.history.append({"step": step, "loss": "entropy", "iteration": iteration, "value": loss.item()})
-                    grad_latents, grad_text = torch.autograd.grad(loss, [latents, positive])
+                    grad_latents, grad_text = self._grad(loss, [latents, positive])
                     latents = latents - 0.5 * step_size * self._own_update(grad_latents)
                     positive = positive - step_size * grad_text
                     if loss.item() < threshold:

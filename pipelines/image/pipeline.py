@@ -290,6 +290,8 @@ class ImagePipeline(PresetModels, Pipeline):
         if binding is not None:
             stats["binding_groups"] = len(binding.groups)
             stats["binding_refinement_iterations"] = len(binding.history)
+            stats["binding_unet_forwards"], stats["binding_unet_backwards"] = (binding.passes["forward"],
+                                                                               binding.passes["backward"])
             stats.update(binding.summary())
         return {"paths": paths, "heatmaps": heatmaps, "stats": stats, "controls": info.get("controls", {})}
 
@@ -331,7 +333,7 @@ class ImagePipeline(PresetModels, Pipeline):
             binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps),
                                       BindingConfig(ets_step=int(request.ets_step)),
                                       generator=torch.Generator("cpu").manual_seed(request.seed),
-                                      latent_hw=latent_size(pipe, request))
+                                      latent_hw=latent_size(pipe, request), guidance_scale=float(request.cfg))
             controls["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
                                    for g in binding.groups]
         # The embeddings already hold one row per image: diffusers would repeat them num_images_per_prompt times
@@ -397,7 +399,6 @@ class ImagePipeline(PresetModels, Pipeline):
         noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=positive.dtype)
         pipe.scheduler.set_timesteps(steps, device=pipe._execution_device)
         latents = noise * pipe.scheduler.init_noise_sigma
-        pipe._guidance_scale = call["guidance_scale"]
         positive = binding.prepare(positive, negative if call["guidance_scale"] > 1 else None, latents, height, width)
         latents, positive = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
         call.update(latents=latents / pipe.scheduler.init_noise_sigma, prompt_embeds=positive)

@@ -79,7 +79,7 @@ def entropy_gradients(binding: SemanticBinding, latents: torch.Tensor, positive:
     t = binding.pipe.scheduler.timesteps[0]
     with binding.control.scope(recorders=[binding.recorder], cfg=False), torch.enable_grad():
         with truncated_after(binding.last_layer) if truncate else nullcontext():
-            binding._eps(latents, t, positive)
+            binding._unet(binding.pipe.scheduler.scale_model_input(latents, t), t, positive, None)
         from pipelines.image.binding import entropy_loss
 
         loss = entropy_loss(binding.recorder.aggregate(), [g.nouns[0] for g in binding.groups],
@@ -130,10 +130,10 @@ def test_the_anchor_call_gives_both_the_loss_target_and_the_anchor_step(guidance
     t = binding.pipe.scheduler.timesteps[0]
     with torch.no_grad(), control:
         noise, target = binding._anchor_noise(0, t, binding.anchor_latents[0])
-        cond = binding._eps(binding.anchor_latents[0], t, binding.anchor_embeds[0])
+        cond = binding._unet(binding.anchor_latents[0], t, binding.anchor_embeds[0], None)
     torch.testing.assert_close(target, cond, rtol=0, atol=1e-5)
     if guidance <= 1:
         assert noise is target
     else:
-        uncond = binding._eps(binding.anchor_latents[0], t, binding.negative)
+        uncond = binding._unet(binding.anchor_latents[0], t, binding.negative, None)
         torch.testing.assert_close(noise, uncond + guidance * (cond - uncond), rtol=0, atol=1e-4)

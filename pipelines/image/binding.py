@@ -34,6 +34,8 @@ from .prompts import ParsedPrompt, encode_positive, span_positions, token_positi
 REFERENCE_LATENT_ELEMENTS = 4 * 128 * 128  # SDXL's latent at 1024 px, where the official token step was tuned
 REFERENCE_GRID_CELLS = 32 * 32  # the official entropy thresholds are for 32x32 maps (attention_res=32)
 MIN_BINDING_GRID = 8  # coarser maps leave too few cells for the entropy loss to tell two objects apart
+# A composite token's loss per image, evaluated with or without its gradient: (loss, function giving the gradient).
+Evaluate = Callable[[torch.Tensor, bool], tuple[torch.Tensor, Callable[[], torch.Tensor] | None]]
 
 
 def binding_grid(latent_hw: tuple[int, int], grids: Iterable[tuple[int, int]]) -> tuple[int, int]:
@@ -164,7 +166,7 @@ def attribute_free_prompt(parsed: ParsedPrompt) -> str:
 def entropy_loss(maps: torch.Tensor, noun_positions: list[int], last: int, temperature: float) -> torch.Tensor:
     """Sum over nouns of 2x the entropy of each noun's min-max-normalised attention map ([B, h, w, tokens])."""
     text = torch.softmax(maps[..., 1:last] / temperature, dim=-1)
-    nouns = text[..., [p - 1 for p in noun_positions]]
+    nouns = torch.stack([text[..., p - 1] for p in noun_positions], dim=-1)  # no index tensor: capturable
     low = nouns.amin(dim=(1, 2), keepdim=True)
     high = nouns.amax(dim=(1, 2), keepdim=True)
     nouns = (nouns - low) / (high - low + 1e-8)
@@ -217,7 +219,10 @@ class SemanticBinding:
         layers = binding_layers(pipe.unet, self.latent_hw)
         self.recorder = control.record(layers=layers, keep_grad=True)
         self.recorder.enabled = False
-        self.last_layer = pipe.unet.get_submodule(max(layers, key=execution_order))
+        last = max(layers, key=execution_order)
+        self.last_layer = pipe.unet.get_submodule(last)
+        self.grid = layer_grids(pipe.unet, self.latent_hw)[last]  # the maps' (h, w)
+        self.runner: Any = None  # the tab's FastUNet, to run the refinement's UNet work on its fast path
         self.generator = generator
         self.history: list[dict[str, float | int | str | bool]] = []
         self.token_norms: list[list[float]] = [[] for _ in self.groups]  # per group: after merge, after each step
@@ -262,17 +267,25 @@ class SemanticBinding:
         return {"text_embeds": torch.zeros(batch, projection, dtype=dtype, device=pipe._execution_device),
                 "time_ids": time_ids.to(pipe._execution_device)}
 
-    def _eps(self, latents: torch.Tensor, t: Any, embeds: torch.Tensor, scheduler: Any = None) -> torch.Tensor:
-        scheduler = scheduler or self.pipe.scheduler
-        return self._unet(scheduler.scale_model_input(latents, t), t, embeds, self.added)
-
     def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
         """The refinement's own UNet calls: one context per image in ``sample`` (per video for a 5-D sample,
         repeated per frame as AnimateDiff's pipeline does)."""
         if sample.ndim == 5:
             context = context.repeat_interleave(sample.shape[2], dim=0)
-        self.passes["forward"] += 1
         return self.pipe.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
+
+    def _run(self, name: str, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: list[torch.Tensor],
+             key: tuple = ()) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)``, through the tab's fast path when it set ``runner`` (a ``FastUNet``: captured and replayed
+        as one CUDA graph, forward and backward) and directly otherwise. ``fn`` reads its tensors from ``inputs``."""
+        return fn(*inputs) if self.runner is None else self.runner.captured(name, fn, inputs, key)
+
+    def _added(self, repeat: int) -> list[torch.Tensor]:
+        """SDXL's added conditions as ``_run`` inputs, for ``repeat`` times the batch."""
+        return [torch.cat([v] * repeat) for v in self.added.values()] if self.added else []
+
+    def _added_dict(self, tensors: tuple[torch.Tensor, ...]) -> dict | None:
+        return dict(zip(self.added, tensors)) if self.added else None
 
     def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         self.passes["backward"] += 1
@@ -315,13 +328,9 @@ class SemanticBinding:
                 with torch.no_grad():
                     noise, anchor = self._anchor_noise(index, t, anchor_latents)
                 target = self._own(anchor).float()
-
-                def loss_of(token: torch.Tensor) -> torch.Tensor:
-                    predicted = self._own(self._eps(anchor_latents, t, token[:, None, :].to(positive.dtype)))
-                    return (predicted.float() - target).pow(2).flatten(1).mean(1)  # per image, as the official mean
-
-                token = self.descend(positive[:, group.nouns[0]].detach().float(), loss_of, target[0].numel(),
-                                     {"step": step, "loss": "binding", "group": index})
+                evaluate = self._token_loss(t, anchor_latents, target, positive.dtype)
+                token = self.descend_with(positive[:, group.nouns[0]].detach().float(), evaluate, target[0].numel(),
+                                          {"step": step, "loss": "binding", "group": index})
                 positive[:, group.nouns[0]] = token.to(positive.dtype)
                 extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
                 self.anchor_latents[index] = self.anchor_schedulers[index].step(noise, t, anchor_latents, **extra,
@@ -329,9 +338,54 @@ class SemanticBinding:
         self._log_norms(positive)
         return positive
 
+    def _token_loss(self, t: Any, anchor_latents: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> Evaluate:
+        """The binding loss of a composite token (MSE between ε(z, token alone) and ``target``, per image) as an
+        ``Evaluate`` for ``descend_with``."""
+        inputs = [self.pipe.scheduler.scale_model_input(anchor_latents, t), torch.as_tensor(t), target,
+                  *self._added(1)]
+
+        def loss(token: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                 *added: torch.Tensor) -> torch.Tensor:
+            predicted = self._own(self._unet(sample, t, token[:, None, :].to(dtype), self._added_dict(added)))
+            return (predicted.float() - target).pow(2).flatten(1).mean(1)  # per image, as the official mean
+
+        if self.runner is None:
+            return self._autograd_evaluate(lambda token: loss(token, *inputs))
+
+        def loss_and_grad(token: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            candidate = token.detach().requires_grad_(True)
+            value = loss(candidate, *rest)
+            return value.detach(), torch.autograd.grad(value.sum(), [candidate])[0]
+
+        def evaluate(token: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+            self.passes["forward"] += 1
+            self.passes["backward"] += gradient
+            if not gradient:
+                with torch.no_grad():
+                    return self._run("binding-token", lambda *a: (loss(*a),), [token, *inputs], (str(dtype),))[0], None
+            value, grad = self._run("binding-token-grad", loss_and_grad, [token, *inputs], (str(dtype),))
+            return value, lambda: grad
+        return evaluate
+
+    def _autograd_evaluate(self, loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Evaluate:
+        """``loss_of`` as an ``Evaluate``: the gradient is taken only if asked for (a rejected proposal needs none)."""
+        def evaluate(token: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+            self.passes["forward"] += 1
+            candidate = token.detach().requires_grad_(gradient)
+            with torch.set_grad_enabled(gradient):
+                loss = loss_of(candidate)
+            return loss.detach(), lambda: self._grad(loss.sum(), [candidate])[0]
+        return evaluate
+
     def descend(self, token: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], elements: int,
                 record: dict[str, Any]) -> torch.Tensor:
-        """``token_refinement_steps`` gradient steps on ``token`` ([batch, dim]) against the per-image ``loss_of``.
+        """``descend_with`` on a differentiable per-row loss function."""
+        return self.descend_with(token, self._autograd_evaluate(loss_of), elements, record)
+
+    def descend_with(self, token: torch.Tensor, evaluate: Evaluate, elements: int,
+                     record: dict[str, Any]) -> torch.Tensor:
+        """``token_refinement_steps`` gradient steps on ``token`` ([batch, dim]) against the per-image loss that
+        ``evaluate(token, with_gradient)`` returns (with a function giving its gradient).
 
         The step is the official one scaled by ``elements / REFERENCE_LATENT_ELEMENTS`` and capped per row at
         ``token_max_update`` of the token's norm. Each proposal is scored by the next evaluation (the last by one
@@ -345,17 +399,16 @@ class SemanticBinding:
         scale = torch.ones(token.shape[0], 1, device=token.device)
         for iteration in range(config.token_refinement_steps + 1):
             last = iteration == config.token_refinement_steps
-            candidate = token.detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                loss = loss_of(candidate)
-            accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss.detach() <= best_loss
-            self.history.append({**record, "iteration": iteration, "value": loss.detach().mean().item(),
+            candidate = token.detach()
+            loss, gradient = evaluate(candidate, not last)
+            accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss <= best_loss
+            self.history.append({**record, "iteration": iteration, "value": loss.mean().item(),
                                  "accepted": bool(accepted.all())})
             fresh = not last and bool(accepted.any())  # a rejected row keeps the gradient of its accepted token
-            grad = self._grad(loss.sum(), [candidate])[0] if fresh else best_grad
+            grad = gradient() if fresh else best_grad
             keep = accepted[:, None]
-            best = torch.where(keep, candidate.detach(), best)
-            best_loss = torch.where(accepted, loss.detach(), best_loss) if best_loss is not None else loss.detach()
+            best = torch.where(keep, candidate, best)
+            best_loss = torch.where(accepted, loss, best_loss) if best_loss is not None else loss
             best_grad = torch.where(keep, grad, best_grad)
             scale = torch.where(keep, scale, scale * config.token_backoff)
             if not last:
@@ -366,42 +419,67 @@ class SemanticBinding:
         """One call for the anchor prompt's own trajectory, on its scheduler copy: the classifier-free-guided noise
         of its next step and its conditional prediction, which is also the binding loss's target (ε(z, anchor))."""
         scheduler = self.anchor_schedulers[index]
-        if self.negative is None:
-            cond = self._eps(latents, t, self.anchor_embeds[index], scheduler)
-            return cond, cond
-        added = None if self.added is None else {k: torch.cat([v, v]) for k, v in self.added.items()}
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        embeds = torch.cat([self.negative, self.anchor_embeds[index]])
-        uncond, cond = self._unet(model_input, t, embeds, added).chunk(2)
+        guided = self.negative is not None
+        sample = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
+        context = torch.cat([self.negative, self.anchor_embeds[index]]) if guided else self.anchor_embeds[index]
+
+        def predict(sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                    *added: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self._unet(sample, t, context, self._added_dict(added)),)
+
+        self.passes["forward"] += 1
+        noise = self._run("binding-anchor", predict, [sample, torch.as_tensor(t), context, *self._added(1 + guided)])[0]
+        if not guided:
+            return noise, noise
+        uncond, cond = noise.chunk(2)
         return uncond + self.guidance_scale * (cond - uncond), cond
 
     def refine_attention(self, step: int, t: Any, latents: torch.Tensor, positive: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
-        nouns = [g.nouns[0] for g in self.groups]
         train_steps = self.pipe.scheduler.config.num_train_timesteps
         caps = config.attention_refinement_steps
         cap = caps[0] if float(t) / train_steps > 0.9 else caps[1]
         step_size = config.scale_factor * float(self.scale_range[step])
+        threshold = entropy_threshold(config, step, len(self.groups), self.grid[0] * self.grid[1])
         self.recorder.enabled = True
         try:
             with self.control.scope(recorders=[self.recorder], cfg=False):
                 for iteration in range(cap):
-                    latents = latents.detach().requires_grad_(True)
-                    positive = positive.detach().requires_grad_(True)
-                    self.recorder.clear()
-                    with truncated_after(self.last_layer):
-                        self._eps(latents, t, positive)
-                    maps = self._own_maps(self.recorder.aggregate())
-                    loss = entropy_loss(maps, nouns, self.prompt_length + 1, config.temperature)
-                    threshold = entropy_threshold(config, step, len(nouns), maps.shape[1] * maps.shape[2])
+                    loss, grad_latents, grad_text = self._entropy_gradients(t, latents.detach(), positive.detach())
                     self.history.append({"step": step, "loss": "entropy", "iteration": iteration, "value": loss.item()})
-                    grad_latents, grad_text = self._grad(loss, [latents, positive])
-                    latents = latents - 0.5 * step_size * self._own_update(grad_latents)
-                    positive = positive - step_size * grad_text
+                    latents = latents.detach() - 0.5 * step_size * self._own_update(grad_latents)
+                    positive = positive.detach() - step_size * grad_text
                     if loss.item() < threshold:
                         break
         finally:
             self.recorder.enabled = False
             self.recorder.clear()
         return latents.detach(), positive.detach()
+
+    def _entropy_gradients(self, t: Any, latents: torch.Tensor, positive: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entropy loss at (``latents``, ``positive``) and its gradients for both. The UNet stops after the last
+        recorded layer; ``scale_model_input`` stays outside the (captured) work, as its factor depends on the step,
+        and the latents' gradient goes back through it by autograd, as before."""
+        nouns, last, temperature = [g.nouns[0] for g in self.groups], self.prompt_length + 1, self.config.temperature
+        leaf = latents.requires_grad_(True)
+        sample = self.pipe.scheduler.scale_model_input(leaf, t)
+
+        def gradients(sample: torch.Tensor, t: torch.Tensor, positive: torch.Tensor, *added: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sample, positive = sample.detach().requires_grad_(True), positive.detach().requires_grad_(True)
+            self.recorder.clear()
+            with truncated_after(self.last_layer):
+                self._unet(sample, t, positive, self._added_dict(added))
+            loss = entropy_loss(self._own_maps(self.recorder.aggregate()), nouns, last, temperature)
+            self.recorder.clear()
+            return (loss.detach(), *torch.autograd.grad(loss, [sample, positive]))
+
+        self.passes["forward"] += 1
+        self.passes["backward"] += 1
+        loss, grad_sample, grad_text = self._run("binding-entropy", gradients,
+                                                 [sample.detach(), torch.as_tensor(t), positive, *self._added(1)],
+                                                 (tuple(sorted(self.recorder.layers)), tuple(nouns), last, temperature))
+        grad_latents = grad_sample if sample is leaf else torch.autograd.grad(sample, leaf, grad_sample)[0]
+        return loss, grad_latents, grad_text

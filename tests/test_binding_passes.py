@@ -3,14 +3,17 @@
 forward stops after the last layer the loss reads, weights need no gradient)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from pipelines.image.attention import AttentionControl
-from pipelines.image.binding import BindingConfig, SemanticBinding, truncated_after
+from pipelines.image.binding import (BindingConfig, SemanticBinding, binding_layers, entropy_loss, grid_layers,
+                                     truncated_after)
 from pipelines.image.pipeline import ImagePipeline, ImageRequest
 from pipelines.image.prompts import encode_positive, parse_prompt
-from pipelines.image.tiny import tiny_sd15_pipeline
+from pipelines.image.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from pipelines.models import ModelStore
 
 PROMPT = "a [red hat] and a [blue car]"
@@ -71,8 +74,6 @@ def prepared(steps: int = 10) -> tuple[SemanticBinding, torch.Tensor, torch.Tens
 
 
 def entropy_gradients(binding: SemanticBinding, latents: torch.Tensor, positive: torch.Tensor, truncate: bool):
-    from contextlib import nullcontext
-
     latents, positive = latents.clone().requires_grad_(True), positive.clone().requires_grad_(True)
     binding.recorder.enabled = True
     binding.recorder.clear()
@@ -80,8 +81,6 @@ def entropy_gradients(binding: SemanticBinding, latents: torch.Tensor, positive:
     with binding.control.scope(recorders=[binding.recorder], cfg=False), torch.enable_grad():
         with truncated_after(binding.last_layer) if truncate else nullcontext():
             binding._unet(binding.pipe.scheduler.scale_model_input(latents, t), t, positive, None)
-        from pipelines.image.binding import entropy_loss
-
         loss = entropy_loss(binding.recorder.aggregate(), [g.nouns[0] for g in binding.groups],
                             binding.prompt_length + 1, 0.5)
         return (loss, *torch.autograd.grad(loss, [latents, positive]))
@@ -137,3 +136,31 @@ def test_the_anchor_call_gives_both_the_loss_target_and_the_anchor_step(guidance
     else:
         uncond = binding._unet(binding.anchor_latents[0], t, binding.negative, None)
         torch.testing.assert_close(noise, uncond + guidance * (cond - uncond), rtol=0, atol=1e-4)
+
+
+def test_sdxl_at_1024_px_reads_the_official_three_layers_and_stops_after_the_third():
+    pipe = tiny_sdxl_pipeline()
+    unet = pipe.unet
+    official = {f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2" for i in (1, 2, 3)}
+    assert binding_layers(unet, (128, 128)) == official < grid_layers(unet, (128, 128))
+    assert binding_layers(unet, (16, 16)) == grid_layers(unet, (16, 16))  # a grid without them: by size
+    binding = SemanticBinding(pipe, "sdxl", AttentionControl(unet), parse_prompt(PROMPT), steps=10, latent_hw=(128, 128))
+    assert binding.last_layer is unet.get_submodule(
+        "up_blocks.0.attentions.1.transformer_blocks.3.attn2") and binding.grid == (32, 32)
+
+
+def test_refinement_through_the_fast_path_runner_equals_the_plain_refinement():
+    """The image tab hands the refinement's UNet work to ``FastUNet.captured`` (on the CPU: the same static code,
+    uncaptured): same latents, embedding and loss traces as calling the UNet directly."""
+    from pipelines.image.fast import FastUNet
+
+    results = []
+    for through_fast_path in (False, True):
+        binding, positive, latents, control = prepared()
+        with control, FastUNet(binding.pipe.unet, "eager", control) as fast:
+            binding.runner = fast if through_fast_path else None
+            refined = binding.refine(0, binding.pipe.scheduler.timesteps[0], latents, positive)
+        results.append((*refined, [h["value"] for h in binding.history], binding.passes["forward"]))
+    (plain_latents, plain_positive, plain_trace, plain_forwards), (latents, positive, trace, forwards) = results
+    assert torch.equal(latents, plain_latents) and torch.equal(positive, plain_positive)
+    assert trace == plain_trace and forwards == plain_forwards

@@ -10,10 +10,17 @@ refine the result:
   shrinks, and unscaled the token's norm went 14 -> 300-500 on a 64 px model. Each update is also capped relative
   to the token's norm, and a step that raises the loss is undone and retried shorter;
 - entropy loss: entropy of each noun's cross-attention map (on the layers of the grid a quarter of the latent
-  side, see ``binding_layers``), gradient steps on the latents and the positive text embedding until a
+  side, the official three where the UNet has them, see ``binding_layers``), gradient steps on the latents and
+  the positive text embedding until a
   threshold (the official one, rescaled to the grid's cell count) or an iteration cap.
 Runs inside ``callback_on_step_end`` (for step i+1) and once before the loop (for step 0); the callback's
 ``prompt_embeds`` are ``cat([negative, positive])``, so only the positive half is edited.
+
+Cost (issue 19; ``benchmarks/binding_passes.py`` counts it): per refined step and group one anchor call (its
+classifier-free-guided noise advances the anchor, its conditional half is the loss target), 3 forward+backward and
+one scoring forward on the token; per entropy iteration one forward+backward that stops after the last recorded
+layer. Weights need no gradient meanwhile. In the image tab every one of these passes is a captured CUDA graph
+(``FastUNet.captured``), replayed on later requests.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from .prompts import ParsedPrompt, encode_positive, span_positions, token_positi
 REFERENCE_LATENT_ELEMENTS = 4 * 128 * 128  # SDXL's latent at 1024 px, where the official token step was tuned
 REFERENCE_GRID_CELLS = 32 * 32  # the official entropy thresholds are for 32x32 maps (attention_res=32)
 MIN_BINDING_GRID = 8  # coarser maps leave too few cells for the entropy loss to tell two objects apart
+# The official attention store (utils/ptp_utils.py register_attention_control, SDXL): 32x32 maps at 1024 px.
+OFFICIAL_LAYERS = frozenset(f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2" for i in (1, 2, 3))
 # A composite token's loss per image, evaluated with or without its gradient: (loss, function giving the gradient).
 Evaluate = Callable[[torch.Tensor, bool], tuple[torch.Tensor, Callable[[], torch.Tensor] | None]]
 
@@ -45,13 +54,20 @@ def binding_grid(latent_hw: tuple[int, int], grids: Iterable[tuple[int, int]]) -
     return min(set(grids), key=lambda grid: (abs(math.log(min(grid) / target)), -min(grid)))
 
 
-def binding_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
+def grid_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
     """Cross-attention layers on the binding grid, chosen by grid size (not by name, so any UNet depth and
     resolution gets the intended maps); the decoder's where it has some, as the official code reads decoder maps."""
     grids = layer_grids(unet, latent_hw)
     grid = binding_grid(latent_hw, grids.values())
     chosen = {name for name, size in grids.items() if size == grid}
     return {name for name in chosen if name.startswith("up_blocks.")} or chosen
+
+
+def binding_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
+    """The layers the entropy loss reads: the grid's (``grid_layers``), or the official three where they are among
+    them (SDXL's deep decoder level): the paper's maps, and the loss's UNet forward stops after the third."""
+    chosen = grid_layers(unet, latent_hw)
+    return set(OFFICIAL_LAYERS) if OFFICIAL_LAYERS <= chosen else chosen
 
 
 def execution_order(name: str) -> tuple:

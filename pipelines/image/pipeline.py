@@ -22,7 +22,7 @@ from ..streaming import stream_in_thread
 from .attention import AttentionControl
 from .fast import FastUNet, choose_backend
 from .compass import DEFAULT_BOX, PhraseCompassEncoder, apply_compass, load_official_compass, parse_compass_objects
-from .binding import BindingConfig, SemanticBinding, binding_layers
+from .binding import BindingConfig, SemanticBinding, grid_layers
 from .controls import ControlPlan, binding_report, check_window, split_words
 from .heatmaps import overlay
 from .lpa import LPAConfig
@@ -207,7 +207,7 @@ class ImagePipeline(PresetModels, Pipeline):
         self.switch_compass_lora(pipe.unet, controlled and bool(request.compass.strip())
                                  and request.compass_encoder in self._compass_loras)
         heat_tokens = self.heatmap_tokens(pipe, parsed, request)
-        heat_layers = binding_layers(pipe.unet, latent_size(pipe, request))
+        heat_layers = grid_layers(pipe.unet, latent_size(pipe, request))
         heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
                                        layers=heat_layers) if heat_tokens else None
         binding = None

@@ -20,8 +20,13 @@ The UNet's forward pre-hooks (merging reads the timestep, the control reads the 
 rewrite the context) are taken off the module while entered and run inside the captured region, on the static
 inputs, so what they compute is part of the graph.
 
-What runs eagerly instead: calls with gradients (ToMe binding's refinement), calls while ``suspended()`` (the
-step callback's own UNet calls), and steps where an attention recorder is on (heatmaps accumulate Python-side).
+What runs eagerly instead: UNet calls with gradients and calls while ``suspended()`` (the step callback's own
+UNet calls), and steps where an attention recorder is on (heatmaps accumulate Python-side). Work that takes
+gradients through the UNet can still be captured whole with ``captured(name, fn, inputs)``: ToMe binding's
+refinement passes (forward and backward, loss and gradients inside one graph) run that way in the image tab.
+
+Which UNet pre-hooks may run inside a graph shared across requests is declared where each hook is defined
+(``hooks.capture_safe``); graphs are kept per UNet beside it (``unet_graphs``), not as attributes on the module.
 
 Backends: ``graph`` (default on CUDA), ``compile`` (``torch.compile(mode="reduce-overhead")`` of the same
 hooked call; the benchmark compares both), ``eager`` (the same static code path without capture: CPU, ZeroGPU,
@@ -55,6 +60,7 @@ class UNetGraphs:
 
     entries: "OrderedDict[Any, Entry]" = field(default_factory=OrderedDict)
     pool: Any = None
+    failed: dict[Any, str] = field(default_factory=dict)  # ``captured`` work that would not capture: run eagerly
 
 
 # Per UNet, held beside it rather than on it; graph entries refer to their UNet only weakly, so both go together
@@ -278,6 +284,7 @@ class FastUNet:
         self.capture_s = 0.0
         self.replays = 0
         self.eager_calls = 0
+        self.capture_failures: set[str] = set()
         self._suspended = 0
         self._hooks: tuple[OrderedDict, dict] | None = None
         self._static: StaticBiases | None = None
@@ -438,11 +445,20 @@ class FastUNet:
             spec = (name, key, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
             cache_key = (spec, self._context)
             entry = self._lookup(cache_key)
-            if entry is None:
+            failed = unet_graphs(self.unet).failed
+            if entry is None and cache_key not in failed:
                 entry = self._new_entry(spec, inputs)
-                output = self._capture(entry, lambda: fn(*entry.inputs))
-                self._store(cache_key, entry)
-                return output
+                try:
+                    output = self._capture(entry, lambda: fn(*entry.inputs))
+                except RuntimeError as error:  # a capture that fails leaves the work to the eager static path
+                    failed[cache_key] = f"{name}: {error}"
+                else:
+                    self._store(cache_key, entry)
+                    return output
+            if entry is None:
+                self.capture_failures.add(failed[cache_key])
+                with self._static_mode():
+                    return fn(*inputs)
             self.cache.move_to_end(cache_key)
             for buffer, value in zip(entry.inputs, inputs):
                 buffer.copy_(value)
@@ -536,5 +552,6 @@ class FastUNet:
     def stats(self) -> dict[str, Any]:
         """For the stats panel: the backend, seconds spent capturing in this run (0 when every graph was cached),
         graph replays and eager UNet calls."""
+        failures = {"capture_failed": sorted(self.capture_failures)} if self.capture_failures else {}
         return {"fast": self.backend, "capture_s": round(self.capture_s, 3), "graph_replays": self.replays,
-                "eager_unet_calls": self.eager_calls}
+                "eager_unet_calls": self.eager_calls, **failures}

@@ -7,8 +7,8 @@ picks (bf16 on an H200). The stock anchor is a second copy loaded with diffusers
 called as its docs show (prompt string, CUDA generator, PIL output). Ours includes everything a user waits for:
 prompt parsing, controls, previews, PNG/MP4 writing with parameters.
 
-Rows: ``seconds`` (wall per output), ``ratio_vs_stock``, ``ratio_vs_plain`` (the tab with no controls), and
-``peak_memory_gb`` = the pipeline's weights + the largest allocation above them during a timed call + (ours) the
+Rows: ``seconds`` (wall per output), ``ratio_vs_stock``, ``ratio_vs_plain`` (the tab with no controls), (binding)
+the refinement's UNet forwards/backwards per image and the last call's graph replays, and ``peak_memory_gb`` = the pipeline's weights + the largest allocation above them during a timed call + (ours) the
 CUDA-graph pool the warm-up reserved for that configuration.
 
     python benchmarks/image_served.py --cases sd15:512,sd15:1024,sdxl:1024,video:512 \
@@ -49,6 +49,8 @@ IMAGE_CONFIGS: dict[str, dict[str, Any]] = {
     "binding": dict(binding=True),
     "lpa+compass+merge": dict(lpa=True, compass=COMPASS, merge_ratio=0.5),
 }
+# Per binding row: UNet passes of the refinement per image and the captured refinement's replays (stats of a call).
+PASS_FIELDS = ("binding_unet_forwards", "binding_unet_backwards", "graph_replays", "capture_s")
 VIDEO_CONFIGS: dict[str, dict[str, Any]] = {"plain": {}, "fast_off": dict(fast=False), "merge": dict(merge_ratio=0.5),
                                             "lpa": dict(lpa=True)}
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
@@ -184,9 +186,15 @@ def image_case(arch: str, size: int, folder: str, configs: list[str], args: argp
     stock.set_progress_bar_config(disable=True)
     device = store.device
 
+    passes: dict[str, dict[str, int]] = {}
+
     def ours(settings: dict[str, Any]) -> Callable[[], Any]:
-        return lambda: served.run(ImageRequest(prompt=PROMPT, model=folder, steps=args.steps, width=size,
-                                               height=size, seed=1, **settings))
+        def call() -> None:
+            stats = served.run(ImageRequest(prompt=PROMPT, model=folder, steps=args.steps, width=size, height=size,
+                                            seed=1, **settings)).stats
+            if "binding_unet_forwards" in stats:  # the hardware-independent figure of binding's cost
+                passes[str(settings)] = {key: stats[key] for key in PASS_FIELDS}
+        return call
 
     def direct() -> Any:
         generator = torch.Generator(device).manual_seed(1)
@@ -194,7 +202,10 @@ def image_case(arch: str, size: int, folder: str, configs: list[str], args: argp
                      height=size, width=size, generator=generator).images
 
     calls = {"stock": direct, **{name: ours(IMAGE_CONFIGS[name]) for name in configs}}
-    return compare(arch, size, calls, ours_weights, module_nbytes(stock) / 1e9, args, store)
+    measured = compare(arch, size, calls, ours_weights, module_nbytes(stock) / 1e9, args, store)
+    for row in measured:
+        row.update(passes.get(str(IMAGE_CONFIGS.get(row["config"])), {}))
+    return measured
 
 
 def video_case(size: int, folders: dict[str, str], configs: list[str], args: argparse.Namespace,

@@ -17,6 +17,8 @@ from pipelines.presets import MICROWORLD_MODEL
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
                      on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
 
+LPA_WINDOW = ImageRequest.lpa_window  # LPAConfig's default: the paper's best, late-only
+
 
 @dataclass(frozen=True)
 class ImageExample:
@@ -155,8 +157,8 @@ def build(pipeline: ImagePipeline) -> None:
                                   info="Style from '... in X style' or the field below")
                 style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
                 with gr.Row():
-                    window_low = gr.Number(label="Window start t", value=300, precision=0)
-                    window_high = gr.Number(label="Window end t", value=650, precision=0)
+                    window_low = gr.Number(label="Window start t", value=LPA_WINDOW[0], precision=0)
+                    window_high = gr.Number(label="Window end t", value=LPA_WINDOW[1], precision=0)
             with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
                 isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
             with gr.Accordion("Compass Control (object orientation)", open=False,
@@ -207,7 +209,7 @@ def build(pipeline: ImagePipeline) -> None:
             batch_size=int(number(batch_value, 1)), seed=int(number(seed_value, -1)),
             compare="controls off" if compare_value else NO_COMPARISON,
             binding=bool(binding_value), ets_step=int(number(ets_value, -1)), lpa=bool(lpa_value),
-            style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
+            style=style_text or "", lpa_window=(number(low_value, LPA_WINDOW[0]), number(high_value, LPA_WINDOW[1])),
             isolate=isolate_text or "", merge_ratio=number(ratio_value, 0.0), heatmap_words=heatmap_text or "",
             compass=compass_text or "", compass_encoder=compass_choice or "phrase",
             fast=True if fast_value is None else bool(fast_value),

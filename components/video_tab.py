@@ -15,6 +15,8 @@ from pipelines.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, V
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
                      on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
 
+LPA_WINDOW = VideoRequest.lpa_window  # LPAConfig's default: the paper's best, late-only
+
 SHOTS_HELP = (
     'Shots as JSON: `[{"start": 0, "prompt": "..."}, {"start": 8, "prompt": "...", "transition": "cut"}]`. '
     f"Transition ({' or '.join(TRANSITIONS)}) says how a shot begins: `smooth` blends the text across the "
@@ -115,8 +117,8 @@ def build(pipeline: VideoPipeline) -> None:
                                   info="Style from '... in X style' in each shot, or the field below")
                 style = gr.Textbox(label="Style (optional, appended to every shot)", placeholder="watercolor")
                 with gr.Row():
-                    window_low = gr.Number(label="LPA window start t", value=300, precision=0)
-                    window_high = gr.Number(label="LPA window end t", value=650, precision=0)
+                    window_low = gr.Number(label="LPA window start t", value=LPA_WINDOW[0], precision=0)
+                    window_high = gr.Number(label="LPA window end t", value=LPA_WINDOW[1], precision=0)
                 isolate = gr.Textbox(label="Leakage fix: items to encode alone (comma-separated)",
                                      placeholder="pool")
             fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
@@ -144,7 +146,7 @@ def build(pipeline: VideoPipeline) -> None:
             smooth_window=int(number(window_value, 8)), context_length=int(number(length_value, 16)),
             context_stride=int(number(stride_value, 4)), merge_ratio=number(ratio_value, 0.0),
             merge_min_tokens=int(number(min_tokens_value, DEFAULT_MIN_TOKENS)), binding=bool(binding_value),
-            lpa=bool(lpa_value), style=style_text or "", lpa_window=(number(low_value, 300), number(high_value, 650)),
+            lpa=bool(lpa_value), style=style_text or "", lpa_window=(number(low_value, LPA_WINDOW[0]), number(high_value, LPA_WINDOW[1])),
             isolate=isolate_text or "", fast=True if fast_value is None else bool(fast_value),
         )
         for event in run_pipeline(pipeline, video_request, request):

@@ -8,7 +8,6 @@ is the stock pipeline's, so the output is bit-identical to it.
 """
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -21,17 +20,16 @@ from .base import (NO_COMPARISON, CancelToken, Event, Pipeline, PipelineError, P
                    require_range, require_text, resolve_seed, with_baseline)
 from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
 from .streaming import stream_in_thread
-from .models import ModelSpec, ModelStore, ResolvedModel, keep_placement
+from .models import ModelSpec, ModelStore, ResolvedModel, keep_placement, peak_memory_mb
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import PresetModels, models_for
 from .image.attention import AttentionControl
 from .image.fast import FastUNet, choose_backend
-from .image.binding import (BindingConfig, SemanticBinding, attribute_free_prompt, composite_tokens,
-                            end_token_substitution, group_tokens)
-from .image.leakfix import isolate_items
-from .image.lpa import LPAConfig, route_style_tokens
-from .image.prompts import (ParsedPrompt, content_words, encode_positive, find_words, parse_prompt, span_positions,
-                            token_positions)
+from .image.binding import (SemanticBinding, attribute_free_prompt, composite_tokens, end_token_substitution,
+                            group_tokens)
+from .image.controls import ControlPlan, binding_report
+from .image.lpa import LPAConfig
+from .image.prompts import ParsedPrompt, encode_positive, parse_prompt
 from .timeline import DEFAULT_SMOOTH_WINDOW, Shot, Timeline, parse_shots
 
 MAX_FRAMES = 128
@@ -66,7 +64,7 @@ class VideoRequest(Request):
     binding: bool = False  # ToMe composite tokens + end-token substitution ([red hat] groups)
     lpa: bool = False  # Local Prompt Adaptation: content/style tokens routed to different layers
     style: str = ""  # LPA style ("" = find "in X style" in each shot's prompt)
-    lpa_window: tuple[float, float] = (300.0, 650.0)
+    lpa_window: tuple[float, float] = LPAConfig.window  # the paper's best, late-only
     isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
     fast: bool = True  # captured UNet loop on CUDA (image/fast.py); eager static path on CPU/ZeroGPU; False = stock
 
@@ -156,6 +154,8 @@ class Plan:
     context_stride: int
     merge_ratio: float
     parsed: tuple[ParsedPrompt, ...] = ()  # each shot's prompt as the controls read it
+    controls: ControlPlan = ControlPlan()  # the token controls, as in the image tab
+    negative_prompt: str = ""
 
     @property
     def uses_free_noise(self) -> bool:
@@ -199,12 +199,10 @@ class VideoPipeline(PresetModels, Pipeline):
         parsed = tuple(parse_prompt(shot.prompt, request.style) for shot in timeline.shots)
         timeline = Timeline(tuple(replace(shot, prompt=item.text) for shot, item in zip(timeline.shots, parsed)),
                             window)
-        low, high = (float(v) for v in request.lpa_window)
-        if not 0 <= low <= high <= 1000:
-            raise PipelineError(f"LPA window must satisfy 0 <= start <= end <= 1000, got {request.lpa_window}.")
+        controls = ControlPlan.from_request(request)
         request.seed = resolve_seed(request.seed)
         return Plan(timeline, num_frames, steps, width, height, fps, guidance, min(context_length, num_frames), stride,
-                    merge_ratio, parsed)
+                    merge_ratio, parsed, controls, request.negative_prompt or "")
 
     @contextmanager
     def applied(self, pipe, plan: Plan, request: VideoRequest) -> Iterator["ShotControls | None"]:
@@ -218,7 +216,7 @@ class VideoPipeline(PresetModels, Pipeline):
                                    prompt_interpolation_callback=exact_lerp)
         if plan.merge_ratio > 0:
             apply_merging(pipe.unet, plan.merge_ratio, seed=request.seed, min_tokens=int(request.merge_min_tokens))
-        controls = ShotControls(pipe, plan, request) if request.controlled else None
+        controls = ShotControls(pipe, plan) if plan.controls.active else None
         try:
             if controls is None:
                 yield None
@@ -346,35 +344,41 @@ class ShotControls:
       ``frame_mix``, the same weights FreeNoise interpolates) into the conditional half of the context;
     - LPA's -inf key biases carry the shot's own token positions and cover only the shot's frames (its rows
       of the conditional half); frames inside a smooth transition mix two prompts and are left unbiased;
-    - ToMe's refinement (``ShotBinding``) runs the image tab's binding and entropy losses on the whole video
-      with the shot's own single context, counting only the shot's frames, and moves only their latents.
+    - ToMe's refinement (``SemanticBinding`` with the shot's ``frames``) runs the image tab's binding and entropy
+      losses on the whole video (the motion modules need every frame) with the shot's own single context, counting
+      only the shot's frames, and moves only their latents; the image tab's losses, steps and layers (chosen by
+      grid size, as for an image of the video's frame size).
     """
 
-    def __init__(self, pipe, plan: Plan, request: VideoRequest) -> None:
+    def __init__(self, pipe, plan: Plan) -> None:
         self.pipe = pipe
+        self.plan = plan.controls
         self.frames = plan.num_frames
         self.cfg = plan.guidance_scale > 1.0
         self.attention = AttentionControl(pipe.unet)
         self.report: list[dict[str, Any]] = []
         self.mix = plan.timeline.frame_mix(plan.num_frames)
         self.size = (plan.height, plan.width)
+        self.latent_hw = (plan.height // pipe.vae_scale_factor, plan.width // pipe.vae_scale_factor)
         self.guidance = plan.guidance_scale
         self.edited: list[torch.Tensor] = []
-        self.bindings: dict[int, ShotBinding] = {}
+        self.bindings: dict[int, SemanticBinding] = {}
         for index, parsed in enumerate(plan.parsed):
             own = [frame for frame, weights in enumerate(self.mix) if weights == {index: 1.0}]
-            refined = request.binding and bool(own) and bool(group_tokens(pipe.tokenizer, parsed))
-            positive, report = self.edit_shot(parsed, request, refined)
+            refined = self.plan.binding is not None and bool(own) and bool(group_tokens(pipe.tokenizer, parsed))
+            positive, report = self.edit_shot(parsed, refined)
             self.edited.append(positive)
             if refined:
-                self.bindings[index] = ShotBinding(pipe, self, parsed, plan.steps, own)
-            if request.lpa and own:
-                report["lpa"] = self.route(parsed, request, own)
+                self.bindings[index] = SemanticBinding(
+                    pipe, "sd15", self.attention, parsed, plan.steps, latent_hw=self.latent_hw,
+                    guidance_scale=self.guidance, frames=own)
+            if self.plan.lpa is not None and own:
+                report["lpa"] = self.route(parsed, own)
             self.report.append({"shot": index + 1, **report})
-        self.negative = (encode_positive(pipe, request.negative_prompt or "", 1) if self.bindings and self.cfg
+        self.negative = (encode_positive(pipe, plan.negative_prompt, 1) if self.bindings and self.cfg
                          else None)
-        self.per_frame = self.mixed() if request.binding or request.isolate.strip() else None
-        self.own_context = True  # off while a ShotBinding runs the UNet with a single context
+        self.per_frame = self.mixed() if self.plan.binding is not None or self.plan.isolate else None
+        self.refining = False  # while a shot's binding runs its own UNet calls (one context for every frame)
         self._hook = None
 
     def mixed(self) -> torch.Tensor:
@@ -387,13 +391,12 @@ class ShotControls:
         shots' composite tokens prepared and ToMe's step-0 refinement applied; pass them as ``latents=``."""
         device = pipe._execution_device
         pipe.scheduler.set_timesteps(arguments["num_inference_steps"], device=device)
-        pipe._guidance_scale = self.guidance
         height, width = self.size
         latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, self.frames, height, width,
                                        self.edited[0].dtype, device, arguments["generator"])
         for index, binding in self.bindings.items():
-            positive = binding.prepare(self.edited[index], self.negative, latents, height, width)
-            latents, self.edited[index] = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
+            self.edited[index] = binding.prepare(self.edited[index], self.negative, latents, height, width)
+        latents = self.refine(0, pipe.scheduler.timesteps[0], latents)
         self.per_frame.copy_(self.mixed())
         return latents / pipe.scheduler.init_noise_sigma
 
@@ -401,8 +404,12 @@ class ShotControls:
         """ToMe's work for ``step`` on every bound shot; the per-frame context is updated in place (a captured
         UNet graph reads it by address)."""
         wanted = [index for index, binding in self.bindings.items() if binding.wants(step)]
-        for index in wanted:
-            latents, self.edited[index] = self.bindings[index].refine(step, timestep, latents, self.edited[index])
+        self.refining = True
+        try:
+            for index in wanted:
+                latents, self.edited[index] = self.bindings[index].refine(step, timestep, latents, self.edited[index])
+        finally:
+            self.refining = False
         if wanted:
             self.per_frame.copy_(self.mixed())
         return latents
@@ -410,48 +417,37 @@ class ShotControls:
     def refinement_iterations(self) -> int:
         return sum(len(binding.history) for binding in self.bindings.values())
 
-    def edit_shot(self, parsed, request: VideoRequest, refined: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-        """This shot's positive embedding with the leakage fix and ToMe's token merge applied (``refined``: the
-        merge and end-token substitution are left to the shot's ``ShotBinding``, which refines them)."""
-        pipe, report = self.pipe, {}
-        positive = encode_positive(pipe, parsed.text, 1)
-        items = [item for item in (w.strip() for w in request.isolate.split(",")) if item]
-        present = [item for item in items if find_words(parsed.text, item) is not None]
-        if present:
-            positive, report["isolated"] = isolate_items(pipe, parsed.text, present, positive)
-        if request.binding:
-            groups = group_tokens(pipe.tokenizer, parsed)
-            if groups and not refined:
-                config = BindingConfig()
-                positive = composite_tokens(positive, groups, config)
-                if config.ets_step >= 0:
-                    length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
-                    merged = encode_positive(pipe, attribute_free_prompt(parsed), 1)
-                    positive = end_token_substitution(positive, merged, length)
-            if groups:
-                report["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
-                                     for g in groups]
+    def edit_shot(self, parsed, refined: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This shot's positive embedding with the leakage fix (the items this shot names) and ToMe's token merge
+        applied (``refined``: the merge and end-token substitution are left to the shot's ``SemanticBinding``, which
+        refines them)."""
+        pipe, report, config = self.pipe, {}, self.plan.binding
+        positive, where = self.plan.isolated(pipe, parsed.text, encode_positive(pipe, parsed.text, 1), strict=False)
+        if where is not None:
+            report["isolated"] = where
+        groups = group_tokens(pipe.tokenizer, parsed) if config is not None else []
+        if groups and not refined:
+            positive = composite_tokens(positive, groups, config)
+            if config.ets_step >= 0:
+                length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
+                merged = encode_positive(pipe, attribute_free_prompt(parsed), 1)
+                positive = end_token_substitution(positive, merged, length)
+        if groups:
+            report["binding"] = binding_report(groups)
         return positive, report
 
-    def route(self, parsed, request: VideoRequest, frames: list[int]) -> dict[str, Any]:
+    def route(self, parsed, frames: list[int]) -> dict[str, Any]:
         """LPA's biases with this shot's token positions, on this shot's rows of the conditional half."""
-        if parsed.style is None:
-            return {"skipped": "no style: write '... in X style' in the shot or fill the Style field"}
-        tokenizer = self.pipe.tokenizer
-        content = span_positions(tokenizer, parsed.text, content_words(parsed))
-        style = token_positions(tokenizer, parsed.text, parsed.style.start, parsed.style.end)
         offset = self.frames if self.cfg else 0
         rows = slice(offset + frames[0], offset + frames[-1] + 1)
-        config = LPAConfig(window=tuple(float(v) for v in request.lpa_window))
-        for bias in route_style_tokens(self.attention.layers, content, style, config):
-            bias.rows = rows
-            self.attention.biases.append(bias)
-        return {"content_tokens": content, "style_tokens": style, "style": parsed.style.text,
-                "frames": f"{frames[0]}-{frames[-1]}"}
+        report = self.plan.route_lpa(self.attention, self.pipe.tokenizer, parsed, rows)
+        if report is None:
+            return {"skipped": "no style: write '... in X style' in the shot or fill the Style field"}
+        return {**report, "frames": f"{frames[0]}-{frames[-1]}"}
 
     def condition(self, module, args: tuple, kwargs: dict):
         """UNet pre-hook: the conditional half of the per-frame context becomes the edited per-frame mix."""
-        if not self.own_context:
+        if self.refining:
             return None
         context = kwargs["encoder_hidden_states"]
         rows = slice(self.frames, 2 * self.frames) if self.cfg else slice(0, self.frames)
@@ -470,38 +466,6 @@ class ShotControls:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-
-
-class ShotBinding(SemanticBinding):
-    """ToMe's refinement for one shot: the image tab's losses, steps and layers (chosen by grid size, as for an
-    image of the video's frame size), run on the whole video with the shot's single context (the motion modules need
-    the full frame count), counting only the shot's own frames in both losses and moving only their latents."""
-
-    def __init__(self, pipe, controls: "ShotControls", parsed: ParsedPrompt, steps: int, frames: list[int]) -> None:
-        height, width = controls.size
-        super().__init__(pipe, "sd15", controls.attention, parsed, steps,
-                         latent_hw=(height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
-        self.controls, self.frames = controls, frames
-
-    def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
-        """One context per video in ``sample``, repeated per frame as the pipeline does, instead of the timeline's
-        per-frame mix."""
-        self.controls.own_context = False
-        try:
-            return super()._unet(sample, t, context.repeat_interleave(sample.shape[2], dim=0), added)
-        finally:
-            self.controls.own_context = True
-
-    def _own(self, eps: torch.Tensor) -> torch.Tensor:
-        return eps[:, :, self.frames]
-
-    def _own_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps[self.frames]  # one context, so the spatial attention's rows are the frames
-
-    def _own_update(self, grad: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros_like(grad)
-        mask[:, :, self.frames] = 1
-        return grad * mask
 
 
 def disable_free_noise(pipe) -> None:
@@ -576,10 +540,3 @@ def frame_strip(pixels: np.ndarray, count: int = STRIP_FRAMES):
 
     picks = np.unique(np.linspace(0, len(pixels) - 1, min(count, len(pixels))).round().astype(int))
     return Image.fromarray(np.concatenate([pixels[index] for index in picks], axis=1))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory of this run; on the CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

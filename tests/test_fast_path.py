@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipelines.image.attention import AttentionControl, KeyBias
-from pipelines.image.fast import FastUNet, StaticBiases, choose_backend
+from pipelines.image.fast import FastUNet, StaticBiases, choose_backend, unet_graphs
 from pipelines.image.lpa import route_style_tokens
 from pipelines.image.merging import apply_merging, merging_stats, remove_merging
 from pipelines.image.pipeline import ImagePipeline, ImageRequest
@@ -160,9 +160,9 @@ def test_cached_entry_is_refilled_with_the_next_requests_masks():
     pipe = tiny_sd15_pipeline()
     pipe.set_progress_bar_config(disable=True)
     run_loop(pipe, gated_control(pipe.unet, [2, 3, 5]), "eager")
-    entries = len(pipe.unet._fast_cache)
+    entries = len(unet_graphs(pipe.unet).entries)
     second_fast, second_applied = run_loop(pipe, gated_control(pipe.unet, [4, 6, 7], region_rows=2), "eager")
-    assert len(pipe.unet._fast_cache) == entries  # same structure: the cached entry was reused
+    assert len(unet_graphs(pipe.unet).entries) == entries  # same structure: the cached entry was reused
     second_eager, eager_applied = run_loop(pipe, gated_control(pipe.unet, [4, 6, 7], region_rows=2), "off")
     assert second_applied == eager_applied
     assert np.abs(second_fast - second_eager).max() <= 1e-5

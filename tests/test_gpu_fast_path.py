@@ -1,6 +1,7 @@
 """The image and video fast paths on a CUDA device (``pytest -m gpu``; skipped without one): the captured graph
-gives the same pixels as the same static path run eagerly, for every control and merging, binding included,
-replays on the next request without capturing again, and the stored bf16 components stay bf16 on the GPU."""
+gives the same pixels as the same static path run eagerly, for every control and merging, binding included (its
+refinement's forward and backward passes captured too), replays on the next request without capturing again, and
+the stored bf16 components stay bf16 on the GPU."""
 from __future__ import annotations
 
 import json
@@ -54,6 +55,22 @@ def test_captured_graph_equals_the_eager_static_path(image_pipeline, arch, contr
     assert graph.stats["tokens_merged"] == eager.stats["tokens_merged"]
     assert placement(stored) == before and all(d == torch.bfloat16 for pairs in before.values()
                                                for _, d in pairs if d.is_floating_point)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_binding_refinement_replays_captured_forward_and_backward(image_pipeline, arch, monkeypatch):
+    """ToMe's refinement (anchor calls, token loss with its gradient, entropy loss with its gradients) replays
+    graphs captured with their backward: a repeated request captures nothing, runs no UNet call eagerly, replays
+    one graph per refinement pass besides the denoising steps, and gives the eager static path's pixels."""
+    eager = run(image_pipeline, arch, "eager", monkeypatch, binding=True)
+    run(image_pipeline, arch, "graph", monkeypatch, binding=True)
+    again = run(image_pipeline, arch, "graph", monkeypatch, binding=True)
+    forwards = again.stats["binding_unet_forwards"]
+    assert forwards == eager.stats["binding_unet_forwards"] > 0
+    assert again.stats["capture_s"] == 0 and again.stats["eager_unet_calls"] == 0
+    assert again.stats["graph_replays"] >= 4 + forwards
+    assert again.stats["binding_entropy_trace"] == eager.stats["binding_entropy_trace"]
+    assert np.array_equal(pixels(again.value), pixels(eager.value))
 
 
 def test_video_graph_equals_eager_static_path_and_keeps_dtype(monkeypatch):

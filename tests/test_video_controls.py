@@ -47,7 +47,7 @@ def test_lpa_bias_rows_cover_one_shots_conditional_frames():
 
     video_request = VideoRequest(**{**SMALL, "shots": SHOTS, "lpa": True})
     plan = VIDEO.plan(video_request)
-    controls = ShotControls(VIDEO.load(""), plan, video_request)
+    controls = ShotControls(VIDEO.load(""), plan)
     assert controls.attention.biases and all(bias.rows == slice(12, 16) for bias in controls.attention.biases)
     assert all(bias.timesteps == (300.0, 650.0) for bias in controls.attention.biases)
     assert controls.per_frame is None  # LPA alone leaves the text context to FreeNoise
@@ -74,7 +74,7 @@ def test_binding_refines_only_the_bound_shots_frames():
     request = VideoRequest(**{**SMALL, "shots": shots, "binding": True, "steps": 10})
     plan = VIDEO.plan(request)
     pipe = VIDEO.load("")
-    controls = ShotControls(pipe, plan, request)
+    controls = ShotControls(pipe, plan)
     assert list(controls.bindings) == [1] and controls.bindings[1].frames == [4, 5, 6, 7]
     arguments = VIDEO.call_arguments(plan, request)
     noise = pipe.prepare_latents(1, pipe.unet.config.in_channels, 8, 32, 32, controls.edited[0].dtype,

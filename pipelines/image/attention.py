@@ -31,6 +31,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from .hooks import capture_safe
+
 LayerFilter = Callable[[str], bool] | Collection[str] | None
 
 
@@ -228,6 +230,11 @@ class AttentionControl:
     def enabled(self) -> bool:
         return bool(self.biases or self.key_shares or self.recorders)
 
+    @property
+    def installed(self) -> bool:
+        """Whether controlled processors are on the UNet now (``install`` puts none when no control is set)."""
+        return self._saved is not None
+
     def install(self) -> None:
         """Swap in controlled processors on the layers some control touches; the rest keep theirs."""
         if self._saved is not None or not self.enabled:
@@ -257,6 +264,7 @@ class AttentionControl:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    @capture_safe  # host-side reads only outside a capture (FastUNet sets ``static`` and the timestep itself)
     def _track_timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]

@@ -10,17 +10,25 @@ refine the result:
   shrinks, and unscaled the token's norm went 14 -> 300-500 on a 64 px model. Each update is also capped relative
   to the token's norm, and a step that raises the loss is undone and retried shorter;
 - entropy loss: entropy of each noun's cross-attention map (on the layers of the grid a quarter of the latent
-  side, see ``binding_layers``), gradient steps on the latents and the positive text embedding until a
+  side, the official three where the UNet has them, see ``binding_layers``), gradient steps on the latents and
+  the positive text embedding until a
   threshold (the official one, rescaled to the grid's cell count) or an iteration cap.
 Runs inside ``callback_on_step_end`` (for step i+1) and once before the loop (for step 0); the callback's
 ``prompt_embeds`` are ``cat([negative, positive])``, so only the positive half is edited.
+
+Cost (issue 19; ``benchmarks/binding_passes.py`` counts it): per refined step and group one anchor call (its
+classifier-free-guided noise advances the anchor, its conditional half is the loss target), 3 forward+backward and
+one scoring forward on the token; per entropy iteration one forward+backward that stops after the last recorded
+layer. Weights need no gradient meanwhile. In the image tab every one of these passes is a captured CUDA graph
+(``FastUNet.captured``), replayed on later requests.
 """
 from __future__ import annotations
 
 import copy
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +41,10 @@ from .prompts import ParsedPrompt, encode_positive, span_positions, token_positi
 REFERENCE_LATENT_ELEMENTS = 4 * 128 * 128  # SDXL's latent at 1024 px, where the official token step was tuned
 REFERENCE_GRID_CELLS = 32 * 32  # the official entropy thresholds are for 32x32 maps (attention_res=32)
 MIN_BINDING_GRID = 8  # coarser maps leave too few cells for the entropy loss to tell two objects apart
+# The official attention store (utils/ptp_utils.py register_attention_control, SDXL): 32x32 maps at 1024 px.
+OFFICIAL_LAYERS = frozenset(f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2" for i in (1, 2, 3))
+# A composite token's loss per image, evaluated with or without its gradient: (loss, function giving the gradient).
+Evaluate = Callable[[torch.Tensor, bool], tuple[torch.Tensor, Callable[[], torch.Tensor] | None]]
 
 
 def binding_grid(latent_hw: tuple[int, int], grids: Iterable[tuple[int, int]]) -> tuple[int, int]:
@@ -42,13 +54,62 @@ def binding_grid(latent_hw: tuple[int, int], grids: Iterable[tuple[int, int]]) -
     return min(set(grids), key=lambda grid: (abs(math.log(min(grid) / target)), -min(grid)))
 
 
-def binding_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
+def grid_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
     """Cross-attention layers on the binding grid, chosen by grid size (not by name, so any UNet depth and
     resolution gets the intended maps); the decoder's where it has some, as the official code reads decoder maps."""
     grids = layer_grids(unet, latent_hw)
     grid = binding_grid(latent_hw, grids.values())
     chosen = {name for name, size in grids.items() if size == grid}
     return {name for name in chosen if name.startswith("up_blocks.")} or chosen
+
+
+def binding_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> set[str]:
+    """The layers the entropy loss reads: the grid's (``grid_layers``), or the official three where they are among
+    them (SDXL's deep decoder level): the paper's maps, and the loss's UNet forward stops after the third."""
+    chosen = grid_layers(unet, latent_hw)
+    return set(OFFICIAL_LAYERS) if OFFICIAL_LAYERS <= chosen else chosen
+
+
+def execution_order(name: str) -> tuple:
+    """Sort key of a UNet layer name in the order a forward reaches it (down blocks, mid block, up blocks; inside a
+    block by index). ``named_modules`` order is not it: diffusers registers ``up_blocks`` before ``mid_block``."""
+    section = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".")[0], 3)
+    return section, [int(part) for part in name.split(".") if part.isdigit()]
+
+
+class _MapsRecorded(Exception):
+    """Raised after the last layer the entropy loss reads: the rest of that UNet call is never needed."""
+
+
+@contextmanager
+def truncated_after(module: torch.nn.Module) -> Iterator[None]:
+    """UNet calls inside stop (silently) once ``module`` has run: the entropy loss reads only attention maps, so the
+    layers after the last recorded one add forward work and nothing to the loss or its gradients."""
+    def stop(*_: Any) -> None:
+        raise _MapsRecorded
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _MapsRecorded:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def frozen_weights(module: torch.nn.Module) -> Iterator[None]:
+    """Parameters without ``requires_grad`` while the refinement differentiates through ``module``: gradients are
+    taken only for the latents and the text embedding, so autograd need not keep every layer's input for a weight
+    gradient nobody asks for (same values, far less memory). The flags are restored after."""
+    flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 @dataclass
@@ -121,7 +182,7 @@ def attribute_free_prompt(parsed: ParsedPrompt) -> str:
 def entropy_loss(maps: torch.Tensor, noun_positions: list[int], last: int, temperature: float) -> torch.Tensor:
     """Sum over nouns of 2x the entropy of each noun's min-max-normalised attention map ([B, h, w, tokens])."""
     text = torch.softmax(maps[..., 1:last] / temperature, dim=-1)
-    nouns = text[..., [p - 1 for p in noun_positions]]
+    nouns = torch.stack([text[..., p - 1] for p in noun_positions], dim=-1)  # no index tensor: capturable
     low = nouns.amin(dim=(1, 2), keepdim=True)
     high = nouns.amax(dim=(1, 2), keepdim=True)
     nouns = (nouns - low) / (high - low + 1e-8)
@@ -144,16 +205,25 @@ def capped_update(token: torch.Tensor, update: torch.Tensor, max_share: float) -
 
 
 class SemanticBinding:
-    """Holds one generation's binding state; ``refine(step, ...)`` edits latents and the positive embedding."""
+    """Holds one generation's binding state; ``refine(step, ...)`` edits latents and the positive embedding.
+
+    ``frames``: the latents are a video's ``[batch, channels, frames, h, w]`` and the binding belongs to these
+    frames (one shot of a multi-shot video): its UNet calls give every frame the binding's own context, and the
+    losses count and the latent update moves only these frames. ``passes`` counts the refinement's UNet forwards
+    and backwards (``benchmarks/binding_passes.py``)."""
 
     def __init__(self, pipe: Any, arch: str, control: AttentionControl, parsed: ParsedPrompt, steps: int,
                  config: BindingConfig | None = None, generator: torch.Generator | None = None,
-                 latent_hw: tuple[int, int] | None = None) -> None:
+                 latent_hw: tuple[int, int] | None = None, guidance_scale: float = 7.5,
+                 frames: Sequence[int] | None = None) -> None:
         self.pipe = pipe
         self.arch = arch
         self.control = control
         self.config = config or BindingConfig()
         self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.frames = list(frames) if frames is not None else None
+        self.passes = {"forward": 0, "backward": 0}
         self.groups = group_tokens(pipe.tokenizer, parsed)
         self.prompt_length = len(pipe.tokenizer(parsed.text, add_special_tokens=False)["input_ids"])
         self.merged_prompt = attribute_free_prompt(parsed)
@@ -162,8 +232,13 @@ class SemanticBinding:
         self.scale_range = np.linspace(1.0, 0.0, steps)
         side = pipe.unet.config.sample_size
         self.latent_hw = latent_hw or (tuple(side) if isinstance(side, (tuple, list)) else (side, side))
-        self.recorder = control.record(layers=binding_layers(pipe.unet, self.latent_hw), keep_grad=True)
+        layers = binding_layers(pipe.unet, self.latent_hw)
+        self.recorder = control.record(layers=layers, keep_grad=True)
         self.recorder.enabled = False
+        last = max(layers, key=execution_order)
+        self.last_layer = pipe.unet.get_submodule(last)
+        self.grid = layer_grids(pipe.unet, self.latent_hw)[last]  # the maps' (h, w)
+        self.runner: Any = None  # the tab's FastUNet, to run the refinement's UNet work on its fast path
         self.generator = generator
         self.history: list[dict[str, float | int | str | bool]] = []
         self.token_norms: list[list[float]] = [[] for _ in self.groups]  # per group: after merge, after each step
@@ -208,22 +283,43 @@ class SemanticBinding:
         return {"text_embeds": torch.zeros(batch, projection, dtype=dtype, device=pipe._execution_device),
                 "time_ids": time_ids.to(pipe._execution_device)}
 
-    def _eps(self, latents: torch.Tensor, t: Any, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet(self.pipe.scheduler.scale_model_input(latents, t), t, embeds, self.added)
-
     def _unet(self, sample: torch.Tensor, t: Any, context: torch.Tensor, added: dict | None) -> torch.Tensor:
-        """The refinement's own UNet calls (one context per image in ``sample``)."""
+        """The refinement's own UNet calls: one context per image in ``sample`` (per video for a 5-D sample,
+        repeated per frame as AnimateDiff's pipeline does)."""
+        if sample.ndim == 5:
+            context = context.repeat_interleave(sample.shape[2], dim=0)
         return self.pipe.unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
 
-    # What the losses and the latent update cover: everything for an image; a video shot narrows them to its frames.
+    def _run(self, name: str, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: list[torch.Tensor],
+             key: tuple = ()) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)``, through the tab's fast path when it set ``runner`` (a ``FastUNet``: captured and replayed
+        as one CUDA graph, forward and backward) and directly otherwise. ``fn`` reads its tensors from ``inputs``."""
+        return fn(*inputs) if self.runner is None else self.runner.captured(name, fn, inputs, key)
+
+    def _added(self, repeat: int) -> list[torch.Tensor]:
+        """SDXL's added conditions as ``_run`` inputs, for ``repeat`` times the batch."""
+        return [torch.cat([v] * repeat) for v in self.added.values()] if self.added else []
+
+    def _added_dict(self, tensors: tuple[torch.Tensor, ...]) -> dict | None:
+        return dict(zip(self.added, tensors)) if self.added else None
+
+    def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        self.passes["backward"] += 1
+        return torch.autograd.grad(loss, inputs)
+
+    # What the losses and the latent update cover: everything for an image, ``frames`` for a video shot.
     def _own(self, eps: torch.Tensor) -> torch.Tensor:
-        return eps
+        return eps if self.frames is None else eps[:, :, self.frames]
 
     def _own_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps
+        return maps if self.frames is None else maps[self.frames]  # one context: the attention's rows are frames
 
     def _own_update(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+        if self.frames is None:
+            return grad
+        mask = torch.zeros_like(grad)
+        mask[:, :, self.frames] = 1
+        return grad * mask
 
     # ---- per step ----------------------------------------------------------------------------------------
     def wants(self, step: int) -> bool:
@@ -233,7 +329,7 @@ class SemanticBinding:
         """Binding work for denoising step ``step`` (before its UNet call): ETS, token and attention refinement."""
         if step == self.config.ets_step:
             positive = end_token_substitution(positive, self.merged_prompt_embeds, self.prompt_length)
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_weights(self.pipe.unet):
             if step < self.token_steps:
                 positive = self.refine_tokens(step, t, positive)
             if step < self.attention_steps:
@@ -246,23 +342,66 @@ class SemanticBinding:
             for index, group in enumerate(self.groups):
                 anchor_latents = self.anchor_latents[index].detach()
                 with torch.no_grad():
-                    target = self._own(self._eps(anchor_latents, t, self.anchor_embeds[index])).float()
-
-                def loss_of(token: torch.Tensor) -> torch.Tensor:
-                    predicted = self._own(self._eps(anchor_latents, t, token[:, None, :].to(positive.dtype)))
-                    return (predicted.float() - target).pow(2).flatten(1).mean(1)  # per image, as the official mean
-
-                token = self.descend(positive[:, group.nouns[0]].detach().float(), loss_of, target[0].numel(),
-                                     {"step": step, "loss": "binding", "group": index})
+                    noise, anchor = self._anchor_noise(index, t, anchor_latents)
+                target = self._own(anchor).float()
+                evaluate = self._token_loss(t, anchor_latents, target, positive.dtype)
+                token = self.descend_with(positive[:, group.nouns[0]].detach().float(), evaluate, target[0].numel(),
+                                          {"step": step, "loss": "binding", "group": index})
                 positive[:, group.nouns[0]] = token.to(positive.dtype)
-                with torch.no_grad():
-                    self.anchor_latents[index] = self._advance_anchor(index, t, anchor_latents)
+                extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
+                self.anchor_latents[index] = self.anchor_schedulers[index].step(noise, t, anchor_latents, **extra,
+                                                                                return_dict=False)[0]
         self._log_norms(positive)
         return positive
 
+    def _token_loss(self, t: Any, anchor_latents: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> Evaluate:
+        """The binding loss of a composite token (MSE between ε(z, token alone) and ``target``, per image) as an
+        ``Evaluate`` for ``descend_with``."""
+        inputs = [self.pipe.scheduler.scale_model_input(anchor_latents, t), torch.as_tensor(t), target,
+                  *self._added(1)]
+
+        def loss(token: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                 *added: torch.Tensor) -> torch.Tensor:
+            predicted = self._own(self._unet(sample, t, token[:, None, :].to(dtype), self._added_dict(added)))
+            return (predicted.float() - target).pow(2).flatten(1).mean(1)  # per image, as the official mean
+
+        if self.runner is None:
+            return self._autograd_evaluate(lambda token: loss(token, *inputs))
+
+        def loss_and_grad(token: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            candidate = token.detach().requires_grad_(True)
+            value = loss(candidate, *rest)
+            return value.detach(), torch.autograd.grad(value.sum(), [candidate])[0]
+
+        def evaluate(token: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+            self.passes["forward"] += 1
+            self.passes["backward"] += gradient
+            if not gradient:
+                with torch.no_grad():
+                    return self._run("binding-token", lambda *a: (loss(*a),), [token, *inputs], (str(dtype),))[0], None
+            value, grad = self._run("binding-token-grad", loss_and_grad, [token, *inputs], (str(dtype),))
+            return value, lambda: grad
+        return evaluate
+
+    def _autograd_evaluate(self, loss_of: Callable[[torch.Tensor], torch.Tensor]) -> Evaluate:
+        """``loss_of`` as an ``Evaluate``: the gradient is taken only if asked for (a rejected proposal needs none)."""
+        def evaluate(token: torch.Tensor, gradient: bool) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+            self.passes["forward"] += 1
+            candidate = token.detach().requires_grad_(gradient)
+            with torch.set_grad_enabled(gradient):
+                loss = loss_of(candidate)
+            return loss.detach(), lambda: self._grad(loss.sum(), [candidate])[0]
+        return evaluate
+
     def descend(self, token: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], elements: int,
                 record: dict[str, Any]) -> torch.Tensor:
-        """``token_refinement_steps`` gradient steps on ``token`` ([batch, dim]) against the per-image ``loss_of``.
+        """``descend_with`` on a differentiable per-row loss function."""
+        return self.descend_with(token, self._autograd_evaluate(loss_of), elements, record)
+
+    def descend_with(self, token: torch.Tensor, evaluate: Evaluate, elements: int,
+                     record: dict[str, Any]) -> torch.Tensor:
+        """``token_refinement_steps`` gradient steps on ``token`` ([batch, dim]) against the per-image loss that
+        ``evaluate(token, with_gradient)`` returns (with a function giving its gradient).
 
         The step is the official one scaled by ``elements / REFERENCE_LATENT_ELEMENTS`` and capped per row at
         ``token_max_update`` of the token's norm. Each proposal is scored by the next evaluation (the last by one
@@ -276,63 +415,87 @@ class SemanticBinding:
         scale = torch.ones(token.shape[0], 1, device=token.device)
         for iteration in range(config.token_refinement_steps + 1):
             last = iteration == config.token_refinement_steps
-            candidate = token.detach().requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                loss = loss_of(candidate)
-            accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss.detach() <= best_loss
-            self.history.append({**record, "iteration": iteration, "value": loss.detach().mean().item(),
+            candidate = token.detach()
+            loss, gradient = evaluate(candidate, not last)
+            accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss <= best_loss
+            self.history.append({**record, "iteration": iteration, "value": loss.mean().item(),
                                  "accepted": bool(accepted.all())})
             fresh = not last and bool(accepted.any())  # a rejected row keeps the gradient of its accepted token
-            grad = torch.autograd.grad(loss.sum(), [candidate])[0] if fresh else best_grad
+            grad = gradient() if fresh else best_grad
             keep = accepted[:, None]
-            best = torch.where(keep, candidate.detach(), best)
-            best_loss = torch.where(accepted, loss.detach(), best_loss) if best_loss is not None else loss.detach()
+            best = torch.where(keep, candidate, best)
+            best_loss = torch.where(accepted, loss, best_loss) if best_loss is not None else loss
             best_grad = torch.where(keep, grad, best_grad)
             scale = torch.where(keep, scale, scale * config.token_backoff)
             if not last:
                 token = best - capped_update(best, scale * size * best_grad, config.token_max_update)
         return best
 
-    def _advance_anchor(self, index: int, t: Any, latents: torch.Tensor) -> torch.Tensor:
-        """One classifier-free-guided step of the anchor prompt's own trajectory, on its own scheduler copy."""
+    def _anchor_noise(self, index: int, t: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call for the anchor prompt's own trajectory, on its scheduler copy: the classifier-free-guided noise
+        of its next step and its conditional prediction, which is also the binding loss's target (ε(z, anchor))."""
         scheduler = self.anchor_schedulers[index]
-        if self.negative is None:
-            noise = self._unet(scheduler.scale_model_input(latents, t), t, self.anchor_embeds[index], self.added)
-        else:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            embeds = torch.cat([self.negative, self.anchor_embeds[index]])
-            added = None if self.added is None else {k: torch.cat([v, v]) for k, v in self.added.items()}
-            uncond, cond = self._unet(model_input, t, embeds, added).chunk(2)
-            noise = uncond + self.pipe.guidance_scale * (cond - uncond)
-        extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
-        return scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        guided = self.negative is not None
+        sample = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
+        context = torch.cat([self.negative, self.anchor_embeds[index]]) if guided else self.anchor_embeds[index]
+
+        def predict(sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                    *added: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self._unet(sample, t, context, self._added_dict(added)),)
+
+        self.passes["forward"] += 1
+        noise = self._run("binding-anchor", predict, [sample, torch.as_tensor(t), context, *self._added(1 + guided)])[0]
+        if not guided:
+            return noise, noise
+        uncond, cond = noise.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond), cond
 
     def refine_attention(self, step: int, t: Any, latents: torch.Tensor, positive: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         config = self.config
-        nouns = [g.nouns[0] for g in self.groups]
         train_steps = self.pipe.scheduler.config.num_train_timesteps
         caps = config.attention_refinement_steps
         cap = caps[0] if float(t) / train_steps > 0.9 else caps[1]
         step_size = config.scale_factor * float(self.scale_range[step])
+        threshold = entropy_threshold(config, step, len(self.groups), self.grid[0] * self.grid[1])
         self.recorder.enabled = True
         try:
             with self.control.scope(recorders=[self.recorder], cfg=False):
                 for iteration in range(cap):
-                    latents = latents.detach().requires_grad_(True)
-                    positive = positive.detach().requires_grad_(True)
-                    self.recorder.clear()
-                    self._eps(latents, t, positive)
-                    maps = self._own_maps(self.recorder.aggregate())
-                    loss = entropy_loss(maps, nouns, self.prompt_length + 1, config.temperature)
-                    threshold = entropy_threshold(config, step, len(nouns), maps.shape[1] * maps.shape[2])
+                    loss, grad_latents, grad_text = self._entropy_gradients(t, latents.detach(), positive.detach())
                     self.history.append({"step": step, "loss": "entropy", "iteration": iteration, "value": loss.item()})
-                    grad_latents, grad_text = torch.autograd.grad(loss, [latents, positive])
-                    latents = latents - 0.5 * step_size * self._own_update(grad_latents)
-                    positive = positive - step_size * grad_text
+                    latents = latents.detach() - 0.5 * step_size * self._own_update(grad_latents)
+                    positive = positive.detach() - step_size * grad_text
                     if loss.item() < threshold:
                         break
         finally:
             self.recorder.enabled = False
             self.recorder.clear()
         return latents.detach(), positive.detach()
+
+    def _entropy_gradients(self, t: Any, latents: torch.Tensor, positive: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entropy loss at (``latents``, ``positive``) and its gradients for both. The UNet stops after the last
+        recorded layer; ``scale_model_input`` stays outside the (captured) work, as its factor depends on the step,
+        and the latents' gradient goes back through it by autograd, as before."""
+        nouns, last, temperature = [g.nouns[0] for g in self.groups], self.prompt_length + 1, self.config.temperature
+        leaf = latents.requires_grad_(True)
+        sample = self.pipe.scheduler.scale_model_input(leaf, t)
+
+        def gradients(sample: torch.Tensor, t: torch.Tensor, positive: torch.Tensor, *added: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sample, positive = sample.detach().requires_grad_(True), positive.detach().requires_grad_(True)
+            self.recorder.clear()
+            with truncated_after(self.last_layer):
+                self._unet(sample, t, positive, self._added_dict(added))
+            loss = entropy_loss(self._own_maps(self.recorder.aggregate()), nouns, last, temperature)
+            self.recorder.clear()
+            return (loss.detach(), *torch.autograd.grad(loss, [sample, positive]))
+
+        self.passes["forward"] += 1
+        self.passes["backward"] += 1
+        loss, grad_sample, grad_text = self._run("binding-entropy", gradients,
+                                                 [sample.detach(), torch.as_tensor(t), positive, *self._added(1)],
+                                                 (tuple(sorted(self.recorder.layers)), tuple(nouns), last, temperature))
+        grad_latents = grad_sample if sample is leaf else torch.autograd.grad(sample, leaf, grad_sample)[0]
+        return loss, grad_latents, grad_text

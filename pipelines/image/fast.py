@@ -20,8 +20,13 @@ The UNet's forward pre-hooks (merging reads the timestep, the control reads the 
 rewrite the context) are taken off the module while entered and run inside the captured region, on the static
 inputs, so what they compute is part of the graph.
 
-What runs eagerly instead: calls with gradients (ToMe binding's refinement), calls while ``suspended()`` (the
-step callback's own UNet calls), and steps where an attention recorder is on (heatmaps accumulate Python-side).
+What runs eagerly instead: UNet calls with gradients and calls while ``suspended()`` (the step callback's own
+UNet calls), and steps where an attention recorder is on (heatmaps accumulate Python-side). Work that takes
+gradients through the UNet can still be captured whole with ``captured(name, fn, inputs)``: ToMe binding's
+refinement passes (forward and backward, loss and gradients inside one graph) run that way in the image tab.
+
+Which UNet pre-hooks may run inside a graph shared across requests is declared where each hook is defined
+(``hooks.capture_safe``); graphs are kept per UNet beside it (``unet_graphs``), not as attributes on the module.
 
 Backends: ``graph`` (default on CUDA), ``compile`` (``torch.compile(mode="reduce-overhead")`` of the same
 hooked call; the benchmark compares both), ``eager`` (the same static code path without capture: CPU, ZeroGPU,
@@ -29,6 +34,7 @@ where ``torch.compile`` and CUDA graphs are not used), ``off`` (not installed: t
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 import weakref
@@ -40,10 +46,34 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .attention import AppliedBias, AttentionControl, layer_matches
+from .hooks import is_capture_safe
+from .merging import installed_merging
 
 BACKENDS = ("off", "eager", "graph", "compile")
 # Graphs kept per UNet (resolution x batch x control structure); least recently used goes first.
 MAX_CACHED = 8
+
+
+@dataclass
+class UNetGraphs:
+    """One UNet's captured calls across requests: the cache entries and the memory pool their graphs share."""
+
+    entries: "OrderedDict[Any, Entry]" = field(default_factory=OrderedDict)
+    pool: Any = None
+    failed: dict[Any, str] = field(default_factory=dict)  # ``captured`` work that would not capture: run eagerly
+
+
+# Per UNet, held beside it rather than on it; graph entries refer to their UNet only weakly, so both go together
+# (a ``compile`` entry's function holds its run, and so its UNet, for the life of the process).
+_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, UNetGraphs]" = weakref.WeakKeyDictionary()
+
+
+def unet_graphs(unet: torch.nn.Module) -> UNetGraphs:
+    """The captured calls kept for ``unet`` (created empty on first use)."""
+    graphs = _GRAPHS.get(unet)
+    if graphs is None:
+        graphs = _GRAPHS[unet] = UNetGraphs()
+    return graphs
 
 
 def supported(unet: Any) -> bool:
@@ -234,7 +264,7 @@ class Entry:
     compiled: Any = None
     output: Any = None
     merged: tuple[int, int] = (0, 0)  # tokens and blocks merged per call (counted at capture)
-    owner: Any = None  # the StaticBiases whose masks the buffers hold
+    owner: Any = None  # weak reference to the StaticBiases whose masks the buffers hold
     run_scoped: bool = False
 
 
@@ -254,6 +284,7 @@ class FastUNet:
         self.capture_s = 0.0
         self.replays = 0
         self.eager_calls = 0
+        self.capture_failures: set[str] = set()
         self._suspended = 0
         self._hooks: tuple[OrderedDict, dict] | None = None
         self._static: StaticBiases | None = None
@@ -270,7 +301,7 @@ class FastUNet:
         unet.forward = self.forward
         self._params = [p for p in unet.parameters()]
         self._checked: set[int] = set()
-        if self.control is not None and self.control._saved is None:  # installed nothing: stock processors
+        if self.control is not None and not self.control.installed:  # installed nothing: stock processors
             self.control = None
         self._static = StaticBiases(self.control) if self.control is not None else None
         self._context = self._context_key()
@@ -292,10 +323,7 @@ class FastUNet:
 
     @property
     def cache(self) -> "OrderedDict[Any, Entry]":
-        cache = getattr(self.unet, "_fast_cache", None)
-        if cache is None:
-            cache = self.unet._fast_cache = OrderedDict()
-        return cache
+        return unet_graphs(self.unet).entries
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -309,13 +337,12 @@ class FastUNet:
     def _context_key(self) -> tuple:
         """What the captured work depends on besides the inputs."""
         unet = self.unet
-        known = {"_track_timestep", "on_unet"}  # the control's and merging's hooks: they read shapes and timesteps
         hooks = tuple(getattr(h, "__name__", type(h).__name__) for h in self._hooks[0].values())
-        merging = getattr(unet, "_token_merging", None)
+        merging = installed_merging(unet)
         processors = tuple(sorted({type(p).__name__ for p in unet.attn_processors.values()}))
-        # Hooks of unknown kind may read per-request tensors by address: their graphs live for this run only.
-        scoped = id(self) if any(h not in known for h in hooks) else None
-        return (hooks, merging.config if merging is not None and merging.hooks else None, processors,
+        # Hooks not registered as capture-safe may read per-request tensors by address: graphs for this run only.
+        scoped = None if all(is_capture_safe(h) for h in self._hooks[0].values()) else id(self)
+        return (hooks, merging.config if merging is not None and merging.active else None, processors,
                 self._static.structure() if self._static is not None else (), self.backend, scoped)
 
     # ---- the call ------------------------------------------------------------------------------------------
@@ -364,13 +391,7 @@ class FastUNet:
             self.backend = "eager"
             self._context = self._context_key()
         key = (spec, self._context)
-        entry = self.cache.get(key)
-        if entry is not None and id(entry) not in self._checked:  # same weights, not new ones at old addresses
-            if all(ref() is p for ref, p in zip(entry.params, self._params)):
-                self._checked.add(id(entry))
-            else:
-                del self.cache[key]
-                entry = None
+        entry = self._lookup(key)
         static = self._static
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if control is not None:
@@ -384,26 +405,82 @@ class FastUNet:
             for buffer, value in zip(entry.inputs, tensors):
                 buffer.copy_(value)
         if static is not None:
-            if entry.owner is not static and entry.buffers:
+            if (entry.owner is None or entry.owner() is not static) and entry.buffers:
                 static.adopt(entry.buffers, sample.device)
             static.buffers, static.shapes = entry.buffers, entry.shapes
-            entry.owner = static
+            entry.owner = weakref.ref(static)
             static.set_gates(static.decide(control.step, control.timestep), sample.device)
         call_args, call_kwargs = _rebuild(spec, iter(entry.inputs))
         if self.backend == "eager" or self.recording():
             output = self._eager(call_args, call_kwargs)
         elif fresh or (entry.graph is None and entry.compiled is None):
-            output = self._capture(entry, call_args, call_kwargs)
-            self.cache[key] = entry
+            output = self._capture(entry, lambda: self._run_hooked(call_args, call_kwargs))
+            self._store(key, entry)
         else:
             output = self._replay(entry)
         if self.backend == "eager" and fresh:
-            self.cache[key] = entry
+            self._store(key, entry)
         if static is not None:
             static.record_applied(control.step, control.timestep)
+        return output
+
+    def captured(self, name: str, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: list[torch.Tensor],
+                 key: tuple = ()) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)``, work that may take gradients (ToMe's refinement), on the fast path: on CUDA with the
+        ``graph`` backend captured once per ``name``, ``key`` and input shapes (forward and backward in one graph)
+        and replayed; by the ``eager`` backend run directly on the same static code path. ``fn`` must read no
+        tensor besides the UNet's weights that is not in ``inputs``, and return tensors. With key biases or key
+        shares on the control (refinement scopes change them), and with the fast path off, it runs as plain eager
+        code."""
+        static = self._static
+        plain = self._hooks is None or (static is not None and static.layers) or bool(
+            self.control is not None and self.control.key_shares)
+        self._suspended += 1  # the UNet calls inside belong to this work, not fast-path calls of their own
+        try:
+            if plain:
+                return fn(*inputs)
+            if self.backend != "graph" or inputs[0].device.type != "cuda":
+                with self._static_mode():
+                    return fn(*inputs)
+            spec = (name, key, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
+            cache_key = (spec, self._context)
+            entry = self._lookup(cache_key)
+            failed = unet_graphs(self.unet).failed
+            if entry is None and cache_key not in failed:
+                entry = self._new_entry(spec, inputs)
+                try:
+                    output = self._capture(entry, lambda: fn(*entry.inputs))
+                except RuntimeError as error:  # a capture that fails leaves the work to the eager static path
+                    failed[cache_key] = f"{name}: {error}"
+                else:
+                    self._store(cache_key, entry)
+                    return output
+            if entry is None:
+                self.capture_failures.add(failed[cache_key])
+                with self._static_mode():
+                    return fn(*inputs)
+            self.cache.move_to_end(cache_key)
+            for buffer, value in zip(entry.inputs, inputs):
+                buffer.copy_(value)
+            return self._replay(entry)
+        finally:
+            self._suspended -= 1
+
+    def _lookup(self, key: Any) -> Entry | None:
+        """The cached entry of ``key``, if it was captured with these very weights (not new ones at old addresses)."""
+        entry = self.cache.get(key)
+        if entry is not None and id(entry) not in self._checked:
+            if all(ref() is p for ref, p in zip(entry.params, self._params)):
+                self._checked.add(id(entry))
+            else:
+                del self.cache[key]
+                entry = None
+        return entry
+
+    def _store(self, key: Any, entry: Entry) -> None:
+        self.cache[key] = entry
         while len(self.cache) > MAX_CACHED:
             self.cache.popitem(last=False)
-        return output
 
     def _new_entry(self, spec: Any, tensors: list[torch.Tensor]) -> Entry:
         inputs = [t.detach().clone() for t in tensors]
@@ -426,36 +503,34 @@ class FastUNet:
         finally:
             control.static = None
 
-    def _capture(self, entry: Entry, args: tuple, kwargs: dict) -> Any:
-        """Warm up once eagerly on a side stream, capture (or compile), replay; the time goes to ``capture_s``."""
+    def _capture(self, entry: Entry, run: Callable[[], Any]) -> Any:
+        """Warm up ``run`` once eagerly on a side stream, capture (or compile) it, replay; the time goes to
+        ``capture_s``."""
         start = time.perf_counter()
-        merging = getattr(self.unet, "_token_merging", None)
-        counted = (merging.stats.tokens_merged, merging.stats.tokens_merged_last_call,
-                   merging.stats.blocks_merged_last_call) if merging is not None else None
+        merging = installed_merging(self.unet)
+        counted = copy.copy(merging.stats) if merging is not None else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with self._static_mode():
             with torch.cuda.stream(stream):
-                self._run_hooked(args, kwargs)
+                run()
             torch.cuda.current_stream().wait_stream(stream)
             if merging is not None:
-                entry.merged = (merging.stats.tokens_merged_last_call, merging.stats.blocks_merged_last_call)
+                entry.merged = merging.stats.last_call()
             if self.backend == "compile":
-                entry.compiled = torch.compile(lambda: self._run_hooked(args, kwargs), mode="reduce-overhead",
-                                               dynamic=False)
+                entry.compiled = torch.compile(run, mode="reduce-overhead", dynamic=False)
                 for _ in range(3):  # cudagraph trees record on the third call
                     torch.compiler.cudagraph_mark_step_begin()
                     entry.compiled()
             else:
-                pool = getattr(self.unet, "_fast_pool", None)
-                if pool is None:
-                    pool = self.unet._fast_pool = torch.cuda.graph_pool_handle()
+                graphs = unet_graphs(self.unet)
+                if graphs.pool is None:
+                    graphs.pool = torch.cuda.graph_pool_handle()
                 entry.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(entry.graph, pool=pool, capture_error_mode="thread_local"):
-                    entry.output = self._run_hooked(args, kwargs)
+                with torch.cuda.graph(entry.graph, pool=graphs.pool, capture_error_mode="thread_local"):
+                    entry.output = run()
         if merging is not None:
-            (merging.stats.tokens_merged, merging.stats.tokens_merged_last_call,
-             merging.stats.blocks_merged_last_call) = counted
+            merging.stats.restore(counted)
         output = self._replay(entry)
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - start
@@ -469,14 +544,14 @@ class FastUNet:
         else:
             entry.graph.replay()
             output = _clone(entry.output)
-        merging = getattr(self.unet, "_token_merging", None)
-        if merging is not None and merging.hooks:
-            merging.stats.tokens_merged += entry.merged[0]
-            merging.stats.tokens_merged_last_call, merging.stats.blocks_merged_last_call = entry.merged
+        merging = installed_merging(self.unet)
+        if merging is not None and merging.active:
+            merging.stats.add_call(entry.merged)
         return output
 
     def stats(self) -> dict[str, Any]:
         """For the stats panel: the backend, seconds spent capturing in this run (0 when every graph was cached),
         graph replays and eager UNet calls."""
+        failures = {"capture_failed": sorted(self.capture_failures)} if self.capture_failures else {}
         return {"fast": self.backend, "capture_s": round(self.capture_s, 3), "graph_replays": self.replays,
-                "eager_unet_calls": self.eager_calls}
+                "eager_unet_calls": self.eager_calls, **failures}

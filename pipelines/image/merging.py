@@ -38,6 +38,7 @@ Why it is faster than tomesd on a GPU, and capturable:
 """
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from .hooks import capture_safe
 
 # tomesd defaults: ratio 0.5, 2×2 cells, random destinations, merge self-attention only.
 DEFAULT_RATIO = 0.5
@@ -135,6 +138,8 @@ def _capturing() -> bool:
 
 
 _CONSTANTS = _Constants()
+# What apply_merging installed, per UNet (not an attribute on the library's module; gone with the UNet).
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, TokenMerging]" = weakref.WeakKeyDictionary()
 
 
 def _cell_layout(h: int, w: int, sx: int, sy: int, tile: int,
@@ -262,6 +267,20 @@ class MergeStats:
         return {"tokens_merged": self.tokens_merged, "tokens_merged_per_call": self.tokens_merged_last_call,
                 "blocks_merged_per_call": self.blocks_merged_last_call}
 
+    def last_call(self) -> tuple[int, int]:
+        """Tokens and blocks merged in the last UNet call."""
+        return self.tokens_merged_last_call, self.blocks_merged_last_call
+
+    def add_call(self, last_call: tuple[int, int]) -> None:
+        """Count a UNet call that ran no Python (a replayed CUDA graph) as the call it replays."""
+        self.tokens_merged += last_call[0]
+        self.tokens_merged_last_call, self.blocks_merged_last_call = last_call
+
+    def restore(self, saved: "MergeStats") -> None:
+        """Back to ``saved``'s counts (a capture's warm-up and recording calls are not generations)."""
+        self.tokens_merged, self.tokens_merged_last_call, self.blocks_merged_last_call = (
+            saved.tokens_merged, saved.tokens_merged_last_call, saved.blocks_merged_last_call)
+
 
 @dataclass
 class _Grid:
@@ -348,6 +367,11 @@ class TokenMerging:
     def blocks(self) -> list[str]:
         return [merger.name for merger in self.mergers]
 
+    @property
+    def active(self) -> bool:
+        """Whether any hook is installed (``ratio=0`` or no eligible block installs none)."""
+        return bool(self.hooks)
+
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
@@ -413,7 +437,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
                          min_tokens, window, chunk_elements, share_plan)
     run = _Run()
     handle = TokenMerging(config, run.stats)
-    unet._token_merging = handle
+    _INSTALLED[unet] = handle
     transformers = spatial_transformers(unet)
     if ratio == 0 or not transformers or not (merge_attn or merge_crossattn or merge_mlp):
         return handle
@@ -422,6 +446,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
     if not chosen:
         return handle
 
+    @capture_safe  # reads the call's timestep tensor on the device
     def on_unet(module, args, kwargs):
         run.step = _step_key(args[1] if len(args) > 1 else kwargs.get("timestep"))
         run.stats.tokens_merged_last_call = 0
@@ -464,15 +489,19 @@ def _hook_block(block: nn.Module, merger: BlockMerger) -> list[RemovableHandle]:
     return hooks
 
 
+def installed_merging(unet: nn.Module) -> TokenMerging | None:
+    """What ``apply_merging`` installed on ``unet`` (None when nothing is)."""
+    return _INSTALLED.get(unet)
+
+
 def remove_merging(unet: nn.Module) -> None:
     """Remove everything ``apply_merging`` installed; the UNet runs its stock forward again."""
-    handle = getattr(unet, "_token_merging", None)
+    handle = _INSTALLED.pop(unet, None)
     if handle is not None:
         handle.remove()
-        del unet._token_merging
 
 
 def merging_stats(unet: nn.Module) -> dict[str, int]:
     """Counters for the stats panel ("tokens merged"); zeros when merging is off."""
-    handle = getattr(unet, "_token_merging", None)
+    handle = installed_merging(unet)
     return handle.stats.as_dict() if handle is not None else MergeStats().as_dict()

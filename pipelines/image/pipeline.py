@@ -7,7 +7,6 @@ generators), so its output is the stock output bit for bit. Controls compose on 
 from __future__ import annotations
 
 import copy
-import resource
 import time
 from pathlib import Path
 from dataclasses import dataclass, fields
@@ -17,19 +16,19 @@ import torch
 
 from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
                     require_text, resolve_seed, with_baseline)
-from ..models import ModelSpec, ModelStore, ResolvedModel, keep_placement
+from ..models import ModelSpec, ModelStore, ResolvedModel, keep_placement, peak_memory_mb
 from ..outputs import save_png
 from ..presets import PresetModels, models_for
 from ..streaming import stream_in_thread
 from .attention import AttentionControl
 from .fast import FastUNet, choose_backend
 from .compass import DEFAULT_BOX, PhraseCompassEncoder, apply_compass, load_official_compass, parse_compass_objects
-from .binding import BindingConfig, SemanticBinding, binding_layers
+from .binding import BindingConfig, SemanticBinding, grid_layers
+from .controls import ControlPlan, binding_report, check_window, split_words
 from .heatmaps import overlay
-from .leakfix import isolate_items
-from .lpa import LPAConfig, route_style_tokens
+from .lpa import LPAConfig
 from .preview import AsyncPreviews, fit_latent_rgb
-from .prompts import ParsedPrompt, content_words, parse_prompt, span_positions, token_positions, find_words
+from .prompts import ParsedPrompt, parse_prompt, token_positions, find_words
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "default": None,
@@ -60,10 +59,10 @@ class ImageRequest(Request):
     scheduler: str = "default"
     batch_size: int = 1
     binding: bool = False  # ToMe semantic binding on the [bracketed] or automatically found groups
-    ets_step: int = -1  # end-token substitution step (-1 = off, the official attribute-binding default)
+    ets_step: int = BindingConfig.ets_step  # end-token substitution step (-1 = off, as in the official config)
     lpa: bool = False  # Local Prompt Adaptation
     style: str = ""  # explicit style for LPA ("" = find "in X style" in the prompt)
-    lpa_window: tuple[float, float] = (300.0, 650.0)
+    lpa_window: tuple[float, float] = LPAConfig.window  # the paper's best, late-only
     isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
     merge_ratio: float = 0.0  # token merging for speed (pipelines/image/merging.py)
     compass: str = ""  # Compass Control objects as JSON: [{"name": "car", "angle": 90, "box": [x0, y0, x1, y1]}]
@@ -107,18 +106,8 @@ def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageM
     return LoadedImageModel(pipe, arch, fit_latent_rgb(pipe.vae))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def latent_size(pipe: Any, request: ImageRequest) -> tuple[int, int]:
     return int(request.height) // pipe.vae_scale_factor, int(request.width) // pipe.vae_scale_factor
-
-
-def split_words(text: str) -> list[str]:
-    return [w.strip() for w in text.split(",") if w.strip()]
 
 
 class ImagePipeline(PresetModels, Pipeline):
@@ -157,9 +146,7 @@ class ImagePipeline(PresetModels, Pipeline):
             require_range(value, name, 16, 2048)
             if value % 8:
                 raise PipelineError(f"{name} must be a multiple of 8, got {value}.")
-        low, high = (float(v) for v in request.lpa_window)
-        if not 0 <= low <= high <= 1000:
-            raise PipelineError(f"LPA window must satisfy 0 <= start <= end <= 1000, got {request.lpa_window}.")
+        check_window(request.lpa_window)
         request.seed = resolve_seed(request.seed)
 
     def scheduled_pipe(self, model: LoadedImageModel, name: str) -> Any:
@@ -224,7 +211,7 @@ class ImagePipeline(PresetModels, Pipeline):
         self.switch_compass_lora(pipe.unet, controlled and bool(request.compass.strip())
                                  and request.compass_encoder in self._compass_loras)
         heat_tokens = self.heatmap_tokens(pipe, parsed, request)
-        heat_layers = binding_layers(pipe.unet, latent_size(pipe, request))
+        heat_layers = grid_layers(pipe.unet, latent_size(pipe, request))
         heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
                                        layers=heat_layers) if heat_tokens else None
         binding = None
@@ -243,6 +230,8 @@ class ImagePipeline(PresetModels, Pipeline):
             merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed,
                                   **merge_settings(model.arch, backend, device))
         fast = FastUNet(pipe.unet, backend, control, lambda: pipe.scheduler.timesteps)
+        if binding is not None and backend != "off":
+            binding.runner = fast  # the refinement's UNet work on the fast path too (captured forward+backward)
         previews = AsyncPreviews(model.preview_map, upscale=pipe.vae_scale_factor, interval=self.preview_interval_s)
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -269,11 +258,10 @@ class ImagePipeline(PresetModels, Pipeline):
                     callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if binding else ["latents"])
         start = time.perf_counter()
         try:
-            with control:
+            with control, fast:
                 if binding is not None:
                     self.start_binding(pipe, binding, call, generators)
-                with fast:
-                    images = pipe(**call).images
+                images = pipe(**call).images
         finally:
             if merge is not None:
                 from .merging import merging_stats, remove_merging
@@ -288,12 +276,14 @@ class ImagePipeline(PresetModels, Pipeline):
                  for i, image in enumerate(images)]
         heatmaps = self.save_heatmaps(images, heat_recorder, heat_tokens, request, variant)
         stats = {"time_s": round(elapsed, 4), "steps_per_s": round(steps / elapsed, 3) if elapsed > 0 else 0.0,
-                 "peak_memory_mb": round(peak_memory_mb(device), 1), "images": len(images),
+                 "peak_memory_mb": peak_memory_mb(device), "images": len(images),
                  "tokens_merged": int(info.get("tokens_merged", 0)),
                  "biased_attention_calls": len(control.applied), **fast.stats()}
         if binding is not None:
             stats["binding_groups"] = len(binding.groups)
             stats["binding_refinement_iterations"] = len(binding.history)
+            stats["binding_unet_forwards"], stats["binding_unet_backwards"] = (binding.passes["forward"],
+                                                                               binding.passes["backward"])
             stats.update(binding.summary())
         return {"paths": paths, "heatmaps": heatmaps, "stats": stats, "controls": info.get("controls", {})}
 
@@ -312,32 +302,25 @@ class ImagePipeline(PresetModels, Pipeline):
             call.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
         else:
             positive, neg = pipe.encode_prompt(parsed.text, device, batch, cfg, negative_prompt=negative)
+        plan = ControlPlan.from_request(request)
         controls: dict[str, Any] = {}
-        items = split_words(request.isolate)
-        if items:
-            positive, where = isolate_items(pipe, parsed.text, items, positive)
+        positive, where = plan.isolated(pipe, parsed.text, positive)
+        if where is not None:
             controls["isolated"] = where
-        if request.lpa:
-            if parsed.style is None:
+        if plan.lpa is not None:
+            controls["lpa"] = plan.route_lpa(control, pipe.tokenizer, parsed)
+            if controls["lpa"] is None:
                 raise PipelineError("LPA needs a style: write '... in watercolor style' in the prompt or fill the "
                                     "Style field.")
-            tokenizer = pipe.tokenizer
-            content = span_positions(tokenizer, parsed.text, content_words(parsed))
-            style = token_positions(tokenizer, parsed.text, parsed.style.start, parsed.style.end)
-            control.biases.extend(route_style_tokens(control.layers, content, style,
-                                                     LPAConfig(window=tuple(request.lpa_window))))
-            controls["lpa"] = {"content_tokens": content, "style_tokens": style, "style": parsed.style.text}
         binding = None
-        if request.binding:
+        if plan.binding is not None:
             if not parsed.groups:
                 raise PipelineError("Semantic binding found no object+attribute groups. Mark them like "
                                     "'a [red hat] and a [blue car]'.")
-            binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps),
-                                      BindingConfig(ets_step=int(request.ets_step)),
+            binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps), plan.binding,
                                       generator=torch.Generator("cpu").manual_seed(request.seed),
-                                      latent_hw=latent_size(pipe, request))
-            controls["binding"] = [{"phrase": g.phrase, "nouns": g.nouns, "attributes": g.attributes}
-                                   for g in binding.groups]
+                                      latent_hw=latent_size(pipe, request), guidance_scale=float(request.cfg))
+            controls["binding"] = binding_report(binding.groups)
         # The embeddings already hold one row per image: diffusers would repeat them num_images_per_prompt times
         # again (batch x batch rows for `batch` generators). Image i still gets the noise of seed + i.
         call.update(prompt_embeds=positive, negative_prompt_embeds=neg, num_images_per_prompt=1)
@@ -401,7 +384,6 @@ class ImagePipeline(PresetModels, Pipeline):
         noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=positive.dtype)
         pipe.scheduler.set_timesteps(steps, device=pipe._execution_device)
         latents = noise * pipe.scheduler.init_noise_sigma
-        pipe._guidance_scale = call["guidance_scale"]
         positive = binding.prepare(positive, negative if call["guidance_scale"] > 1 else None, latents, height, width)
         latents, positive = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
         call.update(latents=latents / pipe.scheduler.init_noise_sigma, prompt_embeds=positive)

@@ -83,6 +83,8 @@ class ExactForward(CausalLMForward):
     the comparison is exact between runs of one adapter configuration (same ``rows`` and ``max_cache_len``).
     ``capture=None`` replays one CUDA graph on a dedicated GPU and runs the same step eagerly elsewhere."""
 
+    compiles = False  # no inductor: its fused kernels would be one more thing to keep shape-invariant
+
     def __init__(self, model, max_cache_len: int = 4096, rows: int = EXACT_ROWS, block: int = EXACT_BLOCK,
                  capture: bool | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(model, tree_attention=True, embed=embed)
@@ -102,8 +104,8 @@ class ExactForward(CausalLMForward):
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
-        self.graph: tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.warmup_s = 0.0
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}  # by rows
+        self.warmup_s = 0.0  # seconds spent capturing (the first step)
 
     def new_cache(self) -> CanonicalCache:
         self.cache.length = 0
@@ -193,7 +195,7 @@ class ExactForward(CausalLMForward):
     def _replay(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The one CUDA graph, captured on first use (warm-up runs are this very step: same inputs, same rows
         written). A failed capture turns capture off for good."""
-        if self.graph is None:
+        if self.rows not in self.graphs:
             started = time.perf_counter()
             try:
                 stream = torch.cuda.Stream()
@@ -205,12 +207,12 @@ class ExactForward(CausalLMForward):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     outputs = self._step()
-                self.graph = (graph, outputs)
+                self.graphs[self.rows] = (graph, outputs)
                 self.warmup_s += time.perf_counter() - started
             except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
                 log.warning("CUDA graph capture failed (%s); exact mode runs eagerly.", error)
                 self.capture = False
                 return self._step()
-        graph, outputs = self.graph
+        graph, outputs = self.graphs[self.rows]
         graph.replay()
         return outputs

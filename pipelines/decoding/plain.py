@@ -35,6 +35,22 @@ class DecodeStats:
     accepted_per_forward: list[int] = field(default_factory=list)
     draft_s: float = 0.0  # time spent building trees and updating drafter state
     step_s: float = 0.0  # time spent in whole steps (forward, acceptance, drafting)
+    top_logits: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # [] keeps them: see ``keep_top``
+
+    def keep_top(self, logits: torch.Tensor) -> None:
+        """With ``top_logits`` on, keep the two largest raw logits and their ids of each row of ``logits`` (the
+        rows the committed tokens were chosen from), on the device: what explains a divergence afterwards."""
+        if self.top_logits is not None:
+            top = logits.float().topk(2, dim=-1)
+            self.top_logits.append((top.values, top.indices))
+
+    def top_two(self) -> list[list[tuple[int, float]]]:
+        """Per committed token, ``[(id, logit), (id, logit)]`` (largest first), read back in one transfer."""
+        if not self.top_logits:
+            return []
+        values = torch.cat([v for v, _ in self.top_logits]).tolist()
+        ids = torch.cat([i for _, i in self.top_logits]).tolist()
+        return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids, values)]
 
     @property
     def tau(self) -> float:
@@ -127,6 +143,7 @@ def plain_decode(
             cancel.raise_if_cancelled()
         started = time.perf_counter()
         logits = step(step_input)
+        stats.keep_top(logits[None])
         stats.forwards += 1
         token = choose_token(logits if process is None else process(logits, []), config, generator)
         generated.append(token)

@@ -188,6 +188,7 @@ def speculative_decode(
         logits = model(**prefill, use_cache=True, **{forward.kwarg: cache}).logits[0, -1]
         process = logits_processing(processors, prompt, generated) if processors else None
         token = choose_token(logits if process is None else process(logits, []), config, generator)
+        stats.keep_top(logits[None])
         stats.forwards += 1
         stats.new_tokens += 1
         stats.accepted_per_forward.append(1)
@@ -222,6 +223,7 @@ def speculative_decode(
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]
                     break
+            stats.keep_top(logits[[0] + nodes])  # the rows the committed tokens were chosen at
             kept = contiguous_accepted(nodes)
             dropped = len(tree) - 1 - kept
             if dropped:  # crop(-0) would mean "keep nothing" to a cache that reads it as a length

@@ -29,6 +29,7 @@ COLOURED, PLAIN = ["tw-text", "tw-coloured"], ["tw-text"]
 VANILLA_HEADING = "#### A · Vanilla (one token per forward)"
 METHOD_INFO = ("Greedy output equals vanilla in exact mode, and in fp32 on the CPU in every test; in bf16 on a GPU "
                "near-ties can flip a token: Compare shows where")
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 EXACT_LABEL = ("Exact mode: greedy output of every method bit-identical to vanilla in this mode (slower: "
                "fixed-shape forwards)")
 
@@ -88,7 +89,8 @@ def divergence_text(comparison: dict[str, Any]) -> str:
              f"(logit {_logit(found['plain_logit'])}), method chose {found['method_text']!r} "
              f"(logit {_logit(found['method_logit'])})")
     if found["near_tie"]:
-        return where + f" — {comparison.get('dtype') or 'low-precision'} rounding at a near-tie."
+        dtype = comparison.get("dtype") or ""
+        return where + f" — {DTYPE_NAMES.get(dtype, dtype or 'low-precision')} rounding at a near-tie."
     return where + " — not a rounding near-tie (sampling drew differently, or the method is not lossless here)."
 
 

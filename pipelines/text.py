@@ -443,7 +443,8 @@ def exact_forward(lm: CausalLM, total_tokens: int) -> ExactForward:
     except UnsupportedAttention as error:
         raise PipelineError(f"Exact mode cannot decode this model: {error} Turn exact mode off.") from error
     length = 1 << (total_tokens + EXACT_BLOCK + EXACT_ROWS - 1).bit_length()  # room for a tree and padding
-    if lm.exact_forward is None or lm.exact_forward.max_cache_len != length:
+    stale = lm.exact_forward is not None and (lm.exact_forward.embed is None) != (lm.prompts is None)
+    if lm.exact_forward is None or lm.exact_forward.max_cache_len != length or stale:
         embed = lm.prompts.embedding(lm.model) if lm.prompts is not None else None
         lm.exact_forward = ExactForward(lm.model, max_cache_len=length, embed=embed)
     return lm.exact_forward

@@ -20,12 +20,17 @@ from tests.test_decoding import OracleDrafter, drafters_for, repetitive_prompt, 
 NEW = 24
 
 
-def near_tie_model(seed: int = 0) -> torch.nn.Module:
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+
+
+def near_tie_model(seed: int = 0, device: str = "cpu", **shape) -> torch.nn.Module:
+    """A random Llama (``shape``: config fields, TINY_SHAPE by default) whose LM head makes near-ties, in bf16."""
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, eos_token_id=1,
-                         pad_token_id=0, bos_token_id=None, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    config = LlamaConfig(vocab_size=320, max_position_embeddings=2048, eos_token_id=1, pad_token_id=0,
+                         bos_token_id=None, tie_word_embeddings=False, **(shape or TINY_SHAPE))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     with torch.no_grad():
         weight = model.lm_head.weight
         weight[1::2] = weight[0::2] + 1e-3 * torch.randn_like(weight[0::2])

@@ -65,7 +65,7 @@ class TextRequest(Request):
     top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
     repetition_penalty: float = 1.0  # generate's repetition_penalty over prompt and output (1 = off)
     stop_strings: list[str] = field(default_factory=list)  # the output ends at the first one (generate's stop_strings)
-    exact: bool = False  # exact mode: every method's output bit-identical to plain decoding in this mode (slower)
+    exact: bool = False  # exact mode: every method's greedy output bit-identical to plain decoding in it (slower)
 
     def parameters(self) -> dict[str, Any]:
         """Every field that reproduces this result (what its sidecar JSON records)."""

@@ -164,7 +164,9 @@ def speculative_decode(
     generator: torch.Generator | None = None,
 ) -> Iterator[list[int]]:
     """Same contract as ``plain_decode``, but each step yields the whole accepted run (1 + accepted drafts).
-    Greedy output is token-for-token plain greedy; sampled output follows the same distribution.
+    Greedy output is token-for-token plain greedy where a row's logits do not depend on the block (fp32; any dtype
+    through ``exact.ExactForward``; in bf16 a wider forward can flip near-ties); sampled output follows the same
+    distribution.
 
     For models whose prompt is not a list of ids (Bark's semantic prompt is summed text and history
     embeddings): ``prefill`` holds the prompt's model inputs; its forward alone picks the first token and

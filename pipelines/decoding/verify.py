@@ -225,7 +225,7 @@ def speculative_decode(
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]
                     break
-            stats.keep_top(logits[[0] + nodes])  # the rows the committed tokens were chosen at
+            stats.keep_top(logits, [0] + nodes)  # the rows the committed tokens were chosen at
             kept = contiguous_accepted(nodes)
             dropped = len(tree) - 1 - kept
             if dropped:  # crop(-0) would mean "keep nothing" to a cache that reads it as a length

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.decoding.exact import ExactForward
+from pipelines.decoding.exact import EXACT_ROWS, ExactForward
 from pipelines.decoding.lookahead import NGramTrie
 from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
@@ -36,6 +36,22 @@ def drafters(reference: list[int]) -> dict:
     return {"prompt_lookup": PromptLookup(num_tokens=4), "oracle": OracleDrafter(reference),
             "random_tree_40": RandomTreeDrafter(seed=3, size=40), "recycling": TokenRecycling(zeros),
             "merged": new_merged(TokenRecycling(zeros.clone()), NGramTrie(1000), FLAT)}
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("features", [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)])
+def test_a_fixed_shape_products_row_ignores_its_index_and_the_other_rows(features):
+    """The assumption exact mode rests on, for each projection of SmolLM2-135M at M = EXACT_ROWS in bf16: a row's
+    result is the same at any row index and whatever the other rows hold (a split-K or stream-K schedule that
+    differed between the rows' tiles would break it)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(features[1], features[0], device="cuda", dtype=torch.bfloat16, generator=generator)
+    rows = torch.randn(EXACT_ROWS, features[0], device="cuda", dtype=torch.bfloat16, generator=generator)
+    reference = torch.nn.functional.linear(rows, weight)
+    for shift in range(1, EXACT_ROWS):
+        others = torch.randn_like(rows)
+        others[shift] = rows[0]
+        assert torch.equal(torch.nn.functional.linear(others, weight)[shift], reference[0]), shift
 
 
 @torch.inference_mode()

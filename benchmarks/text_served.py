@@ -5,6 +5,8 @@
     python benchmarks/text_served.py --shape 7b --prompts benchmarks/prompts/heldout40.jsonl --limit 8 \
         --methods vanilla,merged,prompt_lookup --anchors hf-eager --json benchmarks/results/text_served_7b_h200.json
     python benchmarks/text_served.py --tiny --limit 3 --max-new-tokens 16 --json /tmp/t.json   # a quick check
+    python benchmarks/text_served.py --exact --methods vanilla,merged,prompt_lookup --anchors "" \
+        --json benchmarks/results/text_served_exact_h100.json   # exact mode's cost and exactness
 
 Ours: the tab's request (chat template, greedy, the method's defaults) through ``TextPipeline.generate`` on the
 device and in the dtype the ModelStore picks, fast path and all, so a row is what a user of the tab gets.
@@ -18,6 +20,10 @@ Rows, per method and category ("all" for the totals): ``tokens_per_s`` (mean of 
 ``tau``, ``draft_share``, ``seconds_per_step``, ``identical_fraction`` (token ids equal to our vanilla's) and the
 first divergences, ``recompiles_after_warmup`` (dynamo frames compiled during timed calls) and
 ``first_request_s`` (the method's cold request: compile and capture included).
+
+``--exact`` adds each method in exact mode (``TextRequest.exact``, decoding/exact.py) as ``<method>+exact``: its
+speed-up is still over our default vanilla (so ``vanilla+exact`` is the mode's own cost), and its
+``identical_fraction`` is over ``vanilla+exact``, which exact mode makes 1.0 by construction.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from pipelines.models import ModelStore  # noqa: E402
 from pipelines.text import CausalLM, TextPipeline, TextRequest, eos_token_ids  # noqa: E402
 
 OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "lookahead")
+EXACT = "+exact"  # suffix of a method run in exact mode
 ANCHORS = ("hf-eager", "hf-pld", "hf-static-compile")
 # Random weights of these shapes measure step costs (acceptance needs real weights: use --model for that).
 SHAPES = {
@@ -85,8 +92,8 @@ class Runner:
         self.recompiles = 0
 
     def ours(self, method: str, prompt: str) -> dict[str, Any]:
-        result = self.pipeline.run(TextRequest(prompt=prompt, model=self.model_name, method=method,
-                                               max_new_tokens=self.max_new, seed=0))
+        result = self.pipeline.run(TextRequest(prompt=prompt, model=self.model_name, method=method.removesuffix(EXACT),
+                                               max_new_tokens=self.max_new, seed=0, exact=method.endswith(EXACT)))
         stats = result.stats
         return {"ids": result.metadata["token_ids"], "seconds": stats["time_s"], "tau": stats["tau"],
                 "draft_share": stats["draft_share"], "forwards": stats["forwards"]}
@@ -152,8 +159,8 @@ def run_all(runner: Runner, prompts: list[dict], methods: list[str]) -> tuple[li
     for n, item in enumerate(prompts):
         order = methods[n % len(methods):] + methods[:n % len(methods)]
         results = {method: runner.request(method, item["prompt"]) for method in order}
-        plain = results.get("vanilla", {}).get("ids")
         for method, record in results.items():
+            plain = results.get("vanilla" + EXACT * method.endswith(EXACT), {}).get("ids")
             tokens = max(len(record["ids"]), 1)
             records.append({"method": method, "category": item["category"], "tokens": tokens,
                             "seconds": record["seconds"], "tokens_per_s": tokens / record["seconds"],
@@ -172,6 +179,7 @@ def summarise(records: list[dict], methods: list[str], first: dict[str, float]) 
     for category in categories:
         chosen = [r for r in records if category == "all" or r["category"] == category]
         plain = [r for r in chosen if r["method"] == "vanilla"]
+        exact_plain = any(r["method"] == "vanilla" + EXACT for r in chosen)
         plain_mean = statistics.mean(r["tokens_per_s"] for r in plain) if plain else None
         plain_total = sum(r["tokens"] for r in plain) / sum(r["seconds"] for r in plain) if plain else None
         for method in methods:
@@ -188,7 +196,8 @@ def summarise(records: list[dict], methods: list[str], first: dict[str, float]) 
                 "tau": round(statistics.mean(r["tau"] for r in mine), 3),
                 "draft_share": round(statistics.mean(r["draft_share"] for r in mine), 4),
                 "seconds_per_step": round(statistics.median(r["seconds_per_step"] for r in mine), 5),
-                "identical_fraction": round(1 - len(divergences) / len(mine), 3) if plain else None,
+                "identical_fraction": (round(1 - len(divergences) / len(mine), 3)
+                                       if (exact_plain if method.endswith(EXACT) else plain) else None),
                 "first_divergences": divergences[:10],
                 "recompiles_after_warmup": sum(r["recompiles"] for r in mine),
                 "first_request_s": first[method]})
@@ -219,12 +228,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--anchors", default=",".join(ANCHORS), help="transformers generate anchors ('' for none)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="the tiny preset on this machine: a quick check")
+    parser.add_argument("--exact", action="store_true", help="also run each of our methods in exact mode")
     parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "tokenworks-text-models"))
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     pipeline, model_name = build(args)
     runner = Runner(pipeline, model_name, args.max_new_tokens)
-    methods = [m for m in args.methods.split(",") if m] + [a for a in args.anchors.split(",") if a]
+    ours = [m for m in args.methods.split(",") if m]
+    exact = [m + EXACT for m in dict.fromkeys(["vanilla", *ours])] if args.exact else []
+    methods = ours + exact + [a for a in args.anchors.split(",") if a]
     prompts = read_prompts(args.prompts)[: args.limit or None]
     records, first = run_all(runner, prompts, methods)
     model = runner.lm.model
@@ -233,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
               "model": args.shape and f"random {args.shape} (Qwen2 shape)" or model_name or "tiny preset",
               "dtype": str(model.dtype),
               "settings": {"prompts": args.prompts, "count": len(prompts), "max_new_tokens": args.max_new_tokens,
+                           "exact_mode_added": args.exact,
                            "greedy": True, "hf_pld_tokens": HF_PLD_TOKENS, "command": command_line(argv)},
               "rows": summarise(records, methods, first)}
     for row in report["rows"]:

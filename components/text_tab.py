@@ -1,8 +1,8 @@
 """Text tab UI: prompt in, one streamed output view (tokens coloured by the forward that accepted them, a toggle),
 a headline with the speed and what it means, and Compare (vanilla A vs the chosen method B, same prompt and seed).
 API: /generate_text (prompt, system, model, method, max_new_tokens, temperature, top_p, seed, top_k,
-repetition_penalty, stop_strings -> text, stats) and /compare_text (the first 8, draft model, then the 3 controls
--> vanilla text, method text, comparison)."""
+repetition_penalty, stop_strings, exact -> text, stats) and /compare_text (the first 8, draft model, then the 4
+controls -> vanilla text, method text, comparison)."""
 from __future__ import annotations
 
 import html
@@ -27,6 +27,11 @@ LEGEND = ("<div class='tw-legend'>Coloured spans: tokens committed by one forwar
           "tokens (hover for the step). Plain text: one token per forward.</div>")
 COLOURED, PLAIN = ["tw-text", "tw-coloured"], ["tw-text"]
 VANILLA_HEADING = "#### A · Vanilla (one token per forward)"
+METHOD_INFO = ("Greedy output equals vanilla in exact mode, and in fp32 on the CPU in every test; in bf16 on a GPU "
+               "near-ties can flip a token: Compare shows where")
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+EXACT_LABEL = ("Exact mode: greedy output of every method bit-identical to vanilla in this mode (slower: "
+               "fixed-shape forwards)")
 
 
 def runs_html(runs: list[str], sizes: list[int]) -> str:
@@ -67,10 +72,30 @@ def compare_headline(comparison: dict[str, Any]) -> str:
     label = short_label(comparison["method"])
     verdict = (f"**{label}: {comparison['speedup']:.2f}× vanilla** ({comparison['method_tokens_per_s']:.1f} vs "
                f"{comparison['vanilla_tokens_per_s']:.1f} tokens/s, τ {comparison['tau']:.2f} tokens per forward). ")
-    verdict += ("**Output identical to vanilla** ✓" if comparison["identical"] else
-                "**Output differs from vanilla** ✗ (sampling draws differently, or the method is not lossless here)")
+    if comparison["identical"]:
+        verdict += "**Output identical to vanilla** ✓" + (" (exact mode)" if comparison.get("exact") else "")
+    else:
+        verdict += "**Output differs from vanilla** ✗: " + divergence_text(comparison)
     reason = slower_reason(comparison)
     return verdict + (f"\n\n{reason}" if reason else "")
+
+
+def divergence_text(comparison: dict[str, Any]) -> str:
+    """Where the method's tokens left vanilla's, with both runs' logits, and the cause when it is a near-tie."""
+    found = comparison.get("divergence")
+    if not found:
+        return "one run stopped before the other."
+    where = (f"diverged at token {found['index']}: plain chose {found['plain_text']!r} "
+             f"(logit {_logit(found['plain_logit'])}), method chose {found['method_text']!r} "
+             f"(logit {_logit(found['method_logit'])})")
+    if found["near_tie"]:
+        dtype = comparison.get("dtype") or ""
+        return where + f" — {DTYPE_NAMES.get(dtype, dtype or 'low-precision')} rounding at a near-tie."
+    return where + " — not a rounding near-tie (sampling drew differently, or the method is not lossless here)."
+
+
+def _logit(value: float | None) -> str:
+    return "outside its top 2" if value is None else f"{value:.4g}"
 
 
 def short_label(method: str) -> str:
@@ -128,7 +153,8 @@ def build(pipeline: TextPipeline) -> None:
             model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
                                 allow_custom_value=True, info="A listed model, a Hub id or a local folder")
             method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="merged", label="Decoding method",
-                                 info="All methods are lossless: greedy output is identical to vanilla")
+                                 info=METHOD_INFO)
+            exact = gr.Checkbox(value=False, label=EXACT_LABEL, elem_id="text-exact")
             draft_model = gr.Dropdown([""] + pipeline.model_choices(), value="", label="Draft model",
                                       allow_custom_value=True, visible=False,
                                       info="Same tokenizer as the model; empty = the default pair")
@@ -150,13 +176,13 @@ def build(pipeline: TextPipeline) -> None:
                   outputs=[view, vanilla_view, method_view], queue=False, api_visibility="private")
 
     def make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name="", top_k_value=0, penalty=1.0, stops="") -> TextRequest:
+                     draft_name="", top_k_value=0, penalty=1.0, stops="", exact_mode=False) -> TextRequest:
         return TextRequest(
             prompt=prompt_text, system=system_text or "", model=model_name or "", method=method_name or "vanilla",
             max_new_tokens=int(number(max_tokens, 128)), temperature=number(temp, 0.0),
             top_p=number(top_p_value, 1.0), seed=int(number(seed_value, -1)), draft_model=draft_name or "",
             top_k=int(number(top_k_value, 0)), repetition_penalty=number(penalty, 1.0),
-            stop_strings=stop_lines(stops),
+            stop_strings=stop_lines(stops), exact=bool(exact_mode),
         )
 
     def stream(text_request: TextRequest, request: gr.Request) -> Iterator[tuple[str, Result | None]]:
@@ -183,17 +209,18 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def generate_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                      top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple[str, Any]]:
+                      top_k_value, penalty, stops, exact_mode, request: gr.Request) -> Iterator[tuple[str, Any]]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
-                                    top_p_value, seed_value, "", top_k_value, penalty, stops)
+                                    top_p_value, seed_value, "", top_k_value, penalty, stops, exact_mode)
         for text, done in stream(text_request, request):
             yield text, done.stats if done else {}
 
     @on_gpu
     def generate_in_view(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value,
-                         seed_value, draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple]:
+                         seed_value, draft_name, top_k_value, penalty, stops, exact_mode,
+                         request: gr.Request) -> Iterator[tuple]:
         text_request = make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp,
-                                    top_p_value, seed_value, draft_name, top_k_value, penalty, stops)
+                                    top_p_value, seed_value, draft_name, top_k_value, penalty, stops, exact_mode)
         for text, done in stream(text_request, request):
             if done is None:
                 yield text, plain_html(text), gr.skip(), gr.skip(), gr.skip()
@@ -203,9 +230,10 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def compare_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple[str, str, Any]]:
+                     draft_name, top_k_value, penalty, stops, exact_mode,
+                     request: gr.Request) -> Iterator[tuple[str, str, Any]]:
         args = (prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                draft_name, top_k_value, penalty, stops)
+                draft_name, top_k_value, penalty, stops, exact_mode)
         for texts, results in compare_runs(args, request):
             finished = len(results) == 2
             yield (texts["vanilla"], texts["method"],
@@ -213,9 +241,9 @@ def build(pipeline: TextPipeline) -> None:
 
     @on_gpu
     def compare_in_view(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                        draft_name, top_k_value, penalty, stops, request: gr.Request) -> Iterator[tuple]:
+                        draft_name, top_k_value, penalty, stops, exact_mode, request: gr.Request) -> Iterator[tuple]:
         args = (prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                draft_name, top_k_value, penalty, stops)
+                draft_name, top_k_value, penalty, stops, exact_mode)
         for texts, results in compare_runs(args, request):
             views = [result_html(results[side]) if side in results else plain_html(texts[side])
                      for side in ("vanilla", "method")]
@@ -235,7 +263,7 @@ def build(pipeline: TextPipeline) -> None:
                 f"#### B · {label}"]
 
     inputs = [prompt, system, model, method, max_new_tokens, temperature, top_p, seed]
-    controls = [top_k, repetition_penalty, stop_strings]  # last in every endpoint, so older clients' calls still fit
+    controls = [top_k, repetition_penalty, stop_strings, exact]  # last in every endpoint, so older clients' calls still fit
     cleared = [output, view, stats, headline, saved, ab_panel, vanilla_view, method_view, comparison, method_heading]
     # The API keeps its plain shapes on hidden triggers (text and stats; A/B texts and comparison); the buttons
     # add the draft model, the coloured view, the headline and the saved files.

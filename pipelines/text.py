@@ -12,7 +12,9 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from .base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
                    require_text, resolve_seed, side_of_ab, with_baseline)
+from .decoding.divergence import first_divergence
 from .decoding.draft_model import DraftModel
+from .decoding.exact import EXACT_BLOCK, EXACT_ROWS, ExactForward
 from .decoding.hardware import pick_tree_size, step_costs
 from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
 from .decoding.merged import shared_merged
@@ -66,6 +68,7 @@ class TextRequest(Request):
     repetition_penalty: float = 1.0  # generate's repetition_penalty over prompt and output (1 = off)
     stop_strings: list[str] = field(default_factory=list)  # the output ends at the first one (generate's stop_strings)
     compare: str = NO_COMPARISON  # "vanilla": decode with vanilla first, same seed (A/B; see COMPARISONS)
+    exact: bool = False  # exact mode: every method's greedy output bit-identical to plain decoding in it (slower)
 
     def parameters(self) -> dict[str, Any]:
         """Every field that reproduces this result (what its sidecar JSON records)."""
@@ -77,6 +80,7 @@ class CausalLM:
     model: Any
     tokenizer: Any
     fast_forward: StaticForward | None = None  # the GPU fast path's adapter, built on first use, lives with the model
+    exact_forward: ExactForward | None = None  # exact mode's adapter, likewise
     prompts: PromptTokens | None = None  # PPD's trained prompt tokens for this model, where there are some
     head: DraftHead | None = None  # a trained ReDrafter head for this model, where there is one
     # the drafters' matrix, trie and counts and the static cache are the model's shared state: one decode at a time
@@ -163,7 +167,7 @@ class TextPipeline(PresetModels, Pipeline):
         lm = self.load(request.model)
         input_ids = self.encode_prompt(lm, request)
         eos_ids = eos_token_ids(lm)
-        stats = DecodeStats()
+        stats = DecodeStats(top_logits=[])
         tokens: list[int] = []
         runs: list[list[int]] = []
         run_ends: list[int] = []  # characters of the shown text after each run
@@ -171,7 +175,8 @@ class TextPipeline(PresetModels, Pipeline):
         first_token_s = None
         stops = StopStrings(lm.tokenizer, request.stop_strings)
         with lm.lock:
-            forward = fast_forward(lm, int(input_ids.shape[1]) + int(request.max_new_tokens))
+            total = int(input_ids.shape[1]) + int(request.max_new_tokens)
+            forward = exact_forward(lm, total) if request.exact else fast_forward(lm, total)
             warmed = forward.warmup_s if forward is not None else 0.0
             if forward is not None and forward.capture and not forward.graphs:
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
@@ -198,6 +203,8 @@ class TextPipeline(PresetModels, Pipeline):
             "model": self.spec_for(request.model).name,
             "method": request.method,
             "device": lm.model.device.type,
+            "dtype": str(lm.model.dtype).removeprefix("torch."),
+            "exact": bool(request.exact),
             "tokens": len(tokens),
             "time_s": round(elapsed, 4),
             "tokens_per_s": round(len(tokens) / elapsed, 3) if elapsed > 0 else 0.0,
@@ -215,6 +222,8 @@ class TextPipeline(PresetModels, Pipeline):
         }
         saved, sidecar = save_text(text, {**request.parameters(), **result_stats})
         metadata = {"token_ids": tokens, "run_ids": runs, "runs": run_texts(text, run_ends),
+                    "top_logits": stats.top_two()[:len(tokens)],
+                    "token_texts": lm.tokenizer.batch_decode([[token] for token in tokens]),
                     "prompt_tokens": int(input_ids.shape[1]), "file": str(saved), "sidecar": str(sidecar)}
         yield Result(text, result_stats, metadata)
 
@@ -394,8 +403,23 @@ def compare_stats(vanilla: Result, method: Result) -> dict[str, Any]:
         "draft_share": fast["draft_share"],
         "draft_head": fast.get("draft_head", False),
         "identical": vanilla.metadata["token_ids"] == method.metadata["token_ids"],
+        "divergence": divergence_report(vanilla, method),
+        "exact": fast.get("exact", False),
+        "dtype": fast.get("dtype", ""),
         "seed": fast["seed"],
     }
+
+
+def divergence_report(vanilla: Result, method: Result) -> dict[str, Any] | None:
+    """``decoding.divergence.first_divergence`` of the two runs with the tokens' texts; None when no token differs."""
+    plain, drafted = vanilla.metadata, method.metadata
+    divergence = first_divergence(plain["token_ids"], drafted["token_ids"], plain.get("top_logits", []),
+                                  drafted.get("top_logits", []))
+    if divergence is None:
+        return None
+    index = divergence.index
+    return {**divergence.as_dict(), "plain_text": plain["token_texts"][index],
+            "method_text": drafted["token_texts"][index]}
 
 
 def _ms_per_forward(stats: dict[str, Any]) -> float:
@@ -426,6 +450,21 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
         lm.fast_forward = StaticForward(lm.model, max_cache_len=max(4096, needed),
                                         compile=compile_mode(lm.model.device), embed=embed)
     return lm.fast_forward
+
+
+def exact_forward(lm: CausalLM, total_tokens: int) -> ExactForward:
+    """Exact mode's adapter (decoding/exact.py), on every device. Its cache length is a power of two fixed by
+    the request's prompt + new tokens alone, so plain and drafted runs of one request share every shape."""
+    try:
+        attention_layout(lm.model)
+    except UnsupportedAttention as error:
+        raise PipelineError(f"Exact mode cannot decode this model: {error} Turn exact mode off.") from error
+    length = 1 << (total_tokens + EXACT_BLOCK + EXACT_ROWS - 1).bit_length()  # room for a tree and padding
+    stale = lm.exact_forward is not None and (lm.exact_forward.embed is None) != (lm.prompts is None)
+    if lm.exact_forward is None or lm.exact_forward.max_cache_len != length or stale:
+        embed = lm.prompts.embedding(lm.model) if lm.prompts is not None else None
+        lm.exact_forward = ExactForward(lm.model, max_cache_len=length, embed=embed)
+    return lm.exact_forward
 
 
 def compile_mode(device: torch.device) -> str:

@@ -46,7 +46,7 @@ def test_text_served_drives_the_tab_and_checks_identity_against_our_plain_path(t
 
     out = tmp_path / "served.json"
     text_served.main(["--tiny", "--limit", "2", "--max-new-tokens", "6", "--methods", "vanilla,prompt_lookup",
-                      "--anchors", "hf-eager", "--json", str(out)])
+                      "--anchors", "hf-eager", "--exact", "--json", str(out)])
     rows = {(r["method"], r["category"]): r for r in json.loads(out.read_text())["rows"]}
     assert {"tokens_per_s", "speedup_vs_plain", "tau", "identical_fraction", "recompiles_after_warmup",
             "first_request_s", "draft_share"} <= set(rows["prompt_lookup", "all"])
@@ -54,6 +54,9 @@ def test_text_served_drives_the_tab_and_checks_identity_against_our_plain_path(t
     assert rows["prompt_lookup", "all"]["identical_fraction"] == 1.0
     assert rows["hf-eager", "all"]["identical_fraction"] == 1.0
     assert rows["vanilla", "all"]["speedup_vs_plain"] == 1.0
+    # --exact: each method again in exact mode, compared with exact-mode vanilla
+    assert rows["prompt_lookup+exact", "all"]["identical_fraction"] == 1.0
+    assert rows["vanilla+exact", "all"]["speedup_vs_plain"] > 0
 
 
 def test_first_divergence_names_the_first_differing_token():

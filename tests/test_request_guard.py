@@ -96,7 +96,7 @@ def test_a_chunked_json_body_over_the_cap_is_refused_while_streaming():
                          headers={"content-type": "application/json"})
     assert refused.status_code == 413, f"a streamed {MAX_REQUEST_BYTES // MB + 2} MB body got {refused.status_code}"
     assert f"{MAX_FORMLESS_BYTES:,}" in refused.json()["error"]
-    assert raw_call(shared_app().url, "text", ["ok", "", "", "vanilla", 2, 0.0, 1.0, 1, 0, 1.0, ""])[0] == "complete"
+    assert raw_call(shared_app().url, "text", ["ok", "", "", "vanilla", 2, 0.0, 1.0, 1, 0, 1.0, "", False])[0] == "complete"
 
 
 def test_uploads_are_charged_to_the_session_budget_until_they_expire(guarded_app):
@@ -190,9 +190,9 @@ def tokenizer_calls(monkeypatch) -> list[str]:
 ])
 def test_a_huge_prompt_is_refused_fast_with_flat_memory_before_any_tokenizer(megabytes, expected, tokenizer_calls):
     url = shared_app().url
-    raw_call(url, "text", ["warm", "", "", "vanilla", 1, 0.0, 1.0, 1, 0, 1.0, ""])
+    raw_call(url, "text", ["warm", "", "", "vanilla", 1, 0.0, 1.0, 1, 0, 1.0, "", False])
     tokenizer_calls.clear()
-    body = json.dumps({"data": ["a" * int(megabytes * MB), "", "", "vanilla", 4, 0.0, 1.0, 1, 0, 1.0, ""]}).encode()
+    body = json.dumps({"data": ["a" * int(megabytes * MB), "", "", "vanilla", 4, 0.0, 1.0, 1, 0, 1.0, "", False]}).encode()
     with PeakRss() as memory:  # times the server: the body is encoded before
         started = time.perf_counter()
         event, payload = raw_call(url, "text", body)
@@ -202,7 +202,7 @@ def test_a_huge_prompt_is_refused_fast_with_flat_memory_before_any_tokenizer(meg
     assert elapsed < 1.0, f"refusing a {megabytes} MB prompt took {elapsed:.2f} s"
     assert memory.growth_mb < 150, f"refusing a {megabytes} MB prompt grew RSS by {memory.growth_mb:.0f} MB"
     assert tokenizer_calls == [], f"a tokenizer ran before the refusal: {tokenizer_calls}"
-    raw_call(url, "text", ["a short prompt", "", "", "vanilla", 2, 0.0, 1.0, 1, 0, 1.0, ""])
+    raw_call(url, "text", ["a short prompt", "", "", "vanilla", 2, 0.0, 1.0, 1, 0, 1.0, "", False])
     assert tokenizer_calls, "the spy saw no tokenizer call for a valid prompt: it watches the wrong methods"
 
 

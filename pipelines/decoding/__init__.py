@@ -12,7 +12,10 @@ processors=None)``
 stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     Same contract, but each step drafts a ``TokenTree``, verifies it in one forward (float additive 4D
     ancestor mask, ``position_ids = P + depth``) and yields the accepted run (accepted drafts + the bonus
-    token). Greedy output is identical to ``plain_decode``; with ``temperature > 0`` the verifier samples at
+    token). Greedy output is identical to ``plain_decode`` wherever a row's logits do not depend on the rest of
+    the block: in fp32 on the CPU (every test) and in any dtype through ``exact.ExactForward``; in bf16 a tree
+    forward moves logits in their last bits and near-ties can flip (``divergence.first_divergence`` names the
+    token and both logits, from ``DecodeStats(top_logits=[])``). With ``temperature > 0`` the verifier samples at
     each node from the same processed logits and follows the matching child (lossless; with the same seed it
     even draws the same tokens). Stops at EOS inside a run, never exceeds ``max_new_tokens``, checks
     ``cancel`` every step and fills ``DecodeStats`` (forwards, tokens, τ, drafting time). ``prefill`` (model
@@ -35,6 +38,11 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     to themselves), rollback by moving the write position back, one CUDA graph per bucket. ``capture=None``
     captures on a dedicated CUDA GPU and runs the same static code eagerly on CPU, under ZeroGPU
     (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request.
+``exact.ExactForward(model, max_cache_len=4096, rows=EXACT_ROWS, block=EXACT_BLOCK, capture=None, embed=None)``
+    Exact mode with the same interface: every forward is ``rows`` rows (padded, or several forwards) fed as
+    length-1 sequences over a static cache, each row's attention reading the K/V gathered in its own path's
+    order, so a row's logits and K/V are a function of its path only and drafted greedy output is bit-identical
+    to plain decoding through the same adapter. One CUDA graph where ``static.StaticForward`` would capture.
 ``verify.Drafter``
     ``propose(context) -> TokenTree`` (root = ``context[-1]``), ``update(tree, logits, accepted)``, and
     optional ``start(prompt)`` / ``finish()``; ``embedding(model)`` for trees with virtual tokens (PPD);

@@ -10,7 +10,8 @@ it, or every level offered), which tells copying stretches (a quoted passage, a 
 accepted itself; a node's conditional acceptance is the best of its sources' smoothed rates, its path
 probability the product down from the root. The nodes are ranked by path probability (a child never
 outranks its parent) and the verified prefix is the one with the most expected tokens per second of
-forward. Verification is the one lossless verifier, so the output is plain greedy/sampled decoding.
+forward. Verification is the one lossless verifier, so the output is plain greedy/sampled decoding (bit for bit
+where the forward's rows do not depend on the block: fp32, or exact mode; see exact.py).
 """
 from __future__ import annotations
 

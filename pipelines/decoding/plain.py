@@ -35,6 +35,27 @@ class DecodeStats:
     accepted_per_forward: list[int] = field(default_factory=list)
     draft_s: float = 0.0  # time spent building trees and updating drafter state
     step_s: float = 0.0  # time spent in whole steps (forward, acceptance, drafting)
+    top_logits: list[tuple[torch.Tensor, torch.Tensor, list[int]]] | None = None  # [] keeps them: ``keep_top``
+
+    def keep_top(self, logits: torch.Tensor, rows: list[int] | None = None) -> None:
+        """With ``top_logits`` on, keep the two largest raw logits and their ids of the ``rows`` of ``logits``
+        (all when None) the committed tokens were chosen at: what explains a divergence afterwards. The
+        top-2 of every row stays on the device, so a step adds no transfer; ``top_two`` picks the rows."""
+        if self.top_logits is not None:
+            top = logits.float().topk(2, dim=-1)
+            self.top_logits.append((top.values, top.indices, list(range(len(logits))) if rows is None else rows))
+
+    def top_two(self) -> list[list[tuple[int, float]]]:
+        """Per committed token, ``[(id, logit), (id, logit)]`` (largest first), read back in one transfer."""
+        if not self.top_logits:
+            return []
+        values = torch.cat([v for v, _, _ in self.top_logits]).tolist()
+        ids = torch.cat([i for _, i, _ in self.top_logits]).tolist()
+        chosen, offset = [], 0
+        for step_values, _, rows in self.top_logits:
+            chosen.extend(offset + row for row in rows)
+            offset += len(step_values)
+        return [list(zip(ids[row], values[row])) for row in chosen]
 
     @property
     def tau(self) -> float:
@@ -127,6 +148,7 @@ def plain_decode(
             cancel.raise_if_cancelled()
         started = time.perf_counter()
         logits = step(step_input)
+        stats.keep_top(logits[None])
         stats.forwards += 1
         token = choose_token(logits if process is None else process(logits, []), config, generator)
         generated.append(token)

@@ -164,7 +164,9 @@ def speculative_decode(
     generator: torch.Generator | None = None,
 ) -> Iterator[list[int]]:
     """Same contract as ``plain_decode``, but each step yields the whole accepted run (1 + accepted drafts).
-    Greedy output is token-for-token plain greedy; sampled output follows the same distribution.
+    Greedy output is token-for-token plain greedy where a row's logits do not depend on the block (fp32; any dtype
+    through ``exact.ExactForward``; in bf16 a wider forward can flip near-ties); sampled output follows the same
+    distribution.
 
     For models whose prompt is not a list of ids (Bark's semantic prompt is summed text and history
     embeddings): ``prefill`` holds the prompt's model inputs; its forward alone picks the first token and
@@ -188,6 +190,7 @@ def speculative_decode(
         logits = model(**prefill, use_cache=True, **{forward.kwarg: cache}).logits[0, -1]
         process = logits_processing(processors, prompt, generated) if processors else None
         token = choose_token(logits if process is None else process(logits, []), config, generator)
+        stats.keep_top(logits[None])
         stats.forwards += 1
         stats.new_tokens += 1
         stats.accepted_per_forward.append(1)
@@ -222,6 +225,7 @@ def speculative_decode(
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]
                     break
+            stats.keep_top(logits, [0] + nodes)  # the rows the committed tokens were chosen at
             kept = contiguous_accepted(nodes)
             dropped = len(tree) - 1 - kept
             if dropped:  # crop(-0) would mean "keep nothing" to a cache that reads it as a length

@@ -1,0 +1,104 @@
+"""Drafting and verification on the device give what the host code gave: the same accepted path, the same trees,
+and trees that never spill into the next bucket of the static path."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipelines.decoding.device_accept import device_tree, greedy_accept
+from pipelines.decoding.hardware import bucketed, pick_tree_size
+from pipelines.decoding.plain import SamplingConfig, plain_decode
+from pipelines.decoding.static import StaticForward
+from pipelines.decoding.tree import TokenTree
+from pipelines.decoding.verify import accept, speculative_decode
+from pipelines.tiny import tiny_causal_lm
+
+from decoding_support import repetitive_prompt, run
+from test_decoding import RandomTreeDrafter
+
+
+def random_tree(rng: random.Random, size: int, vocab: int) -> TokenTree:
+    """Few distinct tokens, so siblings often repeat a token and paths often match the argmax."""
+    tokens, parents = [rng.randrange(vocab)], [-1]
+    for i in range(1, size):
+        parents.append(rng.randrange(i) if rng.random() < 0.5 else i - 1)
+        tokens.append(rng.randrange(vocab))
+    return TokenTree(tokens, parents)
+
+
+def peaked_logits(rng: random.Random, tree: TokenTree, vocab: int) -> torch.Tensor:
+    """Logits whose argmax is often one of the node's children's tokens (deep accepted paths)."""
+    logits = torch.randn(len(tree), vocab, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+    children = tree.children()
+    for node in range(len(tree)):
+        if children[node] and rng.random() < 0.8:
+            logits[node, rng.choice(list(children[node]))] += 10.0
+    return logits
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_device_acceptance_equals_the_host_walk(seed):
+    rng = random.Random(seed)
+    greedy = SamplingConfig()
+    deep = 0
+    for _ in range(40):
+        tree = random_tree(rng, rng.randrange(1, 40), vocab=4)
+        logits = peaked_logits(rng, tree, vocab=4)
+        expected = accept(tree, logits, greedy, None)
+        assert greedy_accept(tree, logits, *device_tree(tree, logits.device)) == expected
+        deep += len(expected[0]) >= 3
+    assert deep >= 5  # the check covered deep accepted paths, not only rejections at the root
+
+
+class RowSpy(StaticForward):
+    """Records how many rows each forward verified."""
+
+    rows: list[int]
+
+    def __call__(self, ids, position_ids, mask, cache, keep=None):
+        self.rows.append(len(ids))
+        return super().__call__(ids, position_ids, mask, cache, keep)
+
+
+def test_re_fed_rows_never_spill_a_tree_into_the_next_bucket():
+    model = tiny_causal_lm("llama", seed=0)
+    prompt = repetitive_prompt(5, 19)
+    reference = run(plain_decode(model, prompt, 40, SamplingConfig(), set()))
+    forward = RowSpy(model, max_cache_len=256, buckets=(1, 8, 16, 32), capture=False)
+    forward.rows = []
+    out = run(speculative_decode(model, prompt, 40, SamplingConfig(), set(), RandomTreeDrafter(3, 8), forward=forward))
+    assert out == reference
+    assert max(forward.rows[1:]) == 8  # the 8-node trees, some behind re-fed rows, all fit bucket 8
+    tree = TokenTree(list(range(16)), [-1] + list(range(15)))
+    assert len(forward.fit(tree, 0)) == 16 and len(forward.fit(tree, 3)) == 13
+    assert len(forward.fit(tree, 20)) == 12  # 20 re-fed rows need bucket 32 anyway: the tree fills it
+
+
+def test_bucketed_curve_prices_a_size_at_its_bucket():
+    curve = bucketed({1: 1.0, 8: 1.1, 16: 1.5}, (1, 8, 16))
+    assert sorted(curve) == list(range(1, 17)) and curve[2] == curve[8] == 1.1 and curve[9] == 1.5
+    # nodes 2..8 cost nothing more and fill bucket 8; the next ones are not worth bucket 16, nor a few of them
+    rates = [1.0] + [0.12] * 7 + [0.1] + [0.0] * 7
+    assert pick_tree_size(rates, curve, extra_tokens=0) == 8
+    assert pick_tree_size(rates, {1: 1.0, 8: 1.1, 16: 1.5}, extra_tokens=0) == 9  # interpolated: spills
+
+
+def test_step_costs_measure_the_serving_forward_at_its_buckets(monkeypatch):
+    from pipelines.decoding import hardware
+
+    model = tiny_causal_lm("llama", seed=1)
+    forward = StaticForward(model, max_cache_len=512, buckets=(1, 8, 16), capture=False)
+    seen = {}
+
+    def measure(m, sizes, forward=None, **options):
+        seen.update(sizes=sizes, forward=forward)
+        return {1: 1.0, 8: 2.0, 16: 3.0}
+
+    monkeypatch.setattr(hardware, "measure_step_cost", measure)
+    curve = hardware.step_costs(model, "auto", forward)
+    assert seen == {"sizes": (1, 8, 16), "forward": forward} and curve[9] == 3.0 and len(curve) == 16
+    monkeypatch.undo()
+    real = hardware.measure_step_cost(model, (1, 8), context=8, repeats=1, forward=forward)
+    assert sorted(real) == [1, 8] and forward.cache.get_seq_length() == 8  # measured rows rolled back

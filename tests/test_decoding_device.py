@@ -10,6 +10,7 @@ import torch
 from pipelines.decoding.device_accept import device_tree, greedy_accept
 from pipelines.decoding.hardware import bucketed, pick_tree_size
 from pipelines.decoding.plain import SamplingConfig, plain_decode
+from pipelines.decoding.recurrent_drafter import HeadDrafts, lm_head_logits, new_head
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import accept, speculative_decode
@@ -102,3 +103,53 @@ def test_step_costs_measure_the_serving_forward_at_its_buckets(monkeypatch):
     monkeypatch.undo()
     real = hardware.measure_step_cost(model, (1, 8), context=8, repeats=1, forward=forward)
     assert sorted(real) == [1, 8] and forward.cache.get_seq_length() == 8  # measured rows rolled back
+
+
+def host_candidates(drafts: HeadDrafts, root: int, max_nodes: int):
+    """The head's tree as the host loop grew it before the levels moved to the device (one read per level)."""
+    hidden = drafts.anchor
+    tokens, parents, ranks, conditional, path = [root], [-1], [0], [1.0], [1.0]
+    before, level = {0: hidden}, [0]
+    ids = drafts.id_map.tolist() if drafts.id_map is not None else None
+    for width, rows in drafts.plan(max_nodes):
+        chosen = sorted(level, key=lambda i: -path[i])[:width]
+        if not chosen or len(tokens) >= max_nodes:
+            break
+        states = drafts.head.advance(torch.stack([before[i] for i in chosen]),
+                                     drafts.embedding(torch.tensor([tokens[i] for i in chosen])))
+        logits = lm_head_logits(drafts.model, drafts.head.readout(states, hidden.expand(len(chosen), -1)),
+                                drafts.lm_weight[:rows]).float()
+        top = logits.topk(drafts.top_k, dim=-1)
+        probs = (top.values - logits.logsumexp(-1, keepdim=True)).exp().tolist()
+        level = []
+        for j, node in enumerate(chosen):
+            for rank, (index, p) in enumerate(zip(top.indices[j].tolist(), probs[j])):
+                level.append(len(tokens))
+                before[len(tokens)] = states[j]
+                tokens.append(ids[index] if ids is not None else index)
+                parents.append(node)
+                ranks.append(rank)
+                conditional.append(p)
+                path.append(path[node] * p)
+    kept = sorted(range(len(tokens)), key=lambda i: (-path[i], i))[:max_nodes]
+    index = {old: new for new, old in enumerate(kept)}
+    tree = TokenTree([tokens[i] for i in kept], [index[parents[i]] if i else -1 for i in kept])
+    return tree, [ranks[i] for i in kept], [conditional[i] for i in kept], [path[i] for i in kept]
+
+
+@pytest.mark.parametrize("trained_like", [False, True])
+def test_head_levels_on_the_device_grow_the_host_loops_tree(trained_like):
+    """Fixed-shape levels (capturable) give the very tree, ranks and probabilities of the host loop, also with an
+    untrained head whose equal rows tie everywhere (ties go to the earlier node in both)."""
+    model = tiny_causal_lm("qwen2", seed=0).eval()
+    torch.manual_seed(4)
+    head = new_head(model, vocab=torch.randperm(320)[:200] if trained_like else None)
+    if trained_like:
+        torch.nn.init.normal_(head.out.weight, std=0.05)
+    drafts = HeadDrafts(head.eval(), model, vocab=96, narrow_vocab=48)
+    drafts.anchor = torch.randn(model.config.hidden_size)
+    with torch.inference_mode():
+        for max_nodes in (5, 8, 16, 64, 81, 128):
+            got, expected = drafts.candidates(11, max_nodes), host_candidates(drafts, 11, max_nodes)
+            assert (got[0].tokens, got[0].parents) == (expected[0].tokens, expected[0].parents), max_nodes
+            assert got[1:] == expected[1:], max_nodes

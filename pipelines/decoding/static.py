@@ -18,7 +18,6 @@ mask is the same pattern AND the window at each row's logical position (``slidin
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -26,17 +25,12 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .captured import CapturedCalls
+from .captured import CapturedCalls, capture_supported
 from .tree import TokenTree
 from .verify import CausalLMForward
 
 BUCKETS = (1, 8, 16, 32, 64, 128, 256)
 COMPILE_MODES = ("off", "static", "dynamic")
-
-
-def capture_supported(device: torch.device) -> bool:
-    """CUDA graphs need a CUDA device the process owns; ZeroGPU attaches the GPU per call, so it stays eager."""
-    return device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
 
 
 class IndexedStaticLayer(StaticLayer):

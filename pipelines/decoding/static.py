@@ -223,6 +223,23 @@ class StaticForward(CausalLMForward):
 
     def _staged_step(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int,
                      size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.capture and not self.graphs and past == 0:
+            self.warm()
+        self._stage(ids, positions, pattern, past, size)
+        return self._replay(size) if self.capture else self._step(*self._staged_args(size))
+
+    def warm(self) -> None:
+        """Compile and capture every bucket now, on an empty cache (the first step of the first request), so that
+        no later step, of any method or tree size, waits for inductor or a capture. The dummy rows this writes
+        sit beyond the committed length: hidden by the mask until real rows overwrite them."""
+        for size in (b for b in self.buckets if b <= self.max_cache_len):
+            if not self.capture:
+                return  # a capture failed: eager from here on
+            self._stage([0] * size, list(range(size)), np.tril(np.ones((size, size), dtype=bool)), 0, size)
+            self._replay(size)
+
+    def _stage(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int, size: int) -> None:
+        """Write one block into the pinned buffers and start their copy to the device."""
         q, top = len(ids), self._top
         if self._staged is not None:
             self._staged.synchronize()  # the previous transfer has left the pinned buffers
@@ -241,5 +258,3 @@ class StaticForward(CausalLMForward):
         self._dev_block.copy_(self._host_block, non_blocking=True)
         if self._staged is not None:
             self._staged.record()
-        return self._replay(size) if self.capture else self._step(*self._staged_args(size))
-

@@ -11,6 +11,7 @@ from pipelines.decoding.device_accept import device_tree, greedy_accept
 from pipelines.decoding.hardware import bucketed, pick_tree_size
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.recurrent_drafter import HeadDrafts, lm_head_logits, new_head
+from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import accept, speculative_decode
@@ -153,3 +154,21 @@ def test_head_levels_on_the_device_grow_the_host_loops_tree(trained_like):
             got, expected = drafts.candidates(11, max_nodes), host_candidates(drafts, 11, max_nodes)
             assert (got[0].tokens, got[0].parents) == (expected[0].tokens, expected[0].parents), max_nodes
             assert got[1:] == expected[1:], max_nodes
+
+
+def test_recycling_fills_the_template_from_the_matrix_as_the_host_rule_says():
+    """Node i holds ``matrix[token of its parent, its rank]`` and that entry's recorded probability, for every
+    template size (each size's gathers are one graph on a GPU)."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randint(0, 50, (50, 8), generator=generator)
+    probs = torch.rand(50, 8, generator=generator)
+    drafter = TokenRecycling(matrix, probs=probs)
+    for nodes in (81, 1, 12, 40, 12):
+        drafter.resize(nodes)
+        tree, recorded = drafter.scored([3, 17])
+        template = drafter.active
+        assert tree.tokens[0] == 17 and tree.parents == list(template.parents) and recorded[0] == 1.0
+        for i in range(1, len(tree)):
+            parent_token, rank = tree.tokens[template.parents[i]], template.ranks[i]
+            assert tree.tokens[i] == int(matrix[parent_token, rank])
+            assert recorded[i] == float(probs[parent_token, rank])

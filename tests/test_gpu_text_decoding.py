@@ -102,3 +102,18 @@ def test_no_recompiles_across_methods_and_buckets_after_warm_up(model):
         decode_all(model, forward, repetitive_prompt(seed, length).cuda())
     reasons = {code.co_name: failures[-3:] for code, failures in guard_failures.items()}
     assert int(counters["stats"]["unique_graphs"]) == before, reasons
+
+
+def test_recycling_graphs_read_the_current_matrix():
+    matrix = torch.randint(0, 320, (320, 8), device="cuda")
+    probs = torch.rand(320, 8, device="cuda")
+    captured, eager = TokenRecycling(matrix, probs=probs), TokenRecycling(matrix, probs=probs)
+    eager.calls.capture = False
+    for nodes in (81, 12, 81):
+        captured.resize(nodes)
+        eager.resize(nodes)
+        for root in (3, 5):
+            matrix[root] = torch.randperm(320, device="cuda")[:8]  # updated in place, as update() does
+            got, expected = captured.scored([root]), eager.scored([root])
+            assert (got[0].tokens, got[1]) == (expected[0].tokens, expected[1])
+    assert set(captured.calls.graphs) == {81, 12}

@@ -118,7 +118,8 @@ def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = N
     costs = measured.get(buckets)
     if costs is None:
         sizes = buckets or DEFAULT_SIZES
-        key = curve_key(model, sizes, "static" if buckets else "eager")
+        path = f"static, compile {getattr(forward, 'compile_mode', 'off')}" if buckets else "eager"
+        key = curve_key(model, sizes, path)
         costs = stored_curve(key) if key else None
         if costs is None:
             costs = measure_step_cost(model, sizes, forward=forward if buckets else None)

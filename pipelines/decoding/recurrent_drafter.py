@@ -172,7 +172,8 @@ class HeadDrafts:
         and path probabilities, best first (a child never before its parent)."""
         device, k = hidden.device, self.top_k
         tokens, parents = root.reshape(1), torch.full((1,), -1, device=device)
-        ranks, conditional = torch.zeros(1, device=device), torch.ones(1, dtype=torch.float64, device=device)
+        ranks = torch.zeros(1, dtype=torch.long, device=device)
+        conditional = torch.ones(1, dtype=torch.float64, device=device)
         path = torch.ones(1, dtype=torch.float64, device=device)
         before, first = hidden[None], 0  # the states the current level's tokens are fed to; its first node
         for take, rows in levels:
@@ -200,8 +201,9 @@ class HeadDrafts:
         if self.anchor is None:
             return None
         levels = tuple(self.levels(max_nodes))
+        root_id = torch.tensor(root).to(self.anchor.device, non_blocking=True)  # staged, no wait for the device
         grown = self.calls.call((levels, max_nodes), lambda h, r: self.grow(h, r, levels, max_nodes), self.anchor,
-                                torch.tensor(root, device=self.anchor.device))
+                                root_id)
         tokens, parents, ranks, conditional, path = grown.tolist()
         tree = TokenTree([int(t) for t in tokens], [int(p) for p in parents])
         return tree, [int(r) for r in ranks], conditional, path

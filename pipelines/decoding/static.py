@@ -107,6 +107,7 @@ class StaticForward(CausalLMForward):
         self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
+        self.compile_mode = compile
         self.compiles = compile != "off"
         self._step_fn = torch.compile(self._step, dynamic=compile == "dynamic") if self.compiles else self._step
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)

@@ -61,8 +61,9 @@ def compiled_frames() -> int:
 
 def guard_failures() -> dict[str, list[str]]:
     """Why dynamo recompiled, per compiled function: the reasons of every guard failure so far."""
-    from torch._dynamo.utils import guard_failures as failures
+    import torch._dynamo.utils
 
+    failures = getattr(torch._dynamo.utils, "guard_failures", {})  # a private table: absent means nothing to say
     return {f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})": [str(r) for r in reasons]
             for code, reasons in failures.items()}
 

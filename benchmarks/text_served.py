@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import command_line, write_report  # noqa: E402
 from benchmarks.text_decoding import HF_PLD_TOKENS, WARMUP_PROMPT, read_prompts  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
+from pipelines.packaged import convert_gguf  # noqa: E402
 from pipelines.text import CausalLM, TextPipeline, TextRequest, eos_token_ids  # noqa: E402
 
 OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "lookahead")
@@ -63,6 +64,15 @@ def compiled_frames() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def guard_failures() -> dict[str, list[str]]:
+    """Why dynamo recompiled, per compiled function: the reasons of every guard failure so far."""
+    import torch._dynamo.utils
+
+    failures = getattr(torch._dynamo.utils, "guard_failures", {})  # a private table: absent means nothing to say
+    return {f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})": [str(r) for r in reasons]
+            for code, reasons in failures.items()}
 
 
 def random_model_folder(shape: str, tokenizer: Any, root: Path) -> str:
@@ -146,8 +156,10 @@ def first_divergence(ours: list[int], plain: list[int]) -> int | None:
     return None if len(ours) == len(plain) else min(len(ours), len(plain))
 
 
-def run_all(runner: Runner, prompts: list[dict], methods: list[str]) -> tuple[list[dict], dict[str, float]]:
-    """Cold request per method (first_request_s), then every prompt through every method, order rotating."""
+def run_all(runner: Runner, prompts: list[dict],
+            methods: list[str]) -> tuple[list[dict], dict[str, float], dict[str, list[str]]]:
+    """Cold request per method (first_request_s), then every prompt through every method, order rotating. Also
+    returns why dynamo recompiled after the cold requests (guard failures per compiled function)."""
     first = {}
     for method in methods:
         sync()
@@ -155,6 +167,7 @@ def run_all(runner: Runner, prompts: list[dict], methods: list[str]) -> tuple[li
         runner.request(method, WARMUP_PROMPT)
         first[method] = round(time.perf_counter() - start, 3)
         print(f"cold {method}: {first[method]} s", flush=True)
+    warmed = guard_failures()
     records = []
     for n, item in enumerate(prompts):
         order = methods[n % len(methods):] + methods[:n % len(methods)]
@@ -170,7 +183,9 @@ def run_all(runner: Runner, prompts: list[dict], methods: list[str]) -> tuple[li
                             "divergence": first_divergence(record["ids"], plain) if plain is not None else None})
         print(f"prompt {n + 1}/{len(prompts)}: " + ", ".join(
             f"{m} {results[m]['seconds']:.2f}s" for m in methods), flush=True)
-    return records, first
+    reasons = {name: found[len(warmed.get(name, [])):] for name, found in guard_failures().items()
+               if len(found) > len(warmed.get(name, []))}
+    return records, first, reasons
 
 
 def summarise(records: list[dict], methods: list[str], first: dict[str, float]) -> list[dict]:
@@ -209,6 +224,8 @@ def build(args: argparse.Namespace) -> tuple[TextPipeline, str]:
     if args.tiny:
         return TextPipeline(ModelStore(packaged={}), "tiny"), ""
     pipeline = TextPipeline(ModelStore())
+    if args.weights:
+        use_weights(pipeline, args.model, Path(args.weights))
     if not args.shape:
         return pipeline, args.model
     tokenizer = pipeline.load(args.model).tokenizer  # a real tokenizer (and chat template) for the random shape
@@ -216,10 +233,22 @@ def build(args: argparse.Namespace) -> tuple[TextPipeline, str]:
     return pipeline, folder
 
 
+def use_weights(pipeline: TextPipeline, name: str, weights: Path) -> None:
+    """Serve the preset entry ``name`` (its trained draft head and prompt tokens included) from ``weights``: a
+    model folder or a GGUF file (dequantised once into the cache, as the packaged SmolLM2 is)."""
+    spec = pipeline.spec_for(name)
+    if not spec.package:
+        raise SystemExit(f"--weights replaces a packaged model's weights; {name!r} has no package.")
+    folder = convert_gguf(weights.stem.lower(), weights) if weights.suffix == ".gguf" else str(weights)
+    pipeline.store.packaged = {**pipeline.store.packaged, spec.package: lambda _spec: folder}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct (packaged)",
                         help="a text-tab model name, Hub id or local folder (with --shape: whose tokenizer to use)")
+    parser.add_argument("--weights", help="a model folder or .gguf file holding --model's weights (a packaged "
+                        "entry: its trained drafters still apply), e.g. the SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"],
                         help="random weights of this shape instead of --model's (step costs only)")
     parser.add_argument("--prompts", default="benchmarks/prompts/heldout40.jsonl")
@@ -238,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     exact = [m + EXACT for m in dict.fromkeys(["vanilla", *ours])] if args.exact else []
     methods = ours + exact + [a for a in args.anchors.split(",") if a]
     prompts = read_prompts(args.prompts)[: args.limit or None]
-    records, first = run_all(runner, prompts, methods)
+    records, first, reasons = run_all(runner, prompts, methods)
     model = runner.lm.model
     report = {"benchmark": "text_served",
               "device": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
@@ -247,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"prompts": args.prompts, "count": len(prompts), "max_new_tokens": args.max_new_tokens,
                            "exact_mode_added": args.exact,
                            "greedy": True, "hf_pld_tokens": HF_PLD_TOKENS, "command": command_line(argv)},
-              "rows": summarise(records, methods, first)}
+              "rows": summarise(records, methods, first), "recompile_reasons_after_warmup": reasons}
     for row in report["rows"]:
         if row["category"] == "all":
             print(row, flush=True)

@@ -181,7 +181,7 @@ class TextPipeline(PresetModels, Pipeline):
             if forward is not None and forward.capture and not forward.graphs:
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
                                "request only" + ("; compiling takes a minute or more)" if forward.compiles else ")"))
-            drafter = self.drafter(lm, request) if request.method != "vanilla" else None
+            drafter = self.drafter(lm, request, forward) if request.method != "vanilla" else None
             decoding = self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter)
             for run in decoding:
                 if first_token_s is None:
@@ -250,9 +250,10 @@ class TextPipeline(PresetModels, Pipeline):
         return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats,
                                   forward=forward, processors=processors)
 
-    def drafter(self, lm: CausalLM, request: TextRequest) -> Drafter:
+    def drafter(self, lm: CausalLM, request: TextRequest, forward: StaticForward | None = None) -> Drafter:
         """The method's drafter. Token Recycling's matrix and the Lookahead output trie live with the model;
-        tree sizes follow the measured cost of a forward on this device."""
+        tree sizes follow the measured cost of a forward on this device, through ``forward`` (the fast path) when
+        requests are served by it."""
         if request.method not in METHODS:
             raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
         try:
@@ -265,7 +266,7 @@ class TextPipeline(PresetModels, Pipeline):
         if request.method == "draft_model":
             return DraftModel(self.load_draft(lm, request).model)
         if request.method == "merged":
-            costs = step_costs(lm.model, request.tree_profile)
+            costs = step_costs(lm.model, request.tree_profile, forward)
             return shared_merged(lm.model, costs, lm.prompts if lm.head is None else None, lm.head)
         if request.method == "redrafter":
             if lm.head is None:
@@ -273,16 +274,16 @@ class TextPipeline(PresetModels, Pipeline):
                     f"No trained draft head for {self.spec_for(request.model).name!r}, so the Recurrent Drafter cannot "
                     "draft with it. Train one once on a GPU (python -m pipelines.decoding.recurrent_training --model "
                     "MODEL, which writes it where this tab looks) or pick another method.")
-            return RecurrentDrafting(lm.head, lm.model, step_costs(lm.model, request.tree_profile))
+            return RecurrentDrafting(lm.head, lm.model, step_costs(lm.model, request.tree_profile, forward))
         if request.method == "ppd":
             if lm.prompts is None:
                 raise PipelineError(
                     f"No trained prompt tokens for {self.spec_for(request.model).name!r}, so Parallel Prompt Decoding "
                     "cannot draft with it. Train them once on a GPU (python -m pipelines.decoding.prompt_training "
                     "--model MODEL, which writes them where this tab looks) or pick another method.")
-            return ParallelPromptDecoding(lm.prompts, step_costs(lm.model, request.tree_profile))
+            return ParallelPromptDecoding(lm.prompts, step_costs(lm.model, request.tree_profile, forward))
         recycler = shared_recycler(lm.model)
-        nodes = pick_tree_size(recycler.acceptance_rates(), step_costs(lm.model, request.tree_profile))
+        nodes = pick_tree_size(recycler.acceptance_rates(), step_costs(lm.model, request.tree_profile, forward))
         if request.method == "recycling":
             recycler.resize(nodes)
             return recycler

@@ -311,11 +311,11 @@ def test_measured_curves_of_named_models_are_kept_across_processes(tmp_path, mon
     model = tiny_causal_lm("llama", seed=0)
     model.config._name_or_path = "tests/named-llama"
     measured = {1: 0.01, 4: 0.02}
-    monkeypatch.setattr(hardware, "measure_step_cost", lambda m: dict(measured))
+    monkeypatch.setattr(hardware, "measure_step_cost", lambda m, *args, **options: dict(measured))
     assert hardware.step_costs(model) == measured
     assert hardware.curve_file().exists()
 
-    def fail(m):
+    def fail(m, *args, **options):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(hardware, "measure_step_cost", fail)

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import step_cost  # noqa: E402
@@ -47,7 +49,9 @@ def test_text_served_drives_the_tab_and_checks_identity_against_our_plain_path(t
     out = tmp_path / "served.json"
     text_served.main(["--tiny", "--limit", "2", "--max-new-tokens", "6", "--methods", "vanilla,prompt_lookup",
                       "--anchors", "hf-eager", "--exact", "--json", str(out)])
-    rows = {(r["method"], r["category"]): r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    rows = {(r["method"], r["category"]): r for r in report["rows"]}
+    assert report["recompile_reasons_after_warmup"] == {}  # nothing compiled on the CPU
     assert {"tokens_per_s", "speedup_vs_plain", "tau", "identical_fraction", "recompiles_after_warmup",
             "first_request_s", "draft_share"} <= set(rows["prompt_lookup", "all"])
     # fp32 on the CPU: the lossless method and transformers' greedy generate reproduce our plain path exactly
@@ -81,3 +85,17 @@ def test_long_prompt_benchmark_times_start_drafters_and_the_request(tmp_path):
     for method in ("plain", "merged", "merged_mask_over_prompt"):
         assert rows[method]["identical_to_plain"] is True and rows[method]["wall_s"] > 0
     assert rows["plain"]["ratio_to_plain"] == 1.0
+
+
+def test_weights_option_serves_a_packaged_entry_from_a_given_folder(tmp_path):
+    import text_served
+    from pipelines.models import ModelStore
+    from pipelines.text import TextPipeline
+
+    pipeline = TextPipeline(ModelStore())
+    name = "SmolLM2-135M-Instruct (packaged)"
+    text_served.use_weights(pipeline, name, tmp_path)
+    spec = pipeline.spec_for(name)
+    assert pipeline.store.packaged[spec.package](spec) == str(tmp_path)
+    with pytest.raises(SystemExit):
+        text_served.use_weights(pipeline, "Qwen2.5-7B-Instruct", tmp_path)  # not a packaged entry

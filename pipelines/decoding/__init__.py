@@ -20,7 +20,9 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     even draws the same tokens). Stops at EOS inside a run, never exceeds ``max_new_tokens``, checks
     ``cancel`` every step and fills ``DecodeStats`` (forwards, tokens, τ, drafting time). ``prefill`` (model
     inputs such as ``inputs_embeds``) and ``processors`` (a ``LogitsProcessorList`` applied per verified
-    position) serve stages like Bark's; ``verify.NoDraft()`` runs the same loop one token per forward.
+    position) serve stages like Bark's; ``verify.NoDraft()`` runs the same loop one token per forward. Greedy
+    steps without processors accept on the device (``device_accept.greedy_accept``: one read per step); sampled
+    ones walk the tree on the host, drawing exactly where plain decoding draws.
 ``verify.CausalLMForward(model, tree_attention=True, embed=None)``
     How the core calls a model. Any causal LM whose forward takes ``input_ids`` (or ``inputs_embeds``: pass
     ``embed``), ``attention_mask`` (4D float), ``position_ids`` and a transformers cache and returns
@@ -37,12 +39,19 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     ``speculative_decode``): one static K/V cache, blocks padded to fixed query sizes (dummy rows attend only
     to themselves), rollback by moving the write position back, one CUDA graph per bucket. ``capture=None``
     captures on a dedicated CUDA GPU and runs the same static code eagerly on CPU, under ZeroGPU
+<<<<<<< HEAD
     (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request.
 ``exact.ExactForward(model, max_cache_len=4096, rows=EXACT_ROWS, block=EXACT_BLOCK, capture=None, embed=None)``
     Exact mode with the same interface: every forward is ``rows`` rows (padded, or several forwards) fed as
     length-1 sequences over a static cache, each row's attention reading the K/V gathered in its own path's
     order, so a row's logits and K/V are a function of its path only and drafted greedy output is bit-identical
     to plain decoding through the same adapter. One CUDA graph where ``static.StaticForward`` would capture.
+=======
+    (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request. Every bucket is compiled
+    and captured on the first step (``warm``); ``fit(tree, before_root)`` cuts a tree whose re-fed rows would
+    spill it into the next bucket. ``captured.CapturedCalls`` replays drafters' fixed-shape device work (the
+    ReDrafter head's levels, Token Recycling's template fill) as CUDA graphs the same way.
+>>>>>>> textgpu
 ``verify.Drafter``
     ``propose(context) -> TokenTree`` (root = ``context[-1]``), ``update(tree, logits, accepted)``, and
     optional ``start(prompt)`` / ``finish()``; ``embedding(model)`` for trees with virtual tokens (PPD);
@@ -56,6 +65,7 @@ Drafters: ``recycling.TokenRecycling`` (``shared_recycler(model)``: the [vocab, 
 prompt tokens, ``prompt_training``), ``recurrent_drafter.RecurrentDrafting(head, model, costs)`` (a trained
 draft head on the model's last hidden state, ``recurrent_training``), and ``merged.MergedDrafter`` /
 ``shared_merged(model, costs, prompts, head)`` joining them in one tree. Trained weights are found per model
-id by ``trained.TrainedWeights``. Tree size per device: ``hardware.step_costs(model, profile)`` and
+id by ``trained.TrainedWeights``. Tree size per device: ``hardware.step_costs(model, profile, forward)`` (measured
+through the serving ``forward`` at its buckets when it has some: ``hardware.bucketed``) and
 ``hardware.pick_tree_size(rates, costs)``.
 """

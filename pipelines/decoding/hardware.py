@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .tree import TokenTree, block_attention_mask, block_position_ids
+from .tree import TokenTree
 from .verify import CausalLMForward
 
 # H200, Llama-2-7B, bf16, sdpa, 512-token cache: GPU kernel time per forward relative to n = 1
@@ -31,10 +31,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 128, repeats: int = 5,
-                      seed: int = 0) -> dict[int, float]:
-    """Seconds of one forward with ``n`` query tokens (under a 4D float tree mask) after a
-    ``context``-token cache, for each ``n`` in ``sizes``. Weights do not matter, only shapes."""
-    forward = CausalLMForward(model)
+                      seed: int = 0, forward: CausalLMForward | None = None) -> dict[int, float]:
+    """Seconds of one forward with ``n`` query tokens (a root and ``n - 1`` children: a tree mask) after a
+    ``context``-token cache, for each ``n`` in ``sizes``. Weights do not matter, only shapes. ``forward`` is the
+    adapter that serves requests (the static, captured path on a GPU); the model's own forward by default."""
+    forward = forward or CausalLMForward(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (context + max(sizes),), generator=generator).tolist()
@@ -44,9 +45,8 @@ def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: in
     # round-robin over sizes so a burst of load from elsewhere hits all sizes alike; first round = warm-up
     for round_ in range(repeats + 1):
         for n in sizes:
-            tree = TokenTree.chain(tokens[context], tokens[context + 1:context + n])
-            mask = block_attention_mask(tree, 0, context, forward.dtype, forward.device)
-            positions = block_position_ids(tree, 0, context, forward.device)
+            tree = TokenTree(tokens[context:context + n], [-1] + [0] * (n - 1))
+            mask, positions = forward.block_inputs(tree, 0, context)
             _sync(forward.device)
             started = time.perf_counter()
             forward(tree.tokens, positions, mask, cache)
@@ -61,6 +61,14 @@ def measure_step_cost(model, sizes: tuple[int, ...] = DEFAULT_SIZES, context: in
         running = max(running, min(samples[n]))
         costs[n] = running
     return costs
+
+
+def bucketed(costs: dict[int, float], buckets: tuple[int, ...]) -> dict[int, float]:
+    """A curve measured at the bucket sizes of a padded forward, for every size up to the largest: ``n`` rows
+    cost what their bucket costs, so a tree grows to fill its bucket and never spills into the next one for a
+    few nodes (interpolating between buckets would price 65 rows near 64)."""
+    top = max(buckets)
+    return {n: costs[next(b for b in sorted(buckets) if b >= n)] for n in range(1, top + 1)}
 
 
 def interpolate(costs: dict[int, float], n: int) -> float:
@@ -90,34 +98,40 @@ def pick_tree_size(node_rates: list[float], costs: dict[int, float], extra_token
 
 
 TREE_PROFILES = ("auto", "cpu", "gpu")
-_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, float]]" = weakref.WeakKeyDictionary()
+# per model: bucket sizes of the forward measured (() for the model's own forward) -> its curve
+_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, ...], dict[int, float]]]" = weakref.WeakKeyDictionary()
 
 
-def step_costs(model, profile: str = "auto") -> dict[int, float]:
+def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = None) -> dict[int, float]:
     """The cost curve for ``profile``: ``gpu`` is the H200 curve above (what the GPU would use); ``auto``
     measures this model on its own device once and keeps the result; ``cpu`` does the same and insists the
-    model is on the CPU."""
+    model is on the CPU. A padded ``forward`` (one with ``buckets``: the static path) is measured itself, at its
+    bucket sizes, and the curve is flat within each bucket (``bucketed``)."""
     if profile not in TREE_PROFILES:
         raise ValueError(f"Unknown tree profile {profile!r}; choose one of {', '.join(TREE_PROFILES)}.")
     if profile == "gpu":
         return dict(GPU_STEP_COST)
     if profile == "cpu" and next(model.parameters()).device.type != "cpu":
         raise ValueError("The cpu tree profile measures the model on the CPU; load it there or use 'auto'.")
-    costs = _MEASURED.get(model)
+    buckets = tuple(getattr(forward, "buckets", ()))
+    measured = _MEASURED.setdefault(model, {})
+    costs = measured.get(buckets)
     if costs is None:
-        key = curve_key(model)
+        sizes = buckets or DEFAULT_SIZES
+        path = f"static, compile {getattr(forward, 'compile_mode', 'off')}" if buckets else "eager"
+        key = curve_key(model, sizes, path)
         costs = stored_curve(key) if key else None
         if costs is None:
-            costs = measure_step_cost(model)
+            costs = measure_step_cost(model, sizes, forward=forward if buckets else None)
             if key:
                 store_curve(key, costs)
-        _MEASURED[model] = costs
+        measured[buckets] = costs = bucketed(costs, buckets) if buckets else costs
     return costs
 
 
-def curve_key(model) -> str | None:
+def curve_key(model, sizes: tuple[int, ...] = DEFAULT_SIZES, path: str = "eager") -> str | None:
     """What a measured curve depends on: the model (by name), its dtype, the device (GPU name, or CPU model and
-    thread count) and the sizes. None for unnamed models (random test models): those are measured per process."""
+    thread count), the forward that serves (``path``) and the sizes. None for unnamed models (random test models): those are measured per process."""
     name = getattr(model.config, "_name_or_path", "")
     if not name:
         return None
@@ -126,7 +140,8 @@ def curve_key(model) -> str | None:
         device = torch.cuda.get_device_name(parameter.device)
     else:
         device = f"{cpu_model()} x{torch.get_num_threads()} threads"
-    return f"{type(model).__name__} | {name} | {parameter.dtype} | {device} | {','.join(map(str, DEFAULT_SIZES))}"
+    key = f"{type(model).__name__} | {name} | {parameter.dtype} | {device} | {','.join(map(str, sizes))}"
+    return key if path == "eager" else f"{key} | {path}"
 
 
 def cpu_model() -> str:

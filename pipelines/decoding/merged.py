@@ -86,6 +86,8 @@ class MergedDrafter(Drafter):
         self.chains = PromptChains(prompts) if prompts is not None else None
         self.graft, self.graft_nodes = graft, graft_nodes
         self.drafts = drafts
+        self._priced: dict[int, float] | None = None  # the curve ``_prices`` were computed from
+        self._prices: dict[int, float] = {}
 
     @property
     def reads_hidden(self) -> bool:
@@ -165,6 +167,14 @@ class MergedDrafter(Drafter):
             add(drafted, lambda i, depth: ("redrafter", (min(head_ranks[i], 1), _bin(conditional[i])), depth))
         return self._select(tokens, parents, buckets, children)
 
+    def price(self, size: int) -> float:
+        """``interpolate(self.costs, size)``, remembered per curve: ``_select`` asks for every size each step."""
+        if self._priced is not self.costs:
+            self._priced, self._prices = self.costs, {}
+        if size not in self._prices:
+            self._prices[size] = interpolate(self.costs, size)
+        return self._prices[size]
+
     def _offer_size(self) -> int:
         return min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
 
@@ -202,7 +212,7 @@ class MergedDrafter(Drafter):
         best, best_rate, expected = 1, 0.0, 0.0
         for size, i in enumerate(ranked, start=1):
             expected += path[i]
-            throughput = expected / interpolate(self.costs, size)
+            throughput = expected / self.price(size)
             if throughput > best_rate:
                 best, best_rate = size, throughput
         kept = set(ranked[:best])

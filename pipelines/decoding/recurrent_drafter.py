@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .captured import CapturedCalls, capture_supported
 from .hardware import pick_tree_size
 from .trained import TrainedWeights
 from .tree import TokenTree
@@ -124,9 +125,10 @@ class HeadDrafts:
         weight = model.get_output_embeddings().weight
         ids = head.vocab[:vocab] if vocab else head.vocab
         self.lm_weight = weight[ids] if len(ids) else weight  # a prefix of its rows is a narrower vocabulary
-        self.ids = ids.tolist() if len(ids) else None
+        self.id_map = ids if len(ids) else None  # the head's row -> token id (None: the row is the id)
         self.narrow = min(narrow_vocab, len(ids)) if len(ids) else len(weight)  # no frequency order: all rows
         self.model = model
+        self.calls = CapturedCalls(capture_supported(weight.device))
         self.anchor: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
 
@@ -149,43 +151,73 @@ class HeadDrafts:
                     for level, width in enumerate(self.widths)]
         return [(1, self.narrow)] * max(3, max_nodes.bit_length() - 1)
 
+    def levels(self, max_nodes: int) -> list[tuple[int, int]]:
+        """``plan(max_nodes)`` as it runs: nodes expanded per level (never more than the level holds) and rows,
+        stopping once ``max_nodes`` nodes are drafted. Host arithmetic only, so every step of an offer has the same
+        shapes (one captured graph per offer)."""
+        levels, count, level_size = [], 1, 1
+        for width, rows in self.plan(max_nodes):
+            take = min(width, level_size)
+            if take == 0 or count >= max_nodes:
+                break
+            levels.append((take, rows))
+            count, level_size = count + take * self.top_k, take * self.top_k
+        return levels
+
+    def grow(self, hidden: torch.Tensor, root: torch.Tensor, levels: tuple[tuple[int, int], ...],
+             max_nodes: int) -> torch.Tensor:
+        """The tree on the device, fixed shapes only: per level the likeliest ``take`` nodes of the level (ties:
+        the earlier node) advance the recurrent state and score their ``top_k`` children. Path probabilities in
+        float64, as Python's floats were. Returns ``[5, kept]`` float64 rows: tokens, parents, ranks, conditional
+        and path probabilities, best first (a child never before its parent)."""
+        device, k = hidden.device, self.top_k
+        tokens, parents = root.reshape(1), torch.full((1,), -1, device=device)
+        ranks = torch.zeros(1, dtype=torch.long, device=device)
+        conditional = torch.ones(1, dtype=torch.float64, device=device)
+        path = torch.ones(1, dtype=torch.float64, device=device)
+        before, first = hidden[None], 0  # the states the current level's tokens are fed to; its first node
+        for take, rows in levels:
+            chosen = first + path[first:].sort(descending=True, stable=True).indices[:take]
+            states = self.head.advance(before[chosen - first], self.embedding(tokens[chosen]))
+            logits = lm_head_logits(self.model, self.head.readout(states, hidden.expand(take, -1)),
+                                    self.lm_weight[:rows]).float()
+            top = logits.topk(k, dim=-1)
+            probs = (top.values - logits.logsumexp(-1, keepdim=True)).exp().double()
+            children = self.id_map[top.indices] if self.id_map is not None else top.indices
+            first = len(tokens)
+            tokens = torch.cat([tokens, children.flatten()])
+            parents = torch.cat([parents, chosen.repeat_interleave(k)])
+            ranks = torch.cat([ranks, torch.arange(k, device=device).repeat(take)])
+            conditional = torch.cat([conditional, probs.flatten()])
+            path = torch.cat([path, (path[chosen][:, None] * probs).flatten()])
+            before = states.repeat_interleave(k, 0)
+        return kept_best_first(tokens, parents, ranks, conditional, path, max_nodes)
+
     @torch.inference_mode()
     def candidates(self, root: int, max_nodes: int) -> tuple[TokenTree, list[int], list[float], list[float]] | None:
         """Up to ``max_nodes`` nodes below ``root``, likeliest paths first: the tree, each node's rank among its
-        siblings, its probability under the head given its parent, and its path probability."""
+        siblings, its probability under the head given its parent, and its path probability. One captured graph
+        per offer size on a GPU, one read from the device per step."""
         if self.anchor is None:
             return None
-        hidden = self.anchor
-        tokens, parents, ranks, conditional, path = [root], [-1], [0], [1.0], [1.0]
-        before = {0: hidden}  # the state a node's token is fed to (its parent's)
-        level = [0]
-        for width, rows in self.plan(max_nodes):
-            chosen = sorted(level, key=lambda i: -path[i])[:width]
-            if not chosen or len(tokens) >= max_nodes:
-                break
-            states = self.head.advance(torch.stack([before[i] for i in chosen]),
-                                       self.embedding(torch.tensor([tokens[i] for i in chosen], device=hidden.device)))
-            readout = self.head.readout(states, hidden.expand(len(chosen), -1))
-            logits = lm_head_logits(self.model, readout, self.lm_weight[:rows]).float()
-            top = logits.topk(self.top_k, dim=-1)
-            probs = (top.values - logits.logsumexp(-1, keepdim=True)).exp().tolist()
-            indices = top.indices.tolist()
-            level = []
-            for j, node in enumerate(chosen):
-                for rank, (index, p) in enumerate(zip(indices[j], probs[j])):
-                    level.append(len(tokens))
-                    before[len(tokens)] = states[j]
-                    tokens.append(self.ids[index] if self.ids is not None else index)
-                    parents.append(node)
-                    ranks.append(rank)
-                    conditional.append(p)
-                    path.append(path[node] * p)
-        # best first (a child's path is never likelier than its parent's, and comes later on ties), so every
-        # prefix is a tree and ``truncated`` keeps the likeliest nodes
-        kept = sorted(range(len(tokens)), key=lambda i: (-path[i], i))[:max_nodes]
-        index = {old: new for new, old in enumerate(kept)}
-        tree = TokenTree([tokens[i] for i in kept], [index[parents[i]] if i else -1 for i in kept])
-        return tree, [ranks[i] for i in kept], [conditional[i] for i in kept], [path[i] for i in kept]
+        levels = tuple(self.levels(max_nodes))
+        root_id = torch.tensor(root).to(self.anchor.device, non_blocking=True)  # staged, no wait for the device
+        grown = self.calls.call((levels, max_nodes), lambda h, r: self.grow(h, r, levels, max_nodes), self.anchor,
+                                root_id)
+        tokens, parents, ranks, conditional, path = grown.tolist()
+        tree = TokenTree([int(t) for t in tokens], [int(p) for p in parents])
+        return tree, [int(r) for r in ranks], conditional, path
+
+
+def kept_best_first(tokens: torch.Tensor, parents: torch.Tensor, ranks: torch.Tensor, conditional: torch.Tensor,
+                    path: torch.Tensor, max_nodes: int) -> torch.Tensor:
+    """The ``max_nodes`` likeliest nodes (ties: the earlier), parents renumbered, packed ``[5, kept]`` float64."""
+    kept = path.sort(descending=True, stable=True).indices[:max_nodes]
+    renumber = torch.full_like(parents, -1)
+    renumber[kept] = torch.arange(len(kept), device=kept.device)
+    new_parents = torch.where(parents[kept] >= 0, renumber[parents[kept].clamp(min=0)], -1)
+    return torch.stack([tokens[kept].double(), new_parents.double(), ranks[kept].double(), conditional[kept],
+                        path[kept]])
 
 
 class RecurrentDrafting(Drafter):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .captured import CapturedCalls, capture_supported
 from .tree import TokenTree
 from .verify import Drafter
 
@@ -72,40 +73,43 @@ class TokenRecycling(Drafter):
         # the probability each candidate had when it was recorded: how sure the model was, for the merged drafter
         self.probs = probs if probs is not None else torch.zeros(matrix.shape, device=matrix.device)
         self.template = template
+        self.calls = CapturedCalls(capture_supported(matrix.device))
+        self._levels: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.offered = [0] * len(template)
         self.accepted = [0] * len(template)
         self.resize(nodes or len(template))
 
     def resize(self, nodes: int) -> None:
-        """Draft only the first ``nodes`` template nodes (root included)."""
+        """Draft only the first ``nodes`` template nodes (root included). Each size's index tensors are built once
+        and kept: a captured graph of that size reads them."""
         self.active = self.template.truncated(nodes)
-        active, device = self.active, self.matrix.device
-        depth = [0] * len(active)
-        for i in range(1, len(active)):
-            depth[i] = depth[active.parents[i]] + 1
-        self.levels = []
-        for d in range(1, max(depth) + 1):
-            nodes_at = [i for i in range(len(active)) if depth[i] == d]
-            self.levels.append((torch.tensor(nodes_at, device=device),
-                                torch.tensor([active.parents[i] for i in nodes_at], device=device),
-                                torch.tensor([active.ranks[i] for i in nodes_at], device=device)))
+        if len(self.active) not in self._levels:
+            self._levels[len(self.active)] = template_levels(self.active, self.matrix.device)
+        self.levels = self._levels[len(self.active)]
 
     def propose(self, context: list[int]) -> TokenTree:
         return self.scored(context)[0]
 
     def scored(self, context: list[int]) -> tuple[TokenTree, list[float]]:
-        """The tree and, per node, the probability its token had after its parent's when it was recorded."""
-        tokens = torch.empty(len(self.active), dtype=torch.long, device=self.matrix.device)
+        """The tree and, per node, the probability its token had after its parent's when it was recorded. The
+        level-by-level gathers are one captured graph per tree size on a GPU, read back once."""
+        root = torch.tensor(context[-1]).to(self.matrix.device, non_blocking=True)
+        tokens, probs = self.calls.call(len(self.active), self.fill, root).tolist()
+        return TokenTree([int(t) for t in tokens], list(self.active.parents)), probs
+
+    def fill(self, root: torch.Tensor) -> torch.Tensor:
+        """The active template filled from the matrix below ``root``: ``[2, n]`` float64 rows, tokens then the
+        probabilities they were recorded with (fixed shapes for a given template size)."""
+        tokens = root.reshape(1).expand(len(self.active)).clone()
         probs = torch.ones(len(self.active), device=self.matrix.device)
-        tokens[0] = context[-1]
         for nodes, parents, ranks in self.levels:
             rows = tokens[parents]
             tokens[nodes] = self.matrix[rows, ranks]
             probs[nodes] = self.probs[rows, ranks]
-        return TokenTree(tokens.tolist(), list(self.active.parents)), probs.tolist()
+        return torch.stack([tokens.double(), probs.double()])
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        rows = torch.tensor(tree.tokens, device=self.matrix.device)
+        rows = torch.tensor(tree.tokens).to(self.matrix.device, non_blocking=True)  # staged, no wait for the device
         logits = logits.float()
         top = logits.topk(self.matrix.shape[1], dim=-1)
         self.matrix[rows] = top.indices.to(self.matrix.device)
@@ -122,6 +126,20 @@ class TokenRecycling(Drafter):
         """Per template node, how often it was on the accepted path when offered, smoothed by the prior."""
         return [(accepted + prior_weight * prior) / (offered + prior_weight)
                 for accepted, offered, prior in zip(self.accepted, self.offered, self.template.prior)]
+
+
+def template_levels(active: TreeTemplate, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per depth below the root: the template's node indices there, their parents and their child ranks."""
+    depth = [0] * len(active)
+    for i in range(1, len(active)):
+        depth[i] = depth[active.parents[i]] + 1
+    levels = []
+    for d in range(1, max(depth) + 1):
+        nodes_at = [i for i in range(len(active)) if depth[i] == d]
+        levels.append((torch.tensor(nodes_at, device=device),
+                       torch.tensor([active.parents[i] for i in nodes_at], device=device),
+                       torch.tensor([active.ranks[i] for i in nodes_at], device=device)))
+    return levels
 
 
 def cold_matrix(vocab: int, device: torch.device | str = "cpu", k: int = TOP_K) -> torch.Tensor:

@@ -18,8 +18,6 @@ mask is the same pattern AND the window at each row's logical position (``slidin
 """
 from __future__ import annotations
 
-import logging
-import os
 import time
 from typing import Callable
 
@@ -27,18 +25,12 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from .captured import CapturedCalls, capture_supported
 from .tree import TokenTree
 from .verify import CausalLMForward
 
-log = logging.getLogger(__name__)
-
 BUCKETS = (1, 8, 16, 32, 64, 128, 256)
 COMPILE_MODES = ("off", "static", "dynamic")
-
-
-def capture_supported(device: torch.device) -> bool:
-    """CUDA graphs need a CUDA device the process owns; ZeroGPU attaches the GPU per call, so it stays eager."""
-    return device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
 
 
 class IndexedStaticLayer(StaticLayer):
@@ -95,7 +87,7 @@ class StaticForward(CausalLMForward):
         super().__init__(model, tree_attention=True, embed=embed)
         self.max_cache_len = max_cache_len
         self.buckets = tuple(sorted(buckets))
-        self.capture = capture_supported(self.device) if capture is None else capture
+        self._calls = CapturedCalls(capture_supported(self.device) if capture is None else capture)
         top = self.buckets[-1]
         device = self.device
         on_cuda = device.type == "cuda"
@@ -115,11 +107,11 @@ class StaticForward(CausalLMForward):
         self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
+        self.compile_mode = compile
         self.compiles = compile != "off"
         self._step_fn = torch.compile(self._step, dynamic=compile == "dynamic") if self.compiles else self._step
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._pool = None
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
+        self._staged_rows = 0  # rows of the last block that went through the staging buffers (0: it did not)
 
     def new_cache(self) -> StaticTreeCache:
         self.cache.length = 0
@@ -134,6 +126,23 @@ class StaticForward(CausalLMForward):
         allowed[m:, m:] = tree.ancestor_matrix()
         positions = list(range(past, past + m)) + [past + m + depth for depth in tree.depths]
         return allowed, positions
+
+    def fit(self, tree: TokenTree, before_root: int) -> TokenTree:
+        """Re-fed rows count against the bucket the tree was sized for: a 64-node tree behind 2 re-fed rows would
+        pad to 128, so it loses its last 2 nodes instead (input order: drafters put their likeliest nodes first).
+        A re-fed block that needs a larger bucket anyway lets the tree fill that one."""
+        size = self.bucket(max(before_root + 1, len(tree)))
+        if size is None or before_root + len(tree) <= size:
+            return tree
+        return tree.truncated(max_nodes=size - before_root)
+
+    def tree_tensors(self, tree: TokenTree, before_root: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tree's rows of the last step's device buffers (already there: no copy). Valid until the next step,
+        whose upload the stream orders after anything queued on these views."""
+        q = before_root + len(tree)
+        if self._staged_rows != q:
+            return super().tree_tensors(tree, before_root)
+        return self._dev_int[before_root:q], self._dev_block[before_root:q, before_root:q]
 
     @property
     def _top(self) -> int:
@@ -172,28 +181,21 @@ class StaticForward(CausalLMForward):
         """The bucket's graph, captured on first use (the warm-up runs are this very step, which is
         idempotent: same inputs, same rows written). A failed capture turns capture off for good."""
         args = self._staged_args(size)
-        if size not in self.graphs:
-            started = time.perf_counter()
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._step_fn(*args)
-                torch.cuda.current_stream().wait_stream(stream)
-                self._pool = self._pool or torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    outputs = self._step_fn(*args)
-                self.graphs[size] = (graph, outputs)
-                self.warmup_s += time.perf_counter() - started
-            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-                log.warning("CUDA graph capture failed (%s); decoding eagerly on the static cache.", error)
-                self.capture = False
-                return self._step(*args)
-        graph, outputs = self.graphs[size]
-        graph.replay()
+        started, new = time.perf_counter(), size not in self.graphs
+        # no inputs to copy in: the step reads the fixed staging buffers
+        outputs = self._calls.call(size, lambda: self._step_fn(*args), eager=lambda: self._step(*args))
+        if new and size in self.graphs:
+            self.warmup_s += time.perf_counter() - started
         return outputs
+
+    @property
+    def capture(self) -> bool:
+        return self._calls.capture
+
+    @property
+    def graphs(self) -> dict:
+        """Bucket size -> its captured graph."""
+        return self._calls.graphs
 
     def __call__(self, ids: list[int], position_ids, mask, cache, keep: int | None = None) -> torch.Tensor:
         """``mask`` is ``block_inputs``' ``[q, q]`` pattern, or None for a causal block (prompt, plain steps);
@@ -206,6 +208,7 @@ class StaticForward(CausalLMForward):
             size = q  # oversize block (a long prompt): unpadded, eager
         if past + size > self.max_cache_len:
             raise ValueError(f"The static cache holds {self.max_cache_len} tokens; this step needs {past + size}.")
+        self._staged_rows = q if size <= self._top else 0
         if size > self._top:
             block = torch.from_numpy(pattern).to(self.device)
             scalars = torch.tensor([past, q], device=self.device)
@@ -221,6 +224,23 @@ class StaticForward(CausalLMForward):
 
     def _staged_step(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int,
                      size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.capture and not self.graphs and past == 0:
+            self.warm()
+        self._stage(ids, positions, pattern, past, size)
+        return self._replay(size) if self.capture else self._step(*self._staged_args(size))
+
+    def warm(self) -> None:
+        """Compile and capture every bucket now, on an empty cache (the first step of the first request), so that
+        no later step, of any method or tree size, waits for inductor or a capture. The dummy rows this writes
+        sit beyond the committed length: hidden by the mask until real rows overwrite them."""
+        for size in (b for b in self.buckets if b <= self.max_cache_len):
+            if not self.capture:
+                return  # a capture failed: eager from here on
+            self._stage([0] * size, list(range(size)), np.tril(np.ones((size, size), dtype=bool)), 0, size)
+            self._replay(size)
+
+    def _stage(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int, size: int) -> None:
+        """Write one block into the pinned buffers and start their copy to the device."""
         q, top = len(ids), self._top
         if self._staged is not None:
             self._staged.synchronize()  # the previous transfer has left the pinned buffers
@@ -239,5 +259,3 @@ class StaticForward(CausalLMForward):
         self._dev_block.copy_(self._host_block, non_blocking=True)
         if self._staged is not None:
             self._staged.record()
-        return self._replay(size) if self.capture else self._step(*self._staged_args(size))
-

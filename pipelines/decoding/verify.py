@@ -16,6 +16,7 @@ import torch
 
 from ..base import CancelToken
 from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, logits_processing, make_generator
+from .device_accept import device_tree, greedy_accept
 from .sliding import attention_layout
 from .tree import TokenTree, block_position_ids, block_visibility
 
@@ -96,6 +97,14 @@ class CausalLMForward:
         keys = torch.cat([torch.arange(past, device=self.device), positions[0]])
         return self.layout.masks(visible, positions[0], keys, self.dtype), positions
 
+    def fit(self, tree: TokenTree, before_root: int) -> TokenTree:
+        """The tree cut to what this forward verifies at the cost it was priced at (padded forwards: its bucket)."""
+        return tree
+
+    def tree_tensors(self, tree: TokenTree, before_root: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last verified tree's tokens and ancestor matrix on the device (``device_accept``'s inputs)."""
+        return device_tree(tree, self.device)
+
     def __call__(self, ids: list[int], position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                  keep: int | None = None) -> torch.Tensor:
         """Logits ``[keep, vocab]`` for the last ``keep`` of ``ids`` (all when None) appended to ``cache``.
@@ -121,16 +130,12 @@ def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
     same processed distribution plain decoding uses) and follow the child holding it. Returns the accepted
     node indices and the committed tokens (their tokens, then the bonus). Sampling at the node and matching
     a deterministic draft is lossless (reference §2.4). ``process(logits, path)`` rewrites a node's logits
-    given the tokens accepted on the way to it (a model's own per-position logits processors)."""
+    given the tokens accepted on the way to it (a model's own per-position logits processors). Greedy steps
+    without processors take ``device_accept.greedy_accept`` instead: the same result, one read from the device."""
     children = tree.children()
-    greedy = logits.argmax(-1).tolist() if config.greedy and process is None else None
     node, nodes, tokens = 0, [], []
     while True:
-        if greedy is not None:
-            token = greedy[node]
-        else:
-            token = choose_token(logits[node] if process is None else process(logits[node], tokens), config,
-                                 generator)
+        token = choose_token(logits[node] if process is None else process(logits[node], tokens), config, generator)
         tokens.append(token)
         child = children[node].get(token)
         if child is None:
@@ -215,12 +220,16 @@ def speculative_decode(
             # mask over it would cost memory and time quadratic in the prompt (8000 tokens: 2.8x plain decoding)
             if not forward.tree_attention or before_root > LONG_BLOCK:
                 tree = tree.first_chain()
+            tree = forward.fit(tree, before_root)
             drafted = time.perf_counter()
 
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
-            process = logits_processing(processors, prompt, generated) if processors else None
-            nodes, run = accept(tree, logits, config, generator, process)
+            if config.greedy and not processors:
+                nodes, run = greedy_accept(tree, logits, *forward.tree_tensors(tree, before_root))
+            else:
+                process = logits_processing(processors, prompt, generated) if processors else None
+                nodes, run = accept(tree, logits, config, generator, process)
             for i, token in enumerate(run):
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]

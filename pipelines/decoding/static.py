@@ -56,8 +56,12 @@ class StaticTreeCache(Cache):
 
     def __init__(self, num_layers: int, max_cache_len: int, rows: torch.Tensor) -> None:
         super().__init__(layers=[IndexedStaticLayer(max_cache_len, rows) for _ in range(num_layers)])
-        self.max_cache_len = max_cache_len
         self.length = 0
+
+    @property
+    def max_cache_len(self) -> int:
+        """The layers' length (transformers 5.17 makes this a read-only property of ``Cache``; 5.23 does not)."""
+        return self.layers[0].max_cache_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length

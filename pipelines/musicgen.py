@@ -169,6 +169,10 @@ class ColumnForward:
     record_hidden = False
     kwarg = "past_key_values"
 
+    def fit(self, tree: TokenTree, before_root: int) -> TokenTree:
+        """Chains are verified whole: this forward has no buckets to fit."""
+        return tree
+
     def __init__(self, model, conditioning: MusicgenConditioning, vocabulary: ColumnVocabulary,
                  guidance_scale: float, max_columns: int, static_cache: bool) -> None:
         self.model, self.conditioning, self.vocabulary = model, conditioning, vocabulary

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            "seeds from its images instead of rendering again")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENWORKS_OUTPUT_DIR", tempfile.mkdtemp(prefix="mw-examples-"))
-    rows = (json.load(open(args.rendered))["rows"] if args.rendered
-            else render(MICROWORLD_EXAMPLES, args.seeds))
+    rendered = json.load(open(args.rendered)) if args.rendered else None
+    rows = rendered["rows"] if rendered else render(MICROWORLD_EXAMPLES, args.seeds)
     chosen = {e.prompt: e.seed for e in MICROWORLD_EXAMPLES}
     tiles = []
     for row in rows:
@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         unit = next(u for u in row["units"] if u["seed"] == row["example_seed"])
         tiles.append(labelled(*unit["paths"], f"seed {unit['seed']}: {row['prompt'][:40]}"))
     Image.fromarray(np.concatenate(tiles, axis=0)).save(args.png)
-    report = {"command": command_line(argv), "model": MICROWORLD_MODEL, "rows": rows}
+    report = {"command": rendered["command"] if rendered else command_line(argv), "model": MICROWORLD_MODEL,
+              "rows": rows}
+    if rendered:
+        report["sheet_command"] = command_line(argv)
     write_report(report, args.json)
     return report
 

@@ -105,9 +105,11 @@ def variant(name: str) -> Iterator[None]:
         yield
 
 
-def render(pipeline: ImagePipeline, prompt: str, seed: int, binding: bool) -> tuple[str, dict[str, Any]]:
+def render(pipeline: ImagePipeline, prompt: str, seed: int, binding: bool, ets_step: int = -1
+           ) -> tuple[str, dict[str, Any]]:
+    """One served image; ``ets_step`` goes in the request (the plan takes it from there, not from the config)."""
     request = ImageRequest(model=MICROWORLD_MODEL, prompt=prompt if binding else prompt.replace("[", "").replace(
-        "]", ""), binding=binding, steps=30, cfg=5.0, seed=seed, preview_every=0)
+        "]", ""), binding=binding, ets_step=ets_step, steps=30, cfg=5.0, seed=seed, preview_every=0)
     result = [e for e in pipeline.generate(request) if isinstance(e, Result)][0]
     return result.value[0], result.stats
 
@@ -116,7 +118,8 @@ def run(pipeline: ImagePipeline, name: str, units: list[tuple[Any, int]]) -> dic
     rows, start = [], time.perf_counter()
     for prompt, seed in units:
         with variant(name) if name != "off" else contextlib.nullcontext():
-            path, stats = render(pipeline, prompt.fields["prompt"], seed, name != "off")
+            path, stats = render(pipeline, prompt.fields["prompt"], seed, name != "off",
+                                 VARIANTS.get(name, {}).get("ets_step", -1))
         score = score_file(path, prompt.truth)
         rows.append({"prompt": prompt.fields["prompt"], "seed": seed, "path": path, "binding": score["binding"],
                      "valid": score["valid"], "presence": score["presence"],

@@ -145,15 +145,17 @@ def sheet(results: dict[str, dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=6, help="every third held-out swapped prompt, this many")
+    parser.add_argument("--prompts", type=int, default=6, help="this many held-out swapped prompts, every --stride-th")
+    parser.add_argument("--stride", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cuda runs every row but capped-official-latents (eager only)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--variants", default=",".join(["off", *VARIANTS]))
     parser.add_argument("--json", required=True)
     parser.add_argument("--png", required=True)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENWORKS_OUTPUT_DIR", tempfile.mkdtemp(prefix="binding-mw2-"))
-    pipeline = ImagePipeline(ModelStore(device=torch.device("cpu")))
-    units = [(p, s) for p in binding_prompts()[::3][:args.prompts] for s in range(args.seeds)]
+    pipeline = ImagePipeline(ModelStore(device=torch.device(args.device)))
+    units = [(p, s) for p in binding_prompts()[::args.stride][:args.prompts] for s in range(args.seeds)]
     results = {name: run(pipeline, name, units) for name in args.variants.split(",")}
     sheet(results, args.png)
     report = {"command": command_line(argv), "model": MICROWORLD_MODEL, "steps": 30, "cfg": 5.0,

@@ -161,3 +161,35 @@ def test_end_token_substitution_is_off_by_default_as_in_the_official_attribute_c
         _, refined = binding.refine(0, binding.pipe.scheduler.timesteps[0], latents, positive)
     end = binding.prompt_length + 1
     assert torch.equal(refined[0, end:], binding.merged_prompt_embeds[0, end:])
+
+
+def layer_normed_prompt() -> torch.Tensor:
+    """Embeddings as an encoder ending in a layer norm gives them: every token of the same norm."""
+    embeds = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
+    return torch.nn.functional.layer_norm(embeds, (32,))
+
+
+GROUPS = [tome.GroupTokens("red hat", [3], [2]), tome.GroupTokens("blue car", [7], [6])]
+
+
+def test_composite_token_is_no_longer_than_the_prompts_longest_token():
+    # Before: the official sum on a layer-normed encoder's tokens was ~2x their norm (micro-world v2: 15.7 -> 31-33),
+    # and the composite drew the cross-attention the start token holds.
+    embeds = layer_normed_prompt()
+    merged = tome.composite_tokens(embeds, GROUPS, BindingConfig())
+    longest = embeds.norm(dim=-1).max()
+    assert all(merged[0, group.nouns[0]].norm() <= longest * (1 + 1e-5) for group in GROUPS)
+    official = tome.composite_tokens(embeds, GROUPS, BindingConfig(cap_composite_norm=False))
+    for group in GROUPS:
+        noun = group.nouns[0]
+        assert official[0, noun].norm() > 1.3 * longest
+        assert torch.cosine_similarity(merged[0, noun], official[0, noun], dim=0) > 1 - 1e-5
+        assert torch.all(merged[0, group.attributes] == 0)
+
+
+def test_a_composite_within_the_prompts_norms_is_exactly_the_official_sum():
+    embeds = layer_normed_prompt()
+    embeds[:, 0] *= 20  # a start token far longer than any word's (as SDXL's penultimate states)
+    merged = tome.composite_tokens(embeds, GROUPS, BindingConfig())
+    assert torch.equal(merged, tome.composite_tokens(embeds, GROUPS, BindingConfig(cap_composite_norm=False)))
+    assert torch.equal(merged[0, 3], 1.1 * embeds[0, 3] + 1.2 * embeds[0, 2])

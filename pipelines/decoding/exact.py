@@ -37,9 +37,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, StaticLayer
+from transformers.cache_utils import StaticLayer
 
-from .static import capture_supported
+from .static import CommittedLengthCache, capture_supported
 from .tree import TokenTree, block_position_ids, block_visibility
 from .verify import CausalLMForward
 
@@ -64,28 +64,11 @@ class CanonicalLayer(StaticLayer):
         return self.keys[0][:, self.gather].transpose(0, 1), self.values[0][:, self.gather].transpose(0, 1)
 
 
-class CanonicalCache(Cache):
-    """The layers above plus a host-side committed length; speaks ``get_seq_length()`` and ``crop(-k)``."""
+class CanonicalCache(CommittedLengthCache):
+    """The layers above, each writing its rows' K/V and handing attention the per-row canonical layout."""
 
     def __init__(self, num_layers: int, max_cache_len: int, slots: torch.Tensor, gather: torch.Tensor) -> None:
-        super().__init__(layers=[CanonicalLayer(max_cache_len, slots, gather) for _ in range(num_layers)])
-        self.length = 0
-
-    @property
-    def max_cache_len(self) -> int:
-        """The layers' length (transformers 5.17 makes this a read-only property of ``Cache``; 5.23 does not)."""
-        return self.layers[0].max_cache_len
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_cache_len
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of tokens to remove.")
-        self.length += tokens_to_remove
+        super().__init__([CanonicalLayer(max_cache_len, slots, gather) for _ in range(num_layers)])
 
 
 class ExactForward(CausalLMForward):

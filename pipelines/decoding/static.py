@@ -50,12 +50,12 @@ class IndexedStaticLayer(StaticLayer):
         return self.keys, self.values
 
 
-class StaticTreeCache(Cache):
-    """Fixed-size K/V for every layer plus a host-side committed length. Speaks the two calls the verifier
-    makes on a cache: ``get_seq_length()`` and ``crop(-k)``."""
+class CommittedLengthCache(Cache):
+    """Fixed-size layers plus a host-side committed length. Speaks the two calls the verifier makes on a cache:
+    ``get_seq_length()`` and ``crop(-k)``."""
 
-    def __init__(self, num_layers: int, max_cache_len: int, rows: torch.Tensor) -> None:
-        super().__init__(layers=[IndexedStaticLayer(max_cache_len, rows) for _ in range(num_layers)])
+    def __init__(self, layers: list) -> None:
+        super().__init__(layers=layers)
         self.length = 0
 
     @property
@@ -74,6 +74,13 @@ class StaticTreeCache(Cache):
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove.")
         self.length += tokens_to_remove
+
+
+class StaticTreeCache(CommittedLengthCache):
+    """Fixed-size K/V for every layer, written at the rows ``IndexedStaticLayer`` is pointed at."""
+
+    def __init__(self, num_layers: int, max_cache_len: int, rows: torch.Tensor) -> None:
+        super().__init__([IndexedStaticLayer(max_cache_len, rows) for _ in range(num_layers)])
 
 
 class StaticForward(CausalLMForward):

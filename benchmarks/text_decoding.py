@@ -24,15 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.decoding.draft_model import DraftModel  # noqa: E402
-from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size, step_costs  # noqa: E402
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie  # noqa: E402
+from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size  # noqa: E402
+from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie  # noqa: E402
 from pipelines.decoding.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
 from pipelines.decoding import prompt_tokens, recurrent_drafter  # noqa: E402
 from pipelines.decoding.prompt_tokens import ParallelPromptDecoding  # noqa: E402
 from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting  # noqa: E402
-from pipelines.decoding.recycling import TokenRecycling, shared_recycler  # noqa: E402
+from pipelines.decoding.recycling import TokenRecycling  # noqa: E402
+from pipelines.decoding.state import DecodingState  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.models import pick_dtype  # noqa: E402
 from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
@@ -126,13 +127,14 @@ class Runner:
         self.model, self.tokenizer, self.args, self.draft = model, tokenizer, args, draft
         self.eos = eos_ids(model, tokenizer)
         self.counter = ForwardCounter(model)
-        self.recycler = shared_recycler(model)
+        self.state = DecodingState(model)
+        self.recycler = self.state.recycler()
         self.nodes = len(self.recycler.template)
         # the merged drafter keeps its own matrix and trie: sharing the recycling/lookahead methods' state
         # would hand it what they just learnt on the same prompt
         vocab = model.get_output_embeddings().weight.shape[0]
         own = TokenRecycling(torch.zeros(vocab, self.recycler.matrix.shape[1], dtype=torch.long, device=model.device))
-        costs = step_costs(model, args.tree_profile)
+        costs = self.state.step_costs(args.tree_profile)
         self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), costs)
         # each merged variant has its own matrix and trie too, so they all learn the same way
         methods = [m.strip() for m in args.methods.split(",")]
@@ -153,7 +155,7 @@ class Runner:
     def pick_tree(self) -> int:
         """Tree size for this device, re-picked before every prompt as the pipeline does per request: the
         measured (or H200) cost curve against the acceptance rates the recycler has measured so far."""
-        self.nodes = pick_tree_size(self.recycler.acceptance_rates(), step_costs(self.model, self.args.tree_profile))
+        self.nodes = pick_tree_size(self.recycler.acceptance_rates(), self.state.step_costs(self.args.tree_profile))
         self.recycler.resize(self.nodes)
         return self.nodes
 
@@ -162,7 +164,7 @@ class Runner:
             return self.recycler
         if method == "lookahead":
             return LookaheadTrie(LookaheadConfig(decoding_length=min(LookaheadConfig.decoding_length, self.nodes)),
-                                 shared_trie(self.model))
+                                 self.state.trie())
         if method == "pld":
             return PromptLookup()
         if method == "merged":
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                         for name, merged in runner.variants.items() if merged.chains is not None},
                      **({"prompt_tokens": trained_at} if trained is not None else {}),
                      **({"draft_head": head_at} if head is not None else {}),
-                     "step_cost_s": {str(n): round(c, 6) for n, c in step_costs(model, args.tree_profile).items()}},
+                     "step_cost_s": {str(n): round(c, 6) for n, c in runner.state.step_costs(args.tree_profile).items()}},
         "command": command_line(argv),
         "rows": summarise(records, methods),
     }

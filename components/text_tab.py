@@ -11,7 +11,8 @@ from typing import Any, Iterator
 import gradio as gr
 
 from pipelines.base import Partial, Result
-from pipelines.text import MAX_NEW_TOKENS_LIMIT, METHOD_LABELS, METHODS, TextPipeline, TextRequest, compare_stats
+from pipelines.text import (DECODING_METHODS, MAX_NEW_TOKENS_LIMIT, METHOD_LABELS, METHODS, TextPipeline, TextRequest,
+                           compare_stats)
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
                      stats_panel, wire_stop)
@@ -99,7 +100,7 @@ def _logit(value: float | None) -> str:
 
 
 def short_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method).split(" (")[0]
+    return DECODING_METHODS[method].short if method in DECODING_METHODS else method
 
 
 def slower_reason(comparison: dict[str, Any]) -> str:

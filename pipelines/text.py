@@ -5,7 +5,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -15,15 +15,14 @@ from .base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progr
 from .decoding.divergence import first_divergence
 from .decoding.draft_model import DraftModel
 from .decoding.exact import EXACT_BLOCK, EXACT_ROWS, ExactForward
-from .decoding.hardware import pick_tree_size, step_costs
-from .decoding.lookahead import LookaheadConfig, LookaheadTrie, shared_trie
-from .decoding.merged import shared_merged
+from .decoding.hardware import pick_tree_size
+from .decoding.lookahead import LookaheadConfig, LookaheadTrie
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
-from .decoding.prompt_tokens import ParallelPromptDecoding, PromptTokens, prompt_tokens_for
-from .decoding.recurrent_drafter import DraftHead, RecurrentDrafting, head_for
-from .decoding.recycling import shared_recycler
+from .decoding.prompt_tokens import ParallelPromptDecoding, prompt_tokens_for
+from .decoding.recurrent_drafter import RecurrentDrafting, head_for
 from .decoding.sliding import UnsupportedAttention, attention_layout
+from .decoding.state import DecodingState
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
 from .models import ModelSpec, ModelStore, ResolvedModel
@@ -34,19 +33,7 @@ from .tiny import tiny_causal_lm, tiny_tokenizer
 MAX_NEW_TOKENS_LIMIT = 4096
 TOP_K_LIMIT = 1000
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
-METHODS = ("vanilla", "merged", "redrafter", "ppd", "recycling", "lookahead", "prompt_lookup", "draft_model")
 COMPARISONS = (NO_COMPARISON, "vanilla")  # the A side of a same-seed A/B: the request decoded with method vanilla
-METHOD_LABELS = {
-    "vanilla": "Vanilla (one token per forward)",
-    "merged": "Merged (prompt lookup + Lookahead + Token Recycling + a trained draft head or PPD prompt tokens, "
-              "in one tree)",
-    "redrafter": "Recurrent Drafter (trained draft head)",
-    "ppd": "Parallel Prompt Decoding (trained prompt tokens)",
-    "recycling": "Token Recycling",
-    "lookahead": "Lookahead (trie)",
-    "prompt_lookup": "Prompt lookup",
-    "draft_model": "Draft model",
-}
 # Under `auto`, the default draft for a target: a smaller model that shares its tokenizer.
 DEFAULT_DRAFTS = {
     "HuggingFaceTB/SmolLM2-1.7B-Instruct": "SmolLM2-135M-Instruct (packaged)",
@@ -61,7 +48,7 @@ class TextRequest(Request):
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
-    method: str = "vanilla"  # one of METHODS
+    method: str = "vanilla"  # one of DECODING_METHODS
     draft_model: str = ""  # for method "draft_model": a model name, Hub id or folder; "" = the default pair
     tree_profile: str = "auto"  # tree size from the measured step cost ("auto"/"cpu") or the H200 curve ("gpu")
     top_k: int = 0  # sample among the k likeliest tokens only (0 = off)
@@ -81,11 +68,13 @@ class CausalLM:
     tokenizer: Any
     fast_forward: StaticForward | None = None  # the GPU fast path's adapter, built on first use, lives with the model
     exact_forward: ExactForward | None = None  # exact mode's adapter, likewise
-    prompts: PromptTokens | None = None  # PPD's trained prompt tokens for this model, where there are some
-    head: DraftHead | None = None  # a trained ReDrafter head for this model, where there is one
-    # the drafters' matrix, trie and counts and the static cache are the model's shared state: one decode at a time
+    state: DecodingState = field(init=False)  # what the drafters share across requests (decoding/state.py)
+    # the drafters' state and the static cache are the model's shared state: one decode at a time
     # (a stopped request's worker thread finishes its current step before the next request may start)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.state = DecodingState(self.model)
 
     @property
     def components(self) -> dict[str, Any]:
@@ -107,6 +96,76 @@ def load_causal_lm(resolved: ResolvedModel, store: ModelStore) -> CausalLM:
     return CausalLM(model.to(store.device).eval(), tokenizer)
 
 
+DrafterFactory = Callable[["TextPipeline", CausalLM, "TextRequest", "StaticForward | None"], Drafter]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A decoding method of the tab: its label and how a request gets its drafter (None: plain decoding)."""
+    label: str
+    drafter: DrafterFactory | None = None
+
+    @property
+    def short(self) -> str:
+        return self.label.split(" (")[0]
+
+
+def merged_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
+                   forward: StaticForward | None) -> Drafter:
+    return lm.state.merged(lm.state.step_costs(request.tree_profile, forward))
+
+
+def recurrent_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
+                      forward: StaticForward | None) -> Drafter:
+    pipeline.require_trained(lm.state.head, request, "draft head", "recurrent_training")
+    return RecurrentDrafting(lm.state.head, lm.model, lm.state.step_costs(request.tree_profile, forward))
+
+
+def ppd_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest, forward: StaticForward | None) -> Drafter:
+    pipeline.require_trained(lm.state.prompts, request, "prompt tokens", "prompt_training")
+    return ParallelPromptDecoding(lm.state.prompts, lm.state.step_costs(request.tree_profile, forward))
+
+
+def recycling_nodes(lm: CausalLM, request: TextRequest, forward: StaticForward | None) -> int:
+    """The tree size this device affords at the model's measured recycling acceptance."""
+    return pick_tree_size(lm.state.recycler().acceptance_rates(), lm.state.step_costs(request.tree_profile, forward))
+
+
+def recycling_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
+                      forward: StaticForward | None) -> Drafter:
+    recycler = lm.state.recycler()
+    recycler.resize(recycling_nodes(lm, request, forward))
+    return recycler
+
+
+def lookahead_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
+                      forward: StaticForward | None) -> Drafter:
+    # alipay's 64-node budget, never more than this device affords
+    nodes = min(LookaheadConfig.decoding_length, recycling_nodes(lm, request, forward))
+    return LookaheadTrie(LookaheadConfig(decoding_length=nodes), lm.state.trie())
+
+
+def draft_model_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
+                        forward: StaticForward | None) -> Drafter:
+    return DraftModel(pipeline.load_draft(lm, request).model)
+
+
+# The tab's decoding methods: a new one is its drafter's module plus one entry here.
+DECODING_METHODS: dict[str, Method] = {
+    "vanilla": Method("Vanilla (one token per forward)"),
+    "merged": Method("Merged (prompt lookup + Lookahead + Token Recycling + a trained draft head or PPD prompt "
+                     "tokens, in one tree)", merged_drafter),
+    "redrafter": Method("Recurrent Drafter (trained draft head)", recurrent_drafter),
+    "ppd": Method("Parallel Prompt Decoding (trained prompt tokens)", ppd_drafter),
+    "recycling": Method("Token Recycling", recycling_drafter),
+    "lookahead": Method("Lookahead (trie)", lookahead_drafter),
+    "prompt_lookup": Method("Prompt lookup", lambda pipeline, lm, request, forward: PromptLookup()),
+    "draft_model": Method("Draft model", draft_model_drafter),
+}
+METHODS = tuple(DECODING_METHODS)
+METHOD_LABELS = {name: method.label for name, method in DECODING_METHODS.items()}
+
+
 class TextPipeline(PresetModels, Pipeline):
     task = "text"
     request_type = TextRequest
@@ -122,8 +181,8 @@ class TextPipeline(PresetModels, Pipeline):
     def load(self, name: str) -> CausalLM:
         spec = self.spec_for(name)
         lm = self.store.load(spec, load_causal_lm)
-        lm.prompts = prompt_tokens_for(lm.model, spec.hub_id or "")
-        lm.head = head_for(lm.model, spec.hub_id or "")
+        lm.state.prompts = prompt_tokens_for(lm.model, spec.hub_id or "")
+        lm.state.head = head_for(lm.model, spec.hub_id or "")
         return lm
 
     def encode_prompt(self, lm: CausalLM, request: TextRequest) -> torch.Tensor:
@@ -146,8 +205,9 @@ class TextPipeline(PresetModels, Pipeline):
     def validate(self, request: TextRequest) -> SamplingConfig:
         require_text(request.prompt)
         require_range(request.max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS_LIMIT)
-        if request.method not in METHODS:
-            raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
+        if request.method not in DECODING_METHODS:
+            raise PipelineError(f"Unknown decoding method {request.method!r}. "
+                                f"Choose one of: {', '.join(DECODING_METHODS)}.")
         temperature = require_range(request.temperature, "Temperature", 0.0, 5.0)
         top_p = require_range(request.top_p, "Top-p", 0.01, 1.0)
         top_k = int(require_range(request.top_k, "Top-k", 0, TOP_K_LIMIT))
@@ -181,7 +241,7 @@ class TextPipeline(PresetModels, Pipeline):
             if forward is not None and forward.capture and not forward.graphs:
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
                                "request only" + ("; compiling takes a minute or more)" if forward.compiles else ")"))
-            drafter = self.drafter(lm, request, forward) if request.method != "vanilla" else None
+            drafter = self.drafter(lm, request, forward)
             decoding = self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter)
             for run in decoding:
                 if first_token_s is None:
@@ -250,46 +310,31 @@ class TextPipeline(PresetModels, Pipeline):
         return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats,
                                   forward=forward, processors=processors)
 
-    def drafter(self, lm: CausalLM, request: TextRequest, forward: StaticForward | None = None) -> Drafter:
-        """The method's drafter. Token Recycling's matrix and the Lookahead output trie live with the model;
-        tree sizes follow the measured cost of a forward on this device, through ``forward`` (the fast path) when
-        requests are served by it."""
-        if request.method not in METHODS:
-            raise PipelineError(f"Unknown decoding method {request.method!r}. Choose one of: {', '.join(METHODS)}.")
+    def drafter(self, lm: CausalLM, request: TextRequest, forward: StaticForward | None = None) -> Drafter | None:
+        """The method's drafter (``DECODING_METHODS``), over the model's shared ``lm.state``; tree sizes follow the
+        measured cost of a forward on this device, through ``forward`` (the fast path) when requests are served
+        by it. None for plain decoding."""
+        if request.method not in DECODING_METHODS:
+            raise PipelineError(f"Unknown decoding method {request.method!r}. "
+                                f"Choose one of: {', '.join(DECODING_METHODS)}.")
+        method = DECODING_METHODS[request.method]
+        if method.drafter is None:
+            return None
         try:
             attention_layout(lm.model)
         except UnsupportedAttention as error:
-            raise PipelineError(f"{METHOD_LABELS[request.method]} cannot decode {self.spec_for(request.model).name!r}: "
+            raise PipelineError(f"{method.label} cannot decode {self.spec_for(request.model).name!r}: "
                                 f"{error} Pick Vanilla for this model.") from error
-        if request.method == "prompt_lookup":
-            return PromptLookup()
-        if request.method == "draft_model":
-            return DraftModel(self.load_draft(lm, request).model)
-        if request.method == "merged":
-            costs = step_costs(lm.model, request.tree_profile, forward)
-            return shared_merged(lm.model, costs, lm.prompts if lm.head is None else None, lm.head)
-        if request.method == "redrafter":
-            if lm.head is None:
-                raise PipelineError(
-                    f"No trained draft head for {self.spec_for(request.model).name!r}, so the Recurrent Drafter cannot "
-                    "draft with it. Train one once on a GPU (python -m pipelines.decoding.recurrent_training --model "
-                    "MODEL, which writes it where this tab looks) or pick another method.")
-            return RecurrentDrafting(lm.head, lm.model, step_costs(lm.model, request.tree_profile, forward))
-        if request.method == "ppd":
-            if lm.prompts is None:
-                raise PipelineError(
-                    f"No trained prompt tokens for {self.spec_for(request.model).name!r}, so Parallel Prompt Decoding "
-                    "cannot draft with it. Train them once on a GPU (python -m pipelines.decoding.prompt_training "
-                    "--model MODEL, which writes them where this tab looks) or pick another method.")
-            return ParallelPromptDecoding(lm.prompts, step_costs(lm.model, request.tree_profile, forward))
-        recycler = shared_recycler(lm.model)
-        nodes = pick_tree_size(recycler.acceptance_rates(), step_costs(lm.model, request.tree_profile, forward))
-        if request.method == "recycling":
-            recycler.resize(nodes)
-            return recycler
-        # alipay's 64-node budget, never more than this device affords
-        return LookaheadTrie(LookaheadConfig(decoding_length=min(LookaheadConfig.decoding_length, nodes)),
-                             shared_trie(lm.model))
+        return method.drafter(self, lm, request, forward)
+
+    def require_trained(self, weights: Any, request: TextRequest, what: str, command: str) -> None:
+        """Stop with how to train them when ``weights`` (a trained drafter's) are missing for the model."""
+        if weights is None:
+            method = DECODING_METHODS[request.method].short
+            raise PipelineError(
+                f"No trained {what} for {self.spec_for(request.model).name!r}, so {method} cannot draft with it. "
+                f"Train once on a GPU (python -m pipelines.decoding.{command} --model MODEL, which writes them where "
+                "this tab looks) or pick another method.")
 
     def draft_name(self, request: TextRequest) -> str:
         if request.draft_model:
@@ -443,11 +488,11 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
     except UnsupportedAttention:
         return None  # chunked or linear layers: the stock cache (vanilla only)
     needed = total_tokens + max(BUCKETS)
-    stale = lm.fast_forward is not None and (lm.fast_forward.embed is None) != (lm.prompts is None)
+    stale = lm.fast_forward is not None and (lm.fast_forward.embed is None) != (lm.state.prompts is None)
     if lm.fast_forward is None or lm.fast_forward.max_cache_len < needed or stale:
         # with prompt tokens every method runs through the embedding that also maps them (real ids: the
         # model's own lookup, bit for bit), so one set of captured graphs serves every method
-        embed = lm.prompts.embedding(lm.model) if lm.prompts is not None else None
+        embed = lm.state.prompts.embedding(lm.model) if lm.state.prompts is not None else None
         lm.fast_forward = StaticForward(lm.model, max_cache_len=max(4096, needed),
                                         compile=compile_mode(lm.model.device), embed=embed)
     return lm.fast_forward
@@ -461,9 +506,9 @@ def exact_forward(lm: CausalLM, total_tokens: int) -> ExactForward:
     except UnsupportedAttention as error:
         raise PipelineError(f"Exact mode cannot decode this model: {error} Turn exact mode off.") from error
     length = 1 << (total_tokens + EXACT_BLOCK + EXACT_ROWS - 1).bit_length()  # room for a tree and padding
-    stale = lm.exact_forward is not None and (lm.exact_forward.embed is None) != (lm.prompts is None)
+    stale = lm.exact_forward is not None and (lm.exact_forward.embed is None) != (lm.state.prompts is None)
     if lm.exact_forward is None or lm.exact_forward.max_cache_len != length or stale:
-        embed = lm.prompts.embedding(lm.model) if lm.prompts is not None else None
+        embed = lm.state.prompts.embedding(lm.model) if lm.state.prompts is not None else None
         lm.exact_forward = ExactForward(lm.model, max_cache_len=length, embed=embed)
     return lm.exact_forward
 

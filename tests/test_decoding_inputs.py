@@ -7,7 +7,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from pipelines.decoding.plain import SamplingConfig
 from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.recycling import shared_recycler
+from pipelines.decoding.state import DecodingState
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
@@ -51,7 +51,7 @@ def test_cache_is_cropped_only_when_there_is_something_to_drop():
 
 
 def test_cold_recycling_rows_draft_distinct_siblings():
-    tree = shared_recycler(tiny_causal_lm("llama", seed=5)).propose([7, 11])
+    tree = DecodingState(tiny_causal_lm("llama", seed=5)).recycler().propose([7, 11])
     for parent in range(len(tree)):
         siblings = [tree.tokens[i] for i in range(len(tree)) if tree.parents[i] == parent]
         assert len(siblings) == len(set(siblings)), (parent, siblings)

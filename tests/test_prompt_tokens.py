@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import new_merged, shared_merged
+from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
                                               load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
@@ -183,14 +183,6 @@ def test_trained_tokens_are_found_by_model_name_and_checked_against_the_model(mo
     assert prompt_tokens_for(fresh, "someone/Tiny-Llama").vectors.shape == prompts.vectors.shape
     use_prompt_tokens(fresh, None)
     assert prompt_tokens_for(fresh, "someone/Tiny-Llama") is None
-
-
-def test_shared_merged_drafter_switches_prompt_chains_with_the_tokens(models):
-    model = tiny_causal_lm("llama", seed=3)
-    prompts = new_prompt_tokens(model)
-    assert shared_merged(model, FLAT).chains is None
-    assert shared_merged(model, FLAT, prompts).chains.prompts is prompts
-    assert shared_merged(model, FLAT).chains is None
 
 
 def test_distillation_batch_lays_chains_out_as_the_verifier_does(models):

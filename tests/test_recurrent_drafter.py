@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import new_merged, shared_merged
+from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for, lm_head_logits,
                                                   load_head, new_head, trained_path, use_head)
@@ -192,14 +192,6 @@ def test_heads_are_found_by_model_name_and_checked_against_the_model(models, tmp
     assert head_for(fresh, "someone/Tiny-Llama").vocab.tolist() == [5, 9, 7]
     use_head(fresh, None)
     assert head_for(fresh, "someone/Tiny-Llama") is None
-
-
-def test_shared_merged_drafter_switches_the_head_with_the_model_state():
-    model = tiny_causal_lm("llama", seed=3)
-    head = random_head(model)
-    assert shared_merged(model, FLAT).drafts is None
-    assert shared_merged(model, FLAT, head=head).drafts.head is head
-    assert shared_merged(model, FLAT).drafts is None
 
 
 def test_head_batch_anchors_answer_positions_with_a_next_token():

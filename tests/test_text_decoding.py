@@ -19,7 +19,7 @@ from pipelines.decoding.prompt_tokens import (ParallelPromptDecoding, new_prompt
 from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, head_for, new_head, use_head
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.verify import speculative_decode
-from pipelines.text import METHODS, TextPipeline, TextRequest
+from pipelines.text import DECODING_METHODS, METHODS, Method, TextPipeline, TextRequest
 
 from decoding_support import packaged_causal_lm
 
@@ -92,6 +92,28 @@ def test_the_merged_tree_takes_the_draft_head_where_there_is_one_else_ppd(pipeli
     assert out.stats["draft_head"] is True and out.stats["ppd_prompt_tokens"] is False
     assert result(pipeline, model=model, method="ppd", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
     use_head(lm.model, None)
+
+
+def test_the_drafters_state_lives_with_the_loaded_model_across_requests(pipeline):
+    lm = pipeline.load("tiny-llama (random weights)")
+    recycler = pipeline.drafter(lm, TextRequest(method="recycling"))
+    assert recycler is lm.state.recycler() and pipeline.load("tiny-llama (random weights)").state is lm.state
+    merged = pipeline.drafter(lm, TextRequest(method="merged"))
+    assert merged.recycler.matrix is recycler.matrix and merged.lookahead.trie is lm.state.trie()
+    before = recycler.matrix.clone()
+    result(pipeline, method="recycling", max_new_tokens=8)
+    assert not torch.equal(lm.state.recycler().matrix, before)  # the next request starts hot
+    assert pipeline.drafter(lm, TextRequest(method="merged")) is merged
+    assert pipeline.drafter(lm, TextRequest(method="vanilla")) is None
+
+
+def test_a_registered_method_is_served_by_the_pipeline(pipeline, monkeypatch):
+    monkeypatch.setitem(DECODING_METHODS, "copy", Method("Copy (prompt lookup)",
+                                                         lambda pipeline, lm, request, forward: PromptLookup()))
+    vanilla = result(pipeline, method="vanilla", max_new_tokens=16)
+    out = result(pipeline, method="copy", max_new_tokens=16)
+    assert out.metadata["token_ids"] == vanilla.metadata["token_ids"] and out.stats["method"] == "copy"
+    assert out.stats["forwards"] < vanilla.stats["forwards"]
 
 
 def test_unknown_method_is_a_clear_error(pipeline):

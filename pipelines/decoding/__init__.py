@@ -59,13 +59,14 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
 ``tree.TokenTree(tokens, parents)``
     ``TokenTree.chain(root, draft)`` for chain drafters; ``truncated``, ``first_chain``, ``children``.
 
-Drafters: ``recycling.TokenRecycling`` (``shared_recycler(model)``: the [vocab, 8] matrix kept per model),
-``lookahead.LookaheadTrie`` (``shared_trie(model)``), ``prompt_lookup.PromptLookup``,
-``draft_model.DraftModel(small_model)``, ``prompt_tokens.ParallelPromptDecoding(prompts, costs)`` (trained
-prompt tokens, ``prompt_training``), ``recurrent_drafter.RecurrentDrafting(head, model, costs)`` (a trained
-draft head on the model's last hidden state, ``recurrent_training``), and ``merged.MergedDrafter`` /
-``shared_merged(model, costs, prompts, head)`` joining them in one tree. Trained weights are found per model
-id by ``trained.TrainedWeights``. Tree size per device: ``hardware.step_costs(model, profile, forward)`` (measured
+Drafters: ``recycling.TokenRecycling`` (the [vocab, 8] matrix), ``lookahead.LookaheadTrie`` (over an
+``NGramTrie``), ``prompt_lookup.PromptLookup``, ``draft_model.DraftModel(small_model)``,
+``prompt_tokens.ParallelPromptDecoding(prompts, costs)`` (trained prompt tokens, ``prompt_training``),
+``recurrent_drafter.RecurrentDrafting(head, model, costs)`` (a trained draft head on the model's last hidden state,
+``recurrent_training``), and ``merged.MergedDrafter`` joining them in one tree. What they share across requests
+for one model (recycling matrix, output trie, merged counts, cost curves, trained weights) is
+``state.DecodingState(model)``, kept with the loaded model. Trained weights are found per model id by
+``trained.TrainedWeights``. Tree size per device: ``DecodingState.step_costs(profile, forward)`` (measured
 through the serving ``forward`` at its buckets when it has some: ``hardware.bucketed``) and
 ``hardware.pick_tree_size(rates, costs)``.
 """

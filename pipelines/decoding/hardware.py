@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -98,14 +97,14 @@ def pick_tree_size(node_rates: list[float], costs: dict[int, float], extra_token
 
 
 TREE_PROFILES = ("auto", "cpu", "gpu")
-# per model: bucket sizes of the forward measured (() for the model's own forward) -> its curve
-_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, ...], dict[int, float]]]" = weakref.WeakKeyDictionary()
 
 
-def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = None) -> dict[int, float]:
+def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = None,
+               measured: dict[tuple[int, ...], dict[int, float]] | None = None) -> dict[int, float]:
     """The cost curve for ``profile``: ``gpu`` is the H200 curve above (what the GPU would use); ``auto``
-    measures this model on its own device once and keeps the result; ``cpu`` does the same and insists the
-    model is on the CPU. A padded ``forward`` (one with ``buckets``: the static path) is measured itself, at its
+    measures this model on its own device once and keeps the result in ``measured`` (bucket sizes of the
+    forward, () for the model's own -> curve: ``DecodingState.curves``, kept with the model); ``cpu`` does the
+    same and insists the model is on the CPU. A padded ``forward`` (one with ``buckets``: the static path) is measured itself, at its
     bucket sizes, and the curve is flat within each bucket (``bucketed``)."""
     if profile not in TREE_PROFILES:
         raise ValueError(f"Unknown tree profile {profile!r}; choose one of {', '.join(TREE_PROFILES)}.")
@@ -114,7 +113,7 @@ def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = N
     if profile == "cpu" and next(model.parameters()).device.type != "cpu":
         raise ValueError("The cpu tree profile measures the model on the CPU; load it there or use 'auto'.")
     buckets = tuple(getattr(forward, "buckets", ()))
-    measured = _MEASURED.setdefault(model, {})
+    measured = {} if measured is None else measured
     costs = measured.get(buckets)
     if costs is None:
         sizes = buckets or DEFAULT_SIZES

@@ -17,7 +17,6 @@ cross-request memory the trie exists for).
 from __future__ import annotations
 
 import heapq
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -249,13 +248,3 @@ class LookaheadTrie(Drafter):
         self.output = []
         self.trie.reset_prompt()
 
-
-_TRIES: "weakref.WeakKeyDictionary[torch.nn.Module, NGramTrie]" = weakref.WeakKeyDictionary()
-
-
-def shared_trie(model: torch.nn.Module, max_nodes: int = LookaheadConfig.max_nodes) -> NGramTrie:
-    """The model's output trie, kept across requests (alipay's global output frequencies)."""
-    trie = _TRIES.get(model)
-    if trie is None:
-        trie = _TRIES[model] = NGramTrie(max_nodes)
-    return trie

@@ -15,16 +15,14 @@ where the forward's rows do not depend on the block: fp32, or exact mode; see ex
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .hardware import interpolate
-from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie, shared_trie
+from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
 from .prompt_lookup import PromptLookup
 from .prompt_tokens import PromptChains, PromptTokens
 from .recurrent_drafter import FULL_OFFER, DraftHead, HeadDrafts
-from .recycling import TokenRecycling, shared_recycler
+from .recycling import TokenRecycling
 from .tree import TokenTree
 from .verify import Drafter
 
@@ -274,20 +272,3 @@ def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float
                          LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie), prompts=prompts,
                          drafts=drafts)
 
-
-_DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, MergedDrafter]" = weakref.WeakKeyDictionary()
-
-
-def shared_merged(model: torch.nn.Module, costs: dict[int, float], prompts: PromptTokens | None = None,
-                  head: DraftHead | None = None) -> MergedDrafter:
-    """The model's merged drafter: the model's recycling matrix and output trie, and acceptance counts kept
-    across requests; prompt chains when ``prompts`` are given, the draft head's tree when ``head`` is."""
-    drafter = _DRAFTERS.get(model)
-    if drafter is None:
-        drafter = _DRAFTERS[model] = new_merged(shared_recycler(model), shared_trie(model), costs, prompts)
-    if (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:
-        drafter.chains = PromptChains(prompts) if prompts is not None else None
-    if (drafter.drafts.head if drafter.drafts is not None else None) is not head:
-        drafter.drafts = HeadDrafts(head, model) if head is not None else None
-    drafter.costs = costs
-    return drafter

@@ -8,7 +8,6 @@ as the model (the paper's hot start across requests).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -147,15 +146,3 @@ def cold_matrix(vocab: int, device: torch.device | str = "cpu", k: int = TOP_K) 
     are k different guesses rather than k copies of token 0 (which verify the same path k times)."""
     return torch.arange(k, device=device).repeat(vocab, 1)
 
-
-_DRAFTERS: "weakref.WeakKeyDictionary[torch.nn.Module, TokenRecycling]" = weakref.WeakKeyDictionary()
-
-
-def shared_recycler(model: torch.nn.Module) -> TokenRecycling:
-    """The model's drafter (matrix and acceptance counts), created on first use and kept with the model:
-    the paper's hot start across requests."""
-    drafter = _DRAFTERS.get(model)
-    if drafter is None:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        drafter = _DRAFTERS[model] = TokenRecycling(cold_matrix(vocab, next(model.parameters()).device))
-    return drafter

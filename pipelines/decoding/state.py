@@ -1,0 +1,59 @@
+"""What a loaded model's drafters share across requests, in one object kept with the model: Token Recycling's
+matrix and counts (the paper's hot start), the Lookahead output trie (alipay's global output frequencies), the
+merged drafter's acceptance counts, the measured cost curves and the trained prompt tokens / draft head. The
+caller holds the model's lock: one decode at a time reads and updates it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .hardware import step_costs
+from .lookahead import LookaheadConfig, NGramTrie
+from .merged import MergedDrafter, new_merged
+from .prompt_tokens import PromptChains, PromptTokens
+from .recurrent_drafter import DraftHead, HeadDrafts
+from .recycling import TokenRecycling, cold_matrix
+from .verify import CausalLMForward
+
+
+@dataclass
+class DecodingState:
+    model: torch.nn.Module
+    prompts: PromptTokens | None = None  # PPD's trained prompt tokens for this model, where there are some
+    head: DraftHead | None = None  # a trained ReDrafter head for this model, where there is one
+    curves: dict[tuple[int, ...], dict[int, float]] = field(default_factory=dict)  # buckets -> measured cost curve
+    _recycler: TokenRecycling | None = None
+    _trie: NGramTrie | None = None
+    _merged: MergedDrafter | None = None
+
+    def recycler(self) -> TokenRecycling:
+        """The model's Token Recycling drafter (matrix and acceptance counts), created on first use."""
+        if self._recycler is None:
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._recycler = TokenRecycling(cold_matrix(vocab, next(self.model.parameters()).device))
+        return self._recycler
+
+    def trie(self) -> NGramTrie:
+        """The model's Lookahead output trie, created on first use."""
+        if self._trie is None:
+            self._trie = NGramTrie(LookaheadConfig.max_nodes)
+        return self._trie
+
+    def step_costs(self, profile: str = "auto", forward: CausalLMForward | None = None) -> dict[int, float]:
+        """``hardware.step_costs`` for this model, each curve measured once and kept here."""
+        return step_costs(self.model, profile, forward, self.curves)
+
+    def merged(self, costs: dict[int, float]) -> MergedDrafter:
+        """The model's merged drafter over its recycling matrix and output trie, its acceptance counts kept
+        across requests; it drafts with the draft head when there is one, else with the prompt tokens."""
+        if self._merged is None:
+            self._merged = new_merged(self.recycler(), self.trie(), costs)
+        drafter = self._merged
+        prompts = self.prompts if self.head is None else None
+        if (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:
+            drafter.chains = PromptChains(prompts) if prompts is not None else None
+        if (drafter.drafts.head if drafter.drafts is not None else None) is not self.head:
+            drafter.drafts = HeadDrafts(self.head, self.model) if self.head is not None else None
+        drafter.costs = costs
+        return drafter

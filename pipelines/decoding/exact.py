@@ -31,7 +31,6 @@ The price is the gather (``rows`` x cache length keys per layer) and padding pla
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Callable
 
@@ -39,11 +38,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import StaticLayer
 
-from .static import CommittedLengthCache, capture_supported
+from .captured import CapturedCalls, capture_supported
+from .static import CommittedLengthCache
 from .tree import TokenTree, block_position_ids, block_visibility
 from .verify import CausalLMForward
 
-log = logging.getLogger(__name__)
 
 EXACT_ROWS = 16  # rows of every forward: one GEMM tile high, and few enough that a plain step stays cheap
 EXACT_BLOCK = 256  # rows of one verifier block staged at once; longer blocks must start with a causal chain
@@ -83,7 +82,7 @@ class ExactForward(CausalLMForward):
                  capture: bool | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(model, tree_attention=True, embed=embed)
         self.max_cache_len, self.rows, self.block = max_cache_len, rows, block
-        self.capture = capture_supported(self.device) if capture is None else capture
+        self._calls = CapturedCalls(capture_supported(self.device) if capture is None else capture)
         device = self.device
         self._cols = torch.arange(max_cache_len + 1, device=device)  # the last column takes hidden scatters
         self._row_index = torch.arange(rows, device=device)
@@ -98,7 +97,6 @@ class ExactForward(CausalLMForward):
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}  # by rows
         self.warmup_s = 0.0  # seconds spent capturing (the first step)
 
     def new_cache(self) -> CanonicalCache:
@@ -188,25 +186,18 @@ class ExactForward(CausalLMForward):
 
     def _replay(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The one CUDA graph, captured on first use (warm-up runs are this very step: same inputs, same rows
-        written). A failed capture turns capture off for good."""
-        if self.rows not in self.graphs:
-            started = time.perf_counter()
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        self._step()
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    outputs = self._step()
-                self.graphs[self.rows] = (graph, outputs)
-                self.warmup_s += time.perf_counter() - started
-            except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
-                log.warning("CUDA graph capture failed (%s); exact mode runs eagerly.", error)
-                self.capture = False
-                return self._step()
-        graph, outputs = self.graphs[self.rows]
-        graph.replay()
+        written); no inputs to copy in, the step reads the staging buffers."""
+        started, new = time.perf_counter(), self.rows not in self.graphs
+        outputs = self._calls.call(self.rows, self._step)
+        if new and self.rows in self.graphs:
+            self.warmup_s += time.perf_counter() - started
         return outputs
+
+    @property
+    def capture(self) -> bool:
+        return self._calls.capture
+
+    @property
+    def graphs(self) -> dict:
+        """Row count -> its captured graph."""
+        return self._calls.graphs

@@ -58,3 +58,17 @@ class CapturedCalls:
         with torch.cuda.graph(graph, pool=self._pool):
             outputs = fn(*static_inputs)
         return graph, static_inputs, outputs
+
+
+class CapturedSteps:
+    """For forwards whose steps replay through ``self._calls``: whether capture is on, and the graphs by key."""
+
+    _calls: CapturedCalls
+
+    @property
+    def capture(self) -> bool:
+        return self._calls.capture
+
+    @property
+    def graphs(self) -> dict:
+        return self._calls.graphs

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import StaticLayer
 
-from .captured import CapturedCalls, capture_supported
+from .captured import CapturedCalls, CapturedSteps, capture_supported
 from .static import CommittedLengthCache
 from .tree import TokenTree, block_position_ids, block_visibility
 from .verify import CausalLMForward
@@ -70,7 +70,7 @@ class CanonicalCache(CommittedLengthCache):
         super().__init__([CanonicalLayer(max_cache_len, slots, gather) for _ in range(num_layers)])
 
 
-class ExactForward(CausalLMForward):
+class ExactForward(CausalLMForward, CapturedSteps):
     """``CausalLMForward`` with row-invariant numerics (see the module docstring); pass it as ``forward=`` to
     both ``plain_decode`` and ``speculative_decode``. ``max_cache_len`` bounds prompt + new tokens + ``rows``;
     the comparison is exact between runs of one adapter configuration (same ``rows`` and ``max_cache_len``).
@@ -192,12 +192,3 @@ class ExactForward(CausalLMForward):
         if new and self.rows in self.graphs:
             self.warmup_s += time.perf_counter() - started
         return outputs
-
-    @property
-    def capture(self) -> bool:
-        return self._calls.capture
-
-    @property
-    def graphs(self) -> dict:
-        """Row count -> its captured graph."""
-        return self._calls.graphs

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .captured import CapturedCalls, capture_supported
+from .captured import CapturedCalls, CapturedSteps, capture_supported
 from .tree import TokenTree
 from .verify import CausalLMForward
 
@@ -83,7 +83,7 @@ class StaticTreeCache(CommittedLengthCache):
         super().__init__([IndexedStaticLayer(max_cache_len, rows) for _ in range(num_layers)])
 
 
-class StaticForward(CausalLMForward):
+class StaticForward(CausalLMForward, CapturedSteps):
     """``CausalLMForward`` on a static cache with bucketed, optionally CUDA-graph-captured steps.
 
     One adapter owns one cache (its buffers are what the graphs point at): ``new_cache()`` empties it and
@@ -198,15 +198,6 @@ class StaticForward(CausalLMForward):
         if new and size in self.graphs:
             self.warmup_s += time.perf_counter() - started
         return outputs
-
-    @property
-    def capture(self) -> bool:
-        return self._calls.capture
-
-    @property
-    def graphs(self) -> dict:
-        """Bucket size -> its captured graph."""
-        return self._calls.graphs
 
     def __call__(self, ids: list[int], position_ids, mask, cache, keep: int | None = None) -> torch.Tensor:
         """``mask`` is ``block_inputs``' ``[q, q]`` pattern, or None for a causal block (prompt, plain steps);

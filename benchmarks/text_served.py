@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,15 +157,24 @@ def first_divergence(ours: list[int], plain: list[int]) -> int | None:
     return None if len(ours) == len(plain) else min(len(ours), len(plain))
 
 
-def run_all(runner: Runner, prompts: list[dict],
-            methods: list[str]) -> tuple[list[dict], dict[str, float], dict[str, list[str]]]:
-    """Cold request per method (first_request_s), then every prompt through every method, order rotating. Also
-    returns why dynamo recompiled after the cold requests (guard failures per compiled function)."""
+def run_all(runner: Runner, prompts: list[dict], methods: list[str],
+            checkpoint: Callable[[list[dict], dict[str, float]], None] = lambda records, first: None,
+            ) -> tuple[list[dict], dict[str, float], dict[str, list[str]]]:
+    """Cold request per method (first_request_s; a method whose cold request fails is printed and dropped from
+    ``methods``), then every prompt through every method, order rotating;
+    ``checkpoint`` gets the records so far after each prompt (a run cut short still reports). Also returns why
+    dynamo recompiled after the cold requests (guard failures per compiled function)."""
     first = {}
-    for method in methods:
+    for method in list(methods):
         sync()
         start = time.perf_counter()
-        runner.request(method, WARMUP_PROMPT)
+        try:
+            runner.request(method, WARMUP_PROMPT)
+        except Exception:  # one broken method must not cost the whole (device-time-limited) run
+            traceback.print_exc()
+            print(f"cold {method}: failed, left out of this run", flush=True)
+            methods.remove(method)
+            continue
         first[method] = round(time.perf_counter() - start, 3)
         print(f"cold {method}: {first[method]} s", flush=True)
     warmed = guard_failures()
@@ -183,6 +193,7 @@ def run_all(runner: Runner, prompts: list[dict],
                             "divergence": first_divergence(record["ids"], plain) if plain is not None else None})
         print(f"prompt {n + 1}/{len(prompts)}: " + ", ".join(
             f"{m} {results[m]['seconds']:.2f}s" for m in methods), flush=True)
+        checkpoint(records, first)
     reasons = {name: found[len(warmed.get(name, [])):] for name, found in guard_failures().items()
                if len(found) > len(warmed.get(name, []))}
     return records, first, reasons
@@ -267,16 +278,22 @@ def main(argv: list[str] | None = None) -> dict:
     exact = [m + EXACT for m in dict.fromkeys(["vanilla", *ours])] if args.exact else []
     methods = ours + exact + [a for a in args.anchors.split(",") if a]
     prompts = read_prompts(args.prompts)[: args.limit or None]
-    records, first, reasons = run_all(runner, prompts, methods)
     model = runner.lm.model
-    report = {"benchmark": "text_served",
-              "device": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
-              "model": args.shape and f"random {args.shape} (Qwen2 shape)" or model_name or "tiny preset",
-              "dtype": str(model.dtype),
-              "settings": {"prompts": args.prompts, "count": len(prompts), "max_new_tokens": args.max_new_tokens,
-                           "exact_mode_added": args.exact,
-                           "greedy": True, "hf_pld_tokens": HF_PLD_TOKENS, "command": command_line(argv)},
-              "rows": summarise(records, methods, first), "recompile_reasons_after_warmup": reasons}
+
+    def report_of(records: list[dict], first: dict[str, float], reasons: dict | None = None) -> dict:
+        return {"benchmark": "text_served",
+                "device": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
+                "model": args.shape and f"random {args.shape} (Qwen2 shape)" or model_name or "tiny preset",
+                "dtype": str(model.dtype),
+                "settings": {"prompts": args.prompts, "count": len(prompts), "max_new_tokens": args.max_new_tokens,
+                             "prompts_done": len(records) // len(methods),
+                             "exact_mode_added": args.exact, "greedy": True, "hf_pld_tokens": HF_PLD_TOKENS,
+                             "command": command_line(argv)},
+                "rows": summarise(records, methods, first), "recompile_reasons_after_warmup": reasons}
+
+    records, first, reasons = run_all(runner, prompts, methods,
+                                      lambda records, first: write_report(report_of(records, first), args.json))
+    report = report_of(records, first, reasons)
     for row in report["rows"]:
         if row["category"] == "all":
             print(row, flush=True)

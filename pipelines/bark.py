@@ -307,8 +307,9 @@ def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings,
             yield flush(frames, final=False)
     output.semantic = list(semantic.tokens)
     frames = len(output.coarse) // n_coarse
-    if frames == 0:
-        raise PipelineError("Bark produced no audio tokens for this text. Try another seed or a longer text.")
+    if frames == 0:  # the semantic stage's first token was EOS: Bark chose silence for this text and seed
+        raise PipelineError("Bark ended before producing any audio for this text. Try another seed (with a "
+                            "temperature above 0: greedy decoding ignores the seed) or a longer text.")
     if settings.stream:
         done = 0 if fine is None else fine.shape[-1]
         yield flush(frames, final=True) if frames > done else decoder.push(fine[None], final=True)
@@ -340,13 +341,21 @@ def tiny_bark_tokenizer():
     return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
 
 
-def tiny_bark(seed: int = 0) -> BarkTTS:
+TINY_EOS_BIAS = -1e4  # exp(-1e4 / T) is 0 in fp32 for every temperature the UI allows (<= 2)
+
+
+def tiny_bark(seed: int = 0, eos_bias: float = TINY_EOS_BIAS) -> BarkTTS:
     """``BarkModel`` with 2-layer, 32-wide semantic/coarse/fine models and a 4-filter EnCodec (24 kHz, hop 320).
 
     Vocabulary layout and generation configs keep Bark's structure (text offset after the semantic vocabulary,
     pad/infer tokens after the codebooks, 8 fine codebooks) at a small scale. The fine stage's window is 128 frames
     with 64 of history (Bark: 1024 and 512): it pads every call to the full window, which made it most of a tiny
     request's time.
+
+    Random weights give the semantic EOS about a 1-in-41 chance at every step, so some seeds ended before the
+    first speech token and a tiny request (and any test drawing a random seed) produced no audio. ``eos_bias`` is
+    added to the semantic head's EOS logit: the default holds EOS down, so the semantic stage always runs to its
+    cap; a large positive one makes EOS come first, for tests of the "no audio" path.
     """
     from transformers import BarkConfig, BarkModel, EncodecConfig
     from transformers.models.bark.generation_configuration_bark import BarkGenerationConfig
@@ -379,5 +388,17 @@ def tiny_bark(seed: int = 0) -> BarkTTS:
     for key in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config"):
         setattr(generation, key, getattr(generation, key).to_dict())
     model.generation_config = generation
+    bias_semantic_eos(model.semantic, semantic_vocab, eos_bias)
     randomize_codebooks(model.codec_model, seed)
     return BarkTTS(model, tokenizer)
+
+
+def bias_semantic_eos(semantic: Any, eos: int, bias: float) -> None:
+    """Give the semantic head (bias-free in Bark) a bias that is ``bias`` on EOS and 0 elsewhere."""
+    head = semantic.lm_head
+    biased = torch.nn.utils.skip_init(torch.nn.Linear, head.in_features, head.out_features)  # no draw from the RNG
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[eos] = bias
+    semantic.lm_head = biased

@@ -13,8 +13,8 @@ from .models import ModelSpec, ModelStore
 PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
 # Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
-# one loaded copy. Random tiny weights rarely emit EOS: the cap keeps a CI speech request a few seconds long
-# (the song tab sets its own per-line budget).
+# one loaded copy. Tiny Bark never emits EOS (``bark.tiny_bark``): the cap keeps a CI speech request a few seconds
+# long (the song tab sets its own per-line budget).
 BARK_SMALL = ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small")
 BARK = ModelSpec("Bark · token AR", "bark", hub_id="suno/bark")
 TINY_BARK = ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True, options=(("max_semantic_tokens", 64),))

@@ -30,6 +30,9 @@ from pipelines.decoding.tree import TokenTree  # noqa: E402
 from pipelines.decoding.verify import CausalLMForward  # noqa: E402
 
 CONFIGS = {
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "tie_word_embeddings": True, "rope_theta": 100000.0, "max_position_embeddings": 8192},
     "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
                      "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
                      "tie_word_embeddings": True, "rope_theta": 1000000.0, "max_position_embeddings": 32768},
@@ -111,6 +114,17 @@ def stepper(forward, cache, context: int, tree: TokenTree):
     return step
 
 
+def print_kernels(step, key: tuple[str, int], rows: int = 25) -> None:
+    """A diagnostic: the step's device kernels by total time over 10 steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        for _ in range(10):
+            step()
+    print(f"kernels of {key[0]} n={key[1]} (10 steps):", flush=True)
+    print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-2-7b")
@@ -120,9 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile-configs", default="llama-2-7b",
                         help="configs that also get the inductor-compiled fast path ('' for none)")
-    parser.add_argument("--compile-modes", default="static,dynamic",
-                        help="StaticForward compile modes to time besides 'off' (static: per bucket; dynamic: once)")
+    parser.add_argument("--compile-modes", default="layers,dynamic",
+                        help="StaticForward compile modes to time besides 'off' (layers: the decoder layers; dynamic: "
+                        "the whole step)")
     parser.add_argument("--compile-sizes", default="1,64")
+    parser.add_argument("--cache-len", type=int, default=0,
+                        help="the static cache's length (default: context + largest size + 8; the tab uses >= 4096)")
+    parser.add_argument("--kernels", default="", help="method:size pairs whose kernels to print (diagnostic)")
     parser.add_argument("--tiny", action="store_true", help="CPU check: tiny config, small sizes, eager fast path")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -143,12 +161,11 @@ def main(argv: list[str] | None = None) -> dict:
         floor_ms = (weights + kv) / bandwidth * 1e3
         vocab = model.config.vocab_size
         prompt = [random.Random(1).randrange(vocab) for _ in range(args.context)]
-        methods = {"eager": CausalLMForward(model),
-                   "static": StaticForward(model, max_cache_len=args.context + max(sizes) + 8)}
+        cache_len = args.cache_len or args.context + max(sizes) + 8
+        methods = {"eager": CausalLMForward(model), "static": StaticForward(model, max_cache_len=cache_len)}
         if name in args.compile_configs.split(","):
             for mode in filter(None, args.compile_modes.split(",")):
-                methods[f"static_compiled_{mode}"] = StaticForward(
-                    model, max_cache_len=args.context + max(sizes) + 8, compile=mode)
+                methods[f"static_compiled_{mode}"] = StaticForward(model, max_cache_len=cache_len, compile=mode)
         caches = {}
         with torch.inference_mode():
             for method, forward in methods.items():
@@ -179,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.repeats):
                 for key, step in steps.items():
                     times[key].append(timed(step, device))
+            for key in (k for k in steps if f"{k[0]}:{k[1]}" in args.kernels.split(",")):
+                print_kernels(steps[key], key)
         plain = {method: statistics.median(times[(method, 1)]) for method in methods if (method, 1) in times}
         for (method, n), samples in times.items():
             ms = statistics.median(samples) * 1e3

@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="the tiny preset on this machine: a quick check")
     parser.add_argument("--exact", action="store_true", help="also run each of our methods in exact mode")
     parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "tokenworks-text-models"))
+    parser.add_argument("--host-profile", default="", help="methods to profile on the host after the run (diagnostic)")
+    parser.add_argument("--profile-prompts", type=int, default=8)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     pipeline, model_name = build(args)
@@ -289,7 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "prompts_done": len(records) // len(methods),
                              "exact_mode_added": args.exact, "greedy": True, "hf_pld_tokens": HF_PLD_TOKENS,
                              "command": command_line(argv)},
-                "rows": summarise(records, methods, first), "recompile_reasons_after_warmup": reasons}
+                "rows": summarise(records, methods, first), "recompile_reasons_after_warmup": reasons,
+                "compile": getattr(runner.lm.fast_forward, "compile_mode", None),
+                "cost_curves_ms": {",".join(map(str, buckets)) or "eager": {n: round(c * 1e3, 4) for n, c in curve.items()}
+                                   for buckets, curve in runner.lm.state.curves.items()}}
 
     records, first, reasons = run_all(runner, prompts, methods,
                                       lambda records, first: write_report(report_of(records, first), args.json))
@@ -297,8 +302,26 @@ def main(argv: list[str] | None = None) -> dict:
     for row in report["rows"]:
         if row["category"] == "all":
             print(row, flush=True)
+    print("cost curves (ms):", report["cost_curves_ms"], flush=True)
     write_report(report, args.json)
+    for method in filter(None, args.host_profile.split(",")):
+        host_profile(runner, method, prompts[: args.profile_prompts])
     return report
+
+
+def host_profile(runner: Runner, method: str, prompts: list[dict]) -> None:
+    """A diagnostic, not a result: where the host spends a step (cProfile over ``prompts``, our modules only).
+    On a GPU the time inside the first read of a step's result is the wait for the device."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for item in prompts:
+        runner.request(method, item["prompt"])
+    profile.disable()
+    print(f"host profile of {method} over {len(prompts)} prompts:", flush=True)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(r"pipelines/(decoding|text)", 30)
 
 
 if __name__ == "__main__":

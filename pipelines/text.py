@@ -476,10 +476,10 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
     """The static-cache, CUDA-graph step (decoding/static.py) on CUDA; None (stock DynamicCache) elsewhere.
 
     ``TOKENWORKS_TEXT_FAST``: ``auto`` (default, CUDA only), ``1`` (also on the CPU, uncaptured), ``0`` (off).
-    ``TOKENWORKS_TEXT_COMPILE``: ``auto`` (default: ``dynamic`` where graphs are captured, i.e. CUDA outside
-    ZeroGPU), ``dynamic`` (inductor once for every bucket: ~1-3 min on the first request, then 1.7x the
-    bandwidth floor on an H200 instead of 2.2x, benchmarks/results/text_gpu_step_compile_modes_h200.json),
-    ``static`` (once per bucket), ``off``/``0``."""
+    ``TOKENWORKS_TEXT_COMPILE``: ``auto`` (default: ``layers`` where graphs are captured, i.e. CUDA outside
+    ZeroGPU), ``layers`` (inductor on the decoder layers alone, one graph shared by all layers: seconds on the
+    first request), ``dynamic`` (the whole step once for every bucket: 206 s on the first request for
+    SmolLM2-135M on an H100, benchmarks/results/text_served_h100.json), ``off``/``0``."""
     mode = os.environ.get("TOKENWORKS_TEXT_FAST", "auto")
     if mode == "0" or (mode == "auto" and lm.model.device.type != "cuda"):
         return None
@@ -517,7 +517,7 @@ def compile_mode(device: torch.device) -> str:
     """``TOKENWORKS_TEXT_COMPILE`` resolved for ``device`` (see ``fast_forward``)."""
     choice = os.environ.get("TOKENWORKS_TEXT_COMPILE", "auto")
     if choice == "auto":
-        return "dynamic" if capture_supported(device) else "off"
+        return "layers" if capture_supported(device) else "off"
     if choice == "0":
         return "off"
     if choice not in COMPILE_MODES:

@@ -144,3 +144,35 @@ def test_gpu_step_benchmark_runs_tiny_on_cpu():
     measured = {(row["method"], row["query_tokens"]) for row in result["rows"] if "ms" in row}
     assert measured == {(method, n) for method in ("eager", "static") for n in (1, 8, 16)}
     assert all(row["floor_ms"] > 0 and row["ratio_to_plain"] > 0 for row in result["rows"])
+
+
+def test_a_step_attends_over_the_narrowest_width_and_matches_the_full_cache(models):
+    """Widths are powers of two from the largest bucket, then the whole cache; a step's logits over its narrow
+    width equal those over every cache row (the rows past the block are masked either way), and the layers are
+    handed K/V of exactly that width."""
+    model = models["llama"]
+    narrow, full = static(model), static(model)
+    full.widths = (full.max_cache_len,)
+    assert narrow.widths == (32, 64, 128, 256)
+    assert [narrow.width(past, 8) for past in (0, 24, 25, 120, 248)] == [32, 32, 64, 128, 256]
+    widths_seen = []
+    update = type(narrow.cache.layers[0]).update
+
+    def recording(layer, *args, **kwargs):
+        keys, values = update(layer, *args, **kwargs)
+        widths_seen.append(keys.shape[-2])
+        return keys, values
+
+    prompt = repetitive_prompt(6, 40)[0].tolist()
+    tree = TokenTree([7, 8, 9, 10, 11], [-1, 0, 0, 1, 3])
+    results = []
+    for forward in (narrow, full):
+        cache = forward.new_cache()
+        forward(prompt, list(range(40)), None, cache)  # 40 rows: bucket 64 (over its own width: 64)
+        mask, positions = forward.block_inputs(tree, 0, 40)
+        widths_seen.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(cache.layers[0]), "update", recording)
+            results.append(forward(tree.tokens, positions, mask, cache))
+        assert set(widths_seen) == {64 if forward is narrow else 256}  # 40 committed + bucket 8 -> 64
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)

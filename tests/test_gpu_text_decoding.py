@@ -92,12 +92,13 @@ def test_device_acceptance_equals_the_host_walk_on_the_gpu():
         assert greedy_accept(tree, logits, *device_tree(tree, logits.device)) == accept(tree, logits, SamplingConfig(), None)
 
 
-def test_no_recompiles_across_methods_and_buckets_after_warm_up(model):
+@pytest.mark.parametrize("compile", ["layers", "dynamic"])
+def test_no_recompiles_across_methods_and_buckets_after_warm_up(model, compile):
     from torch._dynamo.utils import counters
 
     from benchmarks.text_served import guard_failures
 
-    forward = StaticForward(model, max_cache_len=1024, buckets=BUCKETS, capture=True, compile="dynamic")
+    forward = StaticForward(model, max_cache_len=1024, buckets=BUCKETS, capture=True, compile=compile)
     decode_all(model, forward, repetitive_prompt(3, 30).cuda())  # warm-up: compiles and captures
     before = int(counters["stats"]["unique_graphs"])
     for seed, length in ((4, 7), (5, 90), (6, 200)):  # prompts in other buckets, other tree sizes

@@ -26,7 +26,7 @@ def test_fast_path_is_off_on_the_cpu_by_default(store, monkeypatch):
     assert pipeline.load("").fast_forward is None
 
 
-def test_compile_defaults_to_dynamic_only_where_graphs_are_captured(monkeypatch):
+def test_compile_defaults_to_layers_only_where_graphs_are_captured(monkeypatch):
     import torch
 
     from pipelines.base import PipelineError
@@ -35,7 +35,7 @@ def test_compile_defaults_to_dynamic_only_where_graphs_are_captured(monkeypatch)
     monkeypatch.delenv("TOKENWORKS_TEXT_COMPILE", raising=False)
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     assert compile_mode(torch.device("cpu")) == "off"
-    assert compile_mode(torch.device("cuda")) == "dynamic"
+    assert compile_mode(torch.device("cuda")) == "layers"
     monkeypatch.setenv("SPACES_ZERO_GPU", "1")
     assert compile_mode(torch.device("cuda")) == "off"  # no torch.compile under ZeroGPU
     monkeypatch.setenv("TOKENWORKS_TEXT_COMPILE", "0")
@@ -52,3 +52,33 @@ def test_static_forward_rejects_an_unknown_compile_mode(store):
     model = TextPipeline(store, "tiny").load("").model
     with pytest.raises(ValueError, match="compile"):
         StaticForward(model, max_cache_len=64, compile="yes")
+
+
+def test_layer_compile_runs_every_layer_compiled_inside_the_step_only(monkeypatch):
+    """``compile="layers"``: each decoder layer goes through its compiled call during the static step, and the
+    shared model is left with eager layers for its other callers (transformers ``generate``, exact mode)."""
+    import torch
+
+    from pipelines.decoding import static
+    from pipelines.tiny import tiny_causal_lm
+
+    compiled_calls = []
+
+    def fake_compile(function, **options):
+        def call(*args, **kwargs):
+            compiled_calls.append(function.__self__)
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(static.torch, "compile", fake_compile)
+    model = tiny_causal_lm()
+    layers = static.decoder_layers(model)
+    forward = static.StaticForward(model, max_cache_len=64, buckets=(1, 8), capture=False, compile="layers")
+    assert forward.compile_mode == "layers"
+    forward._stage([1, 2, 3], [0, 1, 2], torch.ones(3, 3, dtype=torch.bool).tril().numpy(), 0, 8)
+    forward._replay(8, 64)  # the step as graphs capture it (uncaptured here: capture is off on the CPU)
+    assert compiled_calls == list(layers)
+    compiled_calls.clear()
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]))
+    assert compiled_calls == [] and all(layer._compiled_call_impl is None for layer in layers)

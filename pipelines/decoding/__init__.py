@@ -39,19 +39,17 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     ``speculative_decode``): one static K/V cache, blocks padded to fixed query sizes (dummy rows attend only
     to themselves), rollback by moving the write position back, one CUDA graph per bucket. ``capture=None``
     captures on a dedicated CUDA GPU and runs the same static code eagerly on CPU, under ZeroGPU
-<<<<<<< HEAD
-    (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request.
+    (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request. A step attends over
+    the narrowest key width (powers of two from the largest bucket up) holding its rows, one graph per (bucket,
+    width); every one is compiled (``compile="layers"``: the decoder layers, one graph for all) and captured on
+    the first step (``warm``); ``fit(tree, before_root)`` cuts a tree whose re-fed rows would spill it into the
+    next bucket. ``captured.CapturedCalls`` replays drafters' fixed-shape device work (the ReDrafter head's
+    levels, Token Recycling's template fill) as CUDA graphs the same way.
 ``exact.ExactForward(model, max_cache_len=4096, rows=EXACT_ROWS, block=EXACT_BLOCK, capture=None, embed=None)``
     Exact mode with the same interface: every forward is ``rows`` rows (padded, or several forwards) fed as
     length-1 sequences over a static cache, each row's attention reading the K/V gathered in its own path's
     order, so a row's logits and K/V are a function of its path only and drafted greedy output is bit-identical
     to plain decoding through the same adapter. One CUDA graph where ``static.StaticForward`` would capture.
-=======
-    (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request. Every bucket is compiled
-    and captured on the first step (``warm``); ``fit(tree, before_root)`` cuts a tree whose re-fed rows would
-    spill it into the next bucket. ``captured.CapturedCalls`` replays drafters' fixed-shape device work (the
-    ReDrafter head's levels, Token Recycling's template fill) as CUDA graphs the same way.
->>>>>>> textgpu
 ``verify.Drafter``
     ``propose(context) -> TokenTree`` (root = ``context[-1]``), ``update(tree, logits, accepted)``, and
     optional ``start(prompt)`` / ``finish()``; ``embedding(model)`` for trees with virtual tokens (PPD);

@@ -19,7 +19,8 @@ mask is the same pattern AND the window at each row's logical position (``slidin
 from __future__ import annotations
 
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,12 +31,46 @@ from .tree import TokenTree
 from .verify import CausalLMForward
 
 BUCKETS = (1, 8, 16, 32, 64, 128, 256)
-COMPILE_MODES = ("off", "static", "dynamic")
+COMPILE_MODES = ("off", "layers", "dynamic")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The model's repeated decoder blocks (``model.model.layers`` in transformers' causal LMs), or None."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
+class LayerCompile:
+    """Inductor on the decoder layers only (regional compilation): every layer runs the same code, so dynamo traces
+    one layer once and all layers share its graph (with symbolic block sizes). Compiling then costs one layer's
+    time instead of the unrolled model's (``dynamic`` whole-step compile: ~200 s on an H100 for SmolLM2-135M),
+    and the CUDA graph still replays the fused norms, rotary and MLP kernels. The compiled call is installed on
+    the shared model only while the static step runs, so its other callers (transformers ``generate``, exact
+    mode, another tab) keep the eager layers."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        self.layers = layers
+        # ``Module.compile`` keeps its compiled call in this attribute; here it is set per step instead
+        self.calls = [torch.compile(layer._call_impl, dynamic=True) for layer in layers]
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = [layer._compiled_call_impl for layer in self.layers]
+        for layer, call in zip(self.layers, self.calls):
+            layer._compiled_call_impl = call
+        try:
+            yield
+        finally:
+            for layer, call in zip(self.layers, previous):
+                layer._compiled_call_impl = call
 
 
 class IndexedStaticLayer(StaticLayer):
     """A ``StaticLayer`` that writes K/V at the rows named by a shared index tensor instead of bumping its own
-    counter: the write position is an input of the step, so rollback never touches device state."""
+    counter: the write position is an input of the step, so rollback never touches device state. ``rows`` is the
+    step's view of that index: its first q entries are where the block's K/V go, and its length is the step's
+    key width (the cache rows attention reads: the first ``width`` of the cache, see ``StaticForward.widths``)."""
 
     def __init__(self, max_cache_len: int, rows: torch.Tensor) -> None:
         super().__init__(max_cache_len)
@@ -47,7 +82,20 @@ class IndexedStaticLayer(StaticLayer):
         rows = self.rows[: key_states.shape[-2]]
         self.keys.index_copy_(2, rows, key_states)
         self.values.index_copy_(2, rows, value_states)
-        return self.keys, self.values
+        width = self.rows.shape[0]
+        return self.keys[:, :, :width], self.values[:, :, :width]
+
+
+def key_widths(max_cache_len: int, top_bucket: int) -> tuple[int, ...]:
+    """The key widths a step may attend over: powers of two from the largest bucket up, then the whole cache.
+    Attention over unused cache rows is not free (an H100, SmolLM2-135M, a 64-row block: the attention kernels take
+    1.95 ms per step over 4352 keys and 0.32 ms over 512; text_gpu_step_width4352_h100.json and
+    text_gpu_step_width512_h100.json in benchmarks/results), so a step reads the narrowest width holding its rows."""
+    widths, width = [], top_bucket
+    while width < max_cache_len:
+        widths.append(width)
+        width *= 2
+    return (*widths, max_cache_len)
 
 
 class CommittedLengthCache(Cache):
@@ -82,6 +130,11 @@ class StaticTreeCache(CommittedLengthCache):
     def __init__(self, num_layers: int, max_cache_len: int, rows: torch.Tensor) -> None:
         super().__init__([IndexedStaticLayer(max_cache_len, rows) for _ in range(num_layers)])
 
+    def point(self, rows: torch.Tensor) -> None:
+        """Every layer's index view for the next step (its length is the step's key width)."""
+        for layer in self.layers:
+            layer.rows = rows
+
 
 class StaticForward(CausalLMForward, CapturedSteps):
     """``CausalLMForward`` on a static cache with bucketed, optionally CUDA-graph-captured steps.
@@ -89,8 +142,10 @@ class StaticForward(CausalLMForward, CapturedSteps):
     One adapter owns one cache (its buffers are what the graphs point at): ``new_cache()`` empties it and
     hands the same object back, so use one adapter per concurrent request. ``max_cache_len`` bounds
     prompt + new tokens + the largest bucket. ``compile`` runs inductor on the step before capture (fused
-    kernels; logits may then differ from eager in the last bits): ``"static"`` compiles once per bucket,
-    ``"dynamic"`` once for all buckets (symbolic block size), ``"off"`` not at all."""
+    kernels; logits may then differ from eager in the last bits): ``"layers"`` compiles the decoder layers alone
+    (``LayerCompile``: seconds, not minutes), ``"dynamic"`` the whole step once for every bucket and key width
+    (symbolic sizes: minutes), ``"off"`` not at all. ``"layers"`` on a model whose layers
+    are not found is ``"off"``."""
 
     def __init__(self, model, max_cache_len: int = 4096, buckets: tuple[int, ...] = BUCKETS,
                  capture: bool | None = None, compile: str = "off",
@@ -98,6 +153,7 @@ class StaticForward(CausalLMForward, CapturedSteps):
         super().__init__(model, tree_attention=True, embed=embed)
         self.max_cache_len = max_cache_len
         self.buckets = tuple(sorted(buckets))
+        self.widths = key_widths(max_cache_len, self.buckets[-1])
         self._calls = CapturedCalls(capture_supported(self.device) if capture is None else capture)
         top = self.buckets[-1]
         device = self.device
@@ -118,9 +174,14 @@ class StaticForward(CausalLMForward, CapturedSteps):
         self.cache.early_initialization(1, heads, head_dim, self.dtype, device)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
-        self.compile_mode = compile
-        self.compiles = compile != "off"
-        self._step_fn = torch.compile(self._step, dynamic=compile == "dynamic") if self.compiles else self._step
+        layers = decoder_layers(model) if compile == "layers" else None
+        self.compile_mode = compile if compile != "layers" or layers is not None else "off"
+        self.compiles = self.compile_mode != "off"
+        self._step_fn = self._step
+        if self.compile_mode == "dynamic":
+            self._step_fn = torch.compile(self._step, dynamic=True)
+        elif layers is not None:
+            self._step_fn = self._layers_compiled_step(LayerCompile(layers))
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
         self._staged_rows = 0  # rows of the last block that went through the staging buffers (0: it did not)
 
@@ -159,43 +220,56 @@ class StaticForward(CausalLMForward, CapturedSteps):
     def _top(self) -> int:
         return self.buckets[-1]
 
-    def _staged_args(self, size: int) -> tuple[torch.Tensor, ...]:
-        """Views of the device staging buffers for one bucket: ids, positions, (past, real rows), pattern."""
+    def _staged_args(self, size: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Views of the device staging buffers for one bucket: ids, positions, (past, real rows), pattern, and the
+        key columns of the step's width. Points the cache's layers at that width."""
         top = self._top
+        self.cache.point(self._rows[:width])
         return (self._dev_int[None, :size], self._dev_int[None, top:top + size], self._dev_int[2 * top:],
-                self._dev_block[:size, :size])
+                self._dev_block[:size, :size], self._cols[:width])
+
+    def width(self, past: int, size: int) -> int:
+        """The narrowest key width holding the committed rows and the padded block."""
+        return next(w for w in self.widths if w >= past + size)
 
     def bucket(self, q: int) -> int | None:
         return next((b for b in self.buckets if b >= q), None)
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, scalars: torch.Tensor,
-              block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write rows, full-width additive mask and the forward for one padded block; static shapes only.
-        Returns the logits and the final hidden states of every row (the graphs keep both as outputs)."""
+              block: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write rows, additive mask over the step's key width (``cols``: the key columns) and the forward for one
+        padded block; static shapes only. Returns the logits and the final hidden states of every row (the graphs
+        keep both as outputs)."""
         size = ids.shape[1]
         past, real = scalars[0], scalars[1]
         index = self._cols[:size]
         self._rows[:size].copy_(index + past)
-        relative = self._cols - past
+        relative = cols - past
         in_block = (relative >= 0) & (relative < size)
         visible = block[:, relative.clamp(0, size - 1)] & in_block[None, :]
         visible |= (relative < 0)[None, :] & (index < real)[:, None]
         # logical key positions (a block row holds its node's root + depth) for sliding layers' windows
-        keys = torch.where(in_block, positions[0][relative.clamp(0, size - 1)], self._cols)
+        keys = torch.where(in_block, positions[0][relative.clamp(0, size - 1)], cols)
         mask = self.layout.masks(visible, positions[0], keys, self.dtype)
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                          output_hidden_states=True, **{self.kwarg: self.cache})
         return out.logits[0], out.hidden_states[-1][0]
 
-    def _replay(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bucket's graph, captured on first use (the warm-up runs are this very step, which is
+    def _layers_compiled_step(self, compiled: LayerCompile) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        def step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with compiled.installed():
+                return self._step(*args)
+        return step
+
+    def _replay(self, size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph of (bucket, key width), captured on first use (the warm-up runs are this very step, which is
         idempotent: same inputs, same rows written). A failed capture turns capture off for good."""
-        args = self._staged_args(size)
-        started, new = time.perf_counter(), size not in self.graphs
+        args, key = self._staged_args(size, width), (size, width)
+        started, new = time.perf_counter(), key not in self.graphs
         # no inputs to copy in: the step reads the fixed staging buffers
-        outputs = self._calls.call(size, lambda: self._step_fn(*args), eager=lambda: self._step(*args))
-        if new and size in self.graphs:
+        outputs = self._calls.call(key, lambda: self._step_fn(*args), eager=lambda: self._step(*args))
+        if new and key in self.graphs:
             self.warmup_s += time.perf_counter() - started
         return outputs
 
@@ -214,8 +288,9 @@ class StaticForward(CausalLMForward, CapturedSteps):
         if size > self._top:
             block = torch.from_numpy(pattern).to(self.device)
             scalars = torch.tensor([past, q], device=self.device)
+            self.cache.point(self._rows)
             logits, hidden = self._step(torch.tensor([ids], device=self.device),
-                                        torch.tensor([positions], device=self.device), scalars, block)
+                                        torch.tensor([positions], device=self.device), scalars, block, self._cols)
         else:
             logits, hidden = self._staged_step(ids, positions, pattern, past, size)
         cache.length = past + q
@@ -229,17 +304,20 @@ class StaticForward(CausalLMForward, CapturedSteps):
         if self.capture and not self.graphs and past == 0:
             self.warm()
         self._stage(ids, positions, pattern, past, size)
-        return self._replay(size) if self.capture else self._step(*self._staged_args(size))
+        width = self.width(past, size)
+        return self._replay(size, width) if self.capture else self._step(*self._staged_args(size, width))
 
     def warm(self) -> None:
-        """Compile and capture every bucket now, on an empty cache (the first step of the first request), so that
-        no later step, of any method or tree size, waits for inductor or a capture. The dummy rows this writes
-        sit beyond the committed length: hidden by the mask until real rows overwrite them."""
-        for size in (b for b in self.buckets if b <= self.max_cache_len):
-            if not self.capture:
-                return  # a capture failed: eager from here on
-            self._stage([0] * size, list(range(size)), np.tril(np.ones((size, size), dtype=bool)), 0, size)
-            self._replay(size)
+        """Compile and capture every (bucket, key width) now, on an empty cache (the first step of the first
+        request), so that no later step, of any method, tree size or context length, waits for inductor or a
+        capture. The dummy rows this writes sit beyond the committed length: hidden by the mask until real rows
+        overwrite them."""
+        for width in self.widths:
+            for size in (b for b in self.buckets if b <= width):
+                if not self.capture:
+                    return  # a capture failed: eager from here on
+                self._stage([0] * size, list(range(size)), np.tril(np.ones((size, size), dtype=bool)), 0, size)
+                self._replay(size, width)
 
     def _stage(self, ids: list[int], positions: list[int], pattern: np.ndarray, past: int, size: int) -> None:
         """Write one block into the pinned buffers and start their copy to the device."""

@@ -25,7 +25,7 @@ from .decoding.sliding import UnsupportedAttention, attention_layout
 from .decoding.state import DecodingState
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 from .decoding.verify import Drafter, speculative_decode
-from .models import ModelSpec, ModelStore, ResolvedModel
+from .models import ModelSpec, ModelStore, ResolvedModel, settle_heap
 from .outputs import save_text
 from .presets import PresetModels, models_for
 from .tiny import tiny_causal_lm, tiny_tokenizer
@@ -259,6 +259,8 @@ class TextPipeline(PresetModels, Pipeline):
         elapsed = time.perf_counter() - start
         text = stops.trim(lm.tokenizer.decode(strip_eos(tokens, eos_ids), skip_special_tokens=True))
         warmup_s = forward.warmup_s - warmed if forward is not None else 0.0
+        if warmup_s:
+            settle_heap()  # the compiled, captured steps live as long as the model
         result_stats = {
             "model": self.spec_for(request.model).name,
             "method": request.method,

@@ -12,7 +12,9 @@ different continuations (a newline, a comma) squeezes only its own sub-trie, not
 
 Prompt nodes do not count against ``max_nodes`` and only the last ``prompt_window`` prompt tokens are indexed:
 a long pasted document then costs a bounded insert and cannot evict the earlier answers' n-grams (the
-cross-request memory the trie exists for).
+cross-request memory the trie exists for). Forgetting the prompt at the end of a request visits only the nodes
+the prompt held: walking the whole shared trie there cost every request time that grew with the traffic served
+(tens of thousands of output nodes: ~0.1 s per request, more than a short answer's whole decode on a GPU).
 """
 from __future__ import annotations
 
@@ -58,15 +60,16 @@ class NGramTrie:
         self.max_nodes = max_nodes
         self.max_root_nodes = max_root_nodes
         self.nodes = 0
-        self.prompt_nodes: list[TrieNode] = []
+        # (root token, parent, token, node) per node the prompt holds, parents before children
+        self.prompt_nodes: list[tuple[int, TrieNode, int, TrieNode]] = []
 
     def insert(self, branch: list[int], from_prompt: bool) -> None:
         """Count every node of ``branch`` (below its first token) once."""
         root = node = self._root(branch[0])
         for token in branch[1:]:
-            node = self._count(root, node, token, from_prompt)
+            node = self._count(root, node, token, from_prompt, key=branch[0])
         if not from_prompt:
-            self._bound(root)
+            self._bound(branch[0])
 
     def extend(self, branch: list[int]) -> None:
         """Count only the last node of an output ``branch`` whose earlier nodes were counted when they
@@ -75,7 +78,7 @@ class NGramTrie:
         for token in branch[1:-1]:
             node = node.children.get(token) or self._count(root, node, token, False, 0)
         self._count(root, node, branch[-1], False)
-        self._bound(root)
+        self._bound(branch[0])
 
     def _root(self, token: int) -> TrieNode:
         node = self.roots.get(token)
@@ -83,7 +86,9 @@ class NGramTrie:
             node = self.roots[token] = TrieNode()
         return node
 
-    def _count(self, root: TrieNode, node: TrieNode, token: int, from_prompt: bool, amount: int = 1) -> TrieNode:
+    def _count(self, root: TrieNode, node: TrieNode, token: int, from_prompt: bool, amount: int = 1,
+               key: int = -1) -> TrieNode:
+        """Count ``token`` below ``node`` (in the sub-trie of ``root``, whose token is ``key``: prompt counts only)."""
         child = node.children.get(token)
         if child is None:
             child = node.children[token] = TrieNode()
@@ -91,16 +96,19 @@ class NGramTrie:
             root.size += 1
         if from_prompt:
             if child.prompt == 0:
-                self.prompt_nodes.append(child)
+                self.prompt_nodes.append((key, node, token, child))
                 root.held += 1
             child.prompt += amount
         else:
             child.output += amount
         return child
 
-    def _bound(self, root: TrieNode) -> None:
+    def _bound(self, key: int) -> None:
+        root = self.roots[key]
         if root.size - root.held > self.max_root_nodes:
             self.squeeze_root(root)
+            if not root.children:  # gone now: the end of the request no longer walks every root
+                del self.roots[key]
         if self.output_nodes() > self.max_nodes:
             self.squeeze()
 
@@ -109,13 +117,19 @@ class NGramTrie:
         return self.nodes - len(self.prompt_nodes)
 
     def reset_prompt(self) -> None:
-        """Forget the finished request's prompt counts (and the nodes only the prompt held)."""
-        for node in self.prompt_nodes:
+        """Forget the finished request's prompt counts and drop the nodes only the prompt held: children before
+        their parents, so a branch the output never reached goes whole. Costs the prompt's nodes, not the trie's."""
+        for key, parent, token, node in reversed(self.prompt_nodes):
             node.prompt = 0
-        self.prompt_nodes = []
-        for root in self.roots.values():
+            root = self.roots[key]
             root.held = 0
-        self._prune()
+            if node.output == 0 and not node.children:
+                del parent.children[token]
+                root.size -= 1
+                self.nodes -= 1
+                if not root.children:
+                    del self.roots[key]
+        self.prompt_nodes = []
 
     def squeeze(self) -> None:
         """Halve output frequencies and drop what falls to zero, until under the low-water mark (3/4 of

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from pipelines.decoding.hardware import bucketed
 from pipelines.decoding.lookahead import NGramTrie
 from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
@@ -127,6 +128,33 @@ def test_chains_follow_the_cost_curve_and_the_likeliest_end_of_the_path(models):
     assert first_chain == 2 and flat.tokens[4:7] == prompts.ids and flat.parents[5:7] == [4, 5]
     assert len(PromptChains(prompts).attach(tree, path, sum(path), STEEP, 128)) == 4
     assert len(PromptChains(prompts).attach(tree, path, sum(path), FLAT, 10)) == 4 + 3 * 2
+
+
+def test_a_guess_tree_is_priced_with_the_chain_it_carries(models):
+    """On a padded forward the chain alone takes a bare root into the 8-row bucket; guessed nodes that fit beside it
+    cost nothing more, so they are verified. (Pricing the tree without its chain kept the bare root and its chain
+    on every step: the guesses were read and never verified, tau 1.0 through the served path on an H100.)"""
+    prompts = new_prompt_tokens(models["llama"], count=3)
+    drafter = ParallelPromptDecoding(prompts, bucketed({1: 1.0, 8: 1.5, 16: 1.6, 128: 2.0}, (1, 8, 16, 128)))
+    drafter.start([1, 2])
+    drafter.chains.guesses = Guesses([[5, 6, 7], [8, 9], [10]], [[0.3, 0.1, 0.05], [0.3, 0.1], [0.3]])
+    tree = drafter.propose([1, 2])
+    # 4 guesses with a chain below each fill the 16-row bucket (the 5th would take the step to the 128-row one)
+    assert drafter.chains.real_part(tree) == 4 and tree.tokens[:4] == [2, 5, 6, 8] and len(tree) == 16
+    assert tree.tokens[4:7] == prompts.ids and tree.parents[4] == 0  # the first chain: below the likeliest end
+
+
+def test_a_step_that_verified_no_guesses_leaves_their_worth_alone(models):
+    """Guesses too unlikely to verify (a CPU-like curve) say nothing about what guesses are worth: crediting such a
+    step with 0 tokens drove the worth down until no chain paid, for the rest of the request."""
+    model = models["llama"]
+    drafter = ParallelPromptDecoding(new_prompt_tokens(model, count=3), STEEP)
+    drafter.start([1, 2])
+    drafter.chains.guesses = Guesses([[5], [6], [7]], [[0.01], [0.01], [0.01]])
+    tree = drafter.propose([1, 2])
+    assert tree.tokens == [2]
+    drafter.update(tree, torch.zeros(1, 320), [9])
+    assert drafter.chains.gain == 1.0
 
 
 def test_guesses_come_from_the_chain_below_the_last_accepted_node(models):

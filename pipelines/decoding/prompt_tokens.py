@@ -178,6 +178,37 @@ class PromptChains:
         self.chains += best
         return TokenTree(tokens, parents)
 
+    def sized(self, tree: TokenTree, path: list[float], costs: dict[int, float], max_nodes: int) -> int:
+        """How many leading nodes of a best-first ``tree`` (``path``: their probabilities) to verify. Each prefix
+        is priced, rows and all, alone, with the chain ``attach`` would hang below its likeliest end (worth
+        ``gain`` tokens times that node's chance to end the path) and with a chain below every node (worth
+        ``gain``: the chances to end the path add up to one). Priced without the chains it carries, the tree
+        shrank to the bare root wherever one chain took the forward into a dearer bucket (the static path's 8-row
+        bucket): the guesses were read on every step and never verified (tau 1.0 served on an H100)."""
+        m = len(self.ids)
+        last = [0.0] * len(path)
+        ends: list[tuple[float, int]] = []  # max-heap of (-last, node), stale entries dropped when on top
+        best, best_rate, expected = 1, 0.0, 0.0
+        for node, probability in enumerate(path):
+            expected += probability
+            last[node] = probability
+            heapq.heappush(ends, (-probability, node))
+            if node:
+                parent = tree.parents[node]
+                last[parent] -= probability
+                heapq.heappush(ends, (-last[parent], parent))
+            while -ends[0][0] != last[ends[0][1]]:
+                heapq.heappop(ends)
+            rate = expected / interpolate(costs, node + 1)
+            if node + 1 + m <= max_nodes:
+                chained = expected + max(last[ends[0][1]], 0.0) * self.gain
+                rate = max(rate, chained / interpolate(costs, node + 1 + m))
+            if (node + 1) * (1 + m) <= max_nodes:
+                rate = max(rate, (expected + self.gain) / interpolate(costs, (node + 1) * (1 + m)))
+            if rate > best_rate:
+                best, best_rate = node + 1, rate
+        return best
+
     def real_part(self, tree: TokenTree) -> int:
         """How many leading nodes are real tokens (chains always come after them)."""
         return sum(token < self.prompts.base for token in tree.tokens)
@@ -213,6 +244,7 @@ class ParallelPromptDecoding(Drafter):
         self.chains = PromptChains(prompts)
         self.costs = costs
         self.max_nodes = max_nodes
+        self.guessed = False  # the last tree verified guesses (a step that offered none says nothing of them)
 
     def start(self, prompt: list[int]) -> None:
         self.chains.start()
@@ -226,15 +258,12 @@ class ParallelPromptDecoding(Drafter):
             tree, path = TokenTree.chain(context[-1], []), [1.0]
         else:
             tree, _, path = guesses.tree(context[-1], self.max_nodes)
-            size, best_rate, expected = 1, 0.0, 0.0
-            for n, probability in enumerate(path, start=1):
-                expected += probability
-                if expected / interpolate(self.costs, n) > best_rate:
-                    size, best_rate = n, expected / interpolate(self.costs, n)
+            size = self.chains.sized(tree, path, self.costs, self.max_nodes)
             tree, path = tree.truncated(max_nodes=size), path[:size]
+        self.guessed = len(tree) > 1
         return self.chains.attach(tree, path, sum(path), self.costs, self.max_nodes)
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        if self.chains.guesses is not None:
+        if self.guessed:
             self.chains.credit(len(accepted) - 1)
         self.chains.read(tree, logits, accepted)

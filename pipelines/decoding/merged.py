@@ -164,15 +164,21 @@ class MergedDrafter(Drafter):
         return known[bucket]
 
     def propose(self, context: list[int]) -> TokenTree:
+        self._limit_candidates()
+        # the device's drafts start first and are read after the host's own: their device time hides behind it
+        recycling = self.recycler.launch(context[-1])
+        wide = self.head_on and self.offer >= FULL_OFFER  # the head's levels cost the same whatever the width:
+        # they pay only where wide trees are cheap (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but
+        # 1.30x -> 1.28x vanilla, 10 % drafting)
+        growing = self.drafts.launch(context[-1], self.offer) if wide else None
         trie = CandidateTrie(context[-1], self.last)
         for n, chain, agreed in self.lookup.matches(context):
             feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
             trie.add(TokenTree.chain(context[-1], chain), "pld", [feature] * (len(chain) + 1))
-        self._limit_candidates()
         tree, scores, query = self.lookahead.scored(context)
         trie.add(tree, "lookahead", [(query, min(int(score), 3)) for score in scores])
         ranks = self.recycler.active.ranks
-        tree, probs = self.recycler.scored(context)
+        tree, probs = self.recycler.read(recycling)
         trie.add(tree, "recycling", _recycled(ranks, probs))
         guesses = self.chains.guesses if self.chains is not None else None
         if guesses is not None:
@@ -183,10 +189,7 @@ class MergedDrafter(Drafter):
                 sub, probs = self.recycler.scored([guessed.tokens[i]])
                 trie.add(sub.truncated(max_nodes=self.graft_nodes), "recycling", _recycled(ranks, probs), at=where[i],
                          below=guessed.depths[i])
-        # the head's levels cost the same whatever the tree's width: they pay only where wide trees are cheap
-        # (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but 1.30x -> 1.28x vanilla, 10 % drafting)
-        wide = self.head_on and self.offer >= FULL_OFFER
-        found = self.drafts.candidates(context[-1], self.offer) if wide else None
+        found = self.drafts.read(growing) if growing is not None else None
         if found is not None:
             drafted, head_ranks, conditional, _ = found
             trie.add(drafted, "redrafter", [(min(rank, 1), _bin(p)) for rank, p in zip(head_ranks, conditional)])
@@ -273,7 +276,7 @@ class MergedDrafter(Drafter):
         full_tree, full_logits = tree, logits
         if self.chains is not None:  # the prompt chains are read here; the other drafters see real tokens only
             real = self.chains.real_part(tree)
-            tree, logits = TokenTree(tree.tokens[:real], tree.parents[:real]), logits[:real]
+            tree, logits = tree.truncated(max_nodes=real), logits[:real]
         path = tree.path_of(accepted)
         on_path = set(path)
         keys: dict[int, tuple[int, ...]] = {0: ()}  # token paths of the accepted nodes: their children's sources
@@ -289,7 +292,7 @@ class MergedDrafter(Drafter):
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.update(tree, logits, accepted)
         if self.head_on:
-            self.drafts.update(full_tree, accepted)
+            self.drafts.update((path if full_tree is tree else full_tree.path_of(accepted))[-1])
         if self.chains is not None:
             if self.chains.guesses is not None:
                 self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))

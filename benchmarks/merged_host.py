@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from pipelines.decoding.lookahead import LookaheadTrie
-from pipelines.decoding.merged import CandidateTrie, MergedDrafter
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.recurrent_drafter import HeadDrafts
-from pipelines.decoding.recycling import TokenRecycling
-from pipelines.decoding.tree import TokenTree
-from pipelines.models import ModelStore
-from pipelines.text import TextPipeline, TextRequest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.decoding.lookahead import LookaheadTrie  # noqa: E402
+from pipelines.decoding.merged import CandidateTrie, MergedDrafter  # noqa: E402
+from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
+from pipelines.decoding.recurrent_drafter import HeadDrafts  # noqa: E402
+from pipelines.decoding.recycling import TokenRecycling  # noqa: E402
+from pipelines.decoding.tree import TokenTree  # noqa: E402
+from pipelines.models import ModelStore  # noqa: E402
+from pipelines.text import TextPipeline, TextRequest  # noqa: E402
 
 TIMED = [(MergedDrafter, "propose"), (MergedDrafter, "_select"), (MergedDrafter, "update"), (CandidateTrie, "add"),
          (TokenRecycling, "launch"), (TokenRecycling, "read"), (TokenRecycling, "update"),

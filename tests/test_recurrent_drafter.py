@@ -111,7 +111,7 @@ def test_candidates_follow_the_head_recursion_from_the_last_accepted_nodes_featu
     drafts = HeadDrafts(head, model, top_k=3, widths=(1, 2, 2))
     rows = torch.randn(4, model.config.hidden_size)
     drafts.read_hidden(rows)
-    drafts.update(TokenTree([9, 21, 22, 23], [-1, 0, 1, 0]), [21, 22, 40])  # nodes 1, 2 accepted, then the bonus
+    drafts.update(TokenTree([9, 21, 22, 23], [-1, 0, 1, 0]).path_of([21, 22, 40])[-1])  # nodes 1, 2, then the bonus
     assert torch.equal(drafts.anchor, rows[2])
     tree, ranks, conditional, path = drafts.candidates(40, 100)
     assert len(tree) == 1 + 3 + 2 * 3 + 2 * 3 and tree.tokens[0] == 40

@@ -39,6 +39,11 @@ def _bin(probability: float) -> int:
     return min(int(probability * PROB_BINS), PROB_BINS - 1)
 
 
+def _recycled(ranks: tuple[int, ...], probs: list[float]) -> list[tuple[int, int]]:
+    """Recycled nodes' features: top-1 or not, and the probability bin the candidate was recorded with."""
+    return [(min(rank, 1), _bin(p)) for rank, p in zip(ranks, probs)]
+
+
 def _prior(bucket: tuple) -> float:
     """Starting estimate until a bucket has been measured."""
     source, feature = bucket[0], bucket[1]
@@ -48,6 +53,42 @@ def _prior(bucket: tuple) -> float:
     if source == "lookahead":
         return 0.4 if feature[0] >= 2 else 0.25
     return (feature[1] + 0.5) / PROB_BINS * (1.0 if feature[0] == 0 else 0.5)
+
+
+class CandidateTrie:
+    """The step's de-duplicated trie of every source's candidates: per node its token, parent, depth, the
+    buckets of the sources that proposed it, and its children by token."""
+
+    def __init__(self, root: int, last: int) -> None:
+        self.tokens, self.parents, self.depths = [root], [-1], [0]
+        self.buckets: list[list[tuple]] = [[]]
+        self.children: list[dict[int, int]] = [{}]
+        self.last = last  # how the previous step went: the last part of every bucket
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, tree: TokenTree, source: str, features: list, at: int = 0, below: int = 0) -> list[int]:
+        """Merge ``tree`` in below node ``at`` (whose depth is ``below``), no deeper than ``MAX_DEPTH`` under it.
+        ``features[i]`` is ``source``'s feature of its node ``i`` (the root's is not read). Returns the trie node
+        of each node of ``tree``."""
+        where = [at] * len(tree)
+        for i in range(1, len(tree)):
+            depth = tree.depths[i]
+            if depth > MAX_DEPTH:
+                continue  # and so are its descendants: parents come first
+            parent, token = where[tree.parents[i]], tree.tokens[i]
+            node = self.children[parent].get(token)
+            if node is None:
+                node = self.children[parent][token] = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(self.depths[parent] + 1)
+                self.buckets.append([])
+                self.children.append({})
+            self.buckets[node].append((source, features[i], min(depth + below, DEPTH_BUCKETS), self.last))
+            where[i] = node
+        return where
 
 
 class MergedDrafter(Drafter):
@@ -85,7 +126,7 @@ class MergedDrafter(Drafter):
         self.graft, self.graft_nodes = graft, graft_nodes
         self.drafts = drafts
         self._priced: dict[int, float] | None = None  # the curve ``_prices`` were computed from
-        self._prices: dict[int, float] = {}
+        self._prices: list[float] = [0.0]
 
     @property
     def reads_hidden(self) -> bool:
@@ -109,69 +150,59 @@ class MergedDrafter(Drafter):
     def embedding(self, model):
         return self.chains.prompts.embedding(model) if self.chains is not None else None
 
-    def rate(self, bucket: tuple) -> float:
+    def rate(self, bucket: tuple, known: dict[tuple, float] | None = None) -> float:
         """Smoothed acceptance of ``bucket``. Its prior is the same bucket one level up (depth 1: a fixed
         guess), so a depth that has never been offered inherits what the level above measured: otherwise
-        a tree cut at depth 2 would never learn that depth 3 pays in a copying stretch."""
-        source, feature, depth, last = bucket
-        prior = self.rate((source, feature, depth - 1, last)) if depth > 1 else _prior(bucket)
-        return ((self.accepted.get(bucket, 0) + self.prior_weight * prior)
-                / (self.offered.get(bucket, 0) + self.prior_weight))
+        a tree cut at depth 2 would never learn that depth 3 pays in a copying stretch. ``known`` holds the
+        rates already estimated this step (many nodes share a bucket, and every bucket shares its parents)."""
+        known = {} if known is None else known
+        if bucket not in known:
+            source, feature, depth, last = bucket
+            prior = self.rate((source, feature, depth - 1, last), known) if depth > 1 else _prior(bucket)
+            known[bucket] = ((self.accepted.get(bucket, 0) + self.prior_weight * prior)
+                             / (self.offered.get(bucket, 0) + self.prior_weight))
+        return known[bucket]
 
     def propose(self, context: list[int]) -> TokenTree:
-        tokens, parents, buckets = [context[-1]], [-1], [[]]
-        children: list[dict[int, int]] = [{}]
-
-        def add(tree: TokenTree, bucket_of, at: int = 0) -> list[int]:
-            tree = tree.truncated(max_depth=MAX_DEPTH)
-            where = [at] * len(tree)
-            for i in range(1, len(tree)):
-                parent, token = where[tree.parents[i]], tree.tokens[i]
-                node = children[parent].get(token)
-                if node is None:
-                    node = children[parent][token] = len(tokens)
-                    tokens.append(token)
-                    parents.append(parent)
-                    buckets.append([])
-                    children.append({})
-                buckets[node].append(bucket_of(i, min(tree.depths[i], DEPTH_BUCKETS)) + (self.last,))
-                where[i] = node
-            return where
-
+        self._limit_candidates()
+        # the device's drafts start first and are read after the host's own: their device time hides behind it
+        recycling = self.recycler.launch(context[-1])
+        wide = self.head_on and self.offer >= FULL_OFFER  # the head's levels cost the same whatever the width:
+        # they pay only where wide trees are cheap (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but
+        # 1.30x -> 1.28x vanilla, 10 % drafting)
+        growing = self.drafts.launch(context[-1], self.offer) if wide else None
+        trie = CandidateTrie(context[-1], self.last)
         for n, chain, agreed in self.lookup.matches(context):
             feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
-            add(TokenTree.chain(context[-1], chain), lambda i, depth, f=feature: ("pld", f, depth))
-        self._limit_candidates()
+            trie.add(TokenTree.chain(context[-1], chain), "pld", [feature] * (len(chain) + 1))
         tree, scores, query = self.lookahead.scored(context)
-        add(tree, lambda i, depth: ("lookahead", (query, min(int(scores[i]), 3)), depth))
+        trie.add(tree, "lookahead", [(query, min(int(score), 3)) for score in scores])
         ranks = self.recycler.active.ranks
-        tree, probs = self.recycler.scored(context)
-        add(tree, lambda i, depth: ("recycling", (min(ranks[i], 1), _bin(probs[i])), depth))
+        tree, probs = self.recycler.read(recycling)
+        trie.add(tree, "recycling", _recycled(ranks, probs))
         guesses = self.chains.guesses if self.chains is not None else None
         if guesses is not None:
             guessed, guess_ranks, path = guesses.tree(context[-1], self.offer)
-            where = add(guessed, lambda i, depth: (
-                "ppd", (min(guess_ranks[i], 1), _bin(path[i] / path[guessed.parents[i]])), depth))
+            where = trie.add(guessed, "ppd", [None] + [(min(guess_ranks[i], 1), _bin(path[i] / path[guessed.parents[i]]))
+                                                       for i in range(1, len(guessed))])
             for i in range(1, min(self.graft + 1, len(guessed))):  # the likeliest guesses come first
                 sub, probs = self.recycler.scored([guessed.tokens[i]])
-                add(sub.truncated(max_nodes=self.graft_nodes), lambda j, depth, below=guessed.depths[i], p=probs: (
-                    "recycling", (min(ranks[j], 1), _bin(p[j])), min(depth + below, DEPTH_BUCKETS)), at=where[i])
-        # the head's levels cost the same whatever the tree's width: they pay only where wide trees are cheap
-        # (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but 1.30x -> 1.28x vanilla, 10 % drafting)
-        wide = self.head_on and self.offer >= FULL_OFFER
-        found = self.drafts.candidates(context[-1], self.offer) if wide else None
+                trie.add(sub.truncated(max_nodes=self.graft_nodes), "recycling", _recycled(ranks, probs), at=where[i],
+                         below=guessed.depths[i])
+        found = self.drafts.read(growing) if growing is not None else None
         if found is not None:
             drafted, head_ranks, conditional, _ = found
-            add(drafted, lambda i, depth: ("redrafter", (min(head_ranks[i], 1), _bin(conditional[i])), depth))
-        return self._select(tokens, parents, buckets, children)
+            trie.add(drafted, "redrafter", [(min(rank, 1), _bin(p)) for rank, p in zip(head_ranks, conditional)])
+        return self._select(trie)
 
-    def price(self, size: int) -> float:
-        """``interpolate(self.costs, size)``, remembered per curve: ``_select`` asks for every size each step."""
+    def prices(self, sizes: int) -> list[float]:
+        """``interpolate(self.costs, size)`` at index ``size`` for every size up to ``sizes``, remembered per curve:
+        ``_select`` asks for every size each step."""
         if self._priced is not self.costs:
-            self._priced, self._prices = self.costs, {}
-        if size not in self._prices:
-            self._prices[size] = interpolate(self.costs, size)
-        return self._prices[size]
+            self._priced, self._prices = self.costs, [0.0]
+        for size in range(len(self._prices), sizes + 1):
+            self._prices.append(interpolate(self.costs, size))
+        return self._prices
 
     def _offer_size(self) -> int:
         return min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))
@@ -185,73 +216,83 @@ class MergedDrafter(Drafter):
             self.recycler.resize(offer)
         self.lookahead.config.decoding_length = min(self.lookahead_nodes, offer)
 
-    def _select(self, tokens, parents, buckets, children) -> TokenTree:
+    def _select(self, trie: CandidateTrie) -> TokenTree:
         """Path probabilities, best prefix under the cost curve, then depth-first order with the likeliest
         child first (so the likeliest path's accepted nodes sit right after the root and keep their cache)."""
+        tokens, parents, depths, buckets, children = trie.tokens, trie.parents, trie.depths, trie.buckets, trie.children
         n = len(tokens)
         rates: dict[tuple, float] = {}  # many nodes share a bucket: estimate each once per step
-        for i in range(1, n):
-            for bucket in buckets[i]:
+        for node_buckets in buckets:
+            for bucket in node_buckets:
                 if bucket not in rates:
-                    rates[bucket] = self.rate(bucket)
-        conditional = [1.0] + [max(rates[b] for b in buckets[i]) for i in range(1, n)]
+                    self.rate(bucket, rates)
+        conditional = [1.0] + [max([rates[b] for b in buckets[i]]) for i in range(1, n)]
         for table in children:  # siblings exclude each other: their estimates cannot add up past one
-            total = sum(conditional[i] for i in table.values())
-            if total > 1.0:
-                for i in table.values():
-                    conditional[i] /= total
+            if len(table) > 1:  # an only child's rate is at most one already
+                total = sum(conditional[i] for i in table.values())
+                if total > 1.0:
+                    for i in table.values():
+                        conditional[i] /= total
         path = [1.0] * n
         for i in range(1, n):
             path[i] = path[parents[i]] * conditional[i]
-        depth = [0] * n
-        for i in range(1, n):
-            depth[i] = depth[parents[i]] + 1
-        ranked = sorted(range(n), key=lambda i: (-path[i], depth[i], i))[:self.max_nodes]
+        ranked = sorted(range(n), key=lambda i: (-path[i], depths[i], i))[:self.max_nodes]
+        prices = self.prices(len(ranked))
         best, best_rate, expected = 1, 0.0, 0.0
         for size, i in enumerate(ranked, start=1):
             expected += path[i]
-            throughput = expected / self.price(size)
+            throughput = expected / prices[size]
             if throughput > best_rate:
                 best, best_rate = size, throughput
-        kept = set(ranked[:best])
-        out_tokens, out_parents, out_path, self.sources = [], [], [], {}
+        tree, out_path = self._depth_first(trie, path, set(ranked[:best]))
+        self.steps, self.nodes = self.steps + 1, self.nodes + len(tree)
+        self.kept = 0.9 * self.kept + 0.1 * len(tree)
+        if self.chains is None:
+            return tree
+        return self.chains.attach(tree, out_path, sum(out_path), self.costs, self.max_nodes)
+
+    def _depth_first(self, trie: CandidateTrie, path: list[float], kept: set[int]) -> tuple[TokenTree, list[float]]:
+        """The ``kept`` nodes in depth-first order, likeliest child first (ties: the earlier node), and their path
+        probabilities; records each node's sources under its token path for ``update``."""
+        below: dict[int, list[int]] = {node: [] for node in kept}  # a kept node's parent is kept: it ranks higher
+        for node in sorted(kept, key=lambda node: (path[node], node)):  # stacked least likely first
+            if node:
+                below[trie.parents[node]].append(node)
+        out_tokens, out_parents, out_depths, out_path, self.sources = [], [], [], [], {}
         stack: list[tuple[int, int, tuple[int, ...]]] = [(0, -1, ())]
         while stack:
             node, parent, prefix = stack.pop()
             here = len(out_tokens)
-            out_tokens.append(tokens[node])
+            out_tokens.append(trie.tokens[node])
             out_parents.append(parent)
+            out_depths.append(trie.depths[node])
             out_path.append(path[node])
-            key = prefix + (tokens[node],) if node else ()
-            self.sources[key] = buckets[node]
-            below = sorted((c for c in children[node].values() if c in kept), key=lambda c: path[c])
-            stack.extend((c, here, key) for c in below)
-        self.steps, self.nodes = self.steps + 1, self.nodes + len(out_tokens)
-        self.kept = 0.9 * self.kept + 0.1 * len(out_tokens)
-        tree = TokenTree(out_tokens, out_parents)
-        if self.chains is None:
-            return tree
-        return self.chains.attach(tree, out_path, sum(out_path), self.costs, self.max_nodes)
+            key = prefix + (trie.tokens[node],) if node else ()
+            self.sources[key] = trie.buckets[node]
+            stack.extend((child, here, key) for child in below[node])
+        return TokenTree(out_tokens, out_parents, out_depths), out_path
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         full_tree, full_logits = tree, logits
         if self.chains is not None:  # the prompt chains are read here; the other drafters see real tokens only
             real = self.chains.real_part(tree)
-            tree, logits = TokenTree(tree.tokens[:real], tree.parents[:real]), logits[:real]
-        keys: list[tuple[int, ...]] = [()]
+            tree, logits = tree.truncated(max_nodes=real), logits[:real]
+        path = tree.path_of(accepted)
+        on_path = set(path)
+        keys: dict[int, tuple[int, ...]] = {0: ()}  # token paths of the accepted nodes: their children's sources
+        for node in path[1:]:
+            keys[node] = keys[tree.parents[node]] + (tree.tokens[node],)
         for i in range(1, len(tree)):
-            keys.append(keys[tree.parents[i]] + (tree.tokens[i],))
-        on_path = set(tree.path_of(accepted))
-        for i in range(1, len(tree)):
-            if tree.parents[i] not in on_path:
+            parent = tree.parents[i]
+            if parent not in on_path:
                 continue
-            for bucket in self.sources.get(keys[i], ()):
+            for bucket in self.sources.get(keys[parent] + (tree.tokens[i],), ()):
                 self.offered[bucket] = self.offered.get(bucket, 0) * self.memory + 1
                 self.accepted[bucket] = self.accepted.get(bucket, 0) * self.memory + (i in on_path)
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.update(tree, logits, accepted)
         if self.head_on:
-            self.drafts.update(full_tree, accepted)
+            self.drafts.update((path if full_tree is tree else full_tree.path_of(accepted))[-1])
         if self.chains is not None:
             if self.chains.guesses is not None:
                 self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))

@@ -138,9 +138,9 @@ class HeadDrafts:
     def read_hidden(self, hidden: torch.Tensor) -> None:
         self._rows = hidden
 
-    def update(self, tree: TokenTree, accepted: list[int]) -> None:
-        """Keep the hidden state of the last accepted node: the next root's features."""
-        self.anchor = self._rows[tree.path_of(accepted)[-1]].clone()
+    def update(self, last: int) -> None:
+        """Keep the hidden state of node ``last``, the last accepted one: the next root's features."""
+        self.anchor = self._rows[last].clone()
 
     def plan(self, max_nodes: int) -> list[tuple[int, int]]:
         """Per level, how many nodes to expand and over how many vocabulary rows, for an offer of
@@ -193,17 +193,25 @@ class HeadDrafts:
             before = states.repeat_interleave(k, 0)
         return kept_best_first(tokens, parents, ranks, conditional, path, max_nodes)
 
-    @torch.inference_mode()
     def candidates(self, root: int, max_nodes: int) -> tuple[TokenTree, list[int], list[float], list[float]] | None:
         """Up to ``max_nodes`` nodes below ``root``, likeliest paths first: the tree, each node's rank among its
-        siblings, its probability under the head given its parent, and its path probability. One captured graph
-        per offer size on a GPU, one read from the device per step."""
+        siblings, its probability under the head given its parent, and its path probability."""
+        grown = self.launch(root, max_nodes)
+        return self.read(grown) if grown is not None else None
+
+    @torch.inference_mode()
+    def launch(self, root: int, max_nodes: int) -> torch.Tensor | None:
+        """Start growing ``candidates``' tree on the device (None before the first verification): one captured
+        graph per offer size on a GPU, whose output buffer ``read`` takes (valid until the next launch)."""
         if self.anchor is None:
             return None
         levels = tuple(self.levels(max_nodes))
         root_id = torch.tensor(root).to(self.anchor.device, non_blocking=True)  # staged, no wait for the device
-        grown = self.calls.call((levels, max_nodes), lambda h, r: self.grow(h, r, levels, max_nodes), self.anchor,
-                                root_id)
+        return self.calls.call((levels, max_nodes), lambda h, r: self.grow(h, r, levels, max_nodes), self.anchor,
+                               root_id)
+
+    def read(self, grown: torch.Tensor) -> tuple[TokenTree, list[int], list[float], list[float]]:
+        """``candidates``' result from a launched tree: the one read from the device."""
         tokens, parents, ranks, conditional, path = grown.tolist()
         tree = TokenTree([int(t) for t in tokens], [int(p) for p in parents])
         return tree, [int(r) for r in ranks], conditional, path
@@ -245,4 +253,4 @@ class RecurrentDrafting(Drafter):
         return tree.truncated(max_nodes=pick_tree_size(path, self.costs, extra_tokens=0))
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        self.drafts.update(tree, accepted)
+        self.drafts.update(tree.path_of(accepted)[-1])

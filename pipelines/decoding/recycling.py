@@ -82,6 +82,7 @@ class TokenRecycling(Drafter):
         """Draft only the first ``nodes`` template nodes (root included). Each size's index tensors are built once
         and kept: a captured graph of that size reads them."""
         self.active = self.template.truncated(nodes)
+        self._depths = TokenTree([0] * len(self.active), list(self.active.parents)).depths
         if len(self.active) not in self._levels:
             self._levels[len(self.active)] = template_levels(self.active, self.matrix.device)
         self.levels = self._levels[len(self.active)]
@@ -90,11 +91,19 @@ class TokenRecycling(Drafter):
         return self.scored(context)[0]
 
     def scored(self, context: list[int]) -> tuple[TokenTree, list[float]]:
-        """The tree and, per node, the probability its token had after its parent's when it was recorded. The
-        level-by-level gathers are one captured graph per tree size on a GPU, read back once."""
-        root = torch.tensor(context[-1]).to(self.matrix.device, non_blocking=True)
-        tokens, probs = self.calls.call(len(self.active), self.fill, root).tolist()
-        return TokenTree([int(t) for t in tokens], list(self.active.parents)), probs
+        """The tree and, per node, the probability its token had after its parent's when it was recorded."""
+        return self.read(self.launch(context[-1]))
+
+    def launch(self, root: int) -> torch.Tensor:
+        """Start filling the template below ``root``: one captured graph per tree size on a GPU, whose output
+        buffer ``read`` takes (valid until the next launch of this size)."""
+        root_id = torch.tensor(root).to(self.matrix.device, non_blocking=True)
+        return self.calls.call(len(self.active), self.fill, root_id)
+
+    def read(self, filled: torch.Tensor) -> tuple[TokenTree, list[float]]:
+        """``scored``'s result from a launched fill: the one read from the device."""
+        tokens, probs = filled.tolist()
+        return TokenTree([int(t) for t in tokens], list(self.active.parents), list(self._depths)), probs
 
     def fill(self, root: torch.Tensor) -> torch.Tensor:
         """The active template filled from the matrix below ``root``: ``[2, n]`` float64 rows, tokens then the

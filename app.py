@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
@@ -16,6 +15,7 @@ from starlette.middleware import Middleware
 
 from components import TAB_BUILDERS
 from components.common import explain_unreadable_inputs, give_text_inputs_api_defaults
+from pipelines import settings
 from pipelines.outputs import output_dir
 from pipelines.presets import PRESETS
 from pipelines.registry import build_registry
@@ -56,13 +56,12 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
     parser = argparse.ArgumentParser(description="Tokenworks studio")
-    parser.add_argument("--preset", choices=PRESETS, default=env("TOKENWORKS_PRESET", "auto"))
-    parser.add_argument("--host", default=env("TOKENWORKS_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("TOKENWORKS_PORT", "7860")))
-    parser.add_argument("--share", action="store_true", default=env("TOKENWORKS_SHARE", "") not in {"", "0"})
-    parser.add_argument("--auth", default=env("TOKENWORKS_AUTH"), help="USER:PASS required for the UI and API")
+    parser.add_argument("--preset", choices=PRESETS, default=settings.preset())
+    parser.add_argument("--host", default=settings.host())
+    parser.add_argument("--port", type=int, default=settings.port())
+    parser.add_argument("--share", action="store_true", default=settings.share())
+    parser.add_argument("--auth", default=settings.auth(), help="USER:PASS required for the UI and API")
     return parser.parse_args(argv)
 
 

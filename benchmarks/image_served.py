@@ -75,7 +75,7 @@ def random_pipeline(arch: str) -> Any:
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
 
-    from pipelines.image.tiny import tiny_clip_tokenizer
+    from pipelines.tiny import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -94,7 +94,7 @@ def random_pipeline(arch: str) -> Any:
 
 
 def tiny_pipeline(arch: str) -> Any:
-    from pipelines.image.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+    from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
 

@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 
-from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, synthesize, tiny_bark, tiny_bark_tokenizer  # noqa: E402
+from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, synthesize  # noqa: E402
 from pipelines.decoding.plain import SamplingConfig  # noqa: E402
 from pipelines.streaming import Returning  # noqa: E402
+from pipelines.tiny import tiny_bark, tiny_bark_tokenizer  # noqa: E402
 
 TEXT = ("Hello, this is a longer sentence that a speech model reads aloud. It goes on for a while, so the first "
         "audio can arrive long before the whole utterance is done.")

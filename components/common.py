@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from pipelines import settings
 from pipelines.base import (MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request,
                             Result)
 from pipelines.guard import guarded_events
@@ -140,7 +140,7 @@ def give_text_inputs_api_defaults(demo: gr.Blocks) -> None:
 
 def on_gpu(fn: Callable) -> Callable:
     """Wrap a GPU event handler with ``@spaces.GPU`` on ZeroGPU Spaces; a no-op everywhere else."""
-    if not os.environ.get("SPACES_ZERO_GPU"):
+    if not settings.zero_gpu():
         return fn
     import spaces
 

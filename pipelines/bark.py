@@ -24,12 +24,13 @@ from transformers.generation.logits_process import BarkEosPrioritizerLogitsProce
 
 from .audio import ChunkSchedule
 from .base import CancelToken, PipelineError, Progress
-from .codec_stream import EncodecStream, randomize_codebooks
+from .codec_stream import EncodecStream
 from .decoding.plain import DecodeStats, SamplingConfig, make_generator
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from .models import ModelStore, ResolvedModel
 from .streaming import Returning
+from .tiny import tiny_bark
 
 # Original Bark sampling defaults (suno-ai/bark: text_temp=0.7, waveform_temp=0.7; fine_temp=0.5).
 BARK_TEMPERATURE = 0.7
@@ -75,7 +76,7 @@ class BarkTTS:
 
 def load_bark(resolved: ResolvedModel, store: ModelStore) -> BarkTTS:
     """The ModelStore loader of every Bark spec (speech and the song tab's vocals share it): tiny random weights
-    built here, or ``BarkModel`` and its tokenizer from a resolved folder or Hub id."""
+    (``tiny.tiny_bark``), or ``BarkModel`` and its tokenizer from a resolved folder or Hub id."""
     if resolved.source == "tiny":
         tts = tiny_bark()
     else:
@@ -319,86 +320,3 @@ def synthesize_steps(tts: BarkTTS, text: str, settings: BarkSettings,
         yield codec_decode(tts, fine[None])
     output.codes = fine[None]
     return output
-
-
-TINY_SEMANTIC_VOCAB = 40
-TINY_CODEBOOK = 32
-
-
-def tiny_bark_tokenizer():
-    """A BERT WordPiece tokenizer (Bark's tokenizer class) over a small vocabulary built here: characters + words."""
-    import string
-
-    from transformers import BertTokenizer
-
-    from .tiny import TINY_CORPUS
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
-    words = sorted({w.strip(string.punctuation).lower() for w in TINY_CORPUS.split()} - {""})
-    vocab += [w for w in words if w not in vocab][:40]
-    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
-
-
-TINY_EOS_BIAS = -1e4  # exp(-1e4 / T) is 0 in fp32 for every temperature the UI allows (<= 2)
-
-
-def tiny_bark(seed: int = 0, eos_bias: float = TINY_EOS_BIAS) -> BarkTTS:
-    """``BarkModel`` with 2-layer, 32-wide semantic/coarse/fine models and a 4-filter EnCodec (24 kHz, hop 320).
-
-    Vocabulary layout and generation configs keep Bark's structure (text offset after the semantic vocabulary,
-    pad/infer tokens after the codebooks, 8 fine codebooks) at a small scale. The fine stage's window is 128 frames
-    with 64 of history (Bark: 1024 and 512): it pads every call to the full window, which made it most of a tiny
-    request's time.
-
-    Random weights give the semantic EOS about a 1-in-41 chance at every step, so some seeds ended before the
-    first speech token and a tiny request (and any test drawing a random seed) produced no audio. ``eos_bias`` is
-    added to the semantic head's EOS logit: the default holds EOS down, so the semantic stage always runs to its
-    cap; a large positive one makes EOS come first, for tests of the "no audio" path.
-    """
-    from transformers import BarkConfig, BarkModel, EncodecConfig
-    from transformers.models.bark.generation_configuration_bark import BarkGenerationConfig
-
-    tokenizer = tiny_bark_tokenizer()
-    semantic_vocab, codebook = TINY_SEMANTIC_VOCAB, TINY_CODEBOOK
-    text_offset = semantic_vocab + 8
-    text_vocab = len(tokenizer)
-    coarse_vocab = semantic_vocab + 2 * codebook + 8
-    sub = dict(num_layers=2, num_heads=2, hidden_size=32, block_size=1024)
-    config = BarkConfig(
-        semantic_config=dict(input_vocab_size=text_offset + text_vocab + 5, output_vocab_size=text_offset, **sub),
-        coarse_acoustics_config=dict(input_vocab_size=coarse_vocab, output_vocab_size=coarse_vocab, **sub),
-        fine_acoustics_config=dict(input_vocab_size=codebook + 1, output_vocab_size=codebook + 1, n_codes_total=8,
-                                   n_codes_given=1, **sub),
-        codec_config=EncodecConfig(hidden_size=16, num_filters=4, codebook_size=codebook).to_dict(),
-    )
-    torch.manual_seed(seed)
-    model = BarkModel(config).eval()
-    generation = BarkGenerationConfig(
-        semantic_config=dict(eos_token_id=semantic_vocab, semantic_vocab_size=semantic_vocab,
-                             text_encoding_offset=text_offset, text_pad_token=text_offset + text_vocab,
-                             semantic_infer_token=text_offset + text_vocab + 4, max_new_tokens=768),
-        coarse_acoustics_config=dict(coarse_semantic_pad_token=semantic_vocab + 2 * codebook,
-                                     coarse_infer_token=semantic_vocab + 2 * codebook + 2),
-        fine_acoustics_config=dict(max_fine_input_length=128, max_fine_history_length=64),
-        codebook_size=codebook,
-    )
-    # BarkModel.generate reads the nested configs as dicts (as they are when loaded from JSON).
-    for key in ("semantic_config", "coarse_acoustics_config", "fine_acoustics_config"):
-        setattr(generation, key, getattr(generation, key).to_dict())
-    model.generation_config = generation
-    bias_semantic_eos(model.semantic, semantic_vocab, eos_bias)
-    randomize_codebooks(model.codec_model, seed)
-    return BarkTTS(model, tokenizer)
-
-
-def bias_semantic_eos(semantic: Any, eos: int, bias: float) -> None:
-    """Give the semantic head (bias-free in Bark) a bias that is ``bias`` on EOS and 0 elsewhere."""
-    head = semantic.lm_head
-    biased = torch.nn.utils.skip_init(torch.nn.Linear, head.in_features, head.out_features)  # no draw from the RNG
-    with torch.no_grad():
-        biased.weight.copy_(head.weight)
-        biased.bias.zero_()
-        biased.bias[eos] = bias
-    semantic.lm_head = biased

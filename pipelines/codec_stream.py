@@ -186,12 +186,3 @@ class EncodecStream:
         if self.lstm_out is not None and frame > self.kept_from:
             self.lstm_out = self.lstm_out[..., frame - self.kept_from:]
             self.kept_from = frame
-
-
-def randomize_codebooks(codec, seed: int) -> None:
-    """Give a random-initialised EnCodec distinct code vectors. EnCodec initialises its codebooks to zeros (they
-    are learnt), so every code of a tiny codec decodes alike and no seam test could see a wrong seam."""
-    generator = torch.Generator().manual_seed(seed)
-    for layer in codec.quantizer.layers:
-        embed = layer.codebook.embed
-        embed.copy_(torch.randn(embed.shape, generator=generator).to(embed))

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from . import settings
 from .base import PipelineError
 
 HUB_PROBE_TIMEOUT_S = 1.5
@@ -122,9 +123,9 @@ def keep_placement(value: Any, name: str) -> Iterator[None]:
 
 
 def default_budget_bytes(device: torch.device) -> int:
-    env = os.environ.get("TOKENWORKS_MEMORY_BUDGET_GB")
-    if env:
-        return int(float(env) * 2**30)
+    budget_gb = settings.memory_budget_gb()
+    if budget_gb is not None:
+        return int(budget_gb * 2**30)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * 0.85)
     try:
@@ -141,7 +142,7 @@ _hub_probe_lock = threading.Lock()
 def hub_reachable() -> bool:
     """True when the Hub answers a TCP connect within a short timeout (cached for a minute)."""
     global _hub_probe
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+    if settings.hub_offline():
         return False
     with _hub_probe_lock:
         now = time.monotonic()

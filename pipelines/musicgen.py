@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .audio import ChunkSchedule
 from .base import CancelToken, Progress
-from .codec_stream import EncodecStream, randomize_codebooks
+from .codec_stream import EncodecStream
 from .decoding.plain import DecodeStats, SamplingConfig, make_generator, process_logits
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.tree import TokenTree
@@ -331,28 +331,3 @@ def stream_accompaniment(
     audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     return Accompaniment(audio, int(model.audio_encoder.config.sampling_rate), codes, stats, first_audio_s,
                          time.perf_counter() - started)
-
-
-def tiny_musicgen(seed: int = 0):
-    """A random-initialised MusicgenForConditionalGeneration of the real classes: a 2-layer T5 encoder, a
-    2-layer decoder over 4 codebooks of 64 codes, and an EnCodec at MusicGen's 32 kHz / 50 Hz framing."""
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration, T5Config
-
-    from .tiny import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                    pad_token_id=tokenizer.pad_token_id)
-    # 4 codebooks of 64 codes (6 bits) at 50 Hz = 1.2 kbps; upsampling 8*5*4*4 = 640 samples per frame at 32 kHz
-    codec = EncodecConfig(target_bandwidths=[1.2], sampling_rate=32000, audio_channels=1, hidden_size=32,
-                          num_filters=4, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4], codebook_size=64,
-                          codebook_dim=32, num_lstm_layers=1, use_causal_conv=False, normalize=False)
-    decoder = MusicgenDecoderConfig(vocab_size=64, num_codebooks=4, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, ffn_dim=64, max_position_embeddings=2048,
-                                    pad_token_id=64, decoder_start_token_id=64, bos_token_id=64)
-    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=codec.to_dict(), decoder=decoder.to_dict())
-    torch.manual_seed(seed)
-    model = MusicgenForConditionalGeneration(config).eval()
-    model.generation_config.update(decoder_start_token_id=64, pad_token_id=64, bos_token_id=64)
-    randomize_codebooks(model.audio_encoder, seed)
-    return model, tokenizer

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from . import settings
+
 
 def output_dir() -> Path:
-    directory = Path(os.environ.get("TOKENWORKS_OUTPUT_DIR", "outputs")).resolve()
+    directory = settings.output_dir().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

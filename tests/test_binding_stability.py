@@ -13,7 +13,7 @@ from pipelines.image import binding as tome
 from pipelines.image.binding import BindingConfig, SemanticBinding, entropy_loss
 from pipelines.image.pipeline import ImageRequest
 from pipelines.image.prompts import encode_positive, parse_prompt
-from pipelines.image.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a [red hat] and a [blue car]"
 

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from pipelines.audio import ChunkSchedule
-from pipelines.bark import tiny_bark
 from pipelines.codec_stream import EncodecStream, decoder_reach
-from pipelines.musicgen import tiny_musicgen
+from pipelines.tiny import tiny_bark, tiny_musicgen
 
 
 @pytest.fixture(scope="module")

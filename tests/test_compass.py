@@ -11,7 +11,7 @@ from pipelines.image.attention import AttentionControl, cross_attention_layers
 from pipelines.image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, PhraseCompassEncoder, apply_compass,
                                      insert_compass_tokens, load_official_compass, lora_diffusion_to_peft,
                                      outside_box_mask, parse_compass_objects, square_box, write_compass_embeddings)
-from pipelines.image.tiny import tiny_sd15_pipeline
+from pipelines.tiny import tiny_sd15_pipeline
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pipelines.image.controls import ControlPlan
 from pipelines.image.lpa import LPAConfig
 from pipelines.image.pipeline import ImageRequest
 from pipelines.image.prompts import encode_positive, parse_prompt
-from pipelines.image.tiny import tiny_sd15_pipeline
+from pipelines.tiny import tiny_sd15_pipeline
 from pipelines.video import VideoRequest
 
 

@@ -15,8 +15,8 @@ from pipelines.image.fast import FastUNet, StaticBiases, choose_backend, unet_gr
 from pipelines.image.lpa import route_style_tokens
 from pipelines.image.merging import apply_merging, merging_stats, remove_merging
 from pipelines.image.pipeline import ImagePipeline, ImageRequest
-from pipelines.image.tiny import tiny_sd15_pipeline
 from pipelines.models import ModelStore
+from pipelines.tiny import tiny_sd15_pipeline
 from pipelines.video import VideoPipeline, VideoRequest
 
 TINY = {"sd15": "tiny-sd15 (random weights)", "sdxl": "tiny-sdxl (random weights)"}

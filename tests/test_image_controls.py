@@ -16,8 +16,8 @@ from pipelines.image.leakfix import isolate_items
 from pipelines.image.lpa import layer_tags, route_style_tokens
 from pipelines.image.pipeline import ImagePipeline, ImageRequest
 from pipelines.image.prompts import encode_positive, parse_prompt
-from pipelines.image.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from pipelines.models import ModelStore
+from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a [red hat] and a [blue car] in watercolor style"
 TINY = {"sd15": "tiny-sd15 (random weights)", "sdxl": "tiny-sdxl (random weights)"}

@@ -12,9 +12,10 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import Drafter
 from pipelines.musicgen import (ColumnVocabulary, MusicgenDecodeStats, build_delay_pattern, column_drafter,
                                 decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
-                                stream_accompaniment, tiny_musicgen)
+                                stream_accompaniment)
 from pipelines.song import mix_stems, parse_sections, plan_timeline
 from pipelines.streaming import Returning
+from pipelines.tiny import tiny_musicgen
 
 GREEDY = SamplingConfig(temperature=0.0)
 GUIDANCE = 3.0

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from pipelines.audio import ChunkSchedule, read_wav, wav_bytes
-from pipelines.bark import (BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids,
-                            tiny_bark)
+from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids
 from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
 from pipelines.speech import SpeechPipeline, SpeechRequest
 from pipelines.streaming import Returning
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
-from pipelines.tiny import tiny_causal_lm
+from pipelines.tiny import tiny_bark, tiny_causal_lm
 
 TEXT = "Hello world, a red hat."
 

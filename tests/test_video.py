@@ -10,7 +10,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from pipelines.base import CancelToken, Progress, Result
 from pipelines.timeline import parse_shots
-from pipelines.video import VideoPipeline, VideoRequest, tiny_animatediff_pipeline
+from pipelines.tiny import tiny_animatediff_pipeline
+from pipelines.video import VideoPipeline, VideoRequest
 
 SMALL = dict(width=32, height=32, steps=2, guidance_scale=7.5, fps=4, seed=7)
 

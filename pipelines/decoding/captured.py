@@ -4,17 +4,18 @@ per shape key, a step is one replay; off CUDA (or under ZeroGPU) the same functi
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Hashable
 
 import torch
+
+from .. import settings
 
 log = logging.getLogger(__name__)
 
 
 def capture_supported(device: torch.device) -> bool:
     """CUDA graphs need a CUDA device the process owns; ZeroGPU attaches the GPU per call, so it stays eager."""
-    return device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
+    return device.type == "cuda" and not settings.zero_gpu()
 
 
 class CapturedCalls:

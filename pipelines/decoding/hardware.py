@@ -156,9 +156,9 @@ def cpu_model() -> str:
 def curve_file() -> Path:
     """Measured curves, kept across processes (the first request would otherwise spend ~15 s measuring a
     135M model on a 2-core CPU). Delete the file to measure again."""
-    from ..packaged import cache_root
+    from ..settings import cache_dir
 
-    return cache_root() / "step_costs.json"
+    return cache_dir() / "step_costs.json"
 
 
 def stored_curve(key: str) -> dict[int, float] | None:

@@ -28,9 +28,9 @@ class TrainedWeights:
 
     def default_out(self, model_name: str) -> Path:
         """Where training writes them (and where ``path`` looks first)."""
-        from ..packaged import cache_root
+        from ..settings import cache_dir
 
-        return cache_root() / self.folder / weights_name(model_name, self.technique)
+        return cache_dir() / self.folder / weights_name(model_name, self.technique)
 
     def path(self, model_name: str) -> Path | None:
         """Where ``model_name``'s trained weights are: the user's cache first, then the packaged ones."""

@@ -82,7 +82,7 @@ def synthetic_rows(count: int, folder: Path, size: int, seed: int = 0) -> list[R
 
 def load_training_pipe(model: str) -> Any:
     if model == "tiny":
-        from .tiny import tiny_sd15_pipeline
+        from ..tiny import tiny_sd15_pipeline
 
         return tiny_sd15_pipeline()
     from diffusers import StableDiffusionPipeline

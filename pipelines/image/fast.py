@@ -35,7 +35,6 @@ where ``torch.compile`` and CUDA graphs are not used), ``off`` (not installed: t
 from __future__ import annotations
 
 import copy
-import os
 import time
 import weakref
 from collections import OrderedDict
@@ -45,6 +44,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import settings
 from .attention import AppliedBias, AttentionControl, layer_matches
 from .hooks import is_capture_safe
 from .merging import installed_merging
@@ -93,9 +93,9 @@ def choose_backend(device: torch.device | str, fast: bool = True, unet: Any = No
     CPU and on ZeroGPU (no ``torch.compile`` there); else ``TOKENWORKS_FAST_BACKEND`` or ``graph``."""
     if not fast or (unet is not None and not supported(unet)):
         return "off"
-    if torch.device(device).type != "cuda" or os.environ.get("SPACES_ZERO_GPU"):
+    if torch.device(device).type != "cuda" or settings.zero_gpu():
         return "eager"
-    backend = os.environ.get("TOKENWORKS_FAST_BACKEND", "graph")
+    backend = settings.fast_backend()
     return backend if backend in BACKENDS else "graph"
 
 

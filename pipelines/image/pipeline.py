@@ -94,7 +94,7 @@ class LoadedImageModel:
 def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageModel:
     arch = resolved.spec.kind
     if resolved.source == "tiny":
-        from .tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
+        from ..tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
         pipe = (tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()).to(store.device, store.dtype)
     else:

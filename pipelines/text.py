@@ -240,7 +240,7 @@ class TextPipeline(PresetModels, Pipeline):
             warmed = forward.warmup_s if forward is not None else 0.0
             if forward is not None and forward.capture and not forward.graphs:
                 yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
-                               "request only" + ("; compiling takes a minute or more)" if forward.compiles else ")"))
+                               "request only" + COMPILE_WAIT.get(getattr(forward, "compile_mode", "off"), ")"))
             drafter = self.drafter(lm, request, forward)
             decoding = self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter)
             for run in decoding:
@@ -513,6 +513,11 @@ def exact_forward(lm: CausalLM, total_tokens: int) -> ExactForward:
         embed = lm.state.prompts.embedding(lm.model) if lm.state.prompts is not None else None
         lm.exact_forward = ExactForward(lm.model, max_cache_len=length, embed=embed)
     return lm.exact_forward
+
+
+# what the first request's progress line says about the wait (text_served_h100.json / _layers16_h100.json: 206 s
+# and 23.5 s on an H100 for SmolLM2-135M)
+COMPILE_WAIT = {"layers": "; compiling takes about half a minute)", "dynamic": "; compiling takes minutes)"}
 
 
 def compile_mode(device: torch.device) -> str:

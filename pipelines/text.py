@@ -19,8 +19,8 @@ from .decoding.hardware import pick_tree_size
 from .decoding.lookahead import LookaheadConfig, LookaheadTrie
 from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from .decoding.prompt_lookup import PromptLookup
-from .decoding.prompt_tokens import ParallelPromptDecoding, prompt_tokens_for
-from .decoding.recurrent_drafter import RecurrentDrafting, head_for
+from .decoding.prompt_tokens import ParallelPromptDecoding
+from .decoding.recurrent_drafter import RecurrentDrafting
 from .decoding.sliding import UnsupportedAttention, attention_layout
 from .decoding.state import DecodingState
 from .decoding.static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
@@ -164,6 +164,8 @@ DECODING_METHODS: dict[str, Method] = {
 }
 METHODS = tuple(DECODING_METHODS)
 METHOD_LABELS = {name: method.label for name, method in DECODING_METHODS.items()}
+# which trained weights a request drafted with, in every result's stats (each drafter's ``trained_used``)
+TRAINED_STATS = {"draft_head": False, "ppd_prompt_tokens": False}
 
 
 class TextPipeline(PresetModels, Pipeline):
@@ -181,8 +183,7 @@ class TextPipeline(PresetModels, Pipeline):
     def load(self, name: str) -> CausalLM:
         spec = self.spec_for(name)
         lm = self.store.load(spec, load_causal_lm)
-        lm.state.prompts = prompt_tokens_for(lm.model, spec.hub_id or "")
-        lm.state.head = head_for(lm.model, spec.hub_id or "")
+        lm.state.load_trained(spec.hub_id or "")
         return lm
 
     def encode_prompt(self, lm: CausalLM, request: TextRequest) -> torch.Tensor:
@@ -275,7 +276,7 @@ class TextPipeline(PresetModels, Pipeline):
             "tau": round(stats.tau, 4),
             "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
             "draft_share": round(stats.draft_share, 4),
-            **trained_drafters_used(lm, request.method, drafter),
+            **TRAINED_STATS, **(drafter.trained_used() if drafter is not None else {}),
             "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
             "stopped_by": ("stop string" if stops.matched is not None else
@@ -400,17 +401,6 @@ def eos_token_ids(lm: CausalLM) -> set[int]:
         elif source:
             ids.update(int(i) for i in source)
     return ids
-
-
-def trained_drafters_used(lm: CausalLM, method: str, drafter: Drafter | None) -> dict[str, bool]:
-    """Which trained drafter the request really drafted with. The merged tree reads the draft head only where
-    the cost curve affords wide trees (never on a CPU), else PPD's chains when there are prompt tokens."""
-    if method == "redrafter":
-        return {"draft_head": True, "ppd_prompt_tokens": False}
-    if method == "merged":
-        return {"draft_head": bool(getattr(drafter, "head_on", False)),
-                "ppd_prompt_tokens": getattr(drafter, "chains", None) is not None}
-    return {"draft_head": False, "ppd_prompt_tokens": method == "ppd"}
 
 
 def run_texts(text: str, run_ends: list[int]) -> list[str]:

@@ -1,7 +1,10 @@
-"""A model's decoding state: the merged drafter follows its trained weights, cost curves are measured once."""
+"""A model's decoding state: trained weights are loaded once, the merged drafter follows them, cost curves are
+measured once."""
 from __future__ import annotations
 
-from pipelines.decoding import hardware
+import torch
+
+from pipelines.decoding import hardware, state as decoding_state
 from pipelines.decoding.prompt_tokens import new_prompt_tokens
 from pipelines.decoding.recurrent_drafter import new_head
 from pipelines.decoding.state import DecodingState
@@ -39,3 +42,33 @@ def test_each_cost_curve_is_measured_once_per_model_state(monkeypatch):
     assert len(calls) == 1 and state.curves == {(): {1: 1.0, 4: 2.0}}
     DecodingState(model).step_costs()
     assert len(calls) == 2  # another loaded model measures its own
+
+
+def test_trained_weights_are_read_once_per_model_state_and_use_overrides_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENWORKS_CACHE", str(tmp_path))
+    model, name = tiny_causal_lm("llama", seed=3), "someone/Tiny-Llama"
+    new_prompt_tokens(model, model_name=name).save(decoding_state.TRAINED["prompts"].default_out(name))
+    new_head(model, name, torch.tensor([5, 9, 7])).save(decoding_state.TRAINED["head"].default_out(name))
+    reads = []
+    for weights in decoding_state.TRAINED.values():
+        def counted(path, m, load=weights.load):
+            reads.append(path.name)
+            return load(path, m)
+        monkeypatch.setattr(weights, "load", counted)
+    state = DecodingState(model)
+    state.load_trained(name)
+    prompts, head = state.prompts, state.head
+    assert prompts.model_name == name and head.vocab.tolist() == [5, 9, 7] and len(reads) == 2
+    state.load_trained(name)
+    assert state.prompts is prompts and state.head is head and len(reads) == 2  # kept, not read again
+    state.use(head=None)
+    state.load_trained(name)
+    assert state.head is None and state.prompts is prompts and len(reads) == 2
+    other = DecodingState(model)  # another loaded model finds its own, except what ``use`` set before
+    other.use(prompts=None)
+    other.load_trained(name)
+    assert other.prompts is None and other.head is not head and other.head.vocab.tolist() == [5, 9, 7]
+    assert reads[2:] == ["redrafter-tiny-llama.safetensors"]
+    unnamed = DecodingState(model)
+    unnamed.load_trained("")
+    assert unnamed.prompts is None and unnamed.head is None and len(reads) == 3

@@ -12,7 +12,7 @@ from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
                                               load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
-                                              trained_path, use_prompt_tokens)
+                                              trained_path)
 from pipelines.decoding.prompt_training import TrainConfig, distillation_batch, train
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.trained import weights_name
@@ -209,8 +209,7 @@ def test_trained_tokens_are_found_by_model_name_and_checked_against_the_model(mo
         load_prompt_tokens(path, tiny_causal_lm("llama", seed=0, vocab_size=400))
     fresh = tiny_causal_lm("llama", seed=0)
     assert prompt_tokens_for(fresh, "someone/Tiny-Llama").vectors.shape == prompts.vectors.shape
-    use_prompt_tokens(fresh, None)
-    assert prompt_tokens_for(fresh, "someone/Tiny-Llama") is None
+    assert prompt_tokens_for(model, "") is None and prompt_tokens_for(model, "someone/Unknown-Model") is None
 
 
 def test_distillation_batch_lays_chains_out_as_the_verifier_does(models):

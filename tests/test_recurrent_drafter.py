@@ -10,7 +10,7 @@ from pipelines.decoding.lookahead import NGramTrie
 from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for, lm_head_logits,
-                                                  load_head, new_head, trained_path, use_head)
+                                                  load_head, new_head, trained_path)
 from pipelines.decoding.recurrent_training import HeadConfig, frequent_vocab, head_batch, train
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.tree import TokenTree
@@ -188,10 +188,8 @@ def test_heads_are_found_by_model_name_and_checked_against_the_model(models, tmp
         load_head(other, model)
     with pytest.raises(ValueError, match="vocabulary 4"):
         load_head(path, tiny_causal_lm("llama", seed=0, vocab_size=4))
-    fresh = tiny_causal_lm("llama", seed=0)
-    assert head_for(fresh, "someone/Tiny-Llama").vocab.tolist() == [5, 9, 7]
-    use_head(fresh, None)
-    assert head_for(fresh, "someone/Tiny-Llama") is None
+    assert head_for(tiny_causal_lm("llama", seed=0), "someone/Tiny-Llama").vocab.tolist() == [5, 9, 7]
+    assert head_for(model, "") is None and head_for(model, "someone/Unknown-Model") is None
 
 
 def test_head_batch_anchors_answer_positions_with_a_next_token():

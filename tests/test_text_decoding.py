@@ -14,9 +14,8 @@ from pipelines.decoding.lookahead import LookaheadTrie, NGramTrie
 from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.prompt_tokens import (ParallelPromptDecoding, new_prompt_tokens, prompt_tokens_for,
-                                              use_prompt_tokens)
-from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, head_for, new_head, use_head
+from pipelines.decoding.prompt_tokens import ParallelPromptDecoding, new_prompt_tokens, prompt_tokens_for
+from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, head_for, new_head
 from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.verify import speculative_decode
 from pipelines.text import DECODING_METHODS, METHODS, Method, TextPipeline, TextRequest
@@ -38,9 +37,11 @@ def pipeline(store):
 @pytest.mark.parametrize("model", ["tiny-llama (random weights)", "tiny-qwen2 (random weights)"])
 def test_every_method_through_the_pipeline_matches_vanilla(pipeline, model):
     lm = pipeline.load(model)
-    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model, seed=4))  # untrained: the mechanics, not the speed
-    use_head(lm.model, new_head(lm.model))
+    lm.state.use(prompts=new_prompt_tokens(lm.model, seed=4))  # untrained: the mechanics, not the speed
+    lm.state.use(head=new_head(lm.model))
     vanilla = result(pipeline, model=model, method="vanilla", max_new_tokens=24)
+    assert (vanilla.stats["draft_head"], vanilla.stats["ppd_prompt_tokens"]) == (False, False)
+    trained = {"redrafter": (True, False), "ppd": (False, True)}  # (draft_head, ppd_prompt_tokens) in the stats
     for method in METHODS[1:]:
         out = result(pipeline, model=model, method=method, max_new_tokens=24)
         assert out.metadata["token_ids"] == vanilla.metadata["token_ids"], method
@@ -49,6 +50,11 @@ def test_every_method_through_the_pipeline_matches_vanilla(pipeline, model):
         assert out.stats["forwards"] == len(out.metadata["run_ids"])
         assert out.stats["tau"] == pytest.approx(len(out.metadata["token_ids"]) / out.stats["forwards"], abs=1e-3)
         assert out.stats["method"] == method and "draft_share" in out.stats
+        expected = trained.get(method, (False, False))
+        if method == "merged":  # the head where its trees are wide enough for it, and then no PPD chains
+            expected = (out.stats["draft_head"], False)
+        assert (out.stats["draft_head"], out.stats["ppd_prompt_tokens"]) == expected, method
+        assert type(out.stats["draft_head"]) is bool and type(out.stats["ppd_prompt_tokens"]) is bool
 
 
 def test_sampled_methods_reproduce_vanilla_with_the_same_seed(pipeline):
@@ -61,13 +67,13 @@ def test_sampled_methods_reproduce_vanilla_with_the_same_seed(pipeline):
 def test_prompt_token_methods_follow_what_was_trained_for_the_model(pipeline):
     model = "tiny-llama (random weights)"
     lm = pipeline.load(model)
-    use_prompt_tokens(lm.model, None)
-    use_head(lm.model, None)
+    lm.state.use(prompts=None)
+    lm.state.use(head=None)
     with pytest.raises(PipelineError, match="No trained prompt tokens"):
         result(pipeline, model=model, method="ppd")
     out = result(pipeline, model=model, method="merged", max_new_tokens=8)
     assert out.stats["ppd_prompt_tokens"] is False
-    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model))
+    lm.state.use(prompts=new_prompt_tokens(lm.model))
     assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="ppd")), ParallelPromptDecoding)
     assert pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="merged")).chains is not None
     assert result(pipeline, model=model, method="merged", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
@@ -76,14 +82,14 @@ def test_prompt_token_methods_follow_what_was_trained_for_the_model(pipeline):
 def test_the_merged_tree_takes_the_draft_head_where_there_is_one_else_ppd(pipeline):
     model = "tiny-llama (random weights)"
     lm = pipeline.load(model)
-    use_head(lm.model, None)
+    lm.state.use(head=None)
     with pytest.raises(PipelineError, match="No trained draft head"):
         result(pipeline, model=model, method="redrafter")
-    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model))
+    lm.state.use(prompts=new_prompt_tokens(lm.model))
     out = result(pipeline, model=model, method="merged", max_new_tokens=8)
     assert out.stats["draft_head"] is False and out.stats["ppd_prompt_tokens"] is True
     head = new_head(lm.model)
-    use_head(lm.model, head)
+    lm.state.use(head=head)
     assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="redrafter")),
                       RecurrentDrafting)
     merged = pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="merged"))
@@ -91,7 +97,7 @@ def test_the_merged_tree_takes_the_draft_head_where_there_is_one_else_ppd(pipeli
     out = result(pipeline, model=model, method="merged", max_new_tokens=8)
     assert out.stats["draft_head"] is True and out.stats["ppd_prompt_tokens"] is False
     assert result(pipeline, model=model, method="ppd", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
-    use_head(lm.model, None)
+    lm.state.use(head=None)
 
 
 def test_the_drafters_state_lives_with_the_loaded_model_across_requests(pipeline):

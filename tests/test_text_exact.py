@@ -6,8 +6,8 @@ import torch
 
 from components.text_tab import compare_headline
 from pipelines.base import Result
-from pipelines.decoding.prompt_tokens import new_prompt_tokens, use_prompt_tokens
-from pipelines.decoding.recurrent_drafter import new_head, use_head
+from pipelines.decoding.prompt_tokens import new_prompt_tokens
+from pipelines.decoding.recurrent_drafter import new_head
 from pipelines.text import METHODS, TextPipeline, TextRequest, compare_stats
 
 PROMPT = "Once upon a time there was a small robot who liked to sing songs about the sea. Once upon a time"
@@ -24,8 +24,8 @@ def bf16_pipeline(store):
     pipeline = TextPipeline(store, "tiny")
     lm = pipeline.load(MODEL)
     lm.model.to(torch.bfloat16)
-    use_prompt_tokens(lm.model, new_prompt_tokens(lm.model, seed=4))  # untrained: the mechanics, not the speed
-    use_head(lm.model, new_head(lm.model))
+    lm.state.use(prompts=new_prompt_tokens(lm.model, seed=4))  # untrained: the mechanics, not the speed
+    lm.state.use(head=new_head(lm.model))
     return pipeline
 
 

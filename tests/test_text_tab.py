@@ -10,7 +10,7 @@ import pytest
 from components.text_tab import compare_headline, result_html, runs_html, slower_reason, stop_lines
 from pipelines.base import Partial, PipelineError, Result
 from pipelines.decoding import merged
-from pipelines.decoding.recurrent_drafter import new_head, use_head
+from pipelines.decoding.recurrent_drafter import new_head
 from pipelines.text import TextPipeline, TextRequest, compare_stats, run_texts
 
 MODEL = "tiny-llama (random weights)"
@@ -127,7 +127,7 @@ def test_every_result_is_saved_as_text_with_a_json_sidecar_of_its_parameters(pip
 
 def test_stats_say_draft_head_only_when_the_merged_tree_used_it(pipeline, monkeypatch):
     lm = pipeline.load(MODEL)
-    use_head(lm.model, new_head(lm.model))
+    lm.state.use(head=new_head(lm.model))
     try:
         assert run(pipeline, method="merged", max_new_tokens=8).stats["draft_head"] is True
         # trees never wide enough for the head's levels (a CPU's cost curve): the head is left out
@@ -136,7 +136,7 @@ def test_stats_say_draft_head_only_when_the_merged_tree_used_it(pipeline, monkey
         assert left_out.stats["draft_head"] is False
         assert run(pipeline, method="redrafter", max_new_tokens=8).stats["draft_head"] is True
     finally:
-        use_head(lm.model, None)
+        lm.state.use(head=None)
 
 
 def test_headline_gives_the_speedup_identity_and_why_a_method_is_slower(pipeline):

@@ -53,7 +53,8 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
 ``verify.Drafter``
     ``propose(context) -> TokenTree`` (root = ``context[-1]``), ``update(tree, logits, accepted)``, and
     optional ``start(prompt)`` / ``finish()``; ``embedding(model)`` for trees with virtual tokens (PPD);
-    ``reads_hidden`` + ``read_hidden(hidden)`` for drafters fed the model's features (ReDrafter).
+    ``reads_hidden`` + ``read_hidden(hidden)`` for drafters fed the model's features (ReDrafter);
+    ``trained_used()`` for the result stats of drafters with trained weights.
 ``tree.TokenTree(tokens, parents)``
     ``TokenTree.chain(root, draft)`` for chain drafters; ``truncated``, ``first_chain``, ``children``.
 
@@ -64,7 +65,7 @@ Drafters: ``recycling.TokenRecycling`` (the [vocab, 8] matrix), ``lookahead.Look
 ``recurrent_training``), and ``merged.MergedDrafter`` joining them in one tree. What they share across requests
 for one model (recycling matrix, output trie, merged counts, cost curves, trained weights) is
 ``state.DecodingState(model)``, kept with the loaded model. Trained weights are found per model id by
-``trained.TrainedWeights``. Tree size per device: ``DecodingState.step_costs(profile, forward)`` (measured
-through the serving ``forward`` at its buckets when it has some: ``hardware.bucketed``) and
-``hardware.pick_tree_size(rates, costs)``.
+``trained.TrainedWeights`` and loaded once into it (``DecodingState.load_trained``; ``use`` overrides). Tree size
+per device: ``DecodingState.step_costs(profile, forward)`` (measured through the serving ``forward`` at its buckets
+when it has some: ``hardware.bucketed``) and ``hardware.pick_tree_size(rates, costs)``.
 """

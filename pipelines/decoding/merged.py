@@ -150,6 +150,11 @@ class MergedDrafter(Drafter):
     def embedding(self, model):
         return self.chains.prompts.embedding(model) if self.chains is not None else None
 
+    def trained_used(self) -> dict[str, bool]:
+        """The draft head only where this request's trees were wide enough for it (never on a CPU's cost curve),
+        else PPD's chains when there are prompt tokens."""
+        return {"draft_head": bool(self.head_on), "ppd_prompt_tokens": self.chains is not None}
+
     def rate(self, bucket: tuple, known: dict[tuple, float] | None = None) -> float:
         """Smoothed acceptance of ``bucket``. Its prior is the same bucket one level up (depth 1: a fixed
         guess), so a depth that has never been offered inherits what the level above measured: otherwise

@@ -100,7 +100,7 @@ def load_prompt_tokens(path: str | Path, model) -> PromptTokens:
 
 
 TRAINED = TrainedWeights("ppd", "prompt_tokens", load_prompt_tokens)
-trained_path, prompt_tokens_for, use_prompt_tokens = TRAINED.path, TRAINED.for_model, TRAINED.use
+trained_path, prompt_tokens_for = TRAINED.path, TRAINED.load_for
 
 
 @dataclass
@@ -251,6 +251,9 @@ class ParallelPromptDecoding(Drafter):
 
     def embedding(self, model):
         return self.chains.prompts.embedding(model)
+
+    def trained_used(self) -> dict[str, bool]:
+        return {"ppd_prompt_tokens": True}
 
     def propose(self, context: list[int]) -> TokenTree:
         guesses = self.chains.guesses

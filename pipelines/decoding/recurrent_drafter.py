@@ -109,7 +109,7 @@ def load_head(path: str | Path, model) -> DraftHead:
 
 
 TRAINED = TrainedWeights("redrafter", "draft_heads", load_head)
-trained_path, head_for, use_head = TRAINED.path, TRAINED.for_model, TRAINED.use
+trained_path, head_for = TRAINED.path, TRAINED.load_for
 
 
 class HeadDrafts:
@@ -244,6 +244,9 @@ class RecurrentDrafting(Drafter):
 
     def read_hidden(self, hidden: torch.Tensor) -> None:
         self.drafts.read_hidden(hidden)
+
+    def trained_used(self) -> dict[str, bool]:
+        return {"draft_head": True}
 
     def propose(self, context: list[int]) -> TokenTree:
         found = self.drafts.candidates(context[-1], self.max_nodes)

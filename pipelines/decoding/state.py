@@ -1,20 +1,27 @@
 """What a loaded model's drafters share across requests, in one object kept with the model: Token Recycling's
 matrix and counts (the paper's hot start), the Lookahead output trie (alipay's global output frequencies), the
-merged drafter's acceptance counts, the measured cost curves and the trained prompt tokens / draft head. The
-caller holds the model's lock: one decode at a time reads and updates it."""
+merged drafter's acceptance counts, the measured cost curves and the trained prompt tokens / draft head (loaded
+once per model, here: ``trained.TrainedWeights`` only finds and reads them). The caller holds the model's lock:
+one decode at a time reads and updates it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from . import prompt_tokens, recurrent_drafter
 from .hardware import step_costs
 from .lookahead import LookaheadConfig, NGramTrie
 from .merged import MergedDrafter, new_merged
 from .prompt_tokens import PromptChains, PromptTokens
 from .recurrent_drafter import DraftHead, HeadDrafts
 from .recycling import TokenRecycling, cold_matrix
+from .trained import TrainedWeights
 from .verify import CausalLMForward
+
+# DecodingState's trained-weight fields and where each is found for a model id
+TRAINED: dict[str, TrainedWeights] = {"prompts": prompt_tokens.TRAINED, "head": recurrent_drafter.TRAINED}
 
 
 @dataclass
@@ -26,6 +33,24 @@ class DecodingState:
     _recycler: TokenRecycling | None = None
     _trie: NGramTrie | None = None
     _merged: MergedDrafter | None = None
+    _settled: set[str] = field(default_factory=set)  # trained fields already looked up (or set by ``use``)
+
+    def load_trained(self, model_name: str) -> None:
+        """Find and load the model's trained prompt tokens and draft head (``TRAINED``) on the first call, so
+        every request after it reads them from here; a field set by ``use`` is kept."""
+        for name, weights in TRAINED.items():
+            if name not in self._settled:
+                setattr(self, name, weights.load_for(self.model, model_name))
+                self._settled.add(name)
+
+    def use(self, **trained: Any) -> None:
+        """Set (or clear, with None) ``prompts`` / ``head`` in place of the model's own: tests, or weights
+        trained in this process. ``load_trained`` then leaves them as set."""
+        for name, value in trained.items():
+            if name not in TRAINED:
+                raise TypeError(f"DecodingState.use takes {', '.join(TRAINED)}, not {name!r}.")
+            setattr(self, name, value)
+            self._settled.add(name)
 
     def recycler(self) -> TokenRecycling:
         """The model's Token Recycling drafter (matrix and acceptance counts), created on first use."""

@@ -1,10 +1,9 @@
 """Where a self-distilled drafter's weights live and how a model finds its own: the user's cache
 (``$TOKENWORKS_CACHE/<folder>/<technique>-<model>.safetensors``, what the training commands write), else the
-ones packaged in ``weights/``. Loaded once per model and kept with it."""
+ones packaged in ``weights/``. Stateless: a model's DecodingState loads them once and keeps them."""
 from __future__ import annotations
 
 import re
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,12 +18,11 @@ def weights_name(model_name: str, technique: str) -> str:
 
 
 class TrainedWeights:
-    """One technique's trained weights: ``path`` finds them for a model id, ``for_model`` loads them once per
-    model (``load(path, model)``), ``use`` sets or clears them (tests, or weights trained in this process)."""
+    """One technique's trained weights: ``path`` finds them for a model id, ``load_for`` loads them
+    (``load(path, model)``). Nothing is kept here: ``state.DecodingState`` holds what was loaded for a model."""
 
     def __init__(self, technique: str, folder: str, load: Callable[[Path, torch.nn.Module], Any]) -> None:
         self.technique, self.folder, self.load = technique, folder, load
-        self._loaded: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
 
     def default_out(self, model_name: str) -> Path:
         """Where training writes them (and where ``path`` looks first)."""
@@ -39,13 +37,8 @@ class TrainedWeights:
                 return path
         return None
 
-    def for_model(self, model: torch.nn.Module, model_name: str) -> Any:
-        """The model's trained weights (loaded once and kept with the model), or None when there are none."""
-        if model not in self._loaded:
-            path = self.path(model_name) if model_name else None
-            self._loaded[model] = self.load(path, model) if path else None
-        return self._loaded[model]
-
-    def use(self, model: torch.nn.Module, value: Any) -> None:
-        """Set (or clear) what is kept with ``model`` (tests, or weights trained in this process)."""
-        self._loaded[model] = value
+    def load_for(self, model: torch.nn.Module, model_name: str) -> Any:
+        """``model_name``'s trained weights loaded for ``model`` (read from disk on every call), or None when
+        there are none."""
+        path = self.path(model_name) if model_name else None
+        return self.load(path, model) if path else None

@@ -53,6 +53,11 @@ class Drafter:
         with virtual tokens (PPD's prompt tokens) return one that also embeds those."""
         return None
 
+    def trained_used(self) -> dict[str, bool]:
+        """Which trained weights the last request really drafted with, as result stats (``draft_head``,
+        ``ppd_prompt_tokens``); a drafter that never uses any reports none."""
+        return {}
+
 
 class NoDraft(Drafter):
     """Plain decoding through the verifier's loop (one token per forward): the baseline of a stage that can

@@ -311,14 +311,20 @@ class AttentionControl:
         return inside.flatten()
 
     def share_keys(self, name: str, key: torch.Tensor) -> torch.Tensor:
-        """``key`` ([batch, keys, dim]) with this layer's key shares added."""
+        """``key`` ([batch, keys, dim]) with this layer's key shares added: one masked add of the shifted key per
+        source-to-target distance, so a batch with a share per row (a training batch of different prompts) costs
+        small fills of a [batch, keys] mask, not one autograd copy of the whole key per row in the backward."""
         shares = [s for s in self.key_shares if s.active(name, key.shape[1])]
         if not shares:
             return key
-        key = key.clone()
+        counts: dict[int, torch.Tensor] = {}
         for share in shares:
-            rows = self.row_slice(share.rows, key.shape[0])
-            key[rows, share.target] = key[rows, share.target] + key[rows, share.source]
+            offset = share.source - share.target
+            if offset not in counts:
+                counts[offset] = torch.zeros(*key.shape[:2], 1, dtype=key.dtype, device=key.device)
+            counts[offset][self.row_slice(share.rows, key.shape[0]), share.target] += 1
+        for offset, count in counts.items():
+            key = key + count * key.roll(-offset, dims=1)
         return key
 
     def build_bias(self, name: str, batch: int, num_queries: int, num_keys: int, device: torch.device,

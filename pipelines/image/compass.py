@@ -222,26 +222,31 @@ def write_compass_embeddings(tokenizer: Any, text_encoder: nn.Module, encoder: A
     return token_ids
 
 
-def localisation_biases(compass: CompassPrompt, objects: Sequence[CompassObject],
-                        extra_offsets: Sequence[int] = ()) -> list[KeyBias]:
+def localisation_biases(compass: CompassPrompt, objects: Sequence[CompassObject], extra_offsets: Sequence[int] = (),
+                        rows: str | slice = "cond") -> list[KeyBias]:
     """CALL: -inf on the compass and object token logits outside each object's enlarged square box."""
     biases = []
     for (compass_pos, object_pos), obj in zip(compass.pairs, objects):
         region = outside_box_mask(square_box(obj.box or DEFAULT_BOX))
         tokens = [compass_pos, object_pos, *(object_pos + k for k in extra_offsets)]
-        biases.append(KeyBias(tokens=tokens, value=float("-inf"), region=region, label=f"compass:{obj.name}"))
+        biases.append(KeyBias(tokens=tokens, value=float("-inf"), region=region, rows=rows,
+                              label=f"compass:{obj.name}"))
     return biases
 
 
-def key_shares(compass: CompassPrompt) -> list[KeyShare]:
-    """``class2special_soft``: each compass token's key gets its object token's key added (conditional rows)."""
-    return [KeyShare(target=compass_pos, source=object_pos) for compass_pos, object_pos in compass.pairs]
+def key_shares(compass: CompassPrompt, rows: str | slice = "cond") -> list[KeyShare]:
+    """``class2special_soft``: each compass token's key gets its object token's key added (in the conditional rows,
+    unless ``rows`` names others)."""
+    return [KeyShare(target=compass_pos, source=object_pos, rows=rows) for compass_pos, object_pos in compass.pairs]
 
 
-def localise(control: AttentionControl, compass: CompassPrompt, objects: Sequence[CompassObject]) -> None:
-    """Register CALL (box masks) and the compass tokens' key shares on ``control``: inference and training."""
-    control.biases.extend(localisation_biases(compass, objects))
-    control.key_shares.extend(key_shares(compass))
+def localise(control: AttentionControl, compass: CompassPrompt, objects: Sequence[CompassObject],
+             rows: str | slice = "cond") -> None:
+    """Register CALL (box masks) and the compass tokens' key shares on ``control``: inference and training.
+    ``rows`` limits both to some batch rows: a training batch whose rows hold different prompts gives each its
+    own (``microworld.compass_v2``)."""
+    control.biases.extend(localisation_biases(compass, objects, rows=rows))
+    control.key_shares.extend(key_shares(compass, rows))
 
 
 def apply_compass(control: AttentionControl, text_stacks: Sequence[tuple[Any, nn.Module, AngleEncoder]],

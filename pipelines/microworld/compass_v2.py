@@ -2,9 +2,10 @@
 
 As in the paper (and ``image.compass_train``, which trains one image at a time from files): text encoder and
 UNet stay frozen; the encoder's vector replaces the placeholder token's input embedding, inserted right before
-the object word, and CALL confines the compass and object tokens to the object's box during training as at
-inference. Here every batch row is a fresh scene whose arrow is captioned *without* its heading, so the heading
-can only come from the compass token; each row gets its own CALL box (a ``KeyBias`` on that row alone).
+the object word, and CALL confines the compass and object tokens to the object's box and the compass token's key
+gets its object token's key (``class2special_soft``) during training as at inference. Here every batch row is a
+fresh scene whose arrow is captioned *without* its heading, so the heading can only come from the compass token;
+each row gets its own CALL box and key share, registered by inference's own ``localise`` on that row alone.
 The heading maps to Compass Control's angle convention as the control-effect benchmark does.
 """
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..image.attention import AttentionControl, KeyBias
-from ..image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, ensure_placeholders, insert_compass_tokens,
-                             outside_box_mask, square_box)
+from ..image.attention import AttentionControl
+from ..image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, CompassPrompt, ensure_placeholders,
+                             insert_compass_tokens, localise)
 from . import scenes_v2, text_v2
 
 ARROW = scenes_v2.SHAPES.index("arrow")
@@ -59,27 +60,27 @@ class PlaceholderInjection:
         return torch.where(hit, self.vectors[:, None].to(output.dtype), output)
 
 
-def call_biases(pairs: list[tuple[int, int]], boxes: list[tuple[float, ...]]) -> list[KeyBias]:
-    """CALL per row: -inf on the compass and object tokens outside that row's enlarged square box."""
-    return [KeyBias(tokens=list(pair), region=outside_box_mask(square_box(box)), rows=slice(i, i + 1),
-                    label="compass") for i, (pair, box) in enumerate(zip(pairs, boxes))]
+def localise_rows(control: AttentionControl, prompts: list[CompassPrompt], objects: list[CompassObject]) -> None:
+    """Replace ``control``'s biases and key shares with CALL and ``class2special_soft`` for each batch row, made by
+    the image tab's own ``localise`` and confined to that row (each row's caption puts its tokens elsewhere)."""
+    control.biases, control.key_shares = [], []
+    for i, (prompt, obj) in enumerate(zip(prompts, objects)):
+        localise(control, prompt, [obj], rows=slice(i, i + 1))
 
 
 def compass_batch(tokenizer: Any, config: Any, step: int, device: torch.device) -> dict[str, Any]:
     layouts = arrow_scenes(config.compass_batch, (config.seed, 3, step), config.size)
     images, coverage = scenes_v2.render_layouts(layouts, device)
     rng = np.random.default_rng((config.seed, 3, step, 1))
-    texts, pairs, boxes = [], [], []
+    prompts, objects = [], []
     for i, scene_boxes in enumerate(scenes_v2.boxes(coverage)):
         box = tuple(v / config.size for v in scene_boxes[0])
-        prompt = insert_compass_tokens(scenes_v2.caption(layouts, i, rng, name_heading=False),
-                                       [CompassObject("arrow", 0.0, box)], tokenizer)
-        texts.append(prompt.text)
-        pairs.append(prompt.pairs[0])
-        boxes.append(box)
-    angles = torch.tensor([compass_angle(h) for h in layouts.heading[:, 0]], dtype=torch.float32, device=device)
-    return {"images": images, "ids": text_v2.tokenize(tokenizer, texts).to(device), "angles": angles,
-            "biases": call_biases(pairs, boxes)}
+        objects.append(CompassObject("arrow", compass_angle(layouts.heading[i, 0]), box))
+        prompts.append(insert_compass_tokens(scenes_v2.caption(layouts, i, rng, name_heading=False), objects[-1:],
+                                             tokenizer))
+    angles = torch.tensor([obj.angle for obj in objects], dtype=torch.float32, device=device)
+    return {"images": images, "ids": text_v2.tokenize(tokenizer, [p.text for p in prompts]).to(device),
+            "angles": angles, "prompts": prompts, "objects": objects}
 
 
 def train_compass(models: Any, config: Any, device: torch.device, budget: Any) -> None:
@@ -107,7 +108,7 @@ def train_compass(models: Any, config: Any, device: torch.device, budget: Any) -
         batch = compass_batch(tokenizer, config, models.steps["compass"] + local, device)
         noisy, noise, t = noised(alphas, latents_of(models, batch["images"], config, device))
         injection.vectors = encoder(batch["angles"])
-        control.biases = batch["biases"]
+        localise_rows(control, batch["prompts"], batch["objects"])
         control.applied.clear()  # the per-call log of applied biases would grow with every step
         with autocast(config, device), control:
             context = text_encoder(batch["ids"])[0]

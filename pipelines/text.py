@@ -469,7 +469,7 @@ def fast_forward(lm: CausalLM, total_tokens: int) -> StaticForward | None:
 
     ``TOKENWORKS_TEXT_FAST``: ``auto`` (default, CUDA only), ``1`` (also on the CPU, uncaptured), ``0`` (off).
     ``TOKENWORKS_TEXT_COMPILE``: ``auto`` (default: ``layers`` where graphs are captured, i.e. CUDA outside
-    ZeroGPU), ``layers`` (inductor on the decoder layers alone, one graph shared by all layers: seconds on the
+    ZeroGPU), ``layers`` (inductor on the decoder layers' norms and MLPs, one graph per kind for all layers: seconds on the
     first request), ``dynamic`` (the whole step once for every bucket: 206 s on the first request for
     SmolLM2-135M on an H100, benchmarks/results/text_served_h100.json), ``off``/``0``."""
     mode = settings.text_fast()
@@ -506,7 +506,7 @@ def exact_forward(lm: CausalLM, total_tokens: int) -> ExactForward:
 
 
 # what the first request's progress line says about the wait (text_served_h100.json / _layers16_h100.json: 206 s
-# and 23.5 s on an H100 for SmolLM2-135M)
+# for the whole step and 23.5 s for whole layers on an H100 for SmolLM2-135M; norms and MLPs compile in less)
 COMPILE_WAIT = {"layers": "; compiling takes about half a minute)", "dynamic": "; compiling takes minutes)"}
 
 

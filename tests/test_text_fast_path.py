@@ -54,9 +54,10 @@ def test_static_forward_rejects_an_unknown_compile_mode(store):
         StaticForward(model, max_cache_len=64, compile="yes")
 
 
-def test_layer_compile_runs_every_layer_compiled_inside_the_step_only(monkeypatch):
-    """``compile="layers"``: each decoder layer goes through its compiled call during the static step, and the
-    shared model is left with eager layers for its other callers (transformers ``generate``, exact mode)."""
+def test_layer_compile_runs_norms_and_mlps_compiled_inside_the_step_only(monkeypatch):
+    """``compile="layers"``: each decoder layer's norms and MLP go through their compiled calls during the static
+    step, its attention (which indexes the cache by layer number) does not, and the shared model is left with eager
+    modules for its other callers (transformers ``generate``, exact mode)."""
     import torch
 
     from pipelines.decoding import static
@@ -73,12 +74,38 @@ def test_layer_compile_runs_every_layer_compiled_inside_the_step_only(monkeypatc
     monkeypatch.setattr(static.torch, "compile", fake_compile)
     model = tiny_causal_lm()
     layers = static.decoder_layers(model)
+    expected = [part for layer in layers for part in (layer.input_layernorm, layer.mlp, layer.post_attention_layernorm)]
     forward = static.StaticForward(model, max_cache_len=64, buckets=(1, 8), capture=False, compile="layers")
     assert forward.compile_mode == "layers"
     forward._stage([1, 2, 3], [0, 1, 2], torch.ones(3, 3, dtype=torch.bool).tril().numpy(), 0, 8)
     forward._replay(8, 64)  # the step as graphs capture it (uncaptured here: capture is off on the CPU)
-    assert compiled_calls == list(layers)
+    assert sorted(map(id, compiled_calls)) == sorted(map(id, expected))
     compiled_calls.clear()
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]))
-    assert compiled_calls == [] and all(layer._compiled_call_impl is None for layer in layers)
+    assert compiled_calls == [] and all(part._compiled_call_impl is None for part in expected)
+
+
+def test_layer_compile_traces_each_kind_of_part_once_for_every_layer_bucket_and_width(monkeypatch):
+    """Dynamo (with its eager backend: same guards, no codegen) compiles the norm and the MLP once for one-row
+    steps and once for the rest, whatever the layer, bucket or key width: nothing specialises on a layer number
+    (whole layers did: their attention indexes the cache by it, one compile per layer past dynamo's limit of 8)."""
+    import numpy as np
+    import torch
+    from torch._dynamo.utils import counters
+
+    from pipelines.decoding import static
+    from pipelines.tiny import tiny_causal_lm
+
+    compile_ = torch.compile
+    monkeypatch.setattr(static.torch, "compile", lambda function, **options: compile_(function, backend="eager",
+                                                                                      **options))
+    torch._dynamo.reset()
+    before = int(counters["stats"]["unique_graphs"])
+    forward = static.StaticForward(tiny_causal_lm(), max_cache_len=128, buckets=(1, 8, 16), capture=False,
+                                   compile="layers")
+    for width in forward.widths:
+        for size in (1, 8, 16):
+            forward._stage([0] * size, list(range(size)), np.tril(np.ones((size, size), dtype=bool)), 0, size)
+            forward._replay(size, width)
+    assert int(counters["stats"]["unique_graphs"]) - before == 4

@@ -41,7 +41,7 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     captures on a dedicated CUDA GPU and runs the same static code eagerly on CPU, under ZeroGPU
     (``SPACES_ZERO_GPU``) or after a failed capture. One adapter per concurrent request. A step attends over
     the narrowest key width (powers of two from the largest bucket up) holding its rows, one graph per (bucket,
-    width); every one is compiled (``compile="layers"``: the decoder layers, one graph for all) and captured on
+    width); every one is compiled (``compile="layers"``: the layers' norms and MLPs) and captured on
     the first step (``warm``); ``fit(tree, before_root)`` cuts a tree whose re-fed rows would spill it into the
     next bucket. ``captured.CapturedCalls`` replays drafters' fixed-shape device work (the ReDrafter head's
     levels, Token Recycling's template fill) as CUDA graphs the same way.

@@ -41,29 +41,37 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
 
 
+def compiled_parts(layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
+    """The parts of each decoder layer that are pure tensor code: its norms and MLP, not its attention (which indexes
+    the cache by its layer number: dynamo would compile it once per layer, past its recompile limit of 8), and no
+    module carrying hooks (a compiled call bypasses them)."""
+    return [part for layer in layers for part in layer.children()
+            if "Attention" not in type(part).__name__ and not (part._forward_hooks or part._forward_pre_hooks)]
+
+
 class LayerCompile:
-    """Inductor on the decoder layers only (regional compilation): every layer runs the same code, so dynamo traces
-    one layer once and all layers share its graph (with symbolic block sizes). Compiling then costs one layer's
-    time instead of the unrolled model's (``dynamic`` whole-step compile: ~200 s on an H100 for SmolLM2-135M),
-    and the CUDA graph still replays the fused norms, rotary and MLP kernels. The compiled call is installed on
+    """Inductor on the decoder layers' norms and MLPs (regional compilation): every layer's parts run the same code,
+    so dynamo compiles each kind once (symbolic block sizes) and every layer shares it. Compiling then takes
+    seconds instead of the unrolled model's minutes (``dynamic`` whole-step compile: 206 s on an H100 for
+    SmolLM2-135M), and the CUDA graph replays the fused norm and MLP kernels. The compiled calls are installed on
     the shared model only while the static step runs, so its other callers (transformers ``generate``, exact
-    mode, another tab) keep the eager layers."""
+    mode, another tab) keep their eager modules."""
 
     def __init__(self, layers: torch.nn.ModuleList) -> None:
-        self.layers = layers
+        self.parts = compiled_parts(layers)
         # ``Module.compile`` keeps its compiled call in this attribute; here it is set per step instead
-        self.calls = [torch.compile(layer._call_impl, dynamic=True) for layer in layers]
+        self.calls = [torch.compile(part.forward, dynamic=True) for part in self.parts]
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        previous = [layer._compiled_call_impl for layer in self.layers]
-        for layer, call in zip(self.layers, self.calls):
-            layer._compiled_call_impl = call
+        previous = [part._compiled_call_impl for part in self.parts]
+        for part, call in zip(self.parts, self.calls):
+            part._compiled_call_impl = call
         try:
             yield
         finally:
-            for layer, call in zip(self.layers, previous):
-                layer._compiled_call_impl = call
+            for part, call in zip(self.parts, previous):
+                part._compiled_call_impl = call
 
 
 class IndexedStaticLayer(StaticLayer):
@@ -142,7 +150,7 @@ class StaticForward(CausalLMForward, CapturedSteps):
     One adapter owns one cache (its buffers are what the graphs point at): ``new_cache()`` empties it and
     hands the same object back, so use one adapter per concurrent request. ``max_cache_len`` bounds
     prompt + new tokens + the largest bucket. ``compile`` runs inductor on the step before capture (fused
-    kernels; logits may then differ from eager in the last bits): ``"layers"`` compiles the decoder layers alone
+    kernels; logits may then differ from eager in the last bits): ``"layers"`` compiles the decoder layers' norms and MLPs
     (``LayerCompile``: seconds, not minutes), ``"dynamic"`` the whole step once for every bucket and key width
     (symbolic sizes: minutes), ``"off"`` not at all. ``"layers"`` on a model whose layers
     are not found is ``"off"``."""

@@ -19,7 +19,8 @@ Rows, per method and category ("all" for the totals): ``tokens_per_s`` (mean of 
 ``speedup_vs_plain`` (that mean over our vanilla's) and ``total_speedup_vs_plain`` (total tokens / total time),
 ``tau``, ``draft_share``, ``seconds_per_step``, ``identical_fraction`` (token ids equal to our vanilla's) and the
 first divergences, ``recompiles_after_warmup`` (dynamo frames compiled during timed calls) and
-``first_request_s`` (the method's cold request: compile and capture included).
+``first_request_s`` (the method's cold request: compile and capture included), ``slowest_request_s`` and
+``gc_pause_s`` (the garbage collector's pauses inside the method's timed requests: where an outlier came from).
 
 ``--exact`` adds each method in exact mode (``TextRequest.exact``, decoding/exact.py) as ``<method>+exact``: its
 speed-up is still over our default vanilla (so ``vanilla+exact`` is the mode's own cost), and its
@@ -28,6 +29,7 @@ speed-up is still over our default vanilla (so ``vanilla+exact`` is the mode's o
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -58,6 +60,21 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
 }
+
+
+class GcClock:
+    """Seconds the garbage collector has paused this process so far (a full collection with a model loaded can take
+    seconds and lands inside whichever request crosses its threshold)."""
+
+    def __init__(self) -> None:
+        self.paused_s, self._started = 0.0, 0.0
+        gc.callbacks.append(self._on_collect)
+
+    def _on_collect(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.paused_s += time.perf_counter() - self._started
 
 
 def compiled_frames() -> int:
@@ -101,6 +118,7 @@ class Runner:
         self.lm: CausalLM = pipeline.load(model_name)
         self.eos = eos_token_ids(self.lm)
         self.recompiles = 0
+        self.gc = GcClock()
 
     def ours(self, method: str, prompt: str) -> dict[str, Any]:
         result = self.pipeline.run(TextRequest(prompt=prompt, model=self.model_name, method=method.removesuffix(EXACT),
@@ -133,14 +151,17 @@ class Runner:
         return time.perf_counter() - start, out[0, input_ids.shape[1]:].tolist()
 
     def request(self, method: str, prompt: str) -> dict[str, Any]:
-        """One timed request; ``recompiles`` counts dynamo frames compiled during the timed call only."""
+        """One timed request; ``recompiles`` counts dynamo frames compiled during the timed call only, ``gc_s`` the
+        garbage collector's pauses during the request."""
+        paused = self.gc.paused_s
         if method in ANCHORS:
             record = self.anchor(method, prompt)
             record["recompiles"] = self.recompiles
-            return record
-        frames = compiled_frames()
-        record = self.ours(method, prompt)
-        record["recompiles"] = compiled_frames() - frames
+        else:
+            frames = compiled_frames()
+            record = self.ours(method, prompt)
+            record["recompiles"] = compiled_frames() - frames
+        record["gc_s"] = self.gc.paused_s - paused
         return record
 
 
@@ -189,7 +210,7 @@ def run_all(runner: Runner, prompts: list[dict], methods: list[str],
                             "seconds": record["seconds"], "tokens_per_s": tokens / record["seconds"],
                             "tau": record["tau"], "draft_share": record["draft_share"],
                             "seconds_per_step": record["seconds"] / max(record["forwards"], 1),
-                            "recompiles": record["recompiles"],
+                            "recompiles": record["recompiles"], "gc_s": record["gc_s"],
                             "divergence": first_divergence(record["ids"], plain) if plain is not None else None})
         print(f"prompt {n + 1}/{len(prompts)}: " + ", ".join(
             f"{m} {results[m]['seconds']:.2f}s" for m in methods), flush=True)
@@ -226,6 +247,8 @@ def summarise(records: list[dict], methods: list[str], first: dict[str, float]) 
                                        if (exact_plain if method.endswith(EXACT) else plain) else None),
                 "first_divergences": divergences[:10],
                 "recompiles_after_warmup": sum(r["recompiles"] for r in mine),
+                "slowest_request_s": round(max(r["seconds"] for r in mine), 3),
+                "gc_pause_s": round(sum(r["gc_s"] for r in mine), 3),
                 "first_request_s": first[method]})
     return rows
 

@@ -125,7 +125,7 @@ def print_kernels(step, key: tuple[str, int], rows: int = 25) -> None:
     print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="qwen2.5-0.5b,qwen2.5-1.5b,llama-2-7b")
     parser.add_argument("--device", default="cuda")
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-configs", default="llama-2-7b",
                         help="configs that also get the inductor-compiled fast path ('' for none)")
     parser.add_argument("--compile-modes", default="layers,dynamic",
-                        help="StaticForward compile modes to time besides 'off' (layers: the decoder layers; dynamic: "
-                        "the whole step)")
+                        help="StaticForward compile modes to time besides 'off' (layers: the decoder layers' norms "
+                        "and MLPs; dynamic: the whole step)")
     parser.add_argument("--compile-sizes", default="1,64")
     parser.add_argument("--cache-len", type=int, default=0,
                         help="the static cache's length (default: context + largest size + 8; the tab uses >= 4096)")
@@ -147,76 +147,100 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.configs, args.device, args.context, args.sizes = "tiny", "cpu", 64, "1,8,16"
         args.repeats, args.compile_configs = 2, ""
+    return args
+
+
+def forwards_for(name: str, model, args: argparse.Namespace, sizes: list[int]) -> dict:
+    """The forwards to time for one config: eager, static, and static compiled in each requested mode."""
+    cache_len = args.cache_len or args.context + max(sizes) + 8
+    methods = {"eager": CausalLMForward(model), "static": StaticForward(model, max_cache_len=cache_len)}
+    if name in args.compile_configs.split(","):
+        for mode in filter(None, args.compile_modes.split(",")):
+            methods[f"static_compiled_{mode}"] = StaticForward(model, max_cache_len=cache_len, compile=mode)
+    return methods
+
+
+def ready_steps(name: str, methods: dict, prompt: list[int], args: argparse.Namespace, sizes: list[int],
+                vocab: int) -> tuple[dict, dict, dict]:
+    """Each (method, tree size) step after its prompt and two warm-up calls: steps, failures, warm-up seconds."""
+    compile_sizes = {int(s) for s in args.compile_sizes.split(",") if s}
+    caches = {}
+    for method, forward in methods.items():
+        cache = forward.new_cache()
+        mask, positions = forward.block_inputs(TokenTree([prompt[-1]], [-1]), args.context - 1, 0)
+        forward(prompt, positions, mask, cache, keep=1)
+        caches[method] = cache
+    rng = random.Random(0)
+    trees = {n: random_tree(n, vocab, rng) for n in sizes}
+    steps, failed, first_call = {}, {}, {}
+    for n in sizes:
+        for method, forward in methods.items():
+            if method.startswith("static_compiled") and n not in compile_sizes:
+                continue
+            step = stepper(forward, caches[method], args.context, trees[n])
+            warm = time.perf_counter()
+            try:
+                step()
+                step()
+            except Exception as error:  # noqa: BLE001 - report the method as failed and go on
+                failed[(method, n)] = repr(error)[:300]
+                print(f"{name} {method} n={n} failed: {failed[(method, n)]}", flush=True)
+                continue
+            steps[(method, n)] = step
+            first_call[(method, n)] = time.perf_counter() - warm
+            print(f"{name} {method} n={n} ready ({first_call[(method, n)]:.1f}s)", flush=True)
+    return steps, failed, first_call
+
+
+def measure_config(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                   bandwidth: float) -> list[dict]:
+    """Rows for one config: median ms per step of every method and tree size, repeats interleaved."""
+    began = time.perf_counter()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model = build(name, device, dtype)
+    weights, kv = bytes_per_step(model, args.context)
+    floor_ms = (weights + kv) / bandwidth * 1e3
+    vocab = model.config.vocab_size
+    prompt = [random.Random(1).randrange(vocab) for _ in range(args.context)]
+    methods = forwards_for(name, model, args, sizes)
+    with torch.inference_mode():
+        steps, failed, first_call = ready_steps(name, methods, prompt, args, sizes, vocab)
+        times = {key: [] for key in steps}
+        for _ in range(args.repeats):
+            for key, step in steps.items():
+                times[key].append(timed(step, device))
+        for key in (k for k in steps if f"{k[0]}:{k[1]}" in args.kernels.split(",")):
+            print_kernels(steps[key], key)
+    plain = {method: statistics.median(times[(method, 1)]) for method in methods if (method, 1) in times}
+    rows = []
+    for (method, n), samples in times.items():
+        ms = statistics.median(samples) * 1e3
+        row = {"method": method, "config": name, "query_tokens": n, "ms": round(ms, 4),
+               "min_ms": round(min(samples) * 1e3, 4), "floor_ms": round(floor_ms, 4),
+               "ratio_to_floor": round(ms / floor_ms, 3),
+               "first_two_calls_s": round(first_call[(method, n)], 2),
+               "captured": bool(getattr(methods[method], "graphs", {}))}
+        if method in plain:
+            row["ratio_to_plain"] = round(ms / (plain[method] * 1e3), 3)
+        rows.append(row)
+        print(row, flush=True)
+    rows.extend({"method": method, "config": name, "query_tokens": n, "error": error}
+                for (method, n), error in failed.items())
+    print(f"{name}: weights {weights / 1e9:.2f} GB, KV {kv / 1e9:.3f} GB, floor {floor_ms:.3f} ms, "
+          f"{time.perf_counter() - began:.0f}s", flush=True)
+    del model, methods, steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sizes = [int(s) for s in args.sizes.split(",")]
-    compile_sizes = {int(s) for s in args.compile_sizes.split(",") if s}
     bandwidth = copy_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
     print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.3f} TB/s", flush=True)
-    rows = []
-    for name in args.configs.split(","):
-        began = time.perf_counter()
-        model = build(name, device, dtype)
-        weights, kv = bytes_per_step(model, args.context)
-        floor_ms = (weights + kv) / bandwidth * 1e3
-        vocab = model.config.vocab_size
-        prompt = [random.Random(1).randrange(vocab) for _ in range(args.context)]
-        cache_len = args.cache_len or args.context + max(sizes) + 8
-        methods = {"eager": CausalLMForward(model), "static": StaticForward(model, max_cache_len=cache_len)}
-        if name in args.compile_configs.split(","):
-            for mode in filter(None, args.compile_modes.split(",")):
-                methods[f"static_compiled_{mode}"] = StaticForward(model, max_cache_len=cache_len, compile=mode)
-        caches = {}
-        with torch.inference_mode():
-            for method, forward in methods.items():
-                cache = forward.new_cache()
-                mask, positions = forward.block_inputs(TokenTree([prompt[-1]], [-1]), args.context - 1, 0)
-                forward(prompt, positions, mask, cache, keep=1)
-                caches[method] = cache
-            rng = random.Random(0)
-            trees = {n: random_tree(n, vocab, rng) for n in sizes}
-            steps, failed, first_call = {}, {}, {}
-            for n in sizes:
-                for method, forward in methods.items():
-                    if method.startswith("static_compiled") and n not in compile_sizes:
-                        continue
-                    step = stepper(forward, caches[method], args.context, trees[n])
-                    warm = time.perf_counter()
-                    try:
-                        step()
-                        step()
-                    except Exception as error:  # noqa: BLE001 - report the method as failed and go on
-                        failed[(method, n)] = repr(error)[:300]
-                        print(f"{name} {method} n={n} failed: {failed[(method, n)]}", flush=True)
-                        continue
-                    steps[(method, n)] = step
-                    first_call[(method, n)] = time.perf_counter() - warm
-                    print(f"{name} {method} n={n} ready ({first_call[(method, n)]:.1f}s)", flush=True)
-            times = {key: [] for key in steps}
-            for _ in range(args.repeats):
-                for key, step in steps.items():
-                    times[key].append(timed(step, device))
-            for key in (k for k in steps if f"{k[0]}:{k[1]}" in args.kernels.split(",")):
-                print_kernels(steps[key], key)
-        plain = {method: statistics.median(times[(method, 1)]) for method in methods if (method, 1) in times}
-        for (method, n), samples in times.items():
-            ms = statistics.median(samples) * 1e3
-            row = {"method": method, "config": name, "query_tokens": n, "ms": round(ms, 4),
-                   "min_ms": round(min(samples) * 1e3, 4), "floor_ms": round(floor_ms, 4),
-                   "ratio_to_floor": round(ms / floor_ms, 3),
-                   "first_two_calls_s": round(first_call[(method, n)], 2),
-                   "captured": bool(getattr(methods[method], "graphs", {}))}
-            if method in plain:
-                row["ratio_to_plain"] = round(ms / (plain[method] * 1e3), 3)
-            rows.append(row)
-            print(row, flush=True)
-        rows.extend({"method": method, "config": name, "query_tokens": n, "error": error}
-                    for (method, n), error in failed.items())
-        print(f"{name}: weights {weights / 1e9:.2f} GB, KV {kv / 1e9:.3f} GB, floor {floor_ms:.3f} ms, "
-              f"{time.perf_counter() - began:.0f}s", flush=True)
-        del model, methods, caches, steps
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows = [row for name in args.configs.split(",") for row in measure_config(name, args, device, dtype, bandwidth)]
     result = {
         "benchmark": "text_gpu_step",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -240,8 +240,7 @@ class TextPipeline(PresetModels, Pipeline):
             forward = exact_forward(lm, total) if request.exact else fast_forward(lm, total)
             warmed = forward.warmup_s if forward is not None else 0.0
             if forward is not None and forward.capture and not forward.graphs:
-                yield Progress(0, int(request.max_new_tokens), "preparing the decode step for this GPU (first "
-                               "request only" + COMPILE_WAIT.get(getattr(forward, "compile_mode", "off"), ")"))
+                yield Progress(0, int(request.max_new_tokens), first_request_note(forward))
             drafter = self.drafter(lm, request, forward)
             decoding = self.decode(lm, input_ids, request, config, eos_ids, stats, forward, drafter)
             for run in decoding:
@@ -272,15 +271,11 @@ class TextPipeline(PresetModels, Pipeline):
             "time_s": round(elapsed, 4),
             "tokens_per_s": round(len(tokens) / elapsed, 3) if elapsed > 0 else 0.0,
             "time_to_first_token_s": round(first_token_s or 0.0, 4),
-            "forwards": stats.forwards,
-            "tau": round(stats.tau, 4),
-            "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
-            "draft_share": round(stats.draft_share, 4),
+            **decoding_stats(stats),
             **TRAINED_STATS, **(drafter.trained_used() if drafter is not None else {}),
             "fast_path_warmup_s": round(warmup_s, 2),  # compile + capture in this request (counted in time_s)
             "seed": request.seed,
-            "stopped_by": ("stop string" if stops.matched is not None else
-                           "eos" if tokens and tokens[-1] in eos_ids else "max new tokens"),
+            "stopped_by": stop_reason(stops, tokens, eos_ids),
             "stop_string": stops.matched or "",
         }
         saved, sidecar = save_text(text, {**request.parameters(), **result_stats})
@@ -401,6 +396,24 @@ def eos_token_ids(lm: CausalLM) -> set[int]:
         elif source:
             ids.update(int(i) for i in source)
     return ids
+
+
+def first_request_note(forward) -> str:
+    """The progress line while the first request compiles and captures the GPU step."""
+    wait = COMPILE_WAIT.get(getattr(forward, "compile_mode", "off"), ")")
+    return f"preparing the decode step for this GPU (first request only{wait}"
+
+
+def decoding_stats(stats: DecodeStats) -> dict[str, Any]:
+    return {"forwards": stats.forwards, "tau": round(stats.tau, 4),
+            "mean_accepted_drafts_per_forward": round(max(stats.tau - 1.0, 0.0), 4),
+            "draft_share": round(stats.draft_share, 4)}
+
+
+def stop_reason(stops: StopStrings, tokens: list[int], eos_ids: set[int]) -> str:
+    if stops.matched is not None:
+        return "stop string"
+    return "eos" if tokens and tokens[-1] in eos_ids else "max new tokens"
 
 
 def run_texts(text: str, run_ends: list[int]) -> list[str]:

@@ -201,9 +201,13 @@ def test_text_tab_one_view_headline_compare_and_stop(browser, app_url):
     assert page.locator("#text-compare-method").inner_text().strip(), "the method's output is shown"
     page.screenshot(path=str(SHOTS / "text-compared.png"), full_page=True)
 
-    # Stop at the first streamed text: merged on the tiny model can finish 480 tokens in about a second
+    # Stop at the first streamed text. Merged on the tiny model can finish 480 tokens in about a second, before a
+    # click lands; vanilla in exact mode streams 480 one-token steps of fixed 16-row forwards (several seconds)
     set_numbers(page, "text", TABS["text"].long)
     page.locator(TABS["text"].text).fill(TABS["text"].long_prompt)
+    page.locator("#tab-text").get_by_label("Decoding method").click()
+    page.get_by_role("option", name="Vanilla (one token per forward)").click()
+    page.locator("#text-exact input").check()
     page.locator("#text-generate").click()
     expect(view).not_to_be_empty(timeout=60_000)
     page.locator("#text-stop").click()

@@ -39,8 +39,9 @@ def _bin(probability: float) -> int:
     return min(int(probability * PROB_BINS), PROB_BINS - 1)
 
 
-def _recycled(ranks: tuple[int, ...], probs: list[float]) -> list[tuple[int, int]]:
-    """Recycled nodes' features: top-1 or not, and the probability bin the candidate was recorded with."""
+def _ranked(ranks, probs: list[float]) -> list[tuple[int, int]]:
+    """Per node, top-1 among its siblings or not, and the bin of its probability (the one recycling recorded, or the
+    head's given the parent): the feature of recycled and head-drafted nodes."""
     return [(min(rank, 1), _bin(p)) for rank, p in zip(ranks, probs)]
 
 
@@ -184,7 +185,7 @@ class MergedDrafter(Drafter):
         trie.add(tree, "lookahead", [(query, min(int(score), 3)) for score in scores])
         ranks = self.recycler.active.ranks
         tree, probs = self.recycler.read(recycling)
-        trie.add(tree, "recycling", _recycled(ranks, probs))
+        trie.add(tree, "recycling", _ranked(ranks, probs))
         guesses = self.chains.guesses if self.chains is not None else None
         if guesses is not None:
             guessed, guess_ranks, path = guesses.tree(context[-1], self.offer)
@@ -192,12 +193,12 @@ class MergedDrafter(Drafter):
                                                        for i in range(1, len(guessed))])
             for i in range(1, min(self.graft + 1, len(guessed))):  # the likeliest guesses come first
                 sub, probs = self.recycler.scored([guessed.tokens[i]])
-                trie.add(sub.truncated(max_nodes=self.graft_nodes), "recycling", _recycled(ranks, probs), at=where[i],
+                trie.add(sub.truncated(max_nodes=self.graft_nodes), "recycling", _ranked(ranks, probs), at=where[i],
                          below=guessed.depths[i])
         found = self.drafts.read(growing) if growing is not None else None
         if found is not None:
             drafted, head_ranks, conditional, _ = found
-            trie.add(drafted, "redrafter", [(min(rank, 1), _bin(p)) for rank, p in zip(head_ranks, conditional)])
+            trie.add(drafted, "redrafter", _ranked(head_ranks, conditional))
         return self._select(trie)
 
     def prices(self, sizes: int) -> list[float]:

@@ -73,6 +73,13 @@ class LayerCompile:
             for part, call in zip(self.parts, previous):
                 part._compiled_call_impl = call
 
+    def around(self, step: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., tuple]:
+        """``step`` run with the compiled parts installed."""
+        def compiled_step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with self.installed():
+                return step(*args)
+        return compiled_step
+
 
 class IndexedStaticLayer(StaticLayer):
     """A ``StaticLayer`` that writes K/V at the rows named by a shared index tensor instead of bumping its own
@@ -150,10 +157,10 @@ class StaticForward(CausalLMForward, CapturedSteps):
     One adapter owns one cache (its buffers are what the graphs point at): ``new_cache()`` empties it and
     hands the same object back, so use one adapter per concurrent request. ``max_cache_len`` bounds
     prompt + new tokens + the largest bucket. ``compile`` runs inductor on the step before capture (fused
-    kernels; logits may then differ from eager in the last bits): ``"layers"`` compiles the decoder layers' norms and MLPs
-    (``LayerCompile``: seconds, not minutes), ``"dynamic"`` the whole step once for every bucket and key width
-    (symbolic sizes: minutes), ``"off"`` not at all. ``"layers"`` on a model whose layers
-    are not found is ``"off"``."""
+    kernels; logits may then differ from eager in the last bits): ``"layers"`` compiles the decoder layers'
+    norms and MLPs (``LayerCompile``: seconds, not minutes), ``"dynamic"`` the whole step once for every bucket and
+    key width (symbolic sizes: minutes), ``"off"`` not at all. ``"layers"`` on a model whose layers are not found
+    is ``"off"``."""
 
     def __init__(self, model, max_cache_len: int = 4096, buckets: tuple[int, ...] = BUCKETS,
                  capture: bool | None = None, compile: str = "off",
@@ -189,7 +196,7 @@ class StaticForward(CausalLMForward, CapturedSteps):
         if self.compile_mode == "dynamic":
             self._step_fn = torch.compile(self._step, dynamic=True)
         elif layers is not None:
-            self._step_fn = self._layers_compiled_step(LayerCompile(layers))
+            self._step_fn = LayerCompile(layers).around(self._step)
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
         self._staged_rows = 0  # rows of the last block that went through the staging buffers (0: it did not)
 
@@ -264,19 +271,15 @@ class StaticForward(CausalLMForward, CapturedSteps):
                          output_hidden_states=True, **{self.kwarg: self.cache})
         return out.logits[0], out.hidden_states[-1][0]
 
-    def _layers_compiled_step(self, compiled: LayerCompile) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        def step(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with compiled.installed():
-                return self._step(*args)
-        return step
-
     def _replay(self, size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph of (bucket, key width), captured on first use (the warm-up runs are this very step, which is
         idempotent: same inputs, same rows written). A failed capture turns capture off for good."""
-        args, key = self._staged_args(size, width), (size, width)
+        key = (size, width)
         started, new = time.perf_counter(), key not in self.graphs
-        # no inputs to copy in: the step reads the fixed staging buffers
-        outputs = self._calls.call(key, lambda: self._step_fn(*args), eager=lambda: self._step(*args))
+        # no inputs to copy in: the step reads the fixed staging buffers, whose views (and the layers' width) are
+        # set up only where the step runs as Python: a replay has them in its graph
+        outputs = self._calls.call(key, lambda: self._step_fn(*self._staged_args(size, width)),
+                                   eager=lambda: self._step(*self._staged_args(size, width)))
         if new and key in self.graphs:
             self.warmup_s += time.perf_counter() - started
         return outputs

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.decoding.lookahead import LookaheadTrie  # noqa: E402
 from pipelines.decoding.merged import CandidateTrie, MergedDrafter  # noqa: E402
 from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
@@ -84,8 +85,9 @@ def main() -> None:
         print(f"{row['function']:32s} {row['calls_per_step']:6.2f} calls {row['ms_per_step']:8.3f} ms per step")
     if args.json:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        args.json.write_text(json.dumps({"device": device, "settings": vars(args) | {"json": str(args.json)},
-                                         "steps": steps, "rows": rows, "texts": texts}, indent=1))
+        write_report({"benchmark": "merged_host", "device": device, "command": command_line(None),
+                      "settings": vars(args) | {"json": str(args.json)}, "steps": steps, "rows": rows,
+                      "texts": texts}, args.json)
 
 
 if __name__ == "__main__":

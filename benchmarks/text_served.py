@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 from benchmarks.text_decoding import HF_PLD_TOKENS, WARMUP_PROMPT, read_prompts  # noqa: E402
+from pipelines.causal_lm import CausalLM, eos_token_ids  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.packaged import convert_gguf  # noqa: E402
-from pipelines.text import CausalLM, TextPipeline, TextRequest, eos_token_ids  # noqa: E402
+from pipelines.text import TextPipeline, TextRequest  # noqa: E402
 
 OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "lookahead")
 EXACT = "+exact"  # suffix of a method run in exact mode

@@ -11,8 +11,9 @@ from typing import Any, Iterator
 import gradio as gr
 
 from pipelines.base import Partial, Result
-from pipelines.text import (DECODING_METHODS, MAX_NEW_TOKENS_LIMIT, METHOD_LABELS, METHODS, TextPipeline, TextRequest,
-                           compare_stats)
+from pipelines.decoding.compare import compare_stats
+from pipelines.decoding.methods import DECODING_METHODS, METHOD_LABELS, METHODS
+from pipelines.text import MAX_NEW_TOKENS_LIMIT, TextPipeline, TextRequest
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
                      stats_panel, wire_stop)

@@ -2,8 +2,8 @@
 
 Read at call time, not import time, so a test's ``monkeypatch.setenv`` (or a benchmark's ``os.environ``) takes
 effect. Values whose valid set belongs to a technique (the text compile mode, the image fast-path backend) are
-checked where that set lives (``text.compile_mode``, ``image.fast.choose_backend``). No torch here: ``app.py``
-and ``components/`` import this module too.
+checked where that set lives (``decoding.serving.compile_mode``, ``image.fast.choose_backend``). No torch here:
+``app.py`` and ``components/`` import this module too.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def text_fast() -> str:
 
 def text_compile() -> str:
     """``TOKENWORKS_TEXT_COMPILE``: how the text step compiles, ``auto``, ``0`` or a mode of
-    ``decoding.static.COMPILE_MODES``, checked by ``text.compile_mode`` (default ``auto``)."""
+    ``decoding.static.COMPILE_MODES``, checked by ``decoding.serving.compile_mode`` (default ``auto``)."""
     return os.environ.get("TOKENWORKS_TEXT_COMPILE", "auto")
 
 

@@ -30,7 +30,7 @@ def test_compile_defaults_to_layers_only_where_graphs_are_captured(monkeypatch):
     import torch
 
     from pipelines.base import PipelineError
-    from pipelines.text import compile_mode
+    from pipelines.decoding.serving import compile_mode
 
     monkeypatch.delenv("TOKENWORKS_TEXT_COMPILE", raising=False)
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)

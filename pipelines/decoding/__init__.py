@@ -68,4 +68,9 @@ for one model (recycling matrix, output trie, merged counts, cost curves, traine
 ``trained.TrainedWeights`` and loaded once into it (``DecodingState.load_trained``; ``use`` overrides). Tree size
 per device: ``DecodingState.step_costs(profile, forward)`` (measured through the serving ``forward`` at its buckets
 when it has some: ``hardware.bucketed``) and ``hardware.pick_tree_size(rates, costs)``.
+
+The text tab's side: ``methods.DECODING_METHODS`` (each method's label and drafter; a new method is its drafter's
+module plus one entry there), ``serving.fast_forward`` / ``serving.exact_forward`` (which adapter serves a request,
+kept with the model), ``reply.Reply`` (the streamed reply: stop strings, EOS, per-run texts) and
+``compare.compare_stats`` (the A/B report, with ``divergence``).
 """

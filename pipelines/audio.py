@@ -1,4 +1,4 @@
-"""Streaming helpers shared by the speech and song tabs: a growing chunk schedule and WAV bytes.
+"""Audio helpers shared by the speech and song tabs: a growing chunk schedule, WAV files and bytes, stem mixing.
 
 Exact codec seams live in ``codec_stream`` (holdback and left context derived from EnCodec's receptive field).
 """
@@ -7,9 +7,17 @@ from __future__ import annotations
 import io
 import wave
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from .outputs import new_output_path, write_sidecar
+
+VOCAL_GAIN = 0.5
+ACCOMPANIMENT_GAIN = 0.5
+LIMIT_CEILING = 0.89  # -1 dBFS
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,17 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> Path:
     return Path(path)
 
 
+def save_float_wav(audio: np.ndarray, sample_rate: int, parameters: dict[str, Any], task: str, name: str) -> str:
+    """A float32 WAV (``[n]`` or ``[channels, n]``) in the output dir with its parameters sidecar: float, so a mix
+    stays exactly the sum of its stems."""
+    import soundfile
+
+    path = new_output_path(task, f"-{name}.wav")
+    soundfile.write(path, audio.T if audio.ndim == 2 else audio, sample_rate, subtype="FLOAT")
+    write_sidecar(path, parameters)
+    return str(path)
+
+
 def read_wav(data: bytes) -> tuple[int, np.ndarray]:
     """(sample_rate, float32 samples) of a mono 16-bit WAV given as bytes."""
     with wave.open(io.BytesIO(data), "rb") as handle:
@@ -75,3 +94,36 @@ class AudioChunk:
     samples: np.ndarray
     sample_rate: int
     index: int
+
+
+def mix_stems(vocals: np.ndarray, accompaniment: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gain-staged stems and their sum: returns (vocals, accompaniment, mix).
+
+    Each stem is limited to ±1 (vocal lines come peak-normalised, the accompaniment is hard-clipped, which real
+    MusicGen output practically never reaches) and then scaled by a fixed gain (0.5 each, i.e. -6 dB), so the mix
+    can never clip and is exactly the sum of the two stems, chunk by chunk while streaming."""
+    vocal_stem = VOCAL_GAIN * np.clip(vocals, -1.0, 1.0)
+    accompaniment_stem = ACCOMPANIMENT_GAIN * np.clip(accompaniment, -1.0, 1.0)
+    return vocal_stem.astype(np.float32), accompaniment_stem.astype(np.float32), \
+        (vocal_stem + accompaniment_stem).astype(np.float32)
+
+
+def normalise_peak(audio: np.ndarray) -> np.ndarray:
+    """Scaled to peak 1 (silence stays as it is): each sung line enters the mix at the same level."""
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    return audio / peak if peak > 0 else audio
+
+
+def limit_peak(audio: np.ndarray, ceiling: float = LIMIT_CEILING) -> np.ndarray:
+    """Scaled down to ``ceiling`` only where it peaks above it (headroom for a song rendered in one piece)."""
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    return (audio / peak * ceiling if peak > ceiling else audio).astype(np.float32)
+
+
+def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    if source_rate == target_rate:
+        return audio
+    ratio = Fraction(target_rate, source_rate)
+    return resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Generator, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,40 @@ from .decoding.plain import DecodeStats, SamplingConfig, make_generator, process
 from .decoding.prompt_lookup import PromptLookup
 from .decoding.tree import TokenTree
 from .decoding.verify import Drafter, NoDraft, speculative_decode
+from .models import ModelStore, ResolvedModel
+from .tiny import tiny_musicgen
+
+
+@dataclass
+class Musicgen:
+    """A loaded MusicGen (text encoder, decoder, EnCodec) and its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+    def geometry(self, duration_s: float) -> tuple[int, int, int]:
+        """(sample rate, audio samples per EnCodec frame, frames to decode) for about ``duration_s`` seconds."""
+        config = self.model.audio_encoder.config
+        sample_rate, hop = int(config.sampling_rate), int(np.prod(config.upsampling_ratios))
+        return sample_rate, hop, max(1, round(duration_s * (sample_rate / hop)))
+
+
+def load_musicgen(resolved: ResolvedModel, store: ModelStore) -> Musicgen:
+    """The ModelStore loader of the song tab's MusicGen specs: tiny random weights (``tiny.tiny_musicgen``), or
+    the model (SDPA attention) and its tokenizer from a resolved folder or Hub id."""
+    if resolved.source == "tiny":
+        model, tokenizer = tiny_musicgen()
+        return Musicgen(model.to(store.device), tokenizer)
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.location)
+    model = MusicgenForConditionalGeneration.from_pretrained(resolved.location, dtype=store.dtype,
+                                                             attn_implementation="sdpa")
+    return Musicgen(model.to(store.device).eval(), tokenizer)
 
 
 def build_delay_pattern(codes: torch.Tensor, pad_id: int) -> torch.Tensor:

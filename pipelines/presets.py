@@ -100,6 +100,11 @@ def first_usable(specs: list[ModelSpec], store: ModelStore) -> ModelSpec | None:
     return next((spec for spec in specs if store.availability(spec).usable), None)
 
 
+def find_spec(specs: list[ModelSpec], name: str) -> ModelSpec | None:
+    """The spec listed as ``name`` (its display name or its Hub id), None when none is."""
+    return next((spec for spec in specs if name in (spec.name, spec.hub_id)), None)
+
+
 def labelled_choices(specs: list[ModelSpec], store: ModelStore) -> list[tuple[str, str]]:
     """Dropdown choices as (label, name): each name marked as available here or needing a download."""
     return [(f"{spec.name} · {store.availability(spec).label}", spec.name) for spec in specs]
@@ -161,10 +166,9 @@ class PresetModels:
     def spec_for(self, name: str) -> ModelSpec:
         if not name:
             return default_model(self.task, self.preset, self.store)
-        for spec in self.specs:
-            if name in (spec.name, spec.hub_id):
-                return spec
-        spec = self.unlisted(name) if self.preset != "tiny" else None
+        spec = find_spec(self.specs, name)
+        if spec is None and self.preset != "tiny":
+            spec = self.unlisted(name)
         if spec is None:
             raise PipelineError(f"Unknown {self.unknown_label} {name!r}. Choose one of: {', '.join(self.model_names())}.")
         return spec

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.audio import mix_stems
 from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import SamplingConfig
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import Drafter
+from pipelines.lyrics import parse_sections, plan_timeline
 from pipelines.musicgen import (ColumnVocabulary, MusicgenDecodeStats, build_delay_pattern, column_drafter,
                                 decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
                                 stream_accompaniment)
-from pipelines.song import mix_stems, parse_sections, plan_timeline
 from pipelines.streaming import Returning
 from pipelines.tiny import tiny_musicgen
 

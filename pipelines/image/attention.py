@@ -264,7 +264,7 @@ class AttentionControl:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    @capture_safe  # host-side reads only outside a capture (FastUNet sets ``static`` and the timestep itself)
+    @capture_safe("attention: latent size and timestep")  # host reads only outside a capture (FastUNet sets them)
     def _track_timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
@@ -272,6 +272,20 @@ class AttentionControl:
         if self.static is not None:  # the fast path set the timestep from the host-side schedule (no device sync)
             return
         self.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+
+    def recording(self) -> bool:
+        """Whether some recorder records some layer at this step (the fast path runs such steps eagerly)."""
+        return any(r.active(name, self.step) for r in self.recorders for name in self.layers)
+
+    @contextmanager
+    def static_biases(self, static: Any) -> Iterator[None]:
+        """While in here the controlled processors take their biases from ``static`` (a ``fast.StaticBiases``)
+        instead of ``build_bias``, and the timestep from the fast path instead of the UNet call."""
+        saved, self.static = self.static, static
+        try:
+            yield
+        finally:
+            self.static = saved
 
     def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         """``callback_on_step_end`` that advances the step counter (chain it if you need the tensors)."""

@@ -26,7 +26,9 @@ gradients through the UNet can still be captured whole with ``captured(name, fn,
 refinement passes (forward and backward, loss and gradients inside one graph) run that way in the image tab.
 
 Which UNet pre-hooks may run inside a graph shared across requests is declared where each hook is defined
-(``hooks.capture_safe``); graphs are kept per UNet beside it (``unet_graphs``), not as attributes on the module.
+(``@hooks.capture_safe(name)``, registry ``hooks.CAPTURE_SAFE``; the name is the hook's part of the cache key).
+Graphs are kept in the UNet's ``state.UNetState`` (``unet_graphs``), with what merging installed; the control and
+the merging are read through their public accessors.
 
 Backends: ``graph`` (default on CUDA), ``compile`` (``torch.compile(mode="reduce-overhead")`` of the same
 hooked call; the benchmark compares both), ``eager`` (the same static code path without capture: CPU, ZeroGPU,
@@ -46,34 +48,17 @@ import torch
 
 from .. import settings
 from .attention import AppliedBias, AttentionControl, layer_matches
-from .hooks import is_capture_safe
-from .merging import installed_merging
+from .hooks import capture_name, put_pre_hooks, take_pre_hooks
+from .state import UNetGraphs, UNetState, unet_state
 
 BACKENDS = ("off", "eager", "graph", "compile")
 # Graphs kept per UNet (resolution x batch x control structure); least recently used goes first.
 MAX_CACHED = 8
 
 
-@dataclass
-class UNetGraphs:
-    """One UNet's captured calls across requests: the cache entries and the memory pool their graphs share."""
-
-    entries: "OrderedDict[Any, Entry]" = field(default_factory=OrderedDict)
-    pool: Any = None
-    failed: dict[Any, str] = field(default_factory=dict)  # ``captured`` work that would not capture: run eagerly
-
-
-# Per UNet, held beside it rather than on it; graph entries refer to their UNet only weakly, so both go together
-# (a ``compile`` entry's function holds its run, and so its UNet, for the life of the process).
-_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, UNetGraphs]" = weakref.WeakKeyDictionary()
-
-
 def unet_graphs(unet: torch.nn.Module) -> UNetGraphs:
-    """The captured calls kept for ``unet`` (created empty on first use)."""
-    graphs = _GRAPHS.get(unet)
-    if graphs is None:
-        graphs = _GRAPHS[unet] = UNetGraphs()
-    return graphs
+    """The captured calls kept for ``unet`` across requests (in its ``state.UNetState``)."""
+    return unet_state(unet).graphs
 
 
 def supported(unet: Any) -> bool:
@@ -280,13 +265,14 @@ class FastUNet:
         if backend not in BACKENDS:
             raise ValueError(f"Unknown fast-path backend {backend!r}; choose one of {BACKENDS}.")
         self.unet, self.backend, self.control, self.timesteps = unet, backend, control, timesteps
+        self.state: UNetState = unet_state(unet)  # its graphs and installed merging, shared across requests
         self.step = 0
         self.capture_s = 0.0
         self.replays = 0
         self.eager_calls = 0
         self.capture_failures: set[str] = set()
         self._suspended = 0
-        self._hooks: tuple[OrderedDict, dict] | None = None
+        self._hooks: tuple[OrderedDict, dict] | None = None  # the UNet's pre-hooks, taken off while entered
         self._static: StaticBiases | None = None
         self._table: tuple[Any, list[float]] | None = None
 
@@ -295,9 +281,7 @@ class FastUNet:
         if self.backend == "off":
             return self
         unet = self.unet
-        self._hooks = (OrderedDict(unet._forward_pre_hooks), dict(unet._forward_pre_hooks_with_kwargs))
-        unet._forward_pre_hooks.clear()
-        unet._forward_pre_hooks_with_kwargs.clear()
+        self._hooks = take_pre_hooks(unet)
         unet.forward = self.forward
         self._params = [p for p in unet.parameters()]
         self._checked: set[int] = set()
@@ -310,10 +294,8 @@ class FastUNet:
     def __exit__(self, *exc: object) -> None:
         if self.backend == "off" or self._hooks is None:
             return
-        unet = self.unet
-        del unet.forward
-        unet._forward_pre_hooks.update(self._hooks[0])
-        unet._forward_pre_hooks_with_kwargs.update(self._hooks[1])
+        del self.unet.forward
+        put_pre_hooks(self.unet, self._hooks)
         self._hooks = None
         cache = self.cache
         for key in [k for k, e in cache.items() if e.run_scoped]:
@@ -323,7 +305,7 @@ class FastUNet:
 
     @property
     def cache(self) -> "OrderedDict[Any, Entry]":
-        return unet_graphs(self.unet).entries
+        return self.state.graphs.entries
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -336,12 +318,11 @@ class FastUNet:
 
     def _context_key(self) -> tuple:
         """What the captured work depends on besides the inputs."""
-        unet = self.unet
-        hooks = tuple(getattr(h, "__name__", type(h).__name__) for h in self._hooks[0].values())
-        merging = installed_merging(unet)
-        processors = tuple(sorted({type(p).__name__ for p in unet.attn_processors.values()}))
+        hooks = tuple(capture_name(h) for h in self._hooks[0].values())
+        merging = self.state.merging
+        processors = tuple(sorted({type(p).__name__ for p in self.unet.attn_processors.values()}))
         # Hooks not registered as capture-safe may read per-request tensors by address: graphs for this run only.
-        scoped = None if all(is_capture_safe(h) for h in self._hooks[0].values()) else id(self)
+        scoped = None if None not in hooks else id(self)
         return (hooks, merging.config if merging is not None and merging.active else None, processors,
                 self._static.structure() if self._static is not None else (), self.backend, scoped)
 
@@ -375,9 +356,7 @@ class FastUNet:
         return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
 
     def recording(self) -> bool:
-        control = self.control
-        return control is not None and any(r.active(name, control.step) for r in control.recorders
-                                           for name in control.layers)
+        return self.control is not None and self.control.recording()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         control = self.control
@@ -445,7 +424,7 @@ class FastUNet:
             spec = (name, key, tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
             cache_key = (spec, self._context)
             entry = self._lookup(cache_key)
-            failed = unet_graphs(self.unet).failed
+            failed = self.state.graphs.failed
             if entry is None and cache_key not in failed:
                 entry = self._new_entry(spec, inputs)
                 try:
@@ -493,21 +472,17 @@ class FastUNet:
 
     @contextmanager
     def _static_mode(self) -> Iterator[None]:
-        control = self.control
-        if control is None:
+        if self.control is None:
             yield
             return
-        control.static = self._static
-        try:
+        with self.control.static_biases(self._static):
             yield
-        finally:
-            control.static = None
 
     def _capture(self, entry: Entry, run: Callable[[], Any]) -> Any:
         """Warm up ``run`` once eagerly on a side stream, capture (or compile) it, replay; the time goes to
         ``capture_s``."""
         start = time.perf_counter()
-        merging = installed_merging(self.unet)
+        merging = self.state.merging
         counted = copy.copy(merging.stats) if merging is not None else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -523,7 +498,7 @@ class FastUNet:
                     torch.compiler.cudagraph_mark_step_begin()
                     entry.compiled()
             else:
-                graphs = unet_graphs(self.unet)
+                graphs = self.state.graphs
                 if graphs.pool is None:
                     graphs.pool = torch.cuda.graph_pool_handle()
                 entry.graph = torch.cuda.CUDAGraph()
@@ -544,7 +519,7 @@ class FastUNet:
         else:
             entry.graph.replay()
             output = _clone(entry.output)
-        merging = installed_merging(self.unet)
+        merging = self.state.merging
         if merging is not None and merging.active:
             merging.stats.add_call(entry.merged)
         return output

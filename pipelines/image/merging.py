@@ -14,7 +14,8 @@ Installed by composition: forward hooks on each spatial ``BasicTransformerBlock`
 ``ff``), a pre-hook on its ``Transformer2DModel`` that reads the grid size, and one on the UNet that reads the
 timestep. Attention processors are left alone, so the attention-control layer keeps working, and temporal
 (motion) blocks of ``UNetMotionModel`` are never touched: 5-D video latents reach the spatial transformers with
-the frames folded into the batch. ``remove_merging`` removes every hook, restoring the stock forward.
+the frames folded into the batch. ``remove_merging`` removes every hook, restoring the stock forward. What is
+installed is kept in the UNet's ``state.UNetState`` (``installed_merging``).
 
 Why it is faster than tomesd on a GPU, and capturable:
 
@@ -38,7 +39,6 @@ Why it is faster than tomesd on a GPU, and capturable:
 """
 from __future__ import annotations
 
-import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .hooks import capture_safe
+from .state import unet_state
 
 # tomesd defaults: ratio 0.5, 2×2 cells, random destinations, merge self-attention only.
 DEFAULT_RATIO = 0.5
@@ -138,8 +139,6 @@ def _capturing() -> bool:
 
 
 _CONSTANTS = _Constants()
-# What apply_merging installed, per UNet (not an attribute on the library's module; gone with the UNet).
-_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, TokenMerging]" = weakref.WeakKeyDictionary()
 
 
 def _cell_layout(h: int, w: int, sx: int, sy: int, tile: int,
@@ -295,6 +294,13 @@ class _Run:
     step: torch.Tensor | int = 0  # the timestep in quarter units: picks the random layout of this UNet call
     stats: MergeStats = field(default_factory=MergeStats)
 
+    @capture_safe("merging: timestep")  # reads the call's timestep tensor on the device
+    def start_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """UNet pre-hook: this call's layout key from its timestep; the per-call counters start at zero."""
+        self.step = _step_key(args[1] if len(args) > 1 else kwargs.get("timestep"))
+        self.stats.tokens_merged_last_call = 0
+        self.stats.blocks_merged_last_call = 0
+
 
 def _step_key(timestep: Any) -> torch.Tensor | int:
     if isinstance(timestep, torch.Tensor):
@@ -437,7 +443,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
                          min_tokens, window, chunk_elements, share_plan)
     run = _Run()
     handle = TokenMerging(config, run.stats)
-    _INSTALLED[unet] = handle
+    unet_state(unet).merging = handle
     transformers = spatial_transformers(unet)
     if ratio == 0 or not transformers or not (merge_attn or merge_crossattn or merge_mlp):
         return handle
@@ -446,12 +452,7 @@ def apply_merging(unet: nn.Module, ratio: float = DEFAULT_RATIO, max_downsample:
     if not chosen:
         return handle
 
-    @capture_safe  # reads the call's timestep tensor on the device
-    def on_unet(module, args, kwargs):
-        run.step = _step_key(args[1] if len(args) > 1 else kwargs.get("timestep"))
-        run.stats.tokens_merged_last_call = 0
-        run.stats.blocks_merged_last_call = 0
-    handle.hooks.append(unet.register_forward_pre_hook(on_unet, with_kwargs=True))
+    handle.hooks.append(unet.register_forward_pre_hook(run.start_call, with_kwargs=True))
 
     for name, transformer in chosen:
         grid = _Grid()
@@ -490,13 +491,14 @@ def _hook_block(block: nn.Module, merger: BlockMerger) -> list[RemovableHandle]:
 
 
 def installed_merging(unet: nn.Module) -> TokenMerging | None:
-    """What ``apply_merging`` installed on ``unet`` (None when nothing is)."""
-    return _INSTALLED.get(unet)
+    """What ``apply_merging`` installed on ``unet`` (None when nothing is); kept in its ``state.UNetState``."""
+    return unet_state(unet).merging
 
 
 def remove_merging(unet: nn.Module) -> None:
     """Remove everything ``apply_merging`` installed; the UNet runs its stock forward again."""
-    handle = _INSTALLED.pop(unet, None)
+    state = unet_state(unet)
+    handle, state.merging = state.merging, None
     if handle is not None:
         handle.remove()
 

@@ -29,6 +29,7 @@ from .heatmaps import overlay
 from .lpa import LPAConfig
 from .preview import AsyncPreviews, fit_latent_rgb
 from .prompts import ParsedPrompt, parse_prompt, token_positions, find_words
+from .state import UNetState, unet_state
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "default": None,
@@ -89,6 +90,11 @@ class LoadedImageModel:
     @property
     def components(self) -> dict[str, Any]:
         return self.pipe.components
+
+    @property
+    def state(self) -> UNetState:
+        """What the techniques keep for this model's UNet across requests (merging, captured graphs)."""
+        return unet_state(self.pipe.unet)
 
 
 def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageModel:

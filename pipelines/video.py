@@ -5,6 +5,9 @@ the shot timeline (``timeline.py``) compiled to FreeNoise's ``{frame: prompt}`` 
 interpolation callback, FreeNoise's sliding context windows for videos longer than the motion module's
 window, Stop and per-step progress through ``callback_on_step_end``. With one shot and no extras the call
 is the stock pipeline's, so the output is bit-identical to it.
+
+Loading, FreeNoise and the stock call live in ``animatediff.py``, the image controls per shot in
+``shot_controls.py``, the MP4 and frame strip in ``outputs.py``.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Defaults come from each technique's config dataclass (``LPAConfig``, ``BindingCo
 carry what a user changed. What differs between the tabs is where a control acts (an image's rows, a shot's
 frames), not how it is set up: a prompt that does not name an isolated item is an error for an image and a
 shot that does not need it for a video; a prompt without a style is an error for an image and a skipped shot for
-a video.
+a video. The image tab's own wiring (its prompt encoding, ToMe's start and per-step refinement) is here too; the
+video tab's is ``shot_controls.py``.
 """
 from __future__ import annotations
 

@@ -118,10 +118,11 @@ class ImagePipeline(PresetModels, Pipeline):
         model = self.load(request.model)
         parsed = parse_prompt(request.prompt, request.style)
         side = partial(self.side, model, request, parsed)
-        render_a = partial(side, "baseline", False) if request.compare != NO_COMPARISON and request.controlled else None
+        ab = request.compare != NO_COMPARISON and request.controlled
+        render_a = partial(side, "baseline", False) if ab else None
+        render_b = partial(side, "controlled" if request.controlled else "image", request.controlled)
         with keep_placement(model.pipe, spec.name):
-            result = yield from same_seed_ab(render_a, partial(side, "controlled" if request.controlled else "image",
-                                                               request.controlled), request.compare)
+            result = yield from same_seed_ab(render_a, render_b, request.compare)
         yield result
 
     def side(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, variant: str,

@@ -12,7 +12,7 @@ tab    ``Partial.value``                            ``Result.value``
 ====== ============================================ ==================================================
 text   ``str``: the text so far                     ``str``: the text
 image  ``list[PIL.Image]``: preview frames          ``list[str]``: PNG paths (parameters in a text chunk)
-video  (none: Progress per denoising step)          ``video.VideoOutput``: MP4 path, frames, frame strip
+video  (none: Progress per denoising step)          ``outputs.VideoOutput``: MP4 path, frames, frame strip
 speech ``audio.AudioChunk``                         ``str``: WAV path (sidecar JSON next to it)
 song   ``audio.AudioChunk`` (of the mix)            ``dict[str, str]``: WAV path per stem (``mix`` always)
 ====== ============================================ ==================================================
@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Generator, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 MAX_SEED = 2**32 - 1
 # Bounds text before any tokenizer sees it: a 30 MB prompt once took 220 s and 4 GB to reject (issue 25).
@@ -92,6 +92,14 @@ def with_baseline(result: Result, baseline: Result, compare: str) -> Result:
     return result
 
 
+def same_seed_ab(render_a: Callable[[], Generator[Event, None, Result]] | None,
+                 render_b: Callable[[], Generator[Event, None, Result]], compare: str) -> Generator[Event, None, Result]:
+    """A same-seed A/B inside one request: the A side first (when there is one), then B with A attached."""
+    baseline = (yield from render_a()) if render_a is not None else None
+    result = yield from render_b()
+    return result if baseline is None else with_baseline(result, baseline, compare)
+
+
 def side_of_ab(events: Iterator[Event], side: str = "A") -> Generator[Event, None, Result]:
     """Pass on one side's Progress and Partials (Partials tagged ``side``) and return its Result."""
     result = None
@@ -136,6 +144,14 @@ def bound_text(value: str, what: str = "Prompt") -> str:
     """Refuse text over MAX_TEXT_CHARS characters; checked before tokenizing, so the refusal costs nothing."""
     if len(value) > MAX_TEXT_CHARS:
         raise PipelineError(f"{what} is {len(value):,} characters; the limit is {MAX_TEXT_CHARS:,}. Shorten it.")
+    return value
+
+
+def require_choice(value: str, what: str, choices: Iterable[str]) -> str:
+    """Reject a value outside a tab's fixed choices (comparisons, schedulers), naming them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise PipelineError(f"Unknown {what} {value!r}. Choose one of: {', '.join(choices)}.")
     return value
 
 

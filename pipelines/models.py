@@ -74,6 +74,12 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a request's peak-memory window (``peak_memory_mb``) on a CUDA device."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory since the last reset on ``device``; on the CPU the process's peak resident memory."""
     if device.type == "cuda":

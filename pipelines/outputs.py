@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import settings
+
+STRIP_FRAMES = 8
 
 
 def output_dir() -> Path:
@@ -45,3 +50,41 @@ def save_png(image, parameters: dict[str, Any], path: Path | None = None) -> Pat
     path = path or new_output_path("image", ".png")
     path.write_bytes(png_bytes(image, {"parameters": json.dumps(parameters, default=str)}))
     return path
+
+
+@dataclass
+class VideoOutput:
+    video: str  # MP4 path
+    strip: str  # PNG path: evenly spaced frames side by side
+    frames: np.ndarray = field(repr=False)  # (frames, height, width, 3) floats in [0, 1]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def save_video(frames: np.ndarray, fps: int, parameters: dict[str, Any]) -> VideoOutput:
+    """H.264 yuv420p MP4 (what browsers play) plus a frame strip PNG, both with their parameters."""
+    import imageio
+
+    path = new_output_path("video", ".mp4")
+    pixels = to_uint8(frames)
+    # yuv420p needs even sides; sizes are multiples of 8, so no rescaling (macro_block_size=1). x264's
+    # "veryfast" preset: 16 frames at 512 px encode 4x faster than its default "medium" (1.35 s vs 5.4 s on 2
+    # cores), at crf 18 still visually lossless; the user waits for this after every generation.
+    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                            macro_block_size=1, ffmpeg_log_level="error",
+                            output_params=["-movflags", "+faststart", "-crf", "18", "-preset", "veryfast"]) as writer:
+        for frame in pixels:
+            writer.append_data(frame)
+    write_sidecar(path, parameters)
+    strip = save_png(frame_strip(pixels), parameters, path.with_suffix(".strip.png"))
+    return VideoOutput(str(path), str(strip), frames)
+
+
+def frame_strip(pixels: np.ndarray, count: int = STRIP_FRAMES):
+    """Up to ``count`` evenly spaced frames side by side, as a PIL image."""
+    from PIL import Image
+
+    picks = np.unique(np.linspace(0, len(pixels) - 1, min(count, len(pixels))).round().astype(int))
+    return Image.fromarray(np.concatenate([pixels[index] for index in picks], axis=1))

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .base import PipelineError
+from .base import PipelineError, require_text
+from .image.prompts import ParsedPrompt, parse_prompt
 
 TRANSITIONS = ("smooth", "cut")
 DEFAULT_SMOOTH_WINDOW = 8
@@ -156,6 +157,22 @@ def parse_shots(value: str | list | None, smooth_window: int = DEFAULT_SMOOTH_WI
         transition = str(item.get("transition") or "cut").strip().lower()
         shots.append(Shot(start, str(item["prompt"] or ""), transition))
     return Timeline(tuple(shots), smooth_window)
+
+
+def request_timeline(shots: str | list | None, prompt: str, smooth_window: int, num_frames: int,
+                     style: str = "") -> tuple[Timeline, tuple[ParsedPrompt, ...]]:
+    """A video request's validated timeline (its shot list, else one shot of ``prompt``) and each shot's prompt
+    as the token controls read it.
+
+    Controls read [group] markers and the style phrase; the model always sees the cleaned text (as in the image
+    tab), so a controls-off A/B renders the same words. Plain prompts pass through unchanged."""
+    timeline = parse_shots(shots, smooth_window)
+    if not timeline.shots:
+        timeline = Timeline((Shot(0, require_text(prompt)),), smooth_window)
+    timeline.validate(num_frames)
+    parsed = tuple(parse_prompt(shot.prompt, style) for shot in timeline.shots)
+    cleaned = tuple(replace(shot, prompt=item.text) for shot, item in zip(timeline.shots, parsed))
+    return Timeline(cleaned, smooth_window), parsed
 
 
 def add_shot(value: str, num_frames: int, transition: str = "cut") -> str:

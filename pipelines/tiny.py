@@ -190,7 +190,7 @@ def tiny_animatediff_pipeline(seed: int = 0):
     """The image tab's tiny SD1.5 (real block layout) inflated with a tiny MotionAdapter into a UNetMotionModel."""
     from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
 
-    from .video import animatediff_scheduler
+    from .animatediff import animatediff_scheduler
 
     sd = tiny_sd15_pipeline(seed)
     torch.manual_seed(seed + 10)

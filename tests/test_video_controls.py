@@ -43,7 +43,7 @@ def test_lpa_biases_only_the_styled_shots_frames_in_its_window():
 
 
 def test_lpa_bias_rows_cover_one_shots_conditional_frames():
-    from pipelines.video import ShotControls
+    from pipelines.shot_controls import ShotControls
 
     video_request = VideoRequest(**{**SMALL, "shots": SHOTS, "lpa": True})
     plan = VIDEO.plan(video_request)
@@ -67,7 +67,7 @@ def test_binding_merges_bracketed_groups_and_controls_off_ab_matches_plain_run()
 def test_binding_refines_only_the_bound_shots_frames():
     """ToMe's step-0 refinement on video: the entropy step moves the latents of the shot with groups and no
     other frame's; the noise itself is the pipeline's own draw for the seed."""
-    from pipelines.video import ShotControls
+    from pipelines.shot_controls import ShotControls
 
     shots = json.dumps([{"start": 0, "prompt": "a pool by a table"},
                         {"start": 4, "prompt": "a [red hat] and a [blue car]", "transition": "cut"}])

@@ -330,3 +330,56 @@ def draw_compass_preview(objects: Sequence[CompassObject], size: int = 256) -> A
         draw.ellipse([tip[0] - 4, tip[1] - 4, tip[0] + 4, tip[1] + 4], fill=colour)
         draw.text((box[0] * size + 4, box[1] * size + 2), f"{obj.name} {obj.angle:.0f}°", fill=colour)
     return image
+
+
+class CompassEncoders:
+    """The image tab's compass encoders, each loaded once: the training-free phrase encoder, or an official or
+    trained checkpoint folder. An official folder's rank-4 LoRA sits on the UNet (adapter "compass") and is
+    switched on only for runs that use its encoder."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] = {}
+        self.loras: set[str] = set()  # official folders whose LoRA is on the UNet
+
+    def encoder(self, choice: str, pipe: Any) -> Any:
+        if choice in ("", "phrase"):
+            return PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer)
+        if choice not in self.loaded:
+            folder = Path(choice).expanduser()
+            if (folder / "compass_config.json").is_file():
+                from .compass_train import load_trained_compass
+
+                self.loaded[choice] = load_trained_compass(folder)
+            elif (folder / "args.pkl").is_file():  # official release: its rank-4 UNet LoRA comes with it
+                self.loaded[choice] = load_official_compass(folder, unet=pipe.unet)
+                self.loras.add(choice)
+            else:
+                raise PipelineError(f"Compass encoder {choice!r} is neither 'phrase' nor a folder holding an official "
+                                    "(args.pkl) or trained (compass_config.json) checkpoint.")
+        return self.loaded[choice]
+
+    def switch_lora(self, unet: Any, choice: str | None) -> None:
+        """The official compass LoRA only for a run that uses its encoder (``choice``; None = no compass run);
+        every other run sees the stock UNet."""
+        if "compass" not in (getattr(unet, "peft_config", None) or {}):
+            return
+        if choice in self.loras:
+            unet.enable_adapters()
+        else:
+            unet.disable_adapters()
+
+    def apply(self, pipe: Any, request: Any, text: str, control: AttentionControl,
+              info: dict[str, Any]) -> str:
+        """Compass tokens into every text encoder of the pipeline and CALL on ``control``; returns the prompt text
+        with the placeholders (re-parse it so the other controls' token positions account for them)."""
+        objects = parse_compass_objects(request.compass)
+        if request.binding:
+            raise PipelineError("Compass Control and semantic binding cannot be combined yet: turn one of them off.")
+        stacks = [(pipe.tokenizer, pipe.text_encoder, self.encoder(request.compass_encoder, pipe))]
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the second encoder gets the phrase encoder
+            stacks.append((pipe.tokenizer_2, pipe.text_encoder_2, PhraseCompassEncoder(pipe.text_encoder_2, pipe.tokenizer_2)))
+        compass = apply_compass(control, stacks, text, objects)
+        info.setdefault("controls", {})["compass"] = [
+            {"name": o.name, "angle": o.angle, "box": list(o.box or DEFAULT_BOX), "tokens": list(pair)}
+            for o, pair in zip(objects, compass.pairs)]
+        return compass.text

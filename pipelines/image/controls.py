@@ -5,7 +5,8 @@ Defaults come from each technique's config dataclass (``LPAConfig``, ``BindingCo
 carry what a user changed. What differs between the tabs is where a control acts (an image's rows, a shot's
 frames), not how it is set up: a prompt that does not name an isolated item is an error for an image and a
 shot that does not need it for a video; a prompt without a style is an error for an image and a skipped shot for
-a video.
+a video. The image tab's own wiring (its prompt encoding, ToMe's start and per-step refinement) is here too; the
+video tab's is ``shot_controls.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from ..base import PipelineError
 from .attention import AttentionControl
-from .binding import BindingConfig, GroupTokens
+from .binding import BindingConfig, GroupTokens, SemanticBinding
 from .leakfix import isolate_items
 from .lpa import LPAConfig, route_style_tokens
 from .prompts import ParsedPrompt, content_words, find_words, span_positions, token_positions
@@ -82,3 +83,74 @@ class ControlPlan:
                 bias.rows = rows
             control.biases.append(bias)
         return {"content_tokens": content, "style_tokens": style, "style": parsed.style.text}
+
+
+def encode_controlled(pipe: Any, arch: str, request: Any, parsed: ParsedPrompt, control: AttentionControl,
+                      call: dict[str, Any], info: dict[str, Any], latent_hw: tuple[int, int]) -> SemanticBinding | None:
+    """The image tab's controlled run: encode the prompt ourselves into ``call`` with the embedding-level controls
+    applied, set up the attention-level ones on ``control``; the binding to refine, if any."""
+    batch, cfg = int(request.batch_size), float(request.cfg) > 1.0
+    device, negative = pipe._execution_device, request.negative_prompt or None
+    if arch == "sdxl":
+        positive, neg, pooled, neg_pooled = pipe.encode_prompt(
+            parsed.text, parsed.text, device=device, num_images_per_prompt=batch,
+            do_classifier_free_guidance=cfg, negative_prompt=negative, negative_prompt_2=negative)
+        call.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+    else:
+        positive, neg = pipe.encode_prompt(parsed.text, device, batch, cfg, negative_prompt=negative)
+    plan = ControlPlan.from_request(request)
+    controls: dict[str, Any] = {}
+    positive, where = plan.isolated(pipe, parsed.text, positive)
+    if where is not None:
+        controls["isolated"] = where
+    if plan.lpa is not None:
+        controls["lpa"] = plan.route_lpa(control, pipe.tokenizer, parsed)
+        if controls["lpa"] is None:
+            raise PipelineError("LPA needs a style: write '... in watercolor style' in the prompt or fill the "
+                                "Style field.")
+    binding = None
+    if plan.binding is not None:
+        if not parsed.groups:
+            raise PipelineError("Semantic binding found no object+attribute groups. Mark them like "
+                                "'a [red hat] and a [blue car]'.")
+        binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps), plan.binding,
+                                  generator=torch.Generator("cpu").manual_seed(request.seed),
+                                  latent_hw=latent_hw, guidance_scale=float(request.cfg))
+        controls["binding"] = binding_report(binding.groups)
+    # The embeddings already hold one row per image: diffusers would repeat them num_images_per_prompt times
+    # again (batch x batch rows for `batch` generators). Image i still gets the noise of seed + i.
+    call.update(prompt_embeds=positive, negative_prompt_embeds=neg, num_images_per_prompt=1)
+    info.setdefault("controls", {}).update(controls)
+    return binding
+
+
+def start_binding(pipe: Any, binding: SemanticBinding, call: dict[str, Any], generators: list[torch.Generator]) -> None:
+    """Composite tokens, then the step-0 refinement on our own initial noise (the loop starts at step 1's
+    callback). The noise is drawn exactly as ``prepare_latents`` would, so seeds keep their meaning."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    positive, negative = call["prompt_embeds"], call["negative_prompt_embeds"]
+    steps, height, width = call["num_inference_steps"], call["height"], call["width"]
+    scale = pipe.vae_scale_factor
+    shape = (positive.shape[0], pipe.unet.config.in_channels, height // scale, width // scale)
+    noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=positive.dtype)
+    pipe.scheduler.set_timesteps(steps, device=pipe._execution_device)
+    latents = noise * pipe.scheduler.init_noise_sigma
+    positive = binding.prepare(positive, negative if call["guidance_scale"] > 1 else None, latents, height, width)
+    latents, positive = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
+    call.update(latents=latents / pipe.scheduler.init_noise_sigma, prompt_embeds=positive)
+
+
+def refine_embeds(pipe: Any, binding: SemanticBinding) -> Any:
+    """ToMe's refinement in the form the shared step callback takes (image/loop.py): the latents and the
+    positive half of ``prompt_embeds`` (all of it when ``pipe`` runs without classifier-free guidance)."""
+
+    def refine(step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not binding.wants(step):
+            return {}
+        embeds = tensors["prompt_embeds"]
+        half = embeds.shape[0] // 2 if pipe.do_classifier_free_guidance else 0
+        latents, positive = binding.refine(step, timestep, tensors["latents"], embeds[half:])
+        return {"latents": latents, "prompt_embeds": torch.cat([embeds[:half], positive])}
+
+    return refine

@@ -6,40 +6,31 @@ generators), so its output is the stock output bit for bit. Controls compose on 
 """
 from __future__ import annotations
 
-import copy
 import time
-from pathlib import Path
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator
+from functools import partial
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 
-from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
-                    require_text, resolve_seed, with_baseline)
-from ..models import ModelSpec, ModelStore, ResolvedModel, keep_placement, peak_memory_mb
+from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_choice,
+                    require_range, require_text, resolve_seed, same_seed_ab)
+from ..models import ModelSpec, ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
 from ..outputs import save_png
 from ..presets import PresetModels, models_for
 from ..streaming import stream_in_thread
 from .attention import AttentionControl
-from .fast import FastUNet, choose_backend
-from .compass import DEFAULT_BOX, PhraseCompassEncoder, apply_compass, load_official_compass, parse_compass_objects
 from .binding import BindingConfig, SemanticBinding, grid_layers
-from .controls import ControlPlan, binding_report, check_window, split_words
-from .heatmaps import overlay
+from .compass import CompassEncoders
+from .controls import check_window, encode_controlled, refine_embeds, split_words, start_binding
+from .fast import FastUNet, choose_backend
+from .heatmaps import heatmap_tokens, save_heatmaps
+from .loop import step_callback
 from .lpa import LPAConfig
-from .preview import AsyncPreviews, fit_latent_rgb
-from .prompts import ParsedPrompt, parse_prompt, token_positions, find_words
-from .state import UNetState, unet_state
+from .models import SCHEDULERS, LoadedImageModel, latent_size, load_image_model, scheduled_pipe
+from .preview import AsyncPreviews
+from .prompts import ParsedPrompt, parse_prompt
 
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
-    "default": None,
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-}
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 TINY_SIZE = 32
 MAX_BATCH = 8
@@ -81,41 +72,6 @@ class ImageRequest(Request):
         return bool(self.binding or self.lpa or self.isolate.strip() or self.merge_ratio > 0 or self.compass.strip())
 
 
-@dataclass
-class LoadedImageModel:
-    pipe: Any
-    arch: str
-    preview_map: torch.Tensor
-
-    @property
-    def components(self) -> dict[str, Any]:
-        return self.pipe.components
-
-    @property
-    def state(self) -> UNetState:
-        """What the techniques keep for this model's UNet across requests (merging, captured graphs)."""
-        return unet_state(self.pipe.unet)
-
-
-def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageModel:
-    arch = resolved.spec.kind
-    if resolved.source == "tiny":
-        from ..tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
-
-        pipe = (tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()).to(store.device, store.dtype)
-    else:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_pretrained(resolved.location, torch_dtype=store.dtype).to(store.device)
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedImageModel(pipe, arch, fit_latent_rgb(pipe.vae))
-
-
-def latent_size(pipe: Any, request: ImageRequest) -> tuple[int, int]:
-    return int(request.height) // pipe.vae_scale_factor, int(request.width) // pipe.vae_scale_factor
-
-
 class ImagePipeline(PresetModels, Pipeline):
     task = "image"
     request_type = ImageRequest
@@ -125,8 +81,7 @@ class ImagePipeline(PresetModels, Pipeline):
         self.store = store
         self.preset = preset
         self.specs = models_for("image", preset)
-        self._compass_encoders: dict[str, Any] = {}
-        self._compass_loras: set[str] = set()  # official compass folders whose LoRA sits on the UNet (adapter "compass")
+        self.compass = CompassEncoders()
 
     def unlisted(self, name: str) -> ModelSpec:
         return ModelSpec(name, "sdxl" if "xl" in name.lower() else "sd15", hub_id=name)
@@ -141,10 +96,8 @@ class ImagePipeline(PresetModels, Pipeline):
         require_range(request.cfg, "CFG scale", 0.0, 30.0)
         require_range(request.batch_size, "Batch size", 1, MAX_BATCH)
         require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
-        if request.compare not in COMPARISONS:
-            raise PipelineError(f"Unknown comparison {request.compare!r}. Choose one of: {', '.join(COMPARISONS)}.")
-        if request.scheduler not in SCHEDULERS:
-            raise PipelineError(f"Unknown scheduler {request.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+        require_choice(request.compare, "comparison", COMPARISONS)
+        require_choice(request.scheduler, "scheduler", SCHEDULERS)
         native = TINY_SIZE if spec.tiny else spec.option("size") or DEFAULT_SIZE.get(spec.kind, 512)
         request.width = int(request.width) or native
         request.height = int(request.height) or native
@@ -156,22 +109,7 @@ class ImagePipeline(PresetModels, Pipeline):
         request.seed = resolve_seed(request.seed)
 
     def scheduled_pipe(self, model: LoadedImageModel, name: str) -> Any:
-        """The loaded pipeline with a fresh scheduler (no scheduler state shared across requests).
-
-        A shallow copy, so the components are the stored ones, untouched: diffusers' ``from_pipe`` casts every
-        component to ``torch_dtype or float32``, which turned a bf16 store into fp32 after one request."""
-        import diffusers
-
-        base = model.pipe
-        choice = SCHEDULERS[name]
-        if choice is None:
-            scheduler = type(base.scheduler).from_config(base.scheduler.config)
-        else:
-            cls_name, options = choice
-            scheduler = getattr(diffusers, cls_name).from_config(base.scheduler.config, **options)
-        pipe = copy.copy(base)
-        pipe.scheduler = scheduler
-        return pipe
+        return scheduled_pipe(model, name)
 
     def generate(self, request: ImageRequest) -> Iterator[Event]:
         spec = self.spec_for(request.model)
@@ -179,57 +117,65 @@ class ImagePipeline(PresetModels, Pipeline):
         yield Progress(0, int(request.steps), "loading model")
         model = self.load(request.model)
         parsed = parse_prompt(request.prompt, request.style)
-        runs = [("baseline", False)] if request.compare != NO_COMPARISON and request.controlled else []
-        runs.append(("controlled" if request.controlled else "image", request.controlled))
-        outputs: dict[str, dict[str, Any]] = {}
+        side = partial(self.side, model, request, parsed)
+        ab = request.compare != NO_COMPARISON and request.controlled
+        render_a = partial(side, "baseline", False) if ab else None
+        render_b = partial(side, "controlled" if request.controlled else "image", request.controlled)
         with keep_placement(model.pipe, spec.name):
-            for label, controlled in runs:
-                outcome = yield from stream_in_thread(
-                    lambda emit, c=controlled, v=label: self.render(model, request, parsed, c, v, emit),
-                    request.cancel)
-                outputs[label] = outcome
-        final = outputs[runs[-1][0]]
-        stats: dict[str, Any] = {"model": spec.name, "seed": request.seed, **final["stats"]}
-        metadata: dict[str, Any] = {"parameters": request.parameters(), "heatmaps": final["heatmaps"],
-                                    "controls": final["controls"]}
-        result = Result(final["paths"], stats, metadata)
-        if "baseline" in outputs:
-            base = outputs["baseline"]
-            baseline = Result(base["paths"], base["stats"], {"heatmaps": base["heatmaps"], "controls": base["controls"]})
-            result = with_baseline(result, baseline, request.compare)
+            result = yield from same_seed_ab(render_a, render_b, request.compare)
         yield result
 
-    # ------------------------------------------------------------------------------------------------------
+    def side(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, variant: str,
+             controlled: bool) -> Generator[Event, None, Result]:
+        """One side of the request on a worker thread, as its Result (the baseline's without the parameters)."""
+        outcome = yield from stream_in_thread(
+            lambda emit: self.render(model, request, parsed, controlled, variant, emit), request.cancel)
+        metadata = {"heatmaps": outcome["heatmaps"], "controls": outcome["controls"]}
+        if variant == "baseline":
+            return Result(outcome["paths"], outcome["stats"], metadata)
+        stats = {"model": self.spec_for(request.model).name, "seed": request.seed, **outcome["stats"]}
+        return Result(outcome["paths"], stats, {"parameters": request.parameters(), **metadata})
+
     def render(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, controlled: bool,
                variant: str, emit: Callable[[Event], None]) -> dict[str, Any]:
         """One full generation (baseline or controlled), run on a worker thread; events go through ``emit``."""
         pipe = self.scheduled_pipe(model, request.scheduler)
-        device = pipe._execution_device
-        steps, batch = int(request.steps), int(request.batch_size)
+        batch = int(request.batch_size)
         generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(batch)]
-        call: dict[str, Any] = dict(num_inference_steps=steps, guidance_scale=float(request.cfg),
+        call: dict[str, Any] = dict(num_inference_steps=int(request.steps), guidance_scale=float(request.cfg),
                                     height=request.height, width=request.width, num_images_per_prompt=batch,
                                     generator=generators, output_type="pil")
         control = AttentionControl(pipe.unet)
         info: dict[str, Any] = {}
-        if controlled and request.compass.strip():
-            parsed = self.prepare_compass(pipe, request, parsed, control, info)
-        self.switch_compass_lora(pipe.unet, controlled and bool(request.compass.strip())
-                                 and request.compass_encoder in self._compass_loras)
-        heat_tokens = self.heatmap_tokens(pipe, parsed, request)
-        heat_layers = grid_layers(pipe.unet, latent_size(pipe, request))
+        compass = controlled and bool(request.compass.strip())
+        if compass:
+            parsed = parse_prompt(self.compass.apply(pipe, request, parsed.text, control, info), request.style)
+        self.compass.switch_lora(pipe.unet, request.compass_encoder if compass else None)
+        heat_tokens = heatmap_tokens(pipe.tokenizer, parsed.text, split_words(request.heatmap_words))
         heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
-                                       layers=heat_layers) if heat_tokens else None
+                                       layers=grid_layers(pipe.unet, latent_size(pipe, request))) if heat_tokens else None
         binding = None
         if controlled:
             binding = self.prepare_controls(pipe, model.arch, request, parsed, control, call, generators, info)
         else:
             call.update(prompt=parsed.text, negative_prompt=request.negative_prompt or None)
+        reset_peak_memory(pipe._execution_device)
+        images, stats = self.denoise(model, pipe, request, call, control, binding, controlled, variant, emit)
+        request.cancel.raise_if_cancelled()
+        paths = [str(save_png(image, {**request.parameters(), "seed": request.seed + i, "variant": variant,
+                                      "prompt_used": parsed.text, "model": self.spec_for(request.model).name,
+                                      "controls": info.get("controls", {})}))
+                 for i, image in enumerate(images)]
+        heatmaps = save_heatmaps(images, heat_recorder, heat_tokens, request.parameters(), request.seed, variant)
+        return {"paths": paths, "heatmaps": heatmaps, "stats": stats, "controls": info.get("controls", {})}
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        merge = None
+    def denoise(self, model: LoadedImageModel, pipe: Any, request: ImageRequest, call: dict[str, Any],
+                control: AttentionControl, binding: SemanticBinding | None, controlled: bool, variant: str,
+                emit: Callable[[Event], None]) -> tuple[list[Any], dict[str, Any]]:
+        """The stock diffusers call with the fast path, token merging and ToMe's refinement; its images and stats."""
+        device, steps = pipe._execution_device, int(request.steps)
         backend = choose_backend(device, request.fast, pipe.unet)
+        merge = None
         if controlled and request.merge_ratio > 0:
             from .merging import apply_merging, merge_settings
 
@@ -238,186 +184,56 @@ class ImagePipeline(PresetModels, Pipeline):
         fast = FastUNet(pipe.unet, backend, control, lambda: pipe.scheduler.timesteps)
         if binding is not None and backend != "off":
             binding.runner = fast  # the refinement's UNet work on the fast path too (captured forward+backward)
-        previews = AsyncPreviews(model.preview_map, upscale=pipe.vae_scale_factor, interval=self.preview_interval_s)
-
-        def on_step_end(p: Any, i: int, t: Any, kwargs: dict) -> dict:
-            control.step = fast.step = i + 1
-            out: dict[str, Any] = {}
-            if binding is not None and i + 1 < steps and binding.wants(i + 1):
-                embeds = kwargs["prompt_embeds"]
-                half = embeds.shape[0] // 2 if p.do_classifier_free_guidance else 0
-                with fast.suspended():
-                    latents, positive = binding.refine(i + 1, p.scheduler.timesteps[i + 1], kwargs["latents"],
-                                                       embeds[half:])
-                out = {"latents": latents, "prompt_embeds": torch.cat([embeds[:half], positive])}
-            every = int(request.preview_every)
-            if every > 0 and ((i + 1) % every == 0) and i + 1 < steps:
-                previews.add(out.get("latents", kwargs["latents"]))
-                if (ready := previews.ready()) is not None:
-                    emit(Partial(ready, side="A" if variant == "baseline" else ""))
-            emit(Progress(i + 1, steps))
-            if request.cancel.cancelled:
-                p._interrupt = True
-            return out
-
-        call.update(callback_on_step_end=on_step_end,
+        on_latents = self.previews(model, pipe, request, "A" if variant == "baseline" else "", emit)
+        call.update(callback_on_step_end=step_callback(steps, request.cancel, emit, fast,
+                                                       refine_embeds(pipe, binding) if binding else None, control,
+                                                       on_latents),
                     callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if binding else ["latents"])
+        tokens_merged = 0
         start = time.perf_counter()
         try:
             with control, fast:
                 if binding is not None:
-                    self.start_binding(pipe, binding, call, generators)
+                    start_binding(pipe, binding, call, call["generator"])
                 images = pipe(**call).images
         finally:
             if merge is not None:
                 from .merging import merging_stats, remove_merging
 
-                info["tokens_merged"] = merging_stats(pipe.unet)["tokens_merged"]
+                tokens_merged = merging_stats(pipe.unet)["tokens_merged"]
                 remove_merging(pipe.unet)
         elapsed = time.perf_counter() - start
-        request.cancel.raise_if_cancelled()
-        paths = [str(save_png(image, {**request.parameters(), "seed": request.seed + i, "variant": variant,
-                                      "prompt_used": parsed.text, "model": self.spec_for(request.model).name,
-                                      "controls": info.get("controls", {})}))
-                 for i, image in enumerate(images)]
-        heatmaps = self.save_heatmaps(images, heat_recorder, heat_tokens, request, variant)
         stats = {"time_s": round(elapsed, 4), "steps_per_s": round(steps / elapsed, 3) if elapsed > 0 else 0.0,
-                 "peak_memory_mb": peak_memory_mb(device), "images": len(images),
-                 "tokens_merged": int(info.get("tokens_merged", 0)),
+                 "peak_memory_mb": peak_memory_mb(device), "images": len(images), "tokens_merged": int(tokens_merged),
                  "biased_attention_calls": len(control.applied), **fast.stats()}
-        if binding is not None:
-            stats["binding_groups"] = len(binding.groups)
-            stats["binding_refinement_iterations"] = len(binding.history)
-            stats["binding_unet_forwards"], stats["binding_unet_backwards"] = (binding.passes["forward"],
-                                                                               binding.passes["backward"])
-            stats.update(binding.summary())
-        return {"paths": paths, "heatmaps": heatmaps, "stats": stats, "controls": info.get("controls", {})}
+        return images, {**stats, **(binding_stats(binding) if binding is not None else {})}
+
+    def previews(self, model: LoadedImageModel, pipe: Any, request: ImageRequest, side: str,
+                 emit: Callable[[Event], None]) -> Callable[[int, torch.Tensor], None] | None:
+        """Live previews of every ``preview_every``-th step's latents, decoded off the loop (AsyncPreviews)."""
+        every, steps = int(request.preview_every), int(request.steps)
+        if every <= 0:
+            return None
+        previews = AsyncPreviews(model.preview_map, upscale=pipe.vae_scale_factor, interval=self.preview_interval_s)
+
+        def on_latents(step: int, latents: torch.Tensor) -> None:
+            if step % every == 0 and step < steps:
+                previews.add(latents)
+                if (ready := previews.ready()) is not None:
+                    emit(Partial(ready, side=side))
+
+        return on_latents
 
     def prepare_controls(self, pipe: Any, arch: str, request: ImageRequest, parsed: ParsedPrompt,
                          control: AttentionControl, call: dict[str, Any], generators: list[torch.Generator],
                          info: dict[str, Any]) -> SemanticBinding | None:
-        """Encode the prompt ourselves and apply the embedding-level controls; set up the attention-level ones."""
-        batch = int(request.batch_size)
-        device = pipe._execution_device
-        cfg = float(request.cfg) > 1.0
-        negative = request.negative_prompt or None
-        if arch == "sdxl":
-            positive, neg, pooled, neg_pooled = pipe.encode_prompt(
-                parsed.text, parsed.text, device=device, num_images_per_prompt=batch,
-                do_classifier_free_guidance=cfg, negative_prompt=negative, negative_prompt_2=negative)
-            call.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
-        else:
-            positive, neg = pipe.encode_prompt(parsed.text, device, batch, cfg, negative_prompt=negative)
-        plan = ControlPlan.from_request(request)
-        controls: dict[str, Any] = {}
-        positive, where = plan.isolated(pipe, parsed.text, positive)
-        if where is not None:
-            controls["isolated"] = where
-        if plan.lpa is not None:
-            controls["lpa"] = plan.route_lpa(control, pipe.tokenizer, parsed)
-            if controls["lpa"] is None:
-                raise PipelineError("LPA needs a style: write '... in watercolor style' in the prompt or fill the "
-                                    "Style field.")
-        binding = None
-        if plan.binding is not None:
-            if not parsed.groups:
-                raise PipelineError("Semantic binding found no object+attribute groups. Mark them like "
-                                    "'a [red hat] and a [blue car]'.")
-            binding = SemanticBinding(pipe, arch, control, parsed, int(request.steps), plan.binding,
-                                      generator=torch.Generator("cpu").manual_seed(request.seed),
-                                      latent_hw=latent_size(pipe, request), guidance_scale=float(request.cfg))
-            controls["binding"] = binding_report(binding.groups)
-        # The embeddings already hold one row per image: diffusers would repeat them num_images_per_prompt times
-        # again (batch x batch rows for `batch` generators). Image i still gets the noise of seed + i.
-        call.update(prompt_embeds=positive, negative_prompt_embeds=neg, num_images_per_prompt=1)
-        info.setdefault("controls", {}).update(controls)
-        return binding
+        """Encode the prompt ourselves and apply the embedding-level controls; set up the attention-level ones
+        (image/controls.py). A method so a benchmark can add its own controls after the served ones."""
+        return encode_controlled(pipe, arch, request, parsed, control, call, info, latent_size(pipe, request))
 
-    def prepare_compass(self, pipe: Any, request: ImageRequest, parsed: ParsedPrompt, control: AttentionControl,
-                        info: dict[str, Any]) -> ParsedPrompt:
-        """Compass tokens into every text encoder of the pipeline and CALL on ``control``; returns the prompt with
-        the placeholders, re-parsed so the other controls' token positions account for them."""
-        objects = parse_compass_objects(request.compass)
-        if request.binding:
-            raise PipelineError("Compass Control and semantic binding cannot be combined yet: turn one of them off.")
-        stacks = [(pipe.tokenizer, pipe.text_encoder, self.compass_encoder(request.compass_encoder, pipe))]
-        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the second encoder gets the phrase encoder
-            stacks.append((pipe.tokenizer_2, pipe.text_encoder_2, PhraseCompassEncoder(pipe.text_encoder_2, pipe.tokenizer_2)))
-        compass = apply_compass(control, stacks, parsed.text, objects)
-        info.setdefault("controls", {})["compass"] = [
-            {"name": o.name, "angle": o.angle, "box": list(o.box or DEFAULT_BOX), "tokens": list(pair)}
-            for o, pair in zip(objects, compass.pairs)]
-        return parse_prompt(compass.text, request.style)
 
-    @staticmethod
-    def switch_compass_lora(unet: Any, active: bool) -> None:
-        """The official compass LoRA only for runs that use its encoder; every other run sees the stock UNet."""
-        if "compass" not in (getattr(unet, "peft_config", None) or {}):
-            return
-        if active:
-            unet.enable_adapters()
-        else:
-            unet.disable_adapters()
-
-    def compass_encoder(self, choice: str, pipe: Any) -> Any:
-        """The training-free phrase encoder, or an encoder loaded (once) from an official or trained folder."""
-        if choice in ("", "phrase"):
-            return PhraseCompassEncoder(pipe.text_encoder, pipe.tokenizer)
-        if choice not in self._compass_encoders:
-            folder = Path(choice).expanduser()
-            if (folder / "compass_config.json").is_file():
-                from .compass_train import load_trained_compass
-
-                self._compass_encoders[choice] = load_trained_compass(folder)
-            elif (folder / "args.pkl").is_file():  # official release: its rank-4 UNet LoRA comes with it
-                self._compass_encoders[choice] = load_official_compass(folder, unet=pipe.unet)
-                self._compass_loras.add(choice)
-            else:
-                raise PipelineError(f"Compass encoder {choice!r} is neither 'phrase' nor a folder holding an official "
-                                    "(args.pkl) or trained (compass_config.json) checkpoint.")
-        return self._compass_encoders[choice]
-
-    def start_binding(self, pipe: Any, binding: SemanticBinding, call: dict[str, Any],
-                      generators: list[torch.Generator]) -> None:
-        """Composite tokens, then the step-0 refinement on our own initial noise (the loop starts at step 1's
-        callback). The noise is drawn exactly as ``prepare_latents`` would, so seeds keep their meaning."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        positive, negative = call["prompt_embeds"], call["negative_prompt_embeds"]
-        steps, height, width = call["num_inference_steps"], call["height"], call["width"]
-        scale = pipe.vae_scale_factor
-        shape = (positive.shape[0], pipe.unet.config.in_channels, height // scale, width // scale)
-        noise = randn_tensor(shape, generator=generators, device=pipe._execution_device, dtype=positive.dtype)
-        pipe.scheduler.set_timesteps(steps, device=pipe._execution_device)
-        latents = noise * pipe.scheduler.init_noise_sigma
-        positive = binding.prepare(positive, negative if call["guidance_scale"] > 1 else None, latents, height, width)
-        latents, positive = binding.refine(0, pipe.scheduler.timesteps[0], latents, positive)
-        call.update(latents=latents / pipe.scheduler.init_noise_sigma, prompt_embeds=positive)
-
-    def heatmap_tokens(self, pipe: Any, parsed: ParsedPrompt, request: ImageRequest) -> list[tuple[str, list[int]]]:
-        chosen = []
-        for word in split_words(request.heatmap_words):
-            span = find_words(parsed.text, word)
-            if span is None:
-                raise PipelineError(f"Heatmap word '{word}' does not occur in the prompt.")
-            chosen.append((span.text, token_positions(pipe.tokenizer, parsed.text, span.start, span.end)))
-        return chosen
-
-    def save_heatmaps(self, images: list[Any], recorder: Any, tokens: list[tuple[str, list[int]]],
-                      request: ImageRequest, variant: str) -> list[list[str]]:
-        """[path, caption] per (image, word): the word's map averaged over its tokens, layers and steps."""
-        if recorder is None or not recorder.maps:
-            return []
-        maps = recorder.aggregate().cpu().numpy()  # [batch, h, w, recorded tokens]
-        saved, column = [], 0
-        spans = []
-        for word, positions in tokens:
-            spans.append((word, column, column + len(positions)))
-            column += len(positions)
-        for index, image in enumerate(images):
-            for word, first, last in spans:
-                heat = maps[index, :, :, first:last].mean(-1)
-                path = save_png(overlay(image, heat), {**request.parameters(), "heatmap_word": word,
-                                                       "variant": variant, "seed": request.seed + index})
-                saved.append([str(path), f"{variant} #{index + 1}: {word}"])
-        return saved
+def binding_stats(binding: SemanticBinding) -> dict[str, Any]:
+    """What ToMe's refinement did in one image run."""
+    return {"binding_groups": len(binding.groups), "binding_refinement_iterations": len(binding.history),
+            "binding_unet_forwards": binding.passes["forward"], "binding_unet_backwards": binding.passes["backward"],
+            **binding.summary()}

@@ -123,6 +123,37 @@ def test_contrastive_step_lowers_the_loss_on_a_fixed_batch():
     assert losses[-1] < losses[0]
 
 
+def test_turned_headings_change_only_the_arrows_direction_words():
+    layouts = scenes_v2.sample_layouts(200, 5)
+    turned = scenes_v2.turned_headings(layouts, np.random.default_rng(0))
+    for i in range(200):
+        before, after = scenes_v2.full_caption(layouts, i), scenes_v2.full_caption(turned, i)
+        if "arrow" not in before:
+            assert after == before
+            continue
+        assert after != before
+        words, turned_words = before.split(), after.split()
+        changed = [k for k, (a, b) in enumerate(zip(words, turned_words)) if a != b]
+        assert len(words) == len(turned_words) and all(words[k - 1] == "pointing" for k in changed)
+
+
+def test_hard_negatives_count_only_where_they_differ():
+    from pipelines.microworld import text_v2
+
+    tokenizer = text_v2.build_tokenizer()
+    clip = text_v2.build_clip(tokenizer, width=32, layers=1, vision_layers=1, size=32)
+    layouts = scenes_v2.sample_layouts(6, 4, size=32)
+    images, _ = scenes_v2.render_layouts(layouts)
+    ids = text_v2.tokenize(tokenizer, [scenes_v2.full_caption(layouts, i) for i in range(6)])
+    with torch.no_grad():
+        plain = text_v2.contrastive_loss(clip, ids, images)
+        masked = text_v2.contrastive_loss(clip, ids, images, ids, torch.zeros(6, dtype=torch.bool))
+        # a negative the text tower cannot tell from the caption splits each image's choice in two
+        blind = text_v2.contrastive_loss(clip, ids, images, ids, torch.ones(6, dtype=torch.bool))
+    assert torch.allclose(masked, plain, atol=1e-5)
+    assert blind > plain + 0.2
+
+
 def test_scorer_reads_ground_truth_and_refuses_noise(rendered):
     import importlib
 

@@ -13,6 +13,7 @@ Conventions as v1: pixel coordinates with y down, headings in degrees counter-cl
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +183,14 @@ def caption(layouts: Layouts, i: int, rng: np.random.Generator, name_heading: bo
     phrases = join_phrases([object_phrase(o, mode == "per-object", name_heading) for o in objects])
     style = f", in {objects[0]['style']} style" if mode == "global" and rng.random() < 0.75 else ""
     return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(objects=phrases, style=style)
+
+
+def turned_headings(layouts: Layouts, rng: np.random.Generator) -> Layouts:
+    """A copy whose arrows point elsewhere (turned by 90, 180 or 270 degrees): its captions are the contrastive
+    stage's hard negatives, so the text tower cannot treat "left" and "right" as one word."""
+    turn = 90.0 * rng.integers(1, 4, size=layouts.heading.shape)
+    arrow = layouts.shape == SHAPES.index("arrow")
+    return dataclasses.replace(layouts, heading=np.where(arrow, (layouts.heading + turn) % 360, layouts.heading))
 
 
 def full_caption(layouts: Layouts, i: int) -> str:

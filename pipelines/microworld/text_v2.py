@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..image.compass import ORIENTATION_PHRASES
 from .scenes_v2 import SIZE, vocabulary
@@ -112,8 +113,29 @@ def pixel_values(images: torch.Tensor) -> torch.Tensor:
     return images * 2 - 1
 
 
-def contrastive_loss(clip: Any, ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return clip(input_ids=ids, pixel_values=pixel_values(images), return_loss=True).loss
+def contrastive_loss(clip: Any, ids: torch.Tensor, images: torch.Tensor, hard_ids: torch.Tensor | None = None,
+                     hard_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric loss; ``hard_ids`` (one caption per image with its arrows turned, ``hard_valid`` where it
+    differs from the true one) are extra texts every image must score below its own caption."""
+    if hard_ids is None:
+        return clip(input_ids=ids, pixel_values=pixel_values(images), return_loss=True).loss
+    out = clip(input_ids=torch.cat([ids, hard_ids]), pixel_values=pixel_values(images))
+    per_image = out.logits_per_image.float()
+    per_image[:, len(ids):] = per_image[:, len(ids):].masked_fill(~hard_valid[None], float("-inf"))
+    target = torch.arange(len(ids), device=ids.device)
+    return (F.cross_entropy(per_image, target) + F.cross_entropy(out.logits_per_text[: len(ids)].float(), target)) / 2
+
+
+@torch.no_grad()
+def heading_accuracy(clip: Any, ids: torch.Tensor, images: torch.Tensor, hard_ids: torch.Tensor,
+                     hard_valid: torch.Tensor) -> float:
+    """Share of images with a named arrow heading that score their own caption above the turned one."""
+    if not bool(hard_valid.any()):
+        return float("nan")
+    per_image = clip(input_ids=torch.cat([ids, hard_ids]), pixel_values=pixel_values(images)).logits_per_image
+    rows = torch.arange(len(ids), device=ids.device)
+    wins = per_image[rows, rows] > per_image[rows, rows + len(ids)]
+    return float(wins[hard_valid].float().mean())
 
 
 @torch.no_grad()

@@ -10,8 +10,11 @@
     # back home: cat microworld_v2.tar.part* | tar -x -C outputs/
 
 Stages (each saves the folder when it ends, so a killed call keeps what finished):
-- ``clip``: a small CLIP (``text_v2``) trained contrastively on scene/caption pairs; its text tower is kept,
-  frozen, as the pipeline's ``CLIPTextModel``.
+- ``clip``: a small CLIP (``text_v2``) trained contrastively on scene/caption pairs, each scene that names an
+  arrow's heading also scored against its caption with the arrows turned (a tower trained without these hard
+  negatives gave "pointing left" and "pointing right" end-token states at cosine 0.99); its text tower is kept,
+  frozen, as the pipeline's ``CLIPTextModel``. ``--new-text-encoder`` replaces a resumed folder's tower and
+  continues its UNet on the new one.
 - ``vae``: an ``AutoencoderKL`` at f=4 (128 px -> 32x32x4), L1 + MSE + a tiny KL; then the latent scale
   (1/std of the latents, as SD's 0.18215 was measured).
 - ``unet``: a ``UNet2DConditionModel`` (SD1.5 layout, cross-attention at 32/16/8) with SD1.5's noise schedule,
@@ -87,6 +90,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     samples: bool = True
+    new_text_encoder: bool = False  # with --resume and the clip stage: train a new text tower; the UNet goes on
     pack: str = ""  # also write the folder as a split tar (parts <= 15 MiB), report and samples here
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -165,6 +169,24 @@ def captioned(config: TrainConfig, tokenizer: Any, stage: str, step: int, batch:
     return layouts, text_v2.tokenize(thread_tokenizer(tokenizer), captions)
 
 
+def clip_batch(config: TrainConfig, tokenizer: Any, step: int, batch: int
+               ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layouts, caption ids, ids of the same captions with the arrows turned, where those two differ): the
+    contrastive stage's batch with one hard negative per scene that names a heading."""
+    seed = (config.seed, STAGES.index("clip"), step)
+    layouts = scenes_v2.sample_layouts(batch, seed, config.size)
+    turned = scenes_v2.turned_headings(layouts, np.random.default_rng((*seed, 2)))
+    rng = np.random.default_rng((*seed, 1))
+    captions, negatives = [], []
+    for i in range(batch):
+        twin = copy.deepcopy(rng)  # the same template and choices, only the headings differ
+        captions.append(scenes_v2.caption(layouts, i, rng))
+        negatives.append(scenes_v2.caption(turned, i, twin))
+    tokenizer = thread_tokenizer(tokenizer)
+    differs = torch.tensor([a != b for a, b in zip(captions, negatives)])
+    return layouts, text_v2.tokenize(tokenizer, captions), text_v2.tokenize(tokenizer, negatives), differs
+
+
 def stage_steps(config: TrainConfig, budget: Budget) -> Iterator[int]:
     """1, 2, ... until the stage's time is up (or ``max_steps``)."""
     step = 0
@@ -177,21 +199,23 @@ def train_clip(models: Models, config: TrainConfig, device: torch.device, budget
     clip = text_v2.build_clip(models.tokenizer, config.text_width, config.text_layers, config.vision_layers,
                               config.size, config.seed).to(device).train()
     optimizer, schedule = optimiser(clip.parameters(), config.clip_lr, config.warmup, weight_decay=0.1)
-    batches = Batches(lambda s: captioned(config, models.tokenizer, "clip", s, config.clip_batch), 1)
+    batches = Batches(lambda s: clip_batch(config, models.tokenizer, s, config.clip_batch), 1)
     start, running = time.monotonic(), []
     for step in stage_steps(config, budget):
-        layouts, ids = batches()
-        ids = ids.to(device)
+        layouts, ids, turned, differs = batches()
+        ids, turned, differs = ids.to(device), turned.to(device), differs.to(device)
         images, _ = scenes_v2.render_layouts(layouts, device)
         with autocast(config, device):
-            loss = text_v2.contrastive_loss(clip, ids, images)
+            loss = text_v2.contrastive_loss(clip, ids, images, turned, differs)
         descend(optimizer, schedule, loss, list(clip.parameters()))
         running.append(loss.detach())
         if step % config.log_every == 0:
             with autocast(config, device):
                 accuracy = text_v2.retrieval_accuracy(clip, ids, images)
+                heading = text_v2.heading_accuracy(clip, ids, images, turned, differs)
             log(config, {"stage": "clip", "step": step, "loss": round(torch.stack(running).mean().item(), 4),
-                         "retrieval": round(accuracy, 3), "minutes": round((time.monotonic() - start) / 60, 2)})
+                         "retrieval": round(accuracy, 3), "heading": round(heading, 3),
+                         "minutes": round((time.monotonic() - start) / 60, 2)})
             running = []
         models.steps["clip"] = step
     batches.close()
@@ -452,14 +476,15 @@ def stage_budgets(config: TrainConfig, stages: list[str], started: float) -> Cal
     return budget
 
 
-def check_stages(stages: list[str], models: Models) -> None:
+def check_stages(stages: list[str], models: Models, new_text_encoder: bool = False) -> None:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"Unknown stage(s) {unknown}; choose from {', '.join(STAGES)}.")
     for stage, part in (("clip", "text_encoder"), ("vae", "vae")):
-        if stage in stages and getattr(models, part) is not None:
+        if stage in stages and getattr(models, part) is not None and not (stage == "clip" and new_text_encoder):
             raise SystemExit(f"The resumed folder already has a trained {part}; it stays frozen (the UNet was "
-                             f"trained on it). Drop '{stage}' from --stages.")
+                             f"trained on it). Drop '{stage}' from --stages, or pass --new-text-encoder to replace "
+                             "the text tower and continue the UNet on it.")
     needs = {"unet": ["text_encoder", "vae"], "compass": ["text_encoder", "vae", "unet"]}
     done = {"clip": "text_encoder", "vae": "vae", "unet": "unet"}
     for stage in stages:
@@ -478,7 +503,7 @@ def train(config: TrainConfig) -> Path:
     models = load_resumed(resumed, device) if resumed else Models()
     previous = json.loads((resumed / "train_report.json").read_text())["runs"] if resumed and (
         resumed / "train_report.json").is_file() else []
-    check_stages(stages, models)
+    check_stages(stages, models, config.new_text_encoder)
     models.tokenizer = models.tokenizer or text_v2.build_tokenizer()
     budget_of = stage_budgets(config, [s for s in STAGES if s in stages], started)
     for stage in [s for s in STAGES if s in stages]:

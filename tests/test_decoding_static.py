@@ -176,3 +176,10 @@ def test_a_step_attends_over_the_narrowest_width_and_matches_the_full_cache(mode
             results.append(forward(tree.tokens, positions, mask, cache))
         assert set(widths_seen) == {64 if forward is narrow else 256}  # 40 committed + bucket 8 -> 64
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_whole_step_compile_keeps_one_key_width(models):
+    """``dynamic`` traces every (bucket, width) graph: with all widths it did not finish compiling in 6 minutes on an
+    H100, so it attends over the whole cache only; the other modes keep the narrow widths."""
+    assert static(models["llama"], compile="dynamic").widths == (256,)
+    assert static(models["llama"]).widths == (32, 64, 128, 256)

@@ -158,8 +158,8 @@ class StaticForward(CausalLMForward, CapturedSteps):
     hands the same object back, so use one adapter per concurrent request. ``max_cache_len`` bounds
     prompt + new tokens + the largest bucket. ``compile`` runs inductor on the step before capture (fused
     kernels; logits may then differ from eager in the last bits): ``"layers"`` compiles the decoder layers'
-    norms and MLPs (``LayerCompile``: seconds, not minutes), ``"dynamic"`` the whole step once for every bucket and
-    key width (symbolic sizes: minutes), ``"off"`` not at all. ``"layers"`` on a model whose layers are not found
+    norms and MLPs (``LayerCompile``: seconds, not minutes), ``"dynamic"`` the whole step once for every bucket over
+    the whole cache (symbolic sizes: minutes), ``"off"`` not at all. ``"layers"`` on a model whose layers are not found
     is ``"off"``."""
 
     def __init__(self, model, max_cache_len: int = 4096, buckets: tuple[int, ...] = BUCKETS,
@@ -168,7 +168,9 @@ class StaticForward(CausalLMForward, CapturedSteps):
         super().__init__(model, tree_attention=True, embed=embed)
         self.max_cache_len = max_cache_len
         self.buckets = tuple(sorted(buckets))
-        self.widths = key_widths(max_cache_len, self.buckets[-1])
+        # the whole-step compile traces every (bucket, width) graph: with all widths it did not finish in 6 minutes
+        # on an H100 (one width: 206 s), so it keeps the whole cache as its only width
+        self.widths = (max_cache_len,) if compile == "dynamic" else key_widths(max_cache_len, self.buckets[-1])
         self._calls = CapturedCalls(capture_supported(self.device) if capture is None else capture)
         top = self.buckets[-1]
         device = self.device

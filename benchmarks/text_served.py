@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", default=str(Path(tempfile.gettempdir()) / "tokenworks-text-models"))
     parser.add_argument("--host-profile", default="", help="methods to profile on the host after the run (diagnostic)")
     parser.add_argument("--profile-prompts", type=int, default=8)
+    parser.add_argument("--device-trace", default="", help="a folder: for each --host-profile method, torch.profiler "
+                        "over --profile-prompts, the device's busy share and a Chrome trace (diagnostic)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     pipeline, model_name = build(args)
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(report, args.json)
     for method in filter(None, args.host_profile.split(",")):
         host_profile(runner, method, prompts[: args.profile_prompts])
+        if args.device_trace:
+            device_trace(runner, method, prompts[: args.profile_prompts], Path(args.device_trace))
     return report
 
 
@@ -346,6 +350,28 @@ def host_profile(runner: Runner, method: str, prompts: list[dict]) -> None:
     profile.disable()
     print(f"host profile of {method} over {len(prompts)} prompts:", flush=True)
     pstats.Stats(profile).sort_stats("cumulative").print_stats(r"pipelines/(decoding|text)", 30)
+
+
+def device_trace(runner: Runner, method: str, prompts: list[dict], folder: Path) -> dict[str, float]:
+    """A diagnostic, not a result: how much of the wall time the device spends running kernels for ``method``
+    (the rest it waits for the host), the costliest operators, and a Chrome trace to see the gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as trace:
+        started = time.perf_counter()
+        for item in prompts:
+            runner.request(method, item["prompt"])
+        wall = time.perf_counter() - started
+    busy = sum(event.time_range.elapsed_us() for event in trace.events() if event.device_type == DeviceType.CUDA) / 1e6
+    print(f"device trace of {method} over {len(prompts)} prompts: wall {wall:.3f} s, kernels {busy:.3f} s "
+          f"({busy / wall:.0%} busy)", flush=True)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(trace.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    trace.export_chrome_trace(str(folder / f"trace_{method}.json"))
+    return {"wall_s": wall, "kernel_s": busy}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ where the forward's rows do not depend on the block: fp32, or exact mode; see ex
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .hardware import interpolate
@@ -33,6 +35,7 @@ OFFER_FLOOR = 16  # candidates asked of the trie and the recycler: 4x the recent
 GRAFTS, GRAFT_NODES = 6, 16  # PPD guesses that get recycled successors, and how many (13 prompts: tau 2.56 -> 2.66)
 PROB_BINS = 5  # recycled candidates are bucketed by the probability they had when recorded
 MISSED, PARTIAL, FULL = 0, 1, 2  # the previous step accepted no drafted token, some, or one per level offered
+HEAD_PROBE = 8  # requests: a draft head switched off for not paying for itself is tried again this often
 
 
 def _bin(probability: float) -> int:
@@ -92,6 +95,36 @@ class CandidateTrie:
         return where
 
 
+class HeadLedger:
+    """Whether the draft head pays for its time in the merged tree, from the steps it drafted in: the accepted
+    tokens only the head had proposed and the seconds its launch and read took (the read waits for its levels on
+    the device), against the step's tokens and seconds. Without the head a step would commit ``tokens - gain`` in
+    ``step - cost``, so the head pays while its share of the tokens exceeds its share of the time (an H100,
+    SmolLM2-135M: the head alone spent ~1.3 ms of drafting a step). Switched off, it is tried again every
+    ``HEAD_PROBE``-th request, so a change of prompts or device can bring it back."""
+
+    def __init__(self, memory: float = 0.9) -> None:
+        self.memory = memory  # per step: the estimate follows the last ~10 steps that drafted with the head
+        self.gain = self.tokens = self.cost_s = self.step_s = 0.0
+        self.off = 0  # requests since the head last drafted
+
+    def observe(self, gain: int, tokens: int, cost_s: float, step_s: float) -> None:
+        m = self.memory
+        self.gain, self.tokens = self.gain * m + gain, self.tokens * m + tokens
+        self.cost_s, self.step_s = self.cost_s * m + cost_s, self.step_s * m + step_s
+
+    def pays(self) -> bool:
+        if self.tokens == 0 or self.step_s == 0:
+            return True  # nothing measured yet
+        return self.gain / self.tokens > self.cost_s / self.step_s
+
+    def wanted(self) -> bool:
+        return self.pays() or self.off % HEAD_PROBE == HEAD_PROBE - 1
+
+    def finished(self, drafted: bool) -> None:
+        self.off = 0 if drafted else self.off + 1
+
+
 class MergedDrafter(Drafter):
     """Merges ``lookup``, ``lookahead`` and ``recycler`` drafts into one trie and keeps the prefix that the
     cost curve ``costs`` (seconds per forward over n query tokens) pays for. Acceptance counts persist
@@ -100,12 +133,13 @@ class MergedDrafter(Drafter):
     recycled subtree of ``graft_nodes`` below, so a guess that is right is followed by its likely successors),
     and the verified tree carries prompt chains below the nodes likeliest to end the accepted path, as many as
     the cost curve pays for. With a trained draft head (ReDrafter, ``drafts``), its tree below the root is one
-    more source where the cost curve affords wide trees (a GPU's)."""
+    more source where the cost curve affords wide trees (a GPU's) and, with a ``ledger``, while it pays for its time."""
 
     def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
                  lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0,
                  memory: float = 0.95, prompts: PromptTokens | None = None, graft: int = GRAFTS,
-                 graft_nodes: int = GRAFT_NODES, drafts: HeadDrafts | None = None) -> None:
+                 graft_nodes: int = GRAFT_NODES, drafts: HeadDrafts | None = None,
+                 ledger: HeadLedger | None = None) -> None:
         self.costs = costs
         self.recycler, self.lookahead = recycler, lookahead
         self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
@@ -126,14 +160,17 @@ class MergedDrafter(Drafter):
         self.chains = PromptChains(prompts) if prompts is not None else None
         self.graft, self.graft_nodes = graft, graft_nodes
         self.drafts = drafts
+        self.ledger = ledger
+        self._step_started = self._head_s = 0.0  # this step's start and the seconds its head calls took
         self._priced: dict[int, float] | None = None  # the curve ``_prices`` were computed from
         self._prices: list[float] = [0.0]
 
     @property
     def reads_hidden(self) -> bool:
         """Whether the next request needs the model's features: a head, and trees wide enough to use it (decided
-        per request, so a CPU's forwards never pay for recording them)."""
-        return self.drafts is not None and self.offer >= FULL_OFFER
+        per request, so a CPU's forwards never pay for recording them), while it pays for its time."""
+        return (self.drafts is not None and self.offer >= FULL_OFFER
+                and (self.ledger is None or self.ledger.wanted()))
 
     def read_hidden(self, hidden: torch.Tensor) -> None:
         self.drafts.read_hidden(hidden)
@@ -170,6 +207,7 @@ class MergedDrafter(Drafter):
         return known[bucket]
 
     def propose(self, context: list[int]) -> TokenTree:
+        self._step_started = time.perf_counter()
         self._limit_candidates()
         # the device's drafts start first and are read after the host's own: their device time hides behind it
         recycling = self.recycler.launch(context[-1])
@@ -177,6 +215,7 @@ class MergedDrafter(Drafter):
         # they pay only where wide trees are cheap (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but
         # 1.30x -> 1.28x vanilla, 10 % drafting)
         growing = self.drafts.launch(context[-1], self.offer) if wide else None
+        self._head_s = time.perf_counter() - self._step_started if wide else 0.0
         trie = CandidateTrie(context[-1], self.last)
         for n, chain, agreed in self.lookup.matches(context):
             feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
@@ -195,7 +234,9 @@ class MergedDrafter(Drafter):
                 sub, probs = self.recycler.scored([guessed.tokens[i]])
                 trie.add(sub.truncated(max_nodes=self.graft_nodes), "recycling", _ranked(ranks, probs), at=where[i],
                          below=guessed.depths[i])
+        reading = time.perf_counter()
         found = self.drafts.read(growing) if growing is not None else None
+        self._head_s += time.perf_counter() - reading if growing is not None else 0.0
         if found is not None:
             drafted, head_ranks, conditional, _ = found
             trie.add(drafted, "redrafter", _ranked(head_ranks, conditional))
@@ -299,6 +340,9 @@ class MergedDrafter(Drafter):
             drafter.update(tree, logits, accepted)
         if self.head_on:
             self.drafts.update((path if full_tree is tree else full_tree.path_of(accepted))[-1])
+            if self.ledger is not None and self._head_s:
+                alone = sum(1 for i in path[1:] if {b[0] for b in self.sources.get(keys[i], ())} == {"redrafter"})
+                self.ledger.observe(alone, len(accepted), self._head_s, time.perf_counter() - self._step_started)
         if self.chains is not None:
             if self.chains.guesses is not None:
                 self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))
@@ -309,13 +353,16 @@ class MergedDrafter(Drafter):
     def finish(self) -> None:
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.finish()
+        if self.ledger is not None and self.drafts is not None and self.offer >= FULL_OFFER:
+            self.ledger.finished(self.head_on)
 
 
 def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float],
-               prompts: PromptTokens | None = None, drafts: HeadDrafts | None = None) -> MergedDrafter:
+               prompts: PromptTokens | None = None, drafts: HeadDrafts | None = None,
+               ledger: HeadLedger | None = None) -> MergedDrafter:
     """A merged drafter over ``recycled``'s matrix and a Lookahead ``trie`` (both kept by the caller), with
     trained prompt tokens and a trained draft head when there are some."""
     return MergedDrafter(costs, TokenRecycling(recycled.matrix, probs=recycled.probs),
                          LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie), prompts=prompts,
-                         drafts=drafts)
+                         drafts=drafts, ledger=ledger)
 

@@ -13,7 +13,7 @@ import torch
 from . import prompt_tokens, recurrent_drafter
 from .hardware import step_costs
 from .lookahead import LookaheadConfig, NGramTrie
-from .merged import MergedDrafter, new_merged
+from .merged import HeadLedger, MergedDrafter, new_merged
 from .prompt_tokens import PromptChains, PromptTokens
 from .recurrent_drafter import DraftHead, HeadDrafts
 from .recycling import TokenRecycling, cold_matrix
@@ -71,14 +71,16 @@ class DecodingState:
 
     def merged(self, costs: dict[int, float]) -> MergedDrafter:
         """The model's merged drafter over its recycling matrix and output trie, its acceptance counts kept
-        across requests; it drafts with the draft head when there is one, else with the prompt tokens."""
+        across requests; it drafts with the draft head when there is one (while it pays for its time), else with
+        the prompt tokens."""
         if self._merged is None:
-            self._merged = new_merged(self.recycler(), self.trie(), costs)
+            self._merged = new_merged(self.recycler(), self.trie(), costs, ledger=HeadLedger())
         drafter = self._merged
         prompts = self.prompts if self.head is None else None
         if (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:
             drafter.chains = PromptChains(prompts) if prompts is not None else None
         if (drafter.drafts.head if drafter.drafts is not None else None) is not self.head:
             drafter.drafts = HeadDrafts(self.head, self.model) if self.head is not None else None
+            drafter.ledger = HeadLedger()  # what the old head paid says nothing of this one
         drafter.costs = costs
         return drafter

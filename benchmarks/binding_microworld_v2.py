@@ -34,11 +34,11 @@ from PIL import Image, ImageDraw  # noqa: E402
 from benchmarks.control_effect_v2 import binding_prompts  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
-from pipelines.image import binding as tome  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
+from pipelines.diffusion import binding as tome  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.presets import MICROWORLD_MODEL  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 NO_REFINEMENT = {"token_control_steps": 0, "attention_control_steps": 0}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -92,7 +92,7 @@ def variant(name: str) -> Iterator[None]:
     """The served path with binding's config (and, for the diagnostics, its entropy step) set to ``name``'s."""
     config = dataclasses.replace(tome.BindingConfig(), **VARIANTS[name])
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch("pipelines.image.controls.BindingConfig", lambda: config))
+        stack.enter_context(mock.patch("pipelines.diffusion.controls.BindingConfig", lambda: config))
         if name.startswith("capped-entropy-") and name.endswith("-frozen"):
             part = name.removeprefix("capped-entropy-").removesuffix("-frozen")
             stack.enter_context(mock.patch.object(tome.SemanticBinding, "_entropy_gradients", without(part)))

@@ -21,8 +21,8 @@ from PIL import Image  # noqa: E402
 from benchmarks.control_effect import benchmark_scenes, control_options  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 BACKGROUND_TOLERANCE = 24  # max channel difference from the background colour (8-bit)
 

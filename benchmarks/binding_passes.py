@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
-from pipelines.image.binding import BindingConfig  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
+from pipelines.diffusion.binding import BindingConfig  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 PROMPT = "a [red hat] and a [blue car] in watercolor style"
 MODEL = "tiny-sd15 (random weights)"

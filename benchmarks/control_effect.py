@@ -28,10 +28,10 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld.scenes import Scene, make_scene  # noqa: E402
 from pipelines.microworld.scorer import score_image  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 METRICS = ("binding", "presence", "leakage", "heading_error", "style_correct")
 TARGET = {"binding": "binding", "lpa": "style_correct", "compass": "heading_error", "leakfix": "leakage"}

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from benchmarks.control_effect import bootstrap_interval  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
-from pipelines.image.pipeline import MAX_BATCH, ImagePipeline, ImageRequest  # noqa: E402
+from pipelines.tabs.image import MAX_BATCH, ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld import scenes_v2  # noqa: E402
 from pipelines.microworld.compass_v2 import arrow_scenes, compass_angle  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file  # noqa: E402

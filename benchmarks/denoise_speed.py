@@ -38,11 +38,11 @@ from benchmarks.report import command_line, write_report  # noqa: E402
 
 from benchmarks.image_speed import SD15_UNET, SDXL_UNET, TINY, Runner, timer  # noqa: E402
 from benchmarks.video_speed import ADAPTER_V153, TINY_ADAPTER, TINY_UNET  # noqa: E402
-from pipelines.image.attention import AttentionControl  # noqa: E402
-from pipelines.image.compass import CompassObject, CompassPrompt, localisation_biases  # noqa: E402
-from pipelines.image.fast import FastUNet  # noqa: E402
-from pipelines.image.lpa import route_style_tokens  # noqa: E402
-from pipelines.image.merging import apply_merging, merging_stats, remove_merging  # noqa: E402
+from pipelines.diffusion.attention import AttentionControl  # noqa: E402
+from pipelines.diffusion.compass import CompassObject, CompassPrompt, localisation_biases  # noqa: E402
+from pipelines.diffusion.fast import FastUNet  # noqa: E402
+from pipelines.diffusion.lpa import route_style_tokens  # noqa: E402
+from pipelines.diffusion.merging import apply_merging, merging_stats, remove_merging  # noqa: E402
 
 TEXT_TOKENS = 77
 CONFIGS = ("plain", "merge", "lpa", "compass", "lpa+compass+merge")
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.backends = (args.backends or ("graph" if device.type == "cuda" else "eager")).split(",")
     args.configs = args.configs.split(",")
     if args.min_tokens is None:
-        from pipelines.image.merging import DEFAULT_MIN_TOKENS
+        from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
 
         args.min_tokens = 0 if args.tiny else DEFAULT_MIN_TOKENS
     started = time.perf_counter()

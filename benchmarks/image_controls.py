@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 PROMPT = "a [red hat] and a [blue car] in watercolor style"
 METHODS = {

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.image_speed import SD15_UNET, SDXL_UNET  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.models import ModelSpec, ModelStore, module_nbytes  # noqa: E402
-from pipelines.animatediff import animatediff_scheduler  # noqa: E402
-from pipelines.video import VideoPipeline, VideoRequest  # noqa: E402
+from pipelines.diffusion.animatediff import animatediff_scheduler  # noqa: E402
+from pipelines.tabs.video import VideoPipeline, VideoRequest  # noqa: E402
 
 PROMPT = "a [red hat] and a [blue car] in watercolor style"
 COMPASS = json.dumps([{"name": "hat", "angle": 0, "box": [0.0, 0.0, 0.5, 1.0]},

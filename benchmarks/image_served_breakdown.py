@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.image_served import PROMPT, saved_models  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Progress, Result  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
-from pipelines.image.preview import AsyncPreviews  # noqa: E402
+from pipelines.diffusion.preview import AsyncPreviews  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 
 def served_phases(served: ImagePipeline, request: ImageRequest) -> dict[str, float]:

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.decoding import verify  # noqa: E402
+from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie  # noqa: E402
+from pipelines.decoding.drafters.merged import new_merged  # noqa: E402
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup  # noqa: E402
+from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix  # noqa: E402
 from pipelines.decoding.hardware import step_costs  # noqa: E402
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie  # noqa: E402
-from pipelines.decoding.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import SamplingConfig, plain_decode  # noqa: E402
-from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
-from pipelines.decoding.recycling import TokenRecycling, cold_matrix  # noqa: E402
 from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
 from pipelines.tiny import tiny_causal_lm  # noqa: E402
 

@@ -24,14 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
-from pipelines.decoding.lookahead import LookaheadTrie  # noqa: E402
-from pipelines.decoding.merged import CandidateTrie, MergedDrafter  # noqa: E402
-from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
-from pipelines.decoding.recurrent_drafter import HeadDrafts  # noqa: E402
-from pipelines.decoding.recycling import TokenRecycling  # noqa: E402
+from pipelines.decoding.drafters.lookahead import LookaheadTrie  # noqa: E402
+from pipelines.decoding.drafters.merged import CandidateTrie, MergedDrafter  # noqa: E402
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup  # noqa: E402
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts  # noqa: E402
+from pipelines.decoding.drafters.recycling import TokenRecycling  # noqa: E402
 from pipelines.decoding.tree import TokenTree  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
-from pipelines.text import TextPipeline, TextRequest  # noqa: E402
+from pipelines.tabs.text import TextPipeline, TextRequest  # noqa: E402
 
 TIMED = [(MergedDrafter, "propose"), (MergedDrafter, "_select"), (MergedDrafter, "update"), (CandidateTrie, "add"),
          (TokenRecycling, "launch"), (TokenRecycling, "read"), (TokenRecycling, "update"),

@@ -24,12 +24,12 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
-from pipelines.image.pipeline import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld import scenes_v2  # noqa: E402
 from pipelines.microworld.compass_v2 import compass_angle  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.presets import MICROWORLD_MODEL  # noqa: E402
+from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 
 OBJECT = re.compile(rf"(?:({'|'.join(scenes_v2.STYLES)}) )?({'|'.join(scenes_v2.COLOURS)}) "
                     rf"({'|'.join(scenes_v2.SHAPES)})")

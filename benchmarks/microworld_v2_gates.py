@@ -36,15 +36,15 @@ from PIL import Image  # noqa: E402
 from benchmarks.control_effect import bootstrap_interval  # noqa: E402
 from benchmarks.control_effect_v2 import base_request, contact_sheet, make_pool, serve  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
-from pipelines.image.attention import KeyBias  # noqa: E402
-from pipelines.image.compass import outside_box_mask  # noqa: E402
-from pipelines.image.pipeline import MAX_BATCH, ImagePipeline, ImageRequest  # noqa: E402
-from pipelines.image.prompts import token_positions  # noqa: E402
+from pipelines.diffusion.attention import KeyBias  # noqa: E402
+from pipelines.diffusion.compass import outside_box_mask  # noqa: E402
+from pipelines.diffusion.prompts import token_positions  # noqa: E402
 from pipelines.microworld import scenes_v2  # noqa: E402
 from pipelines.microworld.scenes import BACKGROUND, PALETTE, smooth_noise  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file, score_image  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.presets import MICROWORLD_MODEL  # noqa: E402
+from pipelines.tabs.image import MAX_BATCH, ImagePipeline, ImageRequest  # noqa: E402
 
 THRESHOLDS = {"single_object_colour_accuracy": 0.9, "heading_error_deg": 20.0, "noise_presence": 0.1}
 MIN_HEADING_COVERAGE = 0.5

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import command_line, write_report  # noqa: E402
 
 from pipelines.decoding.plain import SamplingConfig  # noqa: E402
-from pipelines.musicgen import stream_accompaniment  # noqa: E402
+from pipelines.audio.musicgen import stream_accompaniment  # noqa: E402
 from pipelines.streaming import Returning  # noqa: E402
 from pipelines.tiny import tiny_musicgen  # noqa: E402
 

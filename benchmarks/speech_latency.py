@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 
-from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, synthesize  # noqa: E402
+from pipelines.audio.bark import BarkOutput, BarkSettings, BarkTTS, synthesize  # noqa: E402
 from pipelines.decoding.plain import SamplingConfig  # noqa: E402
 from pipelines.streaming import Returning  # noqa: E402
 from pipelines.tiny import tiny_bark, tiny_bark_tokenizer  # noqa: E402

@@ -23,16 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
-from pipelines.decoding.draft_model import DraftModel  # noqa: E402
+from pipelines.decoding.drafters.draft_model import DraftModel  # noqa: E402
 from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size  # noqa: E402
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie  # noqa: E402
-from pipelines.decoding.merged import new_merged  # noqa: E402
+from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie  # noqa: E402
+from pipelines.decoding.drafters.merged import new_merged  # noqa: E402
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode  # noqa: E402
-from pipelines.decoding.prompt_lookup import PromptLookup  # noqa: E402
-from pipelines.decoding import prompt_tokens, recurrent_drafter  # noqa: E402
-from pipelines.decoding.prompt_tokens import ParallelPromptDecoding  # noqa: E402
-from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting  # noqa: E402
-from pipelines.decoding.recycling import TokenRecycling  # noqa: E402
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup  # noqa: E402
+from pipelines.decoding.drafters import prompt_tokens, recurrent_drafter  # noqa: E402
+from pipelines.decoding.drafters.prompt_tokens import ParallelPromptDecoding  # noqa: E402
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting  # noqa: E402
+from pipelines.decoding.drafters.recycling import TokenRecycling  # noqa: E402
 from pipelines.decoding.state import DecodingState  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.models import pick_dtype  # noqa: E402

@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
 from benchmarks.text_decoding import HF_PLD_TOKENS, WARMUP_PROMPT, read_prompts  # noqa: E402
-from pipelines.causal_lm import CausalLM, eos_token_ids  # noqa: E402
+from pipelines.decoding.causal_lm import CausalLM, eos_token_ids  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.packaged import convert_gguf  # noqa: E402
-from pipelines.text import TextPipeline, TextRequest  # noqa: E402
+from pipelines.tabs.text import TextPipeline, TextRequest  # noqa: E402
 
 OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "lookahead")
 EXACT = "+exact"  # suffix of a method run in exact mode
@@ -349,7 +349,7 @@ def host_profile(runner: Runner, method: str, prompts: list[dict]) -> None:
         runner.request(method, item["prompt"])
     profile.disable()
     print(f"host profile of {method} over {len(prompts)} prompts:", flush=True)
-    pstats.Stats(profile).sort_stats("cumulative").print_stats(r"pipelines/(decoding|text)", 30)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(r"pipelines/(decoding|tabs/text)", 30)
 
 
 def device_trace(runner: Runner, method: str, prompts: list[dict], folder: Path) -> dict[str, float]:

@@ -8,9 +8,9 @@ from typing import Any, Iterator
 import gradio as gr
 
 from pipelines.base import NO_COMPARISON, Partial, PipelineError, Progress, Result
-from pipelines.image.compass import draw_compass_preview, parse_compass_objects
-from pipelines.image.merging import DEFAULT_MIN_TOKENS
-from pipelines.image.pipeline import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
+from pipelines.diffusion.compass import draw_compass_preview, parse_compass_objects
+from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
+from pipelines.tabs.image import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
 from pipelines.microworld import WEIGHTS_V2
 from pipelines.presets import MICROWORLD_MODEL
 

@@ -6,8 +6,8 @@ from typing import Iterator
 import gradio as gr
 
 from pipelines.base import Partial, Progress, Result
-from pipelines.lyrics import EXAMPLE_LYRICS
-from pipelines.song import MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
+from pipelines.audio.lyrics import EXAMPLE_LYRICS
+from pipelines.tabs.song import MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
                      on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)

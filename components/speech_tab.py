@@ -9,9 +9,9 @@ from typing import Iterator
 
 import gradio as gr
 
-from pipelines.audio import wav_bytes
+from pipelines.audio.pcm import wav_bytes
 from pipelines.base import Partial, Progress, Result
-from pipelines.speech import SpeechPipeline, SpeechRequest
+from pipelines.tabs.speech import SpeechPipeline, SpeechRequest
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
                      on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)

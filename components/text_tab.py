@@ -13,7 +13,7 @@ import gradio as gr
 from pipelines.base import Partial, Result
 from pipelines.decoding.compare import compare_stats
 from pipelines.decoding.methods import DECODING_METHODS, METHOD_LABELS, METHODS
-from pipelines.text import MAX_NEW_TOKENS_LIMIT, TextPipeline, TextRequest
+from pipelines.tabs.text import MAX_NEW_TOKENS_LIMIT, TextPipeline, TextRequest
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
                      stats_panel, wire_stop)

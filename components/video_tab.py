@@ -8,9 +8,9 @@ from typing import Iterator
 import gradio as gr
 
 from pipelines.base import PipelineError, Progress, Result
-from pipelines.image.merging import DEFAULT_MIN_TOKENS
-from pipelines.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
-from pipelines.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
+from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
+from pipelines.diffusion.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
+from pipelines.tabs.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
 from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
                      on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)

@@ -10,31 +10,31 @@ TASK_ORDER = ("text", "image", "video", "speech", "song")
 
 
 def _text(store: ModelStore, preset: str) -> Pipeline:
-    from .text import TextPipeline
+    from .tabs.text import TextPipeline
 
     return TextPipeline(store, preset)
 
 
 def _image(store: ModelStore, preset: str) -> Pipeline:
-    from .image.pipeline import ImagePipeline
+    from .tabs.image import ImagePipeline
 
     return ImagePipeline(store, preset)
 
 
 def _speech(store: ModelStore, preset: str) -> Pipeline:
-    from .speech import SpeechPipeline
+    from .tabs.speech import SpeechPipeline
 
     return SpeechPipeline(store, preset)
 
 
 def _video(store: ModelStore, preset: str) -> Pipeline:
-    from .video import VideoPipeline
+    from .tabs.video import VideoPipeline
 
     return VideoPipeline(store, preset)
 
 
 def _song(store: ModelStore, preset: str) -> Pipeline:
-    from .song import SongPipeline
+    from .tabs.song import SongPipeline
 
     return SongPipeline(store, preset)
 

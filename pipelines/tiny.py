@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .bark import BarkTTS
+    from .audio.bark import BarkTTS
 
 TINY_CORPUS = (
     "The quick brown fox jumps over the lazy dog. A red hat and a blue car. "
@@ -190,7 +190,7 @@ def tiny_animatediff_pipeline(seed: int = 0):
     """The image tab's tiny SD1.5 (real block layout) inflated with a tiny MotionAdapter into a UNetMotionModel."""
     from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
 
-    from .animatediff import animatediff_scheduler
+    from .diffusion.animatediff import animatediff_scheduler
 
     sd = tiny_sd15_pipeline(seed)
     torch.manual_seed(seed + 10)
@@ -249,7 +249,7 @@ def tiny_bark(seed: int = 0, eos_bias: float = TINY_EOS_BIAS) -> BarkTTS:
     from transformers import BarkConfig, BarkModel, EncodecConfig
     from transformers.models.bark.generation_configuration_bark import BarkGenerationConfig
 
-    from .bark import BarkTTS
+    from .audio.bark import BarkTTS
 
     tokenizer = tiny_bark_tokenizer()
     semantic_vocab, codebook = TINY_SEMANTIC_VOCAB, TINY_CODEBOOK

@@ -8,11 +8,11 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from pipelines.image.attention import AttentionControl
-from pipelines.image.binding import (BindingConfig, SemanticBinding, binding_layers, entropy_loss, grid_layers,
-                                     truncated_after)
-from pipelines.image.pipeline import ImagePipeline, ImageRequest
-from pipelines.image.prompts import encode_positive, parse_prompt
+from pipelines.diffusion.attention import AttentionControl
+from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, binding_layers, entropy_loss, grid_layers,
+                                         truncated_after)
+from pipelines.tabs.image import ImagePipeline, ImageRequest
+from pipelines.diffusion.prompts import encode_positive, parse_prompt
 from pipelines.models import ModelStore
 from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -152,7 +152,7 @@ def test_sdxl_at_1024_px_reads_the_official_three_layers_and_stops_after_the_thi
 def test_refinement_through_the_fast_path_runner_equals_the_plain_refinement():
     """The image tab hands the refinement's UNet work to ``FastUNet.captured`` (on the CPU: the same static code,
     uncaptured): same latents, embedding and loss traces as calling the UNet directly."""
-    from pipelines.image.fast import FastUNet
+    from pipelines.diffusion.fast import FastUNet
 
     results = []
     for through_fast_path in (False, True):

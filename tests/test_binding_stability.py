@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from pipelines.image.attention import AttentionControl
-from pipelines.image import binding as tome
-from pipelines.image.binding import BindingConfig, SemanticBinding, entropy_loss
-from pipelines.image.pipeline import ImageRequest
-from pipelines.image.prompts import encode_positive, parse_prompt
+from pipelines.diffusion.attention import AttentionControl
+from pipelines.diffusion import binding as tome
+from pipelines.diffusion.binding import BindingConfig, SemanticBinding, entropy_loss
+from pipelines.tabs.image import ImageRequest
+from pipelines.diffusion.prompts import encode_positive, parse_prompt
 from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a [red hat] and a [blue car]"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.audio import ChunkSchedule
-from pipelines.codec_stream import EncodecStream, decoder_reach
+from pipelines.audio.codec_stream import EncodecStream, decoder_reach
+from pipelines.audio.pcm import ChunkSchedule
 from pipelines.tiny import tiny_bark, tiny_musicgen
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from pipelines.base import PipelineError
-from pipelines.image.attention import AttentionControl, cross_attention_layers
-from pipelines.image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, PhraseCompassEncoder, apply_compass,
-                                     insert_compass_tokens, load_official_compass, lora_diffusion_to_peft,
-                                     outside_box_mask, parse_compass_objects, square_box, write_compass_embeddings)
+from pipelines.diffusion.attention import AttentionControl, cross_attention_layers
+from pipelines.diffusion.compass import (PLACEHOLDER, CompassEncoder, CompassObject, PhraseCompassEncoder,
+                                         apply_compass, insert_compass_tokens, load_official_compass,
+                                         lora_diffusion_to_peft, outside_box_mask, parse_compass_objects, square_box,
+                                         write_compass_embeddings)
 from pipelines.tiny import tiny_sd15_pipeline
 
 
@@ -103,7 +104,7 @@ def write_official_checkpoint(folder, unet, linears):
 
 
 def test_official_checkpoint_in_the_image_pipeline_applies_its_lora_only_to_compass_runs(store, tmp_path):
-    from pipelines.image.pipeline import ImagePipeline, ImageRequest
+    from pipelines.tabs.image import ImagePipeline, ImageRequest
 
     pipeline = ImagePipeline(store, "tiny")
     unet = pipeline.load("").pipe.unet
@@ -168,7 +169,7 @@ def test_objects_parse_with_angles_wrapped_to_one_turn():
 
 
 def test_training_script_reduces_its_loss_on_a_tiny_synthetic_set(tmp_path):
-    from pipelines.image.compass_train import load_trained_compass, main
+    from pipelines.diffusion.compass_train import load_trained_compass, main
 
     report = main(["--model", "tiny", "--synthetic", "6", "--steps", "40", "--lr", "3e-3", "--lora-rank", "2",
                    "--out", str(tmp_path / "ckpt")])
@@ -179,7 +180,7 @@ def test_training_script_reduces_its_loss_on_a_tiny_synthetic_set(tmp_path):
 
 
 def test_image_pipeline_applies_call_on_every_cross_attention_layer_and_step(store):
-    from pipelines.image.pipeline import ImagePipeline, ImageRequest
+    from pipelines.tabs.image import ImagePipeline, ImageRequest
 
     pipeline = ImagePipeline(store, "tiny")
     unet = pipeline.load("").pipe.unet
@@ -230,7 +231,7 @@ def test_compass_token_key_gets_its_object_token_key_added(pipe):
 
 
 def test_compass_training_uses_the_key_share_as_inference_does(tmp_path, monkeypatch):
-    from pipelines.image import compass_train
+    from pipelines.diffusion import compass_train
 
     shared_layers = []
     original = AttentionControl.share_keys

@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from pipelines.image.attention import AttentionControl, cross_attention_layers
-from pipelines.image.compass import PLACEHOLDER, PhraseCompassEncoder, apply_compass
+from pipelines.diffusion.attention import AttentionControl, cross_attention_layers
+from pipelines.diffusion.compass import PLACEHOLDER, PhraseCompassEncoder, apply_compass
 
 TINY = ["--device", "cpu", "--dtype", "fp32", "--size", "32", "--text-width", "32", "--text-layers", "2",
         "--vision-layers", "1", "--vae-channels", "8,16,16", "--unet-channels", "16,16,16,16",

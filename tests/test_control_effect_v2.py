@@ -59,7 +59,7 @@ def test_plan_makes_the_asked_number_of_distinct_units_in_served_batches(effect,
 
 
 def test_binding_and_leakfix_prompts_are_the_held_out_swaps(effect):
-    from pipelines.image.prompts import parse_prompt
+    from pipelines.diffusion.prompts import parse_prompt
     from pipelines.microworld.scenes_v2 import FAVOURITE
 
     binding, leakfix = effect.binding_prompts(), effect.leakfix_prompts()
@@ -73,7 +73,7 @@ def test_binding_and_leakfix_prompts_are_the_held_out_swaps(effect):
 
 
 def test_lpa_prompts_name_one_style_that_every_object_should_wear(effect):
-    from pipelines.image.prompts import parse_prompt
+    from pipelines.diffusion.prompts import parse_prompt
 
     for prompt in effect.lpa_prompts(9):
         styles = {o["style"] for o in prompt.truth["objects"]}
@@ -115,9 +115,9 @@ def test_clutter_on_the_ground_is_refused_though_most_pixels_are_ground():
 def test_v2_is_the_packaged_microworld_model_and_generates_on_the_served_path(tmp_path, monkeypatch):
     from pipelines import microworld
     from pipelines.base import Result
-    from pipelines.image.pipeline import ImagePipeline, ImageRequest
     from pipelines.models import ModelStore
     from pipelines.presets import MICROWORLD_MODEL
+    from pipelines.tabs.image import ImagePipeline, ImageRequest
 
     store = ModelStore(device=torch.device("cpu"))
     pipeline = ImagePipeline(store, "auto")

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from pipelines.base import PipelineError
-from pipelines.image.attention import AttentionControl
-from pipelines.image.binding import BindingConfig
-from pipelines.image.controls import ControlPlan
-from pipelines.image.lpa import LPAConfig
-from pipelines.image.pipeline import ImageRequest
-from pipelines.image.prompts import encode_positive, parse_prompt
+from pipelines.diffusion.attention import AttentionControl
+from pipelines.diffusion.binding import BindingConfig
+from pipelines.diffusion.controls import ControlPlan
+from pipelines.diffusion.lpa import LPAConfig
+from pipelines.diffusion.prompts import encode_positive, parse_prompt
+from pipelines.tabs.image import ImageRequest
+from pipelines.tabs.video import VideoRequest
 from pipelines.tiny import tiny_sd15_pipeline
-from pipelines.video import VideoRequest
 
 
 def test_requests_take_their_defaults_from_the_techniques_configs():

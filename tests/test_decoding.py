@@ -7,13 +7,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from pipelines.decoding.draft_model import DraftModel
+from pipelines.decoding.drafters.draft_model import DraftModel
 from pipelines.decoding.hardware import measure_step_cost, pick_tree_size
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
-from pipelines.decoding.merged import FULL, OFFER_FLOOR, PARTIAL, MergedDrafter, new_merged
+from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
+from pipelines.decoding.drafters.merged import FULL, OFFER_FLOOR, PARTIAL, MergedDrafter, new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.recycling import DEFAULT_TEMPLATE, LEVEL_SIZES, TokenRecycling, build_template
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.recycling import DEFAULT_TEMPLATE, LEVEL_SIZES, TokenRecycling, build_template
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm

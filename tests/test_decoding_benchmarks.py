@@ -90,7 +90,7 @@ def test_long_prompt_benchmark_times_start_drafters_and_the_request(tmp_path):
 def test_weights_option_serves_a_packaged_entry_from_a_given_folder(tmp_path):
     import text_served
     from pipelines.models import ModelStore
-    from pipelines.text import TextPipeline
+    from pipelines.tabs.text import TextPipeline
 
     pipeline = TextPipeline(ModelStore())
     name = "SmolLM2-135M-Instruct (packaged)"

@@ -10,8 +10,8 @@ import torch
 from pipelines.decoding.device_accept import device_tree, greedy_accept
 from pipelines.decoding.hardware import bucketed, pick_tree_size
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.recurrent_drafter import HeadDrafts, lm_head_logits, new_head
-from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, lm_head_logits, new_head
+from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import accept, speculative_decode

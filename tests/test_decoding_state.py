@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from pipelines.decoding import hardware, state as decoding_state
-from pipelines.decoding.prompt_tokens import new_prompt_tokens
-from pipelines.decoding.recurrent_drafter import new_head
+from pipelines.decoding.drafters.prompt_tokens import new_prompt_tokens
+from pipelines.decoding.drafters.recurrent_drafter import new_head
 from pipelines.decoding.state import DecodingState
 from pipelines.tiny import tiny_causal_lm
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.image.attention import AttentionControl, KeyBias
-from pipelines.image.fast import FastUNet, StaticBiases, choose_backend, unet_graphs
-from pipelines.image.lpa import route_style_tokens
-from pipelines.image.merging import apply_merging, merging_stats, remove_merging
-from pipelines.image.pipeline import ImagePipeline, ImageRequest
+from pipelines.diffusion.attention import AttentionControl, KeyBias
+from pipelines.diffusion.fast import FastUNet, StaticBiases, choose_backend, unet_graphs
+from pipelines.diffusion.lpa import route_style_tokens
+from pipelines.diffusion.merging import apply_merging, merging_stats, remove_merging
 from pipelines.models import ModelStore
+from pipelines.tabs.image import ImagePipeline, ImageRequest
+from pipelines.tabs.video import VideoPipeline, VideoRequest
 from pipelines.tiny import tiny_sd15_pipeline
-from pipelines.video import VideoPipeline, VideoRequest
 
 TINY = {"sd15": "tiny-sd15 (random weights)", "sdxl": "tiny-sdxl (random weights)"}
 COMPASS = json.dumps([{"name": "car", "angle": 90, "box": [0.5, 0.0, 1.0, 1.0]}])

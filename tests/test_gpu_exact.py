@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipelines.decoding.drafters.lookahead import NGramTrie
+from pipelines.decoding.drafters.merged import new_merged
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.exact import EXACT_ROWS, ExactForward
-from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import speculative_decode

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.image.pipeline import ImagePipeline, ImageRequest
 from pipelines.models import ModelStore, placement
-from pipelines.video import VideoPipeline, VideoRequest
+from pipelines.tabs.image import ImagePipeline, ImageRequest
+from pipelines.tabs.video import VideoPipeline, VideoRequest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TINY = {"sd15": "tiny-sd15 (random weights)", "sdxl": "tiny-sdxl (random weights)"}
@@ -90,7 +90,7 @@ def test_video_graph_equals_eager_static_path_and_keeps_dtype(monkeypatch):
 def test_previews_never_wait_for_the_gpu(image_pipeline):
     """A preview is a few kernels and an async copy: no host sync (a host-side colour map made every preview wait
     for all queued steps)."""
-    from pipelines.image.preview import AsyncPreviews
+    from pipelines.diffusion.preview import AsyncPreviews
 
     model = image_pipeline.load(TINY["sd15"])
     previews = AsyncPreviews(model.preview_map, upscale=8, interval=0.0)

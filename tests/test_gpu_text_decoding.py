@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from pipelines.decoding.device_accept import device_tree, greedy_accept
-from pipelines.decoding.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
-from pipelines.decoding.merged import new_merged
+from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
+from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, new_head
-from pipelines.decoding.recycling import TokenRecycling, cold_matrix
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting, new_head
+from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.verify import accept, speculative_decode
 from pipelines.tiny import tiny_causal_lm

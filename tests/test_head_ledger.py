@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from pipelines.decoding.drafters.lookahead import NGramTrie
+from pipelines.decoding.drafters.merged import HEAD_PROBE, HeadLedger, new_merged
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, new_head
+from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.hardware import GPU_STEP_COST
-from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import HEAD_PROBE, HeadLedger, new_merged
 from pipelines.decoding.plain import SamplingConfig
-from pipelines.decoding.recurrent_drafter import HeadDrafts, new_head
-from pipelines.decoding.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.verify import NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 

@@ -114,9 +114,9 @@ def test_offline_image_tab_opens_on_the_microworld_model_with_its_examples(hub_o
     import gradio as gr
 
     from app import build_demo
-    from pipelines.image.pipeline import ImagePipeline
     from pipelines.models import ModelStore
     from pipelines.presets import MICROWORLD_MODEL
+    from pipelines.tabs.image import ImagePipeline
 
     store = ModelStore(packaged={}, installed={"microworld": lambda: True})
     demo = build_demo({"image": ImagePipeline(store, "auto")})
@@ -137,9 +137,9 @@ def test_every_microworld_example_runs_on_the_trained_model_with_its_control_at_
     from dataclasses import asdict
 
     from components.image_tab import MICROWORLD_EXAMPLES
-    from pipelines.image.pipeline import ImagePipeline, ImageRequest
     from pipelines.models import ModelStore
     from pipelines.presets import MICROWORLD_MODEL
+    from pipelines.tabs.image import ImagePipeline, ImageRequest
 
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
     pipeline = ImagePipeline(ModelStore(), "auto")

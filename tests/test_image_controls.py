@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from pipelines.base import Partial, Result
-from pipelines.image.attention import AttentionControl, KeyBias, cross_attention_layers
-from pipelines.image.binding import (BindingConfig, SemanticBinding, composite_tokens, end_token_substitution,
-                                     group_tokens)
-from pipelines.image.leakfix import isolate_items
-from pipelines.image.lpa import layer_tags, route_style_tokens
-from pipelines.image.pipeline import ImagePipeline, ImageRequest
-from pipelines.image.prompts import encode_positive, parse_prompt
+from pipelines.diffusion.attention import AttentionControl, KeyBias, cross_attention_layers
+from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, composite_tokens, end_token_substitution,
+                                         group_tokens)
+from pipelines.diffusion.leakfix import isolate_items
+from pipelines.diffusion.lpa import layer_tags, route_style_tokens
+from pipelines.tabs.image import ImagePipeline, ImageRequest
+from pipelines.diffusion.prompts import encode_positive, parse_prompt
 from pipelines.models import ModelStore
 from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 

@@ -12,14 +12,15 @@ import weakref
 import pytest
 import torch
 
-import pipelines.image
-from pipelines.image.attention import AttentionControl, KeyBias
-from pipelines.image.fast import FastUNet, unet_graphs
-from pipelines.image.hooks import CAPTURE_SAFE, capture_name, capture_safe
-from pipelines.image.merging import apply_merging, installed_merging, remove_merging
-from pipelines.image.pipeline import ImagePipeline
-from pipelines.image.state import ATTRIBUTE, UNetState, unet_state
+import pipelines.diffusion
+import pipelines.tabs
+from pipelines.diffusion.attention import AttentionControl, KeyBias
+from pipelines.diffusion.fast import FastUNet, unet_graphs
+from pipelines.diffusion.hooks import CAPTURE_SAFE, capture_name, capture_safe
+from pipelines.diffusion.merging import apply_merging, installed_merging, remove_merging
+from pipelines.diffusion.state import ATTRIBUTE, UNetState, unet_state
 from pipelines.models import ModelStore
+from pipelines.tabs.image import ImagePipeline
 from pipelines.tiny import tiny_sd15_pipeline
 
 
@@ -71,11 +72,14 @@ def test_state_goes_with_its_unet():
     assert gone_unet() is None and gone_graphs() is None
 
 
-def test_no_module_level_weak_key_dictionaries_in_the_image_package():
-    for info in pkgutil.iter_modules(pipelines.image.__path__):
-        module = importlib.import_module(f"pipelines.image.{info.name}")
-        held = [name for name, value in vars(module).items() if isinstance(value, weakref.WeakKeyDictionary)]
-        assert not held, f"pipelines.image.{info.name} keeps per-model state in {held}"
+def test_no_module_level_weak_key_dictionaries_in_the_diffusion_package_or_the_tabs():
+    modules = [f"{package.__name__}.{info.name}" for package in (pipelines.diffusion, pipelines.tabs)
+               for info in pkgutil.iter_modules(package.__path__)]
+    assert "pipelines.tabs.image" in modules and "pipelines.diffusion.merging" in modules
+    for name in modules:
+        module = importlib.import_module(name)
+        held = [key for key, value in vars(module).items() if isinstance(value, weakref.WeakKeyDictionary)]
+        assert not held, f"{name} keeps per-model state in {held}"
 
 
 def test_registry_names_the_merging_and_control_hooks():

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from pipelines.decoding.hardware import GPU_STEP_COST
-from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import MergedDrafter, new_merged
+from pipelines.decoding.drafters.lookahead import NGramTrie
+from pipelines.decoding.drafters.merged import MergedDrafter, new_merged
 from pipelines.decoding.plain import SamplingConfig
-from pipelines.decoding.prompt_tokens import new_prompt_tokens
-from pipelines.decoding.recurrent_drafter import HeadDrafts, new_head
-from pipelines.decoding.recycling import TokenRecycling, cold_matrix
+from pipelines.decoding.drafters.prompt_tokens import new_prompt_tokens
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, new_head
+from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import speculative_decode
 from pipelines.tiny import tiny_causal_lm

@@ -7,18 +7,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from pipelines.image.merging import (
-    apply_merging,
-    best_destinations,
-    destination_offsets,
-    merge,
-    merging_stats,
-    partition,
-    plan_merge,
-    remove_merging,
-    spatial_transformers,
-    unmerge,
-)
+from pipelines.diffusion.merging import (apply_merging, best_destinations, destination_offsets, merge, merging_stats,
+                                         partition, plan_merge, remove_merging, spatial_transformers, unmerge)
 
 
 SIZE = 16  # latent side: 256 tokens at the finest level, 64 at the next
@@ -334,7 +324,7 @@ def test_planning_and_merging_trace_as_one_graph(window):
 
 
 def test_image_tab_merges_where_it_pays_for_the_model_and_backend():
-    from pipelines.image.merging import DEFAULT_MIN_TOKENS, EAGER_CUDA_MIN_TOKENS, merge_settings
+    from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS, EAGER_CUDA_MIN_TOKENS, merge_settings
 
     assert merge_settings("sd15", "graph", "cuda")["min_tokens"] == DEFAULT_MIN_TOKENS
     assert merge_settings("sd15", "eager", "cuda")["min_tokens"] == EAGER_CUDA_MIN_TOKENS > DEFAULT_MIN_TOKENS

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pipelines.base import Result
-from pipelines.image.pipeline import ImagePipeline, ImageRequest
 from pipelines.models import ModelStore
+from pipelines.tabs.image import ImagePipeline, ImageRequest
 
 TINY_ARGS = ["--device", "cpu", "--dtype", "fp32", "--text", "tiny", "--scenes", "48", "--workers", "1",
              "--vae-channels", "8,16,16", "--unet-channels", "16,16,16,16", "--layers-per-block", "1",

@@ -50,7 +50,7 @@ def test_stages_save_a_loadable_sd_folder_with_a_clip_text_encoder(trained):
 
 
 def test_resume_continues_the_unet_from_weights_and_trains_a_compass_encoder(trained, tmp_path):
-    from pipelines.image.compass_train import load_trained_compass
+    from pipelines.diffusion.compass_train import load_trained_compass
     from pipelines.microworld.train_v2 import parse_args, train
 
     resumed = train(parse_args(TINY + ["--stages", "unet,compass", "--resume", str(trained),
@@ -100,8 +100,8 @@ def test_pack_splits_the_folder_into_parts_that_unpack_to_the_same_files(trained
 
 def test_v2_model_runs_in_the_served_image_pipeline(trained, tmp_path, monkeypatch):
     from pipelines.base import Result
-    from pipelines.image.pipeline import ImagePipeline, ImageRequest
     from pipelines.models import ModelStore
+    from pipelines.tabs.image import ImagePipeline, ImageRequest
 
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
     pipeline = ImagePipeline(ModelStore(device=torch.device("cpu")), "auto")

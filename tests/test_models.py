@@ -145,7 +145,7 @@ def test_every_preset_lists_a_text_model(preset, store):
 
 
 def test_tiny_preset_builds_and_generates(store):
-    from pipelines.text import TextPipeline, TextRequest
+    from pipelines.tabs.text import TextPipeline, TextRequest
 
     result = TextPipeline(store, "tiny").run(TextRequest(prompt="hi", max_new_tokens=5, seed=1))
     assert 1 <= result.stats["tokens"] <= 5
@@ -187,7 +187,7 @@ def test_default_store_checks_every_packaged_model_cheaply():
 
 
 def test_pickers_mark_each_model_and_say_what_an_offline_tab_needs(hub_cache, monkeypatch):
-    from pipelines.video import VideoPipeline
+    from pipelines.tabs.video import VideoPipeline
 
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
     video = VideoPipeline(ModelStore(packaged={}), "auto")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipelines.base import PipelineError
-from pipelines.image.pipeline import ImagePipeline, ImageRequest
 from pipelines.models import ModelStore, keep_placement, placement
-from pipelines.video import VideoPipeline, VideoRequest
+from pipelines.tabs.image import ImagePipeline, ImageRequest
+from pipelines.tabs.video import VideoPipeline, VideoRequest
 
 PROMPT = "a [red hat] and a [blue car] in watercolor style"
 TINY = {"sd15": "tiny-sd15 (random weights)", "sdxl": "tiny-sdxl (random weights)"}
@@ -65,7 +65,7 @@ def test_guard_names_the_component_a_request_recast():
 
 
 def test_previews_are_throttled_and_capped_in_size():
-    from pipelines.image.preview import AsyncPreviews
+    from pipelines.diffusion.preview import AsyncPreviews
 
     previews = AsyncPreviews(torch.randn(5, 3), upscale=8, interval=60.0, side=512)
     previews.add(torch.randn(1, 4, 128, 128))

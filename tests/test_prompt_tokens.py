@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from pipelines.decoding.hardware import bucketed
-from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import new_merged
+from pipelines.decoding.drafters.lookahead import NGramTrie
+from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
-                                              load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
-                                              trained_path)
-from pipelines.decoding.prompt_training import TrainConfig, distillation_batch, train
-from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.drafters.prompt_tokens import (Guesses, ParallelPromptDecoding, PromptChains, PromptTokens,
+                                                       load_prompt_tokens, new_prompt_tokens, prompt_tokens_for,
+                                                       trained_path)
+from pipelines.decoding.training.prompt_training import TrainConfig, distillation_batch, train
+from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.trained import weights_name
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, speculative_decode

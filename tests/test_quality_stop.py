@@ -129,7 +129,7 @@ def test_stop_reports_the_token_it_stopped_at_and_keeps_the_partial_output(app):
     Result pretends the run finished."""
     from components.common import CANCELS, run_pipeline
     from pipelines.base import Partial
-    from pipelines.text import TextRequest
+    from pipelines.tabs.text import TextRequest
 
     request = TextRequest(**{"prompt": "1 2 3 4 5", "max_new_tokens": 480, "seed": 1, "method": "vanilla"})
     seen, stopped = [], None

@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from pipelines.decoding.lookahead import NGramTrie
-from pipelines.decoding.merged import new_merged
+from pipelines.decoding.drafters.lookahead import NGramTrie
+from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for, lm_head_logits,
-                                                  load_head, new_head, trained_path)
-from pipelines.decoding.recurrent_training import HeadConfig, frequent_vocab, head_batch, train
-from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.drafters.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for,
+                                                           lm_head_logits, load_head, new_head, trained_path)
+from pipelines.decoding.training.recurrent_training import HeadConfig, frequent_vocab, head_batch, train
+from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.audio import mix_stems
+from pipelines.audio.pcm import mix_stems
 from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import SamplingConfig
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import Drafter
-from pipelines.lyrics import parse_sections, plan_timeline
-from pipelines.musicgen import (ColumnVocabulary, MusicgenDecodeStats, build_delay_pattern, column_drafter,
-                                decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
-                                stream_accompaniment)
+from pipelines.audio.lyrics import parse_sections, plan_timeline
+from pipelines.audio.musicgen import (ColumnVocabulary, MusicgenDecodeStats, build_delay_pattern, column_drafter,
+                                      decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
+                                      stream_accompaniment)
 from pipelines.streaming import Returning
 from pipelines.tiny import tiny_musicgen
 
@@ -166,7 +166,7 @@ def test_accompaniment_yields_after_every_decode_forward(musicgen):
 def test_song_pipeline_reports_every_model_step(store):
     """Dual mode: no two AR forwards (Bark's semantic/coarse, MusicGen's decoder) without an event in between;
     mixed mode: one Progress per ACE-Step diffusion step."""
-    from pipelines.song import SongPipeline, SongRequest
+    from pipelines.tabs.song import SongPipeline, SongRequest
 
     pipeline = SongPipeline(store, "tiny")
     singer, accompanist = pipeline.load("bark"), pipeline.load("musicgen")
@@ -186,7 +186,7 @@ def test_dual_mode_streams_the_first_mix_chunk_before_the_later_lines_are_sung(s
     """The mix chunk covering the first line waits for that line only, not for the whole vocal track; the
     result is the same song as singing everything first (stems, mix)."""
     from pipelines.base import Partial, Result
-    from pipelines.song import SongPipeline, SongRequest
+    from pipelines.tabs.song import SongPipeline, SongRequest
 
     lyrics = "[verse]\nla la\nlo lo\n[chorus]\nli li\nlu lu\n"
     events = list(SongPipeline(store, "tiny").generate(SongRequest(lyrics=lyrics, style="lofi", duration_s=2.0,
@@ -225,7 +225,7 @@ def test_mix_is_the_sum_of_the_stems_and_never_clips():
 
 
 def test_song_rejects_lyrics_without_sung_lines(store):
-    from pipelines.song import SongPipeline, SongRequest
+    from pipelines.tabs.song import SongPipeline, SongRequest
 
     with pytest.raises(PipelineError, match="no sung lines"):
         SongPipeline(store, "tiny").run(SongRequest(lyrics="[intro]\n[outro]", style="pop"))
@@ -265,7 +265,7 @@ def test_generate_song_mixed_mode_through_the_api_uses_ace_step(tiny_client):
 def test_song_pickers_choose_the_accompaniment_and_vocals_models(store):
     from dataclasses import replace
 
-    from pipelines.song import SongPipeline, SongRequest
+    from pipelines.tabs.song import SongPipeline, SongRequest
 
     pipeline = SongPipeline(store, "tiny")
     second = replace(pipeline.candidates("musicgen")[0], name="tiny-musicgen B (random weights)")
@@ -282,7 +282,7 @@ def test_song_pickers_choose_the_accompaniment_and_vocals_models(store):
 
 def test_offline_song_tab_names_the_models_it_needs(hub_offline_empty_cache):
     from pipelines.models import ModelStore
-    from pipelines.song import SongPipeline
+    from pipelines.tabs.song import SongPipeline
 
     pipeline = SongPipeline(ModelStore(packaged={}), "auto")
     assert pipeline.usable_modes() == [] and not pipeline.usable()

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.audio import ChunkSchedule, read_wav, wav_bytes
-from pipelines.bark import BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids
+from pipelines.audio.pcm import ChunkSchedule, read_wav, wav_bytes
+from pipelines.audio.bark import BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids
 from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.speech import SpeechPipeline, SpeechRequest
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
+from pipelines.tabs.speech import SpeechPipeline, SpeechRequest
 from pipelines.streaming import Returning
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from pipelines.tiny import tiny_bark, tiny_causal_lm
@@ -239,7 +239,7 @@ def test_tiny_bark_speaks_for_seeds_whose_first_semantic_draw_was_eos(temperatur
 
 
 def test_bark_that_ends_before_any_audio_gives_a_clear_error(store, monkeypatch):
-    monkeypatch.setattr("pipelines.speech.load_bark", lambda resolved, store: tiny_bark(seed=0, eos_bias=1e4))
+    monkeypatch.setattr("pipelines.tabs.speech.load_bark", lambda resolved, store: tiny_bark(seed=0, eos_bias=1e4))
     events = []
     with pytest.raises(PipelineError, match="ended before producing any audio.*another seed"):
         for event in SpeechPipeline(store, "tiny").generate(SpeechRequest(text=TEXT, seed=5)):
@@ -261,7 +261,7 @@ def test_generate_speech_api_streams_chunks_then_file_and_stats(tiny_client):
 def test_speech_and_song_share_one_loaded_bark(store):
     """Same checkpoint, same ModelStore entry: using both tabs must not load Bark twice."""
     from pipelines.presets import AUTO_MODELS
-    from pipelines.song import SongPipeline
+    from pipelines.tabs.song import SongPipeline
 
     speech, song = SpeechPipeline(store, "tiny"), SongPipeline(store, "tiny")
     speech.run(SpeechRequest(text="Hi.", temperature=0.0, seed=3))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from pipelines.models import ModelStore
-from pipelines.speech import SpeechPipeline
+from pipelines.tabs.speech import SpeechPipeline
 
 
 def offline_voices_installed() -> SpeechPipeline:

@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.base import Partial, Result
 from pipelines.models import ModelStore
-from pipelines.speech import SpeechPipeline, SpeechRequest
+from pipelines.tabs.speech import SpeechPipeline, SpeechRequest
 
 pytestmark = pytest.mark.slow
 

@@ -8,18 +8,18 @@ import pytest
 import torch
 
 from pipelines.base import PipelineError, Result
-from pipelines.decoding.draft_model import DraftModel
+from pipelines.decoding.drafters.draft_model import DraftModel
 from pipelines.decoding.hardware import GPU_STEP_COST
-from pipelines.decoding.lookahead import LookaheadTrie, NGramTrie
-from pipelines.decoding.merged import new_merged
+from pipelines.decoding.drafters.lookahead import LookaheadTrie, NGramTrie
+from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.methods import DECODING_METHODS, METHODS, Method
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
-from pipelines.decoding.prompt_tokens import ParallelPromptDecoding, new_prompt_tokens, prompt_tokens_for
-from pipelines.decoding.recurrent_drafter import HeadDrafts, RecurrentDrafting, head_for, new_head
-from pipelines.decoding.recycling import TokenRecycling
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.prompt_tokens import ParallelPromptDecoding, new_prompt_tokens, prompt_tokens_for
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting, head_for, new_head
+from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.verify import speculative_decode
-from pipelines.text import TextPipeline, TextRequest
+from pipelines.tabs.text import TextPipeline, TextRequest
 
 from decoding_support import packaged_causal_lm
 

@@ -6,11 +6,11 @@ import torch
 
 from components.text_tab import compare_headline
 from pipelines.base import Result
-from pipelines.decoding.prompt_tokens import new_prompt_tokens
-from pipelines.decoding.recurrent_drafter import new_head
+from pipelines.decoding.drafters.prompt_tokens import new_prompt_tokens
+from pipelines.decoding.drafters.recurrent_drafter import new_head
 from pipelines.decoding.compare import compare_stats
 from pipelines.decoding.methods import METHODS
-from pipelines.text import TextPipeline, TextRequest
+from pipelines.tabs.text import TextPipeline, TextRequest
 
 PROMPT = "Once upon a time there was a small robot who liked to sing songs about the sea. Once upon a time"
 MODEL = "tiny-llama (random weights)"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.text import TextPipeline, TextRequest
+from pipelines.tabs.text import TextPipeline, TextRequest
 
 
 @pytest.mark.parametrize("method", ["vanilla", "merged", "recycling", "lookahead", "prompt_lookup"])

@@ -7,9 +7,9 @@ import torch
 
 from pipelines.base import PipelineError, Result
 from pipelines.decoding.plain import SamplingConfig, plain_decode
-from pipelines.decoding.prompt_lookup import PromptLookup
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
 from pipelines.decoding.verify import speculative_decode
-from pipelines.text import TextPipeline, TextRequest
+from pipelines.tabs.text import TextPipeline, TextRequest
 
 from decoding_support import repetitive_prompt, run
 

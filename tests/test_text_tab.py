@@ -9,11 +9,11 @@ import pytest
 
 from components.text_tab import compare_headline, result_html, runs_html, slower_reason, stop_lines
 from pipelines.base import Partial, PipelineError, Result
-from pipelines.decoding import merged
-from pipelines.decoding.recurrent_drafter import new_head
+from pipelines.decoding.drafters import merged
+from pipelines.decoding.drafters.recurrent_drafter import new_head
 from pipelines.decoding.compare import compare_stats
 from pipelines.decoding.reply import run_texts
-from pipelines.text import TextPipeline, TextRequest
+from pipelines.tabs.text import TextPipeline, TextRequest
 
 MODEL = "tiny-llama (random weights)"
 SPECIAL = 2  # "<|user|>" in the tiny tokenizer: a special token that is not the EOS

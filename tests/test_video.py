@@ -9,9 +9,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from pipelines.base import CancelToken, Progress, Result
-from pipelines.timeline import parse_shots
+from pipelines.diffusion.timeline import parse_shots
+from pipelines.tabs.video import VideoPipeline, VideoRequest
 from pipelines.tiny import tiny_animatediff_pipeline
-from pipelines.video import VideoPipeline, VideoRequest
 
 SMALL = dict(width=32, height=32, steps=2, guidance_scale=7.5, fps=4, seed=7)
 
@@ -153,7 +153,7 @@ def test_progress_per_step_and_stop_ends_within_a_step(video):
 
 
 def test_merging_touches_only_spatial_blocks_and_merges_tokens(video):
-    from pipelines.image.merging import apply_merging, remove_merging
+    from pipelines.diffusion.merging import apply_merging, remove_merging
 
     pipe = video.load("")
     handle = apply_merging(pipe.unet, 0.5, min_tokens=0)

@@ -46,7 +46,7 @@ def test_malformed_shot_json_is_a_clear_error(tiny_client):
 def test_offline_video_tab_says_on_arrival_what_to_fetch_and_turns_generate_off(hub_offline_empty_cache):
     from app import build_demo
     from pipelines.models import ModelStore
-    from pipelines.video import VideoPipeline
+    from pipelines.tabs.video import VideoPipeline
 
     demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "auto")})
     notice = next(b for b in demo.blocks.values() if "tw-unavailable" in (getattr(b, "elem_classes", None) or []))
@@ -64,7 +64,7 @@ def test_video_tab_with_a_model_hides_the_notice():
 
     from app import build_demo
     from pipelines.models import ModelStore
-    from pipelines.video import VideoPipeline
+    from pipelines.tabs.video import VideoPipeline
 
     demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "tiny")})
     notice = next(b for b in demo.blocks.values() if "tw-unavailable" in (getattr(b, "elem_classes", None) or []))
@@ -76,7 +76,7 @@ def test_video_tab_with_a_model_hides_the_notice():
 def test_a_model_fetched_while_the_app_runs_counts_after_a_page_reload(hub_offline_empty_cache):
     from app import build_demo
     from pipelines.models import ModelStore
-    from pipelines.video import VideoPipeline
+    from pipelines.tabs.video import VideoPipeline
 
     demo = build_demo({"video": VideoPipeline(ModelStore(packaged={}), "auto")})
     refresh = next(f.fn for f in demo.fns.values() if f.targets == [(0, "load")])

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from pipelines.models import ModelStore
-from pipelines.video import VideoPipeline, VideoRequest
+from pipelines.tabs.video import VideoPipeline, VideoRequest
 from tests.test_video import record_contexts
 
 SMALL = dict(width=32, height=32, steps=2, guidance_scale=7.5, fps=4, seed=3, num_frames=8, context_length=8)
@@ -25,7 +25,7 @@ def test_leakage_fix_patches_only_the_frames_of_the_shot_that_names_the_item():
     plain, _ = contexts()
     fixed, result = contexts(isolate="pool")
     pipe = VIDEO.load("")
-    from pipelines.image.prompts import encode_positive
+    from pipelines.diffusion.prompts import encode_positive
 
     alone = encode_positive(pipe, "pool", 1)[0, 1]
     changed = [frame for frame in range(8) if not torch.allclose(plain[8 + frame], fixed[8 + frame], atol=1e-6)]
@@ -43,7 +43,7 @@ def test_lpa_biases_only_the_styled_shots_frames_in_its_window():
 
 
 def test_lpa_bias_rows_cover_one_shots_conditional_frames():
-    from pipelines.shot_controls import ShotControls
+    from pipelines.diffusion.shot_controls import ShotControls
 
     video_request = VideoRequest(**{**SMALL, "shots": SHOTS, "lpa": True})
     plan = VIDEO.plan(video_request)
@@ -67,7 +67,7 @@ def test_binding_merges_bracketed_groups_and_controls_off_ab_matches_plain_run()
 def test_binding_refines_only_the_bound_shots_frames():
     """ToMe's step-0 refinement on video: the entropy step moves the latents of the shot with groups and no
     other frame's; the noise itself is the pipeline's own draw for the seed."""
-    from pipelines.shot_controls import ShotControls
+    from pipelines.diffusion.shot_controls import ShotControls
 
     shots = json.dumps([{"start": 0, "prompt": "a pool by a table"},
                         {"start": 4, "prompt": "a [red hat] and a [blue car]", "transition": "cut"}])

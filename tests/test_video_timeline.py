@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.base import PipelineError
-from pipelines.timeline import Shot, Timeline, parse_shots
+from pipelines.diffusion.timeline import Shot, Timeline, parse_shots
 
 
 def test_cut_is_a_step_function_and_smooth_is_a_centred_ramp():
@@ -52,7 +52,7 @@ def test_describe_lists_frame_ranges():
 
 
 def test_editor_adds_and_removes_shots():
-    from pipelines.timeline import add_shot, remove_last_shot
+    from pipelines.diffusion.timeline import add_shot, remove_last_shot
 
     text = add_shot("", 16)
     text = add_shot(text.replace('"prompt": ""', '"prompt": "a"'), 16, "smooth")

@@ -7,19 +7,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..base import PipelineError
-from .draft_model import DraftModel
+from .drafters.draft_model import DraftModel
+from .drafters.lookahead import LookaheadConfig, LookaheadTrie
+from .drafters.prompt_lookup import PromptLookup
+from .drafters.prompt_tokens import ParallelPromptDecoding
+from .drafters.recurrent_drafter import RecurrentDrafting
 from .hardware import pick_tree_size
-from .lookahead import LookaheadConfig, LookaheadTrie
-from .prompt_lookup import PromptLookup
-from .prompt_tokens import ParallelPromptDecoding
-from .recurrent_drafter import RecurrentDrafting
 from .sliding import UnsupportedAttention, attention_layout
 from .static import StaticForward
 from .verify import Drafter
 
 if TYPE_CHECKING:
-    from ..causal_lm import CausalLM
-    from ..text import TextPipeline, TextRequest
+    from ..tabs.text import TextPipeline, TextRequest
+    from .causal_lm import CausalLM
 
 DrafterFactory = Callable[["TextPipeline", "CausalLM", "TextRequest", "StaticForward | None"], Drafter]
 
@@ -121,5 +121,5 @@ def require_trained(pipeline: TextPipeline, weights: Any, request: TextRequest, 
         raise PipelineError(
             f"No trained {what} for {pipeline.spec_for(request.model).name!r}, so "
             f"{DECODING_METHODS[request.method].short} cannot draft with it. Train once on a GPU (python -m "
-            f"pipelines.decoding.{command} --model MODEL, which writes them where this tab looks) or pick another "
-            "method.")
+            f"pipelines.decoding.training.{command} --model MODEL, which writes them where this tab looks) or "
+            "pick another method.")

@@ -15,7 +15,7 @@ from .sliding import UnsupportedAttention, attention_layout
 from .static import BUCKETS, COMPILE_MODES, StaticForward, capture_supported
 
 if TYPE_CHECKING:
-    from ..causal_lm import CausalLM
+    from .causal_lm import CausalLM
 
 # what the first request's progress line says about the wait (text_served_h100.json / _layers16_h100.json: 206 s
 # for the whole step and 23.5 s for whole layers on an H100 for SmolLM2-135M; norms and MLPs compile in less)

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from . import prompt_tokens, recurrent_drafter
+from .drafters import prompt_tokens, recurrent_drafter
+from .drafters.lookahead import LookaheadConfig, NGramTrie
+from .drafters.merged import HeadLedger, MergedDrafter, new_merged
+from .drafters.prompt_tokens import PromptChains, PromptTokens
+from .drafters.recurrent_drafter import DraftHead, HeadDrafts
+from .drafters.recycling import TokenRecycling, cold_matrix
 from .hardware import step_costs
-from .lookahead import LookaheadConfig, NGramTrie
-from .merged import HeadLedger, MergedDrafter, new_merged
-from .prompt_tokens import PromptChains, PromptTokens
-from .recurrent_drafter import DraftHead, HeadDrafts
-from .recycling import TokenRecycling, cold_matrix
 from .trained import TrainedWeights
 from .verify import CausalLMForward
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..image.attention import AttentionControl
-from ..image.compass import (PLACEHOLDER, CompassEncoder, CompassObject, CompassPrompt, ensure_placeholders,
-                             insert_compass_tokens, localise)
+from ..diffusion.attention import AttentionControl
+from ..diffusion.compass import (PLACEHOLDER, CompassEncoder, CompassObject, CompassPrompt, ensure_placeholders,
+                                 insert_compass_tokens, localise)
 from . import scenes_v2, text_v2
 
 ARROW = scenes_v2.SHAPES.index("arrow")

@@ -62,7 +62,7 @@ def prepare_encoder(encoder: Any) -> Any:
 
 
 def caption_corpus(count: int = 400) -> list[str]:
-    from ..image.compass import ORIENTATION_PHRASES
+    from ..diffusion.compass import ORIENTATION_PHRASES
     from .scenes import make_scene
 
     return [make_scene(seed).caption for seed in range(count)] + list(ORIENTATION_PHRASES)

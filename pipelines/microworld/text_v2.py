@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..image.compass import ORIENTATION_PHRASES
+from ..diffusion.compass import ORIENTATION_PHRASES
 from .scenes_v2 import SIZE, vocabulary
 
 MAX_TOKENS = 77

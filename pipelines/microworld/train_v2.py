@@ -367,7 +367,7 @@ def load_resumed(folder: Path, device: torch.device) -> Models:
             module = cls.from_pretrained(folder / name, torch_dtype=torch.float32).to(device)
             setattr(models, name, module.eval() if name != "unet" else module)
     if (folder / "compass" / "compass_config.json").is_file():
-        from ..image.compass_train import load_trained_compass
+        from ..diffusion.compass_train import load_trained_compass
 
         models.compass = load_trained_compass(folder / "compass").to(device)
     report = folder / "train_report.json"

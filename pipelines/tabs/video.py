@@ -19,20 +19,20 @@ from typing import Any, Iterator
 
 import torch
 
-from .animatediff import decode, denoise, free_noise, load_animatediff
-from .base import (NO_COMPARISON, Event, Pipeline, PipelineError, Progress, Request, Result, require_choice,
-                   require_range, resolve_seed, same_seed_ab)
-from .image.controls import ControlPlan
-from .image.fast import FastUNet, choose_backend
-from .image.lpa import LPAConfig
-from .image.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
-from .image.prompts import ParsedPrompt
-from .models import ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
-from .outputs import save_video
-from .presets import PresetModels, models_for
-from .shot_controls import ShotControls
-from .streaming import stream_in_thread
-from .timeline import DEFAULT_SMOOTH_WINDOW, Timeline, request_timeline
+from ..base import (NO_COMPARISON, Event, Pipeline, PipelineError, Progress, Request, Result, require_choice,
+                    require_range, resolve_seed, same_seed_ab)
+from ..diffusion.animatediff import decode, denoise, free_noise, load_animatediff
+from ..diffusion.controls import ControlPlan
+from ..diffusion.fast import FastUNet, choose_backend
+from ..diffusion.lpa import LPAConfig
+from ..diffusion.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
+from ..diffusion.prompts import ParsedPrompt
+from ..diffusion.shot_controls import ShotControls
+from ..diffusion.timeline import DEFAULT_SMOOTH_WINDOW, Timeline, request_timeline
+from ..models import ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
+from ..outputs import save_video
+from ..presets import PresetModels, models_for
+from ..streaming import stream_in_thread
 
 MAX_FRAMES = 128
 MAX_STEPS = 100

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .tree import TokenTree
-from .verify import Drafter
+from ..tree import TokenTree
+from ..verify import Drafter
 
 
 MAX_AGREED = 16

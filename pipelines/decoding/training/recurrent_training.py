@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..drafters.recurrent_drafter import TOP_K, TRAINED, DraftHead, lm_head_logits, new_head
 from .prompt_training import DistillConfig, autocast_for, save_trained, self_instruct, setup, training_report
-from .recurrent_drafter import TOP_K, TRAINED, DraftHead, lm_head_logits, new_head
 
 
 @dataclass
@@ -166,7 +166,7 @@ def train(model, tokenizer, config: HeadConfig, data: list[tuple[list[int], int]
 def main(argv: list[str] | None = None) -> dict:
     config, model, tokenizer, data = setup(HeadConfig, argv, __doc__.split("\n\n")[0])
     head, report = train(model, tokenizer, config, data=data)
-    return save_trained(head, report, config, TRAINED, "pipelines.decoding.recurrent_training", argv)
+    return save_trained(head, report, config, TRAINED, "pipelines.decoding.training.recurrent_training", argv)
 
 
 if __name__ == "__main__":

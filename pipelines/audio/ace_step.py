@@ -9,11 +9,11 @@ from typing import Any, Generator
 import numpy as np
 import torch
 
-from .audio import limit_peak
-from .base import CancelToken, Event, Progress
-from .models import ModelStore, ResolvedModel
-from .streaming import stream_in_thread
-from .tiny import tiny_ace_step
+from ..base import CancelToken, Event, Progress
+from ..models import ModelStore, ResolvedModel
+from ..streaming import stream_in_thread
+from ..tiny import tiny_ace_step
+from .pcm import limit_peak
 
 
 def load_ace_step(resolved: ResolvedModel, store: ModelStore):

@@ -22,15 +22,15 @@ import torch
 from transformers import AlternatingCodebooksLogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import BarkEosPrioritizerLogitsProcessor, SuppressTokensLogitsProcessor
 
-from .audio import ChunkSchedule
-from .base import CancelToken, PipelineError, Progress
+from ..base import CancelToken, PipelineError, Progress
+from ..decoding.drafters.prompt_lookup import PromptLookup
+from ..decoding.plain import DecodeStats, SamplingConfig, make_generator
+from ..decoding.verify import CausalLMForward, NoDraft, speculative_decode
+from ..models import ModelStore, ResolvedModel
+from ..streaming import Returning
+from ..tiny import tiny_bark
 from .codec_stream import EncodecStream
-from .decoding.plain import DecodeStats, SamplingConfig, make_generator
-from .decoding.prompt_lookup import PromptLookup
-from .decoding.verify import CausalLMForward, NoDraft, speculative_decode
-from .models import ModelStore, ResolvedModel
-from .streaming import Returning
-from .tiny import tiny_bark
+from .pcm import ChunkSchedule
 
 # Original Bark sampling defaults (suno-ai/bark: text_temp=0.7, waveform_temp=0.7; fine_temp=0.5).
 BARK_TEMPERATURE = 0.7

@@ -23,10 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .hardware import interpolate
-from .trained import TrainedWeights
-from .tree import TokenTree
-from .verify import Drafter
+from ..hardware import interpolate
+from ..trained import TrainedWeights
+from ..tree import TokenTree
+from ..verify import Drafter
 
 TOP_K = 10  # candidates per prompt token (the paper's K)
 CHAIN_LENGTH = 3  # the paper's 3 prompt tokens (13 prompts, GPU curve: tau 2.48 with 4, 2.56 with 3)

@@ -14,18 +14,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .ace_step import load_ace_step, render_song
-from .audio import AudioChunk, mix_stems, save_float_wav
-from .bark import load_bark
-from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
-                   resolve_seed)
-from .decoding.plain import SamplingConfig
-from .lyrics import Section, TimedSection, describe_timeline, parse_sections, plan_timeline
-from .models import ModelSpec, ModelStore
-from .musicgen import Accompaniment, load_musicgen, stream_accompaniment
-from .presets import fetch_plan, find_spec, first_usable, labelled_choices, models_for
-from .streaming import Returning
-from .vocals import VocalTrack
+from ..audio.ace_step import load_ace_step, render_song
+from ..audio.bark import load_bark
+from ..audio.lyrics import Section, TimedSection, describe_timeline, parse_sections, plan_timeline
+from ..audio.musicgen import Accompaniment, load_musicgen, stream_accompaniment
+from ..audio.pcm import AudioChunk, mix_stems, save_float_wav
+from ..audio.vocals import VocalTrack
+from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
+                    resolve_seed)
+from ..decoding.plain import SamplingConfig
+from ..models import ModelSpec, ModelStore
+from ..presets import fetch_plan, find_spec, first_usable, labelled_choices, models_for
+from ..streaming import Returning
 
 MODES = ("dual", "mixed")
 MODE_LABELS = {

@@ -7,11 +7,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decoding.exact import ExactForward
-from .decoding.state import DecodingState
-from .decoding.static import StaticForward
-from .models import ModelStore, ResolvedModel
-from .tiny import tiny_causal_lm, tiny_tokenizer
+from ..models import ModelStore, ResolvedModel
+from ..tiny import tiny_causal_lm, tiny_tokenizer
+from .exact import ExactForward
+from .state import DecodingState
+from .static import StaticForward
 
 
 @dataclass

@@ -25,15 +25,15 @@ from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.cache_utils import StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .audio import ChunkSchedule
-from .base import CancelToken, Progress
+from ..base import CancelToken, Progress
+from ..decoding.drafters.prompt_lookup import PromptLookup
+from ..decoding.plain import DecodeStats, SamplingConfig, make_generator, process_logits
+from ..decoding.tree import TokenTree
+from ..decoding.verify import Drafter, NoDraft, speculative_decode
+from ..models import ModelStore, ResolvedModel
+from ..tiny import tiny_musicgen
 from .codec_stream import EncodecStream
-from .decoding.plain import DecodeStats, SamplingConfig, make_generator, process_logits
-from .decoding.prompt_lookup import PromptLookup
-from .decoding.tree import TokenTree
-from .decoding.verify import Drafter, NoDraft, speculative_decode
-from .models import ModelStore, ResolvedModel
-from .tiny import tiny_musicgen
+from .pcm import ChunkSchedule
 
 
 @dataclass

@@ -19,14 +19,14 @@ import time
 
 import torch
 
-from .hardware import interpolate
+from ..hardware import interpolate
+from ..tree import TokenTree
+from ..verify import Drafter
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
 from .prompt_lookup import PromptLookup
 from .prompt_tokens import PromptChains, PromptTokens
 from .recurrent_drafter import FULL_OFFER, DraftHead, HeadDrafts
 from .recycling import TokenRecycling
-from .tree import TokenTree
-from .verify import Drafter
 
 MAX_DEPTH = 12
 DEPTH_BUCKETS = 6  # depths beyond this share a bucket

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import TokenTree
-from .verify import Drafter
+from ..tree import TokenTree
+from ..verify import Drafter
 
 
 @dataclass

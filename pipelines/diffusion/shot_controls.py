@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .image.attention import AttentionControl
-from .image.binding import (SemanticBinding, attribute_free_prompt, composite_tokens, end_token_substitution,
-                            group_tokens)
-from .image.controls import binding_report
-from .image.prompts import ParsedPrompt, encode_positive
+from .attention import AttentionControl
+from .binding import SemanticBinding, attribute_free_prompt, composite_tokens, end_token_substitution, group_tokens
+from .controls import binding_report
+from .prompts import ParsedPrompt, encode_positive
 
 if TYPE_CHECKING:
-    from .video import Plan
+    from ..tabs.video import Plan
 
 
 class ShotControls:

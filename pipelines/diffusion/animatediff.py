@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .base import CancelToken, Event
-from .image.fast import FastUNet
-from .image.loop import Refine, step_callback
-from .models import ModelSpec, ModelStore, ResolvedModel
-from .tiny import tiny_animatediff_pipeline
+from ..base import CancelToken, Event
+from ..models import ModelSpec, ModelStore, ResolvedModel
+from ..tiny import tiny_animatediff_pipeline
+from .fast import FastUNet
+from .loop import Refine, step_callback
 
 
 def animatediff_scheduler(base: str | None):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .prompt_tokens import TRAINED, PromptTokens, new_prompt_tokens
-from .recurrent_drafter import lm_head_logits
-from .trained import TrainedWeights
+from ..drafters.prompt_tokens import TRAINED, PromptTokens, new_prompt_tokens
+from ..drafters.recurrent_drafter import lm_head_logits
+from ..trained import TrainedWeights
 
 # Openings of user requests across the kinds of prompts the text tab gets (writing, roleplay, reasoning,
 # maths, coding, extraction, STEM, humanities, translation, summarisation, QA, retrieval-style questions).
@@ -278,7 +278,7 @@ def setup(config_class: type, argv: list[str] | None, description: str):
     config = config_class(**vars(parser.parse_args(argv)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..packaged import PACKAGED_RESOLVERS
+    from ...packaged import PACKAGED_RESOLVERS
 
     location = config.model
     if location in PACKAGED_RESOLVERS:
@@ -325,7 +325,7 @@ def training_report(config: DistillConfig, data: list, held: int, step: int, ste
 def main(argv: list[str] | None = None) -> dict:
     config, model, tokenizer, data = setup(TrainConfig, argv, __doc__.split("\n\n")[0])
     trained, report = train(model, tokenizer, config, data=data)
-    return save_trained(trained, report, config, TRAINED, "pipelines.decoding.prompt_training", argv)
+    return save_trained(trained, report, config, TRAINED, "pipelines.decoding.training.prompt_training", argv)
 
 
 if __name__ == "__main__":

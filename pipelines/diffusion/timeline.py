@@ -20,8 +20,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .base import PipelineError, require_text
-from .image.prompts import ParsedPrompt, parse_prompt
+from ..base import PipelineError, require_text
+from .prompts import ParsedPrompt, parse_prompt
 
 TRANSITIONS = ("smooth", "cut")
 DEFAULT_SMOOTH_WINDOW = 8

@@ -12,15 +12,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .audio import AudioChunk, write_wav
-from .base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
-                   resolve_seed)
-from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
-from .decoding.plain import SamplingConfig
-from .models import ModelSpec, ModelStore, ResolvedModel
-from .outputs import new_output_path, write_sidecar
-from .presets import PresetModels, models_for
-from .streaming import Returning
+from ..audio.bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
+from ..audio.pcm import AudioChunk, write_wav
+from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
+                    resolve_seed)
+from ..decoding.plain import SamplingConfig
+from ..models import ModelSpec, ModelStore, ResolvedModel
+from ..outputs import new_output_path, write_sidecar
+from ..presets import PresetModels, models_for
+from ..streaming import Returning
 
 MAX_TEXT_CHARS = 2000
 

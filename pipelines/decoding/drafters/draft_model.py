@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .tree import TokenTree
-from .verify import CausalLMForward, Drafter
+from ..tree import TokenTree
+from ..verify import CausalLMForward, Drafter
 
 
 class DraftModel(Drafter):

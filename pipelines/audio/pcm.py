@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .outputs import new_output_path, write_sidecar
+from ..outputs import new_output_path, write_sidecar
 
 VOCAL_GAIN = 0.5
 ACCOMPANIMENT_GAIN = 0.5

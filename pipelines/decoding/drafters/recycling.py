@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .captured import CapturedCalls, capture_supported
-from .tree import TokenTree
-from .verify import Drafter
+from ..captured import CapturedCalls, capture_supported
+from ..tree import TokenTree
+from ..verify import Drafter
 
 # Paper: k = 8 candidates per token; an 80-node tree of depth 6 with 8/21/25/15/8/3 nodes per level.
 TOP_K = 8

@@ -8,18 +8,18 @@ from typing import Any, Iterator
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from .base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
-                   require_text, resolve_seed, side_of_ab, with_baseline)
-from .causal_lm import CausalLM, eos_token_ids, load_causal_lm
-from .decoding.methods import TRAINED_STATS, build_drafter, require_method
-from .decoding.plain import DecodeStats, SamplingConfig, plain_decode
-from .decoding.reply import Reply, StopStrings, run_texts
-from .decoding.serving import exact_forward, fast_forward, first_request_note
-from .decoding.static import StaticForward
-from .decoding.verify import Drafter, speculative_decode
-from .models import ModelSpec, ModelStore, settle_heap
-from .outputs import save_text
-from .presets import PresetModels, models_for
+from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
+                    require_text, resolve_seed, side_of_ab, with_baseline)
+from ..decoding.causal_lm import CausalLM, eos_token_ids, load_causal_lm
+from ..decoding.methods import TRAINED_STATS, build_drafter, require_method
+from ..decoding.plain import DecodeStats, SamplingConfig, plain_decode
+from ..decoding.reply import Reply, StopStrings, run_texts
+from ..decoding.serving import exact_forward, fast_forward, first_request_note
+from ..decoding.static import StaticForward
+from ..decoding.verify import Drafter, speculative_decode
+from ..models import ModelSpec, ModelStore, settle_heap
+from ..outputs import save_text
+from ..presets import PresetModels, models_for
 
 MAX_NEW_TOKENS_LIMIT = 4096
 TOP_K_LIMIT = 1000

@@ -12,12 +12,12 @@ from typing import Any, Generator, Iterator
 
 import numpy as np
 
-from .audio import normalise_peak, resample
+from ..base import CancelToken, Event, Progress
+from ..decoding.plain import SamplingConfig
+from ..streaming import Returning
 from .bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, synthesize_steps
-from .base import CancelToken, Event, Progress
-from .decoding.plain import SamplingConfig
 from .lyrics import TimedLine, TimedSection
-from .streaming import Returning
+from .pcm import normalise_peak, resample
 
 
 def sing_line(tts: BarkTTS, text: str, budget_s: float, seed: int, drafting: bool, cancel: CancelToken,

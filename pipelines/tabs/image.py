@@ -15,21 +15,21 @@ import torch
 
 from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_choice,
                     require_range, require_text, resolve_seed, same_seed_ab)
+from ..diffusion.attention import AttentionControl
+from ..diffusion.binding import BindingConfig, SemanticBinding, grid_layers
+from ..diffusion.compass import CompassEncoders
+from ..diffusion.controls import check_window, encode_controlled, refine_embeds, split_words, start_binding
+from ..diffusion.fast import FastUNet, choose_backend
+from ..diffusion.heatmaps import heatmap_tokens, save_heatmaps
+from ..diffusion.loop import step_callback
+from ..diffusion.lpa import LPAConfig
+from ..diffusion.models import SCHEDULERS, LoadedImageModel, latent_size, load_image_model, scheduled_pipe
+from ..diffusion.preview import AsyncPreviews
+from ..diffusion.prompts import ParsedPrompt, parse_prompt
 from ..models import ModelSpec, ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
 from ..outputs import save_png
 from ..presets import PresetModels, models_for
 from ..streaming import stream_in_thread
-from .attention import AttentionControl
-from .binding import BindingConfig, SemanticBinding, grid_layers
-from .compass import CompassEncoders
-from .controls import check_window, encode_controlled, refine_embeds, split_words, start_binding
-from .fast import FastUNet, choose_backend
-from .heatmaps import heatmap_tokens, save_heatmaps
-from .loop import step_callback
-from .lpa import LPAConfig
-from .models import SCHEDULERS, LoadedImageModel, latent_size, load_image_model, scheduled_pipe
-from .preview import AsyncPreviews
-from .prompts import ParsedPrompt, parse_prompt
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
 TINY_SIZE = 32
@@ -177,7 +177,7 @@ class ImagePipeline(PresetModels, Pipeline):
         backend = choose_backend(device, request.fast, pipe.unet)
         merge = None
         if controlled and request.merge_ratio > 0:
-            from .merging import apply_merging, merge_settings
+            from ..diffusion.merging import apply_merging, merge_settings
 
             merge = apply_merging(pipe.unet, float(request.merge_ratio), seed=request.seed,
                                   **merge_settings(model.arch, backend, device))
@@ -198,7 +198,7 @@ class ImagePipeline(PresetModels, Pipeline):
                 images = pipe(**call).images
         finally:
             if merge is not None:
-                from .merging import merging_stats, remove_merging
+                from ..diffusion.merging import merging_stats, remove_merging
 
                 tokens_merged = merging_stats(pipe.unet)["tokens_merged"]
                 remove_merging(pipe.unet)

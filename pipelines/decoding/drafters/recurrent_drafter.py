@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .captured import CapturedCalls, capture_supported
-from .hardware import pick_tree_size
-from .trained import TrainedWeights
-from .tree import TokenTree
-from .verify import Drafter
+from ..captured import CapturedCalls, capture_supported
+from ..hardware import pick_tree_size
+from ..trained import TrainedWeights
+from ..tree import TokenTree
+from ..verify import Drafter
 
 TOP_K = 8  # children scored per expanded node
 # nodes expanded per tree level (level 0: the root) for offers of FULL_OFFER nodes or more (13 prompts, GPU

@@ -1,0 +1,1 @@
+"""One module per drafter: each proposes the token tree the one verifier (``decoding/verify.py``) checks."""

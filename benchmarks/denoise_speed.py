@@ -1,4 +1,4 @@
-"""Served per-step time of the denoising loop, eager vs the fast path (pipelines/image/fast.py), with the controls.
+"""Served per-step time of the denoising loop, eager vs the fast path (pipelines/diffusion/fast.py), with the controls.
 
 Random weights of the real architectures (SD1.5 and SDXL UNets from benchmarks/image_speed.py, AnimateDiff
 v1-5-3 from benchmarks/video_speed.py; config dicts, no Hub), fp16 on CUDA, CFG batch of 2. A "step" is what

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "repeats": args.repeats, "warmup": args.warmup, "modes": args.modes,
                      "min_tokens": args.min_tokens, "torch": torch.__version__,
                      "timing": "median ms per UNet call; CUDA events on GPU; methods interleaved, rotating order",
-                     "merging": "pipelines/image/merging.py (sx=sy=2, random destinations, self-attention only)",
+                     "merging": "pipelines/diffusion/merging.py (sx=sy=2, random destinations, self-attention only)",
                      "windows": args.windows},
         "command": command_line(argv),
         "rows": rows,

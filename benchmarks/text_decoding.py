@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
         draft, _ = load(args.draft_model, args.device, args.dtype)
     trained, trained_at = load_trained(
         prompt_tokens.TRAINED, args.prompt_tokens, methods, PROMPT_TOKEN_METHODS, model, args, "trained prompt tokens",
-        "pass --prompt-tokens, or train them (python -m pipelines.decoding.prompt_training)")
+        "pass --prompt-tokens, or train them (python -m pipelines.decoding.training.prompt_training)")
     head, head_at = load_trained(
         recurrent_drafter.TRAINED, args.draft_head, methods, HEAD_METHODS, model, args, "a trained draft head",
-        "pass --draft-head, or train one (python -m pipelines.decoding.recurrent_training)")
+        "pass --draft-head, or train one (python -m pipelines.decoding.training.recurrent_training)")
     prompts = read_prompts(args.prompts)[::args.stride]
     if args.limit:
         prompts = prompts[:args.limit]

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "frames": args.frames,
                      "text_tokens": TEXT_TOKENS, "unet_calls_per_run": len(timesteps), "repeats": args.repeats,
                      "warmup": args.warmup, "min_tokens": args.min_tokens, "torch": torch.__version__,
-                     "merging": "pipelines/image/merging.py on spatial transformer blocks only"},
+                     "merging": "pipelines/diffusion/merging.py on spatial transformer blocks only"},
         "command": command_line(argv),
         "rows": rows,
     }

@@ -13,8 +13,8 @@ tab    ``Partial.value``                            ``Result.value``
 text   ``str``: the text so far                     ``str``: the text
 image  ``list[PIL.Image]``: preview frames          ``list[str]``: PNG paths (parameters in a text chunk)
 video  (none: Progress per denoising step)          ``outputs.VideoOutput``: MP4 path, frames, frame strip
-speech ``audio.AudioChunk``                         ``str``: WAV path (sidecar JSON next to it)
-song   ``audio.AudioChunk`` (of the mix)            ``dict[str, str]``: WAV path per stem (``mix`` always)
+speech ``audio.pcm.AudioChunk``                     ``str``: WAV path (sidecar JSON next to it)
+song   ``audio.pcm.AudioChunk`` (of the mix)        ``dict[str, str]``: WAV path per stem (``mix`` always)
 ====== ============================================ ==================================================
 
 A same-seed A/B is asked for with a request's ``compare`` (a tab's ``COMPARISONS``; ``"none"`` = off) and run

@@ -68,7 +68,7 @@ def text_compile() -> str:
 
 
 def fast_backend() -> str:
-    """``TOKENWORKS_FAST_BACKEND``: the image/video UNet backend on CUDA, one of ``image.fast.BACKENDS``;
+    """``TOKENWORKS_FAST_BACKEND``: the image/video UNet backend on CUDA, one of ``diffusion.fast.BACKENDS``;
     ``choose_backend`` turns an unknown value into ``graph`` (default ``graph``)."""
     return os.environ.get("TOKENWORKS_FAST_BACKEND", "graph")
 

@@ -1,4 +1,4 @@
-"""The fast denoising path (pipelines/image/fast.py) on tiny models, CPU: capture is off here, so these tests run
+"""The fast denoising path (pipelines/diffusion/fast.py) on tiny models, CPU: capture is off here, so these tests run
 the same static code path the CUDA graph captures (static inputs, hooks on static buffers, gated static biases)
 and check that it gives the eager output and makes the eager controls' step/timestep choices exactly."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Per-UNet state of the image techniques (pipelines/image/state.py) and the capture-safe hook registry
-(pipelines/image/hooks.py): one state object per UNet, kept on it, shared by requests, gone with it; graphs shared
+"""Per-UNet state of the image techniques (pipelines/diffusion/state.py) and the capture-safe hook registry
+(pipelines/diffusion/hooks.py): one state object per UNet, kept on it, shared by requests, gone with it; graphs shared
 across runs only when every UNet pre-hook is registered as capture-safe."""
 from __future__ import annotations
 

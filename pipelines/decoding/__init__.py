@@ -58,11 +58,12 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
 ``tree.TokenTree(tokens, parents)``
     ``TokenTree.chain(root, draft)`` for chain drafters; ``truncated``, ``first_chain``, ``children``.
 
-Drafters: ``recycling.TokenRecycling`` (the [vocab, 8] matrix), ``lookahead.LookaheadTrie`` (over an
-``NGramTrie``), ``prompt_lookup.PromptLookup``, ``draft_model.DraftModel(small_model)``,
-``prompt_tokens.ParallelPromptDecoding(prompts, costs)`` (trained prompt tokens, ``prompt_training``),
-``recurrent_drafter.RecurrentDrafting(head, model, costs)`` (a trained draft head on the model's last hidden state,
-``recurrent_training``), and ``merged.MergedDrafter`` joining them in one tree. What they share across requests
+Drafters, one module each in ``drafters/``: ``recycling.TokenRecycling`` (the [vocab, 8] matrix),
+``lookahead.LookaheadTrie`` (over an ``NGramTrie``), ``prompt_lookup.PromptLookup``,
+``draft_model.DraftModel(small_model)``, ``prompt_tokens.ParallelPromptDecoding(prompts, costs)`` (trained prompt
+tokens, ``training.prompt_training``), ``recurrent_drafter.RecurrentDrafting(head, model, costs)`` (a trained draft
+head on the model's last hidden state, ``training.recurrent_training``), and ``merged.MergedDrafter`` joining them
+in one tree. What they share across requests
 for one model (recycling matrix, output trie, merged counts, cost curves, trained weights) is
 ``state.DecodingState(model)``, kept with the loaded model. Trained weights are found per model id by
 ``trained.TrainedWeights`` and loaded once into it (``DecodingState.load_trained``; ``use`` overrides). Tree size

@@ -93,8 +93,8 @@ def disable_free_noise(pipe) -> None:
 
 def denoise(pipe, arguments: dict[str, Any], total: int, cancel: CancelToken,
             emit: Callable[[Event], None], fast: FastUNet | None = None, refine: Refine | None = None) -> torch.Tensor:
-    """The stock diffusers call with the shared step callback (image/loop.py): progress, Stop, refinement.
-    With ``fast`` the UNet calls take the captured path (image/fast.py)."""
+    """The stock diffusers call with the shared step callback (diffusion/loop.py): progress, Stop, refinement.
+    With ``fast`` the UNet calls take the captured path (diffusion/fast.py)."""
     fast = fast or FastUNet(pipe.unet, "off")
     with fast:
         return pipe(**arguments, callback_on_step_end=step_callback(total, cancel, emit, fast, refine),

@@ -1,7 +1,7 @@
 """Train a Compass Control angle encoder (and optionally a rank-r UNet LoRA) with the diffusion loss.
 
-    python -m pipelines.image.compass_train --data rows.jsonl --out ckpt/ [--model tiny|DIR|HUB_ID]
-    python -m pipelines.image.compass_train --synthetic 32 --out ckpt/ --model tiny --steps 60
+    python -m pipelines.diffusion.compass_train --data rows.jsonl --out ckpt/ [--model tiny|DIR|HUB_ID]
+    python -m pipelines.diffusion.compass_train --synthetic 32 --out ckpt/ --model tiny --steps 60
 
 Each row of ``rows.jsonl``: {"image": path, "object": word, "angle": degrees, "box": [x0, y0, x1, y1]}
 (optionally "prompt" with the object word in it; default "a photo of a {object}"). As in the paper the text

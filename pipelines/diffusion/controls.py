@@ -142,7 +142,7 @@ def start_binding(pipe: Any, binding: SemanticBinding, call: dict[str, Any], gen
 
 
 def refine_embeds(pipe: Any, binding: SemanticBinding) -> Any:
-    """ToMe's refinement in the form the shared step callback takes (image/loop.py): the latents and the
+    """ToMe's refinement in the form the shared step callback takes (diffusion/loop.py): the latents and the
     positive half of ``prompt_embeds`` (all of it when ``pipe`` runs without classifier-free guidance)."""
 
     def refine(step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

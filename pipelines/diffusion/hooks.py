@@ -1,4 +1,4 @@
-"""The registry of UNet forward pre-hooks that are safe to capture (image/fast.py), and taking a module's pre-hooks
+"""The registry of UNet forward pre-hooks that are safe to capture (diffusion/fast.py), and taking a module's pre-hooks
 off and back.
 
 ``FastUNet`` runs the UNet's pre-hooks inside the captured region, on the static inputs, and shares a captured

@@ -1,7 +1,7 @@
 """The per-step callback that image and video hand to the stock diffusers loop (``callback_on_step_end``).
 
 Both tabs let diffusers run the denoising loop and do their own work between steps: advance the fast path's
-step (image/fast.py), run ToMe's refinement for the next step outside the captured path, report progress,
+step (diffusion/fast.py), run ToMe's refinement for the next step outside the captured path, report progress,
 and turn Stop into ``pipe._interrupt``, which makes the stock loop skip its remaining steps (the caller then
 skips decoding).
 """

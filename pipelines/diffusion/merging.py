@@ -411,7 +411,7 @@ def spatial_transformers(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
 
 def merge_settings(arch: str, backend: str, device: torch.device | str) -> dict[str, Any]:
     """``apply_merging`` arguments for the image tab: where merging pays on this model, fast-path ``backend``
-    (image/fast.py) and device (H200 measurements, benchmarks/results/image_speed_*_h200.json).
+    (diffusion/fast.py) and device (H200 measurements, benchmarks/results/image_speed_*_h200.json).
 
     Uncaptured CUDA calls (``off``/``eager``: ZeroGPU, the fast toggle off) wait on kernel launches and
     merging adds launches, so there a grid needs 16384 tokens. SDXL also merges its 10-deep 1280-channel level

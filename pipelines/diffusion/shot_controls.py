@@ -1,7 +1,7 @@
 """The image tab's token controls on a video, shot by shot (``ShotControls``).
 
 The controls themselves (binding, LPA, leakage fix) are the image tab's, read once into a ``ControlPlan``
-(image/controls.py); this module says where each shot's controls act: on its own frames of AnimateDiff's
+(diffusion/controls.py); this module says where each shot's controls act: on its own frames of AnimateDiff's
 spatial cross-attention.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ class ShotControls:
         return latents
 
     def refine_step(self, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``refine`` in the form the shared step callback takes (image/loop.py)."""
+        """``refine`` in the form the shared step callback takes (diffusion/loop.py)."""
         return {"latents": self.refine(step, timestep, tensors["latents"])}
 
     def refinement_iterations(self) -> int:

@@ -56,13 +56,13 @@ class ImageRequest(Request):
     style: str = ""  # explicit style for LPA ("" = find "in X style" in the prompt)
     lpa_window: tuple[float, float] = LPAConfig.window  # the paper's best, late-only
     isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
-    merge_ratio: float = 0.0  # token merging for speed (pipelines/image/merging.py)
+    merge_ratio: float = 0.0  # token merging for speed (pipelines/diffusion/merging.py)
     compass: str = ""  # Compass Control objects as JSON: [{"name": "car", "angle": 90, "box": [x0, y0, x1, y1]}]
     compass_encoder: str = "phrase"  # "phrase" (training-free) or a folder with an official/trained encoder
     heatmap_words: str = ""  # comma-separated words whose cross-attention maps are overlaid
     compare: str = NO_COMPARISON  # "controls off": also render the same seed with every control off (A/B)
     preview_every: int = 1  # 0 = no live previews
-    fast: bool = True  # captured UNet loop on CUDA (fast.py); eager static path on CPU/ZeroGPU; False = stock call
+    fast: bool = True  # captured UNet loop on CUDA (diffusion/fast.py); eager static path on CPU/ZeroGPU; False = stock
 
     def parameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
@@ -228,7 +228,7 @@ class ImagePipeline(PresetModels, Pipeline):
                          control: AttentionControl, call: dict[str, Any], generators: list[torch.Generator],
                          info: dict[str, Any]) -> SemanticBinding | None:
         """Encode the prompt ourselves and apply the embedding-level controls; set up the attention-level ones
-        (image/controls.py). A method so a benchmark can add its own controls after the served ones."""
+        (diffusion/controls.py). A method so a benchmark can add its own controls after the served ones."""
         return encode_controlled(pipe, arch, request, parsed, control, call, info, latent_size(pipe, request))
 
 

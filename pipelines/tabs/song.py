@@ -1,12 +1,14 @@
 """Song tab: lyrics with structure tags to a song, in two modes (SongGen's mixed vs dual-track split).
 
 - ``dual``: two tracks rendered separately and summed (SongGen dual-track, LeVo's separate vocal/BGM output).
-  The accompaniment comes from MusicGen through Tokenworks' own decode loop (``musicgen.py``: delay pattern,
-  CFG in one batch, static cache, lossless column drafting, streamed EnCodec decode). The vocals come from
-  Bark, which sings text wrapped in ♪, one lyric line at a time, each placed in its line's slot on the
-  accompaniment's timeline (``vocals.py``; sections get time in proportion to their lines, ``lyrics.py``).
-  The stems are gain-staged so their sum never clips (``audio.mix_stems``), chunk by chunk while streaming.
-- ``mixed``: one model renders the whole song: ACE-Step 1.5 through diffusers' ``AceStepPipeline`` (``ace_step.py``).
+  The accompaniment comes from MusicGen through Tokenworks' own decode loop (``audio/musicgen.py``: delay
+  pattern, CFG in one batch, static cache, lossless column drafting, streamed EnCodec decode). The vocals come
+  from Bark, which sings text wrapped in ♪, one lyric line at a time, each placed in its line's slot on the
+  accompaniment's timeline (``audio/vocals.py``; sections get time in proportion to their lines,
+  ``audio/lyrics.py``).
+  The stems are gain-staged so their sum never clips (``audio.pcm.mix_stems``), chunk by chunk while streaming.
+- ``mixed``: one model renders the whole song: ACE-Step 1.5 through diffusers' ``AceStepPipeline``
+  (``audio/ace_step.py``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Speech tab: text to speech, streamed so the first audio plays early, with latency and decoding stats.
 
 Backends: the offline voices that ship on PyPI (hibari, 24 kHz; Piper "joe", 22.05 kHz), streamed sentence by
-sentence, and Bark (``pipelines/bark.py``), whose token AR stages run through the lossless chain draft-and-verify
+sentence, and Bark (``pipelines/audio/bark.py``), whose token AR stages run through the lossless chain draft-and-verify
 loop and whose audio is decoded in chunks that start small and grow.
 """
 from __future__ import annotations

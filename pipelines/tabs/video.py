@@ -1,13 +1,13 @@
 """Video tab: AnimateDiff text-to-video with a multi-shot prompt timeline.
 
 The stock diffusers ``AnimateDiffPipeline`` runs the denoising loop. Tokenworks adds, each at its hook:
-the shot timeline (``timeline.py``) compiled to FreeNoise's ``{frame: prompt}`` keyframes with an exact
+the shot timeline (``diffusion/timeline.py``) compiled to FreeNoise's ``{frame: prompt}`` keyframes with an exact
 interpolation callback, FreeNoise's sliding context windows for videos longer than the motion module's
 window, Stop and per-step progress through ``callback_on_step_end``. With one shot and no extras the call
 is the stock pipeline's, so the output is bit-identical to it.
 
-Loading, FreeNoise and the stock call live in ``animatediff.py``, the image controls per shot in
-``shot_controls.py``, the MP4 and frame strip in ``outputs.py``.
+Loading, FreeNoise and the stock call live in ``diffusion/animatediff.py``, the image controls per shot in
+``diffusion/shot_controls.py``, the MP4 and frame strip in ``outputs.py``.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class VideoRequest(Request):
     height: int = 512
     context_length: int = CONTEXT_LENGTH
     context_stride: int = CONTEXT_STRIDE
-    merge_ratio: float = 0.0  # token merging on the spatial self-attention only (image/merging.py)
+    merge_ratio: float = 0.0  # token merging on the spatial self-attention only (diffusion/merging.py)
     merge_min_tokens: int = DEFAULT_MIN_TOKENS  # per frame; smaller layers run stock (merging would cost more)
     compare: str = NO_COMPARISON  # same-seed A/B: also render with one thing switched back (see COMPARISONS)
     # Image-tab token controls, per shot, on the spatial cross-attention (see ShotControls).
@@ -67,7 +67,7 @@ class VideoRequest(Request):
     style: str = ""  # LPA style ("" = find "in X style" in each shot's prompt)
     lpa_window: tuple[float, float] = LPAConfig.window  # the paper's best, late-only
     isolate: str = ""  # Follow-the-Flow leakage fix: comma-separated items re-encoded alone
-    fast: bool = True  # captured UNet loop on CUDA (image/fast.py); eager static path on CPU/ZeroGPU; False = stock
+    fast: bool = True  # captured UNet loop on CUDA (diffusion/fast.py); eager static path on CPU/ZeroGPU; False = stock
 
     @property
     def controlled(self) -> bool:

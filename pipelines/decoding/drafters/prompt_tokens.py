@@ -10,7 +10,7 @@ verifier treats them as tree nodes no model can ever emit (never accepted, dropp
 other rejected nodes). Lossless like every drafter here: only the verifier decides.
 
 Trained weights for a model: ``$TOKENWORKS_CACHE/prompt_tokens/<slug>.safetensors`` (what
-``python -m pipelines.decoding.prompt_training`` writes), else the ones packaged in ``weights/``.
+``python -m pipelines.decoding.training.prompt_training`` writes), else the ones packaged in ``weights/``.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ the vocabulary (what the model writes in its training data): on a CPU the full 4
 more than the draft is worth. Lossless like every drafter here: only the verifier decides.
 
 Trained heads: ``$TOKENWORKS_CACHE/draft_heads/redrafter-<model>.safetensors`` (what
-``python -m pipelines.decoding.recurrent_training`` writes), else the ones packaged in ``weights/``.
+``python -m pipelines.decoding.training.recurrent_training`` writes), else the ones packaged in ``weights/``.
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ batch holds each sequence once plus, at sampled anchor positions t of the answer
 t+k, seeing the sequence up to t and the chain before it) — the layout the verifier uses. The real rows never
 see a chain, so their logits are the teacher: p_k learns the distribution the model has at row t+k, by KL.
 
-    python -m pipelines.decoding.prompt_training --model smollm2-135m --name HuggingFaceTB/SmolLM2-135M-Instruct \\
-        --device cuda --samples 4096 --out pipelines/decoding/weights/ppd-smollm2-135m-instruct.safetensors
+    python -m pipelines.decoding.training.prompt_training --model smollm2-135m \\
+        --name HuggingFaceTB/SmolLM2-135M-Instruct --device cuda --samples 4096 \\
+        --out pipelines/decoding/weights/ppd-smollm2-135m-instruct.safetensors
 
 Writes the vectors (safetensors, with the model name and vocabulary in the metadata) and a JSON report
 beside them: held-out top-1 / top-10 agreement of each prompt token with the model, before and after.

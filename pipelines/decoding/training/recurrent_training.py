@@ -7,8 +7,9 @@ every position; at sampled anchors t of the answer the head is unrolled teacher-
 next tokens, ``s_k = advance(s_(k-1), e(x_(t+k)))``, and its readout at level k learns the model's distribution
 at row t+k by KL. The head's vocabulary is the most frequent answer tokens (FR-Spec's frequency-ranked subset).
 
-    python -m pipelines.decoding.recurrent_training --model smollm2-135m --name HuggingFaceTB/SmolLM2-135M-Instruct \\
-        --device cuda --data ppd_data.json --out pipelines/decoding/weights/redrafter-smollm2-135m-instruct.safetensors
+    python -m pipelines.decoding.training.recurrent_training --model smollm2-135m \\
+        --name HuggingFaceTB/SmolLM2-135M-Instruct --device cuda --data ppd_data.json \\
+        --out pipelines/decoding/weights/redrafter-smollm2-135m-instruct.safetensors
 
 Writes the head (safetensors, fp16, with its vocabulary) and a JSON report beside it: held-out agreement of
 the head's top-1 / top-8 with the model's own next token per level, and the mean run of right top-1 drafts.

@@ -24,7 +24,7 @@ from pipelines.decoding.recycling import TokenRecycling
 from pipelines.decoding.sliding import UnsupportedAttention
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.tree import TokenTree
-from pipelines.decoding.verify import speculative_decode, stock_forward
+from pipelines.decoding.verify import speculative_decode, StockForward
 from pipelines.tiny import tiny_causal_lm
 
 from decoding_support import STEEP, repetitive_prompt, run
@@ -79,7 +79,7 @@ def test_plain_decoding_takes_layouts_a_tree_cannot_go_through(models, monkeypat
     assert len(run(plain_decode(model, repetitive_prompt(0, 5), 4, SamplingConfig(), set()))) == 4
     with pytest.raises(UnsupportedAttention):
         verify.CausalLMForward(model)
-    assert stock_forward(models["gemma3"]).new_cache().layers[0].__class__.__name__ == "DynamicSlidingWindowLayer"
+    assert StockForward(models["gemma3"]).new_cache().layers[0].__class__.__name__ == "DynamicSlidingWindowLayer"
 
 
 def test_the_rule_prices_re_fed_rows_with_the_tree():

@@ -133,10 +133,10 @@ def plain_decode(
     """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``: the verifier's own
     loop with ``verify.NoDraft``, so the baseline and every drafted method run the same code. With a ``forward``
     adapter (``verify.CausalLMForward`` or a subclass such as ``static.StaticForward``) each step goes through it;
-    without one, through ``verify.stock_forward`` (the model's own cache and causal mask). ``processors`` (a
+    without one, through ``verify.StockForward`` (the model's own cache and causal mask). ``processors`` (a
     ``LogitsProcessorList``, e.g. repetition penalty) rewrite each step's logits before the choice, as in
     ``generate``."""
-    from .verify import NoDraft, speculative_decode, stock_forward  # verify builds on this module's types
+    from .verify import NoDraft, StockForward, speculative_decode  # verify builds on this module's types
 
     return speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, NoDraft(), cancel, stats,
-                              forward if forward is not None else stock_forward(model), processors=processors)
+                              forward if forward is not None else StockForward(model), processors=processors)

@@ -63,8 +63,14 @@ class NoDraft(Drafter):
     """Plain decoding through the verifier's loop (one token per forward): the baseline of a stage that can
     also be drafted, run by the same code (``plain.plain_decode`` is this drafter)."""
 
+    def __init__(self) -> None:
+        self.trees: dict[int, TokenTree] = {}  # root -> its one-node tree: the baseline builds none per step
+
     def propose(self, context: list[int]) -> TokenTree:
-        return TokenTree([context[-1]], [-1], [0])  # depths given: no layout walk on the baseline's every step
+        tree = self.trees.get(context[-1])
+        if tree is None:
+            tree = self.trees[context[-1]] = TokenTree([context[-1]], [-1], [0])
+        return tree
 
 
 class CausalLMForward:
@@ -76,7 +82,7 @@ class CausalLMForward:
 
     Models with sliding-window layers keep every layer's K/V at full length and get one mask per layer type
     (``sliding.AttentionLayout``); models with layers a crop cannot roll back raise ``UnsupportedAttention``.
-    ``layout`` replaces the one read from the model's config (``stock_forward``)."""
+    ``layout`` replaces the one read from the model's config (``StockForward``)."""
 
     def __init__(self, model, tree_attention: bool = True, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  layout: AttentionLayout | None = None):
@@ -130,11 +136,17 @@ class CausalLMForward:
         return out.logits[0, -keep:] if keep is not None else out.logits[0]
 
 
-def stock_forward(model) -> CausalLMForward:
-    """The model's own cache and causal mask, chains only: what plain decoding needs. ``NoDraft`` never rolls a
-    cache back, so this also decodes the layouts a tree cannot go through (chunked or linear attention) and
-    keeps sliding layers at their window, as ``generate`` does (an empty layout: no per-type masks, stock cache)."""
-    return CausalLMForward(model, tree_attention=False, layout=AttentionLayout(()))
+class StockForward(CausalLMForward):
+    """The model's own cache, causal mask and positions (from its cache length), chains only: what plain decoding
+    needs, as ``generate`` runs it. ``NoDraft`` never rolls a cache back, so this also decodes the layouts a tree
+    cannot go through (chunked or linear attention) and keeps sliding layers at their window (an empty layout: no
+    per-type masks, transformers' own cache)."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model, tree_attention=False, layout=AttentionLayout(()))
+
+    def block_inputs(self, tree: TokenTree, before_root: int, past: int):
+        return None, None  # a chain's positions are the cache's next ones: no tensor to build per step
 
 
 def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,

@@ -81,10 +81,10 @@ def test_re_fed_rows_never_spill_a_tree_into_the_next_bucket():
 def test_bucketed_curve_prices_a_size_at_its_bucket():
     curve = bucketed({1: 1.0, 8: 1.1, 16: 1.5}, (1, 8, 16))
     assert sorted(curve) == list(range(1, 17)) and curve[2] == curve[8] == 1.1 and curve[9] == 1.5
-    # nodes 2..8 cost nothing more and fill bucket 8; the next ones are not worth bucket 16, nor a few of them
+    # nodes 2..7 and a re-fed row cost nothing more and fill bucket 8; the next ones are not worth bucket 16
     rates = [1.0] + [0.12] * 7 + [0.1] + [0.0] * 7
-    assert pick_tree_size(rates, curve, extra_tokens=0) == 8
-    assert pick_tree_size(rates, {1: 1.0, 8: 1.1, 16: 1.5}, extra_tokens=0) == 9  # interpolated: spills
+    assert pick_tree_size(rates, curve) == 7
+    assert pick_tree_size(rates, {1: 1.0, 8: 1.1, 16: 1.5}) == 9  # interpolated: spills
 
 
 def test_step_costs_measure_the_serving_forward_at_its_buckets(monkeypatch):

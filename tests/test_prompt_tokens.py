@@ -139,9 +139,10 @@ def test_a_guess_tree_is_priced_with_the_chain_it_carries(models):
     drafter.start([1, 2])
     drafter.chains.guesses = Guesses([[5, 6, 7], [8, 9], [10]], [[0.3, 0.1, 0.05], [0.3, 0.1], [0.3]])
     tree = drafter.propose([1, 2])
-    # 4 guesses with a chain below each fill the 16-row bucket (the 5th would take the step to the 128-row one)
-    assert drafter.chains.real_part(tree) == 4 and tree.tokens[:4] == [2, 5, 6, 8] and len(tree) == 16
-    assert tree.tokens[4:7] == prompts.ids and tree.parents[4] == 0  # the first chain: below the likeliest end
+    # the root, 2 guesses and a chain below each take 12 rows, 13 with the row the rule expects re-fed: the 16-row
+    # bucket (a 3rd guess and its chain would take the step to the 128-row one)
+    assert drafter.chains.real_part(tree) == 3 and tree.tokens[:3] == [2, 5, 6] and len(tree) == 12
+    assert tree.tokens[3:6] == prompts.ids and tree.parents[3] == 0  # the first chain: below the likeliest end
 
 
 def test_a_step_that_verified_no_guesses_leaves_their_worth_alone(models):

@@ -6,7 +6,8 @@ Public API
 ----------
 ``plain.plain_decode(model, input_ids, max_new_tokens, config, eos_ids, cancel=None, stats=None, forward=None,
 processors=None)``
-    The baseline: one token per forward. Yields ``[token]`` lists. ``SamplingConfig`` holds temperature, top-k,
+    The baseline: one token per forward, run by the verifier's own loop with ``verify.NoDraft`` (through
+    ``verify.StockForward``, the model's own cache, when no ``forward`` is given). Yields ``[token]`` lists. ``SamplingConfig`` holds temperature, top-k,
     top-p and the seed (``generate``'s order and draws); ``processors`` (e.g. repetition penalty) as in ``generate``.
 ``verify.speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, drafter, cancel=None,
 stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
@@ -68,7 +69,9 @@ for one model (recycling matrix, output trie, merged counts, cost curves, traine
 ``state.DecodingState(model)``, kept with the loaded model. Trained weights are found per model id by
 ``trained.TrainedWeights`` and loaded once into it (``DecodingState.load_trained``; ``use`` overrides). Tree size
 per device: ``DecodingState.step_costs(profile, forward)`` (measured through the serving ``forward`` at its buckets
-when it has some: ``hardware.bucketed``) and ``hardware.pick_tree_size(rates, costs)``.
+when it has some: ``hardware.bucketed``) and one rule, ``hardware.pick_tree_size(path, costs)``: the prefix with the
+most expected accepted tokens per second of ``hardware.step_cost`` (the curve at tree nodes + re-fed rows); every
+drafter that sizes a tree (recycling, merged, ReDrafter, PPD) supplies only its nodes' path probabilities.
 
 The text tab's side: ``methods.DECODING_METHODS`` (each method's label and drafter; a new method is its drafter's
 module plus one entry there), ``serving.fast_forward`` / ``serving.exact_forward`` (which adapter serves a request,

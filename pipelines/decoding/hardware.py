@@ -81,16 +81,36 @@ def interpolate(costs: dict[int, float], n: int) -> float:
     return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
 
 
-def pick_tree_size(node_rates: list[float], costs: dict[int, float], extra_tokens: int = 1,
-                   draft_s: float = 0.0) -> int:
-    """How many template nodes (root included) to keep. ``node_rates[i]`` is the probability that node i
-    is on the accepted path (the root's is 1: it always yields the bonus token), so a prefix of n nodes
-    commits ``sum(node_rates[:n])`` tokens per step on average; a step costs a forward over those n nodes
-    plus ``extra_tokens`` re-fed ones, plus drafting."""
+# rows a step re-feeds besides its tree, on average: the accepted tokens whose cache rows were dropped with a rejected
+# sibling before them (verify.py's crop + re-feed). A chain drafter re-feeds none; a tree whose accepted path leaves
+# its first chain re-feeds the rest of that path.
+REFED_ROWS = 1
+
+
+def step_cost(costs: dict[int, float], nodes: int) -> float:
+    """What a step verifying ``nodes`` tree nodes (root included) costs: the curve at those nodes plus
+    ``REFED_ROWS``. Re-fed rows count because they ride in the same forward as the tree: on a CPU each is one more
+    row of a near-linear cost, and on a padded forward a tree that fills its bucket alone spills into the next,
+    dearer one (``static.StaticForward.fit`` then cuts its last nodes, which the rule had paid for)."""
+    return interpolate(costs, nodes + REFED_ROWS)
+
+
+def step_prices(costs: dict[int, float], sizes: int) -> list[float]:
+    """``step_cost`` at index n for every n up to ``sizes`` (index 0 unused): for drafters that size every step."""
+    return [0.0] + [step_cost(costs, n) for n in range(1, sizes + 1)]
+
+
+def pick_tree_size(path: list[float], costs: dict[int, float], prices: list[float] | None = None) -> int:
+    """The one tree-size rule: how many leading nodes (root included) of a best-first tree to verify, the prefix
+    with the most expected accepted tokens per second of step cost. ``path[i]`` is the probability that node i is
+    on the accepted path (the root's is 1: it always yields the bonus token), so a prefix of n nodes commits
+    ``sum(path[:n])`` tokens per step on average, for ``step_cost(costs, n)``. Every drafter that sizes its tree
+    supplies only ``path``; ``prices`` is ``step_prices(costs, len(path))`` when the caller keeps it."""
+    prices = prices if prices is not None else step_prices(costs, len(path))
     best, best_rate, expected = 1, 0.0, 0.0
-    for n, rate in enumerate(node_rates, start=1):
+    for n, rate in enumerate(path, start=1):
         expected += rate
-        throughput = expected / (interpolate(costs, n + extra_tokens) + draft_s)
+        throughput = expected / prices[n]
         if throughput > best_rate:
             best, best_rate = n, throughput
     return best

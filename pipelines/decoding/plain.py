@@ -1,16 +1,14 @@
-"""Plain autoregressive decoding: the baseline every multi-token method must reproduce exactly."""
+"""Plain autoregressive decoding: the baseline every multi-token method must reproduce exactly, and what the
+verifier shares with it (sampling, the processed logits, the step statistics)."""
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
 
 from ..base import CancelToken
-from .tree import TokenTree
 
 
 @dataclass
@@ -121,7 +119,6 @@ def make_generator(config: SamplingConfig, device: torch.device) -> torch.Genera
     return generator
 
 
-@torch.inference_mode()
 def plain_decode(
     model,
     input_ids: torch.Tensor,
@@ -133,50 +130,13 @@ def plain_decode(
     forward=None,
     processors=None,
 ) -> Iterator[list[int]]:
-    """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``. With a
-    ``forward`` adapter (``verify.CausalLMForward`` or a subclass such as ``static.StaticForward``) each step
-    goes through it instead of the stock cache loop. ``processors`` (a ``LogitsProcessorList``, e.g.
-    repetition penalty) rewrite each step's logits before the choice, as in ``generate``."""
-    stats = stats if stats is not None else DecodeStats()
-    generator = make_generator(config, input_ids.device)
-    step = _stock_step(model) if forward is None else _adapter_step(forward)
-    step_input = input_ids
-    generated: list[int] = []
-    process = logits_processing(processors, input_ids[0].detach().cpu(), generated) if processors else None
-    for _ in range(max_new_tokens):
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        started = time.perf_counter()
-        logits = step(step_input)
-        stats.keep_top(logits[None])
-        stats.forwards += 1
-        token = choose_token(logits if process is None else process(logits, []), config, generator)
-        generated.append(token)
-        stats.step_s += time.perf_counter() - started
-        stats.new_tokens += 1
-        stats.accepted_per_forward.append(1)
-        yield [token]
-        if token in eos_ids:
-            return
-        step_input = torch.tensor([[token]], device=input_ids.device)
+    """Yield one new token at a time (as a one-element list) until EOS or ``max_new_tokens``: the verifier's own
+    loop with ``verify.NoDraft``, so the baseline and every drafted method run the same code. With a ``forward``
+    adapter (``verify.CausalLMForward`` or a subclass such as ``static.StaticForward``) each step goes through it;
+    without one, through ``verify.StockForward`` (the model's own cache and causal mask). ``processors`` (a
+    ``LogitsProcessorList``, e.g. repetition penalty) rewrite each step's logits before the choice, as in
+    ``generate``."""
+    from .verify import NoDraft, StockForward, speculative_decode  # verify builds on this module's types
 
-
-def _stock_step(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's own forward on a ``DynamicCache``: last-position logits for ids appended to the cache."""
-    cache = DynamicCache(config=model.config)
-    kwargs = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # no LM head over the prompt
-    kwargs[cache_kwarg(model)] = cache
-    return lambda ids: model(input_ids=ids, use_cache=True, **kwargs).logits[0, -1]
-
-
-def _adapter_step(forward) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same step through a forward adapter: a one-node tree behind the not-yet-cached ids."""
-    cache = forward.new_cache()
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        pending = ids[0].tolist()
-        mask, positions = forward.block_inputs(TokenTree([pending[-1]], [-1]), len(pending) - 1,
-                                               cache.get_seq_length())
-        return forward(pending, positions, mask, cache, keep=1)[-1]
-
-    return step
+    return speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, NoDraft(), cancel, stats,
+                              forward if forward is not None else StockForward(model), processors=processors)

@@ -69,7 +69,9 @@ class TokenTree:
         length = 1
         while length < len(self.parents) and self.parents[length] == length - 1:
             length += 1
-        return TokenTree(self.tokens[:length], self.parents[:length])
+        if length == len(self.parents):
+            return self  # trees are not changed once built
+        return TokenTree(self.tokens[:length], self.parents[:length], self.depths[:length])
 
     def truncated(self, max_nodes: int | None = None, max_depth: int | None = None) -> "TokenTree":
         """The first ``max_nodes`` nodes (input order keeps parents first) no deeper than ``max_depth``: the tree

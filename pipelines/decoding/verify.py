@@ -17,7 +17,7 @@ import torch
 from ..base import CancelToken
 from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, logits_processing, make_generator
 from .device_accept import device_tree, greedy_accept
-from .sliding import attention_layout
+from .sliding import AttentionLayout, attention_layout
 from .tree import TokenTree, block_position_ids, block_visibility
 
 
@@ -61,10 +61,16 @@ class Drafter:
 
 class NoDraft(Drafter):
     """Plain decoding through the verifier's loop (one token per forward): the baseline of a stage that can
-    also be drafted, run by the same code."""
+    also be drafted, run by the same code (``plain.plain_decode`` is this drafter)."""
+
+    def __init__(self) -> None:
+        self.trees: dict[int, TokenTree] = {}  # root -> its one-node tree: the baseline builds none per step
 
     def propose(self, context: list[int]) -> TokenTree:
-        return TokenTree.chain(context[-1], [])
+        tree = self.trees.get(context[-1])
+        if tree is None:
+            tree = self.trees[context[-1]] = TokenTree([context[-1]], [-1], [0])
+        return tree
 
 
 class CausalLMForward:
@@ -75,16 +81,18 @@ class CausalLMForward:
     are cut to their first chain and verified with the model's ordinary causal mask.
 
     Models with sliding-window layers keep every layer's K/V at full length and get one mask per layer type
-    (``sliding.AttentionLayout``); models with layers a crop cannot roll back raise ``UnsupportedAttention``."""
+    (``sliding.AttentionLayout``); models with layers a crop cannot roll back raise ``UnsupportedAttention``.
+    ``layout`` replaces the one read from the model's config (``StockForward``)."""
 
-    def __init__(self, model, tree_attention: bool = True, embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, model, tree_attention: bool = True, embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 layout: AttentionLayout | None = None):
         self.model = model
         self.tree_attention = tree_attention
         self.embed = embed
         self.record_hidden = False
         self.hidden: torch.Tensor | None = None
         self.kwarg = cache_kwarg(model)
-        self.layout = attention_layout(model)
+        self.layout = attention_layout(model) if layout is None else layout
         self.trims_logits = accepts(model, "logits_to_keep")
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -128,6 +136,19 @@ class CausalLMForward:
         return out.logits[0, -keep:] if keep is not None else out.logits[0]
 
 
+class StockForward(CausalLMForward):
+    """The model's own cache, causal mask and positions (from its cache length), chains only: what plain decoding
+    needs, as ``generate`` runs it. ``NoDraft`` never rolls a cache back, so this also decodes the layouts a tree
+    cannot go through (chunked or linear attention) and keeps sliding layers at their window (an empty layout: no
+    per-type masks, transformers' own cache)."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model, tree_attention=False, layout=AttentionLayout(()))
+
+    def block_inputs(self, tree: TokenTree, before_root: int, past: int):
+        return None, None  # a chain's positions are the cache's next ones: no tensor to build per step
+
+
 def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
            generator: torch.Generator | None,
            process: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None) -> tuple[list[int], list[int]]:
@@ -147,6 +168,18 @@ def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
             return nodes, tokens
         nodes.append(child)
         node = child
+
+
+def choose_run(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None,
+               process: Callable[[torch.Tensor, list[int]], torch.Tensor] | None, forward: CausalLMForward,
+               before_root: int) -> tuple[list[int], list[int]]:
+    """The accepted nodes and committed tokens of one verified ``tree``. A lone root (plain decoding, a drafter
+    with nothing to offer) is one choice at its row, exactly plain decoding's: no walk, no device tree, one read."""
+    if len(tree) == 1:
+        return [], [choose_token(logits[0] if process is None else process(logits[0], []), config, generator)]
+    if config.greedy and process is None:
+        return greedy_accept(tree, logits, *forward.tree_tensors(tree, before_root))
+    return accept(tree, logits, config, generator, process)
 
 
 def contiguous_accepted(nodes: list[int]) -> int:
@@ -196,9 +229,9 @@ def speculative_decode(
     # a prefill's prompt is not ids (Bark's summed embeddings): its processors see zeros of its length
     prompt = (torch.zeros(next(iter(prefill.values())).shape[1], dtype=torch.long) if prefill is not None
               else input_ids[0].detach().cpu())
+    process = logits_processing(processors, prompt, generated) if processors else None  # reads ``generated`` live
     if prefill is not None:
         logits = model(**prefill, use_cache=True, **{forward.kwarg: cache}).logits[0, -1]
-        process = logits_processing(processors, prompt, generated) if processors else None
         token = choose_token(logits if process is None else process(logits, []), config, generator)
         stats.keep_top(logits[None])
         stats.forwards += 1
@@ -230,11 +263,7 @@ def speculative_decode(
 
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
-            if config.greedy and not processors:
-                nodes, run = greedy_accept(tree, logits, *forward.tree_tensors(tree, before_root))
-            else:
-                process = logits_processing(processors, prompt, generated) if processors else None
-                nodes, run = accept(tree, logits, config, generator, process)
+            nodes, run = choose_run(tree, logits, config, generator, process, forward, before_root)
             for i, token in enumerate(run):
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..hardware import interpolate
+from ..hardware import pick_tree_size, step_prices
 from ..tree import TokenTree
 from ..verify import Drafter
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
@@ -243,12 +243,10 @@ class MergedDrafter(Drafter):
         return self._select(trie)
 
     def prices(self, sizes: int) -> list[float]:
-        """``interpolate(self.costs, size)`` at index ``size`` for every size up to ``sizes``, remembered per curve:
-        ``_select`` asks for every size each step."""
-        if self._priced is not self.costs:
-            self._priced, self._prices = self.costs, [0.0]
-        for size in range(len(self._prices), sizes + 1):
-            self._prices.append(interpolate(self.costs, size))
+        """``hardware.step_prices(self.costs, sizes)``, remembered per curve: ``_select`` asks for every size each
+        step."""
+        if self._priced is not self.costs or len(self._prices) <= sizes:
+            self._priced, self._prices = self.costs, step_prices(self.costs, max(sizes, self.max_nodes))
         return self._prices
 
     def _offer_size(self) -> int:
@@ -284,13 +282,7 @@ class MergedDrafter(Drafter):
         for i in range(1, n):
             path[i] = path[parents[i]] * conditional[i]
         ranked = sorted(range(n), key=lambda i: (-path[i], depths[i], i))[:self.max_nodes]
-        prices = self.prices(len(ranked))
-        best, best_rate, expected = 1, 0.0, 0.0
-        for size, i in enumerate(ranked, start=1):
-            expected += path[i]
-            throughput = expected / prices[size]
-            if throughput > best_rate:
-                best, best_rate = size, throughput
+        best = pick_tree_size([path[i] for i in ranked], self.costs, self.prices(len(ranked)))
         tree, out_path = self._depth_first(trie, path, set(ranked[:best]))
         self.steps, self.nodes = self.steps + 1, self.nodes + len(tree)
         self.kept = 0.9 * self.kept + 0.1 * len(tree)

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..hardware import interpolate
+from ..hardware import step_cost
 from ..trained import TrainedWeights
 from ..tree import TokenTree
 from ..verify import Drafter
@@ -160,12 +160,12 @@ class PromptChains:
             below[tree.parents[i]] += path[i]
         last = [max(path[i] - below[i], 0.0) for i in range(n)]
         order = sorted(range(n), key=lambda i: -last[i])
-        best, best_rate, gained = 0, expected / interpolate(costs, n), expected
+        best, best_rate, gained = 0, expected / step_cost(costs, n), expected
         for count, node in enumerate(order, start=1):
             if n + m * count > max_nodes:
                 break
             gained += last[node] * self.gain
-            rate = gained / interpolate(costs, n + m * count)
+            rate = gained / step_cost(costs, n + m * count)
             if rate > best_rate:
                 best, best_rate = count, rate
         tokens, parents = list(tree.tokens), list(tree.parents)
@@ -179,10 +179,11 @@ class PromptChains:
         return TokenTree(tokens, parents)
 
     def sized(self, tree: TokenTree, path: list[float], costs: dict[int, float], max_nodes: int) -> int:
-        """How many leading nodes of a best-first ``tree`` (``path``: their probabilities) to verify. Each prefix
-        is priced, rows and all, alone, with the chain ``attach`` would hang below its likeliest end (worth
-        ``gain`` tokens times that node's chance to end the path) and with a chain below every node (worth
-        ``gain``: the chances to end the path add up to one). Priced without the chains it carries, the tree
+        """How many leading nodes of a best-first ``tree`` (``path``: their probabilities) to verify: the one rule
+        (``hardware.pick_tree_size``, priced by ``hardware.step_cost``) with two more candidates per prefix. Each
+        prefix is priced, rows and all, alone (the rule's candidate), with the chain ``attach`` would hang below
+        its likeliest end (worth ``gain`` tokens times that node's chance to end the path) and with a chain below
+        every node (worth ``gain``: the chances to end the path add up to one). Priced without the chains it carries, the tree
         shrank to the bare root wherever one chain took the forward into a dearer bucket (the static path's 8-row
         bucket): the guesses were read on every step and never verified (tau 1.0 served on an H100)."""
         m = len(self.ids)
@@ -199,12 +200,12 @@ class PromptChains:
                 heapq.heappush(ends, (-last[parent], parent))
             while -ends[0][0] != last[ends[0][1]]:
                 heapq.heappop(ends)
-            rate = expected / interpolate(costs, node + 1)
+            rate = expected / step_cost(costs, node + 1)
             if node + 1 + m <= max_nodes:
                 chained = expected + max(last[ends[0][1]], 0.0) * self.gain
-                rate = max(rate, chained / interpolate(costs, node + 1 + m))
+                rate = max(rate, chained / step_cost(costs, node + 1 + m))
             if (node + 1) * (1 + m) <= max_nodes:
-                rate = max(rate, (expected + self.gain) / interpolate(costs, (node + 1) * (1 + m)))
+                rate = max(rate, (expected + self.gain) / step_cost(costs, (node + 1) * (1 + m)))
             if rate > best_rate:
                 best, best_rate = node + 1, rate
         return best

@@ -253,7 +253,7 @@ class RecurrentDrafting(Drafter):
         if found is None:
             return TokenTree.chain(context[-1], [])
         tree, _, _, path = found
-        return tree.truncated(max_nodes=pick_tree_size(path, self.costs, extra_tokens=0))
+        return tree.truncated(max_nodes=pick_tree_size(path, self.costs))
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.drafts.update(tree.path_of(accepted)[-1])

@@ -125,7 +125,7 @@ def hub_model_ids() -> list[str]:
 
 
 class PresetModels:
-    """The model dropdown of a tab's pipeline (which sets ``task``, ``preset``, ``store`` and ``specs``): the
+    """The model dropdown of a tab's pipeline (which sets ``task``; the preset's ``specs`` for it are listed): the
     listed names, the default, and a name or Hub id back to its spec. A name that is not listed is taken as a
     Hub id when ``unlisted`` says what kind it is (never under the tiny preset)."""
 
@@ -134,6 +134,11 @@ class PresetModels:
     store: ModelStore
     specs: list[ModelSpec]
     unknown_label = "model"
+
+    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
+        self.store = store
+        self.preset = preset
+        self.specs = models_for(self.task, preset)
 
     def unlisted(self, name: str) -> ModelSpec | None:
         """The spec for a Hub id that is not listed; None refuses it."""

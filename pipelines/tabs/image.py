@@ -28,7 +28,7 @@ from ..diffusion.preview import AsyncPreviews
 from ..diffusion.prompts import ParsedPrompt, parse_prompt
 from ..models import ModelSpec, ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
 from ..outputs import save_png
-from ..presets import PresetModels, models_for
+from ..presets import PresetModels
 from ..streaming import stream_in_thread
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
@@ -78,9 +78,7 @@ class ImagePipeline(PresetModels, Pipeline):
     preview_interval_s = 0.1  # live previews at most this often (AsyncPreviews)
 
     def __init__(self, store: ModelStore, preset: str = "auto") -> None:
-        self.store = store
-        self.preset = preset
-        self.specs = models_for("image", preset)
+        super().__init__(store, preset)
         self.compass = CompassEncoders()
 
     def unlisted(self, name: str) -> ModelSpec:

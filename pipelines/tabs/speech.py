@@ -19,7 +19,7 @@ from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, 
 from ..decoding.plain import SamplingConfig
 from ..models import ModelSpec, ModelStore, ResolvedModel
 from ..outputs import new_output_path, write_sidecar
-from ..presets import PresetModels, models_for
+from ..presets import PresetModels
 from ..streaming import Returning
 
 MAX_TEXT_CHARS = 2000
@@ -75,11 +75,6 @@ class SpeechPipeline(PresetModels, Pipeline):
     task = "speech"
     unknown_label = "voice"
     request_type = SpeechRequest
-
-    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
-        self.store = store
-        self.preset = preset
-        self.specs = models_for("speech", preset)
 
     def unlisted(self, name: str) -> ModelSpec:
         return ModelSpec(name, "bark", hub_id=name)

@@ -17,9 +17,9 @@ from ..decoding.reply import Reply, StopStrings, run_texts
 from ..decoding.serving import exact_forward, fast_forward, first_request_note
 from ..decoding.static import StaticForward
 from ..decoding.verify import Drafter, speculative_decode
-from ..models import ModelSpec, ModelStore, settle_heap
+from ..models import ModelSpec, settle_heap
 from ..outputs import save_text
-from ..presets import PresetModels, models_for
+from ..presets import PresetModels
 
 MAX_NEW_TOKENS_LIMIT = 4096
 TOP_K_LIMIT = 1000
@@ -56,11 +56,6 @@ class TextRequest(Request):
 class TextPipeline(PresetModels, Pipeline):
     task = "text"
     request_type = TextRequest
-
-    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
-        self.store = store
-        self.preset = preset
-        self.specs = models_for("text", preset)
 
     def unlisted(self, name: str) -> ModelSpec:
         return ModelSpec(name, "causal-lm", hub_id=name)

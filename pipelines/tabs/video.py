@@ -29,9 +29,9 @@ from ..diffusion.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats
 from ..diffusion.prompts import ParsedPrompt
 from ..diffusion.shot_controls import ShotControls
 from ..diffusion.timeline import DEFAULT_SMOOTH_WINDOW, Timeline, request_timeline
-from ..models import ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
+from ..models import keep_placement, peak_memory_mb, reset_peak_memory
 from ..outputs import save_video
-from ..presets import PresetModels, models_for
+from ..presets import PresetModels
 from ..streaming import stream_in_thread
 
 MAX_FRAMES = 128
@@ -101,11 +101,6 @@ class VideoPipeline(PresetModels, Pipeline):
     task = "video"
     unknown_label = "video model"
     request_type = VideoRequest
-
-    def __init__(self, store: ModelStore, preset: str = "auto") -> None:
-        self.store = store
-        self.preset = preset
-        self.specs = models_for("video", preset)
 
     def load(self, name: str):
         return self.store.load(self.spec_for(name), load_animatediff)

@@ -104,14 +104,21 @@ def test_text_encoder_is_causal_eot_pooled_and_pads_with_eot():
     assert torch.allclose(out.pooler_output[0], states[0, end], atol=1e-6)
 
 
-def test_contrastive_step_lowers_the_loss_on_a_fixed_batch():
+def tiny_clip_batch(count: int) -> tuple:
+    """A tiny CLIP and ``count`` rendered 32 px scenes with their full captions' ids."""
     from pipelines.microworld import text_v2
 
     tokenizer = text_v2.build_tokenizer()
     clip = text_v2.build_clip(tokenizer, width=32, layers=1, vision_layers=1, size=32)
-    layouts = scenes_v2.sample_layouts(8, 4, size=32)
+    layouts = scenes_v2.sample_layouts(count, 4, size=32)
     images, _ = scenes_v2.render_layouts(layouts)
-    ids = text_v2.tokenize(tokenizer, [scenes_v2.full_caption(layouts, i) for i in range(8)])
+    return clip, images, text_v2.tokenize(tokenizer, [scenes_v2.full_caption(layouts, i) for i in range(count)])
+
+
+def test_contrastive_step_lowers_the_loss_on_a_fixed_batch():
+    from pipelines.microworld import text_v2
+
+    clip, images, ids = tiny_clip_batch(8)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
@@ -140,11 +147,7 @@ def test_turned_headings_change_only_the_arrows_direction_words():
 def test_hard_negatives_count_only_where_they_differ():
     from pipelines.microworld import text_v2
 
-    tokenizer = text_v2.build_tokenizer()
-    clip = text_v2.build_clip(tokenizer, width=32, layers=1, vision_layers=1, size=32)
-    layouts = scenes_v2.sample_layouts(6, 4, size=32)
-    images, _ = scenes_v2.render_layouts(layouts)
-    ids = text_v2.tokenize(tokenizer, [scenes_v2.full_caption(layouts, i) for i in range(6)])
+    clip, images, ids = tiny_clip_batch(6)
     with torch.no_grad():
         plain = text_v2.contrastive_loss(clip, ids, images)
         masked = text_v2.contrastive_loss(clip, ids, images, ids, torch.zeros(6, dtype=torch.bool))

@@ -1,32 +1,47 @@
 """Diagnostic for benchmarks/image_served.py: where the tab's time goes beside the stock call (pre-loop, loop,
-post-loop of ``ImagePipeline.generate`` read off its events; stock variants with our generator and callbacks).
+post-loop of ``ImagePipeline.generate`` / ``VideoPipeline.generate`` read off its events; stock variants with our
+generator, callbacks and decode). Video rows add the tab's own ``decode_s`` (VAE decode and post-processing) and
+``export_s`` (MP4, strip and sidecar written in the request's wall time), and every row the peak allocation above
+the weights (``peak_above_gb``) and the CUDA-graph pool its warm-up reserved (``pool_gb``). ``--knobs`` adds stock
+rows with speed settings the tab does not use (they change the output's last bits: ``max_abs_diff`` says how much).
 
     python benchmarks/image_served_breakdown.py --arch sd15 --size 512 --json /tmp/breakdown.json
+    python benchmarks/image_served_breakdown.py --arch video --size 512 --steps 25 \
+        --knobs channels_last,vae_channels_last,sdpa_cudnn --json /tmp/breakdown_video.json
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image_served import PROMPT, saved_models  # noqa: E402
+from benchmarks.image_served import PROMPT, reserved, saved_models, timed  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Progress, Result  # noqa: E402
+from pipelines.diffusion.animatediff import animatediff_scheduler, decode  # noqa: E402
 from pipelines.diffusion.preview import AsyncPreviews  # noqa: E402
-from pipelines.models import ModelStore  # noqa: E402
+from pipelines.models import ModelSpec, ModelStore, module_nbytes  # noqa: E402
+from pipelines.outputs import save_video  # noqa: E402
 from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
+from pipelines.tabs.video import VideoPipeline, VideoRequest  # noqa: E402
 
 
-def served_phases(served: ImagePipeline, request: ImageRequest) -> dict[str, float]:
-    """Seconds to the first step, through the loop, and after the last step, from the events' arrival."""
+def served_phases(served: ImagePipeline | VideoPipeline, request: ImageRequest | VideoRequest) -> dict[str, float]:
+    """Seconds to the first step, through the loop, and after the last step, from the events' arrival (video: and
+    the tab's own decode and export seconds)."""
     start = time.perf_counter()
-    marks = {}
+    marks: dict[str, float] = {}
+    extra: dict[str, float] = {}
     for event in served.generate(request):
         now = time.perf_counter() - start
         if isinstance(event, Progress) and event.step == 1:
@@ -35,29 +50,22 @@ def served_phases(served: ImagePipeline, request: ImageRequest) -> dict[str, flo
             marks["last_step"] = now
         if isinstance(event, Result):
             marks["result"] = now
+            extra = {key: event.stats[key] for key in ("decode_s", "export_s") if key in event.stats}
     return {"to_first_step": marks["first_step"], "loop": marks["last_step"] - marks["first_step"],
-            "after_loop": marks["result"] - marks["last_step"], "total": marks["result"]}
+            "after_loop": marks["result"] - marks["last_step"], "total": marks["result"], **extra}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--arch", default="sd15")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default="/tmp/tokenworks-bench-models")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
+def image_variants(args: argparse.Namespace, store: ModelStore) -> tuple[dict[str, Callable[[], Any]], float]:
+    """Stock SD1.5/SDXL with our generator, callbacks and previews, and the tab with previews and fast path on/off."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    store = ModelStore(packaged={})
-    folder = saved_models(Path(args.models), args.arch, False, store.device, store.dtype)[args.arch]
+    folder = saved_models(Path(args.models), args.arch, args.tiny, store.device, store.dtype)[args.arch]
     served = ImagePipeline(store)
     preview_map = served.load(folder).preview_map
     cls = StableDiffusionXLPipeline if args.arch == "sdxl" else StableDiffusionPipeline
     stock = cls.from_pretrained(folder, torch_dtype=store.dtype).to(store.device)
     stock.set_progress_bar_config(disable=True)
-    text, size, steps = PROMPT.replace("[", "").replace("]", ""), args.size, args.steps
+    text, size, steps, device = PROMPT.replace("[", "").replace("]", ""), args.size, args.steps, store.device.type
 
     def stock_call(generator, callback=None, inputs=("latents",)):
         extra = dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=list(inputs)) if callback else {}
@@ -71,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     previews = AsyncPreviews(preview_map, upscale=8)
     variants = {
-        "stock cuda generator": lambda: stock_call(torch.Generator("cuda").manual_seed(1)),
+        "stock device generator": lambda: stock_call(torch.Generator(device).manual_seed(1)),
         "stock cpu generator": lambda: stock_call([torch.Generator("cpu").manual_seed(1)]),
-        "stock + empty callback": lambda: stock_call(torch.Generator("cuda").manual_seed(1), lambda p, i, t, k: {}),
-        "stock + async previews": lambda: stock_call(torch.Generator("cuda").manual_seed(1), previewing),
+        "stock + empty callback": lambda: stock_call(torch.Generator(device).manual_seed(1), lambda p, i, t, k: {}),
+        "stock + async previews": lambda: stock_call(torch.Generator(device).manual_seed(1), previewing),
     }
     for fast in (False, True):
         for every in (1, 0):
@@ -82,25 +90,149 @@ def main(argv: list[str] | None = None) -> dict:
                            preview_every=every)
             variants[f"tab fast={fast} previews={every}"] = (
                 lambda r=request: served_phases(served, ImageRequest(**r)))
+    plain = lambda: stock(text, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,  # noqa: E731
+                          generator=torch.Generator(device).manual_seed(1), output_type="np").images
+    variants.update(knob_variants(plain, stock, args.knobs))
+    return variants, module_nbytes(stock) / 1e9
+
+
+@contextmanager
+def knob(pipe: Any, name: str) -> Iterator[None]:
+    """A speed setting the tab does not use (it changes the output's last bits), on the stock pipeline for one call:
+    ``channels_last`` (UNet and VAE convolutions in NHWC, cuDNN's native bf16 layout), ``vae_channels_last``,
+    ``sdpa_cudnn`` (cuDNN attention tried before FlashAttention-2)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    modules = {"channels_last": [pipe.unet, pipe.vae], "vae_channels_last": [pipe.vae]}.get(name, [])
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        with sdpa_kernel(order, set_priority=True) if name == "sdpa_cudnn" else nullcontext():
+            yield
+    finally:
+        for module in modules:
+            module.to(memory_format=torch.contiguous_format)
+
+
+def knob_variants(call: Callable[[], Any], pipe: Any, names: list[str]) -> dict[str, Callable[[], dict[str, float]]]:
+    """``call`` (returning an array) under each knob, with its largest difference from the plain call's output."""
+    reference = np.asarray(call(), dtype=np.float32)
+
+    def under(name: str) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            with knob(pipe, name):
+                out = np.asarray(call(), dtype=np.float32)
+            return {"max_abs_diff": float(np.abs(out - reference).max())}
+        return run
+
+    return {f"stock {name}": under(name) for name in names}
+
+
+def video_variants(args: argparse.Namespace, store: ModelStore) -> tuple[dict[str, Callable[[], Any]], float]:
+    """Stock AnimateDiff as benchmarks/image_served.py calls it, then with one thing of ours at a time (CPU
+    generator, step callback, latent output + the tab's decode, the tab's MP4 export), and the tab with the fast
+    path off, on through the eager static path (no graphs, no pool) and on through captured graphs."""
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+
+    folders = saved_models(Path(args.models), "video", args.tiny, store.device, store.dtype)
+    served = VideoPipeline(store)
+    served.specs = [ModelSpec("AnimateDiff (random weights)", "animatediff", hub_id=folders["adapter"],
+                              options=(("base", folders["base"]),))]
+    name = served.specs[0].name
+    served.load(name)
+    adapter = MotionAdapter.from_pretrained(folders["adapter"], torch_dtype=store.dtype)
+    stock = AnimateDiffPipeline.from_pretrained(folders["base"], motion_adapter=adapter, torch_dtype=store.dtype)
+    stock.scheduler = animatediff_scheduler(folders["base"])
+    stock = stock.to(store.device)
+    stock.set_progress_bar_config(disable=True)
+    text, device = PROMPT.replace("[", "").replace("]", ""), store.device.type
+
+    def stock_call(generator=None, **extra):
+        generator = generator or torch.Generator(device).manual_seed(1)
+        return stock(text, num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=7.5,
+                     height=args.size, width=args.size, generator=generator, **extra).frames
+
+    def served_call(backend: str, fast: bool = True) -> Callable[[], Any]:
+        request = dict(prompt=PROMPT, model=name, steps=args.steps, width=args.size, height=args.size,
+                       num_frames=args.frames, context_length=min(16, args.frames), seed=1, fast=fast)
+
+        def call() -> dict[str, float]:
+            os.environ["TOKENWORKS_FAST_BACKEND"] = backend
+            return served_phases(served, VideoRequest(**request))
+        return call
+
+    reference = stock_call(output_type="np")[0]
+
+    def chunked_decode() -> dict[str, float]:
+        """Stock with ``decode_chunk_size=4``: a quarter of the VAE decode's activations (the request's peak); the
+        VAE decodes frames independently, but other batch sizes may pick other kernels (not bit-identical on the
+        CPU with one thread), so the tab keeps 16 unless this is 0 on the GPU too."""
+        frames = stock_call(output_type="np", decode_chunk_size=4)[0]
+        return {"max_abs_diff": float(np.abs(frames - reference).max())}
+
+    variants = {
+        "stock pil": stock_call,
+        "stock cpu generator": lambda: stock_call(torch.Generator("cpu").manual_seed(1)),
+        "stock + empty callback": lambda: stock_call(callback_on_step_end=lambda p, i, t, k: {},
+                                                     callback_on_step_end_tensor_inputs=["latents"]),
+        "stock latent + tab decode": lambda: decode(stock, stock_call(output_type="latent")),
+        "stock decode_chunk_size=4": chunked_decode,
+        "stock np + tab export": lambda: save_video(stock_call(output_type="np")[0], 8, {}),
+        "tab fast=False": served_call("graph", fast=False),
+        "tab fast=True eager": served_call("eager"),
+        "tab fast=True graph": served_call("graph"),
+        **knob_variants(lambda: stock_call(output_type="np"), stock, args.knobs),
+    }
+    return variants, module_nbytes(stock) / 1e9
+
+
+def measure_rows(variants: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
+                 weights_gb: float) -> list[dict[str, Any]]:
+    """Each variant warmed once (the memory its warm-up reserved is ``pool_gb``), then timed ``repeats`` times."""
     rows = []
     for name, call in variants.items():
+        grown = reserved(device)
         call()
-        times, phases = [], []
-        for _ in range(args.repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = call()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            if isinstance(out, dict):
-                phases.append(out)
-        row = {"method": name, "seconds": round(statistics.median(times), 4)}
+        pool_gb = max(reserved(device) - grown, 0) / 1e9
+        times, peaks, phases = [], [], []
+        for _ in range(repeats):
+            out: list[Any] = []
+            seconds, above = timed(lambda: out.append(call()), device)
+            times.append(seconds)
+            peaks.append(above)
+            if isinstance(out[0], dict):
+                phases.append(out[0])
+        row = {"method": name, "seconds": round(statistics.median(times), 4), "weights_gb": round(weights_gb, 3),
+               "peak_above_gb": round(max(peaks), 3), "pool_gb": round(pool_gb, 3)}
         if phases:
             row.update({k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]})
         print(row, flush=True)
         rows.append(row)
-    report = {"benchmark": "image_served_breakdown", "device": torch.cuda.get_device_name(), "model": folder,
-              "settings": {"arch": args.arch, "size": size, "steps": steps, "command": command_line(argv)},
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "video"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--frames", type=int, default=16, help="video frames")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="tiny random models: a quick check of the script")
+    parser.add_argument("--knobs", default="", help="comma-separated stock rows with a speed setting the tab does "
+                        "not use: channels_last, vae_channels_last, sdpa_cudnn (see knob)")
+    parser.add_argument("--models", default="/tmp/tokenworks-bench-models")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    args.knobs = [name for name in args.knobs.split(",") if name]
+    store = ModelStore(packaged={})
+    variants, weights_gb = (video_variants if args.arch == "video" else image_variants)(args, store)
+    rows = measure_rows(variants, args.repeats, store.device, weights_gb)
+    device = torch.cuda.get_device_name() if store.device.type == "cuda" else "cpu"
+    report = {"benchmark": "image_served_breakdown", "device": device, "model": f"{args.arch} (random weights)",
+              "settings": {"arch": args.arch, "size": args.size, "steps": args.steps, "frames": args.frames,
+                           "tiny": args.tiny, "command": command_line(argv)},
               "rows": rows}
     write_report(report, args.json)
     return report

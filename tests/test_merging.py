@@ -228,6 +228,22 @@ def test_max_downsample_two_adds_the_next_level():
 
 
 @torch.no_grad()
+def test_second_level_merges_only_once_its_own_grid_reaches_min_tokens():
+    """SD1.5's served setting (max_downsample 2): the second level (a quarter of the finest grid's tokens) merges
+    at 2048 px and stays stock at 1024 px and below, where its grid is under ``min_tokens``."""
+    sample, t, text = _sd15_inputs()
+    finest, second = SIZE * SIZE, SIZE * SIZE // 4
+    merged = {}
+    for min_tokens in (second, second + 1):
+        unet = _fresh("sd15")
+        handle = apply_merging(unet, 0.5, max_downsample=2, min_tokens=min_tokens, share_plan=True)
+        unet(sample, t, text)
+        merged[min_tokens] = handle.stats.tokens_merged_last_call
+    assert merged[second + 1] == 2 * 3 * int(finest * 0.5)
+    assert merged[second] == 2 * 3 * (int(finest * 0.5) + int(second * 0.5))
+
+
+@torch.no_grad()
 def test_small_token_counts_take_the_stock_path():
     unet = _fresh("sd15")
     sample, t, text = _sd15_inputs()
@@ -326,7 +342,8 @@ def test_planning_and_merging_trace_as_one_graph(window):
 def test_image_tab_merges_where_it_pays_for_the_model_and_backend():
     from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS, EAGER_CUDA_MIN_TOKENS, merge_settings
 
-    assert merge_settings("sd15", "graph", "cuda")["min_tokens"] == DEFAULT_MIN_TOKENS
+    assert merge_settings("sd15", "graph", "cuda") == {"max_downsample": 2, "min_tokens": DEFAULT_MIN_TOKENS,
+                                                       "share_plan": True}
     assert merge_settings("sd15", "eager", "cuda")["min_tokens"] == EAGER_CUDA_MIN_TOKENS > DEFAULT_MIN_TOKENS
     assert merge_settings("sdxl", "off", "cuda")["min_tokens"] == EAGER_CUDA_MIN_TOKENS
     assert merge_settings("sd15", "eager", "cpu")["min_tokens"] == DEFAULT_MIN_TOKENS

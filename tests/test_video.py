@@ -66,6 +66,22 @@ def test_mp4_decodes_to_requested_frames_with_sidecar_and_strip(video):
     sidecar = json.loads(open(result.value.video + ".json").read())
     assert sidecar["seed"] == 7 and sidecar["num_frames"] == 9 and sidecar["shots"][0]["prompt"] == "a blue car"
     assert Image.open(result.value.strip).size == (32 * 8, 32)
+    stats = result.stats  # the request's seconds split into denoising, decoding and writing the files
+    assert stats["denoise_s"] > 0 and stats["decode_s"] > 0 and stats["export_s"] > 0
+    assert abs(stats["denoise_s"] + stats["decode_s"] - stats["time_s"]) <= 0.002
+
+
+def test_mp4_pixels_are_the_stock_pil_pixels():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from pipelines.outputs import to_uint8
+
+    rng = np.random.default_rng(0)
+    frames = rng.uniform(0, 1, size=(3, 8, 8, 3)).astype(np.float32)
+    frames[0, 0, 0] = [0.5 / 255, 1.5 / 255, 254.5 / 255]  # ties
+    stock = np.stack([np.asarray(image) for image in VaeImageProcessor.numpy_to_pil(frames)])
+    assert np.array_equal(to_uint8(frames), stock)
+    assert to_uint8(np.array([[[[-0.2, 1.3, 0.5]]]], dtype=np.float32)).tolist() == [[[[0, 255, 128]]]]
 
 
 def record_contexts(video, **fields) -> tuple[torch.Tensor, Result]:

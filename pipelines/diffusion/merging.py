@@ -416,13 +416,16 @@ def merge_settings(arch: str, backend: str, device: torch.device | str) -> dict[
     Uncaptured CUDA calls (``off``/``eager``: ZeroGPU, the fast toggle off) wait on kernel launches and
     merging adds launches, so there a grid needs 16384 tokens. SDXL also merges its 10-deep 1280-channel level
     once it has 4096 tokens (2048 px), with one plan per spatial transformer: 0.82x vanilla at 2048 px, 1.00x
-    at 1024 px (per-block plans: 0.88x; the finest level alone: 0.91x)."""
+    at 1024 px (per-block plans: 0.88x; the finest level alone: 0.91x). SD1.5 also merges its second level
+    (downsample 2) where that grid reaches ``min_tokens`` itself (above ~1450 px; 128x128 at 2048 px): 0.50x
+    vanilla at 2048 px instead of 0.54x for the finest level alone (image_speed_sd15_h200.json, window 32);
+    at 1024 px and below that level stays stock, so nothing changes there."""
     if torch.device(device).type == "cuda" and backend in ("off", "eager"):
         where = {"min_tokens": EAGER_CUDA_MIN_TOKENS}
     elif arch == "sdxl":
         where = {"max_downsample": 4, "min_tokens": 4096}
     else:
-        where = {"min_tokens": DEFAULT_MIN_TOKENS}
+        where = {"max_downsample": 2, "min_tokens": DEFAULT_MIN_TOKENS}
     return {**where, "share_plan": True}
 
 

@@ -213,8 +213,12 @@ class VideoPipeline(PresetModels, Pipeline):
         if controls is not None:
             parameters["controls"] = controls.report
         output = save_video(frames, plan.fps, parameters)
+        # The MP4 and strip are written in the request's wall time: reported apart, so a served benchmark can
+        # tell encoding from the GPU work (benchmarks/image_served_breakdown.py --arch video).
         stats = {"model": self.spec_for(request.model).name, "time_s": round(elapsed, 3),
                  "denoise_s": round(denoise_s, 3), "s_per_step": round(denoise_s / plan.steps, 4),
+                 "decode_s": round(elapsed - denoise_s, 3),
+                 "export_s": round(time.perf_counter() - start - elapsed, 3),
                  "peak_memory_mb": peak_memory_mb(device), **self.shot_stats(plan, merged, controls),
                  "seed": request.seed, **fast.stats()}
         return Result(output, stats, {"parameters": parameters})

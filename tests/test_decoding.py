@@ -236,6 +236,31 @@ def test_tree_logits_equal_plain_forward_of_each_root_path(models, family):
             torch.testing.assert_close(logits[node], plain, atol=1e-5, rtol=1e-4)
 
 
+def test_ancestor_matrix_marks_each_node_and_its_ancestors_and_is_the_callers_own():
+    rng = random.Random(3)
+    for size in (1, 2, 17, 80, 130):
+        parents = [-1] + [rng.randrange(i) if rng.random() < 0.6 else i - 1 for i in range(1, size)]
+        tree = TokenTree(list(range(size)), parents)
+        expected = torch.zeros(size, size, dtype=torch.bool)
+        for node in range(size):
+            expected[node, root_path(tree, node)] = True  # tokens are node indices here
+        first = tree.ancestor_matrix()
+        first[:] = False  # a caller's edit does not reach the next caller
+        assert torch.equal(torch.from_numpy(tree.ancestor_matrix()), expected)
+
+
+def test_path_of_follows_the_first_child_holding_each_token():
+    tree = TokenTree([9, 4, 4, 5, 7, 5, 7], [-1, 0, 0, 1, 2, 2, 3])  # node 2 repeats node 1's token: never walked
+    assert tree.path_of([4, 5, 7, 1]) == [0, 1, 3, 6]
+    assert tree.path_of([4, 7]) == [0, 1] and tree.path_of([3]) == [0] and tree.path_of([]) == [0]
+    rng = random.Random(4)
+    for _ in range(200):
+        size = rng.randint(1, 40)
+        tree = TokenTree([rng.randrange(3) for _ in range(size)], [-1] + [rng.randrange(i) for i in range(1, size)])
+        tokens = [rng.randrange(3) for _ in range(6)]
+        assert tree.path_of(tokens) == tree.path_of(tokens, tree.children())
+
+
 def test_recycling_template_has_the_papers_level_sizes():
     assert len(DEFAULT_TEMPLATE) == 81
     depth = [0] * len(DEFAULT_TEMPLATE)

@@ -60,6 +60,46 @@ def test_prompt_nodes_do_not_count_against_a_roots_cap():
     assert trie.roots[5].size == 2 and trie.nodes == 2
 
 
+class WalkingLookahead(LookaheadTrie):
+    """The streaming update as it was before held branch tips: every extend walks down from the root."""
+
+    def update(self, tree, logits, accepted):
+        for token in accepted:
+            self.output.append(token)
+            end = len(self.output)
+            for start in range(max(0, end - 1 - self.config.branch_length), end - 1):
+                self.trie.extend(self.output[start:end])
+
+
+def _trie_state(node) -> tuple:
+    return node.prompt, node.output, node.size, node.held, {t: _trie_state(c) for t, c in sorted(node.children.items())}
+
+
+def _streamed(drafter_class, seed: int) -> tuple:
+    """Four requests streamed into one small trie (squeezed often, per root and whole): the drafts and the trie."""
+    rng, trie = random.Random(seed), NGramTrie(max_nodes=40, max_root_nodes=12)
+    drafts = []
+    for _ in range(4):
+        drafter = drafter_class(LookaheadConfig(max_nodes=40, max_root_nodes=12), trie)
+        context = [rng.randrange(12) for _ in range(rng.randint(2, 30))]
+        drafter.start(list(context))
+        for _ in range(50):
+            tree, scores, query = drafter.scored(context)
+            drafts.append((tree.tokens, tree.parents, scores, query))
+            accepted = [rng.choice(context) if rng.random() < 0.5 else rng.randrange(12) for _ in range(rng.randint(1, 5))]
+            drafter.update(tree, torch.empty(0), accepted)
+            context += accepted
+        drafter.finish()
+    return drafts, {token: _trie_state(root) for token, root in sorted(trie.roots.items())}, trie.nodes, trie.prunes
+
+
+def test_held_branch_tips_count_what_walking_from_the_root_counts():
+    for seed in range(6):
+        held, walked = _streamed(LookaheadTrie, seed), _streamed(WalkingLookahead, seed)
+        assert held[3] > 20  # squeezes happened between the held tips' extends
+        assert held[:3] == walked[:3]
+
+
 class MaskRecorder(CausalLMForward):
     """Records the size of every 4-D mask the verifier builds."""
 

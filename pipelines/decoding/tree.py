@@ -21,6 +21,7 @@ class TokenTree:
     tokens: list[int]
     parents: list[int]
     depths: list[int] | None = None
+    _ancestors: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens or self.parents[0] != -1:
@@ -37,7 +38,7 @@ class TokenTree:
 
     @classmethod
     def chain(cls, root: int, draft: list[int]) -> "TokenTree":
-        return cls([root, *draft], list(range(-1, len(draft))))
+        return cls([root, *draft], list(range(-1, len(draft))), list(range(len(draft) + 1)))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -55,14 +56,26 @@ class TokenTree:
 
     def path_of(self, tokens: list[int], children: list[dict[int, int]] | None = None) -> list[int]:
         """The nodes reached from the root by following ``tokens`` (root first), up to the first token that has
-        no child there: after verification, the accepted path. ``children`` is ``self.children()`` if at hand."""
-        children, nodes = children or self.children(), [0]
+        no child there: after verification, the accepted path. ``children`` is ``self.children()`` if at hand;
+        without it each step scans for the child (a table of every node's children costs more than the walk)."""
+        nodes = [0]
         for token in tokens:
-            child = children[nodes[-1]].get(token)
+            child = children[nodes[-1]].get(token) if children is not None else self._child(nodes[-1], token)
             if child is None:
                 break
             nodes.append(child)
         return nodes
+
+    def _child(self, node: int, token: int) -> int | None:
+        """The first child of ``node`` holding ``token`` (``list.index`` scans the parents in C)."""
+        index = node
+        try:
+            while True:
+                index = self.parents.index(node, index + 1)
+                if self.tokens[index] == token:
+                    return index
+        except ValueError:
+            return None
 
     def first_chain(self) -> "TokenTree":
         """The longest prefix of nodes that is a chain: what a model without 4D-mask support can verify."""
@@ -93,14 +106,20 @@ class TokenTree:
                          [self.depths[i] for i in keep])
 
     def ancestor_matrix(self) -> np.ndarray:
-        """``[n, n]`` bool: row i is True at i and at every ancestor of i."""
-        n = len(self.tokens)
-        allowed = np.zeros((n, n), dtype=bool)
-        allowed[0, 0] = True
-        for i in range(1, n):
-            allowed[i] = allowed[self.parents[i]]
-            allowed[i, i] = True
-        return allowed
+        """``[n, n]`` bool: row i is True at i and at every ancestor of i. Built once per tree, one numpy step per
+        level rather than one Python row per node (the verifier asks twice a step: the forward's mask and the
+        device walk); each caller gets its own copy."""
+        if self._ancestors is None:
+            n = len(self.tokens)
+            up = np.asarray(self.parents)
+            up[0] = 0
+            rows, node = np.arange(n), np.arange(n)
+            allowed = np.zeros((n, n), dtype=bool)
+            for _ in range(max(self.depths) + 1):  # the root is its own parent: deeper steps stay on it
+                allowed[rows, node] = True
+                node = up[node]
+            self._ancestors = allowed
+        return self._ancestors.copy()
 
 
 def block_visibility(tree: TokenTree, chain_before_root: int, past: int) -> np.ndarray:

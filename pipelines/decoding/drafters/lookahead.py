@@ -62,6 +62,7 @@ class NGramTrie:
         self.nodes = 0
         # (root token, parent, token, node) per node the prompt holds, parents before children
         self.prompt_nodes: list[tuple[int, TrieNode, int, TrieNode]] = []
+        self.prunes = 0  # squeezes and prompt resets so far: a node held from before one may have been dropped
 
     def insert(self, branch: list[int], from_prompt: bool) -> None:
         """Count every node of ``branch`` (below its first token) once."""
@@ -71,14 +72,20 @@ class NGramTrie:
         if not from_prompt:
             self._bound(branch[0])
 
-    def extend(self, branch: list[int]) -> None:
+    def extend(self, branch: list[int], tip: TrieNode | None = None) -> TrieNode:
         """Count only the last node of an output ``branch`` whose earlier nodes were counted when they
-        were generated: streaming the output this way counts each branch once, like ``insert`` would."""
+        were generated: streaming the output this way counts each branch once, like ``insert`` would. ``tip``,
+        when the caller holds it, is the node of ``branch[:-1]`` (what this returned for that branch, no prune
+        since): the walk down to it is skipped. Returns the node of ``branch``."""
         root = node = self._root(branch[0])
-        for token in branch[1:-1]:
-            node = node.children.get(token) or self._count(root, node, token, False, 0)
-        self._count(root, node, branch[-1], False)
+        if tip is not None:
+            node = tip
+        else:
+            for token in branch[1:-1]:
+                node = node.children.get(token) or self._count(root, node, token, False, 0)
+        node = self._count(root, node, branch[-1], False)
         self._bound(branch[0])
+        return node
 
     def _root(self, token: int) -> TrieNode:
         node = self.roots.get(token)
@@ -119,6 +126,7 @@ class NGramTrie:
     def reset_prompt(self) -> None:
         """Forget the finished request's prompt counts and drop the nodes only the prompt held: children before
         their parents, so a branch the output never reached goes whole. Costs the prompt's nodes, not the trie's."""
+        self.prunes += 1
         for key, parent, token, node in reversed(self.prompt_nodes):
             node.prompt = 0
             root = self.roots[key]
@@ -134,6 +142,7 @@ class NGramTrie:
     def squeeze(self) -> None:
         """Halve output frequencies and drop what falls to zero, until under the low-water mark (3/4 of
         the budget), so a full trie is not re-walked on every insert."""
+        self.prunes += 1
         while self.output_nodes() > self.max_nodes * 3 // 4:
             for root in self.roots.values():
                 _halve(root)
@@ -144,6 +153,7 @@ class NGramTrie:
 
     def squeeze_root(self, root: TrieNode) -> None:
         """The same squeeze on one root's sub-trie, down to 3/4 of its cap."""
+        self.prunes += 1
         while root.size - root.held > self.max_root_nodes * 3 // 4:
             _halve(root)
             removed = _prune_below(root)
@@ -201,6 +211,8 @@ class LookaheadTrie(Drafter):
         self.config = config or LookaheadConfig()
         self.trie = trie if trie is not None else NGramTrie(self.config.max_nodes, self.config.max_root_nodes)
         self.output: list[int] = []
+        # per start of an open output branch: the node its last extend returned and the trie's prunes before it
+        self.tips: dict[int, tuple[TrieNode, int]] = {}
 
     def start(self, prompt: list[int]) -> None:
         width = self.config.branch_length + 1
@@ -208,6 +220,7 @@ class LookaheadTrie(Drafter):
             self.trie.insert(prompt[i:i + width], from_prompt=True)
         # output branches may start inside the prompt's tail, as they would in one stream
         self.output = prompt[-self.config.branch_length:]
+        self.tips = {}
 
     def propose(self, context: list[int]) -> TokenTree:
         return self.scored(context)[0]
@@ -240,25 +253,36 @@ class LookaheadTrie(Drafter):
             if depth < config.branch_length:
                 for child_token, child in node.children.items():
                     heapq.heappush(heap, (-score(child), (order := order + 1), child_token, child, len(picked), depth + 1))
-        tokens, parents, scores = [context[-1]], [-1], [0.0]
+        tokens, parents, depths, scores = [context[-1]], [-1], [0], [0.0]
         stack = [(child, 0) for child in reversed(kids[0])]
         while stack:
             index, parent = stack.pop()
             tokens.append(picked[index - 1][0])
             parents.append(parent)
+            depths.append(depths[parent] + 1)
             scores.append(score(picked[index - 1][2]))
             here = len(tokens) - 1
             stack.extend((child, here) for child in reversed(kids[index]))
-        return TokenTree(tokens, parents), scores, length
+        return TokenTree(tokens, parents, depths), scores, length
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        """Stream the accepted tokens into the trie. Each open branch grows by one token per step, so its last
+        node is held and the next extend starts there instead of walking down from the root (unless a prune
+        may have dropped it)."""
+        trie, tips = self.trie, self.tips
         for token in accepted:
             self.output.append(token)
             end = len(self.output)
-            for start in range(max(0, end - 1 - self.config.branch_length), end - 1):
-                self.trie.extend(self.output[start:end])
+            first = max(0, end - 1 - self.config.branch_length)
+            tips.pop(first - 1, None)  # that branch is full: it no longer grows
+            for start in range(first, end - 1):
+                held = tips.get(start)
+                prunes = trie.prunes
+                tip = held[0] if held is not None and held[1] == prunes else None
+                tips[start] = (trie.extend(self.output[start:end], tip), prunes)
 
     def finish(self) -> None:
         self.output = []
+        self.tips = {}
         self.trie.reset_prompt()
 

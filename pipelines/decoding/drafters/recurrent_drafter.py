@@ -213,8 +213,8 @@ class HeadDrafts:
     def read(self, grown: torch.Tensor) -> tuple[TokenTree, list[int], list[float], list[float]]:
         """``candidates``' result from a launched tree: the one read from the device."""
         tokens, parents, ranks, conditional, path = grown.tolist()
-        tree = TokenTree([int(t) for t in tokens], [int(p) for p in parents])
-        return tree, [int(r) for r in ranks], conditional, path
+        tree = TokenTree(list(map(int, tokens)), list(map(int, parents)))
+        return tree, list(map(int, ranks)), conditional, path
 
 
 def kept_best_first(tokens: torch.Tensor, parents: torch.Tensor, ranks: torch.Tensor, conditional: torch.Tensor,

@@ -103,7 +103,7 @@ class TokenRecycling(Drafter):
     def read(self, filled: torch.Tensor) -> tuple[TokenTree, list[float]]:
         """``scored``'s result from a launched fill: the one read from the device."""
         tokens, probs = filled.tolist()
-        return TokenTree([int(t) for t in tokens], list(self.active.parents), list(self._depths)), probs
+        return TokenTree(list(map(int, tokens)), list(self.active.parents), list(self._depths)), probs
 
     def fill(self, root: torch.Tensor) -> torch.Tensor:
         """The active template filled from the matrix below ``root``: ``[2, n]`` float64 rows, tokens then the
@@ -123,7 +123,7 @@ class TokenRecycling(Drafter):
         self.matrix[rows] = top.indices.to(self.matrix.device)
         # softmax then gather: on a CPU half the time of a logsumexp over the same rows
         self.probs[rows] = logits.softmax(-1).gather(-1, top.indices).to(self.probs.device)
-        if tree.parents != list(self.active.parents):
+        if len(tree) != len(self.active) or tree.parents != list(self.active.parents):
             return  # cut short at the end of a request: node indices no longer match the template
         for i in range(len(tree)):
             self.offered[i] += 1

@@ -157,6 +157,39 @@ def test_hard_negatives_count_only_where_they_differ():
     assert blind > plain + 0.2
 
 
+def test_named_headings_mark_each_direction_a_caption_names():
+    from pipelines.microworld import text_v2
+    from pipelines.microworld.scenes import DIRECTIONS
+
+    named = text_v2.named_headings(["a green arrow pointing up-left and a red arrow pointing down",
+                                    "a red circle", "a green arrow pointing right, in dotted style"])
+    assert named[0].nonzero().flatten().tolist() == [DIRECTIONS.index("up-left"), DIRECTIONS.index("down")]
+    assert not named[1].any() and named[2].nonzero().flatten().tolist() == [DIRECTIONS.index("right")]
+
+
+def test_heading_probe_reads_the_embedding_the_contrastive_loss_scores_and_learns_directions():
+    from pipelines.microworld import text_v2
+
+    clip, images, ids = tiny_clip_batch(24)
+    tokenizer = text_v2.build_tokenizer()
+    headings = text_v2.named_headings(tokenizer.batch_decode(ids, skip_special_tokens=True))
+    assert headings.any(-1).sum() >= 4
+    with torch.no_grad():
+        out = clip(input_ids=ids, pixel_values=text_v2.pixel_values(images))
+        assert torch.allclose(text_v2.sentence_embeds(clip, ids), out.text_embeds, atol=1e-5)
+    probe = text_v2.heading_probe(clip)
+    parameters = [*clip.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-3)
+    before = text_v2.probe_accuracy(clip, probe, ids, headings)
+    for _ in range(25):
+        loss = text_v2.contrastive_loss(clip, ids, images, ids, torch.zeros(len(ids), dtype=torch.bool), probe,
+                                        torch.cat([headings, headings]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before < 0.9 and text_v2.probe_accuracy(clip, probe, ids, headings) == 1.0
+
+
 def test_scorer_reads_ground_truth_and_refuses_noise(rendered):
     import importlib
 

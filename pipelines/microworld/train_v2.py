@@ -12,7 +12,9 @@
 Stages (each saves the folder when it ends, so a killed call keeps what finished):
 - ``clip``: a small CLIP (``text_v2``) trained contrastively on scene/caption pairs, each scene that names an
   arrow's heading also scored against its caption with the arrows turned (a tower trained without these hard
-  negatives gave "pointing left" and "pointing right" end-token states at cosine 0.99); its text tower is kept,
+  negatives gave "pointing left" and "pointing right" end-token states at cosine 0.99), and a linear probe reading
+  the named directions from the sentence embedding (``text_v2.heading_probe``: hard negatives alone left the
+  heading at chance on a CPU run; logged as ``text_heading``, image-side as ``heading``); its text tower is kept,
   frozen, as the pipeline's ``CLIPTextModel``. ``--new-text-encoder`` replaces a resumed folder's tower and
   continues its UNet on the new one.
 - ``vae``: an ``AutoencoderKL`` at f=4 (128 px -> 32x32x4), L1 + MSE + a tiny KL; then the latent scale
@@ -170,9 +172,10 @@ def captioned(config: TrainConfig, tokenizer: Any, stage: str, step: int, batch:
 
 
 def clip_batch(config: TrainConfig, tokenizer: Any, step: int, batch: int
-               ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(layouts, caption ids, ids of the same captions with the arrows turned, where those two differ): the
-    contrastive stage's batch with one hard negative per scene that names a heading."""
+               ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layouts, caption ids, ids of the same captions with the arrows turned, where those two differ, the
+    directions each of those texts names): the contrastive stage's batch with one hard negative per scene that
+    names a heading."""
     seed = (config.seed, STAGES.index("clip"), step)
     layouts = scenes_v2.sample_layouts(batch, seed, config.size)
     turned = scenes_v2.turned_headings(layouts, np.random.default_rng((*seed, 2)))
@@ -184,7 +187,8 @@ def clip_batch(config: TrainConfig, tokenizer: Any, step: int, batch: int
         negatives.append(scenes_v2.caption(turned, i, twin))
     tokenizer = thread_tokenizer(tokenizer)
     differs = torch.tensor([a != b for a, b in zip(captions, negatives)])
-    return layouts, text_v2.tokenize(tokenizer, captions), text_v2.tokenize(tokenizer, negatives), differs
+    headings = text_v2.named_headings(captions + negatives)
+    return layouts, text_v2.tokenize(tokenizer, captions), text_v2.tokenize(tokenizer, negatives), differs, headings
 
 
 def stage_steps(config: TrainConfig, budget: Budget) -> Iterator[int]:
@@ -198,23 +202,26 @@ def stage_steps(config: TrainConfig, budget: Budget) -> Iterator[int]:
 def train_clip(models: Models, config: TrainConfig, device: torch.device, budget: Budget) -> None:
     clip = text_v2.build_clip(models.tokenizer, config.text_width, config.text_layers, config.vision_layers,
                               config.size, config.seed).to(device).train()
-    optimizer, schedule = optimiser(clip.parameters(), config.clip_lr, config.warmup, weight_decay=0.1)
+    probe = text_v2.heading_probe(clip).to(device)
+    parameters = [*clip.parameters(), *probe.parameters()]
+    optimizer, schedule = optimiser(parameters, config.clip_lr, config.warmup, weight_decay=0.1)
     batches = Batches(lambda s: clip_batch(config, models.tokenizer, s, config.clip_batch), 1)
     start, running = time.monotonic(), []
     for step in stage_steps(config, budget):
-        layouts, ids, turned, differs = batches()
-        ids, turned, differs = ids.to(device), turned.to(device), differs.to(device)
+        layouts, ids, turned, differs, headings = (part.to(device) if torch.is_tensor(part) else part
+                                                   for part in batches())
         images, _ = scenes_v2.render_layouts(layouts, device)
         with autocast(config, device):
-            loss = text_v2.contrastive_loss(clip, ids, images, turned, differs)
-        descend(optimizer, schedule, loss, list(clip.parameters()))
+            loss = text_v2.contrastive_loss(clip, ids, images, turned, differs, probe, headings)
+        descend(optimizer, schedule, loss, parameters)
         running.append(loss.detach())
         if step % config.log_every == 0:
             with autocast(config, device):
                 accuracy = text_v2.retrieval_accuracy(clip, ids, images)
                 heading = text_v2.heading_accuracy(clip, ids, images, turned, differs)
+                read = text_v2.probe_accuracy(clip, probe, ids, headings[: len(ids)])
             log(config, {"stage": "clip", "step": step, "loss": round(torch.stack(running).mean().item(), 4),
-                         "retrieval": round(accuracy, 3), "heading": round(heading, 3),
+                         "retrieval": round(accuracy, 3), "heading": round(heading, 3), "text_heading": round(read, 3),
                          "minutes": round((time.monotonic() - start) / 60, 2)})
             running = []
         models.steps["clip"] = step

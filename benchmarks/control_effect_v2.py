@@ -36,8 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from benchmarks.control_effect import bootstrap_interval  # noqa: E402
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import bootstrap_interval, command_line, write_report  # noqa: E402
 from pipelines.base import Result  # noqa: E402
 from pipelines.tabs.image import MAX_BATCH, ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.microworld import scenes_v2  # noqa: E402

@@ -33,9 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.control_effect import bootstrap_interval  # noqa: E402
 from benchmarks.control_effect_v2 import base_request, contact_sheet, make_pool, serve  # noqa: E402
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import bootstrap_interval, command_line, write_report  # noqa: E402
 from pipelines.diffusion.attention import KeyBias  # noqa: E402
 from pipelines.diffusion.compass import outside_box_mask  # noqa: E402
 from pipelines.diffusion.prompts import token_positions  # noqa: E402

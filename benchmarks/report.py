@@ -6,6 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def command_line(argv: list[str] | None) -> str:
     """``python <script> <args>`` as it was run (``argv`` when called from Python, else the process's), quoted
@@ -19,3 +21,12 @@ def write_report(report: dict, path: str | Path | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95 % interval of the mean of ``values`` (paired differences)."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(len(values), size=(resamples, len(values)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

@@ -32,7 +32,7 @@ def tiny_models():
 
 def test_compass_v2_training_adds_each_rows_object_key_to_its_compass_key_as_inference_does(monkeypatch):
     from pipelines.microworld import compass_v2
-    from pipelines.microworld.train import Budget
+    from pipelines.microworld.train_v2 import Budget
 
     models, config = tiny_models()
     calls, batches = [], []

@@ -144,7 +144,7 @@ def test_every_microworld_example_runs_on_the_trained_model_with_its_control_at_
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
     pipeline = ImagePipeline(ModelStore(), "auto")
     if not pipeline.store.availability(pipeline.spec_for(MICROWORLD_MODEL)).here:
-        pytest.skip("the micro-world weights or their MiniLM package are missing")
+        pytest.skip("the micro-world v2 weights are missing")
     for example in MICROWORLD_EXAMPLES:
         settings = {k: v for k, v in asdict(example).items() if k != "steps"}
         result = pipeline.run(ImageRequest(model=MICROWORLD_MODEL, steps=2, compare="controls off", **settings))

@@ -98,18 +98,3 @@ def test_scorer_reads_arrow_heading_within_six_degrees():
         scene = make_scene(seed, objects=1, require="arrow", style="flat")
         found = score_image(render(scene)[0], scene)
         assert found["heading_error"] <= 6.0, (seed, scene.objects[0].heading, found["detections"])
-
-
-def test_wordpiece_token_positions_are_the_words_tokens():
-    """The prompts module's position counting (made for CLIP) holds for BERT WordPiece: [CLS] first, words split at
-    spaces and punctuation, so the prefix's token count + 1 is the word's position."""
-    from pipelines.microworld.text import tiny_wordpiece_tokenizer
-
-    tokenizer = tiny_wordpiece_tokenizer()
-    text = "a red arrow pointing up-left and an orange star, in striped style"
-    ids = tokenizer(text)["input_ids"]
-    for word in ("red", "arrow", "left", "orange", "star", "striped"):
-        start = text.index(word)
-        positions = token_positions(tokenizer, text, start, start + len(word))
-        assert tokenizer.decode([ids[p] for p in positions]).replace(" ", "") == word
-    assert ids[0] == tokenizer.cls_token_id

@@ -1,11 +1,11 @@
 """Micro-world: procedural scenes with exact ground truth, small latent diffusion models trained on them, and a
 classical scorer, so the image controls can be measured offline.
 
-v1 (``scenes``, ``text``, ``train``, ``scorer``): 64 px, frozen MiniLM token vectors; its weights left the
-repository when v2 replaced it in the image tab (train it again with ``train.py``). Its scene geometry and detector
-serve v2 too. v2 (issue 22): ``scenes_v2`` (128 px, GPU-rendered, skewed priors with held-out swaps), ``text_v2``
-(a causal CLIP text encoder trained here), ``train_v2`` (resumable staged trainer), ``compass_v2`` and
-``scorer_v2`` (precision and validity). Its committed folder (``weights_v2``) is a complete SD pipeline folder,
+v1's scene geometry and renderer (``scenes``) and classical detector (``scorer``) remain: v2 draws with that
+geometry and scores with that detector (v1's MiniLM-conditioned model, its trainer and benchmarks were retired
+with its weights; they are in the history). v2 (issue 22): ``scenes_v2`` (128 px, GPU-rendered, skewed priors
+with held-out swaps), ``text_v2`` (a causal CLIP text encoder trained here), ``train_v2`` (resumable staged
+trainer), ``compass_v2`` and ``scorer_v2`` (precision and validity). Its committed folder (``weights_v2``) is a complete SD pipeline folder,
 the image tab's offline default.
 """
 from __future__ import annotations

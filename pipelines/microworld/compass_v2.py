@@ -88,7 +88,7 @@ def train_compass(models: Any, config: Any, device: torch.device, budget: Any) -
     encoder are left untouched (the placeholder lives in copies, as the image tab adds it at inference)."""
     from diffusers import DDPMScheduler
 
-    from .train import SD15_SCHEDULE
+    from .train_v2 import SD15_SCHEDULE
     from .train_v2 import autocast, descend, latents_of, log, noised, optimiser, stage_steps
 
     tokenizer, text_encoder = copy.deepcopy(models.tokenizer), copy.deepcopy(models.text_encoder)

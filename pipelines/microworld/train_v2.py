@@ -28,8 +28,10 @@ has to travel between sessions. Data is rendered on the device each step (``scen
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import math
 import shutil
 import tarfile
 import threading
@@ -45,7 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes_v2, text_v2
-from .train import SD15_SCHEDULE, Budget, parse_config
+
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 STAGES = ("clip", "vae", "unet", "compass")
 MAX_SHARD = "14MB"  # every weight file under the 15 MiB a file may have on its way back from the device
@@ -111,6 +114,33 @@ def log(config: TrainConfig, row: dict[str, Any]) -> None:
     """Print a JSON line at once (the device only shows the tail) and keep it for the report."""
     config.history.append(row)
     print(json.dumps(row), flush=True)
+
+
+class Budget:
+    """A stage's wall-clock allowance (``minutes`` <= 0: no limit)."""
+
+    def __init__(self, minutes: float) -> None:
+        self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
+
+    def left(self) -> bool:
+        return time.monotonic() < self.deadline
+
+
+def parse_config(cls: type, argv: list[str] | None, description: str) -> Any:
+    """A dataclass config from the command line: one flag per field (tuples comma-separated, bools --x/--no-x)."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, value in asdict(cls()).items():
+        if name == "history":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=value,
+                                help="comma-separated")
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def autocast(config: TrainConfig, device: torch.device) -> Any:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
@@ -60,7 +60,6 @@ class LoadedModel:
     value: Any
     resolved: ResolvedModel
     nbytes: int
-    last_used: float = field(default_factory=time.monotonic)
 
 
 def pick_device() -> torch.device:
@@ -324,8 +323,7 @@ class ModelStore:
         with self._lock:
             if key in self._loaded:
                 entry = self._loaded.pop(key)
-                entry.last_used = time.monotonic()
-                self._loaded[key] = entry
+                self._loaded[key] = entry  # most recently used last: eviction takes the front
                 return entry.value
             resolved = self.resolve(spec)
             if resolved.source in {"local", "cache", "package"}:

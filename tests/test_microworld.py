@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipelines.diffusion.prompts import token_positions
 from pipelines.microworld.scenes import PALETTE, STYLES, TINT, direction_word, make_scene, render
 from pipelines.microworld.scorer import PALETTE_HUE, PALETTE_NAMES, hue_chroma, score_image
 

@@ -198,3 +198,14 @@ def test_pickers_mark_each_model_and_say_what_an_offline_tab_needs(hub_cache, mo
                                                                     "stable-diffusion-v1-5/stable-diffusion-v1-5"])]
     tiny = VideoPipeline(ModelStore(packaged={}), "tiny")
     assert tiny.usable() and all(label.endswith("· available here") for label, _ in tiny.model_choices())
+
+
+def test_readme_spaces_header_lists_every_hub_model_the_app_may_load():
+    """Spaces links (and can preload) the models named in the README's front matter: it must follow the presets."""
+    from pathlib import Path
+
+    from pipelines.presets import hub_model_ids
+
+    front_matter = (Path(__file__).parents[1] / "README.md").read_text().split("---\n")[1]
+    listed = front_matter.split("models:\n", 1)[1].splitlines()
+    assert [line.removeprefix("  - ") for line in listed if line.startswith("  - ")] == hub_model_ids()

@@ -26,7 +26,7 @@ from ..verify import Drafter
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
 from .prompt_lookup import PromptLookup
 from .prompt_tokens import PromptChains, PromptTokens
-from .recurrent_drafter import FULL_OFFER, DraftHead, HeadDrafts
+from .recurrent_drafter import FULL_OFFER, HeadDrafts
 from .recycling import TokenRecycling
 
 MAX_DEPTH = 12

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, device_name, write_report  # noqa: E402
 
-from benchmarks.image_speed import SD15_UNET, SDXL_UNET, TINY, Runner, timer  # noqa: E402
+from benchmarks.image_speed import SD15_UNET, SDXL_UNET, TINY, Runner, timer, unet_dtype  # noqa: E402
 from benchmarks.video_speed import ADAPTER_V153, TINY_ADAPTER, TINY_UNET  # noqa: E402
 from pipelines.diffusion.attention import AttentionControl  # noqa: E402
 from pipelines.diffusion.compass import CompassObject, CompassPrompt, localisation_biases  # noqa: E402
@@ -303,8 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = unet_dtype(args.dtype, device)
     args.backends = (args.backends or ("graph" if device.type == "cuda" else "eager")).split(",")
     args.configs = args.configs.split(",")
     if args.min_tokens is None:
@@ -316,22 +315,20 @@ def main(argv: list[str] | None = None) -> dict:
     for run in args.runs.split(","):
         arch, size = run.split(":")
         rows += measure(arch, int(size), args, device, dtype)
-    report = {
-        "benchmark": "denoise_speed",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": "SD1.5 / SDXL UNet2DConditionModel and AnimateDiff UNetMotionModel (v1-5-3), random weights"
-                 + (" (tiny channels)" if args.tiny else ""),
-        "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "text_tokens": TEXT_TOKENS,
-                     "steps_per_loop": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-                     "backends": args.backends, "configs": args.configs, "frames": args.frames,
-                     "merge": f"r=0.5, min_tokens={args.min_tokens}", "scheduler": args.scheduler if args.scheduler != "default" else ARCH_DEFAULT_SCHEDULER,
-                     "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
-                     "timing": "median ms per served step (CUDA events around the loop on GPU); configurations "
-                               "and modes interleaved in rotating order",
-                     "tomesd_anchor": TOMESD_ANCHOR},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    report = benchmark_report(
+        "denoise_speed", device_name(device),
+        "SD1.5 / SDXL UNet2DConditionModel and AnimateDiff UNetMotionModel (v1-5-3), random weights"
+        + (" (tiny channels)" if args.tiny else ""),
+        {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "text_tokens": TEXT_TOKENS,
+         "steps_per_loop": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+         "backends": args.backends, "configs": args.configs, "frames": args.frames,
+         "merge": f"r=0.5, min_tokens={args.min_tokens}",
+         "scheduler": args.scheduler if args.scheduler != "default" else ARCH_DEFAULT_SCHEDULER,
+         "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
+         "timing": "median ms per served step (CUDA events around the loop on GPU); configurations "
+                   "and modes interleaved in rotating order",
+         "tomesd_anchor": TOMESD_ANCHOR},
+        rows, argv)
     write_report(report, args.json)
     return report
 

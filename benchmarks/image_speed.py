@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, device_name, write_report  # noqa: E402
 
 from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging  # noqa: E402
 
@@ -79,6 +79,12 @@ class Method:
 
 
 VANILLA = Method("vanilla")
+
+
+def unet_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The UNet benchmarks' ``--dtype`` (fp16 | bf16 | fp32); unset, fp16 on CUDA and fp32 on CPU."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    return dtypes[name] if name else (torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def build_unet(arch: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -300,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = unet_dtype(args.dtype, device)
     args.modes = (args.modes or ("eager,graph" if device.type == "cuda" else "eager")).split(",")
     if "graph" in args.modes and device.type != "cuda":
         parser.error("--modes graph needs --device cuda")
@@ -310,19 +315,16 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         rows += measure_size(unet, size, methods, args, device, dtype)
-    report = {
-        "benchmark": "image_speed",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": f"{args.arch} UNet2DConditionModel, random weights" + (" (tiny channels)" if args.tiny else ""),
-        "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "text_tokens": TEXT_TOKENS,
-                     "repeats": args.repeats, "warmup": args.warmup, "modes": args.modes,
-                     "min_tokens": args.min_tokens, "torch": torch.__version__,
-                     "timing": "median ms per UNet call; CUDA events on GPU; methods interleaved, rotating order",
-                     "merging": "pipelines/diffusion/merging.py (sx=sy=2, random destinations, self-attention only)",
-                     "windows": args.windows},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    report = benchmark_report(
+        "image_speed", device_name(device),
+        f"{args.arch} UNet2DConditionModel, random weights" + (" (tiny channels)" if args.tiny else ""),
+        {"dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "text_tokens": TEXT_TOKENS,
+         "repeats": args.repeats, "warmup": args.warmup, "modes": args.modes,
+         "min_tokens": args.min_tokens, "torch": torch.__version__,
+         "timing": "median ms per UNet call; CUDA events on GPU; methods interleaved, rotating order",
+         "merging": "pipelines/diffusion/merging.py (sx=sy=2, random destinations, self-attention only)",
+         "windows": args.windows},
+        rows, argv)
     write_report(report, args.json)
     return report
 

@@ -5,6 +5,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +15,23 @@ def command_line(argv: list[str] | None) -> str:
     so it can be pasted into a shell."""
     args = [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
     return "python " + " ".join(shlex.quote(a) for a in args)
+
+
+def device_name(device: Any) -> str:
+    """What a report's "device" says for a ``torch.device``: the GPU's name on CUDA, else "cpu"."""
+    if device.type != "cuda":
+        return "cpu"
+    import torch  # here, not at the top: soak.py writes reports without loading torch
+
+    return torch.cuda.get_device_name(device)
+
+
+def benchmark_report(benchmark: str, device: str, model: Any, settings: dict, rows: list[dict],
+                     argv: list[str] | None) -> dict:
+    """The keys every benchmark's JSON has (DESIGN.md §5), in one place so they stay the same across scripts;
+    ``command`` is the command line that made it."""
+    return {"benchmark": benchmark, "device": device, "model": model, "settings": settings,
+            "command": command_line(argv), "rows": rows}
 
 
 def write_report(report: dict, path: str | Path | None) -> None:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, device_name, write_report  # noqa: E402
 
 from pipelines.decoding.plain import SamplingConfig  # noqa: E402
 from pipelines.audio.musicgen import stream_accompaniment  # noqa: E402
@@ -125,17 +125,13 @@ def main(argv: list[str] | None = None) -> None:
             "speedup_vs_plain_dynamic": round(baseline / time_s, 3),
             "identical_to_plain": all(torch.equal(r["codes"], reference) for r in results),
         })
-    report = {
-        "benchmark": "song_speed",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": args.model,
-        "settings": {"seconds": args.seconds, "frames": frames, "repeats": args.repeats, "prompt": args.prompt,
-                     "temperature": args.temperature, "top_k": args.top_k, "guidance_scale": args.guidance,
-                     "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
-                     "torch": torch.__version__, "chunks": "first 25 frames, then doubling up to 150"},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    report = benchmark_report(
+        "song_speed", device_name(device), args.model,
+        {"seconds": args.seconds, "frames": frames, "repeats": args.repeats, "prompt": args.prompt,
+         "temperature": args.temperature, "top_k": args.top_k, "guidance_scale": args.guidance,
+         "seed": args.seed, "dtype": str(dtype).removeprefix("torch."),
+         "torch": torch.__version__, "chunks": "first 25 frames, then doubling up to 150"},
+        rows, argv)
     print(json.dumps(report, indent=2))
     write_report(report, args.json)
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, write_report  # noqa: E402
 
 from pipelines.audio.bark import BarkOutput, BarkSettings, BarkTTS, synthesize  # noqa: E402
 from pipelines.decoding.plain import SamplingConfig  # noqa: E402
@@ -201,16 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.bark_rows:
         with torch.inference_mode():
             rows += bench_bark(args, device, dtype)
-    result = {
-        "benchmark": "speech_latency",
-        "device": describe(device, args.threads),
-        "model": {"bark": args.bark, "hibari": "hibari-tts heart (packaged)" if args.hibari else None},
-        "settings": {"text": TEXT, "semantic_tokens": args.semantic_tokens, "fixed_length": args.fixed_length,
-                     "temperature": args.temperature, "seed": args.seed, "repeats": args.repeats,
-                     "dtype": str(dtype), "schedule": asdict(BarkSettings().schedule)},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    result = benchmark_report(
+        "speech_latency", describe(device, args.threads),
+        {"bark": args.bark, "hibari": "hibari-tts heart (packaged)" if args.hibari else None},
+        {"text": TEXT, "semantic_tokens": args.semantic_tokens, "fixed_length": args.fixed_length,
+         "temperature": args.temperature, "seed": args.seed, "repeats": args.repeats,
+         "dtype": str(dtype), "schedule": asdict(BarkSettings().schedule)},
+        rows, argv)
     print(json.dumps(result, indent=2))
     write_report(result, args.json)
 

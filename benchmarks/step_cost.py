@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, device_name, write_report  # noqa: E402
 from pipelines.decoding.hardware import measure_step_cost  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 81, 96, 112, 128)
@@ -68,15 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {
-        "benchmark": "step_cost",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": args.configs,
-        "settings": {"dtype": str(dtype), "attn": "sdpa", "mask": "float 4D", "context": args.context,
-                     "repeats": args.repeats, "statistic": "min over repeats, monotone", "weights": "random"},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    result = benchmark_report(
+        "step_cost", device_name(device), args.configs,
+        {"dtype": str(dtype), "attn": "sdpa", "mask": "float 4D", "context": args.context,
+         "repeats": args.repeats, "statistic": "min over repeats, monotone", "weights": "random"},
+        rows, argv)
     write_report(result, args.json)
     return result
 

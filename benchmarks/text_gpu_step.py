@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, device_name, write_report  # noqa: E402
 from pipelines.decoding.static import StaticForward  # noqa: E402
 from pipelines.decoding.tree import TokenTree  # noqa: E402
 from pipelines.decoding.verify import CausalLMForward  # noqa: E402
@@ -241,18 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = copy_bandwidth(device, 1.0 if device.type == "cuda" else 0.05)
     print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.3f} TB/s", flush=True)
     rows = [row for name in args.configs.split(",") for row in measure_config(name, args, device, dtype, bandwidth)]
-    result = {
-        "benchmark": "text_gpu_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": args.configs,
-        "settings": {"dtype": str(dtype), "attn": "sdpa", "context": args.context, "repeats": args.repeats,
-                     "statistic": "median over interleaved repeats", "weights": "random",
-                     "copy_bandwidth_tb_s": round(bandwidth / 1e12, 4),
-                     "floor": "(weight bytes read + KV bytes at context) / measured D2D copy bandwidth",
-                     "step": "inputs + forward + argmax to host + rollback"},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    result = benchmark_report(
+        "text_gpu_step", device_name(device), args.configs,
+        {"dtype": str(dtype), "attn": "sdpa", "context": args.context, "repeats": args.repeats,
+         "statistic": "median over interleaved repeats", "weights": "random",
+         "copy_bandwidth_tb_s": round(bandwidth / 1e12, 4),
+         "floor": "(weight bytes read + KV bytes at context) / measured D2D copy bandwidth",
+         "step": "inputs + forward + argmax to host + rollback"},
+        rows, argv)
     if args.json or not args.tiny:
         path = Path(args.json or f"benchmarks/results/text_gpu_step_{device.type}.json")
         write_report(result, path)

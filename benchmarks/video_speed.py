@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, device_name, write_report  # noqa: E402
 
 from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging  # noqa: E402
 
@@ -123,18 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
                          "relative_error_vs_baseline": round(float(error), 5),
                          "peak_memory_mb": round(peaks[name], 1) if name in peaks else None})
             print(json.dumps(rows[-1]))
-    report = {
-        "benchmark": "video_speed",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": "AnimateDiff (SD1.5 UNet + motion adapter v1-5-3 config), random weights"
-                 + (" — tiny configs" if args.tiny else ""),
-        "settings": {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "frames": args.frames,
-                     "text_tokens": TEXT_TOKENS, "unet_calls_per_run": len(timesteps), "repeats": args.repeats,
-                     "warmup": args.warmup, "min_tokens": args.min_tokens, "torch": torch.__version__,
-                     "merging": "pipelines/diffusion/merging.py on spatial transformer blocks only"},
-        "command": command_line(argv),
-        "rows": rows,
-    }
+    report = benchmark_report(
+        "video_speed", device_name(device),
+        "AnimateDiff (SD1.5 UNet + motion adapter v1-5-3 config), random weights"
+        + (" — tiny configs" if args.tiny else ""),
+        {"dtype": str(dtype).removeprefix("torch."), "batch": "2 (CFG)", "frames": args.frames,
+         "text_tokens": TEXT_TOKENS, "unet_calls_per_run": len(timesteps), "repeats": args.repeats,
+         "warmup": args.warmup, "min_tokens": args.min_tokens, "torch": torch.__version__,
+         "merging": "pipelines/diffusion/merging.py on spatial transformer blocks only"},
+        rows, argv)
     write_report(report, args.json)
     return report
 

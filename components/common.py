@@ -12,6 +12,7 @@ import gradio as gr
 from pipelines import settings
 from pipelines.base import (MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request,
                             Result)
+from pipelines.diffusion.lpa import LPAConfig
 from pipelines.guard import guarded_events
 from pipelines.streaming import stream_in_thread
 
@@ -171,6 +172,20 @@ def stats_panel(label: str = "Stats") -> gr.JSON:
 def number(value: Any, default: float) -> float:
     """A numeric UI value; None (an emptied box) becomes the default instead of a crash."""
     return default if value is None else value
+
+
+def lpa_window_row(label: str) -> tuple[gr.Number, gr.Number]:
+    """The LPA timestep window as a row of two numbers, LPA's default filled in: the image and video tabs
+    declare it alike, with their own label."""
+    with gr.Row():
+        low = gr.Number(label=f"{label} start t", value=LPAConfig.window[0], precision=0)
+        high = gr.Number(label=f"{label} end t", value=LPAConfig.window[1], precision=0)
+    return low, high
+
+
+def lpa_window(low: Any, high: Any) -> tuple[float, float]:
+    """The window ``lpa_window_row``'s numbers give; an emptied one falls back to LPA's default."""
+    return number(low, LPAConfig.window[0]), number(high, LPAConfig.window[1])
 
 
 def explain_unreadable_inputs(demo: gr.Blocks) -> None:

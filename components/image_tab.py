@@ -14,10 +14,9 @@ from pipelines.tabs.image import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline
 from pipelines.microworld import WEIGHTS_V2
 from pipelines.presets import MICROWORLD_MODEL
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
-                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
-
-LPA_WINDOW = ImageRequest.lpa_window  # LPAConfig's default: the paper's best, late-only
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, lpa_window,
+                     lpa_window_row, number, on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel,
+                     wire_stop)
 
 
 @dataclass(frozen=True)
@@ -160,9 +159,7 @@ def build(pipeline: ImagePipeline) -> None:
                 lpa = gr.Checkbox(label="Route content and style tokens", value=False,
                                   info="Style from '... in X style' or the field below")
                 style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
-                with gr.Row():
-                    window_low = gr.Number(label="Window start t", value=LPA_WINDOW[0], precision=0)
-                    window_high = gr.Number(label="Window end t", value=LPA_WINDOW[1], precision=0)
+                window_low, window_high = lpa_window_row("Window")
             with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
                 isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
             with gr.Accordion("Compass Control (object orientation)", open=False,
@@ -213,7 +210,7 @@ def build(pipeline: ImagePipeline) -> None:
             batch_size=int(number(batch_value, 1)), seed=int(number(seed_value, -1)),
             compare="controls off" if compare_value else NO_COMPARISON,
             binding=bool(binding_value), ets_step=int(number(ets_value, -1)), lpa=bool(lpa_value),
-            style=style_text or "", lpa_window=(number(low_value, LPA_WINDOW[0]), number(high_value, LPA_WINDOW[1])),
+            style=style_text or "", lpa_window=lpa_window(low_value, high_value),
             isolate=isolate_text or "", merge_ratio=number(ratio_value, 0.0), heatmap_words=heatmap_text or "",
             compass=compass_text or "", compass_encoder=compass_choice or "phrase",
             fast=True if fast_value is None else bool(fast_value),

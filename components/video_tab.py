@@ -12,10 +12,10 @@ from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
 from pipelines.diffusion.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
 from pipelines.tabs.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
-                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
+from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, lpa_window,
+                     lpa_window_row, number, on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel,
+                     wire_stop)
 
-LPA_WINDOW = VideoRequest.lpa_window  # LPAConfig's default: the paper's best, late-only
 
 SHOTS_HELP = (
     'Shots as JSON: `[{"start": 0, "prompt": "..."}, {"start": 8, "prompt": "...", "transition": "cut"}]`. '
@@ -116,9 +116,7 @@ def build(pipeline: VideoPipeline) -> None:
                 lpa = gr.Checkbox(label="Local Prompt Adaptation (route content and style tokens)", value=False,
                                   info="Style from '... in X style' in each shot, or the field below")
                 style = gr.Textbox(label="Style (optional, appended to every shot)", placeholder="watercolor")
-                with gr.Row():
-                    window_low = gr.Number(label="LPA window start t", value=LPA_WINDOW[0], precision=0)
-                    window_high = gr.Number(label="LPA window end t", value=LPA_WINDOW[1], precision=0)
+                window_low, window_high = lpa_window_row("LPA window")
                 isolate = gr.Textbox(label="Leakage fix: items to encode alone (comma-separated)",
                                      placeholder="pool")
             fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
@@ -146,7 +144,7 @@ def build(pipeline: VideoPipeline) -> None:
             smooth_window=int(number(window_value, 8)), context_length=int(number(length_value, 16)),
             context_stride=int(number(stride_value, 4)), merge_ratio=number(ratio_value, 0.0),
             merge_min_tokens=int(number(min_tokens_value, DEFAULT_MIN_TOKENS)), binding=bool(binding_value),
-            lpa=bool(lpa_value), style=style_text or "", lpa_window=(number(low_value, LPA_WINDOW[0]), number(high_value, LPA_WINDOW[1])),
+            lpa=bool(lpa_value), style=style_text or "", lpa_window=lpa_window(low_value, high_value),
             isolate=isolate_text or "", fast=True if fast_value is None else bool(fast_value),
         )
         for event in run_pipeline(pipeline, video_request, request):

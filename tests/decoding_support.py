@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
 from pipelines.decoding.verify import speculative_decode
+from pipelines.tiny import tiny_causal_lm
 
 FAMILIES = ("llama", "qwen2", "gpt2")
 FLAT = {1: 1.0, 128: 1.0}  # a GPU-like cost curve: every candidate is worth verifying
@@ -26,6 +29,13 @@ def repetitive_prompt(seed: int, length: int) -> torch.Tensor:
 
 def run(generator) -> list[int]:
     return [token for chunk in generator for token in chunk]
+
+
+def stop_inside_reference(reference: list[int], after: int = 8) -> tuple[int, list[int]]:
+    """A stop token the reference first writes at position ``after`` or later, and the reference cut just after
+    it: an EOS that a deep drafted path meets mid-tree, not one greedy would stop on earlier."""
+    eos = next(t for i, t in enumerate(reference) if i >= after and t not in reference[:i])
+    return eos, reference[:reference.index(eos) + 1]
 
 
 def assert_identical_to_greedy(model, prompt: torch.Tensor, make_drafters, new_tokens: int = 30) -> dict:
@@ -74,3 +84,22 @@ def packaged_causal_lm(locate, package: str):
         pytest.skip(f"{package} is not installed")
     model = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
     return AutoTokenizer.from_pretrained(location), model
+
+
+def sharpened_llama() -> torch.nn.Module:
+    """A tiny llama for the drafter trainings: random weights predict almost uniformly, so its LM head is scaled
+    up 8x to give the drafter a distribution worth learning."""
+    model = tiny_causal_lm("llama", seed=0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+@contextmanager
+def weights_unchanged(model: torch.nn.Module) -> Iterator[None]:
+    """Fails unless every tensor of ``model``'s state is bit-identical after the block: a drafter's training
+    must leave the model it learns from frozen."""
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    yield
+    for name, parameter in model.state_dict().items():
+        assert torch.equal(parameter, before[name]), name

@@ -18,7 +18,8 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-from decoding_support import FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, tree_logits
+from decoding_support import (FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, stop_inside_reference,
+                              tree_logits)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +100,7 @@ def test_oracle_tree_accepts_deep_paths_and_stops_at_eos_mid_tree(models):
     model = models["llama"]
     prompt = repetitive_prompt(3, 17)
     reference = greedy(model, prompt, 40)
-    eos = next(t for i, t in enumerate(reference) if i >= 8 and t not in reference[:i])
-    expected = reference[:reference.index(eos) + 1]
+    eos, expected = stop_inside_reference(reference)
     assert greedy(model, prompt, 40, {eos}) == expected
     stats = DecodeStats()
     chunks = list(speculative_decode(model, prompt, 40, SamplingConfig(), {eos}, OracleDrafter(reference), stats=stats))

@@ -10,6 +10,7 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import speculative_decode
 from pipelines.tiny import tiny_causal_lm
 from tests.test_decoding import OracleDrafter, RandomTreeDrafter, drafters_for, greedy, repetitive_prompt, run
+from decoding_support import stop_inside_reference
 
 FAMILIES = ("llama", "qwen2")
 BUCKETS = (1, 8, 16, 32)  # small buckets so trees of 3..30 nodes get padded and the 24-node tree spans two
@@ -69,8 +70,7 @@ def test_eos_mid_tree_and_sampling(models):
     model = models["llama"]
     prompt = repetitive_prompt(3, 17)
     reference = greedy(model, prompt, 40)
-    eos = next(t for i, t in enumerate(reference) if i >= 8 and t not in reference[:i])
-    expected = reference[:reference.index(eos) + 1]
+    eos, expected = stop_inside_reference(reference)
     chunks = list(speculative_decode(model, prompt, 40, SamplingConfig(), {eos}, OracleDrafter(reference),
                                      forward=static(model)))
     assert [t for c in chunks for t in c] == expected and len(chunks[-1]) > 1

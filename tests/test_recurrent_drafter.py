@@ -18,7 +18,7 @@ from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_deco
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
 
 from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, repetitive_prompt, root_path, run,
-                              tree_logits)
+                              sharpened_llama, tree_logits, weights_unchanged)
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +205,7 @@ def test_head_batch_anchors_answer_positions_with_a_next_token():
 
 
 def test_training_moves_only_the_head_and_teaches_it_the_models_next_tokens():
-    model = tiny_causal_lm("llama", seed=0).eval()
-    with torch.no_grad():  # random weights predict almost uniformly: sharpen them so there is something to learn
-        model.lm_head.weight.mul_(8)
-    before = {name: p.clone() for name, p in model.state_dict().items()}
+    model = sharpened_llama()
     rng = random.Random(0)
     data = []
     for _ in range(48):  # the model's own greedy continuations, as the self-instructed data are
@@ -216,10 +213,9 @@ def test_training_moves_only_the_head_and_teaches_it_the_models_next_tokens():
         data.append((prompt[0].tolist() + run(plain_decode(model, prompt, 18, SamplingConfig(), set())), 6))
     config = HeadConfig(model="tiny", device="cpu", depth=3, vocab=0, batch=8, anchors=12, epochs=12, lr=1e-2,
                         holdout=0.2)
-    head, report = train(model, tiny_tokenizer(), config, data=data)
+    with weights_unchanged(model):
+        head, report = train(model, tiny_tokenizer(), config, data=data)
     assert report["loss_last"] < report["loss_first"]
     assert sum(report["holdout_after"]["kl"]) < sum(report["holdout_before"]["kl"])
     assert report["holdout_after"]["top1"][0] > report["holdout_before"]["top1"][0]
     assert isinstance(head, DraftHead) and not any(p.requires_grad is False for p in head.parameters())
-    for name, parameter in model.state_dict().items():
-        assert torch.equal(parameter, before[name]), name

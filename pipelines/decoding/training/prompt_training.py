@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -224,24 +225,53 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the mask's dtype: autocast's on CUDA
     model.requires_grad_(False)
     started = time.perf_counter()
-    if data is None:
-        data = self_instruct(model, tokenizer, config)
+    data, holdout, training, rng = distillation_data(model, tokenizer, config, data)
     generated_s = time.perf_counter() - started
-    rng = random.Random(config.seed)
-    rng.shuffle(data)
-    held = max(1, int(len(data) * config.holdout))
-    holdout, training = data[:held], data[held:]
     prompts = new_prompt_tokens(model, config.count, config.name or config.model, config.seed)
     before = evaluate(model, prompts, holdout, config, device, dtype)
     vectors = torch.nn.Parameter(prompts.vectors.to(device))
     optimizer = torch.optim.Adam([vectors], lr=config.lr)
+    # the verifier's own embedding, over the trainable vectors (its dtype/device move keeps their gradient)
+    embed = PromptTokens(vectors, prompts.base).embedding(model)
+
+    def loss_of(items: list[tuple[list[int], int]]) -> torch.Tensor:
+        batch = distillation_batch(items, prompts, config.anchors, rng, device, dtype)
+        with autocast_for(device):
+            kl, _, _ = distill(model, embed, batch)
+        return kl.mean()
+
+    losses, step, steps = optimize(optimizer, loss_of, training, config, rng)
+    trained = PromptTokens(vectors.detach().float().cpu(), prompts.base, prompts.model_name)
+    after = evaluate(model, trained, holdout, config, device, dtype)
+    report = training_report(config, data, len(holdout), step, steps, generated_s,
+                             time.perf_counter() - started - generated_s, losses, before, after)
+    report["mean_answer_tokens"] = round(sum(len(ids) - start for ids, start in data) / len(data), 1)
+    return trained, report
+
+
+def distillation_data(model, tokenizer, config: DistillConfig, data: list[tuple[list[int], int]] | None
+                      ) -> tuple[list, list, list, random.Random]:
+    """The self-instructed sequences (``data``, else written by the model now), shuffled with the config's seed,
+    with ``config.holdout`` of them (at least one) held out for the before/after numbers. Returns all of them,
+    the held-out part, the training part and the generator, which goes on to shuffle the epochs and sample the
+    anchors."""
+    if data is None:
+        data = self_instruct(model, tokenizer, config)
+    rng = random.Random(config.seed)
+    rng.shuffle(data)
+    held = max(1, int(len(data) * config.holdout))
+    return data, data[:held], data[held:], rng
+
+
+def optimize(optimizer: torch.optim.Optimizer, loss_of: Callable[[list], torch.Tensor], training: list,
+             config: DistillConfig, rng: random.Random) -> tuple[list[float], int, int]:
+    """The loop both trainings share: ``config.epochs`` passes over reshuffled batches of ``training`` with a
+    linear warm-up (5 %) then a cosine decay, stopping early at ``config.max_minutes``. ``loss_of(items)`` is
+    the drafter's own loss on one batch. Returns the losses, the steps run and the steps planned."""
     steps = max(1, config.epochs * math.ceil(len(training) / config.batch))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    # the verifier's own embedding, over the trainable vectors (its dtype/device move keeps their gradient)
-    embed = PromptTokens(vectors, prompts.base).embedding(model)
-
     losses = []
     step = 0
     deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
@@ -250,10 +280,7 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
         for i in range(0, len(training), config.batch):
             if step >= steps or time.perf_counter() >= deadline:
                 break
-            batch = distillation_batch(training[i:i + config.batch], prompts, config.anchors, rng, device, dtype)
-            with autocast_for(device):
-                kl, _, _ = distill(model, embed, batch)
-            loss = kl.mean()
+            loss = loss_of(training[i:i + config.batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -262,12 +289,7 @@ def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int
             step += 1
             if step % 100 == 0:
                 print(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
-    trained = PromptTokens(vectors.detach().float().cpu(), prompts.base, prompts.model_name)
-    after = evaluate(model, trained, holdout, config, device, dtype)
-    report = training_report(config, data, held, step, steps, generated_s,
-                             time.perf_counter() - started - generated_s, losses, before, after)
-    report["mean_answer_tokens"] = round(sum(len(ids) - start for ids, start in data) / len(data), 1)
-    return trained, report
+    return losses, step, steps
 
 
 def setup(config_class: type, argv: list[str] | None, description: str):
@@ -323,10 +345,17 @@ def training_report(config: DistillConfig, data: list, held: int, step: int, ste
             "holdout_before": before, "holdout_after": after}
 
 
+def run_training(config_class: type, train_fn: Callable, weights: TrainedWeights, module: str, description: str,
+                 argv: list[str] | None) -> dict:
+    """Both trainings' command line: flags and model (``setup``), ``train_fn``, then weights and report saved."""
+    config, model, tokenizer, data = setup(config_class, argv, description)
+    trained, report = train_fn(model, tokenizer, config, data=data)
+    return save_trained(trained, report, config, weights, module, argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    config, model, tokenizer, data = setup(TrainConfig, argv, __doc__.split("\n\n")[0])
-    trained, report = train(model, tokenizer, config, data=data)
-    return save_trained(trained, report, config, TRAINED, "pipelines.decoding.training.prompt_training", argv)
+    return run_training(TrainConfig, train, TRAINED, "pipelines.decoding.training.prompt_training",
+                        __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the head's top-1 / top-8 with the model's own next token per level, and the mean
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..drafters.recurrent_drafter import TOP_K, TRAINED, DraftHead, lm_head_logits, new_head
-from .prompt_training import DistillConfig, autocast_for, save_trained, self_instruct, setup, training_report
+from .prompt_training import DistillConfig, autocast_for, distillation_data, optimize, run_training, training_report
 
 
 @dataclass
@@ -121,53 +120,31 @@ def train(model, tokenizer, config: HeadConfig, data: list[tuple[list[int], int]
     device = next(model.parameters()).device
     model.requires_grad_(False)
     started = time.perf_counter()
-    if data is None:
-        data = self_instruct(model, tokenizer, config)
+    data, holdout, training, rng = distillation_data(model, tokenizer, config, data)
     generated_s = time.perf_counter() - started
-    rng = random.Random(config.seed)
-    rng.shuffle(data)
-    held = max(1, int(len(data) * config.holdout))
-    holdout, training = data[:held], data[held:]
     torch.manual_seed(config.seed)
     head = new_head(model, config.name or config.model, frequent_vocab(training, config.vocab)).float()
     before = evaluate(model, head, holdout, config, device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
-    steps = max(1, config.epochs * math.ceil(len(training) / config.batch))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    losses = []
-    step = 0
-    deadline = time.perf_counter() + config.max_minutes * 60 if config.max_minutes else math.inf
-    while step < steps and time.perf_counter() < deadline:
-        rng.shuffle(training)
-        for i in range(0, len(training), config.batch):
-            if step >= steps or time.perf_counter() >= deadline:
-                break
-            batch = head_batch(training[i:i + config.batch], config.anchors, rng, device)
-            with autocast_for(device):
-                levels = unroll(model, head, batch, config.depth)
-            loss = sum((kl * valid).sum() / valid.sum().clamp(min=1) for kl, _, _, valid in levels) / config.depth
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            step += 1
-            if step % 100 == 0:
-                print(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}", flush=True)
+
+    def loss_of(items: list[tuple[list[int], int]]) -> torch.Tensor:
+        batch = head_batch(items, config.anchors, rng, device)
+        with autocast_for(device):
+            levels = unroll(model, head, batch, config.depth)
+        return sum((kl * valid).sum() / valid.sum().clamp(min=1) for kl, _, _, valid in levels) / config.depth
+
+    losses, step, steps = optimize(optimizer, loss_of, training, config, rng)
     head.eval()
     after = evaluate(model, head, holdout, config, device)
-    report = training_report(config, data, held, step, steps, generated_s,
+    report = training_report(config, data, len(holdout), step, steps, generated_s,
                              time.perf_counter() - started - generated_s, losses, before, after)
     report["parameters"] = sum(p.numel() for p in head.parameters())
     return head, report
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, model, tokenizer, data = setup(HeadConfig, argv, __doc__.split("\n\n")[0])
-    head, report = train(model, tokenizer, config, data=data)
-    return save_trained(head, report, config, TRAINED, "pipelines.decoding.training.recurrent_training", argv)
+    return run_training(HeadConfig, train, TRAINED, "pipelines.decoding.training.recurrent_training",
+                        __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

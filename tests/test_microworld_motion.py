@@ -119,6 +119,7 @@ def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
     assert report["steps"] == 2 and [r["step"] for r in report["runs"][0]["history"] if "mse" in r] == [1, 2]
     adapter = MotionAdapter.from_pretrained(out)
     assert adapter.config.block_out_channels == [16, 16, 16] and adapter.config.motion_max_seq_length == 8
+    assert adapter.config.motion_norm_num_groups == 4 and list(adapter.config.motion_num_attention_heads) == [2, 2, 2]
     saved = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     assert all(torch.equal(saved[k].float(), v) for k, v in adapter.state_dict().items())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("proj_out.weight"))  # it trained
@@ -158,6 +159,9 @@ def test_video_tab_lists_the_motion_model_only_while_its_folder_exists_and_serve
     result = list(video.generate(request))[-1]
     assert isinstance(result, Result) and result.stats["model"] == MICROWORLD_VIDEO_MODEL
     assert video.load(MICROWORLD_VIDEO_MODEL).scheduler.config.beta_schedule == "scaled_linear"  # as trained
+    native = video.plan(VideoRequest(prompt="a red circle moving left", model=MICROWORLD_VIDEO_MODEL, width=0,
+                                      height=0))
+    assert (native.width, native.height) == (128, 128)  # 0 asks for the side micro-world was trained at
 
 
 @pytest.fixture(autouse=True, scope="module")

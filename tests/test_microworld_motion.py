@@ -10,9 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-TINY = ["--device", "cpu", "--dtype", "fp32", "--size", "32", "--text-width", "32", "--text-layers", "1",
-        "--vision-layers", "1", "--vae-channels", "8,16", "--unet-channels", "16,16,16",
-        "--layers-per-block", "1", "--head-dim", "8", "--norm-groups", "4", "--no-samples"]
 MOTION = ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--frames", "4", "--max-seq-length", "8",
           "--max-steps", "2", "--log-every", "1", "--warmup", "1", "--no-samples"]
 
@@ -60,15 +57,10 @@ def test_objects_move_by_their_velocity_inside_the_frame_as_the_caption_says():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny micro-world v2 folder (random weights, v2 layout), saved as train_v2 saves it."""
-    from pipelines.microworld import text_v2
-    from pipelines.microworld.train_v2 import Models, build_unet, build_vae, parse_args, save
+    from pipelines.microworld.train_v2 import save
+    from tests.test_compass_v2 import tiny_models
 
-    config = parse_args(TINY)
-    torch.manual_seed(0)
-    tokenizer = text_v2.build_tokenizer()
-    clip = text_v2.build_clip(tokenizer, config.text_width, config.text_layers, config.vision_layers, config.size)
-    models = Models(tokenizer=tokenizer, text_encoder=text_v2.text_encoder_of(clip), vae=build_vae(config).eval(),
-                    unet=build_unet(config, config.text_width))
+    models, config = tiny_models()
     folder = tmp_path_factory.mktemp("mw") / "base"
     save(models, config, folder, [])
     return folder
@@ -118,8 +110,8 @@ def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
     report = json.loads((out / "train_report.json").read_text())
     assert report["steps"] == 2 and [r["step"] for r in report["runs"][0]["history"] if "mse" in r] == [1, 2]
     adapter = MotionAdapter.from_pretrained(out)
-    assert adapter.config.block_out_channels == [16, 16, 16] and adapter.config.motion_max_seq_length == 8
-    assert adapter.config.motion_norm_num_groups == 4 and list(adapter.config.motion_num_attention_heads) == [2, 2, 2]
+    assert adapter.config.block_out_channels == [16, 16, 16, 16] and adapter.config.motion_max_seq_length == 8
+    assert adapter.config.motion_norm_num_groups == 4 and list(adapter.config.motion_num_attention_heads) == [2] * 4
     saved = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     assert all(torch.equal(saved[k].float(), v) for k, v in adapter.state_dict().items())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("proj_out.weight"))  # it trained

@@ -163,3 +163,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_sample_read_measures_the_shift_along_the_stated_direction():
+    from pipelines.microworld.motion_v2 import stated_motion_shift
+    from pipelines.microworld.scenes import BACKGROUND, PALETTE
+
+    frames = np.tile(np.array(BACKGROUND, np.uint8), (3, 32, 32, 1))
+    for f, x in enumerate((20, 17, 14)):  # a red patch drifting 3 px a frame to the left
+        frames[f, 10:16, x:x + 6] = PALETTE["red"]
+    assert stated_motion_shift("a red circle moving left", frames) == 6.0
+    assert stated_motion_shift("a red circle moving right", frames) == -6.0
+    assert stated_motion_shift("a green arrow pointing up-left moving up-left", frames) is None  # no green here
+    assert stated_motion_shift("a blue square spinning", frames) is None

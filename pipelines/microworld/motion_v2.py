@@ -15,13 +15,14 @@ heading h is (cos h, -sin h) pixels per frame.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import scenes_v2
-from .scenes import SHAPES, direction_word
+from .scenes import DIRECTIONS, PALETTE, SHAPES, direction_word
 
 FRAMES = 16  # AnimateDiff's training clip length
 SPEED = (1.0, 3.0)  # pixels per frame at 128 px: 15-45 px over 16 frames, always visible at 32x32 latents
@@ -42,11 +43,6 @@ class Clips:
 
     def __len__(self) -> int:
         return len(self.start)
-
-    def frame(self, f: int) -> scenes_v2.Layouts:
-        """The scenes at frame ``f``."""
-        return dataclasses.replace(self.start, center=self.start.center + f * self.velocity,
-                                   heading=(self.start.heading + f * self.spin) % 360)
 
     def all_frames(self) -> scenes_v2.Layouts:
         """Every frame of every clip as one batch of scenes, clip-major (clip 0's frames first)."""
@@ -120,8 +116,6 @@ def render_clips(clips: Clips, device: torch.device | str = "cpu") -> tuple[torc
 
 def motion_prompts() -> list[str]:
     """Sample prompts: one object per motion (a circle each way, arrows along their heading, a spinning square)."""
-    from .scenes import DIRECTIONS
-
     prompts = [f"a red circle moving {word}" for word in DIRECTIONS[::2]]
     prompts += [f"a green arrow pointing {word} moving {word}" for word in DIRECTIONS[1::2]]
     return prompts + ["a blue square spinning", "a red circle moving right and a blue square moving left"]
@@ -131,10 +125,6 @@ def stated_motion_shift(prompt: str, frames: np.ndarray, tolerance: float = 60.0
     """How many pixels the prompt's one object moved, first frame to last, along the direction the prompt names:
     the centroid of the pixels near its colour ([frames, H, W, 3] uint8). None for prompts without one moving
     object or frames without that colour. A quick read of a sample, not a scorer."""
-    import re
-
-    from .scenes import DIRECTIONS, PALETTE
-
     match = re.fullmatch(r"an? (\w+) \w+(?: pointing [\w-]+)? moving ([\w-]+)", prompt)
     if match is None or match[1] not in PALETTE:
         return None

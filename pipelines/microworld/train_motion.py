@@ -212,6 +212,8 @@ def train(config: MotionConfig) -> Path:
     steps = train_steps(model, models, config, device, budget, first)
     adapter = adapter_of(model.eval(), settings)
     save(adapter, config, out, steps, previous)
+    if config.pack:  # packed before sampling too: a call killed while sampling still brings the weights back
+        pack(out, Path(config.pack))
     if config.samples:
         sample_strip(models, model, config, device, out)
     log(config, {"done": True, "steps": steps, "minutes": round((time.monotonic() - started) / 60, 2)})

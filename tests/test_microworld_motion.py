@@ -116,11 +116,14 @@ def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
     assert all(torch.equal(saved[k].float(), v) for k, v in adapter.state_dict().items())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("proj_out.weight"))  # it trained
     again = tm.train(tm.parse_args(MOTION + ["--base", str(base), "--resume", str(out), "--out", str(tmp_path / "b"),
-                                            "--pack", str(tmp_path / "pack")]))
+                                            "--pack", str(tmp_path / "pack"), "--samples", "--sample-steps", "1",
+                                            "--sample-videos", "2"]))
     report = json.loads((again / "train_report.json").read_text())
     assert report["steps"] == 4 and len(report["runs"]) == 2
     parts = sorted((tmp_path / "pack").glob("b.tar.part*"))
-    assert parts and (tmp_path / "pack" / "train_report.json").is_file()
+    assert parts and all((tmp_path / "pack" / name).is_file() for name in ("train_report.json", "samples.png"))
+    samples = json.loads((again / "samples.json").read_text())
+    assert all(len(reads) == 2 for reads in samples["reads"].values()) and "moved_as_stated" in samples["summary"]
 
 
 def test_video_tab_lists_the_motion_model_only_while_its_folder_exists_and_serves_it(base, tmp_path, monkeypatch):
@@ -165,14 +168,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_sample_read_measures_the_shift_along_the_stated_direction():
-    from pipelines.microworld.motion_v2 import stated_motion_shift
+def test_sample_read_measures_the_shift_along_the_stated_direction_and_the_frame_to_frame_step():
+    from pipelines.microworld.motion_v2 import stated_motion
     from pipelines.microworld.scenes import BACKGROUND, PALETTE
 
     frames = np.tile(np.array(BACKGROUND, np.uint8), (3, 32, 32, 1))
     for f, x in enumerate((20, 17, 14)):  # a red patch drifting 3 px a frame to the left
         frames[f, 10:16, x:x + 6] = PALETTE["red"]
-    assert stated_motion_shift("a red circle moving left", frames) == 6.0
-    assert stated_motion_shift("a red circle moving right", frames) == -6.0
-    assert stated_motion_shift("a green arrow pointing up-left moving up-left", frames) is None  # no green here
-    assert stated_motion_shift("a blue square spinning", frames) is None
+    assert stated_motion("a red circle moving left", frames) == {"shift": 6.0, "step": 3.0}
+    assert stated_motion("a red circle moving right", frames)["shift"] == -6.0
+    assert stated_motion("a green arrow pointing up-left moving up-left", frames) is None  # no green here
+    assert stated_motion("a blue square spinning", frames) is None

@@ -121,16 +121,19 @@ def motion_prompts() -> list[str]:
     return prompts + ["a blue square spinning", "a red circle moving right and a blue square moving left"]
 
 
-def stated_motion_shift(prompt: str, frames: np.ndarray, tolerance: float = 60.0) -> float | None:
-    """How many pixels the prompt's one object moved, first frame to last, along the direction the prompt names:
-    the centroid of the pixels near its colour ([frames, H, W, 3] uint8). None for prompts without one moving
-    object or frames without that colour. A quick read of a sample, not a scorer."""
+def stated_motion(prompt: str, frames: np.ndarray, tolerance: float = 60.0) -> dict[str, float] | None:
+    """A quick read of a sample whose prompt names one moving object ([frames, H, W, 3] uint8), from the centroid of
+    the pixels near its colour: ``shift``, pixels moved first frame to last along the direction the prompt names
+    (training clips: 15-45), and ``step``, the median centroid jump between frames (1-3 for smooth motion; frames
+    drawn independently jump tens of pixels). None for other prompts or frames without that colour. Not a scorer."""
     match = re.fullmatch(r"an? (\w+) \w+(?: pointing [\w-]+)? moving ([\w-]+)", prompt)
     if match is None or match[1] not in PALETTE:
         return None
     near = np.linalg.norm(frames.astype(np.float32) - np.array(PALETTE[match[1]], np.float32), axis=-1) < tolerance
-    if not near[0].any() or not near[-1].any():
+    if not near.any((1, 2)).all():
         return None
-    centroid = [np.argwhere(mask).mean(0)[::-1] for mask in (near[0], near[-1])]  # (x, y), y down
+    track = np.stack([np.argwhere(mask).mean(0)[::-1] for mask in near])  # (x, y) per frame, y down
     angle = np.radians(45.0 * DIRECTIONS.index(match[2]))
-    return round(float((centroid[1] - centroid[0]) @ np.array([np.cos(angle), -np.sin(angle)])), 2)
+    shift = (track[-1] - track[0]) @ np.array([np.cos(angle), -np.sin(angle)])
+    step = np.median(np.linalg.norm(np.diff(track, axis=0), axis=-1))
+    return {"shift": round(float(shift), 2), "step": round(float(step), 2)}

@@ -93,10 +93,8 @@ def build(pipeline: VideoPipeline) -> None:
             steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")
             cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
             with gr.Row():
-                width = gr.Number(label="Width", value=32 if tiny else 512, precision=0, minimum=32, maximum=1024,
-                                  step=8)
-                height = gr.Number(label="Height", value=32 if tiny else 512, precision=0, minimum=32, maximum=1024,
-                                   step=8)
+                width = gr.Number(label="Width (0 = native)", value=0, precision=0, minimum=0, maximum=1024, step=8)
+                height = gr.Number(label="Height (0 = native)", value=0, precision=0, minimum=0, maximum=1024, step=8)
             seed = seed_row()
             compare = gr.Dropdown(list(COMPARISONS), value="none", label="Same-seed A/B",
                                   info="Also render with one thing switched back: the timeline (first shot's "
@@ -139,7 +137,7 @@ def build(pipeline: VideoPipeline) -> None:
             prompt=prompt_text or "", negative_prompt=negative_text or "", shots=shots_text or "",
             model=model_name or "", num_frames=int(number(frames_value, 16)), fps=int(number(fps_value, 8)),
             steps=int(number(steps_value, 25)), guidance_scale=number(cfg_value, 7.5),
-            width=int(number(width_value, 512)), height=int(number(height_value, 512)),
+            width=int(number(width_value, 0)), height=int(number(height_value, 0)),
             seed=int(number(seed_value, -1)), compare=compare_value or "none",
             smooth_window=int(number(window_value, 8)), context_length=int(number(length_value, 16)),
             context_stride=int(number(stride_value, 4)), merge_ratio=number(ratio_value, 0.0),

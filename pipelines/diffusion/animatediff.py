@@ -20,28 +20,33 @@ from .fast import FastUNet
 from .loop import Refine, step_callback
 
 
-def animatediff_scheduler(base: str | None):
-    """DDIM with the settings the AnimateDiff authors (and the diffusers docs) use: linear betas, linspace."""
+def animatediff_scheduler(base: str | None, linear_betas: bool = True):
+    """DDIM with the settings the AnimateDiff authors (and the diffusers docs) use: linear betas, linspace.
+    ``linear_betas=False`` keeps the base's own betas: for an adapter trained on its base's schedule (micro-world)."""
     from diffusers import DDIMScheduler
 
-    settings = dict(clip_sample=False, timestep_spacing="linspace", beta_schedule="linear", steps_offset=1)
+    settings = dict(clip_sample=False, timestep_spacing="linspace", steps_offset=1)
+    if linear_betas:
+        settings["beta_schedule"] = "linear"
     if base is None:
         return DDIMScheduler(beta_start=0.00085, beta_end=0.012, **settings)
     return DDIMScheduler.from_pretrained(base, subfolder="scheduler", **settings)
 
 
 def load_animatediff(resolved: ResolvedModel, store: ModelStore):
-    """A MotionAdapter (the spec's Hub id) on its SD1.5 base (the spec's ``base`` option), or the tiny one."""
+    """A MotionAdapter (the spec's Hub id or packaged folder) on its SD1.5 base (the spec's ``base`` Hub id or
+    ``base_package``), or the tiny one. ``base_betas`` keeps the base's noise schedule (see animatediff_scheduler)."""
     if resolved.source == "tiny":
         pipe = tiny_animatediff_pipeline().to(dtype=store.dtype)
     else:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
-        base_id = resolved.spec.option("base")
-        base = store.resolve(ModelSpec(base_id, "sd15", hub_id=base_id)).location
+        spec = resolved.spec
+        base_id, base_package = spec.option("base"), spec.option("base_package")
+        base = store.resolve(ModelSpec(base_id or base_package, "sd15", hub_id=base_id, package=base_package)).location
         adapter = MotionAdapter.from_pretrained(resolved.location, torch_dtype=store.dtype)
         pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=adapter, torch_dtype=store.dtype)
-        pipe.scheduler = animatediff_scheduler(base)
+        pipe.scheduler = animatediff_scheduler(base, linear_betas=not spec.option("base_betas", False))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(store.device)
 

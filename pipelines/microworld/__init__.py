@@ -5,8 +5,10 @@ v1's scene geometry and renderer (``scenes``) and classical detector (``scorer``
 geometry and scores with that detector (v1's MiniLM-conditioned model, its trainer and benchmarks were retired
 with its weights; they are in the history). v2 (issue 22): ``scenes_v2`` (128 px, GPU-rendered, skewed priors
 with held-out swaps), ``text_v2`` (a causal CLIP text encoder trained here), ``train_v2`` (resumable staged
-trainer), ``compass_v2`` and ``scorer_v2`` (precision and validity). Its committed folder (``weights_v2``) is a complete SD pipeline folder,
-the image tab's offline default.
+trainer), ``compass_v2`` and ``scorer_v2`` (precision and validity). Its committed folder (``weights_v2``) is a
+complete SD pipeline folder, the image tab's offline default. ``motion_v2`` (moving scenes) and ``train_motion``
+train a ``MotionAdapter`` for the frozen v2 pipeline; its folder (``weights_motion_v2``, once trained and
+committed) is the video tab's offline model.
 """
 from __future__ import annotations
 
@@ -22,3 +24,15 @@ def packaged_model_folder(weights: Path | None = None) -> str | None:
     (the preset is then simply not available)."""
     weights = WEIGHTS_V2 if weights is None else weights
     return str(weights) if all((weights / part).is_file() for part in PARTS) else None
+
+
+WEIGHTS_MOTION_V2 = Path(__file__).resolve().parent / "weights_motion_v2"
+
+
+def packaged_motion_folder(weights: Path | None = None) -> str | None:
+    """The committed micro-world motion adapter (``weights``, default ``WEIGHTS_MOTION_V2``), or None while it or
+    the v2 pipeline it sits on is missing (the video preset is then not listed)."""
+    weights = WEIGHTS_MOTION_V2 if weights is None else weights
+    stored = (weights / "diffusion_pytorch_model.safetensors").is_file() or (
+        weights / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    return str(weights) if stored and (weights / "config.json").is_file() and packaged_model_folder() else None

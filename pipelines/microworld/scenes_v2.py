@@ -174,13 +174,16 @@ def object_phrase(obj: dict[str, Any], name_style: bool, name_heading: bool) -> 
     return text
 
 
-def caption(layouts: Layouts, i: int, rng: np.random.Generator, name_heading: bool | None = None) -> str:
+def caption(layouts: Layouts, i: int, rng: np.random.Generator, name_heading: bool | None = None,
+            suffixes: list[str] | None = None) -> str:
     """A fresh caption variant for scene ``i``: template, headings named (80 % unless ``name_heading`` says), a
-    global style named (75 %)."""
+    global style named (75 %); ``suffixes`` (one per object, e.g. "moving left") follow each object's phrase."""
     mode = STYLE_MODES[int(layouts.mode[i])][0]
     name_heading = bool(rng.random() < 0.8) if name_heading is None else name_heading
     objects = layouts.objects(i)
-    phrases = join_phrases([object_phrase(o, mode == "per-object", name_heading) for o in objects])
+    suffixes = suffixes or [""] * len(objects)
+    phrases = join_phrases([" ".join(filter(None, [object_phrase(o, mode == "per-object", name_heading), extra]))
+                            for o, extra in zip(objects, suffixes)])
     style = f", in {objects[0]['style']} style" if mode == "global" and rng.random() < 0.75 else ""
     return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(objects=phrases, style=style)
 

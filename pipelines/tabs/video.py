@@ -37,6 +37,8 @@ from ..streaming import stream_in_thread
 MAX_FRAMES = 128
 MAX_STEPS = 100
 MAX_SIDE = 1024
+DEFAULT_SIDE = 512  # SD1.5's; a spec's ``size`` option overrides it
+TINY_SIDE = 32
 # AnimateDiff motion modules are trained on 16-frame clips; FreeNoise's defaults are a 16-frame window, stride 4.
 CONTEXT_LENGTH = 16
 CONTEXT_STRIDE = 4
@@ -54,7 +56,7 @@ class VideoRequest(Request):
     fps: int = 8
     steps: int = 25
     guidance_scale: float = 7.5
-    width: int = 512
+    width: int = 512  # 0 = the model's native side (native_size)
     height: int = 512
     context_length: int = CONTEXT_LENGTH
     context_stride: int = CONTEXT_STRIDE
@@ -105,10 +107,17 @@ class VideoPipeline(PresetModels, Pipeline):
     def load(self, name: str):
         return self.store.load(self.spec_for(name), load_animatediff)
 
+    def native_size(self, name: str) -> int:
+        """The side a model was trained at, what a width or height of 0 asks for (micro-world motion: 128 px)."""
+        spec = self.spec_for(name)
+        return TINY_SIDE if spec.tiny else int(spec.option("size") or DEFAULT_SIDE)
+
     def plan(self, request: VideoRequest) -> Plan:
         """Validate the request (resolving its seed) and compile its shot timeline."""
         num_frames = int(require_range(request.num_frames, "Frames", 2, MAX_FRAMES))
         steps = int(require_range(request.steps, "Steps", 1, MAX_STEPS))
+        native = self.native_size(request.model)
+        request.width, request.height = int(request.width) or native, int(request.height) or native
         width = int(require_range(request.width, "Width", 32, MAX_SIDE))
         height = int(require_range(request.height, "Height", 32, MAX_SIDE))
         if width % 8 or height % 8:

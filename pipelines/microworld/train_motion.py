@@ -1,0 +1,263 @@
+"""Train a motion adapter for micro-world v2 on moving scenes (``motion_v2``), within a wall-clock budget;
+resumable. The result is a diffusers ``MotionAdapter`` folder that ``AnimateDiffPipeline`` puts on the frozen
+micro-world v2 pipeline (``weights_v2``): the video tab's offline model.
+
+    # one accelerator call: train, sample a frame strip, pack the folder for the trip back
+    python -m pipelines.microworld.train_motion --minutes 8 --out outputs/weights_motion_v2 --pack "$OUT"
+    # continue a saved adapter (the folder unpacked and carried)
+    python -m pipelines.microworld.train_motion --minutes 8 --resume outputs/weights_motion_v2 \
+        --out outputs/weights_motion_v2 --pack "$OUT"
+    # back home: cat weights_motion_v2.tar.part* | tar -x -C pipelines/microworld/
+
+As AnimateDiff trains its motion modules: the image UNet, VAE and text encoder stay frozen; the adapter's
+temporal transformers are inserted after every spatial layer (``UNetMotionModel.from_unet2d``) with their output
+projections zeroed, so training starts from the image model run frame by frame; epsilon MSE over all frames of
+clips noised at one timestep each, with the image UNet's own noise schedule (SD1.5's scaled-linear betas, which
+micro-world v2 was trained with -- not AnimateDiff's linear ones, hence ``linear_betas=False`` when serving).
+The adapter copies the UNet's layout: its block channels, layers per block, group-norm groups (the motion
+modules' norms take the UNet's ``norm_num_groups`` when inflated) and head counts (head width 32-36, as the
+spatial attention). Data: clips rendered on the device each step, seeded by (seed, step).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import WEIGHTS_V2, motion_v2, text_v2
+from .train_v2 import (MAX_SHARD, SD15_SCHEDULE, Batches, Budget, Models, autocast, descend, latents_of,
+                       load_resumed, log, noised, optimiser, pack, parse_config, thread_tokenizer)
+
+
+@dataclass
+class MotionConfig:
+    base: str = str(WEIGHTS_V2)  # the frozen micro-world v2 pipeline folder
+    out: str = "outputs/weights_motion_v2"
+    resume: str = ""  # an adapter folder saved by this script: its weights loaded, its step count continued
+    minutes: float = 8.0  # the whole run, samples and saving included
+    reserve_minutes: float = 0.8  # saving, samples (about 20 s on an H100) and packing after training
+    max_steps: int = 0  # 0 = until the time is up: smoke runs and tests
+    device: str = "cuda"
+    dtype: str = "bf16"  # autocast on CUDA: bf16 | fp32
+    frames: int = motion_v2.FRAMES
+    max_seq_length: int = 32  # AnimateDiff's; >= frames (FreeNoise windows of 16 need no more)
+    batch: int = 16  # clips per step: batch x frames images through the UNet (256, the image stage's batch)
+    lr: float = 1e-4  # AnimateDiff trains its motion modules at 1e-4
+    warmup: int = 100
+    uncond: float = 0.1  # empty captions, so guidance's unconditional branch also moves
+    ema: float = 0.999
+    log_every: int = 25
+    seed: int = 0
+    samples: bool = True
+    sample_steps: int = 25
+    sample_videos: int = 4  # seeds per sample prompt (the strip shows the first)
+    pack: str = ""  # also write the folder as a split tar (parts <= 15 MiB), report and samples here
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def adapter_config(unet_config: Any, max_seq_length: int) -> dict[str, Any]:
+    """``MotionAdapter`` arguments matching a UNet2DConditionModel's layout (diffusers calls the spatial head count
+    ``attention_head_dim``)."""
+    channels = tuple(unet_config.block_out_channels)
+    heads = unet_config.attention_head_dim
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(channels)
+    return dict(block_out_channels=channels, motion_layers_per_block=unet_config.layers_per_block,
+                motion_norm_num_groups=unet_config.norm_num_groups, motion_num_attention_heads=heads,
+                motion_max_seq_length=max_seq_length, use_motion_mid_block=True)
+
+
+def build_adapter(unet_config: Any, max_seq_length: int = 32, seed: int = 0) -> Any:
+    """A fresh adapter whose temporal transformers add nothing yet (output projections zeroed, as AnimateDiff's
+    ``zero_initialize``): the inflated UNet starts as the image model applied to each frame."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(**adapter_config(unet_config, max_seq_length))
+    for name, module in adapter.named_modules():
+        if name.endswith("proj_out"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return adapter
+
+
+def motion_unet(unet: Any, adapter: Any) -> Any:
+    """The UNet inflated with ``adapter``; only the motion modules train."""
+    from diffusers import UNetMotionModel
+
+    model = UNetMotionModel.from_unet2d(unet, adapter)
+    model.freeze_unet2d_params()
+    return model
+
+
+def adapter_of(model: Any, config: dict[str, Any]) -> Any:
+    """The motion modules of an inflated UNet as a standalone ``MotionAdapter`` (same parameter names)."""
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter(**config)
+    adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k})
+    return adapter
+
+
+def clip_batch(config: MotionConfig, tokenizer: Any, step: int, size: int) -> tuple[motion_v2.Clips, torch.Tensor]:
+    """(clips, caption ids) for one step, seeded by (seed, step); ``uncond`` of the captions empty."""
+    clips = motion_v2.sample_clips(config.batch, (config.seed, 5, step), config.frames, size)
+    rng = np.random.default_rng((config.seed, 5, step, 1))
+    captions = ["" if rng.random() < config.uncond else motion_v2.clip_caption(clips, i, rng)
+                for i in range(len(clips))]
+    return clips, text_v2.tokenize(thread_tokenizer(tokenizer), captions)
+
+
+@torch.no_grad()
+def video_latents(models: Models, videos: torch.Tensor, config: MotionConfig, device: torch.device) -> torch.Tensor:
+    """[batch, frames, 3, H, W] in [0, 1] -> scaled latents [batch, 4, frames, h, w] (AnimateDiff's layout)."""
+    latents = latents_of(models, videos.flatten(0, 1), config, device)
+    return latents.unflatten(0, videos.shape[:2]).transpose(1, 2)
+
+
+def motion_loss(model: Any, latents: torch.Tensor, context: torch.Tensor, alphas: torch.Tensor,
+                config: MotionConfig, device: torch.device) -> torch.Tensor:
+    """Epsilon MSE over every frame; one timestep per clip (its frames share a noise level, as at sampling). The
+    caption states go to every frame (diffusers' UNetMotionModel takes them per frame, as the pipeline repeats)."""
+    b, c, f, h, w = latents.shape
+    noisy, noise, t = noised(alphas, latents.reshape(b, c * f, h, w))  # per-clip t through the image helper
+    with autocast(config, device):
+        prediction = model(noisy.view(b, c, f, h, w), t,
+                           encoder_hidden_states=context.repeat_interleave(f, dim=0)).sample.float()
+    return F.mse_loss(prediction, noise.view(b, c, f, h, w))
+
+
+def load_models(config: MotionConfig, device: torch.device) -> tuple[Models, Any, dict[str, Any], int]:
+    """(frozen micro-world parts, the adapter to train, its config, steps done so far)."""
+    from diffusers import MotionAdapter
+
+    models = load_resumed(Path(config.base), device)
+    if models.unet is None or models.vae is None or models.text_encoder is None:
+        raise SystemExit(f"{config.base} is not a complete micro-world v2 folder (tokenizer, text_encoder, vae, unet).")
+    models.unet.requires_grad_(False)
+    models.vae.requires_grad_(False)
+    settings = adapter_config(models.unet.config, config.max_seq_length)
+    if not config.resume:
+        return models, build_adapter(models.unet.config, config.max_seq_length, config.seed), settings, 0
+    adapter = MotionAdapter.from_pretrained(config.resume, torch_dtype=torch.float32)
+    settings = {k: adapter.config[k] for k in settings}
+    report = Path(config.resume) / "train_report.json"
+    steps = json.loads(report.read_text())["steps"] if report.is_file() else 0
+    return models, adapter, settings, steps
+
+
+def train_steps(model: Any, models: Models, config: MotionConfig, device: torch.device, budget: Budget,
+                first: int) -> int:
+    """Train the motion modules of ``model`` until the budget or ``max_steps``; returns the last step."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = optimiser(params, config.lr, config.warmup)
+    ema = EMAModel(params, decay=config.ema, use_ema_warmup=True)
+    alphas = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod.to(device)
+    size = models.vae.config.sample_size
+    batches = Batches(lambda s: clip_batch(config, models.tokenizer, s, size), first + 1)
+    torch.manual_seed(config.seed + first)
+    start, running, step = time.monotonic(), [], first
+    while budget.left() and (config.max_steps <= 0 or step - first < config.max_steps):
+        step += 1
+        clips, ids = batches()
+        latents = video_latents(models, motion_v2.render_clips(clips, device)[0], config, device)
+        with torch.no_grad(), autocast(config, device):
+            context = models.text_encoder(ids.to(device))[0].float()
+        loss = motion_loss(model, latents, context, alphas, config, device)
+        descend(optimizer, schedule, loss, params)
+        ema.step(params)
+        running.append(loss.detach())
+        if (step - first) % config.log_every == 0:
+            log(config, {"step": step, "mse": round(torch.stack(running).mean().item(), 5),
+                         "steps_per_s": round((step - first) / (time.monotonic() - start), 3)})
+            running = []
+    batches.close()
+    ema.copy_to(params)
+    return step
+
+
+def save(adapter: Any, config: MotionConfig, folder: Path, steps: int, previous: list[dict[str, Any]]) -> None:
+    """The adapter in fp16 (files <= 14 MB) and the report of every run so far."""
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter.half().save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD)
+    adapter.float()
+    run = {"config": {k: v for k, v in asdict(config).items() if k != "history"}, "history": config.history}
+    report = {"steps": steps, "base": config.base, "runs": previous + [run],
+              "parameters": sum(p.numel() for p in adapter.parameters())}
+    (folder / "train_report.json").write_text(json.dumps(report, indent=1))
+
+
+def train(config: MotionConfig) -> Path:
+    device = torch.device(config.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    started, out = time.monotonic(), Path(config.out)
+    if config.frames > config.max_seq_length:
+        raise SystemExit(f"--frames {config.frames} exceeds --max-seq-length {config.max_seq_length}.")
+    models, adapter, settings, first = load_models(config, device)
+    previous = []
+    if config.resume and (Path(config.resume) / "train_report.json").is_file():
+        previous = json.loads((Path(config.resume) / "train_report.json").read_text())["runs"]
+    model = motion_unet(models.unet, adapter).to(device).train()
+    log(config, {"start": True, "from_step": first, "trainable": sum(p.numel() for p in model.parameters()
+                                                                     if p.requires_grad)})
+    budget = Budget(max(0.05, config.minutes - config.reserve_minutes - (time.monotonic() - started) / 60))
+    steps = train_steps(model, models, config, device, budget, first)
+    adapter = adapter_of(model.eval(), settings)
+    save(adapter, config, out, steps, previous)
+    if config.pack:  # packed before sampling too: a call killed while sampling still brings the weights back
+        pack(out, Path(config.pack))
+    if config.samples:
+        sample_strip(models, model, config, device, out)
+    log(config, {"done": True, "steps": steps, "minutes": round((time.monotonic() - started) / 60, 2)})
+    save(adapter, config, out, steps, previous)
+    if config.pack:
+        pack(out, Path(config.pack))
+    return out
+
+
+@torch.no_grad()
+def sample_strip(models: Models, model: Any, config: MotionConfig, device: torch.device, folder: Path) -> None:
+    """``motion_v2.motion_prompts``, ``sample_videos`` seeds each: the first as a frame strip (one row per prompt,
+    one column per frame), and per single-object prompt ``motion_v2.stated_motion`` of every seed, with the share
+    that moved over 5 px the stated way (chance, for frames drawn independently or a random direction: under half)."""
+    from diffusers import AnimateDiffPipeline
+    from PIL import Image
+
+    from ..diffusion.animatediff import animatediff_scheduler
+
+    pipe = AnimateDiffPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                               unet=model, motion_adapter=None, scheduler=animatediff_scheduler(config.base, False))
+    pipe.set_progress_bar_config(disable=True)
+    size, prompts, rows, reads = models.vae.config.sample_size, motion_v2.motion_prompts(), [], {}
+    for prompt in prompts:
+        videos = []
+        for seed in range(config.sample_videos):  # one call per seed: num_videos_per_prompt returns one (0.42)
+            with autocast(config, device):
+                videos.append(pipe(prompt, num_frames=config.frames, height=size, width=size, guidance_scale=5.0,
+                                   num_inference_steps=config.sample_steps, output_type="np",
+                                   generator=torch.Generator("cpu").manual_seed(seed)).frames[0])
+        videos = (np.asarray(videos).clip(0, 1) * 255).round().astype(np.uint8)
+        rows.append(np.concatenate(list(videos[0]), axis=1))
+        reads[prompt] = [motion_v2.stated_motion(prompt, video) for video in videos]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(folder / "samples.png")
+    found = [read for per_prompt in reads.values() for read in per_prompt if read is not None]
+    summary = {"moved_as_stated": round(float(np.mean([r["shift"] > 5 for r in found])), 3) if found else None,
+               "median_step": float(np.median([r["step"] for r in found])) if found else None, "read": len(found)}
+    log(config, {"samples": summary})
+    (folder / "samples.json").write_text(json.dumps({"rows": prompts, "summary": summary, "reads": reads}, indent=1))
+
+
+def parse_args(argv: list[str] | None = None) -> MotionConfig:
+    return parse_config(MotionConfig, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    train(parse_args())

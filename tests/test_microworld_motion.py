@@ -1,0 +1,181 @@
+"""Micro-world motion: clips move as their captions say and stay in frame; the adapter copies the UNet's layout,
+starts as the image model frame by frame, and its motion modules (only they) learn; the trainer saves, resumes and
+packs a loadable MotionAdapter folder; the video tab lists the model only while its folder exists."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MOTION = ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--frames", "4", "--max-seq-length", "8",
+          "--max-steps", "2", "--log-every", "1", "--warmup", "1", "--no-samples"]
+
+
+def centroids(coverage: torch.Tensor) -> torch.Tensor:
+    """[..., H, W] coverage -> [..., 2] (x, y) centroid in pixel-centre coordinates."""
+    coords = torch.arange(coverage.shape[-1], dtype=torch.float32) + 0.5
+    mass = coverage.sum((-2, -1)).clamp_min(1e-9)
+    return torch.stack([(coverage.sum(-2) * coords).sum(-1) / mass, (coverage.sum(-1) * coords).sum(-1) / mass], -1)
+
+
+def test_objects_move_by_their_velocity_inside_the_frame_as_the_caption_says():
+    from pipelines.microworld import motion_v2
+    from pipelines.microworld.scenes import direction_word
+
+    clips = motion_v2.sample_clips(12, 3, frames=8, size=64)
+    videos, coverage = motion_v2.render_clips(clips)
+    assert videos.shape == (12, 8, 3, 64, 64)
+    edge = torch.cat([coverage[..., 0, :], coverage[..., -1, :], coverage[..., :, 0], coverage[..., :, -1]], -1)
+    assert float(edge.max()) == 0.0  # every object wholly inside every frame
+    track = centroids(coverage)  # [clips, frames, objects, 2]
+    moved = 0
+    rng = np.random.default_rng(0)
+    for i in range(len(clips)):
+        caption, words = motion_v2.clip_caption(clips, i, rng), clips.motion_words(i)
+        for k in range(int(clips.start.count[i])):
+            if clips.spin[i, k]:
+                assert words[k] == "spinning" and "spinning" in caption
+                continue
+            step = torch.as_tensor(clips.velocity[i, k], dtype=torch.float32)
+            expected = track[i, 0, k] + torch.arange(8)[:, None] * step
+            assert torch.allclose(track[i, :, k], expected, atol=0.15), (i, k)
+            shift = track[i, -1, k] - track[i, 0, k]
+            if step.norm() == 0:
+                assert words[k] == "" and shift.norm() < 0.05
+                continue
+            measured = direction_word(float(np.degrees(np.arctan2(-shift[1], shift[0]))))
+            assert words[k] == f"moving {measured}" and words[k] in caption
+            if clips.start.shape[i, k] == 4:  # arrows move the way they point
+                assert f"pointing {measured} moving {measured}" in caption
+            moved += 1
+    assert moved >= 10 and 2.0 < float(np.linalg.norm(clips.velocity, axis=-1).max()) * 7 < 25
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny micro-world v2 folder (random weights, v2 layout), saved as train_v2 saves it."""
+    from pipelines.microworld.train_v2 import save
+    from tests.test_compass_v2 import tiny_models
+
+    models, config = tiny_models()
+    folder = tmp_path_factory.mktemp("mw") / "base"
+    save(models, config, folder, [])
+    return folder
+
+
+def test_adapter_copies_the_unet_layout_starts_as_the_image_model_and_learns(base):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from pipelines.microworld import train_motion as tm
+    from pipelines.microworld.train_v2 import SD15_SCHEDULE
+    from pipelines.microworld.train_v2 import descend, optimiser
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
+    model = tm.motion_unet(unet, tm.build_adapter(unet.config, 8))
+    temporal = model.down_blocks[0].motion_modules[0]
+    assert temporal.norm.num_groups == unet.config.norm_num_groups == 4
+    assert temporal.transformer_blocks[0].attn1.heads == unet.config.attention_head_dim[0]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".motion_modules." in n for n in trainable)
+    config = tm.parse_args(MOTION)
+    torch.manual_seed(0)
+    latents, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, 32)
+    t = torch.tensor([500, 900])
+    video = model(latents, t, encoder_hidden_states=context.repeat_interleave(4, 0)).sample
+    frames = unet(latents.transpose(1, 2).flatten(0, 1), t.repeat_interleave(4), context.repeat_interleave(4, 0)).sample
+    assert torch.allclose(video.transpose(1, 2).flatten(0, 1), frames, atol=1e-5)  # zeroed outputs: frame by frame
+    alphas = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = optimiser(params, 1e-3, 1)
+    losses = []
+    for _ in range(4):
+        torch.manual_seed(1)  # the same noise and timesteps: a fixed batch
+        loss = tm.motion_loss(model, latents, context, alphas, config, torch.device("cpu"))
+        losses.append(loss.item())
+        descend(optimizer, schedule, loss, params)
+    assert losses[-1] < losses[0] - 1e-4, losses
+    assert torch.equal(model.conv_in.weight, unet.conv_in.weight)  # the image UNet stays frozen
+
+
+def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
+    from diffusers import MotionAdapter
+    from safetensors.torch import load_file
+
+    from pipelines.microworld import train_motion as tm
+
+    out = tm.train(tm.parse_args(MOTION + ["--base", str(base), "--out", str(tmp_path / "a")]))
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"] == 2 and [r["step"] for r in report["runs"][0]["history"] if "mse" in r] == [1, 2]
+    adapter = MotionAdapter.from_pretrained(out)
+    assert adapter.config.block_out_channels == [16, 16, 16, 16] and adapter.config.motion_max_seq_length == 8
+    assert adapter.config.motion_norm_num_groups == 4 and list(adapter.config.motion_num_attention_heads) == [2] * 4
+    saved = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert all(torch.equal(saved[k].float(), v) for k, v in adapter.state_dict().items())
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("proj_out.weight"))  # it trained
+    again = tm.train(tm.parse_args(MOTION + ["--base", str(base), "--resume", str(out), "--out", str(tmp_path / "b"),
+                                            "--pack", str(tmp_path / "pack"), "--samples", "--sample-steps", "1",
+                                            "--sample-videos", "2"]))
+    report = json.loads((again / "train_report.json").read_text())
+    assert report["steps"] == 4 and len(report["runs"]) == 2
+    parts = sorted((tmp_path / "pack").glob("b.tar.part*"))
+    assert parts and all((tmp_path / "pack" / name).is_file() for name in ("train_report.json", "samples.png"))
+    samples = json.loads((again / "samples.json").read_text())
+    assert all(len(reads) == 2 for reads in samples["reads"].values()) and "moved_as_stated" in samples["summary"]
+
+
+def test_video_tab_lists_the_motion_model_only_while_its_folder_exists_and_serves_it(base, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from pipelines import microworld
+    from pipelines.base import Result
+    from pipelines.microworld import train_motion as tm
+    from pipelines.models import ModelStore
+    from pipelines.presets import MICROWORLD_VIDEO_MODEL, models_for
+    from pipelines.tabs.video import VideoPipeline, VideoRequest
+
+    monkeypatch.setattr(microworld, "WEIGHTS_MOTION_V2", tmp_path / "weights_motion_v2")
+    monkeypatch.setattr(microworld, "WEIGHTS_V2", base)
+    names = lambda: [spec.name for spec in models_for("video", "auto")]  # noqa: E731
+    assert MICROWORLD_VIDEO_MODEL not in names()
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    tm.build_adapter(unet.config, 8).save_pretrained(tmp_path / "weights_motion_v2")
+    assert names()[-1] == MICROWORLD_VIDEO_MODEL and MICROWORLD_VIDEO_MODEL not in [
+        spec.name for spec in models_for("video", "tiny")]
+    spec = models_for("video", "auto")[-1]
+    store = ModelStore(device=torch.device("cpu"), dtype=torch.float32)
+    assert store.availability(spec).here
+    assert store.resolve(spec).location == str(tmp_path / "weights_motion_v2")
+    video = VideoPipeline(store, "auto")
+    request = VideoRequest(prompt="a red circle moving left", model=MICROWORLD_VIDEO_MODEL, num_frames=2, steps=1,
+                           width=32, height=32, fast=False)
+    result = list(video.generate(request))[-1]
+    assert isinstance(result, Result) and result.stats["model"] == MICROWORLD_VIDEO_MODEL
+    assert video.load(MICROWORLD_VIDEO_MODEL).scheduler.config.beta_schedule == "scaled_linear"  # as trained
+    native = video.plan(VideoRequest(prompt="a red circle moving left", model=MICROWORLD_VIDEO_MODEL, width=0,
+                                      height=0))
+    assert (native.width, native.height) == (128, 128)  # 0 asks for the side micro-world was trained at
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core box: a second intra-op thread costs more than it gives (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sample_read_measures_the_shift_along_the_stated_direction_and_the_frame_to_frame_step():
+    from pipelines.microworld.motion_v2 import stated_motion
+    from pipelines.microworld.scenes import BACKGROUND, PALETTE
+
+    frames = np.tile(np.array(BACKGROUND, np.uint8), (3, 32, 32, 1))
+    for f, x in enumerate((20, 17, 14)):  # a red patch drifting 3 px a frame to the left
+        frames[f, 10:16, x:x + 6] = PALETTE["red"]
+    assert stated_motion("a red circle moving left", frames) == {"shift": 6.0, "step": 3.0}
+    assert stated_motion("a red circle moving right", frames)["shift"] == -6.0
+    assert stated_motion("a green arrow pointing up-left moving up-left", frames) is None  # no green here
+    assert stated_motion("a blue square spinning", frames) is None

@@ -70,9 +70,14 @@ def test_resume_continues_the_unet_from_weights_and_trains_a_compass_encoder(tra
         train(parse_args(TINY + ["--stages", "clip", "--resume", str(trained), "--out", str(tmp_path / "no")]))
 
 
-def test_a_new_text_encoder_replaces_the_old_one_and_the_unet_goes_on(trained, tmp_path):
+def test_a_new_text_encoder_replaces_the_old_one_and_the_unet_goes_on(trained, tmp_path, monkeypatch):
+    from transformers import CLIPTokenizer
+
+    from pipelines.microworld import text_v2
     from pipelines.microworld.train_v2 import parse_args, train
 
+    words = text_v2.vocabulary()
+    monkeypatch.setattr(text_v2, "vocabulary", lambda: [*words, "zigzagging"])  # a word the old folder lacks
     resumed = train(parse_args(TINY + ["--stages", "clip,unet", "--resume", str(trained), "--new-text-encoder",
                                        "--clip-lr", "0.01", "--warmup", "1", "--out", str(tmp_path / "retext")]))
     report = json.loads((resumed / "train_report.json").read_text())
@@ -81,6 +86,7 @@ def test_a_new_text_encoder_replaces_the_old_one_and_the_unet_goes_on(trained, t
     assert [row["step"] for row in clip_rows] == [1, 2] and all("heading" in row for row in clip_rows)
     before, after = weights(trained / "text_encoder"), weights(resumed / "text_encoder")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert CLIPTokenizer.from_pretrained(resumed / "tokenizer").tokenize("zigzagging") == ["zigzagging</w>"]
 
 
 def test_pack_splits_the_folder_into_parts_that_unpack_to_the_same_files(trained, tmp_path):

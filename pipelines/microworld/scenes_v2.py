@@ -334,11 +334,12 @@ def heading_prompts() -> list[tuple[str, float]]:
 
 
 def vocabulary() -> list[str]:
-    """Every word a v2 caption can use (the word-level tokenizer's vocabulary)."""
+    """Every word a v2 caption (still or moving) can use: the word-level tokenizer's vocabulary."""
     words = set()
     for template in TEMPLATES:
         words.update(template.replace("{objects}", " ").replace("{style}", " ").split())
-    words.update(["a", "an", "and", "in", "style", "pointing", *COLOURS, *SHAPES, *STYLES])
+    # "moving" and "spinning": the motion captions' (motion_v2), whole tokens for the next text tower trained
+    words.update(["a", "an", "and", "in", "style", "pointing", "moving", "spinning", *COLOURS, *SHAPES, *STYLES])
     for direction in DIRECTIONS:
         words.update(direction.split("-"))
     return sorted(words)

@@ -541,7 +541,8 @@ def train(config: TrainConfig) -> Path:
     previous = json.loads((resumed / "train_report.json").read_text())["runs"] if resumed and (
         resumed / "train_report.json").is_file() else []
     check_stages(stages, models, config.new_text_encoder)
-    models.tokenizer = models.tokenizer or text_v2.build_tokenizer()
+    if models.tokenizer is None or (config.new_text_encoder and "clip" in stages):
+        models.tokenizer = text_v2.build_tokenizer()  # a new tower takes today's vocabulary
     budget_of = stage_budgets(config, [s for s in STAGES if s in stages], started)
     for stage in [s for s in STAGES if s in stages]:
         if stage == "unet" and models.unet is None:

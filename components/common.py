@@ -72,6 +72,11 @@ class RunRegistry:
         running = [run for run in runs if not run.finished]
         return running[0] if running else None
 
+    def has_run(self, session: str | None, task: str) -> bool:
+        """Whether the session ever started a request on ``task`` (one still queued has not)."""
+        with self._lock:
+            return ((session or ""), task) in self._runs
+
 
 CANCELS = RunRegistry()
 
@@ -82,12 +87,20 @@ def session_of(request: gr.Request | None) -> str | None:
 
 def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message: gr.Markdown | None = None) -> None:
     """Stop cancels ``events`` (queued or running) and reports where the run stopped in ``stats`` (and
-    ``message``): the partial output stays, and the stats say plainly that it is not a finished result."""
+    ``message``): the partial output stays, and the stats say plainly that it is not a finished result. A Stop
+    before the session's first request on the tab left the queue says so (otherwise the panels stayed empty)."""
     outputs = [stats] + ([message] if message is not None else [])
 
     def stop_and_report(request: gr.Request):
-        run = CANCELS.stop(session_of(request), task)
-        report = [run.stopped_stats(), run.stopped_message()] if run is not None else [gr.skip(), gr.skip()]
+        session = session_of(request)
+        run = CANCELS.stop(session, task)
+        if run is not None:
+            report = [run.stopped_stats(), run.stopped_message()]
+        elif not CANCELS.has_run(session, task):  # a Stop while the request still waits in the queue
+            report = [{"stopped": True, "stopped_at": "before it started"},
+                      "**Stopped before it started**: nothing was made."]
+        else:  # the run had ended: its result stands
+            report = [gr.skip(), gr.skip()]
         return tuple(report) if message is not None else report[0]
 
     stop.click(stop_and_report, outputs=outputs, cancels=events, queue=False, api_visibility="private")

@@ -153,7 +153,8 @@ def test_stop_reports_the_token_it_stopped_at_and_keeps_the_partial_output(app):
 
 def test_the_stop_button_writes_its_report_into_the_tab_panels():
     """The Stop button's own handler: one stats dict for a tab with a stats panel, stats and a message for the
-    text tab; nothing (skipped) when the session has nothing running on that tab."""
+    text tab; "before it started" while the session's request has not left the queue; nothing (skipped) once the
+    session's run on that tab has ended."""
     from types import SimpleNamespace
 
     import gradio as gr
@@ -166,6 +167,9 @@ def test_the_stop_button_writes_its_report_into_the_tab_panels():
         wire_stop(stop, "text", [], stats, message)
     image_stop, text_stop = [fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "stop_and_report"]
     session = SimpleNamespace(session_hash="stop-report-test")
+    report, shown = text_stop(session)  # nothing started yet: still queued
+    assert report["stopped_at"] == "before it started" and "Stopped before it started" in shown
+    assert image_stop(session)["stopped_at"] == "before it started"
     run = CANCELS.start(session.session_hash, "image")
     run.step, run.total = 3, 30
     report = image_stop(session)

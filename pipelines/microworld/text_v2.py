@@ -146,8 +146,10 @@ def contrastive_loss(clip: Any, ids: torch.Tensor, images: torch.Tensor, hard_id
         per_image[:, len(ids):] = per_image[:, len(ids):].masked_fill(~hard_valid[None], float("-inf"))
     target = torch.arange(len(ids), device=ids.device)
     loss = (F.cross_entropy(per_image, target) + F.cross_entropy(out.logits_per_text[: len(ids)].float(), target)) / 2
-    naming = headings.any(-1) if probe is not None else None
-    if probe is None or not bool(naming.any()):
+    if probe is None:
+        return loss
+    naming = headings.any(-1)
+    if not bool(naming.any()):
         return loss
     readout = probe_logits(clip, probe, out.text_embeds[naming]).float()
     return loss + F.cross_entropy(readout, headings[naming] / headings[naming].sum(-1, keepdim=True))

@@ -132,8 +132,9 @@ def motion_loss(model: Any, latents: torch.Tensor, context: torch.Tensor, alphas
     return F.mse_loss(prediction, noise.view(b, c, f, h, w))
 
 
-def load_models(config: MotionConfig, device: torch.device) -> tuple[Models, Any, dict[str, Any], int]:
-    """(frozen micro-world parts, the adapter to train, its config, steps done so far)."""
+def load_models(config: MotionConfig, device: torch.device
+                ) -> tuple[Models, Any, dict[str, Any], int, list[dict[str, Any]]]:
+    """(frozen micro-world parts, the adapter to train, its config, steps done so far, the earlier runs' reports)."""
     from diffusers import MotionAdapter
 
     models = load_resumed(Path(config.base), device)
@@ -143,12 +144,12 @@ def load_models(config: MotionConfig, device: torch.device) -> tuple[Models, Any
     models.vae.requires_grad_(False)
     settings = adapter_config(models.unet.config, config.max_seq_length)
     if not config.resume:
-        return models, build_adapter(models.unet.config, config.max_seq_length, config.seed), settings, 0
+        return models, build_adapter(models.unet.config, config.max_seq_length, config.seed), settings, 0, []
     adapter = MotionAdapter.from_pretrained(config.resume, torch_dtype=torch.float32)
     settings = {k: adapter.config[k] for k in settings}
     report = Path(config.resume) / "train_report.json"
-    steps = json.loads(report.read_text())["steps"] if report.is_file() else 0
-    return models, adapter, settings, steps
+    earlier = json.loads(report.read_text()) if report.is_file() else {"steps": 0, "runs": []}
+    return models, adapter, settings, earlier["steps"], earlier["runs"]
 
 
 def train_steps(model: Any, models: Models, config: MotionConfig, device: torch.device, budget: Budget,
@@ -201,10 +202,7 @@ def train(config: MotionConfig) -> Path:
     started, out = time.monotonic(), Path(config.out)
     if config.frames > config.max_seq_length:
         raise SystemExit(f"--frames {config.frames} exceeds --max-seq-length {config.max_seq_length}.")
-    models, adapter, settings, first = load_models(config, device)
-    previous = []
-    if config.resume and (Path(config.resume) / "train_report.json").is_file():
-        previous = json.loads((Path(config.resume) / "train_report.json").read_text())["runs"]
+    models, adapter, settings, first, previous = load_models(config, device)
     model = motion_unet(models.unet, adapter).to(device).train()
     log(config, {"start": True, "from_step": first, "trainable": sum(p.numel() for p in model.parameters()
                                                                      if p.requires_grad)})
@@ -232,6 +230,7 @@ def sample_strip(models: Models, model: Any, config: MotionConfig, device: torch
     from PIL import Image
 
     from ..diffusion.animatediff import animatediff_scheduler
+    from ..outputs import to_uint8
 
     pipe = AnimateDiffPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                                unet=model, motion_adapter=None, scheduler=animatediff_scheduler(config.base, False))
@@ -244,7 +243,7 @@ def sample_strip(models: Models, model: Any, config: MotionConfig, device: torch
                 videos.append(pipe(prompt, num_frames=config.frames, height=size, width=size, guidance_scale=5.0,
                                    num_inference_steps=config.sample_steps, output_type="np",
                                    generator=torch.Generator("cpu").manual_seed(seed)).frames[0])
-        videos = (np.asarray(videos).clip(0, 1) * 255).round().astype(np.uint8)
+        videos = to_uint8(np.asarray(videos))
         rows.append(np.concatenate(list(videos[0]), axis=1))
         reads[prompt] = [motion_v2.stated_motion(prompt, video) for video in videos]
     Image.fromarray(np.concatenate(rows, axis=0)).save(folder / "samples.png")

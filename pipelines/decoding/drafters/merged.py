@@ -46,7 +46,7 @@ def _bin(probability: float) -> int:
 def _ranked(ranks, probs: list[float]) -> list[tuple[int, int]]:
     """Per node, top-1 among its siblings or not, and the bin of its probability (the one recycling recorded, or the
     head's given the parent): the feature of recycled and head-drafted nodes."""
-    return [(min(rank, 1), min(int(p * PROB_BINS), PROB_BINS - 1)) for rank, p in zip(ranks, probs)]  # _bin inline
+    return [(min(rank, 1), _bin(p)) for rank, p in zip(ranks, probs)]
 
 
 def _prior(bucket: tuple) -> float:
@@ -286,8 +286,8 @@ class MergedDrafter(Drafter):
         """Per trie node, the product down from the root of its conditional acceptance: the best of its sources'
         rates, scaled down with its siblings' where theirs add up past one (siblings exclude each other)."""
         rates: dict[tuple, float] = {}  # many nodes share a bucket: estimate each once per step
-        rate, known = self.rate, rates.get
-        conditional = [1.0] + [max([known(b) or rate(b, rates) for b in node_buckets])
+        rate = self.rate
+        conditional = [1.0] + [max([rate(b, rates) for b in node_buckets])
                                for node_buckets in islice(trie.buckets, 1, None)]
         for table in trie.children:
             if len(table) > 1:  # an only child's rate is at most one already

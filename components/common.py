@@ -10,8 +10,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from pipelines import settings
-from pipelines.base import (MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request,
-                            Result)
+from pipelines.base import MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request
 from pipelines.diffusion.lpa import LPAConfig
 from pipelines.guard import guarded_events
 from pipelines.streaming import stream_in_thread
@@ -34,7 +33,8 @@ class Run:
     step: int = 0
     total: int = 0
     stage: str = ""  # the last Progress note ("loading model", ...), so a stop before step 1 says what it stopped
-    finished: bool = False
+    finished: bool = False  # its result reached the browser, or it failed: a later Stop leaves it standing
+    queued: bool = False  # asked for by a click, still waiting in the queue
 
     def stopped_stats(self) -> dict[str, Any]:
         unit, elapsed = STEP_UNITS.get(self.task, "step"), time.monotonic() - self.started
@@ -56,6 +56,14 @@ class RunRegistry:
         self._runs: dict[tuple[str, str], Run] = {}
         self._lock = threading.Lock()
 
+    def ask(self, session: str | None, task: str) -> None:
+        """A click asked for a run: until it ``start``s, Stop says it stopped before it started. A run still going
+        keeps its place (the click's request queues behind it, and Stop reaches the running one)."""
+        with self._lock:
+            current = self._runs.get((session or "", task))
+            if current is None or current.finished:
+                self._runs[(session or "", task)] = Run(task, queued=True)
+
     def start(self, session: str | None, task: str) -> Run:
         run = Run(task)
         with self._lock:
@@ -72,11 +80,6 @@ class RunRegistry:
         running = [run for run in runs if not run.finished]
         return running[0] if running else None
 
-    def has_run(self, session: str | None, task: str) -> bool:
-        """Whether the session ever started a request on ``task`` (one still queued has not)."""
-        with self._lock:
-            return ((session or ""), task) in self._runs
-
 
 CANCELS = RunRegistry()
 
@@ -88,29 +91,35 @@ def session_of(request: gr.Request | None) -> str | None:
 def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message: gr.Markdown | None = None) -> None:
     """Stop cancels ``events`` (queued or running) and reports where the run stopped in ``stats`` (and
     ``message``): the partial output stays, and the stats say plainly that it is not a finished result. A Stop
-    before the session's first request on the tab left the queue says so (otherwise the panels stayed empty)."""
+    while the clicked request still waits in the queue says so (otherwise the panels stayed empty)."""
     outputs = [stats] + ([message] if message is not None else [])
 
     def stop_and_report(request: gr.Request):
         session = session_of(request)
         run = CANCELS.stop(session, task)
-        if run is not None:
-            report = [run.stopped_stats(), run.stopped_message()]
-        elif not CANCELS.has_run(session, task):  # a Stop while the request still waits in the queue
+        if run is None:  # nothing asked for, or the run had ended: its result stands
+            report = [gr.skip(), gr.skip()]
+        elif run.queued:
+            run.finished = True
             report = [{"stopped": True, "stopped_at": "before it started"},
                       "**Stopped before it started**: nothing was made."]
-        else:  # the run had ended: its result stands
-            report = [gr.skip(), gr.skip()]
+        else:
+            report = [run.stopped_stats(), run.stopped_message()]
         return tuple(report) if message is not None else report[0]
 
     stop.click(stop_and_report, outputs=outputs, cancels=events, queue=False, api_visibility="private")
 
 
-def clear_on_start(triggers: list, outputs: list) -> None:
+def clear_on_start(triggers: list, outputs: list, task: str) -> None:
     """Empty ``outputs`` the moment a run is asked for, so no panel shows the previous run's result as if it
-    were this one's (a stopped or failed run then leaves nothing stale behind)."""
+    were this one's (a stopped or failed run then leaves nothing stale behind); Stop learns a request is queued."""
     empty = [{} if isinstance(output, gr.JSON) else None for output in outputs]
-    gr.on(triggers, lambda: empty, outputs=outputs, queue=False, api_visibility="private")
+
+    def clear(request: gr.Request) -> list:
+        CANCELS.ask(session_of(request), task)
+        return empty
+
+    gr.on(triggers, clear, outputs=outputs, queue=False, api_visibility="private")
 
 
 def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | None) -> Iterator[Event]:
@@ -133,13 +142,12 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
         for event in events:
             if isinstance(event, Progress):
                 run.step, run.total, run.stage = event.step, event.total, event.note
-            elif isinstance(event, Result):
-                run.finished = True
             yield event
+        run.finished = True  # not closed by a cancel: every event, the result too, reached the browser
     except PipelineError as error:
+        run.finished = True
         raise gr.Error(str(error), print_exception=False) from None
     finally:
-        run.finished = True
         request.cancel.cancel()
         events.close()
 

@@ -229,7 +229,7 @@ def build(pipeline: ImagePipeline) -> None:
               lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words, compass_json, compass_encoder,
               fast]
     outputs = [images, baseline, heatmaps, stats]
-    clear_on_start([generate.click], outputs)
+    clear_on_start([generate.click], outputs, "image")
     event = generate.click(generate_image, inputs=inputs, outputs=outputs, api_name="generate_image", **GPU_LANE)
     wire_stop(stop, "image", [event], stats)
     compass_table.input(compass_rows_to_json, inputs=compass_table, outputs=compass_json, api_visibility="private")

@@ -100,7 +100,7 @@ def build(pipeline: SongPipeline) -> None:
 
     inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed, accompaniment, vocals,
               song_model]
-    clear_on_start([generate.click], [final, stems, stats])
+    clear_on_start([generate.click], [final, stems, stats], "song")
     event = generate.click(generate_song, inputs=inputs, outputs=[live, final, stems, stats],
                            api_name="generate_song", **GPU_LANE)
     wire_stop(stop, "song", [event], stats)

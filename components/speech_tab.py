@@ -81,7 +81,7 @@ def build(pipeline: SpeechPipeline) -> None:
 
     inputs = [text, model, speed, temperature, drafting, stream, seed]
     outputs = [player, final, sidecar, stats]
-    clear_on_start([generate.click], [final, sidecar, stats])
+    clear_on_start([generate.click], [final, sidecar, stats], "speech")
     event = generate.click(generate_speech, inputs=inputs, outputs=outputs, api_name="generate_speech", **GPU_LANE)
     wire_stop(stop, "speech", [event], stats)
     link_seed_reuse(seed, stats)

@@ -15,8 +15,8 @@ from pipelines.decoding.compare import compare_stats
 from pipelines.decoding.methods import DECODING_METHODS, METHOD_LABELS, METHODS
 from pipelines.tabs.text import MAX_NEW_TOKENS_LIMIT, TextPipeline, TextRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
-                     stats_panel, wire_stop)
+from .common import (CANCELS, GPU_LANE, RANDOM_WEIGHTS_NOTE, link_seed_reuse, number, on_gpu, run_pipeline, seed_row,
+                     session_of, stats_panel, wire_stop)
 
 EXAMPLES = [
     ["Explain in three sentences why the sky is blue."],
@@ -275,10 +275,16 @@ def build(pipeline: TextPipeline) -> None:
     api_compared = api_compare_trigger.click(compare_text, inputs=inputs + [draft_model] + controls,
                                              outputs=[vanilla_text, method_text, comparison],
                                              api_name="compare_text", **GPU_LANE)
-    gr.on([generate.click, prompt.submit], lambda: clear_for_run(False), outputs=cleared, queue=False,
-          api_visibility="private")
-    compare.click(lambda m: clear_for_run(True, m), inputs=method, outputs=cleared, queue=False,
-                  api_visibility="private")
+    def clear_for_generate(request: gr.Request) -> list:
+        CANCELS.ask(session_of(request), "text")  # Stop learns a request is queued
+        return clear_for_run(False)
+
+    def clear_for_compare(method_name: str, request: gr.Request) -> list:
+        CANCELS.ask(session_of(request), "text")
+        return clear_for_run(True, method_name)
+
+    gr.on([generate.click, prompt.submit], clear_for_generate, outputs=cleared, queue=False, api_visibility="private")
+    compare.click(clear_for_compare, inputs=method, outputs=cleared, queue=False, api_visibility="private")
     generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=inputs + [draft_model] + controls,
                       outputs=[output, view, stats, headline, saved], api_visibility="private", **GPU_LANE)
     compared = compare.click(compare_in_view, inputs=inputs + [draft_model] + controls,

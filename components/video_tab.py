@@ -157,7 +157,7 @@ def build(pipeline: VideoPipeline) -> None:
     inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
               context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,
               window_high, isolate, fast]
-    clear_on_start([generate.click], [video, baseline, strip, stats])
+    clear_on_start([generate.click], [video, baseline, strip, stats], "video")
     event = generate.click(generate_video, inputs=inputs, outputs=[video, baseline, strip, stats],
                            api_name="generate_video", **GPU_LANE)
     wire_stop(stop, "video", [event], stats)

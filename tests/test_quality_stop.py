@@ -151,10 +151,26 @@ def test_stop_reports_the_token_it_stopped_at_and_keeps_the_partial_output(app):
     assert CANCELS.stop(None, "text") is None, "a run that has ended is not reported as stopped again"
 
 
+def test_a_run_closed_with_its_result_in_flight_is_reported_by_stop(app):
+    """Gradio's cancel can close the handler after the pipeline's Result but before the browser got it: that run
+    has not finished for the user, so Stop reports where it stopped instead of leaving the panels empty."""
+    from components.common import CANCELS, run_pipeline
+    from pipelines.tabs.text import TextRequest
+
+    request = TextRequest(**{"prompt": "1 2 3", "max_new_tokens": 4, "seed": 1, "method": "vanilla"})
+    events = run_pipeline(app.registry["text"], request, None)
+    assert any(isinstance(event, Result) for event in events)  # stops at the Result, as a cancel would
+    events.close()
+    assert CANCELS.stop(None, "text") is not None
+    events = run_pipeline(app.registry["text"], request, None)
+    assert any(isinstance(event, Result) for event in list(events))
+    assert CANCELS.stop(None, "text") is None, "a run whose every event was taken has finished"
+
+
 def test_the_stop_button_writes_its_report_into_the_tab_panels():
     """The Stop button's own handler: one stats dict for a tab with a stats panel, stats and a message for the
-    text tab; "before it started" while the session's request has not left the queue; nothing (skipped) once the
-    session's run on that tab has ended."""
+    text tab; "before it started" while the clicked request has not left the queue (the first one, or one queued
+    after a run that ended); nothing (skipped) once the session's run on that tab has ended."""
     from types import SimpleNamespace
 
     import gradio as gr
@@ -167,7 +183,10 @@ def test_the_stop_button_writes_its_report_into_the_tab_panels():
         wire_stop(stop, "text", [], stats, message)
     image_stop, text_stop = [fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "stop_and_report"]
     session = SimpleNamespace(session_hash="stop-report-test")
-    report, shown = text_stop(session)  # nothing started yet: still queued
+    assert all(value.get("__type__") for value in text_stop(session)), "nothing asked for: nothing to report"
+    CANCELS.ask(session.session_hash, "text")
+    CANCELS.ask(session.session_hash, "image")
+    report, shown = text_stop(session)  # asked for, not started yet: still queued
     assert report["stopped_at"] == "before it started" and "Stopped before it started" in shown
     assert image_stop(session)["stopped_at"] == "before it started"
     run = CANCELS.start(session.session_hash, "image")
@@ -185,3 +204,8 @@ def test_the_stop_button_writes_its_report_into_the_tab_panels():
     assert report["tokens_per_s"] == pytest.approx(7 / report["time_s"], rel=0.05)
     run.finished = True
     assert all(isinstance(value, dict) and value.get("__type__") for value in text_stop(session)), "skipped"
+    CANCELS.ask(session.session_hash, "text")  # a second click, queued after the run that ended
+    assert text_stop(session)[0]["stopped_at"] == "before it started"
+    running = CANCELS.start(session.session_hash, "text")
+    CANCELS.ask(session.session_hash, "text")  # a click while a run goes on: Stop still reaches the running one
+    assert text_stop(session)[0]["stopped_at"] == "token 0 of 0" and running.token.cancelled

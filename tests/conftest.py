@@ -18,6 +18,15 @@ def store(tmp_path, monkeypatch) -> ModelStore:
     return ModelStore(packaged={})
 
 
+@pytest.fixture(scope="module")
+def models() -> dict:
+    """The decoding tests' tiny causal LMs by family, fresh per test module (seed 0)."""
+    from decoding_support import FAMILIES
+    from pipelines.tiny import tiny_causal_lm
+
+    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
+
+
 @pytest.fixture(scope="session")
 def tiny_app():
     """The app built with the tiny preset and launched on a free local port; yields its URL."""

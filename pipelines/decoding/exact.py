@@ -74,9 +74,8 @@ class ExactForward(CausalLMForward, CapturedSteps):
     """``CausalLMForward`` with row-invariant numerics (see the module docstring); pass it as ``forward=`` to
     both ``plain_decode`` and ``speculative_decode``. ``max_cache_len`` bounds prompt + new tokens + ``rows``;
     the comparison is exact between runs of one adapter configuration (same ``rows`` and ``max_cache_len``).
-    ``capture=None`` replays one CUDA graph on a dedicated GPU and runs the same step eagerly elsewhere."""
-
-    compiles = False  # no inductor: its fused kernels would be one more thing to keep shape-invariant
+    ``capture=None`` replays one CUDA graph on a dedicated GPU and runs the same step eagerly elsewhere. Never
+    inductor-compiled: its fused kernels would be one more thing to keep shape-invariant."""
 
     def __init__(self, model, max_cache_len: int = 4096, rows: int = EXACT_ROWS, block: int = EXACT_BLOCK,
                  capture: bool | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

@@ -193,7 +193,6 @@ class StaticForward(CausalLMForward, CapturedSteps):
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
         layers = decoder_layers(model) if compile == "layers" else None
         self.compile_mode = compile if compile != "layers" or layers is not None else "off"
-        self.compiles = self.compile_mode != "off"
         self._step_fn = self._step
         if self.compile_mode == "dynamic":
             self._step_fn = torch.compile(self._step, dynamic=True)

@@ -65,10 +65,8 @@ def supported(unet: Any) -> bool:
     """UNets whose forward is known to capture: diffusers' SD/SDXL UNet and AnimateDiff's motion UNet, without
     accelerate offload hooks (those move weights between devices inside the call) or PEFT adapters (switching
     them on and off per request is host-side state a captured graph would not see)."""
-    try:
-        from diffusers import UNet2DConditionModel, UNetMotionModel
-    except ImportError:
-        return False
+    from diffusers import UNet2DConditionModel, UNetMotionModel
+
     return (isinstance(unet, (UNet2DConditionModel, UNetMotionModel)) and getattr(unet, "_hf_hook", None) is None
             and not getattr(unet, "peft_config", None))
 

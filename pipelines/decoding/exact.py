@@ -180,7 +180,7 @@ class ExactForward(CausalLMForward, CapturedSteps):
         ids = ids_all[rows][:, None]
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions[:, None], use_cache=True,
-                         output_hidden_states=True, **{self.kwarg: self.cache})
+                         output_hidden_states=True, past_key_values=self.cache)
         return out.logits[:, 0], out.hidden_states[-1][:, 0]
 
     def _replay(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from pipelines.decoding.drafters.recurrent_drafter import DraftHead, new_head
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
 from pipelines.decoding.verify import speculative_decode
@@ -98,6 +99,15 @@ def packaged_causal_lm(locate, package: str):
         pytest.skip(f"{package} is not installed")
     model = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
     return AutoTokenizer.from_pretrained(location), model
+
+
+def random_head(model, seed: int = 1, vocab: torch.Tensor | None = None) -> DraftHead:
+    """An untrained ReDrafter head whose readout is not the identity (the zero-initialised output layer is
+    randomised), so its drafts differ from the model's own next token: the mechanics without the skill."""
+    torch.manual_seed(seed)
+    head = new_head(model, vocab=vocab)
+    torch.nn.init.normal_(head.out.weight, std=0.05)
+    return head.eval()
 
 
 def sharpened_llama() -> torch.nn.Module:

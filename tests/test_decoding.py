@@ -345,13 +345,7 @@ def test_merged_drafter_deduplicates_sources_into_one_trie():
     prompt = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2]
     drafter = merged_drafter(FLAT, prompt)
     tree = drafter.propose(prompt)
-    paths = set()
-    for i in range(1, len(tree)):
-        path, node = [], i
-        while node > 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        paths.add(tuple(reversed(path)))
+    paths = {tuple(root_path(tree, node)[1:]) for node in range(1, len(tree))}
     assert len(paths) == len(tree) - 1  # no path appears twice
     assert (3, 9, 1) in paths and (3, 4) in paths  # prompt lookup's chain and the trie's other branch
     # the chain (3 9 1), found by two n-gram lengths and by the trie, is one path

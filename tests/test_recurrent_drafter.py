@@ -10,7 +10,7 @@ from pipelines.decoding.drafters.lookahead import NGramTrie
 from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.drafters.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for,
-                                                           lm_head_logits, load_head, new_head, trained_path)
+                                                           lm_head_logits, load_head, trained_path)
 from pipelines.decoding.training.recurrent_training import HeadConfig, frequent_vocab, head_batch, train
 from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.tree import TokenTree
@@ -18,17 +18,8 @@ from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_deco
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
 
 from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, assert_sampling_reproduced,
-                              repetitive_prompt, root_path, run,
+                              random_head, repetitive_prompt, root_path, run,
                               sharpened_llama, tree_logits, weights_unchanged)
-
-
-def random_head(model, seed: int = 1, vocab: torch.Tensor | None = None) -> DraftHead:
-    """An untrained head whose readout is not the identity (the zero-initialised output layer is randomised),
-    so its drafts differ from the model's own next token: the mechanics without the skill."""
-    torch.manual_seed(seed)
-    head = new_head(model, vocab=vocab)
-    torch.nn.init.normal_(head.out.weight, std=0.05)
-    return head.eval()
 
 
 def head_drafters(model):

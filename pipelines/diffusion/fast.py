@@ -31,8 +31,9 @@ Graphs are kept in the UNet's ``state.UNetState`` (``unet_graphs``), with what m
 the merging are read through their public accessors.
 
 Backends: ``graph`` (default on CUDA), ``compile`` (``torch.compile(mode="reduce-overhead")`` of the same
-hooked call; the benchmark compares both), ``eager`` (the same static code path without capture: CPU, ZeroGPU,
-where ``torch.compile`` and CUDA graphs are not used), ``off`` (not installed: the stock call).
+hooked call; ``TOKENWORKS_FAST_BACKEND=compile python benchmarks/image_served.py`` times it as served), ``eager``
+(the same static code path without capture: CPU, ZeroGPU, where ``torch.compile`` and CUDA graphs are not used),
+``off`` (not installed: the stock call).
 """
 from __future__ import annotations
 

@@ -209,20 +209,28 @@ def image_case(arch: str, size: int, folder: str, configs: list[str], args: argp
     return measured
 
 
-def video_case(size: int, folders: dict[str, str], configs: list[str], args: argparse.Namespace,
-               store: ModelStore) -> list[dict[str, Any]]:
+def video_pipelines(folders: dict[str, str], store: ModelStore) -> tuple[VideoPipeline, str, Any]:
+    """The video tab serving the saved random AnimateDiff (loaded), its model name, and the same weights as a stock
+    ``AnimateDiffPipeline`` with the tab's scheduler."""
     from diffusers import AnimateDiffPipeline, MotionAdapter
 
     served = VideoPipeline(store)
     served.specs = [ModelSpec("AnimateDiff (random weights)", "animatediff", hub_id=folders["adapter"],
                               options=(("base", folders["base"]),))]
     name = served.specs[0].name
-    ours_weights = module_nbytes(served.load(name)) / 1e9
+    served.load(name)
     adapter = MotionAdapter.from_pretrained(folders["adapter"], torch_dtype=store.dtype)
     stock = AnimateDiffPipeline.from_pretrained(folders["base"], motion_adapter=adapter, torch_dtype=store.dtype)
     stock.scheduler = animatediff_scheduler(folders["base"])
     stock = stock.to(store.device)
     stock.set_progress_bar_config(disable=True)
+    return served, name, stock
+
+
+def video_case(size: int, folders: dict[str, str], configs: list[str], args: argparse.Namespace,
+               store: ModelStore) -> list[dict[str, Any]]:
+    served, name, stock = video_pipelines(folders, store)
+    ours_weights = module_nbytes(served.load(name)) / 1e9
     device = store.device
     frames = args.frames
 

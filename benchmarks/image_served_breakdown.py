@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image_served import PROMPT, reserved, saved_models, timed  # noqa: E402
+from benchmarks.image_served import PROMPT, reserved, saved_models, timed, video_pipelines  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
 from pipelines.base import Progress, Result  # noqa: E402
-from pipelines.diffusion.animatediff import animatediff_scheduler, decode  # noqa: E402
+from pipelines.diffusion.animatediff import decode  # noqa: E402
 from pipelines.diffusion.preview import AsyncPreviews  # noqa: E402
-from pipelines.models import ModelSpec, ModelStore, module_nbytes  # noqa: E402
+from pipelines.models import ModelStore, module_nbytes  # noqa: E402
 from pipelines.outputs import save_video  # noqa: E402
 from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.tabs.video import VideoPipeline, VideoRequest  # noqa: E402
@@ -133,19 +133,8 @@ def video_variants(args: argparse.Namespace, store: ModelStore) -> tuple[dict[st
     """Stock AnimateDiff as benchmarks/image_served.py calls it, then with one thing of ours at a time (CPU
     generator, step callback, latent output + the tab's decode, the tab's MP4 export), and the tab with the fast
     path off, on through the eager static path (no graphs, no pool) and on through captured graphs."""
-    from diffusers import AnimateDiffPipeline, MotionAdapter
-
     folders = saved_models(Path(args.models), "video", args.tiny, store.device, store.dtype)
-    served = VideoPipeline(store)
-    served.specs = [ModelSpec("AnimateDiff (random weights)", "animatediff", hub_id=folders["adapter"],
-                              options=(("base", folders["base"]),))]
-    name = served.specs[0].name
-    served.load(name)
-    adapter = MotionAdapter.from_pretrained(folders["adapter"], torch_dtype=store.dtype)
-    stock = AnimateDiffPipeline.from_pretrained(folders["base"], motion_adapter=adapter, torch_dtype=store.dtype)
-    stock.scheduler = animatediff_scheduler(folders["base"])
-    stock = stock.to(store.device)
-    stock.set_progress_bar_config(disable=True)
+    served, name, stock = video_pipelines(folders, store)
     text, device = PROMPT.replace("[", "").replace("]", ""), store.device.type
 
     def stock_call(generator=None, **extra):

@@ -8,6 +8,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENWORKS_OUTPUT_DIR", os.path.join(os.path.dirname(__file__), "..", ".test-outputs"))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from pipelines.models import ModelStore  # noqa: E402
 
@@ -16,6 +17,25 @@ from pipelines.models import ModelStore  # noqa: E402
 def store(tmp_path, monkeypatch) -> ModelStore:
     monkeypatch.setenv("TOKENWORKS_CACHE", str(tmp_path / "cache"))
     return ModelStore(packaged={})
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    """The decoding tests' tiny causal LMs by family, fresh per test module (seed 0)."""
+    from decoding_support import FAMILIES
+    from pipelines.tiny import tiny_causal_lm
+
+    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are overhead-bound: on a shared 2-core box a second intra-op thread costs more than it gives
+    (10x in the motion trainer's tests). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

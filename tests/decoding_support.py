@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from pipelines.decoding.drafters.recurrent_drafter import DraftHead, new_head
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
 from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
 from pipelines.decoding.verify import speculative_decode
@@ -38,21 +39,35 @@ def stop_inside_reference(reference: list[int], after: int = 8) -> tuple[int, li
     return eos, reference[:reference.index(eos) + 1]
 
 
-def assert_identical_to_greedy(model, prompt: torch.Tensor, make_drafters, new_tokens: int = 30) -> dict:
+def assert_identical_to_greedy(model, prompt: torch.Tensor, make_drafters, new_tokens: int = 30,
+                               forward=None) -> dict:
     """Every drafter ``make_drafters()`` builds (name -> drafter) decodes plain greedy's ids, all
-    ``new_tokens`` of them, and stops where greedy does when an EOS comes mid-run (fresh drafters). Returns the
-    first set, for checks of what they drafted."""
+    ``new_tokens`` of them (every one counted as accepted by some forward), and stops where greedy does when an
+    EOS comes mid-run (fresh drafters); through ``forward`` when given. Returns the first set, for checks of
+    what they drafted."""
     reference = run(plain_decode(model, prompt, new_tokens, SamplingConfig(), set()))
     drafters = make_drafters()
     for name, drafter in drafters.items():
         stats = DecodeStats()
-        assert run(speculative_decode(model, prompt, new_tokens, SamplingConfig(), set(), drafter, stats=stats)) == reference, name
-        assert stats.new_tokens == new_tokens
+        out = run(speculative_decode(model, prompt, new_tokens, SamplingConfig(), set(), drafter, stats=stats,
+                                     forward=forward))
+        assert out == reference, name
+        assert stats.new_tokens == new_tokens and sum(stats.accepted_per_forward) == new_tokens, name
     eos = reference[len(reference) // 2]
     for name, drafter in make_drafters().items():
-        out = run(speculative_decode(model, prompt, new_tokens, SamplingConfig(), {eos}, drafter))
+        out = run(speculative_decode(model, prompt, new_tokens, SamplingConfig(), {eos}, drafter, forward=forward))
         assert out == reference[:reference.index(eos) + 1], name
     return drafters
+
+
+def assert_sampling_reproduced(model, drafters: dict) -> None:
+    """Seeded sampling through each drafter (name -> drafter) draws plain sampling's tokens: one draw per
+    committed token from the same processed logits and generator."""
+    prompt = repetitive_prompt(6, 15)
+    config = SamplingConfig(temperature=0.8, top_p=0.9, seed=11)
+    reference = run(plain_decode(model, prompt, 30, config, set()))
+    for name, drafter in drafters.items():
+        assert run(speculative_decode(model, prompt, 30, config, set(), drafter)) == reference, name
 
 
 @torch.inference_mode()
@@ -84,6 +99,15 @@ def packaged_causal_lm(locate, package: str):
         pytest.skip(f"{package} is not installed")
     model = AutoModelForCausalLM.from_pretrained(location, attn_implementation="sdpa").eval()
     return AutoTokenizer.from_pretrained(location), model
+
+
+def random_head(model, seed: int = 1, vocab: torch.Tensor | None = None) -> DraftHead:
+    """An untrained ReDrafter head whose readout is not the identity (the zero-initialised output layer is
+    randomised), so its drafts differ from the model's own next token: the mechanics without the skill."""
+    torch.manual_seed(seed)
+    head = new_head(model, vocab=vocab)
+    torch.nn.init.normal_(head.out.weight, std=0.05)
+    return head.eval()
 
 
 def sharpened_llama() -> torch.nn.Module:

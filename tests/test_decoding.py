@@ -18,13 +18,8 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-from decoding_support import (FAMILIES, FLAT, STEEP, repetitive_prompt, root_path, run, stop_inside_reference,
-                              tree_logits)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
+from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, assert_sampling_reproduced,
+                              repetitive_prompt, root_path, run, stop_inside_reference, tree_logits)
 
 
 def greedy(model, prompt, max_new, eos=frozenset()) -> list[int]:
@@ -85,15 +80,7 @@ def test_every_drafter_output_identical_to_greedy(models, family, seed, prompt_l
     model = models[family]
     prompt = repetitive_prompt(seed, prompt_length)
     reference = greedy(model, prompt, 30)
-    for name, drafter in drafters_for(model, family, reference).items():
-        stats = DecodeStats()
-        out = run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, stats=stats))
-        assert out == reference, name
-        assert stats.new_tokens == 30 and sum(stats.accepted_per_forward) == 30
-    eos = reference[len(reference) // 2]
-    expected = reference[:reference.index(eos) + 1]
-    for name, drafter in drafters_for(model, family, reference).items():
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), {eos}, drafter)) == expected, name
+    assert_identical_to_greedy(model, prompt, lambda: drafters_for(model, family, reference))
 
 
 def test_oracle_tree_accepts_deep_paths_and_stops_at_eos_mid_tree(models):
@@ -149,12 +136,7 @@ def test_cancel_token_stops_between_steps(models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_with_a_seed_reproduces_plain_sampling(models, family):
     """One draw per committed token from the same processed logits and generator: same sample path."""
-    model = models[family]
-    prompt = repetitive_prompt(6, 15)
-    config = SamplingConfig(temperature=0.8, top_p=0.9, seed=11)
-    reference = run(plain_decode(model, prompt, 30, config, set()))
-    out = run(speculative_decode(model, prompt, 30, config, set(), RandomTreeDrafter(3, 20)))
-    assert out == reference
+    assert_sampling_reproduced(models[family], {"random_tree": RandomTreeDrafter(3, 20)})
 
 
 def test_sampled_token_pairs_follow_the_target_distribution(models):
@@ -363,13 +345,7 @@ def test_merged_drafter_deduplicates_sources_into_one_trie():
     prompt = [1, 2, 3, 4, 5, 1, 2, 3, 9, 1, 2]
     drafter = merged_drafter(FLAT, prompt)
     tree = drafter.propose(prompt)
-    paths = set()
-    for i in range(1, len(tree)):
-        path, node = [], i
-        while node > 0:
-            path.append(tree.tokens[node])
-            node = tree.parents[node]
-        paths.add(tuple(reversed(path)))
+    paths = {tuple(root_path(tree, node)[1:]) for node in range(1, len(tree))}
     assert len(paths) == len(tree) - 1  # no path appears twice
     assert (3, 9, 1) in paths and (3, 4) in paths  # prompt lookup's chain and the trie's other branch
     # the chain (3 9 1), found by two n-gram lengths and by the trie, is one path

@@ -11,14 +11,14 @@ from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.drafters.prompt_lookup import PromptLookup
 from pipelines.decoding.drafters.prompt_tokens import ParallelPromptDecoding, new_prompt_tokens
-from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting, new_head
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting
 from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.sliding import SLIDING, UnsupportedAttention, attention_layout
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-from decoding_support import FLAT, STEEP, packaged_causal_lm, repetitive_prompt, run
+from decoding_support import FLAT, STEEP, packaged_causal_lm, random_head, repetitive_prompt, run
 from test_decoding import OracleDrafter, RandomTreeDrafter
 
 PROMPT, NEW = 18, 30  # the window is 8: prompt and output both pass it
@@ -38,9 +38,7 @@ def generated(model, prompt: torch.Tensor, **sampling) -> list[int]:
 
 
 def every_drafter(model, reference: list[int]) -> dict:
-    torch.manual_seed(1)
-    head = new_head(model)
-    torch.nn.init.normal_(head.out.weight, std=0.05)
+    head = random_head(model)
     prompts = new_prompt_tokens(model, count=3, seed=1)
 
     def recycled() -> TokenRecycling:
@@ -54,7 +52,7 @@ def every_drafter(model, reference: list[int]) -> dict:
         "merged_flat": new_merged(recycled(), NGramTrie(1000), FLAT),
         "merged_steep": new_merged(recycled(), NGramTrie(1000), STEEP),
         "merged_ppd": new_merged(recycled(), NGramTrie(1000), FLAT, prompts),
-        "merged_head": new_merged(recycled(), NGramTrie(1000), FLAT, drafts=HeadDrafts(head.eval(), model)),
+        "merged_head": new_merged(recycled(), NGramTrie(1000), FLAT, drafts=HeadDrafts(head, model)),
         "draft_model": DraftModel(tiny_causal_lm("gemma3", seed=1), num_tokens=3),
         "draft_model_tree": DraftModel(tiny_causal_lm("gemma3", seed=2), num_tokens=4, siblings=2),
         "ppd": ParallelPromptDecoding(prompts, FLAT),

@@ -8,17 +8,11 @@ from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.static import StaticForward, StaticTreeCache, capture_supported
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import speculative_decode
-from pipelines.tiny import tiny_causal_lm
 from tests.test_decoding import OracleDrafter, RandomTreeDrafter, drafters_for, greedy, repetitive_prompt, run
-from decoding_support import stop_inside_reference
+from decoding_support import assert_identical_to_greedy, stop_inside_reference
 
 FAMILIES = ("llama", "qwen2")
 BUCKETS = (1, 8, 16, 32)  # small buckets so trees of 3..30 nodes get padded and the 24-node tree spans two
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
 
 
 def static(model, **options) -> StaticForward:
@@ -44,15 +38,7 @@ def test_every_drafter_identical_through_the_static_path(models, family, seed, p
     model = models[family]
     prompt = repetitive_prompt(seed, prompt_length)
     reference = greedy(model, prompt, 30)
-    forward = static(model)
-    for name, drafter in drafters_for(model, family, reference).items():
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, forward=forward)) \
-            == reference, name
-    eos = reference[len(reference) // 2]
-    expected = reference[:reference.index(eos) + 1]
-    for name, drafter in drafters_for(model, family, reference).items():
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), {eos}, drafter, forward=forward)) \
-            == expected, name
+    assert_identical_to_greedy(model, prompt, lambda: drafters_for(model, family, reference), forward=static(model))
 
 
 @pytest.mark.parametrize("size", [2, 7, 9, 16, 17, 30])

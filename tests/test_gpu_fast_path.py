@@ -9,11 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipelines.models import ModelStore, placement
 from pipelines.tabs.image import ImagePipeline, ImageRequest
 from pipelines.tabs.video import VideoPipeline, VideoRequest
+
+from test_fast_path import pixels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TINY = {"sd15": "tiny-sd15 (random weights)", "sdxl": "tiny-sdxl (random weights)"}
@@ -26,10 +27,6 @@ CONTROLS = {"plain": {}, "lpa": dict(lpa=True, lpa_window=(0.0, 600.0)), "compas
 @pytest.fixture(scope="module")
 def image_pipeline():
     return ImagePipeline(ModelStore(packaged={}, dtype=torch.bfloat16), "tiny")
-
-
-def pixels(paths: list[str]) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p).convert("RGB")).astype(int) for p in paths])
 
 
 def run(pipeline: ImagePipeline, arch: str, backend: str, monkeypatch, **controls):

@@ -13,13 +13,13 @@ from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie
 from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.drafters.prompt_lookup import PromptLookup
-from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting, new_head
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, RecurrentDrafting
 from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.verify import accept, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-from decoding_support import FLAT, repetitive_prompt, run
+from decoding_support import FLAT, random_head, repetitive_prompt, run
 from test_decoding import RandomTreeDrafter
 from test_decoding_device import peaked_logits, random_tree
 
@@ -30,13 +30,6 @@ BUCKETS = (1, 8, 16, 32, 64, 128)
 @pytest.fixture(scope="module")
 def model():
     return tiny_causal_lm("llama", seed=0).cuda().eval()
-
-
-def random_head(model):
-    torch.manual_seed(1)
-    head = new_head(model)
-    torch.nn.init.normal_(head.out.weight, std=0.05)
-    return head.eval()
 
 
 def drafters(model) -> dict:

@@ -3,22 +3,16 @@ only the head proposed must exceed the share of the step its calls take; switche
 HEAD_PROBE-th request. Output stays plain decoding either way."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import torch
-
 from pipelines.decoding.drafters.lookahead import NGramTrie
 from pipelines.decoding.drafters.merged import HEAD_PROBE, HeadLedger, new_merged
-from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, new_head
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts
 from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.hardware import GPU_STEP_COST
 from pipelines.decoding.plain import SamplingConfig
 from pipelines.decoding.verify import NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-sys.path.insert(0, str(Path(__file__).parent))
-from decoding_support import repetitive_prompt, run  # noqa: E402
+from decoding_support import random_head, repetitive_prompt, run
 
 VOCAB = 320
 
@@ -41,12 +35,10 @@ def test_the_head_pays_while_its_share_of_tokens_exceeds_its_share_of_time():
 
 def test_a_head_that_does_not_pay_stops_drafting_and_output_stays_plain():
     model = tiny_causal_lm("llama", seed=0).eval()
-    torch.manual_seed(1)
-    head = new_head(model)
-    torch.nn.init.normal_(head.out.weight, std=0.05)
+    head = random_head(model)
     ledger = HeadLedger()
     drafter = new_merged(TokenRecycling(cold_matrix(VOCAB)), NGramTrie(1000), GPU_STEP_COST,
-                         drafts=HeadDrafts(head.eval(), model), ledger=ledger)
+                         drafts=HeadDrafts(head, model), ledger=ledger)
     prompt = repetitive_prompt(0, 30)
     plain = run(speculative_decode(model, prompt, 24, SamplingConfig(), set(), NoDraft()))
     assert run(speculative_decode(model, prompt, 24, SamplingConfig(), set(), drafter)) == plain

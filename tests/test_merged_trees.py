@@ -18,13 +18,13 @@ from pipelines.decoding.drafters.lookahead import NGramTrie
 from pipelines.decoding.drafters.merged import MergedDrafter, new_merged
 from pipelines.decoding.plain import SamplingConfig
 from pipelines.decoding.drafters.prompt_tokens import new_prompt_tokens
-from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts, new_head
+from pipelines.decoding.drafters.recurrent_drafter import HeadDrafts
 from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-from decoding_support import FLAT, STEEP, repetitive_prompt, run
+from decoding_support import FLAT, STEEP, random_head, repetitive_prompt, run
 
 RECORD = Path(__file__).parent / "data" / "merged_trees.json"
 VOCAB = 320
@@ -105,10 +105,8 @@ def _rounded(counts: dict[tuple, float]) -> str:
 def model_run(source: str) -> dict:
     """The tiny model decoding three prompts with a random draft head or untrained prompt tokens merged in."""
     model = tiny_causal_lm("llama", seed=0).eval()
-    torch.manual_seed(1)
-    head = new_head(model)
-    torch.nn.init.normal_(head.out.weight, std=0.05)
-    drafts = HeadDrafts(head.eval(), model) if source == "head" else None
+    head = random_head(model)
+    drafts = HeadDrafts(head, model) if source == "head" else None
     prompts = new_prompt_tokens(model, count=3, seed=1) if source == "ppd" else None
     drafter = new_merged(TokenRecycling(cold_matrix(VOCAB)), NGramTrie(1000), FLAT, prompts, drafts)
     digests: list[str] = []

@@ -12,6 +12,7 @@ import torch
 
 MOTION = ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--frames", "4", "--max-seq-length", "8",
           "--max-steps", "2", "--log-every", "1", "--warmup", "1", "--no-samples"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def centroids(coverage: torch.Tensor) -> torch.Tensor:
@@ -157,15 +158,6 @@ def test_video_tab_lists_the_motion_model_only_while_its_folder_exists_and_serve
     native = video.plan(VideoRequest(prompt="a red circle moving left", model=MICROWORLD_VIDEO_MODEL, width=0,
                                       height=0))
     assert (native.width, native.height) == (128, 128)  # 0 asks for the side micro-world was trained at
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: a second intra-op thread costs more than it gives (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_sample_read_measures_the_shift_along_the_stated_direction_and_the_frame_to_frame_step():

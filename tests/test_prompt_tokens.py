@@ -20,13 +20,9 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, speculative_decode
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
 
-from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, repetitive_prompt, root_path, run,
+from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, assert_sampling_reproduced,
+                              repetitive_prompt, root_path, run,
                               sharpened_llama, tree_logits, weights_unchanged)
-
-@pytest.fixture(scope="module")
-def models():
-    return {family: tiny_causal_lm(family, seed=0) for family in FAMILIES}
-
 
 def ppd_drafters(model):
     prompts = new_prompt_tokens(model, count=3, seed=1)
@@ -49,12 +45,7 @@ def test_prompt_token_drafters_are_identical_to_greedy(models, family, seed, len
 
 
 def test_sampling_with_prompt_tokens_reproduces_plain_sampling(models):
-    model = models["llama"]
-    prompt = repetitive_prompt(6, 15)
-    config = SamplingConfig(temperature=0.8, top_p=0.9, seed=11)
-    reference = run(plain_decode(model, prompt, 30, config, set()))
-    for drafter in ppd_drafters(model)[1].values():
-        assert run(speculative_decode(model, prompt, 30, config, set(), drafter)) == reference
+    assert_sampling_reproduced(models["llama"], ppd_drafters(models["llama"])[1])
 
 
 class Spy(CausalLMForward):

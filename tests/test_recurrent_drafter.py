@@ -10,29 +10,16 @@ from pipelines.decoding.drafters.lookahead import NGramTrie
 from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.drafters.recurrent_drafter import (DraftHead, HeadDrafts, RecurrentDrafting, head_for,
-                                                           lm_head_logits, load_head, new_head, trained_path)
+                                                           lm_head_logits, load_head, trained_path)
 from pipelines.decoding.training.recurrent_training import HeadConfig, frequent_vocab, head_batch, train
 from pipelines.decoding.drafters.recycling import TokenRecycling
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
 from pipelines.tiny import tiny_causal_lm, tiny_tokenizer
 
-from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, repetitive_prompt, root_path, run,
+from decoding_support import (FAMILIES, FLAT, STEEP, assert_identical_to_greedy, assert_sampling_reproduced,
+                              random_head, repetitive_prompt, root_path, run,
                               sharpened_llama, tree_logits, weights_unchanged)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return {family: tiny_causal_lm(family, seed=0).eval() for family in FAMILIES}
-
-
-def random_head(model, seed: int = 1, vocab: torch.Tensor | None = None) -> DraftHead:
-    """An untrained head whose readout is not the identity (the zero-initialised output layer is randomised),
-    so its drafts differ from the model's own next token: the mechanics without the skill."""
-    torch.manual_seed(seed)
-    head = new_head(model, vocab=vocab)
-    torch.nn.init.normal_(head.out.weight, std=0.05)
-    return head.eval()
 
 
 def head_drafters(model):
@@ -55,12 +42,7 @@ def test_head_drafters_are_identical_to_greedy(models, family, seed, length):
 
 
 def test_sampling_with_the_head_reproduces_plain_sampling(models):
-    model = models["llama"]
-    prompt = repetitive_prompt(6, 15)
-    config = SamplingConfig(temperature=0.8, top_p=0.9, seed=11)
-    reference = run(plain_decode(model, prompt, 30, config, set()))
-    for drafter in head_drafters(model).values():
-        assert run(speculative_decode(model, prompt, 30, config, set(), drafter)) == reference
+    assert_sampling_reproduced(models["llama"], head_drafters(models["llama"]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

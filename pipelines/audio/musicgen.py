@@ -201,7 +201,6 @@ class ColumnForward:
     tree_attention = False
     embed = None
     record_hidden = False
-    kwarg = "past_key_values"
 
     def fit(self, tree: TokenTree, before_root: int) -> TokenTree:
         """Chains are verified whole: this forward has no buckets to fit."""

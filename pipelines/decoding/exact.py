@@ -74,9 +74,8 @@ class ExactForward(CausalLMForward, CapturedSteps):
     """``CausalLMForward`` with row-invariant numerics (see the module docstring); pass it as ``forward=`` to
     both ``plain_decode`` and ``speculative_decode``. ``max_cache_len`` bounds prompt + new tokens + ``rows``;
     the comparison is exact between runs of one adapter configuration (same ``rows`` and ``max_cache_len``).
-    ``capture=None`` replays one CUDA graph on a dedicated GPU and runs the same step eagerly elsewhere."""
-
-    compiles = False  # no inductor: its fused kernels would be one more thing to keep shape-invariant
+    ``capture=None`` replays one CUDA graph on a dedicated GPU and runs the same step eagerly elsewhere. Never
+    inductor-compiled: its fused kernels would be one more thing to keep shape-invariant."""
 
     def __init__(self, model, max_cache_len: int = 4096, rows: int = EXACT_ROWS, block: int = EXACT_BLOCK,
                  capture: bool | None = None, embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -181,7 +180,7 @@ class ExactForward(CausalLMForward, CapturedSteps):
         ids = ids_all[rows][:, None]
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions[:, None], use_cache=True,
-                         output_hidden_states=True, **{self.kwarg: self.cache})
+                         output_hidden_states=True, past_key_values=self.cache)
         return out.logits[:, 0], out.hidden_states[-1][:, 0]
 
     def _replay(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,11 +70,6 @@ def accepts(model, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-def cache_kwarg(model) -> str:
-    """transformers 5.24 renames ``past_key_values`` to ``cache`` (old name kept until 5.40)."""
-    return "cache" if accepts(model, "cache") else "past_key_values"
-
-
 def process_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """Temperature, top-k, then top-p on a [..., vocab] float tensor; returns log-probabilities."""
     logits = logits.float() / config.temperature

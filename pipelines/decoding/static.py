@@ -193,7 +193,6 @@ class StaticForward(CausalLMForward, CapturedSteps):
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {compile!r}.")
         layers = decoder_layers(model) if compile == "layers" else None
         self.compile_mode = compile if compile != "layers" or layers is not None else "off"
-        self.compiles = self.compile_mode != "off"
         self._step_fn = self._step
         if self.compile_mode == "dynamic":
             self._step_fn = torch.compile(self._step, dynamic=True)
@@ -270,7 +269,7 @@ class StaticForward(CausalLMForward, CapturedSteps):
         mask = self.layout.masks(visible, positions[0], keys, self.dtype)
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
-                         output_hidden_states=True, **{self.kwarg: self.cache})
+                         output_hidden_states=True, past_key_values=self.cache)
         return out.logits[0], out.hidden_states[-1][0]
 
     def _replay(self, size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

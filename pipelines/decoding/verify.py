@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..base import CancelToken
-from .plain import DecodeStats, SamplingConfig, accepts, cache_kwarg, choose_token, logits_processing, make_generator
+from .plain import DecodeStats, SamplingConfig, accepts, choose_token, logits_processing, make_generator
 from .device_accept import device_tree, greedy_accept
 from .sliding import AttentionLayout, attention_layout
 from .tree import TokenTree, block_position_ids, block_visibility
@@ -91,7 +91,6 @@ class CausalLMForward:
         self.embed = embed
         self.record_hidden = False
         self.hidden: torch.Tensor | None = None
-        self.kwarg = cache_kwarg(model)
         self.layout = attention_layout(model) if layout is None else layout
         self.trims_logits = accepts(model, "logits_to_keep")
         parameter = next(model.parameters())
@@ -129,7 +128,7 @@ class CausalLMForward:
         if self.record_hidden:
             inputs["output_hidden_states"] = True
         out = self.model(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         **{self.kwarg: cache})
+                         past_key_values=cache)
         if self.record_hidden:
             last = out.hidden_states[-1][0]
             self.hidden = last[-keep:] if keep is not None else last
@@ -231,7 +230,7 @@ def speculative_decode(
               else input_ids[0].detach().cpu())
     process = logits_processing(processors, prompt, generated) if processors else None  # reads ``generated`` live
     if prefill is not None:
-        logits = model(**prefill, use_cache=True, **{forward.kwarg: cache}).logits[0, -1]
+        logits = model(**prefill, use_cache=True, past_key_values=cache).logits[0, -1]
         token = choose_token(logits if process is None else process(logits, []), config, generator)
         stats.keep_top(logits[None])
         stats.forwards += 1

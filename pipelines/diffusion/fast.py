@@ -31,8 +31,9 @@ Graphs are kept in the UNet's ``state.UNetState`` (``unet_graphs``), with what m
 the merging are read through their public accessors.
 
 Backends: ``graph`` (default on CUDA), ``compile`` (``torch.compile(mode="reduce-overhead")`` of the same
-hooked call; the benchmark compares both), ``eager`` (the same static code path without capture: CPU, ZeroGPU,
-where ``torch.compile`` and CUDA graphs are not used), ``off`` (not installed: the stock call).
+hooked call; ``TOKENWORKS_FAST_BACKEND=compile python benchmarks/image_served.py`` times it as served), ``eager``
+(the same static code path without capture: CPU, ZeroGPU, where ``torch.compile`` and CUDA graphs are not used),
+``off`` (not installed: the stock call).
 """
 from __future__ import annotations
 
@@ -65,10 +66,8 @@ def supported(unet: Any) -> bool:
     """UNets whose forward is known to capture: diffusers' SD/SDXL UNet and AnimateDiff's motion UNet, without
     accelerate offload hooks (those move weights between devices inside the call) or PEFT adapters (switching
     them on and off per request is host-side state a captured graph would not see)."""
-    try:
-        from diffusers import UNet2DConditionModel, UNetMotionModel
-    except ImportError:
-        return False
+    from diffusers import UNet2DConditionModel, UNetMotionModel
+
     return (isinstance(unet, (UNet2DConditionModel, UNetMotionModel)) and getattr(unet, "_hf_hook", None) is None
             and not getattr(unet, "peft_config", None))
 

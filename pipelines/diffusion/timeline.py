@@ -124,9 +124,6 @@ class Timeline:
                  "prompt": shot.prompt}
                 for number, (shot, (first, last)) in enumerate(zip(self.shots, self.ranges(num_frames)), 1)]
 
-    def to_json(self) -> str:
-        return json.dumps([asdict(shot) for shot in self.shots])
-
 
 def parse_shots(value: str | list | None, smooth_window: int = DEFAULT_SMOOTH_WINDOW) -> Timeline:
     """A Timeline from JSON text or a list of ``{"start", "prompt", "transition"}`` objects (or rows)."""

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .scenes import PALETTE, SHAPES, Scene, SceneObject, shape_polygon
+from .scenes import PALETTE, SHAPES, Scene, shape_polygon
 
 MIN_CHROMA = 32.0  # max - min channel value: the ground is grey, the palette's tints have >= 45
 WASH = 3.0  # smoothed grey-level std inside shapes minus the ground's: flat ~0-3, watercolour ~4-8
@@ -160,6 +160,25 @@ def angle_error(a: float, b: float) -> float:
     return abs((a - b + 180) % 360 - 180)
 
 
+def match(wanted: list[dict[str, Any]], detections: list[Detection]) -> tuple[dict[int, int], int]:
+    """Asked object -> detection: exact (shape and colour) matches first, then the same shape in any colour.
+    Returns the matching and how many of them are exact."""
+    free = list(range(len(detections)))
+    matched: dict[int, int] = {}
+    for exact in (True, False):
+        for i, obj in enumerate(wanted):
+            if i in matched:
+                continue
+            for j in free:
+                if detections[j].shape == obj["shape"] and (not exact or detections[j].colour == obj["colour"]):
+                    matched[i] = j
+                    free.remove(j)
+                    break
+        if exact:
+            bound = len(matched)
+    return matched, bound
+
+
 def score_image(image: Image.Image | np.ndarray, expected: Scene | dict[str, Any]) -> dict[str, Any]:
     """Score ``image`` against the objects and style a prompt asked for.
 
@@ -168,34 +187,17 @@ def score_image(image: Image.Image | np.ndarray, expected: Scene | dict[str, Any
     ``heading_error`` (mean over the asked arrows found, degrees; NaN when none), ``style_correct``, and the
     detections themselves."""
     truth = expected.truth() if isinstance(expected, Scene) else expected
-    wanted = [SceneObject(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in o.items()})
-              for o in truth["objects"]]
+    wanted = truth["objects"]
     detections, grain = detect(image)
     style = classify_style(detections, grain)
-    free = list(range(len(detections)))
-    matched: dict[int, int] = {}
-    for i, obj in enumerate(wanted):  # exact (shape, colour) matches first
-        for j in free:
-            if detections[j].shape == obj.shape and detections[j].colour == obj.colour:
-                matched[i] = j
-                free.remove(j)
-                break
-    bound = len(matched)
-    for i, obj in enumerate(wanted):  # then the same shape in any colour
-        if i in matched:
-            continue
-        for j in free:
-            if detections[j].shape == obj.shape:
-                matched[i] = j
-                free.remove(j)
-                break
-    colours = {o.colour for o in wanted}
+    matched, bound = match(wanted, detections)
+    colours = {o["colour"] for o in wanted}
     leaked = sum(1 for i, j in matched.items()
-                 if detections[j].colour != wanted[i].colour and detections[j].colour in colours)
-    errors = [angle_error(detections[matched[i]].heading, obj.heading)
-              for i, obj in enumerate(wanted) if obj.shape == "arrow" and i in matched]
+                 if detections[j].colour != wanted[i]["colour"] and detections[j].colour in colours)
+    errors = [angle_error(detections[matched[i]].heading, obj.get("heading", 0.0))
+              for i, obj in enumerate(wanted) if obj["shape"] == "arrow" and i in matched]
     n = max(1, len(wanted))
     return {"binding": bound / n, "presence": len(matched) / n, "leakage": leaked / n,
             "heading_error": float(np.mean(errors)) if errors else float("nan"),
             "style": style, "style_correct": float(style == truth["style"]),
-            "extra_objects": len(free), "detections": [asdict(d) for d in detections]}
+            "extra_objects": len(detections) - len(matched), "detections": [asdict(d) for d in detections]}

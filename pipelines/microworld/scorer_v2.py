@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .scenes import BACKGROUND
-from .scorer import Detection, angle_error, detect
+from .scorer import Detection, angle_error, detect, match
 
 MIN_BACKGROUND = 0.5
 GROUND_TOLERANCE = 24.0  # max per-channel difference from the ground colour
@@ -67,25 +67,6 @@ def distinct_objects(detections: list[Detection]) -> list[Detection]:
         if all(box_iou(detection.box, other.box) <= SAME_OBJECT for other in kept):
             kept.append(detection)
     return kept
-
-
-def match(wanted: list[dict[str, Any]], detections: list[Detection]) -> tuple[dict[int, int], int]:
-    """Asked object -> detection: exact (shape and colour) matches first, then the same shape in any colour.
-    Returns the matching and how many of them are exact."""
-    free = list(range(len(detections)))
-    matched: dict[int, int] = {}
-    for exact in (True, False):
-        for i, obj in enumerate(wanted):
-            if i in matched:
-                continue
-            for j in free:
-                if detections[j].shape == obj["shape"] and (not exact or detections[j].colour == obj["colour"]):
-                    matched[i] = j
-                    free.remove(j)
-                    break
-        if exact:
-            bound = len(matched)
-    return matched, bound
 
 
 def score_image(image: Image.Image | np.ndarray, truth: dict[str, Any]) -> dict[str, Any]:

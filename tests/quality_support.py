@@ -99,9 +99,9 @@ def prompt_label(params: list[dict]) -> str | None:
 
 
 def registered_tasks() -> list[str]:
-    from pipelines.registry import TASK_ORDER, PIPELINE_FACTORIES
+    from pipelines.registry import PIPELINE_CLASSES, TASK_ORDER
 
-    return [task for task in TASK_ORDER if task in PIPELINE_FACTORIES]
+    return [task for task in TASK_ORDER if task in PIPELINE_CLASSES]
 
 
 # --- launching -------------------------------------------------------------------------------------------

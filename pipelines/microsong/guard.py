@@ -3,8 +3,9 @@
 The note model chooses the music (chords, rhythm, pitches); the guard only removes the tokens that would break the
 song's shape: sections and lines in the plan's order, a chord after every ``BAR``, a duration after every note or
 rest, bars filled exactly, and each sung line carrying exactly its syllable count of notes (no line, section or end
-before the count is reached, no further note after it). It is a ``LogitsProcessor`` (``processors`` of the decoding
-core), applied at every verified node exactly as plain decoding applies it, so drafting stays lossless with it on.
+before the count is reached, no further note after it, rests only once the line is sung, at most ``MAX_BARS`` bars
+a line). It is a ``LogitsProcessor`` (``processors`` of the decoding core), applied at every verified node exactly
+as plain decoding applies it, so drafting stays lossless with it on.
 """
 from __future__ import annotations
 
@@ -89,15 +90,12 @@ class StructureGuard:
             return [IDS["<eos>"]]
         counts = self.counts(place)
         due = counts[place.line] if 0 <= place.line < len(counts) else 0
-        notes = GROUPS["note"] if place.notes < due else []
-        closing = [IDS["BAR"]] + (self.after_line(place) if place.notes >= due else [])
-        if place.events and place.left:  # a bar once begun is filled
-            return notes + [IDS["R"]]
-        if place.events:
-            return closing
-        if place.bars >= MAX_BARS:  # a model that only writes empty bars is made to sing or move on
-            return notes or self.after_line(place)
-        return closing + notes + ([IDS["R"]] if due else [])
+        if place.notes < due:  # a line sings on until its count: no rest, no empty bar before it (the composer's)
+            return GROUPS["note"] if place.left or not place.events else [IDS["BAR"]]
+        closing = ([IDS["BAR"]] if place.bars < MAX_BARS else []) + self.after_line(place)
+        if place.events:  # a bar once begun is filled, with the rest that closes the phrase
+            return [IDS["R"]] if place.left else closing
+        return closing + ([IDS["R"]] if due and place.bars < MAX_BARS else [])
 
     def step(self, place: Place, word: str) -> Place:
         """The place after ``word`` (which the mask allowed)."""

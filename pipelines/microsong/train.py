@@ -1,6 +1,9 @@
 """Train micro-song's note model on freshly composed tunes, on the CPU, within a wall-clock budget.
 
     python -m pipelines.microsong.train --minutes 12 --out pipelines/microsong/weights
+    # continue from the saved weights (AdamW restarts with a short warm-up; the report keeps every run)
+    python -m pipelines.microsong.train --minutes 12 --lr 2e-3 --resume pipelines/microsong/weights \\
+        --out pipelines/microsong/weights
 
 Every batch is new tunes from ``tunes.compose`` (seeded by step), so there is no data set to ship. The loss is on
 the body only (the prompt is given). At the end the folder gets the weights, the tokenizer and
@@ -78,12 +81,13 @@ def evaluate(note: NoteModel, count: int, seed: int, guard: bool) -> dict[str, A
 
 
 def train(minutes: float, out: Path, size: str = "small", batch_tokens: int = 6144, peak_lr: float = 3e-3,
-          seed: int = 0, eval_tunes: int = 24) -> dict[str, Any]:
+          seed: int = 0, eval_tunes: int = 24, resume: Path | None = None) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(model_config(size))
+    earlier = json.loads((resume / "train_report.json").read_text()) if resume else None
+    model = LlamaForCausalLM.from_pretrained(resume) if resume else LlamaForCausalLM(model_config(size))
     optimiser = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.01, betas=(0.9, 0.98))
     budget, started = minutes * 60.0, time.perf_counter()
     curve, step, tokens = [], 0, 0
@@ -92,7 +96,7 @@ def train(minutes: float, out: Path, size: str = "small", batch_tokens: int = 61
     while (elapsed := time.perf_counter() - started) < budget:
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(elapsed / budget, peak_lr)
-        queue = queue or batches(tokenizer, step, seed, batch_tokens)
+        queue = queue or batches(tokenizer, step + (earlier or {}).get("total_steps", 0), seed, batch_tokens)
         ids, labels = queue.pop(random.Random(step).randrange(len(queue)))
         loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
         optimiser.zero_grad(set_to_none=True)
@@ -107,14 +111,18 @@ def train(minutes: float, out: Path, size: str = "small", batch_tokens: int = 61
     train_s = time.perf_counter() - started
     model.eval()
     note = NoteModel(model, tokenizer)
-    report = {
+    run = {
         "command": "python -m pipelines.microsong.train " + " ".join(sys.argv[1:]),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "config": {"size": size, "batch_tokens": batch_tokens, "peak_lr": peak_lr, "seed": seed},
+        "config": {"size": size, "batch_tokens": batch_tokens, "peak_lr": peak_lr, "seed": seed,
+                   "resumed": bool(resume)},
         "steps": step, "body_tokens_seen": tokens, "train_s": round(train_s, 1),
         "torch_threads": torch.get_num_threads(), "loss_curve": curve,
         "sampled": [evaluate(note, eval_tunes, seed, guard=False), evaluate(note, eval_tunes, seed, guard=True)],
     }
+    runs = [*(earlier or {}).get("runs", []), run]
+    report = {"parameters": sum(p.numel() for p in model.parameters()), "runs": runs,
+              "total_steps": sum(r["steps"] for r in runs), "total_train_s": round(sum(r["train_s"] for r in runs), 1),
+              "sampled": run["sampled"]}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -131,9 +139,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-tunes", type=int, default=24)
+    parser.add_argument("--resume", type=Path, default=None, help="a folder this script saved: continue its model")
     args = parser.parse_args()
-    report = train(args.minutes, args.out, args.size, args.batch_tokens, args.lr, args.seed, args.eval_tunes)
-    print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}, indent=1))
+    report = train(args.minutes, args.out, args.size, args.batch_tokens, args.lr, args.seed, args.eval_tunes,
+                   args.resume)
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 The note model chooses the music (chords, rhythm, pitches); the guard only removes the tokens that would break the
 song's shape: sections and lines in the plan's order, a chord after every ``BAR``, a duration after every note or
 rest, bars filled exactly, and each sung line carrying exactly its syllable count of notes (no line, section or end
-before the count is reached, no further note after it, rests only once the line is sung, at most ``MAX_BARS`` bars
-a line). It is a ``LogitsProcessor`` (``processors`` of the decoding core), applied at every verified node exactly
+before the count is reached, no further note after it, rests only once the line is sung and only to fill its
+bar, a phrase of at least two bars, at most ``MAX_BARS`` bars of chords in an instrumental section). It is a ``LogitsProcessor`` (``processors`` of the decoding core), applied at every verified node exactly
 as plain decoding applies it, so drafting stays lossless with it on.
 """
 from __future__ import annotations
@@ -92,10 +92,11 @@ class StructureGuard:
         due = counts[place.line] if 0 <= place.line < len(counts) else 0
         if place.notes < due:  # a line sings on until its count: no rest, no empty bar before it (the composer's)
             return GROUPS["note"] if place.left or not place.events else [IDS["BAR"]]
-        closing = ([IDS["BAR"]] if place.bars < MAX_BARS else []) + self.after_line(place)
-        if place.events:  # a bar once begun is filled, with the rest that closes the phrase
-            return [IDS["R"]] if place.left else closing
-        return closing + ([IDS["R"]] if due and place.bars < MAX_BARS else [])
+        if not due:  # an instrumental section: bars of chords
+            return ([IDS["BAR"]] if place.bars < MAX_BARS else []) + self.after_line(place)
+        if place.events:  # a bar once begun is filled, with the rest that closes the phrase; a phrase has 2+ bars
+            return [IDS["R"]] if place.left else ([IDS["BAR"]] if place.bars < 2 else []) + self.after_line(place)
+        return self.after_line(place)
 
     def step(self, place: Place, word: str) -> Place:
         """The place after ``word`` (which the mask allowed)."""

@@ -105,7 +105,7 @@ def train(minutes: float, out: Path, size: str = "small", batch_tokens: int = 61
         optimiser.step()
         tokens += int((labels != IGNORE).sum())
         if step % 25 == 0:
-            curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 4)})
+            curve.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss.detach()), 4)})
             print(curve[-1], flush=True)
         step += 1
     train_s = time.perf_counter() - started

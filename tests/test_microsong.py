@@ -96,6 +96,21 @@ def test_drafted_decoding_output_identical_to_plain(sampling, guard):
         assert check_body(plain, plan)["lines_matched"] == 8
 
 
+def test_decoding_runs_on_one_cpu_thread_and_restores_the_setting():
+    from pipelines.microsong import decode
+
+    note, seen = tiny_note_model(), []
+    forward = note.model.forward
+    note.model.forward = lambda *a, **k: (seen.append(torch.get_num_threads()), forward(*a, **k))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(decode.decode_body(note, plan_song("[verse]\nla la\n", Header()), GREEDY, True))
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def rendered(body: list[str], header: Header, lyrics: str = LYRICS):
     sections = parse_sections(lyrics)
     syllables = {(s, i): line_syllables(text) for s, sec in enumerate(sections) for i, text in enumerate(sec.lines)}

@@ -93,8 +93,9 @@ def test_song_tab_sings_its_example_offline(browser, offline_url):  # noqa: F811
 
     page = open_tab(browser, offline_url[0], "Song", "song")
     page.locator("#song-generate").click()
-    expect(page.locator("#song-final audio")).to_have_count(1, timeout=180_000)
-    expect(page.locator("#tab-song")).to_contain_text("micro-song")
+    expect(page.locator("#song-final audio").first).to_be_attached(timeout=180_000)
+    expect(page.locator("#tab-song")).to_contain_text("lines_matching_syllables", timeout=30_000)
+    assert not page.get_by_test_id("toast-body").count()
     page.screenshot(path=str(SHOTS / "models-song-offline.png"), full_page=True)
     page.close()
 

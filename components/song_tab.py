@@ -16,20 +16,25 @@ EXAMPLES = [
     [EXAMPLE_LYRICS, "gentle acoustic folk, fingerpicked guitar, warm, 90 bpm"],
     ["[verse]\nNeon rain on an empty street\nCity humming a steady beat\n\n[chorus]\nWe run, we run\n"
      "Chasing the midnight sun\n", "synthwave, driving bass, retro drums, 110 bpm"],
+    ["[intro]\n[verse]\nSleep now little one\nThe stars are out to play\n[chorus]\nHush now, hush now\n"
+     "Dream the night away\n[verse]\nSleep now little one\nThe moon will light your way\n[chorus]\nHush now, hush now\n"
+     "Dream the night away\n[outro]\n", "lullaby in D minor, organ"],
 ]
 
 
 def duration_info(mode: str) -> str:
+    if mode == "offline":
+        return "Not used in this mode: a micro-song lasts as long as its lyrics take at its tempo"
     return f"At most {int(MAX_DURATION_S[mode])} s in this mode" + (" (MusicGen's limit)" if mode == "dual" else "")
 
 
 def mode_controls(mode: str | None, duration_s: float | None) -> tuple[dict, ...]:
-    """Updates for a mode: its model pickers and settings shown, the other mode's hidden, the duration capped.
-    Order: accompaniment, vocals, song model, drafting, top-k, diffusion steps, duration."""
+    """Updates for a mode: its model pickers and settings shown, the other modes' hidden, the duration capped.
+    Order: accompaniment, vocals, song model, drafting, top-k, diffusion steps, note model, duration."""
     mode = mode if mode in MAX_DURATION_S else "dual"
-    dual, limit = mode == "dual", MAX_DURATION_S[mode]
-    return (*(gr.update(visible=dual) for _ in range(2)), gr.update(visible=not dual), gr.update(visible=dual),
-            gr.update(visible=dual), gr.update(visible=not dual),
+    dual, mixed, offline, limit = mode == "dual", mode == "mixed", mode == "offline", MAX_DURATION_S[mode]
+    return (*(gr.update(visible=dual) for _ in range(2)), gr.update(visible=mixed), gr.update(visible=not mixed),
+            gr.update(visible=dual), gr.update(visible=mixed), gr.update(visible=offline),
             gr.update(maximum=limit, value=min(number(duration_s, 10.0), limit), info=duration_info(mode)))
 
 
@@ -38,7 +43,7 @@ def build(pipeline: SongPipeline) -> None:
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
     notice = availability_notice(pipeline)
     start_mode = next(iter(pipeline.usable_modes()), "dual")
-    dual = start_mode == "dual"
+    dual, mixed = start_mode == "dual", start_mode == "mixed"
     with gr.Row():
         with gr.Column(scale=2):
             lyrics = gr.Textbox(label="Lyrics ([verse], [chorus], [bridge], [intro], [outro] … one tag per line)",
@@ -62,32 +67,36 @@ def build(pipeline: SongPipeline) -> None:
             vocals = gr.Dropdown(pipeline.model_choices("bark"), value=pipeline.default_model_name("bark"),
                                  label="Vocals model", visible=dual, elem_id="song-vocals-model")
             song_model = gr.Dropdown(pipeline.model_choices("ace-step"), value=pipeline.default_model_name("ace-step"),
-                                     label="Song model (mixed mode)", visible=not dual, elem_id="song-song-model")
+                                     label="Song model (mixed mode)", visible=mixed, elem_id="song-song-model")
+            note_model = gr.Dropdown(pipeline.model_choices("microsong"), label="Note model (micro-song mode)",
+                                     value=pipeline.default_model_name("microsong"), visible=start_mode == "offline",
+                                     elem_id="song-note-model")
             # Built with the largest limit of any mode: an API call (which never sees a mode change) may ask for
             # a long mixed-mode song; the pipeline refuses too long a dual-track one with a clear error.
             duration = gr.Slider(1, max(MAX_DURATION_S.values()), value=10, step=1, label="Duration (s)",
                                  info=duration_info(start_mode))
-            draft = gr.Checkbox(value=True, label="Lossless column drafting (dual-track)", visible=dual,
-                                info="Prompt lookup over codebook columns, verified: same audio, fewer forwards")
+            draft = gr.Checkbox(value=True, label="Lossless drafting (dual-track, micro-song)", visible=not mixed,
+                                info="Prompt lookup over codebook columns (dual) or notes (micro-song), verified: "
+                                     "same song, fewer forwards")
             seed = seed_row()
             with gr.Accordion("Sampling", open=False):
                 guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (CFG)")
                 temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
                 top_k = gr.Slider(0, 1000, value=250, step=1, label="Top-k (MusicGen)", visible=dual)
-                steps = gr.Slider(1, 60, value=8, step=1, label="Diffusion steps (mixed mode)", visible=not dual)
+                steps = gr.Slider(1, 60, value=8, step=1, label="Diffusion steps (mixed mode)", visible=mixed)
             stats = stats_panel()
     gr.Examples(EXAMPLES, inputs=[lyrics, style])
 
     @on_gpu
     def generate_song(lyrics_text, style_text, duration_s, mode_name, draft_on, guidance_scale, temp, top_k_value,
-                      steps_value, seed_value, accompaniment_name, vocals_name, song_model_name,
+                      steps_value, seed_value, accompaniment_name, vocals_name, song_model_name, note_model_name,
                       request: gr.Request) -> Iterator[tuple]:
         song_request = SongRequest(
             lyrics=lyrics_text or "", style=style_text or "", duration_s=number(duration_s, 10.0),
             mode=mode_name or "dual", draft=bool(draft_on), guidance_scale=number(guidance_scale, 3.0),
             temperature=number(temp, 1.0), top_k=int(number(top_k_value, 250)), steps=int(number(steps_value, 8)),
             seed=int(number(seed_value, -1)), accompaniment_model=accompaniment_name or "",
-            vocal_model=vocals_name or "", song_model=song_model_name or "",
+            vocal_model=vocals_name or "", song_model=song_model_name or "", note_model=note_model_name or "",
         )
         for event in run_pipeline(pipeline, song_request, request):
             if isinstance(event, Partial):
@@ -99,15 +108,17 @@ def build(pipeline: SongPipeline) -> None:
                 yield None, event.value["mix"], list(event.value.values()), event.stats  # None ends the stream
 
     inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed, accompaniment, vocals,
-              song_model]
+              song_model, note_model]
     clear_on_start([generate.click], [final, stems, stats], "song")
     event = generate.click(generate_song, inputs=inputs, outputs=[live, final, stems, stats],
                            api_name="generate_song", **GPU_LANE)
     wire_stop(stop, "song", [event], stats)
     link_seed_reuse(seed, stats)
     mode.change(mode_controls, inputs=[mode, duration],
-                outputs=[accompaniment, vocals, song_model, draft, top_k, steps, duration], api_visibility="private",
+                outputs=[accompaniment, vocals, song_model, draft, top_k, steps, note_model, duration],
+                api_visibility="private",
                 queue=False)
     refresh_availability(pipeline, notice, generate, {accompaniment: lambda: pipeline.model_choices("musicgen"),
                                                       vocals: lambda: pipeline.model_choices("bark"),
-                                                      song_model: lambda: pipeline.model_choices("ace-step")})
+                                                      song_model: lambda: pipeline.model_choices("ace-step"),
+                                                      note_model: lambda: pipeline.model_choices("microsong")})

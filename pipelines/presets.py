@@ -12,6 +12,7 @@ from .models import ModelSpec, ModelStore
 
 PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
+MICROSONG_MODEL = "micro-song (note model trained here + synth)"
 MICROWORLD_VIDEO_MODEL = "micro-world v2 motion (128 px moving shapes, trained here)"
 # The motion adapter (pipelines/microworld/train_motion.py) on the frozen v2 pipeline, trained with that pipeline's
 # noise schedule (``base_betas``). Listed only while its folder is committed (``models_for``); last, so it is the
@@ -60,6 +61,8 @@ AUTO_MODELS: dict[str, list[ModelSpec]] = {
         BARK_SMALL,
         BARK,
         ModelSpec("ACE-Step 1.5 XL turbo", "ace-step", hub_id="ACE-Step/acestep-v15-xl-turbo-diffusers"),
+        # Trained here on composed tunes (pipelines/microsong), committed: the offline mode's note model.
+        ModelSpec(MICROSONG_MODEL, "microsong", package="microsong"),
     ],
 }
 
@@ -82,6 +85,7 @@ TINY_MODELS: dict[str, list[ModelSpec]] = {
         ModelSpec("tiny-musicgen (random weights)", "musicgen", tiny=True),
         TINY_BARK,
         ModelSpec("tiny-ace-step (random weights)", "ace-step", tiny=True),
+        ModelSpec("tiny-microsong (random weights)", "microsong", tiny=True),
     ],
 }
 

@@ -9,6 +9,9 @@
   The stems are gain-staged so their sum never clips (``audio.pcm.mix_stems``), chunk by chunk while streaming.
 - ``mixed``: one model renders the whole song: ACE-Step 1.5 through diffusers' ``AceStepPipeline``
   (``audio/ace_step.py``).
+- ``offline``: micro-song (``microsong/``), a note model trained here and committed: chords and a note per syllable
+  decoded by the decoding core (prompt lookup drafts the repeats), played bar by bar by a numpy synth with
+  formant-synth vocals. Listed last: the default only when the Hub models cannot run.
 """
 from __future__ import annotations
 
@@ -25,21 +28,27 @@ from ..audio.vocals import VocalTrack
 from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
                     resolve_seed)
 from ..decoding.plain import SamplingConfig
+from ..microsong.model import load_note_model
+from ..microsong.song import SAMPLE_RATE, stream_events
 from ..models import ModelSpec, ModelStore
 from ..presets import fetch_plan, find_spec, first_usable, labelled_choices, models_for
 from ..streaming import Returning
 
-MODES = ("dual", "mixed")
+MODES = ("dual", "mixed", "offline")
 MODE_LABELS = {
     "dual": "dual-track: MusicGen accompaniment + Bark vocals, mixed",
     "mixed": "mixed: ACE-Step 1.5 renders the whole song",
+    "offline": "micro-song: our small note model + synth (formant vocals), offline",
 }
 # The models each mode runs, by kind, and the request field (the tab's picker) that names each one.
-MODE_KINDS = {"dual": ("musicgen", "bark"), "mixed": ("ace-step",)}
-MODEL_FIELDS = {"musicgen": "accompaniment_model", "bark": "vocal_model", "ace-step": "song_model"}
-MODEL_ROLES = {"musicgen": "accompaniment model", "bark": "vocals model", "ace-step": "song model"}
-MAX_DURATION_S = {"dual": 30.0, "mixed": 240.0}  # MusicGen's sinusoidal positions cap it at ~30 s
-LOADERS = {"musicgen": load_musicgen, "bark": load_bark, "ace-step": load_ace_step}
+MODE_KINDS = {"dual": ("musicgen", "bark"), "mixed": ("ace-step",), "offline": ("microsong",)}
+MODEL_FIELDS = {"musicgen": "accompaniment_model", "bark": "vocal_model", "ace-step": "song_model",
+                "microsong": "note_model"}
+MODEL_ROLES = {"musicgen": "accompaniment model", "bark": "vocals model", "ace-step": "song model",
+               "microsong": "note model"}
+# MusicGen's sinusoidal positions cap dual at ~30 s; a micro-song's length follows its lyrics and tempo (ignored)
+MAX_DURATION_S = {"dual": 30.0, "mixed": 240.0, "offline": 240.0}
+LOADERS = {"musicgen": load_musicgen, "bark": load_bark, "ace-step": load_ace_step, "microsong": load_note_model}
 
 
 @dataclass
@@ -48,7 +57,7 @@ class SongRequest(Request):
     style: str = ""
     duration_s: float = 10.0
     mode: str = "dual"
-    draft: bool = True  # lossless column drafting in the MusicGen loop (dual mode)
+    draft: bool = True  # lossless drafting: MusicGen's column lookup (dual), prompt lookup over notes (offline)
     guidance_scale: float = 3.0
     temperature: float = 1.0
     top_k: int = 250
@@ -56,6 +65,7 @@ class SongRequest(Request):
     accompaniment_model: str = ""  # a listed MusicGen name ("" = the first usable one)
     vocal_model: str = ""  # a listed Bark name
     song_model: str = ""  # a listed ACE-Step name (mixed mode)
+    note_model: str = ""  # a listed micro-song note model (offline mode)
 
 
 class SongPipeline(Pipeline):
@@ -137,7 +147,7 @@ class SongPipeline(Pipeline):
         if request.mode == "dual":
             yield from self.generate_dual(request, sections)
         else:
-            yield from self.generate_mixed(request)
+            yield from {"mixed": self.generate_mixed, "offline": self.generate_offline}[request.mode](request)
 
     def generate_dual(self, request: SongRequest, sections: list[Section]) -> Iterator[Event]:
         started = time.perf_counter()
@@ -167,12 +177,31 @@ class SongPipeline(Pipeline):
         vocals_s = time.perf_counter() - started
         vocal_stem, accompaniment_stem, mix = mix_stems(vocals.samples, stream.value.audio)
         elapsed = time.perf_counter() - started
-        parameters = self.parameters(request)
-        files = {name: save_float_wav(audio, sample_rate, parameters, "song", name)
-                 for name, audio in (("mix", mix), ("vocals", vocal_stem), ("accompaniment", accompaniment_stem))}
+        files = self.save_stems(request, sample_rate, mix, vocal_stem, accompaniment_stem)
         timings = {"time_s": elapsed, "time_to_first_audio_s": first_audio_s or elapsed, "vocals_s": vocals_s}
         stats = self.dual_stats(request, stream.value, vocals, timeline, timings)
         yield Result(files, stats, {"files": files, "timeline": describe_timeline(timeline)})
+
+    def save_stems(self, request: SongRequest, sample_rate: int, mix, vocals, accompaniment) -> dict[str, str]:
+        """The mix and both stems as float WAVs, each with the request's parameters beside it."""
+        parameters = self.parameters(request)
+        return {name: save_float_wav(audio, sample_rate, parameters, "song", name)
+                for name, audio in (("mix", mix), ("vocals", vocals), ("accompaniment", accompaniment))}
+
+    def generate_offline(self, request: SongRequest) -> Iterator[Event]:
+        """Micro-song: each bar mixed and streamed the moment the decoder completes it (``microsong.song``)."""
+        started = time.perf_counter()
+        yield Progress(0, 1, "loading the micro-song note model")
+        note = self.load("microsong", request.note_model)
+        sampling = SamplingConfig(temperature=float(request.temperature), top_k=int(request.top_k), seed=request.seed)
+        take = yield from stream_events(note, request.lyrics, request.style, sampling, request.draft, request.seed,
+                                        request.cancel, started)
+        vocals, accompaniment, mix = mix_stems(take.vocals, take.accompaniment)
+        files = self.save_stems(request, SAMPLE_RATE, mix, vocals, accompaniment)
+        stats = {"mode": "offline", "mode_label": MODE_LABELS["offline"], "drafting": bool(request.draft),
+                 "model": self.spec("microsong", request.note_model).name, "seed": request.seed,
+                 **take.describe(time.perf_counter() - started)}
+        yield Result(files, stats, {"files": files, "tokens": " ".join(take.tokens)})
 
     def dual_stats(self, request: SongRequest, accompaniment: Accompaniment, vocals: VocalTrack,
                    timeline: list[TimedSection], timings: dict[str, float]) -> dict[str, Any]:
@@ -213,16 +242,9 @@ class SongPipeline(Pipeline):
         yield Partial(AudioChunk(song.audio.T, song.sample_rate, 0))
         files = {"mix": save_float_wav(song.audio, song.sample_rate, self.parameters(request), "song", "mix")}
         audio_s = song.audio.shape[-1] / song.sample_rate
-        stats = {
-            "mode": "mixed",
-            "mode_label": MODE_LABELS["mixed"],
-            "model": self.spec("ace-step", request.song_model).name,
-            "audio_s": round(audio_s, 3),
-            "sample_rate": song.sample_rate,
-            "time_s": round(elapsed, 4),
-            "rtf": round(elapsed / audio_s, 4) if audio_s else 0.0,
-            "time_to_first_audio_s": round(elapsed, 4),
-            "steps": song.steps,
-            "seed": request.seed,
-        }
+        stats = {"mode": "mixed", "mode_label": MODE_LABELS["mixed"], "audio_s": round(audio_s, 3),
+                 "model": self.spec("ace-step", request.song_model).name, "sample_rate": song.sample_rate,
+                 "time_s": round(elapsed, 4),
+                 "rtf": round(elapsed / audio_s, 4) if audio_s else 0.0, "time_to_first_audio_s": round(elapsed, 4),
+                 "steps": song.steps, "seed": request.seed}
         yield Result(files, stats, {"files": files})

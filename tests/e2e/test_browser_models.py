@@ -47,7 +47,6 @@ def pick(page, picker: str, option: str) -> None:
 @pytest.mark.parametrize("task, label, needs", [
     ("video", "Video", ["AnimateDiff v1-5-3 on SD1.5", "hf download guoyww/animatediff-motion-adapter-v1-5-3",
                         "hf download stable-diffusion-v1-5/stable-diffusion-v1-5"]),
-    ("song", "Song", ["MusicGen small", "hf download facebook/musicgen-small", "hf download suno/bark-small"]),
 ])
 def test_tab_without_models_says_on_arrival_what_to_fetch(browser, offline_url, task, label, needs):  # noqa: F811
     from playwright.sync_api import expect
@@ -64,20 +63,40 @@ def test_tab_without_models_says_on_arrival_what_to_fetch(browser, offline_url, 
 
 
 def test_song_tab_has_model_pickers_per_mode(browser, offline_url):  # noqa: F811
+    """Offline the song tab starts in micro-song mode (its note model is committed); the Hub modes stay
+    selectable, their pickers marked as needing a download."""
     from playwright.sync_api import expect
 
     page = open_tab(browser, offline_url[0], "Song", "song")
     accompaniment, vocals = page.locator("#song-accompaniment-model"), page.locator("#song-vocals-model")
-    song_model = page.locator("#song-song-model")
+    song_model, note_model = page.locator("#song-song-model"), page.locator("#song-note-model")
+    expect(page.locator("#song-unavailable")).to_be_hidden()
+    expect(page.locator("#song-generate")).to_be_enabled()
+    expect(note_model.locator("input")).to_have_value(re.compile(r"^micro-song .* · available here$"))
+    expect(accompaniment).to_be_hidden()
+    expect(song_model).to_be_hidden()
+    page.locator("#song-mode").get_by_text("dual-track: MusicGen").click()
     expect(accompaniment.locator("input")).to_have_value("MusicGen small · needs a download (Hub unreachable)")
     expect(vocals.locator("input")).to_have_value("Bark small · token AR · needs a download (Hub unreachable)")
-    expect(song_model).to_be_hidden()
+    expect(note_model).to_be_hidden()
     page.locator("#song-mode").get_by_text("mixed: ACE-Step").click()
     expect(song_model).to_be_visible()
     expect(accompaniment).to_be_hidden()
     expect(vocals).to_be_hidden()
-    expect(page.locator("#tab-song").get_by_text("Lossless column drafting (dual-track)")).to_be_hidden()
+    expect(page.locator("#tab-song").get_by_text("Lossless drafting (dual-track, micro-song)")).to_be_hidden()
     page.screenshot(path=str(SHOTS / "models-song-mixed.png"), full_page=True)
+    page.close()
+
+
+def test_song_tab_sings_its_example_offline(browser, offline_url):  # noqa: F811
+    from playwright.sync_api import expect
+
+    page = open_tab(browser, offline_url[0], "Song", "song")
+    page.locator("#song-generate").click()
+    expect(page.locator("#song-final audio").first).to_be_attached(timeout=180_000)
+    expect(page.locator("#tab-song")).to_contain_text("lines_matching_syllables", timeout=30_000)
+    assert not page.get_by_test_id("toast-body").count()
+    page.screenshot(path=str(SHOTS / "models-song-offline.png"), full_page=True)
     page.close()
 
 

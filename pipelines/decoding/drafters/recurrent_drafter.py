@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..captured import CapturedCalls, capture_supported
-from ..hardware import pick_tree_size
+from ..hardware import StepPrices, pick_tree_size
 from ..trained import TrainedWeights
 from ..tree import TokenTree
 from ..verify import Drafter
@@ -238,6 +238,7 @@ class RecurrentDrafting(Drafter):
         self.drafts = HeadDrafts(head, model)
         self.costs = costs
         self.max_nodes = max_nodes
+        self.prices = StepPrices()
 
     def start(self, prompt: list[int]) -> None:
         self.drafts.start()
@@ -253,7 +254,8 @@ class RecurrentDrafting(Drafter):
         if found is None:
             return TokenTree.chain(context[-1], [])
         tree, _, _, path = found
-        return tree.truncated(max_nodes=pick_tree_size(path, self.costs))
+        prices = self.prices(self.costs, max(len(path), self.max_nodes))
+        return tree.truncated(max_nodes=pick_tree_size(path, self.costs, prices))
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         self.drafts.update(tree.path_of(accepted)[-1])

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
-from pipelines.decoding import device_accept, hardware, plain, static, verify  # noqa: E402
+from pipelines.decoding import hardware, plain, static, verify  # noqa: E402
 from pipelines.decoding.drafters import prompt_tokens, recurrent_drafter  # noqa: E402
 from pipelines.decoding.drafters.lookahead import LookaheadTrie  # noqa: E402
 from pipelines.decoding.drafters.merged import CandidateTrie, MergedDrafter  # noqa: E402
@@ -53,9 +53,9 @@ TIMED = [(MergedDrafter, "propose"), (MergedDrafter, "_select"), (MergedDrafter,
          (TokenTree, "truncated"), (TokenTree, "ancestor_matrix"), (TokenTree, "path_of"), (TokenTree, "children"),
          (TokenTree, "__post_init__"),
          (verify.CausalLMForward, "block_inputs"), (verify.CausalLMForward, "__call__"), (verify, "choose_run"),
-         (verify, "greedy_accept"), (device_accept, "accepted_leaf"), (plain.DecodeStats, "keep_top"),
+         (verify, "greedy_accept"), (plain.DecodeStats, "keep_top"),
          (static.StaticForward, "block_inputs"), (static.StaticForward, "fit"), (static.StaticForward, "__call__"),
-         (static.StaticForward, "_stage"), (static.StaticForward, "_step"), (static.StaticForward, "tree_tensors")]
+         (static.StaticForward, "_stage"), (static.StaticForward, "_step")]
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
@@ -74,6 +74,17 @@ def timing(clock, spent: dict[str, float], calls: dict[str, int]) -> None:
                 calls[_label] += 1
 
         setattr(owner, name, timed)
+
+
+def counting_rows(rows: list[int]) -> None:
+    """Append every verified tree's size to ``rows`` (what the cost curve priced)."""
+    choose_run = verify.choose_run
+
+    def counted(tree, *args, **kwargs):
+        rows.append(len(tree))
+        return choose_run(tree, *args, **kwargs)
+
+    verify.choose_run = counted
 
 
 def gpu_curve(path: Path) -> tuple[tuple[int, ...], dict[int, float]]:
@@ -111,19 +122,22 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     timing(CLOCKS[args.clock], spent, calls)
+    trees: list[int] = []
+    counting_rows(trees)
     results = [pipeline.run(TextRequest(prompt=prompt, **request)) for prompt in prompts]
     steps = sum(result.stats["forwards"] for result in results)
     tau = sum(result.stats["tokens"] for result in results) / steps
     rows = [{"function": label, "calls_per_step": round(calls[label] / steps, 2),
              "ms_per_step": round(1e3 * spent[label] / steps, 3)} for label in sorted(spent, key=lambda k: -spent[k])]
-    print(f"{args.method}: {steps} steps, tau {tau:.3f}, clock {args.clock}")
+    nodes = sum(trees) / max(len(trees), 1)
+    print(f"{args.method}: {steps} steps, tau {tau:.3f}, {nodes:.1f} tree nodes per step, clock {args.clock}")
     for row in rows:
         print(f"{row['function']:32s} {row['calls_per_step']:6.2f} calls {row['ms_per_step']:8.3f} ms per step")
     if args.json:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         write_report({"benchmark": "drafter_host", "device": device, "command": command_line(None),
                       "settings": vars(args) | {"json": str(args.json), "curve": str(args.curve or "")},
-                      "steps": steps, "tau": tau, "rows": rows, "texts": [str(result.value) for result in results]},
+                      "steps": steps, "tau": tau, "tree_nodes": nodes, "rows": rows, "texts": [str(result.value) for result in results]},
                      args.json)
 
 

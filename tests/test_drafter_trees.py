@@ -4,7 +4,6 @@ GPU-like, the served H100 bucketed and steep cost curves, through the eager forw
 Regenerate the record only from code whose trees are known good: ``python tests/test_drafter_trees.py --record``."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,8 @@ from pipelines.decoding.drafters.recurrent_drafter import RecurrentDrafting, new
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import CausalLMForward, Drafter, speculative_decode
-from decoding_support import FLAT, STEEP, repetitive_prompt, run, sharpened_llama
+
+from decoding_support import FLAT, STEEP, assert_recorded, repetitive_prompt, run, sharpened_llama, tree_digest
 
 RECORD = Path(__file__).parent / "data" / "drafter_trees.json"
 # text_served_h100.json's measured curve (ms) at the static path's buckets, as the served drafters see it
@@ -28,17 +28,13 @@ CURVES = {"flat": FLAT, "gpu": GPU_STEP_COST, "h100": bucketed(H100_BUCKETS, tup
 PROMPTS = ((0, 23), (1, 61), (2, 40))
 
 
-def digest(tree: TokenTree) -> str:
-    return hashlib.sha1(json.dumps([tree.tokens, tree.parents]).encode()).hexdigest()[:12]
-
-
 def recording(drafter: Drafter, digests: list[str], sizes: list[int]) -> Drafter:
     """``drafter`` with every proposed tree's digest and size appended to ``digests`` and ``sizes``."""
     propose = drafter.propose
 
     def recorded(context: list[int]) -> TokenTree:
         tree = propose(context)
-        digests.append(digest(tree))
+        digests.append(tree_digest(tree))
         sizes.append(len(tree))
         return tree
 
@@ -78,10 +74,7 @@ RUNS = {f"{method}_{curve}{'_static' if static else ''}": (lambda m=method, c=cu
 def test_drafter_proposes_the_recorded_trees(name):
     expected = json.loads(RECORD.read_text())[name]
     got = RUNS[name]()
-    assert len(got["trees"]) == len(expected["trees"])
-    first = next((i for i, (a, b) in enumerate(zip(got["trees"], expected["trees"])) if a != b), None)
-    assert first is None, f"step {first} proposes another tree"
-    assert got == expected
+    assert_recorded(got, expected)
 
 
 def test_recorded_runs_draft_real_trees():

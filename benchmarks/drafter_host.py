@@ -137,7 +137,8 @@ def main() -> None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         write_report({"benchmark": "drafter_host", "device": device, "command": command_line(None),
                       "settings": vars(args) | {"json": str(args.json), "curve": str(args.curve or "")},
-                      "steps": steps, "tau": tau, "tree_nodes": nodes, "rows": rows, "texts": [str(result.value) for result in results]},
+                      "steps": steps, "tau": tau, "tree_nodes": nodes, "rows": rows,
+                      "texts": [str(result.value) for result in results]},
                      args.json)
 
 

@@ -143,12 +143,27 @@ class PromptChains:
         self.top_k = top_k
         self.memory = memory
         self.gain, self.gain_weight = 1.0, 1.0  # prior: one token per step, worth one step
-        self.guesses: Guesses | None = None
+        self._guesses: Guesses | None = None
+        self._pending: tuple[int, torch.Tensor] | None = None  # chain rows and their packed guesses, on the device
         self.chains = 0  # chains attached, over the request (for stats)
         self.prices = StepPrices()
 
     def start(self) -> None:
         self.guesses = None
+
+    @property
+    def guesses(self) -> Guesses | None:
+        """The guesses ``read`` kept, read from the device when first asked for (the next ``propose``): the read
+        waits for them there, so it waits as late as it can and the host finishes the step meanwhile."""
+        if self._pending is not None:
+            rows, packed = self._pending
+            values = packed.tolist()
+            self._guesses, self._pending = Guesses([list(map(int, row)) for row in values[:rows]], values[rows:]), None
+        return self._guesses
+
+    @guesses.setter
+    def guesses(self, guesses: Guesses | None) -> None:
+        self._guesses, self._pending = guesses, None
 
     def attach(self, tree: TokenTree, path: list[float], expected: float, costs: dict[int, float],
                max_nodes: int) -> TokenTree:
@@ -218,8 +233,9 @@ class PromptChains:
         return sum(token < self.prompts.base for token in tree.tokens)
 
     def read(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        """Keep the guesses of the chain below the last accepted node (none if it had no chain). One read from the
-        device for tokens and probabilities; no children table (a scan per chain node is cheaper)."""
+        """Keep the guesses of the chain below the last accepted node (none if it had no chain): their top-K
+        computed on the device and read in one transfer when ``guesses`` is first asked for; no children table (a
+        scan per chain node is cheaper)."""
         node = tree.path_of(accepted)[-1]
         rows, first = [], self.ids[0]
         child = tree.child(node, first)
@@ -233,8 +249,7 @@ class PromptChains:
         chosen = (logits[rows[0]:rows[-1] + 1] if contiguous else logits[rows]).float()
         top = chosen.topk(self.top_k, dim=-1)
         probs = (top.values - chosen.logsumexp(-1, keepdim=True)).exp()
-        packed = torch.cat([top.indices.double(), probs.double()]).tolist()  # float64 holds both exactly
-        self.guesses = Guesses([list(map(int, tokens)) for tokens in packed[:len(rows)]], packed[len(rows):])
+        self._pending = len(rows), torch.cat([top.indices.double(), probs.double()])  # float64 holds both exactly
 
     def credit(self, alone: int) -> None:
         """A step that had guesses accepted ``alone`` tokens that only they proposed."""

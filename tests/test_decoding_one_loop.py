@@ -97,7 +97,8 @@ def test_redrafter_sizes_its_tree_by_the_rule(models, monkeypatch):
     drafter = RecurrentDrafting(new_head(model), model, GPU_STEP_COST)
     path = [1.0, 0.7, 0.5, 0.3, 0.2] + [0.15] * 20 + [0.01] * 39
     tree = TokenTree(list(range(64)), [-1] + [i // 2 for i in range(63)])
-    monkeypatch.setattr(drafter.drafts, "candidates", lambda root, max_nodes: (tree, [0] * 64, path, path))
+    monkeypatch.setattr(drafter.drafts, "launch", lambda root, max_nodes: torch.zeros(1))  # stands for a grown tree
+    monkeypatch.setattr(drafter.drafts, "read", lambda grown: (tree, [0] * 64, path, path))
     for costs in (GPU_STEP_COST, STEEP, H100):
         drafter.costs = costs
         assert len(drafter.propose([3, 4, 5])) == pick_tree_size(path, costs)

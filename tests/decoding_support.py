@@ -1,6 +1,8 @@
 """Shared by the decoding tests: tiny model families, cost curves, prompts with repeats to draft from."""
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from contextlib import contextmanager
 from typing import Iterator
@@ -127,3 +129,16 @@ def weights_unchanged(model: torch.nn.Module) -> Iterator[None]:
     yield
     for name, parameter in model.state_dict().items():
         assert torch.equal(parameter, before[name]), name
+
+
+def tree_digest(tree: TokenTree) -> str:
+    """A short fingerprint of a tree's tokens and shape, for recorded-tree tests."""
+    return hashlib.sha1(json.dumps([tree.tokens, tree.parents]).encode()).hexdigest()[:12]
+
+
+def assert_recorded(got: dict, expected: dict) -> None:
+    """A run proposes the recorded trees (naming the first step that differs) and matches the rest of its record."""
+    assert len(got["trees"]) == len(expected["trees"])
+    first = next((i for i, (a, b) in enumerate(zip(got["trees"], expected["trees"])) if a != b), None)
+    assert first is None, f"step {first} proposes another tree"
+    assert got == expected

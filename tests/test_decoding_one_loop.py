@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from pipelines.decoding.drafters import merged as merged_module
-from pipelines.decoding.hardware import GPU_STEP_COST, REFED_ROWS, bucketed, interpolate, pick_tree_size
+from pipelines.decoding.hardware import GPU_STEP_COST, REFED_ROWS, StepPrices, bucketed, interpolate, pick_tree_size, step_cost
 from pipelines.decoding.drafters.lookahead import NGramTrie
 from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
@@ -97,7 +97,8 @@ def test_redrafter_sizes_its_tree_by_the_rule(models, monkeypatch):
     drafter = RecurrentDrafting(new_head(model), model, GPU_STEP_COST)
     path = [1.0, 0.7, 0.5, 0.3, 0.2] + [0.15] * 20 + [0.01] * 39
     tree = TokenTree(list(range(64)), [-1] + [i // 2 for i in range(63)])
-    monkeypatch.setattr(drafter.drafts, "candidates", lambda root, max_nodes: (tree, [0] * 64, path, path))
+    monkeypatch.setattr(drafter.drafts, "launch", lambda root, max_nodes: torch.zeros(1))  # stands for a grown tree
+    monkeypatch.setattr(drafter.drafts, "read", lambda grown: (tree, [0] * 64, path, path))
     for costs in (GPU_STEP_COST, STEEP, H100):
         drafter.costs = costs
         assert len(drafter.propose([3, 4, 5])) == pick_tree_size(path, costs)
@@ -125,8 +126,19 @@ def test_merged_drafter_sizes_its_tree_by_the_rule(models, monkeypatch, costs):
 def test_ppd_without_room_for_chains_is_the_rule():
     """``PromptChains.sized`` adds chain candidates to the rule's; with no room for a chain it is the rule."""
     chains = PromptChains.__new__(PromptChains)
-    chains.ids, chains.gain = [1000, 1001, 1002], 1.0
+    chains.ids, chains.gain, chains.prices = [1000, 1001, 1002], 1.0, StepPrices()
     guesses = Guesses([[10 + 10 * d + r for r in range(6)] for d in range(3)], [[0.6, 0.2, 0.1, 0.05, 0.03, 0.02]] * 3)
     tree, _, path = guesses.tree(0, 40)
     for costs in (GPU_STEP_COST, STEEP, H100):
         assert chains.sized(tree, path, costs, max_nodes=3) == pick_tree_size(path, costs)
+
+
+def test_step_prices_are_the_rules_prices_remembered_per_curve():
+    """Drafters price sizes from a list kept per curve (``StepPrices``): the same floats ``step_cost`` gives, so
+    every tree is sized as before; a new curve or a larger size prices again."""
+    prices = StepPrices()
+    for costs in (GPU_STEP_COST, STEEP, H100):
+        listed = prices(costs, 40)
+        assert listed[1:41] == [step_cost(costs, n) for n in range(1, 41)]
+        assert prices(costs, 12) is listed
+    assert len(prices(H100, 200)) > 200 and prices(H100, 200)[200] == step_cost(H100, 200)

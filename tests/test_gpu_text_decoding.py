@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from pipelines.decoding.device_accept import device_tree, greedy_accept
+from pipelines.decoding.device_accept import greedy_accept
 from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
 from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import SamplingConfig, plain_decode
@@ -78,12 +78,12 @@ def test_the_heads_captured_levels_equal_its_eager_levels(model):
     assert len(drafts.calls.graphs) == 3  # one graph per offer size, replayed on later steps
 
 
-def test_device_acceptance_equals_the_host_walk_on_the_gpu():
+def test_one_read_acceptance_equals_the_host_walk_on_the_gpu():
     rng = random.Random(0)
     for _ in range(50):
         tree = random_tree(rng, rng.randrange(1, 100), vocab=4)
         logits = peaked_logits(rng, tree, vocab=4).cuda()
-        assert greedy_accept(tree, logits, *device_tree(tree, logits.device)) == accept(tree, logits, SamplingConfig(), None)
+        assert greedy_accept(tree, logits) == accept(tree, logits, SamplingConfig(), None)
 
 
 @pytest.mark.parametrize("compile", ["layers", "dynamic"])

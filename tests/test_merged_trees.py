@@ -24,16 +24,12 @@ from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
-from decoding_support import FLAT, STEEP, random_head, repetitive_prompt, run
+from decoding_support import FLAT, STEEP, assert_recorded, random_head, repetitive_prompt, run, tree_digest
 
 RECORD = Path(__file__).parent / "data" / "merged_trees.json"
 VOCAB = 320
 CURVES = {"flat": FLAT, "gpu": GPU_STEP_COST, "steep": STEEP}
 FOLLOWS = random.Random(VOCAB).choices(range(VOCAB), k=VOCAB)  # the scripted language's bigram table
-
-
-def digest(tree: TokenTree) -> str:
-    return hashlib.sha1(json.dumps([tree.tokens, tree.parents]).encode()).hexdigest()[:12]
 
 
 def recording(drafter: MergedDrafter, digests: list[str]) -> MergedDrafter:
@@ -42,7 +38,7 @@ def recording(drafter: MergedDrafter, digests: list[str]) -> MergedDrafter:
 
     def recorded(context: list[int]) -> TokenTree:
         tree = propose(context)
-        digests.append(digest(tree))
+        digests.append(tree_digest(tree))
         return tree
 
     drafter.propose = recorded
@@ -124,10 +120,7 @@ RUNS = {**{f"scripted_{curve}": (lambda c=curve: scripted_run(c)) for curve in C
 def test_merged_drafter_proposes_the_recorded_trees(name):
     expected = json.loads(RECORD.read_text())[name]
     got = RUNS[name]()
-    assert len(got["trees"]) == len(expected["trees"])
-    first = next((i for i, (a, b) in enumerate(zip(got["trees"], expected["trees"])) if a != b), None)
-    assert first is None, f"step {first} proposes another tree"
-    assert got == expected
+    assert_recorded(got, expected)
 
 
 def test_scripted_runs_draft_deep_trees():

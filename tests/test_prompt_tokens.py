@@ -164,6 +164,24 @@ def test_guesses_come_from_the_chain_below_the_last_accepted_node(models):
     assert chains.guesses.tokens[0][0] == 50
 
 
+def test_guesses_are_read_from_the_device_once_and_only_when_asked_for(models, monkeypatch):
+    """``read`` queues the guesses' top-K and leaves the read to the next ``propose`` (on a GPU the host finishes
+    the step meanwhile); asking for them reads once, tokens and probabilities together."""
+    prompts = new_prompt_tokens(models["llama"], count=2)
+    chains = PromptChains(prompts, top_k=3)
+    tree = chains.attach(TokenTree([0, 1], [-1, 0]), [1.0, 0.9], 1.9, FLAT, 64)
+    logits = torch.randn(len(tree), 320, generator=torch.Generator().manual_seed(0))
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.shape) or tolist(self))
+    chains.read(tree, logits, [1, 77])
+    assert reads == []
+    rows = [i for i in range(len(tree)) if tree.tokens[i] >= prompts.base and root_path(tree, i)[1] == 1]
+    top = logits[rows].topk(3, dim=-1)
+    assert chains.guesses.tokens == top.indices.tolist() and len(reads) == 2  # one read, then the expectation's
+    probs = (top.values - logits[rows].logsumexp(-1, keepdim=True)).exp().tolist()
+    assert chains.guesses.probs == probs and len(reads) == 3
+
 def test_a_forward_without_the_prompt_embedding_is_refused(models):
     model = models["llama"]
     drafter = ParallelPromptDecoding(new_prompt_tokens(model), FLAT)

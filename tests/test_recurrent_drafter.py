@@ -201,3 +201,22 @@ def test_training_moves_only_the_head_and_teaches_it_the_models_next_tokens():
     assert sum(report["holdout_after"]["kl"]) < sum(report["holdout_before"]["kl"])
     assert report["holdout_after"]["top1"][0] > report["holdout_before"]["top1"][0]
     assert isinstance(head, DraftHead) and not any(p.requires_grad is False for p in head.parameters())
+
+
+def test_the_next_steps_head_starts_as_soon_as_a_step_is_accepted(models):
+    """The head is launched in ``update`` (its levels overlap the rest of the step on a GPU) and ``propose`` reads
+    that launch instead of starting another: one launch per step, and still the plain greedy output."""
+    model = models["llama"]
+    drafter = RecurrentDrafting(random_head(model), model, FLAT)
+    phase, launches = [""], []
+    for name in ("propose", "update"):
+        def phased(*args, _method=getattr(drafter, name), _name=name):
+            phase[0] = _name
+            return _method(*args)
+        setattr(drafter, name, phased)
+    launch = drafter.drafts.launch
+    drafter.drafts.launch = lambda root, max_nodes: launches.append(phase[0]) or launch(root, max_nodes)
+    prompt = repetitive_prompt(3, 20)
+    got = run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter))
+    assert got == run(plain_decode(model, prompt, 30, SamplingConfig(), set()))
+    assert launches.count("propose") == 1 and launches.count("update") == len(launches) - 1 > 3

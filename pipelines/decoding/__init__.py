@@ -22,8 +22,9 @@ stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     ``cancel`` every step and fills ``DecodeStats`` (forwards, tokens, τ, drafting time). ``prefill`` (model
     inputs such as ``inputs_embeds``) and ``processors`` (a ``LogitsProcessorList`` applied per verified
     position) serve stages like Bark's; ``verify.NoDraft()`` runs the same loop one token per forward. Greedy
-    steps without processors accept on the device (``device_accept.greedy_accept``: one read per step); sampled
-    ones walk the tree on the host, drawing exactly where plain decoding draws.
+    steps without processors read every row's argmax at once (``device_accept.greedy_accept``: one read per
+    step) and walk the accepted path on the host; sampled ones walk the tree on the host, drawing exactly where
+    plain decoding draws.
 ``verify.CausalLMForward(model, tree_attention=True, embed=None)``
     How the core calls a model. Any causal LM whose forward takes ``input_ids`` (or ``inputs_embeds``: pass
     ``embed``), ``attention_mask`` (4D float), ``position_ids`` and a transformers cache and returns

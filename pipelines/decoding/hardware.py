@@ -100,6 +100,22 @@ def step_prices(costs: dict[int, float], sizes: int) -> list[float]:
     return [0.0] + [step_cost(costs, n) for n in range(1, sizes + 1)]
 
 
+class StepPrices:
+    """``step_prices(costs, sizes)`` remembered for the last curve asked about: drafters that size a tree every step
+    price the same sizes again (PPD's sizing priced ~300 sizes a step, each an interpolation over the curve: a
+    millisecond of host time per step on a CPU)."""
+
+    def __init__(self) -> None:
+        self._curve: dict[int, float] | None = None
+        self._prices: list[float] = [0.0]
+
+    def __call__(self, costs: dict[int, float], sizes: int) -> list[float]:
+        """Index n holds ``step_cost(costs, n)``, for every n up to at least ``sizes``."""
+        if self._curve is not costs or len(self._prices) <= sizes:
+            self._curve, self._prices = costs, step_prices(costs, sizes)
+        return self._prices
+
+
 def pick_tree_size(path: list[float], costs: dict[int, float], prices: list[float] | None = None) -> int:
     """The one tree-size rule: how many leading nodes (root included) of a best-first tree to verify, the prefix
     with the most expected accepted tokens per second of step cost. ``path[i]`` is the probability that node i is

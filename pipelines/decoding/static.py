@@ -199,7 +199,6 @@ class StaticForward(CausalLMForward, CapturedSteps):
         elif layers is not None:
             self._step_fn = LayerCompile(layers).around(self._step)
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
-        self._staged_rows = 0  # rows of the last block that went through the staging buffers (0: it did not)
 
     def new_cache(self) -> StaticTreeCache:
         self.cache.length = 0
@@ -223,14 +222,6 @@ class StaticForward(CausalLMForward, CapturedSteps):
         if size is None or before_root + len(tree) <= size:
             return tree
         return tree.truncated(max_nodes=size - before_root)
-
-    def tree_tensors(self, tree: TokenTree, before_root: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tree's rows of the last step's device buffers (already there: no copy). Valid until the next step,
-        whose upload the stream orders after anything queued on these views."""
-        q = before_root + len(tree)
-        if self._staged_rows != q:
-            return super().tree_tensors(tree, before_root)
-        return self._dev_int[before_root:q], self._dev_block[before_root:q, before_root:q]
 
     @property
     def _top(self) -> int:
@@ -296,7 +287,6 @@ class StaticForward(CausalLMForward, CapturedSteps):
             size = q  # oversize block (a long prompt): unpadded, eager
         if past + size > self.max_cache_len:
             raise ValueError(f"The static cache holds {self.max_cache_len} tokens; this step needs {past + size}.")
-        self._staged_rows = q if size <= self._top else 0
         if size > self._top:
             block = torch.from_numpy(pattern).to(self.device)
             scalars = torch.tensor([past, q], device=self.device)

@@ -60,13 +60,13 @@ class TokenTree:
         without it each step scans for the child (a table of every node's children costs more than the walk)."""
         nodes = [0]
         for token in tokens:
-            child = children[nodes[-1]].get(token) if children is not None else self._child(nodes[-1], token)
+            child = children[nodes[-1]].get(token) if children is not None else self.child(nodes[-1], token)
             if child is None:
                 break
             nodes.append(child)
         return nodes
 
-    def _child(self, node: int, token: int) -> int | None:
+    def child(self, node: int, token: int) -> int | None:
         """The first child of ``node`` holding ``token`` (``list.index`` scans the parents in C)."""
         index = node
         try:

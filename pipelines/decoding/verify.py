@@ -16,7 +16,7 @@ import torch
 
 from ..base import CancelToken
 from .plain import DecodeStats, SamplingConfig, accepts, choose_token, logits_processing, make_generator
-from .device_accept import device_tree, greedy_accept
+from .device_accept import greedy_accept
 from .sliding import AttentionLayout, attention_layout
 from .tree import TokenTree, block_position_ids, block_visibility
 
@@ -113,10 +113,6 @@ class CausalLMForward:
         """The tree cut to what this forward verifies at the cost it was priced at (padded forwards: its bucket)."""
         return tree
 
-    def tree_tensors(self, tree: TokenTree, before_root: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last verified tree's tokens and ancestor matrix on the device (``device_accept``'s inputs)."""
-        return device_tree(tree, self.device)
-
     def __call__(self, ids: list[int], position_ids: torch.Tensor, mask: torch.Tensor | None, cache,
                  keep: int | None = None) -> torch.Tensor:
         """Logits ``[keep, vocab]`` for the last ``keep`` of ``ids`` (all when None) appended to ``cache``.
@@ -170,14 +166,13 @@ def accept(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig,
 
 
 def choose_run(tree: TokenTree, logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None,
-               process: Callable[[torch.Tensor, list[int]], torch.Tensor] | None, forward: CausalLMForward,
-               before_root: int) -> tuple[list[int], list[int]]:
+               process: Callable[[torch.Tensor, list[int]], torch.Tensor] | None) -> tuple[list[int], list[int]]:
     """The accepted nodes and committed tokens of one verified ``tree``. A lone root (plain decoding, a drafter
-    with nothing to offer) is one choice at its row, exactly plain decoding's: no walk, no device tree, one read."""
+    with nothing to offer) is one choice at its row, exactly plain decoding's: no walk, one read."""
     if len(tree) == 1:
         return [], [choose_token(logits[0] if process is None else process(logits[0], []), config, generator)]
     if config.greedy and process is None:
-        return greedy_accept(tree, logits, *forward.tree_tensors(tree, before_root))
+        return greedy_accept(tree, logits)
     return accept(tree, logits, config, generator, process)
 
 
@@ -262,7 +257,7 @@ def speculative_decode(
 
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
-            nodes, run = choose_run(tree, logits, config, generator, process, forward, before_root)
+            nodes, run = choose_run(tree, logits, config, generator, process)
             for i, token in enumerate(run):
                 if token in eos_ids or i + 1 == remaining:
                     del run[i + 1:], nodes[i:]

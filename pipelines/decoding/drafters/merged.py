@@ -20,7 +20,7 @@ from itertools import islice
 
 import torch
 
-from ..hardware import pick_tree_size, step_prices
+from ..hardware import StepPrices, pick_tree_size
 from ..tree import TokenTree
 from ..verify import Drafter
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
@@ -167,8 +167,7 @@ class MergedDrafter(Drafter):
         self.drafts = drafts
         self.ledger = ledger
         self._step_started = self._head_s = 0.0  # this step's start and the seconds its head calls took
-        self._priced: dict[int, float] | None = None  # the curve ``_prices`` were computed from
-        self._prices: list[float] = [0.0]
+        self._prices = StepPrices()
 
     @property
     def reads_hidden(self) -> bool:
@@ -251,9 +250,7 @@ class MergedDrafter(Drafter):
     def prices(self, sizes: int) -> list[float]:
         """``hardware.step_prices(self.costs, sizes)``, remembered per curve: ``_select`` asks for every size each
         step."""
-        if self._priced is not self.costs or len(self._prices) <= sizes:
-            self._priced, self._prices = self.costs, step_prices(self.costs, max(sizes, self.max_nodes))
-        return self._prices
+        return self._prices(self.costs, max(sizes, self.max_nodes))
 
     def _offer_size(self) -> int:
         return min(1 << (max(OFFER_FLOOR, int(4 * self.kept)) - 1).bit_length(), len(self.recycler.template))

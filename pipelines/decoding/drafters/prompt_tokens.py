@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..hardware import step_cost
+from ..hardware import StepPrices
 from ..trained import TrainedWeights
 from ..tree import TokenTree
 from ..verify import Drafter
@@ -143,11 +143,27 @@ class PromptChains:
         self.top_k = top_k
         self.memory = memory
         self.gain, self.gain_weight = 1.0, 1.0  # prior: one token per step, worth one step
-        self.guesses: Guesses | None = None
+        self._guesses: Guesses | None = None
+        self._pending: tuple[int, torch.Tensor] | None = None  # chain rows and their packed guesses, on the device
         self.chains = 0  # chains attached, over the request (for stats)
+        self.prices = StepPrices()
 
     def start(self) -> None:
         self.guesses = None
+
+    @property
+    def guesses(self) -> Guesses | None:
+        """The guesses ``read`` kept, read from the device when first asked for (the next ``propose``): the read
+        waits for them there, so it waits as late as it can and the host finishes the step meanwhile."""
+        if self._pending is not None:
+            rows, packed = self._pending
+            values = packed.tolist()
+            self._guesses, self._pending = Guesses([list(map(int, row)) for row in values[:rows]], values[rows:]), None
+        return self._guesses
+
+    @guesses.setter
+    def guesses(self, guesses: Guesses | None) -> None:
+        self._guesses, self._pending = guesses, None
 
     def attach(self, tree: TokenTree, path: list[float], expected: float, costs: dict[int, float],
                max_nodes: int) -> TokenTree:
@@ -155,17 +171,18 @@ class PromptChains:
         expected tokens per unit of forward cost. ``path[i]`` is node i's probability of being accepted and
         ``expected`` the tree's expected tokens (bonus included)."""
         m, n = len(self.ids), len(tree)
+        prices = self.prices(costs, max(n, max_nodes))
         below = [0.0] * n
         for i in range(1, n):
             below[tree.parents[i]] += path[i]
         last = [max(path[i] - below[i], 0.0) for i in range(n)]
         order = sorted(range(n), key=lambda i: -last[i])
-        best, best_rate, gained = 0, expected / step_cost(costs, n), expected
+        best, best_rate, gained = 0, expected / prices[n], expected
         for count, node in enumerate(order, start=1):
             if n + m * count > max_nodes:
                 break
             gained += last[node] * self.gain
-            rate = gained / step_cost(costs, n + m * count)
+            rate = gained / prices[n + m * count]
             if rate > best_rate:
                 best, best_rate = count, rate
         tokens, parents = list(tree.tokens), list(tree.parents)
@@ -187,6 +204,7 @@ class PromptChains:
         shrank to the bare root wherever one chain took the forward into a dearer bucket (the static path's 8-row
         bucket): the guesses were read on every step and never verified (tau 1.0 served on an H100)."""
         m = len(self.ids)
+        prices = self.prices(costs, max(len(path), max_nodes))
         last = [0.0] * len(path)
         ends: list[tuple[float, int]] = []  # max-heap of (-last, node), stale entries dropped when on top
         best, best_rate, expected = 1, 0.0, 0.0
@@ -200,12 +218,12 @@ class PromptChains:
                 heapq.heappush(ends, (-last[parent], parent))
             while -ends[0][0] != last[ends[0][1]]:
                 heapq.heappop(ends)
-            rate = expected / step_cost(costs, node + 1)
+            rate = expected / prices[node + 1]
             if node + 1 + m <= max_nodes:
                 chained = expected + max(last[ends[0][1]], 0.0) * self.gain
-                rate = max(rate, chained / step_cost(costs, node + 1 + m))
+                rate = max(rate, chained / prices[node + 1 + m])
             if (node + 1) * (1 + m) <= max_nodes:
-                rate = max(rate, (expected + self.gain) / step_cost(costs, (node + 1) * (1 + m)))
+                rate = max(rate, (expected + self.gain) / prices[(node + 1) * (1 + m)])
             if rate > best_rate:
                 best, best_rate = node + 1, rate
         return best
@@ -215,21 +233,23 @@ class PromptChains:
         return sum(token < self.prompts.base for token in tree.tokens)
 
     def read(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        """Keep the guesses of the chain below the last accepted node (none if it had no chain)."""
-        children = tree.children()
-        node = tree.path_of(accepted, children)[-1]
+        """Keep the guesses of the chain below the last accepted node (none if it had no chain): their top-K
+        computed on the device and read in one transfer when ``guesses`` is first asked for; no children table (a
+        scan per chain node is cheaper)."""
+        node = tree.path_of(accepted)[-1]
         rows, first = [], self.ids[0]
-        child = children[node].get(first)
+        child = tree.child(node, first)
         while child is not None:
             rows.append(child)
-            child = children[child].get(self.prompts.base + len(rows))
+            child = tree.child(child, self.prompts.base + len(rows))
         if not rows:
             self.guesses = None
             return
-        chosen = logits[rows].float()
+        contiguous = rows[-1] - rows[0] == len(rows) - 1  # attach lays a chain out in a row: a view, no index upload
+        chosen = (logits[rows[0]:rows[-1] + 1] if contiguous else logits[rows]).float()
         top = chosen.topk(self.top_k, dim=-1)
         probs = (top.values - chosen.logsumexp(-1, keepdim=True)).exp()
-        self.guesses = Guesses(top.indices.tolist(), probs.tolist())
+        self._pending = len(rows), torch.cat([top.indices.double(), probs.double()])  # float64 holds both exactly
 
     def credit(self, alone: int) -> None:
         """A step that had guesses accepted ``alone`` tokens that only they proposed."""

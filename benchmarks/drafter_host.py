@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.text_served import use_weights  # noqa: E402
 from pipelines.decoding import hardware, plain, static, verify  # noqa: E402
 from pipelines.decoding.drafters import prompt_tokens, recurrent_drafter  # noqa: E402
 from pipelines.decoding.drafters.lookahead import LookaheadTrie  # noqa: E402
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--curve", type=Path, help="a text_served report whose measured curve sizes the trees")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    parser.add_argument("--weights", help="a model folder or .gguf file holding --model's weights (a device with no "
+                        "packaged model: as in text_served.py)")
     parser.add_argument("--json", type=Path, help="write the rows and the decoded texts here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,6 +116,8 @@ def main() -> None:
     lines = Path("benchmarks/prompts/heldout40.jsonl").read_text().splitlines()[:args.prompts]
     prompts = [json.loads(line)["turns"][0] for line in lines]
     pipeline = TextPipeline(ModelStore())
+    if args.weights:
+        use_weights(pipeline, args.model, Path(args.weights))
     request = dict(model=args.model, method=args.method, max_new_tokens=args.max_new_tokens,
                    tree_profile=args.profile)
     if args.curve:

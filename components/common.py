@@ -271,9 +271,9 @@ def availability_notice(pipeline: Any) -> gr.Markdown:
 
 
 def refresh_availability(pipeline: Any, notice: gr.Markdown, generate: gr.Button,
-                         pickers: dict[gr.Dropdown, Callable[[], list]]) -> None:
+                         pickers: dict[gr.Dropdown | gr.Radio, Callable[[], list]]) -> None:
     """On every page load, re-mark each picker's models and re-decide the notice and Generate, so a model fetched
-    while the app runs counts after a reload. ``pickers`` maps each model dropdown to its choices."""
+    while the app runs counts after a reload. ``pickers`` maps each model dropdown (or mode radio) to its choices."""
     generate.interactive = pipeline.usable()
 
     def refresh() -> list:

@@ -28,6 +28,12 @@ def duration_info(mode: str) -> str:
     return f"At most {int(MAX_DURATION_S[mode])} s in this mode" + (" (MusicGen's limit)" if mode == "dual" else "")
 
 
+def mode_choices(pipeline: SongPipeline) -> list[tuple[str, str]]:
+    """The mode radio's (label, mode) pairs, each mode whose models cannot run here marked as needing a download."""
+    usable = pipeline.usable_modes()
+    return [(label if key in usable else f"{label} · needs a download", key) for key, label in MODE_LABELS.items()]
+
+
 def mode_controls(mode: str | None, duration_s: float | None) -> tuple[dict, ...]:
     """Updates for a mode: its model pickers and settings shown, the other modes' hidden, the duration capped.
     Order: accompaniment, vocals, song model, drafting, top-k, diffusion steps, note model, duration."""
@@ -59,7 +65,7 @@ def build(pipeline: SongPipeline) -> None:
             stems = gr.File(label="Download: mix, vocal stem, accompaniment stem", file_count="multiple",
                             interactive=False, elem_id="song-stems")
         with gr.Column(scale=1):
-            mode = gr.Radio([(label, key) for key, label in MODE_LABELS.items()], value=start_mode, label="Mode",
+            mode = gr.Radio(mode_choices(pipeline), value=start_mode, label="Mode",
                             elem_id="song-mode")
             accompaniment = gr.Dropdown(pipeline.model_choices("musicgen"), label="Accompaniment model",
                                         value=pipeline.default_model_name("musicgen"), visible=dual,
@@ -121,4 +127,5 @@ def build(pipeline: SongPipeline) -> None:
     refresh_availability(pipeline, notice, generate, {accompaniment: lambda: pipeline.model_choices("musicgen"),
                                                       vocals: lambda: pipeline.model_choices("bark"),
                                                       song_model: lambda: pipeline.model_choices("ace-step"),
-                                                      note_model: lambda: pipeline.model_choices("microsong")})
+                                                      note_model: lambda: pipeline.model_choices("microsong"),
+                                                      mode: lambda: mode_choices(pipeline)})

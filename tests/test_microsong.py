@@ -197,6 +197,10 @@ def test_offline_is_the_default_mode_when_the_hub_models_cannot_run(hub_offline_
         return
     assert pipeline.usable_modes() == ["offline"]
     assert [label.endswith("available here") for label, _ in pipeline.model_choices("microsong")] == [True]
+    from components.song_tab import mode_choices
+
+    marked = {key: label.endswith("needs a download") for label, key in mode_choices(pipeline)}
+    assert marked == {"dual": True, "mixed": True, "offline": False}, "the mode radio says which modes run here"
 
 
 def test_offline_mode_shows_its_note_model_and_drafting():

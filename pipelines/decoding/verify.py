@@ -185,21 +185,64 @@ def contiguous_accepted(nodes: list[int]) -> int:
 
 
 @torch.inference_mode()
-def speculative_decode(
-    model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    config: SamplingConfig,
-    eos_ids: set[int],
-    drafter: Drafter,
-    cancel: CancelToken | None = None,
-    stats: DecodeStats | None = None,
-    forward: CausalLMForward | None = None,
-    *,
-    prefill: dict[str, torch.Tensor] | None = None,
-    processors=None,
-    generator: torch.Generator | None = None,
-) -> Iterator[list[int]]:
+def verifying_forward(model, drafter: Drafter, forward: CausalLMForward | None) -> CausalLMForward:
+    """``forward``, or a new one that embeds what the drafter verifies (prompt tokens) beside the token ids."""
+    embed = drafter.embedding(model)
+    forward = forward or CausalLMForward(model, embed=embed)
+    if embed is not None and forward.embed is None:
+        raise ValueError("This drafter verifies prompt tokens: build the forward with embed=drafter.embedding(model).")
+    return forward
+
+
+def block_tree(proposed: TokenTree, forward: CausalLMForward, remaining: int, before_root: int) -> TokenTree:
+    """The drafted tree as this step verifies it: no deeper than the token budget; a chain where the forward has
+    no tree attention or a long block is re-fed before the root (the prompt: the model's own causal attention,
+    where a 4-D mask over it would cost memory and time quadratic in its length, 8000 tokens: 2.8x plain
+    decoding); fitted to the forward's row buckets."""
+    tree = proposed.truncated(max_depth=remaining - 1)
+    if not forward.tree_attention or before_root > LONG_BLOCK:
+        tree = tree.first_chain()
+    return forward.fit(tree, before_root)
+
+
+def prefilled_token(model, prefill: dict[str, torch.Tensor], cache, process, config: SamplingConfig,
+                    generator: torch.Generator, stats: DecodeStats) -> int:
+    """The first token of a prompt given as model inputs (Bark's summed embeddings): its forward alone picks it."""
+    logits = model(**prefill, use_cache=True, past_key_values=cache).logits[0, -1]
+    token = choose_token(logits if process is None else process(logits, []), config, generator)
+    stats.keep_top(logits[None])
+    count_forward(stats, 1)
+    return token
+
+
+def count_forward(stats: DecodeStats, committed: int) -> None:
+    """One verification forward that committed ``committed`` tokens."""
+    stats.forwards += 1
+    stats.new_tokens += committed
+    stats.accepted_per_forward.append(committed)
+
+
+def cut_at_end(nodes: list[int], run: list[int], eos_ids: set[int], remaining: int) -> None:
+    """Cut the accepted run (and its tree nodes) in place after an end token or the ``remaining`` budget."""
+    for i, token in enumerate(run):
+        if token in eos_ids or i + 1 == remaining:
+            del run[i + 1:], nodes[i:]
+            return
+
+
+def keep_accepted(cache, tree: TokenTree, nodes: list[int]) -> int:
+    """Crop the cache to the block's accepted path; how many of the run's tokens it now holds."""
+    kept = contiguous_accepted(nodes)
+    dropped = len(tree) - 1 - kept
+    if dropped:  # crop(-0) would mean "keep nothing" to a cache that reads it as a length
+        cache.crop(-dropped)
+    return kept
+
+
+def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, config: SamplingConfig, eos_ids: set[int],
+                       drafter: Drafter, cancel: CancelToken | None = None, stats: DecodeStats | None = None,
+                       forward: CausalLMForward | None = None, *, prefill: dict[str, torch.Tensor] | None = None,
+                       processors=None, generator: torch.Generator | None = None) -> Iterator[list[int]]:
     """Same contract as ``plain_decode``, but each step yields the whole accepted run (1 + accepted drafts).
     Greedy output is token-for-token plain greedy where a row's logits do not depend on the block (fp32; any dtype
     through ``exact.ExactForward``; in bf16 a wider forward can flip near-ties); sampled output follows the same
@@ -211,10 +254,7 @@ def speculative_decode(
     ``LogitsProcessorList``) rewrite the logits at every verified position exactly where plain decoding would;
     ``generator`` replaces the one seeded from ``config``."""
     stats = stats if stats is not None else DecodeStats()
-    embed = drafter.embedding(model)
-    forward = forward or CausalLMForward(model, embed=embed)
-    if embed is not None and forward.embed is None:
-        raise ValueError("This drafter verifies prompt tokens: build the forward with embed=drafter.embedding(model).")
+    forward = verifying_forward(model, drafter, forward)
     reads_hidden = forward.record_hidden = drafter.reads_hidden  # fixed for the request
     generator = generator or make_generator(config, forward.device)
     cache = forward.new_cache()
@@ -225,12 +265,7 @@ def speculative_decode(
               else input_ids[0].detach().cpu())
     process = logits_processing(processors, prompt, generated) if processors else None  # reads ``generated`` live
     if prefill is not None:
-        logits = model(**prefill, use_cache=True, past_key_values=cache).logits[0, -1]
-        token = choose_token(logits if process is None else process(logits, []), config, generator)
-        stats.keep_top(logits[None])
-        stats.forwards += 1
-        stats.new_tokens += 1
-        stats.accepted_per_forward.append(1)
+        token = prefilled_token(model, prefill, cache, process, config, generator, stats)
         context.append(token)
         generated.append(token)
         yield [token]
@@ -244,30 +279,16 @@ def speculative_decode(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             started = time.perf_counter()
-            remaining = max_new_tokens - produced
-            tree = drafter.propose(context).truncated(max_depth=remaining - 1)
-            past = cache.get_seq_length()
-            before_root = len(pending) - 1
-            # a long re-fed block (the prompt) goes in as a chain: the model's own causal attention, where a 4-D
-            # mask over it would cost memory and time quadratic in the prompt (8000 tokens: 2.8x plain decoding)
-            if not forward.tree_attention or before_root > LONG_BLOCK:
-                tree = tree.first_chain()
-            tree = forward.fit(tree, before_root)
+            remaining, past, before_root = max_new_tokens - produced, cache.get_seq_length(), len(pending) - 1
+            tree = block_tree(drafter.propose(context), forward, remaining, before_root)
             drafted = time.perf_counter()
 
             mask, positions = forward.block_inputs(tree, before_root, past)
             logits = forward(pending[:-1] + tree.tokens, positions, mask, cache, keep=len(tree))
             nodes, run = choose_run(tree, logits, config, generator, process)
-            for i, token in enumerate(run):
-                if token in eos_ids or i + 1 == remaining:
-                    del run[i + 1:], nodes[i:]
-                    break
+            cut_at_end(nodes, run, eos_ids, remaining)
             stats.keep_top(logits, [0] + nodes)  # the rows the committed tokens were chosen at
-            kept = contiguous_accepted(nodes)
-            dropped = len(tree) - 1 - kept
-            if dropped:  # crop(-0) would mean "keep nothing" to a cache that reads it as a length
-                cache.crop(-dropped)
-            pending = run[kept:]
+            pending = run[keep_accepted(cache, tree, nodes):]
             context.extend(run)
             generated.extend(run)
 
@@ -276,9 +297,7 @@ def speculative_decode(
                 drafter.read_hidden(forward.hidden[-len(tree):])
             drafter.update(tree, logits, run)
             finished = time.perf_counter()
-            stats.forwards += 1
-            stats.new_tokens += len(run)
-            stats.accepted_per_forward.append(len(run))
+            count_forward(stats, len(run))
             stats.draft_s += (drafted - started) + (finished - updating)
             stats.step_s += finished - started
             produced += len(run)

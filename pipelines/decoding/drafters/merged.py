@@ -283,9 +283,12 @@ class MergedDrafter(Drafter):
         """Per trie node, the product down from the root of its conditional acceptance: the best of its sources'
         rates, scaled down with its siblings' where theirs add up past one (siblings exclude each other)."""
         rates: dict[tuple, float] = {}  # many nodes share a bucket: estimate each once per step
-        rate = self.rate
-        conditional = [1.0] + [max([rate(b, rates) for b in node_buckets])
-                               for node_buckets in islice(trie.buckets, 1, None)]
+        for bucket in {b for bs in islice(trie.buckets, 1, None) for b in bs}:
+            if bucket not in rates:  # estimated already as a deeper bucket's prior
+                self.rate(bucket, rates)
+        rated = rates.__getitem__
+        conditional = [1.0] + [rated(bs[0]) if len(bs) == 1 else max(map(rated, bs))
+                               for bs in islice(trie.buckets, 1, None)]
         for table in trie.children:
             if len(table) > 1:  # an only child's rate is at most one already
                 total = sum([conditional[i] for i in table.values()])

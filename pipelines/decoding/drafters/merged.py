@@ -80,22 +80,23 @@ class CandidateTrie:
         where = [at] * len(tree)
         tokens, parents, depths, buckets, children = self.tokens, self.parents, self.depths, self.buckets, self.children
         last = self.last
-        for i, token, up, depth, feature in zip(range(1, len(tree)), tree.tokens[1:], tree.parents[1:],
-                                                tree.depths[1:], features[1:]):
+        for i, token, up, depth, feature in zip(range(1, len(tree)), islice(tree.tokens, 1, None),
+                                                islice(tree.parents, 1, None), islice(tree.depths, 1, None),
+                                                islice(features, 1, None)):
             if depth > MAX_DEPTH:
                 continue  # and so are its descendants: parents come first
-            bucket = (source, feature, min(depth + below, DEPTH_BUCKETS), last)
             parent = where[up]
-            node = children[parent].get(token)
+            siblings = children[parent]
+            node = siblings.get(token)
             if node is None:
-                node = children[parent][token] = len(tokens)
+                node = siblings[token] = len(tokens)
                 tokens.append(token)
                 parents.append(parent)
                 depths.append(depths[parent] + 1)
-                buckets.append([bucket])
+                buckets.append([(source, feature, min(depth + below, DEPTH_BUCKETS), last)])
                 children.append({})
             else:
-                buckets[node].append(bucket)
+                buckets[node].append((source, feature, min(depth + below, DEPTH_BUCKETS), last))
             where[i] = node
         return where
 
@@ -283,9 +284,12 @@ class MergedDrafter(Drafter):
         """Per trie node, the product down from the root of its conditional acceptance: the best of its sources'
         rates, scaled down with its siblings' where theirs add up past one (siblings exclude each other)."""
         rates: dict[tuple, float] = {}  # many nodes share a bucket: estimate each once per step
-        rate = self.rate
-        conditional = [1.0] + [max([rate(b, rates) for b in node_buckets])
-                               for node_buckets in islice(trie.buckets, 1, None)]
+        for bucket in {b for bs in islice(trie.buckets, 1, None) for b in bs}:
+            if bucket not in rates:  # estimated already as a deeper bucket's prior
+                self.rate(bucket, rates)
+        rated = rates.__getitem__
+        conditional = [1.0] + [rated(bs[0]) if len(bs) == 1 else max(map(rated, bs))
+                               for bs in islice(trie.buckets, 1, None)]
         for table in trie.children:
             if len(table) > 1:  # an only child's rate is at most one already
                 total = sum([conditional[i] for i in table.values()])
@@ -304,17 +308,21 @@ class MergedDrafter(Drafter):
         for node in sorted(sorted(kept), key=path.__getitem__):  # by (path, node): stacked least likely first
             if node:
                 below[trie.parents[node]].append(node)
-        order, out_parents, self.sources = [], [], {}
-        stack: list[tuple[int, int, tuple[int, ...]]] = [(0, -1, ())]
+        tokens, buckets = trie.tokens, trie.buckets
+        order, out_parents, sources = [0], [-1], {(): buckets[0]}
+        stack: list[tuple[int, int, tuple[int, ...]]] = [(child, 0, ()) for child in below[0]]
+        pop, push = stack.pop, stack.append  # bound once: ~70 nodes a step
         while stack:
-            node, parent, prefix = stack.pop()
+            node, parent, prefix = pop()
             here = len(order)
             order.append(node)
             out_parents.append(parent)
-            key = prefix + (trie.tokens[node],) if node else ()
-            self.sources[key] = trie.buckets[node]
-            stack.extend([(child, here, key) for child in below[node]])
-        tree = TokenTree([trie.tokens[i] for i in order], out_parents, [trie.depths[i] for i in order])
+            key = prefix + (tokens[node],)
+            sources[key] = buckets[node]
+            for child in below[node]:
+                push((child, here, key))
+        self.sources = sources
+        tree = TokenTree([tokens[i] for i in order], out_parents, [trie.depths[i] for i in order])
         return tree, [path[i] for i in order]
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:

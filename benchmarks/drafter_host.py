@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.text_decoding import read_prompts  # noqa: E402
 from benchmarks.text_served import use_weights  # noqa: E402
 from pipelines.decoding import hardware, plain, static, verify  # noqa: E402
 from pipelines.decoding.drafters import prompt_tokens, recurrent_drafter  # noqa: E402
@@ -113,8 +114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.fast:
         os.environ["TOKENWORKS_TEXT_FAST"] = "1"
-    lines = Path("benchmarks/prompts/heldout40.jsonl").read_text().splitlines()[:args.prompts]
-    prompts = [json.loads(line)["turns"][0] for line in lines]
+    prompts = [row["prompt"] for row in read_prompts("benchmarks/prompts/heldout40.jsonl")[:args.prompts]]
     pipeline = TextPipeline(ModelStore())
     if args.weights:
         use_weights(pipeline, args.model, Path(args.weights))

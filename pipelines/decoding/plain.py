@@ -35,6 +35,12 @@ class DecodeStats:
     step_s: float = 0.0  # time spent in whole steps (forward, acceptance, drafting)
     top_logits: list[tuple[torch.Tensor, torch.Tensor, list[int]]] | None = None  # [] keeps them: ``keep_top``
 
+    def count_forward(self, committed: int) -> None:
+        """One forward that committed ``committed`` tokens."""
+        self.forwards += 1
+        self.new_tokens += committed
+        self.accepted_per_forward.append(committed)
+
     def keep_top(self, logits: torch.Tensor, rows: list[int] | None = None) -> None:
         """With ``top_logits`` on, keep the two largest raw logits and their ids of the ``rows`` of ``logits``
         (all when None) the committed tokens were chosen at: what explains a divergence afterwards. The

@@ -211,15 +211,8 @@ def prefilled_token(model, prefill: dict[str, torch.Tensor], cache, process, con
     logits = model(**prefill, use_cache=True, past_key_values=cache).logits[0, -1]
     token = choose_token(logits if process is None else process(logits, []), config, generator)
     stats.keep_top(logits[None])
-    count_forward(stats, 1)
+    stats.count_forward(1)
     return token
-
-
-def count_forward(stats: DecodeStats, committed: int) -> None:
-    """One verification forward that committed ``committed`` tokens."""
-    stats.forwards += 1
-    stats.new_tokens += committed
-    stats.accepted_per_forward.append(committed)
 
 
 def cut_at_end(nodes: list[int], run: list[int], eos_ids: set[int], remaining: int) -> None:
@@ -297,7 +290,7 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
                 drafter.read_hidden(forward.hidden[-len(tree):])
             drafter.update(tree, logits, run)
             finished = time.perf_counter()
-            count_forward(stats, len(run))
+            stats.count_forward(len(run))
             stats.draft_s += (drafted - started) + (finished - updating)
             stats.step_s += finished - started
             produced += len(run)

@@ -63,10 +63,10 @@ class StructureGuard:
             self.seen.append(token)
         place = self.places[-1]
         mask = self.masks.get(place)
-        if mask is None:
-            mask = self.masks[place] = torch.full((len(VOCABULARY),), float("-inf"))
+        if mask is None:  # built once per place on the scores' device: no copy per verified node
+            mask = self.masks[place] = torch.full((len(VOCABULARY),), float("-inf"), device=scores.device)
             mask[self.allowed(place)] = 0.0
-        return scores + mask.to(scores.device)
+        return scores + mask
 
     def counts(self, place: Place) -> list[int]:
         return self.plan.sections[place.section][1] if 0 <= place.section < len(self.plan.sections) else []

@@ -176,7 +176,8 @@ def example_sets(inputs: list, boxes: list[gr.Accordion], microworld: bool) -> l
         example_set = gr.Examples(
             [e.row() for e in examples], inputs=inputs, example_labels=[e.label() for e in examples],
             label=f"{label} (each sets the controls it lists and turns the others off; also steps, CFG and seed)",
-            visible=microworld == for_microworld, elem_id=f"image-examples-{'microworld' if for_microworld else 'photo'}")
+            visible=microworld == for_microworld,
+            elem_id=f"image-examples-{'microworld' if for_microworld else 'photo'}")
         example_set.load_input_event.then(opened_accordions, inputs=inputs[1:7], outputs=boxes,
                                           api_visibility="private", queue=False)
         datasets.append(example_set.dataset)

@@ -66,8 +66,9 @@ def build(pipeline: SpeechPipeline) -> None:
             temperature=number(temperature_value, 0.7), drafting=bool(drafting_value), stream=bool(stream_value),
             seed=int(number(seed_value, -1)),
         )
+        # The live player gets each chunk as WAV bytes; the Result's None ends its stream.
         yield from tab_outputs(run_pipeline(pipeline, speech_request, request), 4,
-                               lambda done: (None, done.value, done.metadata["sidecar"], done.stats),  # None: stream ends
+                               lambda done: (None, done.value, done.metadata["sidecar"], done.stats),
                                lambda chunk: wav_bytes(chunk.samples, chunk.sample_rate))
 
     inputs = [text, model, speed, temperature, drafting, stream, seed]

@@ -203,70 +203,109 @@ def methods_for(args) -> list[Method]:
 
 
 @torch.no_grad()
-def measure_size(unet, size: int, methods: list[Method], args, device, dtype) -> list[dict]:
-    inputs = unet_inputs(unet, size, args.batch, device, dtype)  # timestep 999 until the timing loop
-    timesteps = torch.linspace(999, 1, 50).round().to(device)
-    stats, outputs, peaks = {}, {}, {}
-    for method in methods:  # before any capture: graph memory pools would count in the peaks
+@dataclass
+class Reference:
+    """Each method's eager output, peak memory and merging stats at one size: what its timed rows compare to."""
+
+    outputs: dict[str, torch.Tensor]
+    peaks: dict[str, tuple[float | None, float | None]]
+    stats: dict[str, dict]
+
+
+def eager_reference(unet, inputs: dict, methods: list[Method], device) -> Reference:
+    """Run every method once eagerly, before any capture: graph memory pools would count in the peaks."""
+    reference = Reference({}, {}, {})
+    for method in methods:
         method.install(unet)
-        peaks[method.name] = peak_memory_mb(unet, inputs, device)
-        outputs[method.name] = call_unet(unet, inputs).float()
-        stats[method.name] = merging_stats(unet)
+        reference.peaks[method.name] = peak_memory_mb(unet, inputs, device)
+        reference.outputs[method.name] = call_unet(unet, inputs).float()
+        reference.stats[method.name] = merging_stats(unet)
+    return reference
+
+
+def make_runners(unet, inputs: dict, methods: list[Method], mode: str) -> tuple[dict, dict[str, str]]:
+    """A runner per method in ``mode``, and the error of each method that cannot run so (e.g. one that cannot be
+    captured): the rest of the run goes on without it."""
+    runners, failures = {}, {}
+    for method in methods:
+        method.install(unet)
+        try:
+            runners[method.name] = Runner(unet, inputs, graph=mode == "graph")
+        except RuntimeError as error:
+            failures[method.name] = f"{type(error).__name__}: {error}"[:300]
+            print(f"{method.name} ({mode}): {failures[method.name]}", flush=True)
+    VANILLA.install(unet)  # captured graphs keep their merging; eager runners install theirs before each call
+    return runners, failures
+
+
+def interleaved_times(unet, inputs: dict, methods: list[Method], runners: dict, mode: str, args,
+                      device) -> dict[str, list[float]]:
+    """Each runner's milliseconds per call after the warm-up: methods rotated every repeat, the timestep walked down
+    from 999 to 1."""
+    timesteps = torch.linspace(999, 1, 50).round().to(device)
+    measure = timer(device)
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for repeat in range(args.warmup + args.repeats):
+        rotated = methods[repeat % len(methods):] + methods[:repeat % len(methods)]
+        for method in rotated:
+            if method.name not in runners:
+                continue
+            if mode == "eager":
+                method.install(unet)
+            inputs["timestep"].copy_(timesteps[repeat % len(timesteps)])
+            elapsed = measure(runners[method.name])
+            if repeat >= args.warmup:
+                times[method.name].append(elapsed)
+    VANILLA.install(unet)
+    return times
+
+
+def replay_diffs(inputs: dict, runners: dict, reference: Reference, mode: str) -> dict[str, float]:
+    """Each captured call against the eager one at the same timestep (999): what capturing changed."""
+    if mode != "graph":
+        return {}
+    inputs["timestep"].fill_(999.0)
+    return {name: round(float((runner().float() - reference.outputs[name]).abs().max()), 6)
+            for name, runner in runners.items()}
+
+
+def method_row(method: Method, times: dict[str, list[float]], reference: Reference, replay_diff: dict[str, float],
+               size: int, mode: str, args) -> dict:
+    """One method's row: its median time against vanilla's, merging, memory and error against vanilla."""
+    ms, vanilla_ms = statistics.median(times[method.name]), statistics.median(times["vanilla"])
+    (peak, active), (base_peak, base_active) = reference.peaks[method.name], reference.peaks["vanilla"]
+    stats, vanilla = reference.stats[method.name], reference.outputs["vanilla"]
+    error = (reference.outputs[method.name] - vanilla).norm() / vanilla.norm()
+    return {
+        "method": method.name, "arch": args.arch, "size": size, "mode": mode, "batch": args.batch,
+        "ratio": method.ratio, "max_downsample": method.max_downsample, "window": method.window,
+        "min_tokens": method.min_tokens,
+        "ms": round(ms, 3), "ratio_to_vanilla": round(ms / vanilla_ms, 3),
+        "ms_min": round(min(times[method.name]), 3),
+        "tokens_merged_per_call": stats["tokens_merged_per_call"],
+        "blocks_merged_per_call": stats["blocks_merged_per_call"],
+        "peak_memory_mb": None if peak is None else round(peak, 1),
+        "peak_memory_ratio": None if peak is None else round(peak / base_peak, 3),
+        "peak_above_start_ratio": None if active is None else round(active / base_active, 3),
+        "relative_error_vs_vanilla": round(float(error), 5),
+        "graph_vs_eager_max_abs_diff": replay_diff.get(method.name)}
+
+
+def measure_size(unet, size: int, methods: list[Method], args, device, dtype) -> list[dict]:
+    """Every method at one latent size, in each of ``args.modes``: a row each, or its error."""
+    inputs = unet_inputs(unet, size, args.batch, device, dtype)  # timestep 999 until the timing loop
+    reference = eager_reference(unet, inputs, methods, device)
     rows = []
     for mode in args.modes:
-        runners, failures = {}, {}
-        for method in methods:
-            method.install(unet)
-            try:
-                runners[method.name] = Runner(unet, inputs, graph=mode == "graph")
-            except RuntimeError as error:  # e.g. a method that cannot be captured: keep the rest of the run
-                failures[method.name] = f"{type(error).__name__}: {error}"[:300]
-                print(f"{method.name} ({mode}): {failures[method.name]}", flush=True)
-        VANILLA.install(unet)  # captured graphs keep their merging; eager runners install theirs before each call
-        measure = timer(device)
-        times: dict[str, list[float]] = {m.name: [] for m in methods}
-        for repeat in range(args.warmup + args.repeats):
-            rotated = methods[repeat % len(methods):] + methods[:repeat % len(methods)]
-            for method in rotated:
-                if method.name in failures:
-                    continue
-                if mode == "eager":
-                    method.install(unet)
-                inputs["timestep"].copy_(timesteps[repeat % len(timesteps)])
-                elapsed = measure(runners[method.name])
-                if repeat >= args.warmup:
-                    times[method.name].append(elapsed)
-        VANILLA.install(unet)
-        replay_diff = {}  # the captured call against the eager one at the same timestep (999)
-        inputs["timestep"].fill_(999.0)
-        for method in methods:
-            if mode == "graph" and method.name not in failures:
-                replay = runners[method.name]().float()
-                replay_diff[method.name] = round(float((replay - outputs[method.name]).abs().max()), 6)
-        vanilla_ms = statistics.median(times["vanilla"])
-        base_peak, base_active = peaks["vanilla"]
+        runners, failures = make_runners(unet, inputs, methods, mode)
+        times = interleaved_times(unet, inputs, methods, runners, mode, args, device)
+        replay_diff = replay_diffs(inputs, runners, reference, mode)
         for method in methods:
             if method.name in failures:
                 rows.append({"method": method.name, "arch": args.arch, "size": size, "mode": mode,
                              "error": failures[method.name]})
                 continue
-            ms = statistics.median(times[method.name])
-            peak, active = peaks[method.name]
-            reference = outputs["vanilla"]
-            error = (outputs[method.name] - reference).norm() / reference.norm()
-            rows.append({
-                "method": method.name, "arch": args.arch, "size": size, "mode": mode, "batch": args.batch,
-                "ratio": method.ratio, "max_downsample": method.max_downsample, "window": method.window,
-                "min_tokens": method.min_tokens,
-                "ms": round(ms, 3), "ratio_to_vanilla": round(ms / vanilla_ms, 3),
-                "ms_min": round(min(times[method.name]), 3),
-                "tokens_merged_per_call": stats[method.name]["tokens_merged_per_call"],
-                "blocks_merged_per_call": stats[method.name]["blocks_merged_per_call"],
-                "peak_memory_mb": None if peak is None else round(peak, 1),
-                "peak_memory_ratio": None if peak is None else round(peak / base_peak, 3),
-                "peak_above_start_ratio": None if active is None else round(active / base_active, 3),
-                "relative_error_vs_vanilla": round(float(error), 5),
-                "graph_vs_eager_max_abs_diff": replay_diff.get(method.name)})
+            rows.append(method_row(method, times, reference, replay_diff, size, mode, args))
             print(json.dumps(rows[-1]), flush=True)
         del runners
         if device.type == "cuda":

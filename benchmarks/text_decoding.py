@@ -233,7 +233,7 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Hub id, local folder, or smollm2-135m / gemma3-270m")
     parser.add_argument("--prompts", required=True, help="jsonl: 'turns' (first element) or 'prompt', optional 'category'")
@@ -256,14 +256,21 @@ def main(argv: list[str] | None = None) -> dict:
                         help="auto = what the text tab uses (fp32 on a CPU: bf16 rows come out differently in a wider forward)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default); 1 avoids thread thrashing on a shared CPU")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+def chosen_methods(args: argparse.Namespace) -> list[str]:
+    """``--methods`` as a list: vanilla, the baseline of every ratio, must be among them."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown or "vanilla" not in methods:
         raise SystemExit(f"--methods must include vanilla and only use {', '.join(METHODS)}; got {sorted(unknown)}")
+    return methods
+
+
+def load_runner(args: argparse.Namespace, methods: list[str]) -> tuple[Runner, dict]:
+    """The model, the draft model and the trained drafter weights the methods need, as a Runner; and where the
+    trained weights came from (for the report's settings)."""
     model, tokenizer = load(args.model, args.device, args.dtype)
     draft = None
     if "draft" in methods:
@@ -276,18 +283,21 @@ def main(argv: list[str] | None = None) -> dict:
     head, head_at = load_trained(
         recurrent_drafter.TRAINED, args.draft_head, methods, HEAD_METHODS, model, args, "a trained draft head",
         "pass --draft-head, or train one (python -m pipelines.decoding.training.recurrent_training)")
-    prompts = read_prompts(args.prompts)[::args.stride]
-    if args.limit:
-        prompts = prompts[:args.limit]
-    runner = Runner(model, tokenizer, args, draft, trained, head)
+    sources = {**({"prompt_tokens": trained_at} if trained is not None else {}),
+               **({"draft_head": head_at} if head is not None else {})}
+    return Runner(model, tokenizer, args, draft, trained, head), sources
 
-    warm = encode(tokenizer, WARMUP_PROMPT, args.device)
+
+def interleaved_records(runner: Runner, methods: list[str], prompts: list[dict], device: str) -> tuple[list, list]:
+    """Every method on every prompt after a warm-up, the order rotated per prompt; the records and each prompt's
+    tree size."""
+    warm = encode(runner.tokenizer, WARMUP_PROMPT, device)
     for method in methods:  # warm-up: kernels, allocator, and the recycler's acceptance estimate
         runner.run(method, warm)
     records, tree_sizes = [], []
     for i, item in enumerate(prompts):
         tree_sizes.append(runner.pick_tree())
-        input_ids = encode(tokenizer, item["prompt"], args.device)
+        input_ids = encode(runner.tokenizer, item["prompt"], device)
         order = methods[i % len(methods):] + methods[:i % len(methods)]
         record = {"category": item["category"]}
         for method in order:
@@ -295,22 +305,40 @@ def main(argv: list[str] | None = None) -> dict:
         records.append(record)
         line = "  ".join(f"{m} {len(record[m]['tokens']) / record[m]['time_s']:.1f}" for m in methods)
         print(f"[{i + 1}/{len(prompts)}] {item['category']} (tree {tree_sizes[-1]}): {line} tok/s", flush=True)
+    return records, tree_sizes
 
+
+def run_settings(args: argparse.Namespace, runner: Runner, methods: list[str], prompts: list[dict],
+                 tree_sizes: list[int], sources: dict) -> dict:
+    """The report's settings: what ran, and the drafters' mean tree sizes as they came out."""
+    return {"methods": methods, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
+            "prompts_file": args.prompts, "tree_profile": args.tree_profile,
+            "dtype": str(runner.model.dtype).removeprefix("torch."), "greedy": True, "stride": args.stride,
+            "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
+            "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
+            **{f"{name.replace('-', '_')}_mean_tree_nodes": round(merged.nodes / max(merged.steps, 1), 2)
+               for name, merged in runner.variants.items()},
+            **{f"{name.replace('-', '_')}_chains_per_step": round(merged.chains.chains / max(merged.steps, 1), 2)
+               for name, merged in runner.variants.items() if merged.chains is not None},
+            **sources,
+            "step_cost_s": {str(n): round(c, 6) for n, c in runner.state.step_costs(args.tree_profile).items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = chosen_methods(args)
+    runner, sources = load_runner(args, methods)
+    prompts = read_prompts(args.prompts)[::args.stride]
+    if args.limit:
+        prompts = prompts[:args.limit]
+    records, tree_sizes = interleaved_records(runner, methods, prompts, args.device)
     result = {
         "benchmark": "text_decoding",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": args.model,
-        "settings": {"methods": methods, "max_new_tokens": args.max_new_tokens, "prompts": len(prompts),
-                     "prompts_file": args.prompts, "tree_profile": args.tree_profile, "dtype": str(model.dtype).removeprefix("torch."), "greedy": True, "stride": args.stride,
-                     "hf_pld_tokens": HF_PLD_TOKENS, "tree_nodes_per_prompt": tree_sizes,
-                     "merged_mean_tree_nodes": round(runner.merged.nodes / max(runner.merged.steps, 1), 2),
-                     **{f"{name.replace('-', '_')}_mean_tree_nodes": round(merged.nodes / max(merged.steps, 1), 2)
-                        for name, merged in runner.variants.items()},
-                     **{f"{name.replace('-', '_')}_chains_per_step": round(merged.chains.chains / max(merged.steps, 1), 2)
-                        for name, merged in runner.variants.items() if merged.chains is not None},
-                     **({"prompt_tokens": trained_at} if trained is not None else {}),
-                     **({"draft_head": head_at} if head is not None else {}),
-                     "step_cost_s": {str(n): round(c, 6) for n, c in runner.state.step_costs(args.tree_profile).items()}},
+        "settings": run_settings(args, runner, methods, prompts, tree_sizes, sources),
         "command": command_line(argv),
         "rows": summarise(records, methods),
     }

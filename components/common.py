@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from pipelines import settings
-from pipelines.base import MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Pipeline, PipelineError, Progress, Request
+from pipelines.base import (MAX_SEED, MAX_TEXT_CHARS, CancelToken, Event, Partial, Pipeline, PipelineError, Progress,
+                            Request, Result)
 from pipelines.diffusion.lpa import LPAConfig
 from pipelines.guard import guarded_events
 from pipelines.streaming import stream_in_thread
@@ -152,6 +153,31 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
         events.close()
 
 
+def tab_outputs(events: Iterator[Event], count: int, result: Callable[[Result], tuple],
+                partial: Callable[[Any], Any] | None = None,
+                on_progress: Callable[[Progress], None] | None = None) -> Iterator[tuple]:
+    """A tab's ``count`` outputs per pipeline event: ``result``'s for the Result, a Partial's value (through
+    ``partial``) as the first output, the rest skipped. A Progress yields skips too: Gradio's own cancel (API,
+    closed tab) closes a job only at a yield."""
+    for event in events:
+        if isinstance(event, Result):
+            yield result(event)
+            continue
+        if isinstance(event, Progress) and on_progress is not None:
+            on_progress(event)
+        first = partial(event.value) if isinstance(event, Partial) and partial is not None else gr.skip()
+        yield first, *(gr.skip() for _ in range(count - 1))
+
+
+def wire_generate(task: str, generate: gr.Button, stop: gr.Button, handler: Callable, inputs: list, outputs: list,
+                  cleared: list, stats: gr.JSON) -> None:
+    """Generate as the tab's endpoint ``/generate_<task>`` on the GPU lane; ``cleared`` emptied the moment it is
+    asked for, and Stop cancelling it."""
+    clear_on_start([generate.click], cleared, task)
+    event = generate.click(handler, inputs=inputs, outputs=outputs, api_name=f"generate_{task}", **GPU_LANE)
+    wire_stop(stop, task, [event], stats)
+
+
 def give_text_inputs_api_defaults(demo: gr.Blocks) -> None:
     """An empty text box is "" rather than None, so API callers may leave it out: every endpoint is then callable
     with only its prompt (gradio_client requires every parameter whose widget starts without a value)."""
@@ -167,6 +193,29 @@ def on_gpu(fn: Callable) -> Callable:
     import spaces
 
     return spaces.GPU(duration=120)(fn)
+
+
+def tab_notices(pipeline: Any) -> gr.Markdown:
+    """The notes atop a tab: random weights under the tiny preset, and how to fetch a model when none runs here."""
+    if pipeline.preset == "tiny":
+        gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    return availability_notice(pipeline)
+
+
+def run_buttons(task: str, label: str = "Generate") -> tuple[gr.Button, gr.Button]:
+    """The tab's run button and its Stop, side by side."""
+    with gr.Row():
+        run = gr.Button(label, variant="primary", elem_id=f"{task}-generate")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
+    return run, stop
+
+
+def size_row(maximum: int) -> tuple[gr.Number, gr.Number]:
+    """Width and height in steps of 8, 0 asking for the model's native side (the image and video tabs)."""
+    with gr.Row():
+        width = gr.Number(label="Width (0 = native)", value=0, precision=0, minimum=0, maximum=maximum, step=8)
+        height = gr.Number(label="Height (0 = native)", value=0, precision=0, minimum=0, maximum=maximum, step=8)
+    return width, height
 
 
 def seed_row() -> gr.Number:

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from pipelines.base import NO_COMPARISON, Partial, PipelineError, Progress, Result
+from pipelines.base import NO_COMPARISON, PipelineError, Result
 from pipelines.diffusion.compass import draw_compass_preview, parse_compass_objects
 from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
 from pipelines.tabs.image import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
 from pipelines.microworld import WEIGHTS_V2
 from pipelines.presets import MICROWORLD_MODEL
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, lpa_window,
-                     lpa_window_row, number, on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel,
-                     wire_stop)
+from .common import (link_seed_reuse, lpa_window, lpa_window_row, number, on_gpu, refresh_availability, run_buttons,
+                     run_pipeline, seed_row, size_row, stats_panel, tab_notices, tab_outputs, wire_generate)
 
 
 @dataclass(frozen=True)
@@ -116,87 +115,77 @@ def opened_accordions(binding: bool, lpa: bool, style: str, isolate: str, compas
                  for on in (binding, lpa or bool(style), bool(isolate), bool(compass), bool(ratio)))
 
 
-def build(pipeline: ImagePipeline) -> None:
-    if pipeline.preset == "tiny":
-        gr.Markdown(RANDOM_WEIGHTS_NOTE)
-    notice = availability_notice(pipeline)
-    default_model = pipeline.default_model_name()
-    prompt_hint, heatmap_hint, isolate_hint = PLACEHOLDERS[default_model == MICROWORLD_MODEL]
-    with gr.Row():
-        with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="image-prompt",
-                                placeholder=prompt_hint)
-            negative = gr.Textbox(label="Negative prompt", lines=1)
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="image-stop")
-            with gr.Row():
-                images = gr.Gallery(label="Controlled (or plain when no control is on)", type="filepath",
-                                    format="png", columns=2, elem_id="image-output")
-                baseline = gr.Gallery(label="Baseline (A/B): same seed, controls off; only when a control is on",
-                                      type="filepath",
-                                      format="png", columns=2, elem_id="image-baseline")
-            heatmaps = gr.Gallery(label="Cross-attention heatmaps", type="filepath", format="png", columns=4)
-        with gr.Column(scale=1):
-            model = gr.Dropdown(pipeline.model_choices(), value=default_model, label="Model", elem_id="image-model",
-                                allow_custom_value=True, info="A listed model, a Hub id or a local folder")
-            scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
-            steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
-            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
-            with gr.Row():
-                width = gr.Number(label="Width (0 = native)", value=0, precision=0, minimum=0, maximum=2048, step=8)
-                height = gr.Number(label="Height (0 = native)", value=0, precision=0, minimum=0, maximum=2048, step=8)
-            batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-            seed = seed_row()
-            compare = gr.Checkbox(label="A/B: also render the baseline with the same seed", value=True, info=AB_INFO,
-                                  elem_id="image-compare")
-            with gr.Accordion("Semantic binding (ToMe)", open=False, elem_id="image-binding") as binding_box:
-                binding = gr.Checkbox(label="Bind attributes to objects", value=False,
-                                      info="Groups: [red hat] syntax, else found automatically")
-                ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=-1, precision=0,
-                                     minimum=-1, maximum=MAX_STEPS - 1, info="A denoising step below Steps")
-            with gr.Accordion("Local Prompt Adaptation (LPA)", open=False, elem_id="image-lpa") as lpa_box:
-                lpa = gr.Checkbox(label="Route content and style tokens", value=False,
-                                  info="Style from '... in X style' or the field below")
-                style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
-                window_low, window_high = lpa_window_row("Window")
-            with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
-                isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
-            with gr.Accordion("Compass Control (object orientation)", open=False,
-                              elem_id="image-compass") as compass_box:
-                gr.Markdown("One row per object: a word of the prompt, its heading in degrees (0 = facing the "
-                            "viewer, 90 = right, 180 = away, 270 = left) and its box in 0..1 image coordinates.")
-                compass_table = gr.Dataframe(headers=list(COMPASS_COLUMNS), datatype=["str"] + ["number"] * 5,
-                                             value=[], row_count=(0, "dynamic"), column_count=(6, "fixed"),
-                                             label="Objects", interactive=True)
-                compass_json = gr.Textbox(label="Objects as JSON (what the API takes)", lines=2,
-                                          placeholder='[{"name": "car", "angle": 90, "box": [0, 0.4, 0.5, 0.9]}]')
-                compass_encoder = gr.Textbox(label="Compass encoder", value="phrase",
-                                             info="'phrase' (training-free) or a folder with an official or "
-                                                  "trained compass checkpoint")
-                compass_preview = gr.Image(label="Boxes and headings", type="pil", height=200, interactive=False)
-            with gr.Accordion("Token merging for speed", open=False, elem_id="image-merging") as merge_box:
-                merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)",
-                                        elem_id="image-merge-ratio", interactive=default_model != MICROWORLD_MODEL,
-                                        info=MICROWORLD_MERGE_INFO if default_model == MICROWORLD_MODEL else None)
-            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder=heatmap_hint)
-            fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
-                               info="CUDA graphs on a GPU, controls and merging kept; capture_s in the stats "
-                                    "the first time; eager on CPU and ZeroGPU")
-            stats = stats_panel()
-    example_inputs = [prompt, binding, lpa, style, isolate, compass_json, merge_ratio, heatmap_words, compass_encoder,
-                      steps, cfg, seed]
-    example_sets = []
-    for examples, label, microworld in ((MICROWORLD_EXAMPLES, "Examples for the micro-world model", True),
-                                        (PHOTO_EXAMPLES, "Examples", False)):
-        example_set = gr.Examples([e.row() for e in examples], inputs=example_inputs, example_labels=[
-            e.label() for e in examples], label=f"{label} (each sets the controls it lists and turns the others off; also steps, CFG and seed)",
-            visible=(default_model == MICROWORLD_MODEL) == microworld,
-            elem_id=f"image-examples-{'microworld' if microworld else 'photo'}")
-        example_set.load_input_event.then(opened_accordions, inputs=example_inputs[1:7],
-                                          outputs=[binding_box, lpa_box, leak_box, compass_box, merge_box],
+@dataclass
+class TokenControls:
+    """The token-control accordions' widgets: what the request reads, what an example sets, what it opens."""
+
+    boxes: list[gr.Accordion]  # binding, LPA, leakage fix, compass, merging: the order opened_accordions updates
+    binding: gr.Checkbox
+    ets_step: gr.Number
+    lpa: gr.Checkbox
+    style: gr.Textbox
+    window: tuple[gr.Number, gr.Number]
+    isolate: gr.Textbox
+    compass_table: gr.Dataframe
+    compass_json: gr.Textbox
+    compass_encoder: gr.Textbox
+    compass_preview: gr.Image
+    merge_ratio: gr.Slider
+
+
+def token_controls(microworld: bool, isolate_hint: str) -> TokenControls:
+    """One closed accordion per token control: binding, LPA, the leakage fix, compass and token merging."""
+    with gr.Accordion("Semantic binding (ToMe)", open=False, elem_id="image-binding") as binding_box:
+        binding = gr.Checkbox(label="Bind attributes to objects", value=False,
+                              info="Groups: [red hat] syntax, else found automatically")
+        ets_step = gr.Number(label="End-token substitution step (-1 = off)", value=-1, precision=0,
+                             minimum=-1, maximum=MAX_STEPS - 1, info="A denoising step below Steps")
+    with gr.Accordion("Local Prompt Adaptation (LPA)", open=False, elem_id="image-lpa") as lpa_box:
+        lpa = gr.Checkbox(label="Route content and style tokens", value=False,
+                          info="Style from '... in X style' or the field below")
+        style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
+        window = lpa_window_row("Window")
+    with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
+        isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
+    with gr.Accordion("Compass Control (object orientation)", open=False, elem_id="image-compass") as compass_box:
+        gr.Markdown("One row per object: a word of the prompt, its heading in degrees (0 = facing the "
+                    "viewer, 90 = right, 180 = away, 270 = left) and its box in 0..1 image coordinates.")
+        compass_table = gr.Dataframe(headers=list(COMPASS_COLUMNS), datatype=["str"] + ["number"] * 5,
+                                     value=[], row_count=(0, "dynamic"), column_count=(6, "fixed"),
+                                     label="Objects", interactive=True)
+        compass_json = gr.Textbox(label="Objects as JSON (what the API takes)", lines=2,
+                                  placeholder='[{"name": "car", "angle": 90, "box": [0, 0.4, 0.5, 0.9]}]')
+        compass_encoder = gr.Textbox(label="Compass encoder", value="phrase",
+                                     info="'phrase' (training-free) or a folder with an official or "
+                                          "trained compass checkpoint")
+        compass_preview = gr.Image(label="Boxes and headings", type="pil", height=200, interactive=False)
+    with gr.Accordion("Token merging for speed", open=False, elem_id="image-merging") as merge_box:
+        merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)",
+                                elem_id="image-merge-ratio", interactive=not microworld,
+                                info=MICROWORLD_MERGE_INFO if microworld else None)
+    return TokenControls([binding_box, lpa_box, leak_box, compass_box, merge_box], binding, ets_step, lpa, style,
+                         window, isolate, compass_table, compass_json, compass_encoder, compass_preview, merge_ratio)
+
+
+def example_sets(inputs: list, boxes: list[gr.Accordion], microworld: bool) -> list[gr.Dataset]:
+    """The micro-world and the photo examples (the default model's shown); loading one opens the accordions of the
+    controls it turned on. ``inputs`` are what ``ImageExample.row`` fills."""
+    datasets = []
+    for examples, label, for_microworld in ((MICROWORLD_EXAMPLES, "Examples for the micro-world model", True),
+                                            (PHOTO_EXAMPLES, "Examples", False)):
+        example_set = gr.Examples(
+            [e.row() for e in examples], inputs=inputs, example_labels=[e.label() for e in examples],
+            label=f"{label} (each sets the controls it lists and turns the others off; also steps, CFG and seed)",
+            visible=microworld == for_microworld,
+            elem_id=f"image-examples-{'microworld' if for_microworld else 'photo'}")
+        example_set.load_input_event.then(opened_accordions, inputs=inputs[1:7], outputs=boxes,
                                           api_visibility="private", queue=False)
-        example_sets.append(example_set.dataset)
+        datasets.append(example_set.dataset)
+    return datasets
+
+
+def image_generator(pipeline: ImagePipeline) -> Callable[..., Iterator[tuple]]:
+    """/generate_image's handler: the UI's values as an ImageRequest; previews, then the tab's outputs."""
 
     @on_gpu
     def generate_image(prompt_text, negative_text, model_name, scheduler_name, steps_value, cfg_value, width_value,
@@ -215,29 +204,73 @@ def build(pipeline: ImagePipeline) -> None:
             compass=compass_text or "", compass_encoder=compass_choice or "phrase",
             fast=True if fast_value is None else bool(fast_value),
         )
-        for event in run_pipeline(pipeline, image_request, request):
-            if isinstance(event, Partial):
-                yield event.value, gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Progress):  # from the first (model loading) on: Gradio's own cancel needs a yield
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Result):
-                baseline = event.baseline
-                heat = event.metadata["heatmaps"] + (baseline.metadata["heatmaps"] if baseline else [])
-                yield (event.value, baseline.value if baseline else [], [tuple(h) for h in heat], event.stats)
+        yield from tab_outputs(run_pipeline(pipeline, image_request, request), 4, result_outputs, lambda value: value)
 
-    inputs = [prompt, negative, model, scheduler, steps, cfg, width, height, batch, seed, compare, binding, ets_step,
-              lpa, style, window_low, window_high, isolate, merge_ratio, heatmap_words, compass_json, compass_encoder,
-              fast]
+    return generate_image
+
+
+def result_outputs(result: Result) -> tuple:
+    """The images, the A/B baseline's, both sides' heatmaps and the stats."""
+    baseline = result.baseline
+    heat = result.metadata["heatmaps"] + (baseline.metadata["heatmaps"] if baseline else [])
+    return result.value, baseline.value if baseline else [], [tuple(h) for h in heat], result.stats
+
+
+def build(pipeline: ImagePipeline) -> None:
+    """The image tab: prompt and results on the left; model, sampling and the token controls on the right."""
+    notice = tab_notices(pipeline)
+    default_model = pipeline.default_model_name()
+    microworld = default_model == MICROWORLD_MODEL
+    prompt_hint, heatmap_hint, isolate_hint = PLACEHOLDERS[microworld]
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="image-prompt", placeholder=prompt_hint)
+            negative = gr.Textbox(label="Negative prompt", lines=1)
+            generate, stop = run_buttons("image")
+            with gr.Row():
+                images = gr.Gallery(label="Controlled (or plain when no control is on)", type="filepath",
+                                    format="png", columns=2, elem_id="image-output")
+                baseline = gr.Gallery(label="Baseline (A/B): same seed, controls off; only when a control is on",
+                                      type="filepath", format="png", columns=2, elem_id="image-baseline")
+            heatmaps = gr.Gallery(label="Cross-attention heatmaps", type="filepath", format="png", columns=4)
+        with gr.Column(scale=1):
+            model = gr.Dropdown(pipeline.model_choices(), value=default_model, label="Model", elem_id="image-model",
+                                allow_custom_value=True, info="A listed model, a Hub id or a local folder")
+            scheduler = gr.Dropdown(list(SCHEDULERS), value="default", label="Scheduler")
+            steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
+            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
+            width, height = size_row(2048)
+            batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+            seed = seed_row()
+            compare = gr.Checkbox(label="A/B: also render the baseline with the same seed", value=True, info=AB_INFO,
+                                  elem_id="image-compare")
+            tokens = token_controls(microworld, isolate_hint)
+            heatmap_words = gr.Textbox(label="Heatmap words (comma-separated)", placeholder=heatmap_hint)
+            fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
+                               info="CUDA graphs on a GPU, controls and merging kept; capture_s in the stats "
+                                    "the first time; eager on CPU and ZeroGPU")
+            stats = stats_panel()
+    datasets = example_sets([prompt, tokens.binding, tokens.lpa, tokens.style, tokens.isolate, tokens.compass_json,
+                             tokens.merge_ratio, heatmap_words, tokens.compass_encoder, steps, cfg, seed],
+                            tokens.boxes, microworld)
+    inputs = [prompt, negative, model, scheduler, steps, cfg, width, height, batch, seed, compare, tokens.binding,
+              tokens.ets_step, tokens.lpa, tokens.style, *tokens.window, tokens.isolate, tokens.merge_ratio,
+              heatmap_words, tokens.compass_json, tokens.compass_encoder, fast]
     outputs = [images, baseline, heatmaps, stats]
-    clear_on_start([generate.click], outputs, "image")
-    event = generate.click(generate_image, inputs=inputs, outputs=outputs, api_name="generate_image", **GPU_LANE)
-    wire_stop(stop, "image", [event], stats)
-    compass_table.input(compass_rows_to_json, inputs=compass_table, outputs=compass_json, api_visibility="private")
-    compass_json.change(compass_preview_image, inputs=compass_json, outputs=compass_preview, api_visibility="private")
+    wire_generate("image", generate, stop, image_generator(pipeline), inputs, outputs, outputs, stats)
+    wire_compass(tokens)
     link_seed_reuse(seed, stats)
-    model.change(model_controls, inputs=model, outputs=[*example_sets, merge_ratio, prompt, heatmap_words, isolate],
-                 api_visibility="private", queue=False)
+    model.change(model_controls, inputs=model, outputs=[*datasets, tokens.merge_ratio, prompt, heatmap_words,
+                                                        tokens.isolate], api_visibility="private", queue=False)
     refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})
+
+
+def wire_compass(tokens: TokenControls) -> None:
+    """The objects table writes the JSON the API takes; the JSON draws the preview of boxes and headings."""
+    tokens.compass_table.input(compass_rows_to_json, inputs=tokens.compass_table, outputs=tokens.compass_json,
+                               api_visibility="private")
+    tokens.compass_json.change(compass_preview_image, inputs=tokens.compass_json, outputs=tokens.compass_preview,
+                               api_visibility="private")
 
 
 COMPASS_COLUMNS = ("name", "angle", "x0", "y0", "x1", "y1")

@@ -1,16 +1,16 @@
 """Song tab UI: tagged lyrics + style in, a streamed song, stems and stats out. API: /generate_song."""
 from __future__ import annotations
 
-from typing import Iterator
+from functools import partial
+from typing import Callable, Iterator
 
 import gradio as gr
 
-from pipelines.base import Partial, Progress, Result
 from pipelines.audio.lyrics import EXAMPLE_LYRICS
 from pipelines.tabs.song import MAX_DURATION_S, MODE_LABELS, SongPipeline, SongRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
-                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
+from .common import (link_seed_reuse, number, on_gpu, refresh_availability, run_buttons, run_pipeline, seed_row,
+                     stats_panel, tab_notices, tab_outputs, wire_generate)
 
 EXAMPLES = [
     [EXAMPLE_LYRICS, "gentle acoustic folk, fingerpicked guitar, warm, 90 bpm"],
@@ -44,54 +44,26 @@ def mode_controls(mode: str | None, duration_s: float | None) -> tuple[dict, ...
             gr.update(maximum=limit, value=min(number(duration_s, 10.0), limit), info=duration_info(mode)))
 
 
-def build(pipeline: SongPipeline) -> None:
-    if pipeline.preset == "tiny":
-        gr.Markdown(RANDOM_WEIGHTS_NOTE)
-    notice = availability_notice(pipeline)
-    start_mode = next(iter(pipeline.usable_modes()), "dual")
+def model_pickers(pipeline: SongPipeline, start_mode: str) -> dict[str, gr.Dropdown]:
+    """The model dropdown of each kind (accompaniment, vocals, song, note model), shown in the modes that use it."""
     dual, mixed = start_mode == "dual", start_mode == "mixed"
-    with gr.Row():
-        with gr.Column(scale=2):
-            lyrics = gr.Textbox(label="Lyrics ([verse], [chorus], [bridge], [intro], [outro] … one tag per line)",
-                                value=EXAMPLE_LYRICS, lines=14, elem_id="song-lyrics")
-            style = gr.Textbox(label="Style", placeholder="genre, instruments, mood, tempo",
-                               value="gentle acoustic folk, fingerpicked guitar, warm, 90 bpm", elem_id="song-style")
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="song-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="song-stop")
-            live = gr.Audio(label="Live (streamed while decoding)", streaming=True, autoplay=True,
-                            interactive=False, elem_id="song-live")
-            final = gr.Audio(label="Song (mix)", type="filepath", interactive=False, elem_id="song-final")
-            stems = gr.File(label="Download: mix, vocal stem, accompaniment stem", file_count="multiple",
-                            interactive=False, elem_id="song-stems")
-        with gr.Column(scale=1):
-            mode = gr.Radio(mode_choices(pipeline), value=start_mode, label="Mode",
-                            elem_id="song-mode")
-            accompaniment = gr.Dropdown(pipeline.model_choices("musicgen"), label="Accompaniment model",
-                                        value=pipeline.default_model_name("musicgen"), visible=dual,
-                                        elem_id="song-accompaniment-model")
-            vocals = gr.Dropdown(pipeline.model_choices("bark"), value=pipeline.default_model_name("bark"),
-                                 label="Vocals model", visible=dual, elem_id="song-vocals-model")
-            song_model = gr.Dropdown(pipeline.model_choices("ace-step"), value=pipeline.default_model_name("ace-step"),
-                                     label="Song model (mixed mode)", visible=mixed, elem_id="song-song-model")
-            note_model = gr.Dropdown(pipeline.model_choices("microsong"), label="Note model (micro-song mode)",
-                                     value=pipeline.default_model_name("microsong"), visible=start_mode == "offline",
-                                     elem_id="song-note-model")
-            # Built with the largest limit of any mode: an API call (which never sees a mode change) may ask for
-            # a long mixed-mode song; the pipeline refuses too long a dual-track one with a clear error.
-            duration = gr.Slider(1, max(MAX_DURATION_S.values()), value=10, step=1, label="Duration (s)",
-                                 info=duration_info(start_mode))
-            draft = gr.Checkbox(value=True, label="Lossless drafting (dual-track, micro-song)", visible=not mixed,
-                                info="Prompt lookup over codebook columns (dual) or notes (micro-song), verified: "
-                                     "same song, fewer forwards")
-            seed = seed_row()
-            with gr.Accordion("Sampling", open=False):
-                guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (CFG)")
-                temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
-                top_k = gr.Slider(0, 1000, value=250, step=1, label="Top-k (MusicGen)", visible=dual)
-                steps = gr.Slider(1, 60, value=8, step=1, label="Diffusion steps (mixed mode)", visible=mixed)
-            stats = stats_panel()
-    gr.Examples(EXAMPLES, inputs=[lyrics, style])
+    return {
+        "musicgen": gr.Dropdown(pipeline.model_choices("musicgen"), label="Accompaniment model",
+                                value=pipeline.default_model_name("musicgen"), visible=dual,
+                                elem_id="song-accompaniment-model"),
+        "bark": gr.Dropdown(pipeline.model_choices("bark"), value=pipeline.default_model_name("bark"),
+                            label="Vocals model", visible=dual, elem_id="song-vocals-model"),
+        "ace-step": gr.Dropdown(pipeline.model_choices("ace-step"), value=pipeline.default_model_name("ace-step"),
+                                label="Song model (mixed mode)", visible=mixed, elem_id="song-song-model"),
+        "microsong": gr.Dropdown(pipeline.model_choices("microsong"), label="Note model (micro-song mode)",
+                                 value=pipeline.default_model_name("microsong"), visible=start_mode == "offline",
+                                 elem_id="song-note-model"),
+    }
+
+
+def song_generator(pipeline: SongPipeline) -> Callable[..., Iterator[tuple]]:
+    """/generate_song's handler: the UI's values as a SongRequest; audio chunks streamed live, then the mix, the
+    stems and the stats (None ends the live stream)."""
 
     @on_gpu
     def generate_song(lyrics_text, style_text, duration_s, mode_name, draft_on, guidance_scale, temp, top_k_value,
@@ -104,28 +76,57 @@ def build(pipeline: SongPipeline) -> None:
             seed=int(number(seed_value, -1)), accompaniment_model=accompaniment_name or "",
             vocal_model=vocals_name or "", song_model=song_model_name or "", note_model=note_model_name or "",
         )
-        for event in run_pipeline(pipeline, song_request, request):
-            if isinstance(event, Partial):
-                chunk = event.value
-                yield (chunk.sample_rate, chunk.samples), gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Progress):  # one per model step: Gradio's own cancel closes the job at a yield
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Result):
-                yield None, event.value["mix"], list(event.value.values()), event.stats  # None ends the stream
+        yield from tab_outputs(run_pipeline(pipeline, song_request, request), 4,
+                               lambda done: (None, done.value["mix"], list(done.value.values()), done.stats),
+                               lambda chunk: (chunk.sample_rate, chunk.samples))
 
-    inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed, accompaniment, vocals,
-              song_model, note_model]
-    clear_on_start([generate.click], [final, stems, stats], "song")
-    event = generate.click(generate_song, inputs=inputs, outputs=[live, final, stems, stats],
-                           api_name="generate_song", **GPU_LANE)
-    wire_stop(stop, "song", [event], stats)
+    return generate_song
+
+
+def build(pipeline: SongPipeline) -> None:
+    """The song tab: lyrics, style and the song on the left; mode, its models and the sampling on the right."""
+    notice = tab_notices(pipeline)
+    start_mode = next(iter(pipeline.usable_modes()), "dual")
+    with gr.Row():
+        with gr.Column(scale=2):
+            lyrics = gr.Textbox(label="Lyrics ([verse], [chorus], [bridge], [intro], [outro] … one tag per line)",
+                                value=EXAMPLE_LYRICS, lines=14, elem_id="song-lyrics")
+            style = gr.Textbox(label="Style", placeholder="genre, instruments, mood, tempo",
+                               value="gentle acoustic folk, fingerpicked guitar, warm, 90 bpm", elem_id="song-style")
+            generate, stop = run_buttons("song")
+            live = gr.Audio(label="Live (streamed while decoding)", streaming=True, autoplay=True,
+                            interactive=False, elem_id="song-live")
+            final = gr.Audio(label="Song (mix)", type="filepath", interactive=False, elem_id="song-final")
+            stems = gr.File(label="Download: mix, vocal stem, accompaniment stem", file_count="multiple",
+                            interactive=False, elem_id="song-stems")
+        with gr.Column(scale=1):
+            mode = gr.Radio(mode_choices(pipeline), value=start_mode, label="Mode", elem_id="song-mode")
+            pickers = model_pickers(pipeline, start_mode)
+            # Built with the largest limit of any mode: an API call (which never sees a mode change) may ask for
+            # a long mixed-mode song; the pipeline refuses too long a dual-track one with a clear error.
+            duration = gr.Slider(1, max(MAX_DURATION_S.values()), value=10, step=1, label="Duration (s)",
+                                 info=duration_info(start_mode))
+            draft = gr.Checkbox(value=True, label="Lossless drafting (dual-track, micro-song)",
+                                visible=start_mode != "mixed",
+                                info="Prompt lookup over codebook columns (dual) or notes (micro-song), verified: "
+                                     "same song, fewer forwards")
+            seed = seed_row()
+            with gr.Accordion("Sampling", open=False):
+                guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="Guidance scale (CFG)")
+                temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                top_k = gr.Slider(0, 1000, value=250, step=1, label="Top-k (MusicGen)", visible=start_mode == "dual")
+                steps = gr.Slider(1, 60, value=8, step=1, label="Diffusion steps (mixed mode)",
+                                  visible=start_mode == "mixed")
+            stats = stats_panel()
+    gr.Examples(EXAMPLES, inputs=[lyrics, style])
+    inputs = [lyrics, style, duration, mode, draft, guidance, temperature, top_k, steps, seed, *pickers.values()]
+    wire_generate("song", generate, stop, song_generator(pipeline), inputs, [live, final, stems, stats],
+                  [final, stems, stats], stats)
     link_seed_reuse(seed, stats)
+    accompaniment, vocals, song_model, note_model = pickers.values()
     mode.change(mode_controls, inputs=[mode, duration],
                 outputs=[accompaniment, vocals, song_model, draft, top_k, steps, note_model, duration],
-                api_visibility="private",
-                queue=False)
-    refresh_availability(pipeline, notice, generate, {accompaniment: lambda: pipeline.model_choices("musicgen"),
-                                                      vocals: lambda: pipeline.model_choices("bark"),
-                                                      song_model: lambda: pipeline.model_choices("ace-step"),
-                                                      note_model: lambda: pipeline.model_choices("microsong"),
-                                                      mode: lambda: mode_choices(pipeline)})
+                api_visibility="private", queue=False)
+    refresh_availability(pipeline, notice, generate, {**{picker: partial(pipeline.model_choices, kind)
+                                                         for kind, picker in pickers.items()},
+                                                      mode: partial(mode_choices, pipeline)})

@@ -10,11 +10,10 @@ from typing import Iterator
 import gradio as gr
 
 from pipelines.audio.pcm import wav_bytes
-from pipelines.base import Partial, Progress, Result
 from pipelines.tabs.speech import SpeechPipeline, SpeechRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, number,
-                     on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel, wire_stop)
+from .common import (link_seed_reuse, number, on_gpu, refresh_availability, run_buttons, run_pipeline, seed_row,
+                     stats_panel, tab_notices, tab_outputs, wire_generate)
 
 EXAMPLES = [
     ["Hello! This is Tokenworks speaking. The first sentence plays while the rest is still being made."],
@@ -32,17 +31,14 @@ def voice_controls(pipeline: SpeechPipeline, name: str | None) -> tuple[dict, di
 
 
 def build(pipeline: SpeechPipeline) -> None:
-    if pipeline.preset == "tiny":
-        gr.Markdown(RANDOM_WEIGHTS_NOTE)
-    notice = availability_notice(pipeline)
+    """The speech tab: text, Speak and the audio on the left; the voice and its settings on the right."""
+    notice = tab_notices(pipeline)
     default_kind = pipeline.kind_of(pipeline.default_model_name())
     with gr.Row():
         with gr.Column(scale=2):
             text = gr.Textbox(label="Text", lines=4, placeholder="Type what the voice should say…",
                               elem_id="speech-text")
-            with gr.Row():
-                generate = gr.Button("Speak", variant="primary", elem_id="speech-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
+            generate, stop = run_buttons("speech", "Speak")
             player = gr.Audio(label="Live (streamed)", streaming=True, autoplay=True, interactive=False,
                               elem_id="speech-player")
             final = gr.Audio(label="Result (WAV)", type="filepath", interactive=False, elem_id="speech-final")
@@ -70,20 +66,14 @@ def build(pipeline: SpeechPipeline) -> None:
             temperature=number(temperature_value, 0.7), drafting=bool(drafting_value), stream=bool(stream_value),
             seed=int(number(seed_value, -1)),
         )
-        for event in run_pipeline(pipeline, speech_request, request):
-            if isinstance(event, Partial):
-                chunk = event.value
-                yield wav_bytes(chunk.samples, chunk.sample_rate), gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Progress):  # one per model forward: Gradio's own cancel closes the job at a yield
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Result):
-                yield None, event.value, event.metadata["sidecar"], event.stats  # None ends the stream
+        # The live player gets each chunk as WAV bytes; the Result's None ends its stream.
+        yield from tab_outputs(run_pipeline(pipeline, speech_request, request), 4,
+                               lambda done: (None, done.value, done.metadata["sidecar"], done.stats),
+                               lambda chunk: wav_bytes(chunk.samples, chunk.sample_rate))
 
     inputs = [text, model, speed, temperature, drafting, stream, seed]
     outputs = [player, final, sidecar, stats]
-    clear_on_start([generate.click], [final, sidecar, stats], "speech")
-    event = generate.click(generate_speech, inputs=inputs, outputs=outputs, api_name="generate_speech", **GPU_LANE)
-    wire_stop(stop, "speech", [event], stats)
+    wire_generate("speech", generate, stop, generate_speech, inputs, outputs, [final, sidecar, stats], stats)
     link_seed_reuse(seed, stats)
     model.change(lambda name: voice_controls(pipeline, name), inputs=model, outputs=[speed, bark_settings],
                  api_visibility="private", queue=False)

@@ -6,7 +6,8 @@ controls -> vanilla text, method text, comparison)."""
 from __future__ import annotations
 
 import html
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
@@ -124,68 +125,113 @@ def stop_lines(text: str | None) -> list[str]:
     return [line.replace("\\n", "\n").replace("\\t", "\t") for line in lines if line]
 
 
-def build(pipeline: TextPipeline) -> None:
-    if pipeline.preset == "tiny":
-        gr.Markdown(RANDOM_WEIGHTS_NOTE)
-    with gr.Row():
-        with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Ask anything…", elem_id="text-prompt")
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="text-generate")
-                compare = gr.Button("Compare with vanilla", elem_id="text-compare")
-                stop = gr.Button("Stop", variant="stop", elem_id="text-stop")
-            headline = gr.Markdown(elem_id="text-headline")
-            view = gr.HTML(label="Output", elem_id="text-view", elem_classes=COLOURED, min_height=120)
-            colour = gr.Checkbox(value=True, label="Colour the tokens each forward accepted", elem_id="text-colour")
-            output = gr.Textbox(label="Output", visible=False, elem_id="text-output")  # the API's plain text
-            saved = gr.File(label="Saved: the text and its parameters (JSON)", file_count="multiple",
-                            interactive=False, visible=False, elem_id="text-saved")
-            with gr.Column(visible=False, elem_id="text-ab") as ab_panel:
-                with gr.Row():
-                    with gr.Column():
-                        gr.Markdown(VANILLA_HEADING)
-                        vanilla_view = gr.HTML(elem_id="text-compare-vanilla", elem_classes=COLOURED)
-                    with gr.Column():
-                        method_heading = gr.Markdown("#### B · Method", elem_id="text-compare-heading")
-                        method_view = gr.HTML(elem_id="text-compare-method", elem_classes=COLOURED)
-                comparison = stats_panel("Comparison")
-            vanilla_text = gr.Textbox(label="Vanilla", visible=False)  # the API's plain texts of the A/B
-            method_text = gr.Textbox(label="Method", visible=False)
-        with gr.Column(scale=1):
-            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
-                                allow_custom_value=True, info="A listed model, a Hub id or a local folder")
-            method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="merged", label="Decoding method",
-                                 info=METHOD_INFO)
-            exact = gr.Checkbox(value=False, label=EXACT_LABEL, elem_id="text-exact")
-            draft_model = gr.Dropdown([""] + pipeline.model_choices(), value="", label="Draft model",
-                                      allow_custom_value=True, visible=False,
-                                      info="Same tokenizer as the model; empty = the default pair")
-            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=128, step=1, label="Max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
-            repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)")
-            stop_strings = gr.Textbox("", label="Stop strings", lines=2, placeholder="One per line; \\n is a newline",
-                                      info="The output ends where one of them appears")
-            seed = seed_row()
-            with gr.Accordion("System prompt", open=False):
-                system = gr.Textbox(label="System prompt", lines=2)
-            stats = stats_panel()
-    gr.Examples(EXAMPLES, inputs=[prompt])
-    method.change(lambda m: gr.update(visible=m == "draft_model"), inputs=method, outputs=draft_model,
-                  api_visibility="private")
-    colour.change(lambda on: [gr.update(elem_classes=COLOURED if on else PLAIN)] * 3, inputs=colour,
-                  outputs=[view, vanilla_view, method_view], queue=False, api_visibility="private")
+@dataclass
+class TextOutputs:
+    """What a run shows under the buttons (headline, coloured view, saved files, the A/B panel) and the API's plain
+    texts, hidden."""
 
-    def make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
-                     draft_name="", top_k_value=0, penalty=1.0, stops="", exact_mode=False) -> TextRequest:
-        return TextRequest(
-            prompt=prompt_text, system=system_text or "", model=model_name or "", method=method_name or "vanilla",
-            max_new_tokens=int(number(max_tokens, 128)), temperature=number(temp, 0.0),
-            top_p=number(top_p_value, 1.0), seed=int(number(seed_value, -1)), draft_model=draft_name or "",
-            top_k=int(number(top_k_value, 0)), repetition_penalty=number(penalty, 1.0),
-            stop_strings=stop_lines(stops), exact=bool(exact_mode),
-        )
+    headline: gr.Markdown
+    view: gr.HTML
+    colour: gr.Checkbox
+    output: gr.Textbox
+    saved: gr.File
+    ab_panel: gr.Column
+    vanilla_view: gr.HTML
+    method_heading: gr.Markdown
+    method_view: gr.HTML
+    comparison: gr.JSON
+    vanilla_text: gr.Textbox
+    method_text: gr.Textbox
+
+
+def text_outputs() -> TextOutputs:
+    """The output view with its colour toggle, the saved files and the A/B panel (hidden until Compare)."""
+    headline = gr.Markdown(elem_id="text-headline")
+    view = gr.HTML(label="Output", elem_id="text-view", elem_classes=COLOURED, min_height=120)
+    colour = gr.Checkbox(value=True, label="Colour the tokens each forward accepted", elem_id="text-colour")
+    output = gr.Textbox(label="Output", visible=False, elem_id="text-output")  # the API's plain text
+    saved = gr.File(label="Saved: the text and its parameters (JSON)", file_count="multiple",
+                    interactive=False, visible=False, elem_id="text-saved")
+    with gr.Column(visible=False, elem_id="text-ab") as ab_panel:
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown(VANILLA_HEADING)
+                vanilla_view = gr.HTML(elem_id="text-compare-vanilla", elem_classes=COLOURED)
+            with gr.Column():
+                method_heading = gr.Markdown("#### B · Method", elem_id="text-compare-heading")
+                method_view = gr.HTML(elem_id="text-compare-method", elem_classes=COLOURED)
+        comparison = stats_panel("Comparison")
+    vanilla_text = gr.Textbox(label="Vanilla", visible=False)  # the API's plain texts of the A/B
+    method_text = gr.Textbox(label="Method", visible=False)
+    return TextOutputs(headline, view, colour, output, saved, ab_panel, vanilla_view, method_heading, method_view,
+                       comparison, vanilla_text, method_text)
+
+
+@dataclass
+class TextSettings:
+    """The right column's widgets: model, decoding method, sampling, seed, system prompt and the stats."""
+
+    model: gr.Dropdown
+    method: gr.Dropdown
+    exact: gr.Checkbox
+    draft_model: gr.Dropdown
+    max_new_tokens: gr.Slider
+    temperature: gr.Slider
+    top_p: gr.Slider
+    top_k: gr.Slider
+    repetition_penalty: gr.Slider
+    stop_strings: gr.Textbox
+    seed: gr.Number
+    system: gr.Textbox
+    stats: gr.JSON
+
+    def inputs(self, prompt: gr.Textbox, draft: bool) -> list:
+        """An endpoint's inputs: prompt and sampling, the draft model where it takes one, then the controls last in
+        every endpoint, so older clients' calls still fit."""
+        return [prompt, self.system, self.model, self.method, self.max_new_tokens, self.temperature, self.top_p,
+                self.seed, *([self.draft_model] if draft else []), self.top_k, self.repetition_penalty,
+                self.stop_strings, self.exact]
+
+
+def text_settings(pipeline: TextPipeline) -> TextSettings:
+    """Model and decoding method (the draft model shown only for draft-model decoding), then the sampling."""
+    model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
+                        allow_custom_value=True, info="A listed model, a Hub id or a local folder")
+    method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="merged", label="Decoding method",
+                         info=METHOD_INFO)
+    exact = gr.Checkbox(value=False, label=EXACT_LABEL, elem_id="text-exact")
+    draft_model = gr.Dropdown([""] + pipeline.model_choices(), value="", label="Draft model",
+                              allow_custom_value=True, visible=False,
+                              info="Same tokenizer as the model; empty = the default pair")
+    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS_LIMIT, value=128, step=1, label="Max new tokens")
+    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+    top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
+    repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)")
+    stop_strings = gr.Textbox("", label="Stop strings", lines=2, placeholder="One per line; \\n is a newline",
+                              info="The output ends where one of them appears")
+    seed = seed_row()
+    with gr.Accordion("System prompt", open=False):
+        system = gr.Textbox(label="System prompt", lines=2)
+    return TextSettings(model, method, exact, draft_model, max_new_tokens, temperature, top_p, top_k,
+                        repetition_penalty, stop_strings, seed, system, stats_panel())
+
+
+def make_request(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
+                 draft_name="", top_k_value=0, penalty=1.0, stops="", exact_mode=False) -> TextRequest:
+    """The UI's values as a TextRequest; an emptied box takes the request's default."""
+    return TextRequest(
+        prompt=prompt_text, system=system_text or "", model=model_name or "", method=method_name or "vanilla",
+        max_new_tokens=int(number(max_tokens, 128)), temperature=number(temp, 0.0),
+        top_p=number(top_p_value, 1.0), seed=int(number(seed_value, -1)), draft_model=draft_name or "",
+        top_k=int(number(top_k_value, 0)), repetition_penalty=number(penalty, 1.0),
+        stop_strings=stop_lines(stops), exact=bool(exact_mode),
+    )
+
+
+def generate_handlers(pipeline: TextPipeline) -> tuple[Callable[..., Iterator[tuple]], Callable[..., Iterator[tuple]]]:
+    """/generate_text's handler (the text and stats) and Generate's (the coloured view, stats, headline and the
+    saved files too)."""
 
     def stream(text_request: TextRequest, request: gr.Request) -> Iterator[tuple[str, Result | None]]:
         for event in run_pipeline(pipeline, text_request, request):
@@ -193,21 +239,6 @@ def build(pipeline: TextPipeline) -> None:
                 yield event.value, None
             elif isinstance(event, Result):
                 yield event.value, event
-
-    def compare_runs(args: tuple, request: gr.Request) -> Iterator[tuple[dict[str, str], dict[str, Result]]]:
-        """The pipeline's same-seed A/B (vanilla, then the method); yields the texts so far and, at the end, both
-        runs' Results."""
-        text_request = make_request(*args)
-        text_request.compare = "vanilla"
-        texts, results = {"vanilla": "", "method": ""}, {}
-        for event in run_pipeline(pipeline, text_request, request):
-            if isinstance(event, Partial):
-                texts["vanilla" if event.side == "A" else "method"] = event.value
-            elif isinstance(event, Result):
-                results = {"vanilla": event.baseline, "method": event}
-            else:
-                continue
-            yield texts, results
 
     @on_gpu
     def generate_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
@@ -229,6 +260,28 @@ def build(pipeline: TextPipeline) -> None:
             else:
                 files = [done.metadata["file"], done.metadata["sidecar"]]
                 yield text, result_html(done), done.stats, run_headline(done), gr.update(value=files, visible=True)
+
+    return generate_text, generate_in_view
+
+
+def compare_handlers(pipeline: TextPipeline) -> tuple[Callable[..., Iterator[tuple]], Callable[..., Iterator[tuple]]]:
+    """/compare_text's handler (both texts and the comparison) and Compare's (both coloured views, the comparison,
+    the verdict and the saved files)."""
+
+    def compare_runs(args: tuple, request: gr.Request) -> Iterator[tuple[dict[str, str], dict[str, Result]]]:
+        """The pipeline's same-seed A/B (vanilla, then the method); yields the texts so far and, at the end, both
+        runs' Results."""
+        text_request = make_request(*args)
+        text_request.compare = "vanilla"
+        texts, results = {"vanilla": "", "method": ""}, {}
+        for event in run_pipeline(pipeline, text_request, request):
+            if isinstance(event, Partial):
+                texts["vanilla" if event.side == "A" else "method"] = event.value
+            elif isinstance(event, Result):
+                results = {"vanilla": event.baseline, "method": event}
+            else:
+                continue
+            yield texts, results
 
     @on_gpu
     def compare_text(prompt_text, system_text, model_name, method_name, max_tokens, temp, top_p_value, seed_value,
@@ -256,39 +309,74 @@ def build(pipeline: TextPipeline) -> None:
             files = [path for run in results.values() for path in (run.metadata["file"], run.metadata["sidecar"])]
             yield *views, summary, compare_headline(summary), gr.update(value=files, visible=True)
 
-    def clear_for_run(comparing: bool, method_name: str | None = None) -> list:
-        """What a new run starts from: no previous output, stats, headline, files or A/B left on screen."""
-        label = short_label(method_name or "vanilla")
-        note = plain_html(f"Comparing: A (vanilla) and B ({label}) run one after the other, below.")
-        note = note if comparing else ""
-        return ["", note, {}, "", gr.update(value=None, visible=False), gr.update(visible=comparing), "", "", {},
-                f"#### B · {label}"]
+    return compare_text, compare_in_view
 
-    inputs = [prompt, system, model, method, max_new_tokens, temperature, top_p, seed]
-    controls = [top_k, repetition_penalty, stop_strings, exact]  # last in every endpoint, so older clients' calls still fit
-    cleared = [output, view, stats, headline, saved, ab_panel, vanilla_view, method_view, comparison, method_heading]
-    # The API keeps its plain shapes on hidden triggers (text and stats; A/B texts and comparison); the buttons
-    # add the draft model, the coloured view, the headline and the saved files.
+
+def clear_for_run(comparing: bool, method_name: str | None = None) -> list:
+    """What a new run starts from: no previous output, stats, headline, files or A/B left on screen."""
+    label = short_label(method_name or "vanilla")
+    note = plain_html(f"Comparing: A (vanilla) and B ({label}) run one after the other, below.")
+    note = note if comparing else ""
+    return ["", note, {}, "", gr.update(value=None, visible=False), gr.update(visible=comparing), "", "", {},
+            f"#### B · {label}"]
+
+
+def clear_for_generate(request: gr.Request) -> list:
+    CANCELS.ask(session_of(request), "text")  # Stop learns a request is queued
+    return clear_for_run(False)
+
+
+def clear_for_compare(method_name: str, request: gr.Request) -> list:
+    CANCELS.ask(session_of(request), "text")
+    return clear_for_run(True, method_name)
+
+
+def build(pipeline: TextPipeline) -> None:
+    """The text tab: prompt, buttons and the output on the left; model, method and sampling on the right."""
+    if pipeline.preset == "tiny":
+        gr.Markdown(RANDOM_WEIGHTS_NOTE)
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Ask anything…", elem_id="text-prompt")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="text-generate")
+                compare = gr.Button("Compare with vanilla", elem_id="text-compare")
+                stop = gr.Button("Stop", variant="stop", elem_id="text-stop")
+            shown = text_outputs()
+        with gr.Column(scale=1):
+            settings = text_settings(pipeline)
+    gr.Examples(EXAMPLES, inputs=[prompt])
+    settings.method.change(lambda m: gr.update(visible=m == "draft_model"), inputs=settings.method,
+                           outputs=settings.draft_model, api_visibility="private")
+    shown.colour.change(lambda on: [gr.update(elem_classes=COLOURED if on else PLAIN)] * 3, inputs=shown.colour,
+                        outputs=[shown.view, shown.vanilla_view, shown.method_view], queue=False,
+                        api_visibility="private")
+    wire_runs(pipeline, prompt, generate, compare, stop, shown, settings)
+
+
+def wire_runs(pipeline: TextPipeline, prompt: gr.Textbox, generate: gr.Button, compare: gr.Button, stop: gr.Button,
+              shown: TextOutputs, settings: TextSettings) -> None:
+    """Generate and Compare, each cleared on click, and Stop reaching every run. The API keeps its plain shapes on
+    hidden triggers (text and stats; A/B texts and comparison); the buttons add the draft model, the coloured view,
+    the headline and the saved files."""
+    generate_text, generate_in_view = generate_handlers(pipeline)
+    compare_text, compare_in_view = compare_handlers(pipeline)
+    stats, with_draft = settings.stats, settings.inputs(prompt, draft=True)
+    cleared = [shown.output, shown.view, stats, shown.headline, shown.saved, shown.ab_panel, shown.vanilla_view,
+               shown.method_view, shown.comparison, shown.method_heading]
     api_trigger, api_compare_trigger = gr.Button(visible=False), gr.Button(visible=False)
-    api_event = api_trigger.click(generate_text, inputs=inputs + controls, outputs=[output, stats], api_name="generate_text",
-                                  **GPU_LANE)
-    api_compared = api_compare_trigger.click(compare_text, inputs=inputs + [draft_model] + controls,
-                                             outputs=[vanilla_text, method_text, comparison],
+    api_event = api_trigger.click(generate_text, inputs=settings.inputs(prompt, draft=False),
+                                  outputs=[shown.output, stats], api_name="generate_text", **GPU_LANE)
+    api_compared = api_compare_trigger.click(compare_text, inputs=with_draft,
+                                             outputs=[shown.vanilla_text, shown.method_text, shown.comparison],
                                              api_name="compare_text", **GPU_LANE)
-    def clear_for_generate(request: gr.Request) -> list:
-        CANCELS.ask(session_of(request), "text")  # Stop learns a request is queued
-        return clear_for_run(False)
-
-    def clear_for_compare(method_name: str, request: gr.Request) -> list:
-        CANCELS.ask(session_of(request), "text")
-        return clear_for_run(True, method_name)
-
     gr.on([generate.click, prompt.submit], clear_for_generate, outputs=cleared, queue=False, api_visibility="private")
-    compare.click(clear_for_compare, inputs=method, outputs=cleared, queue=False, api_visibility="private")
-    generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=inputs + [draft_model] + controls,
-                      outputs=[output, view, stats, headline, saved], api_visibility="private", **GPU_LANE)
-    compared = compare.click(compare_in_view, inputs=inputs + [draft_model] + controls,
-                             outputs=[vanilla_view, method_view, comparison, headline, saved],
-                             api_visibility="private", **GPU_LANE)
-    wire_stop(stop, "text", [generated, compared, api_event, api_compared], stats, headline)
-    link_seed_reuse(seed, stats)
+    compare.click(clear_for_compare, inputs=settings.method, outputs=cleared, queue=False, api_visibility="private")
+    generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=with_draft,
+                      outputs=[shown.output, shown.view, stats, shown.headline, shown.saved],
+                      api_visibility="private", **GPU_LANE)
+    compared = compare.click(compare_in_view, inputs=with_draft,
+                             outputs=[shown.vanilla_view, shown.method_view, shown.comparison, shown.headline,
+                                      shown.saved], api_visibility="private", **GPU_LANE)
+    wire_stop(stop, "text", [generated, compared, api_event, api_compared], stats, shown.headline)
+    link_seed_reuse(settings.seed, stats)

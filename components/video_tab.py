@@ -3,7 +3,8 @@
 API: /generate_video -> (video, A/B baseline video or None, frame strip, stats)."""
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import gradio as gr
 
@@ -12,9 +13,8 @@ from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
 from pipelines.diffusion.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
 from pipelines.tabs.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
-from .common import (GPU_LANE, RANDOM_WEIGHTS_NOTE, availability_notice, clear_on_start, link_seed_reuse, lpa_window,
-                     lpa_window_row, number, on_gpu, refresh_availability, run_pipeline, seed_row, stats_panel,
-                     wire_stop)
+from .common import (link_seed_reuse, lpa_window, lpa_window_row, number, on_gpu, refresh_availability, run_buttons,
+                     run_pipeline, seed_row, size_row, stats_panel, tab_notices, tab_outputs, wire_generate)
 
 
 SHOTS_HELP = (
@@ -57,75 +57,67 @@ def shot_editor(transition: str | None):
     return edit
 
 
-def build(pipeline: VideoPipeline) -> None:
-    tiny = pipeline.preset == "tiny"
-    if tiny:
-        gr.Markdown(RANDOM_WEIGHTS_NOTE)
-    notice = availability_notice(pipeline)
-    with gr.Row():
-        with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt",
-                                placeholder="a red fox walking through snow, cinematic")
-            negative = gr.Textbox(label="Negative prompt", lines=1, value="" if tiny else "low quality, blurry")
-            with gr.Accordion("Shot timeline (multi-shot prompts)", open=False):
-                gr.Markdown(SHOTS_HELP)
-                shots = gr.Code(label="Shots (JSON)", language="json", value="", lines=6, elem_id="video-shots")
-                with gr.Row():
-                    add_cut = gr.Button("Add shot (cut)", size="sm")
-                    add_smooth = gr.Button("Add shot (smooth)", size="sm")
-                    remove = gr.Button("Remove last shot", size="sm")
-                    example = gr.Button("Example timeline", size="sm")
-                ranges = gr.Markdown(describe("", 16, 8))
-            with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_id="video-generate")
-                stop = gr.Button("Stop", variant="stop", elem_id="video-stop")
-            with gr.Row():
-                video = gr.Video(label="Video (B: as set)", format="mp4", elem_id="video-output", autoplay=True,
-                                 loop=True)
-                baseline = gr.Video(label="A/B baseline (A: same seed)", format="mp4", elem_id="video-baseline",
-                                    loop=True)
-            strip = gr.Image(label="Frame strip", type="filepath", format="png", elem_id="video-strip")
-        with gr.Column(scale=1):
-            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
-                                elem_id="video-model")
-            frames = gr.Slider(2, MAX_FRAMES, value=8 if tiny else 16, step=1, label="Frames")
-            fps = gr.Slider(1, 30, value=8, step=1, label="FPS")
-            steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")
-            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
-            with gr.Row():
-                width = gr.Number(label="Width (0 = native)", value=0, precision=0, minimum=0, maximum=1024, step=8)
-                height = gr.Number(label="Height (0 = native)", value=0, precision=0, minimum=0, maximum=1024, step=8)
-            seed = seed_row()
-            compare = gr.Dropdown(list(COMPARISONS), value="none", label="Same-seed A/B",
-                                  info="Also render with one thing switched back: the timeline (first shot's "
-                                       "prompt only), token merging or the token controls")
-            with gr.Accordion("Long videos and transitions", open=False):
-                window = gr.Slider(2, 32, value=8, step=1, label="Smooth transition window (frames)")
-                context_length = gr.Slider(8, 32, value=16, step=1, label="Context window (FreeNoise)",
-                                           info="Videos longer than this (or with shots) slide this window")
-                context_stride = gr.Slider(1, 16, value=4, step=1, label="Context stride")
-            with gr.Accordion("Token merging for speed (spatial layers only)", open=False):
-                merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
-                merge_min_tokens = gr.Number(label="Merge only layers with at least this many tokens per frame",
-                                             value=0 if tiny else DEFAULT_MIN_TOKENS, precision=0, minimum=0)
-            with gr.Accordion("Token controls per shot (from the image tab)", open=False):
-                binding = gr.Checkbox(label="Semantic binding (ToMe composite tokens + end-token substitution)",
-                                      value=False, info="Mark groups like 'a [red hat] and a [blue car]'")
-                lpa = gr.Checkbox(label="Local Prompt Adaptation (route content and style tokens)", value=False,
-                                  info="Style from '... in X style' in each shot, or the field below")
-                style = gr.Textbox(label="Style (optional, appended to every shot)", placeholder="watercolor")
-                window_low, window_high = lpa_window_row("LPA window")
-                isolate = gr.Textbox(label="Leakage fix: items to encode alone (comma-separated)",
-                                     placeholder="pool")
-            fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
-                               info="CUDA graphs on a GPU, controls and merging kept; eager on CPU and ZeroGPU")
-            stats = stats_panel()
+@dataclass
+class ShotTimeline:
+    """The shot timeline accordion's widgets: the JSON, its editing buttons and the frame ranges it gives."""
 
-    for button, transition in ((add_cut, "cut"), (add_smooth, "smooth"), (remove, None)):
-        button.click(shot_editor(transition), inputs=[shots, frames], outputs=shots, api_visibility="private")
-    example.click(lambda: EXAMPLE_SHOTS, outputs=shots, api_visibility="private")
-    for trigger in (shots.change, frames.change, window.change):
-        trigger(describe, inputs=[shots, frames, window], outputs=ranges, api_visibility="private")
+    shots: gr.Code
+    editors: list[tuple[gr.Button, str | None]]  # (button, transition it appends; None removes the last shot)
+    example: gr.Button
+    ranges: gr.Markdown
+
+
+def shot_timeline() -> ShotTimeline:
+    """The closed accordion where a multi-shot prompt is written, edited with buttons and read back as ranges."""
+    with gr.Accordion("Shot timeline (multi-shot prompts)", open=False):
+        gr.Markdown(SHOTS_HELP)
+        shots = gr.Code(label="Shots (JSON)", language="json", value="", lines=6, elem_id="video-shots")
+        with gr.Row():
+            add_cut = gr.Button("Add shot (cut)", size="sm")
+            add_smooth = gr.Button("Add shot (smooth)", size="sm")
+            remove = gr.Button("Remove last shot", size="sm")
+            example = gr.Button("Example timeline", size="sm")
+        ranges = gr.Markdown(describe("", 16, 8))
+    return ShotTimeline(shots, [(add_cut, "cut"), (add_smooth, "smooth"), (remove, None)], example, ranges)
+
+
+def wire_timeline(timeline: ShotTimeline, frames: gr.Slider, window: gr.Slider) -> None:
+    """The editing buttons rewrite the JSON; the ranges follow the JSON, the frame count and the smooth window."""
+    for button, transition in timeline.editors:
+        button.click(shot_editor(transition), inputs=[timeline.shots, frames], outputs=timeline.shots,
+                     api_visibility="private")
+    timeline.example.click(lambda: EXAMPLE_SHOTS, outputs=timeline.shots, api_visibility="private")
+    for trigger in (timeline.shots.change, frames.change, window.change):
+        trigger(describe, inputs=[timeline.shots, frames, window], outputs=timeline.ranges, api_visibility="private")
+
+
+def advanced_settings(tiny: bool) -> list:
+    """The closed accordions of long-video, token-merging and per-shot token-control settings, in the order
+    /generate_video takes them: smooth window, context length and stride, merge ratio and minimum tokens, binding,
+    LPA, style, the LPA window's two ends, the leakage fix's items."""
+    with gr.Accordion("Long videos and transitions", open=False):
+        window = gr.Slider(2, 32, value=8, step=1, label="Smooth transition window (frames)")
+        context_length = gr.Slider(8, 32, value=16, step=1, label="Context window (FreeNoise)",
+                                   info="Videos longer than this (or with shots) slide this window")
+        context_stride = gr.Slider(1, 16, value=4, step=1, label="Context stride")
+    with gr.Accordion("Token merging for speed (spatial layers only)", open=False):
+        merge_ratio = gr.Slider(0.0, 0.75, value=0.0, step=0.05, label="Merge ratio r (0 = off)")
+        merge_min_tokens = gr.Number(label="Merge only layers with at least this many tokens per frame",
+                                     value=0 if tiny else DEFAULT_MIN_TOKENS, precision=0, minimum=0)
+    with gr.Accordion("Token controls per shot (from the image tab)", open=False):
+        binding = gr.Checkbox(label="Semantic binding (ToMe composite tokens + end-token substitution)",
+                              value=False, info="Mark groups like 'a [red hat] and a [blue car]'")
+        lpa = gr.Checkbox(label="Local Prompt Adaptation (route content and style tokens)", value=False,
+                          info="Style from '... in X style' in each shot, or the field below")
+        style = gr.Textbox(label="Style (optional, appended to every shot)", placeholder="watercolor")
+        window_low, window_high = lpa_window_row("LPA window")
+        isolate = gr.Textbox(label="Leakage fix: items to encode alone (comma-separated)", placeholder="pool")
+    return [window, context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,
+            window_high, isolate]
+
+
+def video_generator(pipeline: VideoPipeline) -> Callable[..., Iterator[tuple]]:
+    """/generate_video's handler: the UI's values as a VideoRequest; progress per step, then the tab's outputs."""
 
     @on_gpu
     def generate_video(prompt_text, negative_text, shots_text, model_name, frames_value, fps_value, steps_value,
@@ -145,21 +137,56 @@ def build(pipeline: VideoPipeline) -> None:
             lpa=bool(lpa_value), style=style_text or "", lpa_window=lpa_window(low_value, high_value),
             isolate=isolate_text or "", fast=True if fast_value is None else bool(fast_value),
         )
-        for event in run_pipeline(pipeline, video_request, request):
-            if isinstance(event, Progress):
-                progress((event.step, max(event.total, 1)), desc=event.note or "denoising")
-                # A yield per denoising step: Gradio's own cancel (API, closed tab) closes the job only at a yield.
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            elif isinstance(event, Result):
-                reference = event.baseline
-                yield event.value.video, reference.value.video if reference else None, event.value.strip, event.stats
 
-    inputs = [prompt, negative, shots, model, frames, fps, steps, cfg, width, height, seed, compare, window,
-              context_length, context_stride, merge_ratio, merge_min_tokens, binding, lpa, style, window_low,
-              window_high, isolate, fast]
-    clear_on_start([generate.click], [video, baseline, strip, stats], "video")
-    event = generate.click(generate_video, inputs=inputs, outputs=[video, baseline, strip, stats],
-                           api_name="generate_video", **GPU_LANE)
-    wire_stop(stop, "video", [event], stats)
+        def show(event: Progress) -> None:
+            progress((event.step, max(event.total, 1)), desc=event.note or "denoising")
+
+        def outputs(result: Result) -> tuple:
+            reference = result.baseline
+            return result.value.video, reference.value.video if reference else None, result.value.strip, result.stats
+
+        yield from tab_outputs(run_pipeline(pipeline, video_request, request), 4, outputs, on_progress=show)
+
+    return generate_video
+
+
+def build(pipeline: VideoPipeline) -> None:
+    """The video tab: prompt, shot timeline and the A/B videos on the left; model and settings on the right."""
+    tiny = pipeline.preset == "tiny"
+    notice = tab_notices(pipeline)
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt",
+                                placeholder="a red fox walking through snow, cinematic")
+            negative = gr.Textbox(label="Negative prompt", lines=1, value="" if tiny else "low quality, blurry")
+            timeline = shot_timeline()
+            generate, stop = run_buttons("video")
+            with gr.Row():
+                video = gr.Video(label="Video (B: as set)", format="mp4", elem_id="video-output", autoplay=True,
+                                 loop=True)
+                baseline = gr.Video(label="A/B baseline (A: same seed)", format="mp4", elem_id="video-baseline",
+                                    loop=True)
+            strip = gr.Image(label="Frame strip", type="filepath", format="png", elem_id="video-strip")
+        with gr.Column(scale=1):
+            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
+                                elem_id="video-model")
+            frames = gr.Slider(2, MAX_FRAMES, value=8 if tiny else 16, step=1, label="Frames")
+            fps = gr.Slider(1, 30, value=8, step=1, label="FPS")
+            steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")
+            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
+            width, height = size_row(1024)
+            seed = seed_row()
+            compare = gr.Dropdown(list(COMPARISONS), value="none", label="Same-seed A/B",
+                                  info="Also render with one thing switched back: the timeline (first shot's "
+                                       "prompt only), token merging or the token controls")
+            advanced = advanced_settings(tiny)
+            fast = gr.Checkbox(label="Fast path (captured UNet loop)", value=True,
+                               info="CUDA graphs on a GPU, controls and merging kept; eager on CPU and ZeroGPU")
+            stats = stats_panel()
+    wire_timeline(timeline, frames, window=advanced[0])
+    inputs = [prompt, negative, timeline.shots, model, frames, fps, steps, cfg, width, height, seed, compare,
+              *advanced, fast]
+    outputs = [video, baseline, strip, stats]
+    wire_generate("video", generate, stop, video_generator(pipeline), inputs, outputs, outputs, stats)
     link_seed_reuse(seed, stats)
     refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})

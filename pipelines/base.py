@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Generator, Iterable, Iterator
 
 MAX_SEED = 2**32 - 1
@@ -122,6 +122,10 @@ class Request:
 
     seed: int = -1
     cancel: CancelToken = field(default_factory=CancelToken, repr=False, compare=False)
+
+    def parameters(self) -> dict[str, Any]:
+        """Every field that reproduces this result (what its saved file or sidecar JSON records)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
 
 
 def resolve_seed(seed: int | float | None) -> int:

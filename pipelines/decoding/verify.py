@@ -232,6 +232,22 @@ def keep_accepted(cache, tree: TokenTree, nodes: list[int]) -> int:
     return kept
 
 
+def processed_prompt(input_ids: torch.Tensor, prefill: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """The prompt ids the logits processors read; a prefill's prompt is not ids (Bark's summed embeddings), so its
+    processors see zeros of its length."""
+    if prefill is None:
+        return input_ids[0].detach().cpu()
+    return torch.zeros(next(iter(prefill.values())).shape[1], dtype=torch.long)
+
+
+def update_drafter(drafter: Drafter, forward: CausalLMForward, tree: TokenTree, logits: torch.Tensor,
+                   run: list[int]) -> None:
+    """Tell the drafter what the block's forward saw (its hidden states, when it reads them) and accepted."""
+    if forward.record_hidden:
+        drafter.read_hidden(forward.hidden[-len(tree):])
+    drafter.update(tree, logits, run)
+
+
 def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, config: SamplingConfig, eos_ids: set[int],
                        drafter: Drafter, cancel: CancelToken | None = None, stats: DecodeStats | None = None,
                        forward: CausalLMForward | None = None, *, prefill: dict[str, torch.Tensor] | None = None,
@@ -248,15 +264,12 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
     ``generator`` replaces the one seeded from ``config``."""
     stats = stats if stats is not None else DecodeStats()
     forward = verifying_forward(model, drafter, forward)
-    reads_hidden = forward.record_hidden = drafter.reads_hidden  # fixed for the request
+    forward.record_hidden = drafter.reads_hidden  # fixed for the request
     generator = generator or make_generator(config, forward.device)
     cache = forward.new_cache()
     context = input_ids[0].tolist()
     generated: list[int] = []
-    # a prefill's prompt is not ids (Bark's summed embeddings): its processors see zeros of its length
-    prompt = (torch.zeros(next(iter(prefill.values())).shape[1], dtype=torch.long) if prefill is not None
-              else input_ids[0].detach().cpu())
-    process = logits_processing(processors, prompt, generated) if processors else None  # reads ``generated`` live
+    process = logits_processing(processors, processed_prompt(input_ids, prefill), generated) if processors else None
     if prefill is not None:
         token = prefilled_token(model, prefill, cache, process, config, generator, stats)
         context.append(token)
@@ -265,14 +278,13 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
         if token in eos_ids:
             return
     pending = list(context[-1:] if prefill is not None else context)  # committed, not cached; last = root
-    produced = len(generated)
     drafter.start(list(context))
     try:
-        while produced < max_new_tokens:
+        while len(generated) < max_new_tokens:
             if cancel is not None:
                 cancel.raise_if_cancelled()
             started = time.perf_counter()
-            remaining, past, before_root = max_new_tokens - produced, cache.get_seq_length(), len(pending) - 1
+            remaining, past, before_root = max_new_tokens - len(generated), cache.get_seq_length(), len(pending) - 1
             tree = block_tree(drafter.propose(context), forward, remaining, before_root)
             drafted = time.perf_counter()
 
@@ -286,14 +298,11 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
             generated.extend(run)
 
             updating = time.perf_counter()
-            if reads_hidden:
-                drafter.read_hidden(forward.hidden[-len(tree):])
-            drafter.update(tree, logits, run)
+            update_drafter(drafter, forward, tree, logits, run)
             finished = time.perf_counter()
             stats.count_forward(len(run))
             stats.draft_s += (drafted - started) + (finished - updating)
             stats.step_s += finished - started
-            produced += len(run)
             yield run
             if run[-1] in eos_ids:
                 return

@@ -8,9 +8,25 @@ from typing import Any
 
 import torch
 
-from ..models import ModelStore, ResolvedModel
+from ..base import PipelineError, require_range
+from ..models import ModelSpec, ModelStore, ResolvedModel
 from .preview import fit_latent_rgb
 from .state import UNetState, unet_state
+
+TINY_SIDE = 32  # a tiny preset's side: 4x4 latents
+
+
+def request_sides(request: Any, spec: ModelSpec, default: int, low: int, high: int) -> tuple[int, int]:
+    """The request's width and height, 0 asking for the model's native side (its spec's ``size`` option, else
+    ``default``): in range and multiples of 8, the VAE's downsampling. The image and video tabs check them alike."""
+    native = TINY_SIDE if spec.tiny else int(spec.option("size") or default)
+    request.width, request.height = int(request.width) or native, int(request.height) or native
+    for name, value in (("Width", request.width), ("Height", request.height)):
+        require_range(value, name, low, high)
+        if value % 8:
+            raise PipelineError(f"{name} must be a multiple of 8, got {value}.")
+    return request.width, request.height
+
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "default": None,

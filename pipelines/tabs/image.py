@@ -7,14 +7,14 @@ generators), so its output is the stock output bit for bit. Controls compose on 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Generator, Iterator
 
 import torch
 
-from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_choice,
-                    require_range, require_text, resolve_seed, same_seed_ab)
+from ..base import (NO_COMPARISON, Event, Partial, Pipeline, Progress, Request, Result, require_choice, require_range,
+                    require_text, resolve_seed, same_seed_ab)
 from ..diffusion.attention import AttentionControl
 from ..diffusion.binding import BindingConfig, SemanticBinding, grid_layers
 from ..diffusion.compass import CompassEncoders
@@ -23,7 +23,8 @@ from ..diffusion.fast import FastUNet, choose_backend
 from ..diffusion.heatmaps import heatmap_tokens, save_heatmaps
 from ..diffusion.loop import step_callback
 from ..diffusion.lpa import LPAConfig
-from ..diffusion.models import SCHEDULERS, LoadedImageModel, latent_size, load_image_model, scheduled_pipe
+from ..diffusion.models import (SCHEDULERS, LoadedImageModel, latent_size, load_image_model, request_sides,
+                                scheduled_pipe)
 from ..diffusion.preview import AsyncPreviews
 from ..diffusion.prompts import ParsedPrompt, parse_prompt
 from ..models import ModelSpec, ModelStore, keep_placement, peak_memory_mb, reset_peak_memory
@@ -32,7 +33,6 @@ from ..presets import PresetModels
 from ..streaming import stream_in_thread
 
 DEFAULT_SIZE = {"sd15": 512, "sdxl": 1024}
-TINY_SIZE = 32
 MAX_BATCH = 8
 MAX_STEPS = 150
 # The A side of a same-seed A/B: every control off (the stock pipeline); asked for without a control, there is none.
@@ -64,9 +64,6 @@ class ImageRequest(Request):
     preview_every: int = 1  # 0 = no live previews
     fast: bool = True  # captured UNet loop on CUDA (diffusion/fast.py); eager static path on CPU/ZeroGPU; False = stock
 
-    def parameters(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
-
     @property
     def controlled(self) -> bool:
         return bool(self.binding or self.lpa or self.isolate.strip() or self.merge_ratio > 0 or self.compass.strip())
@@ -96,13 +93,7 @@ class ImagePipeline(PresetModels, Pipeline):
         require_range(request.merge_ratio, "Merge ratio", 0.0, 0.75)
         require_choice(request.compare, "comparison", COMPARISONS)
         require_choice(request.scheduler, "scheduler", SCHEDULERS)
-        native = TINY_SIZE if spec.tiny else spec.option("size") or DEFAULT_SIZE.get(spec.kind, 512)
-        request.width = int(request.width) or native
-        request.height = int(request.height) or native
-        for name, value in (("Width", request.width), ("Height", request.height)):
-            require_range(value, name, 16, 2048)
-            if value % 8:
-                raise PipelineError(f"{name} must be a multiple of 8, got {value}.")
+        request_sides(request, spec, DEFAULT_SIZE.get(spec.kind, 512), 16, 2048)
         check_window(request.lpa_window)
         request.seed = resolve_seed(request.seed)
 

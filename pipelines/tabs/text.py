@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -47,10 +47,6 @@ class TextRequest(Request):
     stop_strings: list[str] = field(default_factory=list)  # the output ends at the first one (generate's stop_strings)
     compare: str = NO_COMPARISON  # "vanilla": decode with vanilla first, same seed (A/B; see COMPARISONS)
     exact: bool = False  # exact mode: every method's greedy output bit-identical to plain decoding in it (slower)
-
-    def parameters(self) -> dict[str, Any]:
-        """Every field that reproduces this result (what its sidecar JSON records)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
 
 
 class TextPipeline(PresetModels, Pipeline):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Iterator
 
@@ -26,6 +26,7 @@ from ..diffusion.controls import ControlPlan
 from ..diffusion.fast import FastUNet, choose_backend
 from ..diffusion.lpa import LPAConfig
 from ..diffusion.merging import DEFAULT_MIN_TOKENS, apply_merging, merging_stats, remove_merging
+from ..diffusion.models import request_sides
 from ..diffusion.prompts import ParsedPrompt
 from ..diffusion.shot_controls import ShotControls
 from ..diffusion.timeline import DEFAULT_SMOOTH_WINDOW, Timeline, request_timeline
@@ -37,8 +38,7 @@ from ..streaming import stream_in_thread
 MAX_FRAMES = 128
 MAX_STEPS = 100
 MAX_SIDE = 1024
-DEFAULT_SIDE = 512  # SD1.5's; a spec's ``size`` option overrides it
-TINY_SIDE = 32
+DEFAULT_SIDE = 512  # SD1.5's; a spec's ``size`` option overrides it (micro-world motion: 128 px)
 # AnimateDiff motion modules are trained on 16-frame clips; FreeNoise's defaults are a 16-frame window, stride 4.
 CONTEXT_LENGTH = 16
 CONTEXT_STRIDE = 4
@@ -107,21 +107,11 @@ class VideoPipeline(PresetModels, Pipeline):
     def load(self, name: str):
         return self.store.load(self.spec_for(name), load_animatediff)
 
-    def native_size(self, name: str) -> int:
-        """The side a model was trained at, what a width or height of 0 asks for (micro-world motion: 128 px)."""
-        spec = self.spec_for(name)
-        return TINY_SIDE if spec.tiny else int(spec.option("size") or DEFAULT_SIDE)
-
     def plan(self, request: VideoRequest) -> Plan:
         """Validate the request (resolving its seed) and compile its shot timeline."""
         num_frames = int(require_range(request.num_frames, "Frames", 2, MAX_FRAMES))
         steps = int(require_range(request.steps, "Steps", 1, MAX_STEPS))
-        native = self.native_size(request.model)
-        request.width, request.height = int(request.width) or native, int(request.height) or native
-        width = int(require_range(request.width, "Width", 32, MAX_SIDE))
-        height = int(require_range(request.height, "Height", 32, MAX_SIDE))
-        if width % 8 or height % 8:
-            raise PipelineError(f"Width and height must be multiples of 8, got {width}x{height}.")
+        width, height = request_sides(request, self.spec_for(request.model), DEFAULT_SIDE, 32, MAX_SIDE)
         fps = int(require_range(request.fps, "FPS", 1, 60))
         guidance = require_range(request.guidance_scale, "CFG scale", 0.0, 30.0)
         window = int(require_range(request.smooth_window, "Smooth window", 2, MAX_FRAMES))
@@ -249,8 +239,7 @@ class VideoPipeline(PresetModels, Pipeline):
 
     def parameters(self, request: VideoRequest, plan: Plan) -> dict[str, Any]:
         """Everything needed to reproduce the video (written next to it as a sidecar JSON)."""
-        values = {item.name: getattr(request, item.name) for item in fields(request)
-                  if item.name not in ("cancel", "shots")}
+        values = {name: value for name, value in request.parameters().items() if name != "shots"}
         values.update(model=self.spec_for(request.model).name, shots=plan.timeline.describe(plan.num_frames),
                       keyframes=plan.timeline.keyframes(plan.num_frames), context_length=plan.context_length,
                       free_noise=plan.uses_free_noise)

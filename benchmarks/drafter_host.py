@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--method", default="merged", help="a text-tab decoding method")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct (packaged)")
     parser.add_argument("--prompts", type=int, default=4, help="the first N prompts of heldout40")
+    parser.add_argument("--category", help="only heldout40's prompts of this category (e.g. translation)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--profile", default="auto", help="tree profile: auto (measured curve), cpu or gpu")
     parser.add_argument("--fast", action="store_true", help="the static path on a CPU too (TOKENWORKS_TEXT_FAST=1)")
@@ -121,7 +122,9 @@ def main() -> None:
         os.environ["TOKENWORKS_TEXT_FAST"] = "1"
     if args.host_price is not None:  # the served drafters price their drafting with this instead of measuring it
         state.DraftingCost = methods.DraftingCost = partial(hardware.DraftingCost, fixed=args.host_price)
-    prompts = [row["prompt"] for row in read_prompts("benchmarks/prompts/heldout40.jsonl")[:args.prompts]]
+    rows = [row for row in read_prompts("benchmarks/prompts/heldout40.jsonl")
+            if args.category in (None, row.get("category"))]
+    prompts = [row["prompt"] for row in rows[:args.prompts]]
     pipeline = TextPipeline(ModelStore())
     if args.weights:
         use_weights(pipeline, args.model, Path(args.weights))

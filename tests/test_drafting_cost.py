@@ -13,6 +13,7 @@ from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
 from pipelines.decoding.hardware import (GPU_STEP_COST, LONGEST_STRETCH, PLAIN_STRETCH, DraftingCost, pick_tree_size,
                                          step_prices)
 from pipelines.decoding.plain import DecodeStats, SamplingConfig
+from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import NoDraft, speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
@@ -118,3 +119,35 @@ def test_update_starts_the_next_steps_device_drafts_and_propose_reads_them():
     # each step's root is the last committed token; the last update's launch is for a step that never came
     assert roots == [int(prompt[0, -1])] + [chunk[-1] for chunk in runs]
     assert max(map(len, runs)) > 1 and drafter.head_on and drafter._launched is None  # finish drops it
+
+
+def test_redrafter_scales_its_heads_probabilities_to_what_it_gets_accepted():
+    """The head's path probabilities are its own, not measured rates: a served ReDrafter scales them by accepted
+    over expected drafted tokens (never up), so an overconfident head sizes its trees, and falls back to plain
+    steps, as its acceptance warrants."""
+    cost = DraftingCost(fixed=0.0)
+    assert cost.calibration == 1.0
+    for _ in range(60):
+        cost.accepted(predicted=4.0, realized=1)
+    assert 0.25 < cost.calibration < 0.27  # 1 of 4 expected tokens, and the prior's one of one
+    cost.chose(1)
+    for _ in range(40):
+        cost.chose(1)
+        while cost.plain():
+            pass
+    assert cost.calibration > 0.9  # a long plain stretch: the evidence fades, the next probe drafts
+    cost.accepted(predicted=1.0, realized=100)
+    assert cost.calibration == 1.0  # an underconfident head is not scaled up
+    model = tiny_causal_lm("llama", seed=0).eval()
+    path = [0.8 ** i for i in range(64)]  # a chain, each node 0.8 likely given its parent
+    tree = TokenTree(list(range(64)), [-1] + list(range(63)))
+    for scale, host_s in ((1.0, 0.0), (0.3, 0.0), (0.3, 0.5), (0.05, 0.5)):
+        drafter = RecurrentDrafting(random_head(model), model, GPU_STEP_COST, host=DraftingCost(fixed=host_s))
+        drafter.drafts.launch = lambda root, max_nodes: torch.zeros(1)  # stands for a grown tree
+        drafter.drafts.read = lambda grown: (tree, [0] * 64, path, path)
+        for _ in range(50):
+            drafter.host.accepted(predicted=1.0, realized=scale)
+        scale = drafter.host.calibration  # near the measured ratio: 50 steps outweigh the prior's one token
+        scaled = [1.0] + [p * scale for p in path[1:]] if scale < 1.0 else path
+        assert len(drafter.propose([3, 4, 5])) == pick_tree_size(scaled, GPU_STEP_COST, host_s=host_s), scale
+    assert pick_tree_size(scaled, GPU_STEP_COST, host_s=0.5) == 1 < pick_tree_size(path, GPU_STEP_COST, host_s=0.5)

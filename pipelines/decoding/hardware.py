@@ -155,6 +155,7 @@ class DraftingCost:
         self.memory = memory  # the mean follows the last ~10 drafted steps
         self.fixed = fixed
         self._total = self._weight = self._step = 0.0
+        self._predicted = self._realized = 0.0  # drafted tokens a drafter's own probabilities expected, and got
         self.stretch = PLAIN_STRETCH
         self.plain_left = 0  # plain steps still to take before drafting again
 
@@ -175,6 +176,20 @@ class DraftingCost:
         self._weight = self._weight * self.memory + 1.0
         self._step = 0.0
 
+    def accepted(self, predicted: float, realized: int) -> None:
+        """A drafted step's drafted tokens: those its path probabilities expected and those accepted."""
+        self._predicted = self._predicted * self.memory + predicted
+        self._realized = self._realized * self.memory + realized
+
+    @property
+    def calibration(self) -> float:
+        """How far to scale path probabilities that are a model's own rather than measured rates (a draft head's):
+        accepted over expected drafted tokens, over the last ~10 steps, never above 1 (an overconfident head on a
+        prompt it drafts badly, a translation, would keep paying for trees that no longer pay). One token expected and
+        accepted is the prior: plain steps let the evidence fade towards it, so a stretch ends in a fair probe (with
+        no prior a head that had drafted nothing right would be scaled to 0 and never tried again)."""
+        return min(1.0, (self._realized + 1.0) / (self._predicted + 1.0))
+
     def chose(self, size: int) -> None:
         """The rule's answer for a drafted step: a bare root starts a plain stretch (each one longer than the
         last while drafting keeps not paying), a tree ends the doubling."""
@@ -188,6 +203,7 @@ class DraftingCost:
         """Whether the step about to be proposed is a plain one (it counts the stretch down)."""
         if self.plain_left:
             self.plain_left -= 1
+            self._predicted, self._realized = self._predicted * self.memory, self._realized * self.memory
             return True
         return False
 

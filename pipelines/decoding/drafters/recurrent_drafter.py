@@ -235,7 +235,9 @@ class RecurrentDrafting(Drafter):
     accepted node (its features) and the bonus token (the next root) are known: on a GPU its levels then run
     while the host finishes the step (the run's bookkeeping, the text streamed out) instead of while it waits in
     ``propose``. Same inputs, same tree. With a ``host`` price (served), the rule also charges the measured host
-    seconds of a drafted step, and where no tree pays for them the drafter takes plain steps that launch no head."""
+    seconds of a drafted step, on the head's path probabilities scaled down to the tokens it has been getting
+    accepted (``DraftingCost.calibration``), and where no tree pays the drafter takes plain steps that launch no
+    head."""
 
     reads_hidden = True
 
@@ -248,7 +250,7 @@ class RecurrentDrafting(Drafter):
         self.host = host  # the host's price of a drafted step for the tree-size rule, and its plain fallback
         self._launched: tuple[int, torch.Tensor | None] | None = None  # (root, grown tree) started by ``update``
         self._plain_step = False  # this step drafts nothing (the plain fallback)
-        self._started = 0.0
+        self._started = self._expected = 0.0  # this step's start; the drafted tokens its head expected
 
     def start(self, prompt: list[int]) -> None:
         self.drafts.start()
@@ -279,10 +281,14 @@ class RecurrentDrafting(Drafter):
             return TokenTree.chain(root, [])
         tree, _, _, path = self.drafts.read(grown)
         prices = self.prices(self.costs, max(len(path), self.max_nodes))
-        size = pick_tree_size(path, self.costs, prices, self.host.seconds if self.host is not None else 0.0)
-        if self.host is not None:
-            self.host.chose(size)
-            self.host.spent(time.perf_counter() - self._started)
+        if self.host is None:
+            return tree.truncated(max_nodes=pick_tree_size(path, self.costs, prices))
+        scale = self.host.calibration  # the head's probabilities, scaled to what it has been getting accepted
+        size = pick_tree_size([path[0]] + [p * scale for p in path[1:]] if scale < 1.0 else path, self.costs, prices,
+                              self.host.seconds)
+        self._expected = sum(path[1:size])
+        self.host.chose(size)
+        self.host.spent(time.perf_counter() - self._started)
         return tree.truncated(max_nodes=size)
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
@@ -291,5 +297,6 @@ class RecurrentDrafting(Drafter):
         if self.host is None or not self.host.plain_left:
             self._launched = accepted[-1], self.drafts.launch(accepted[-1], self.max_nodes)
         if self.host is not None and not self._plain_step:
+            self.host.accepted(self._expected, len(accepted) - 1)
             self.host.spent(time.perf_counter() - updating)
             self.host.drafted()

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import command_line, write_report  # noqa: E402
 from benchmarks.text_decoding import read_prompts  # noqa: E402
 from benchmarks.text_served import use_weights  # noqa: E402
-from pipelines.decoding import hardware, plain, static, verify  # noqa: E402
+from pipelines.decoding import hardware, methods, plain, state, static, verify  # noqa: E402
 from pipelines.decoding.drafters import prompt_tokens, recurrent_drafter  # noqa: E402
 from pipelines.decoding.drafters.lookahead import LookaheadTrie  # noqa: E402
 from pipelines.decoding.drafters.merged import CandidateTrie, MergedDrafter  # noqa: E402
@@ -44,7 +45,8 @@ from pipelines.tabs.text import TextPipeline, TextRequest  # noqa: E402
 
 PPD, HEAD = prompt_tokens.ParallelPromptDecoding, recurrent_drafter.RecurrentDrafting
 # (where the caller looks the function up, its name): module-level functions are wrapped in the module that calls them
-TIMED = [(MergedDrafter, "propose"), (MergedDrafter, "_select"), (MergedDrafter, "update"), (CandidateTrie, "add"),
+TIMED = [(MergedDrafter, "propose"), (MergedDrafter, "_select"), (MergedDrafter, "update"), (MergedDrafter, "_launch"),
+         (MergedDrafter, "_observe"), (CandidateTrie, "add"),
          (TokenRecycling, "launch"), (TokenRecycling, "read"), (TokenRecycling, "update"),
          (LookaheadTrie, "scored"), (LookaheadTrie, "update"), (PromptLookup, "matches"), (PromptLookup, "update"),
          (PPD, "propose"), (PPD, "update"), (prompt_tokens.Guesses, "tree"), (prompt_tokens.PromptChains, "sized"),
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--method", default="merged", help="a text-tab decoding method")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct (packaged)")
     parser.add_argument("--prompts", type=int, default=4, help="the first N prompts of heldout40")
+    parser.add_argument("--category", help="only heldout40's prompts of this category (e.g. translation)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--profile", default="auto", help="tree profile: auto (measured curve), cpu or gpu")
     parser.add_argument("--fast", action="store_true", help="the static path on a CPU too (TOKENWORKS_TEXT_FAST=1)")
@@ -109,12 +112,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
     parser.add_argument("--weights", help="a model folder or .gguf file holding --model's weights (a device with no "
                         "packaged model: as in text_served.py)")
+    parser.add_argument("--host-price", type=float, help="seconds per drafted step the tree-size rule charges for "
+                        "drafting, instead of the measured host time (with --curve: this CPU's host time says nothing "
+                        "of the GPU's; 0 keeps the trees the curve alone picks)")
     parser.add_argument("--json", type=Path, help="write the rows and the decoded texts here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.fast:
         os.environ["TOKENWORKS_TEXT_FAST"] = "1"
-    prompts = [row["prompt"] for row in read_prompts("benchmarks/prompts/heldout40.jsonl")[:args.prompts]]
+    if args.host_price is not None:  # the served drafters price their drafting with this instead of measuring it
+        state.DraftingCost = methods.DraftingCost = partial(hardware.DraftingCost, fixed=args.host_price)
+    rows = [row for row in read_prompts("benchmarks/prompts/heldout40.jsonl")
+            if args.category in (None, row.get("category"))]
+    prompts = [row["prompt"] for row in rows[:args.prompts]]
     pipeline = TextPipeline(ModelStore())
     if args.weights:
         use_weights(pipeline, args.model, Path(args.weights))
@@ -135,14 +145,16 @@ def main() -> None:
     rows = [{"function": label, "calls_per_step": round(calls[label] / steps, 2),
              "ms_per_step": round(1e3 * spent[label] / steps, 3)} for label in sorted(spent, key=lambda k: -spent[k])]
     nodes = sum(trees) / max(len(trees), 1)
-    print(f"{args.method}: {steps} steps, tau {tau:.3f}, {nodes:.1f} tree nodes per step, clock {args.clock}")
+    plain_steps = sum(size == 1 for size in trees)
+    print(f"{args.method}: {steps} steps, tau {tau:.3f}, {nodes:.1f} tree nodes per step, {plain_steps} bare roots, "
+          f"clock {args.clock}")
     for row in rows:
         print(f"{row['function']:32s} {row['calls_per_step']:6.2f} calls {row['ms_per_step']:8.3f} ms per step")
     if args.json:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         write_report({"benchmark": "drafter_host", "device": device, "command": command_line(None),
                       "settings": vars(args) | {"json": str(args.json), "curve": str(args.curve or "")},
-                      "steps": steps, "tau": tau, "tree_nodes": nodes, "rows": rows,
+                      "steps": steps, "tau": tau, "tree_nodes": nodes, "bare_roots": plain_steps, "rows": rows,
                       "texts": [str(result.value) for result in results]},
                      args.json)
 

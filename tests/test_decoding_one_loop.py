@@ -108,10 +108,10 @@ def test_redrafter_sizes_its_tree_by_the_rule(models, monkeypatch):
 def test_merged_drafter_sizes_its_tree_by_the_rule(models, monkeypatch, costs):
     chosen = []
 
-    def spy(path, curve, prices=None):
-        size = pick_tree_size(path, curve)  # the rule itself, from the probabilities alone
+    def spy(path, curve, prices=None, host_s=0.0):
+        size = pick_tree_size(path, curve, host_s=host_s)  # the rule itself, from the probabilities alone
         chosen.append(size)
-        assert pick_tree_size(path, curve, prices) == size and curve is costs
+        assert pick_tree_size(path, curve, prices, host_s) == size and curve is costs
         return size
 
     monkeypatch.setattr(merged_module, "pick_tree_size", spy)

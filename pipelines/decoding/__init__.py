@@ -70,9 +70,12 @@ for one model (recycling matrix, output trie, merged counts, cost curves, traine
 ``state.DecodingState(model)``, kept with the loaded model. Trained weights are found per model id by
 ``trained.TrainedWeights`` and loaded once into it (``DecodingState.load_trained``; ``use`` overrides). Tree size
 per device: ``DecodingState.step_costs(profile, forward)`` (measured through the serving ``forward`` at its buckets
-when it has some: ``hardware.bucketed``) and one rule, ``hardware.pick_tree_size(path, costs)``: the prefix with the
-most expected accepted tokens per second of ``hardware.step_cost`` (the curve at tree nodes + re-fed rows); every
-drafter that sizes a tree (recycling, merged, ReDrafter, PPD) supplies only its nodes' path probabilities.
+when it has some: ``hardware.bucketed``) and one rule, ``hardware.pick_tree_size(path, costs, prices, host_s)``: the
+prefix with the most expected accepted tokens per second of ``hardware.step_cost`` (the curve at tree nodes + re-fed
+rows) plus, for a tree beyond the bare root, the drafter's measured host seconds per drafted step
+(``hardware.DraftingCost``: the served merged drafter and ReDrafter, which fall back to plain one-token steps while no
+tree pays for its drafting); every drafter that sizes a tree (recycling, merged, ReDrafter, PPD) supplies only its
+nodes' path probabilities.
 
 The text tab's side: ``methods.DECODING_METHODS`` (each method's label and drafter; a new method is its drafter's
 module plus one entry there), ``serving.fast_forward`` / ``serving.exact_forward`` (which adapter serves a request,

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -116,20 +117,99 @@ class StepPrices:
         return self._prices
 
 
-def pick_tree_size(path: list[float], costs: dict[int, float], prices: list[float] | None = None) -> int:
+def pick_tree_size(path: list[float], costs: dict[int, float], prices: list[float] | None = None,
+                   host_s: float = 0.0) -> int:
     """The one tree-size rule: how many leading nodes (root included) of a best-first tree to verify, the prefix
-    with the most expected accepted tokens per second of step cost. ``path[i]`` is the probability that node i is
-    on the accepted path (the root's is 1: it always yields the bonus token), so a prefix of n nodes commits
-    ``sum(path[:n])`` tokens per step on average, for ``step_cost(costs, n)``. Every drafter that sizes its tree
-    supplies only ``path``; ``prices`` is ``step_prices(costs, len(path))`` when the caller keeps it."""
+    with the most expected accepted tokens per second of step. ``path[i]`` is the probability that node i is on
+    the accepted path (the root's is 1: it always yields the bonus token), so a prefix of n nodes commits
+    ``sum(path[:n])`` tokens per step on average, for ``step_cost(costs, n)`` of forward plus, for any tree beyond
+    the bare root, ``host_s``: the drafter's measured host seconds per drafted step (``DraftingCost``). A bare root
+    is a plain one-token step, which drafts nothing, so where no tree's expected tokens pay for its forward and its
+    drafting the rule answers 1 and the drafter falls back to plain steps. Every drafter that sizes its tree
+    supplies only ``path`` (and its host cost); ``prices`` is ``step_prices(costs, len(path))`` when the caller
+    keeps it."""
     prices = prices if prices is not None else step_prices(costs, len(path))
-    best, best_rate, expected = 1, 0.0, 0.0
-    for n, rate in enumerate(path, start=1):
+    best, expected = 1, path[0]
+    best_rate = expected / prices[1]
+    for n, rate in enumerate(islice(path, 1, None), start=2):
         expected += rate
-        throughput = expected / prices[n]
+        throughput = expected / (prices[n] + host_s)
         if throughput > best_rate:
             best, best_rate = n, throughput
     return best
+
+
+# plain steps after the rule answers a bare root: the first stretch, doubled while drafting keeps not paying
+PLAIN_STRETCH, LONGEST_STRETCH = 2, 32
+
+
+class DraftingCost:
+    """What drafting costs the host per drafted step, measured where it is paid (the drafter's ``propose`` and
+    ``update``, wall clock: on a GPU its reads wait for device work a plain step never starts), and the plain
+    fallback the tree-size rule leads to. Where the rule answers a bare root, no tree paid for its drafting: the
+    drafter then takes plain one-token steps that draft nothing, ``stretch`` of them (doubled each time drafting
+    is found not to pay again, back to the first when it pays), and drafts one step again to see. ``fixed`` stands
+    in for the measurement (tests: a known price, so the trees are deterministic)."""
+
+    def __init__(self, memory: float = 0.9, fixed: float | None = None) -> None:
+        self.memory = memory  # the mean follows the last ~10 drafted steps
+        self.fixed = fixed
+        self._total = self._weight = self._step = 0.0
+        self._predicted = self._realized = 0.0  # drafted tokens a drafter's own probabilities expected, and got
+        self.stretch = PLAIN_STRETCH
+        self.plain_left = 0  # plain steps still to take before drafting again
+
+    @property
+    def seconds(self) -> float:
+        """Host seconds per drafted step: the running mean, 0 before any was measured."""
+        if self.fixed is not None:
+            return self.fixed
+        return self._total / self._weight if self._weight else 0.0
+
+    def spent(self, seconds: float) -> None:
+        """Host seconds the current drafted step spent drafting (its ``propose``, then its ``update``)."""
+        self._step += seconds
+
+    def drafted(self) -> None:
+        """The drafted step is over: its host seconds join the running mean."""
+        self._total = self._total * self.memory + self._step
+        self._weight = self._weight * self.memory + 1.0
+        self._step = 0.0
+
+    def accepted(self, predicted: float, realized: int) -> None:
+        """A drafted step's drafted tokens: those its path probabilities expected and those accepted."""
+        self._predicted = self._predicted * self.memory + predicted
+        self._realized = self._realized * self.memory + realized
+
+    @property
+    def calibration(self) -> float:
+        """How far to scale path probabilities that are a model's own rather than measured rates (a draft head's):
+        accepted over expected drafted tokens, over the last ~10 steps, never above 1 (an overconfident head on a
+        prompt it drafts badly, a translation, would keep paying for trees that no longer pay). One token expected and
+        accepted is the prior: plain steps let the evidence fade towards it, so a stretch ends in a fair probe (with
+        no prior a head that had drafted nothing right would be scaled to 0 and never tried again)."""
+        return min(1.0, (self._realized + 1.0) / (self._predicted + 1.0))
+
+    def chose(self, size: int) -> None:
+        """The rule's answer for a drafted step: a bare root starts a plain stretch (each one longer than the
+        last while drafting keeps not paying), a tree ends the doubling."""
+        if size > 1:
+            self.stretch = PLAIN_STRETCH
+        else:
+            self.plain_left = self.stretch
+            self.stretch = min(2 * self.stretch, LONGEST_STRETCH)
+
+    def plain(self) -> bool:
+        """Whether the step about to be proposed is a plain one (it counts the stretch down)."""
+        if self.plain_left:
+            self.plain_left -= 1
+            self._predicted, self._realized = self._predicted * self.memory, self._realized * self.memory
+            return True
+        return False
+
+    def start(self) -> None:
+        """A new request drafts from its first step: its prompt may copy where the last one did not."""
+        self.plain_left = 0
 
 
 TREE_PROFILES = ("auto", "cpu", "gpu")

@@ -12,7 +12,7 @@ from .drafters.lookahead import LookaheadConfig, LookaheadTrie
 from .drafters.prompt_lookup import PromptLookup
 from .drafters.prompt_tokens import ParallelPromptDecoding
 from .drafters.recurrent_drafter import RecurrentDrafting
-from .hardware import pick_tree_size
+from .hardware import DraftingCost, pick_tree_size
 from .sliding import UnsupportedAttention, attention_layout
 from .static import StaticForward
 from .verify import Drafter
@@ -43,7 +43,8 @@ def merged_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
 def recurrent_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
                       forward: StaticForward | None) -> Drafter:
     require_trained(pipeline, lm.state.head, request, "draft head", "recurrent_training")
-    return RecurrentDrafting(lm.state.head, lm.model, lm.state.step_costs(request.tree_profile, forward))
+    return RecurrentDrafting(lm.state.head, lm.model, lm.state.step_costs(request.tree_profile, forward),
+                             host=DraftingCost())
 
 
 def ppd_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest, forward: StaticForward | None) -> Drafter:

@@ -16,7 +16,7 @@ from .drafters.merged import HeadLedger, MergedDrafter, new_merged
 from .drafters.prompt_tokens import PromptChains, PromptTokens
 from .drafters.recurrent_drafter import DraftHead, HeadDrafts
 from .drafters.recycling import TokenRecycling, cold_matrix
-from .hardware import step_costs
+from .hardware import DraftingCost, step_costs
 from .trained import TrainedWeights
 from .verify import CausalLMForward
 
@@ -74,7 +74,8 @@ class DecodingState:
         across requests; it drafts with the draft head when there is one (while it pays for its time), else with
         the prompt tokens."""
         if self._merged is None:
-            self._merged = new_merged(self.recycler(), self.trie(), costs, ledger=HeadLedger())
+            self._merged = new_merged(self.recycler(), self.trie(), costs, ledger=HeadLedger(),
+                                      host=DraftingCost())
         drafter = self._merged
         prompts = self.prompts if self.head is None else None
         if (drafter.chains.prompts if drafter.chains is not None else None) is not prompts:

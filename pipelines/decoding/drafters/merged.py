@@ -20,7 +20,7 @@ from itertools import islice
 
 import torch
 
-from ..hardware import StepPrices, pick_tree_size
+from ..hardware import DraftingCost, StepPrices, pick_tree_size
 from ..tree import TokenTree
 from ..verify import Drafter
 from .lookahead import LookaheadConfig, LookaheadTrie, NGramTrie
@@ -43,10 +43,17 @@ def _bin(probability: float) -> int:
     return min(int(probability * PROB_BINS), PROB_BINS - 1)
 
 
+# the features of ``_ranked``, built once: (top-1 or not, probability bin)
+_RANK_FEATURES = tuple(tuple((top, b) for b in range(PROB_BINS)) for top in (0, 1))
+
+
 def _ranked(ranks, probs: list[float]) -> list[tuple[int, int]]:
     """Per node, top-1 among its siblings or not, and the bin of its probability (the one recycling recorded, or the
-    head's given the parent): the feature of recycled and head-drafted nodes."""
-    return [(min(rank, 1), _bin(p)) for rank, p in zip(ranks, probs)]
+    head's given the parent): the feature of recycled and head-drafted nodes. Read from a table, no call per node
+    (~130 nodes a step: half the time of building each tuple)."""
+    first, rest = _RANK_FEATURES
+    top = PROB_BINS - 1
+    return [(rest if rank else first)[min(int(p * PROB_BINS), top)] for rank, p in zip(ranks, probs)]
 
 
 def _prior(bucket: tuple) -> float:
@@ -139,13 +146,17 @@ class MergedDrafter(Drafter):
     recycled subtree of ``graft_nodes`` below, so a guess that is right is followed by its likely successors),
     and the verified tree carries prompt chains below the nodes likeliest to end the accepted path, as many as
     the cost curve pays for. With a trained draft head (ReDrafter, ``drafts``), its tree below the root is one
-    more source where the cost curve affords wide trees (a GPU's) and, with a ``ledger``, while it pays for its time."""
+    more source where the cost curve affords wide trees (a GPU's) and, with a ``ledger``, while it pays for its time.
+    With a ``host`` price (served), the tree-size rule also charges the measured host seconds of a drafted step, and
+    where no tree pays for them the drafter takes plain steps that draft nothing (``hardware.DraftingCost``). The
+    device's drafts for the next step start at the end of ``update``, so on a GPU they run while the host finishes
+    the step and builds the next trie."""
 
     def __init__(self, costs: dict[int, float], recycler: TokenRecycling, lookahead: LookaheadTrie,
                  lookup: PromptLookup | None = None, max_nodes: int = 128, prior_weight: float = 8.0,
                  memory: float = 0.95, prompts: PromptTokens | None = None, graft: int = GRAFTS,
                  graft_nodes: int = GRAFT_NODES, drafts: HeadDrafts | None = None,
-                 ledger: HeadLedger | None = None) -> None:
+                 ledger: HeadLedger | None = None, host: DraftingCost | None = None) -> None:
         self.costs = costs
         self.recycler, self.lookahead = recycler, lookahead
         self.lookup = lookup or PromptLookup(num_tokens=MAX_DEPTH)
@@ -169,6 +180,11 @@ class MergedDrafter(Drafter):
         self.ledger = ledger
         self._step_started = self._head_s = 0.0  # this step's start and the seconds its head calls took
         self._prices = StepPrices()
+        # the host's price of a drafted step for the tree-size rule, and its plain fallback (None: never priced)
+        self.host = host
+        self._launched: tuple | None = None  # (root, offer, recycler fill, head tree) started by ``update``
+        self._bare: dict[int, TokenTree] = {}  # root -> its one-node tree: a plain step builds none
+        self._plain_step = False  # this step drafts nothing (the plain fallback)
 
     @property
     def reads_hidden(self) -> bool:
@@ -182,6 +198,9 @@ class MergedDrafter(Drafter):
 
     def start(self, prompt: list[int]) -> None:
         self.last = MISSED
+        self._launched = None
+        if self.host is not None:
+            self.host.start()
         self.head_on = self.reads_hidden
         if self.chains is not None:
             self.chains.start()
@@ -213,15 +232,14 @@ class MergedDrafter(Drafter):
 
     def propose(self, context: list[int]) -> TokenTree:
         self._step_started = time.perf_counter()
-        self._limit_candidates()
-        # the device's drafts start first and are read after the host's own: their device time hides behind it
-        recycling = self.recycler.launch(context[-1])
-        wide = self.head_on and self.offer >= FULL_OFFER  # the head's levels cost the same whatever the width:
-        # they pay only where wide trees are cheap (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but
-        # 1.30x -> 1.28x vanilla, 10 % drafting)
-        launching = time.perf_counter()
-        growing = self.drafts.launch(context[-1], self.offer) if wide else None
-        self._head_s = time.perf_counter() - launching if wide else 0.0
+        self._plain_step = self.host is not None and self.host.plain()
+        if self._plain_step:
+            self._launched = None
+            return self._bare.get(context[-1]) or self._bare.setdefault(context[-1], TokenTree.chain(context[-1], []))
+        launched, self._launched = self._launched, None
+        if launched is None or launched[:2] != (context[-1], self._offer_size()):
+            launched = self._launch(context[-1])
+        _, _, recycling, growing = launched
         trie = CandidateTrie(context[-1], self.last)
         for n, chain, agreed in self.lookup.matches(context):
             feature = (n, min(agreed.bit_length() - 1, 4))  # agreement 1, 2-3, 4-7, 8-15, 16
@@ -246,7 +264,24 @@ class MergedDrafter(Drafter):
         if found is not None:
             drafted, head_ranks, conditional, _ = found
             trie.add(drafted, "redrafter", _ranked(head_ranks, conditional))
-        return self._select(trie)
+        tree = self._select(trie)
+        if self.host is not None:
+            self.host.spent(time.perf_counter() - self._step_started)
+        return tree
+
+    def _launch(self, root: int) -> tuple:
+        """Start the device's drafts below ``root`` (the recycler's fill; the head's levels where trees are wide):
+        ``update`` starts them as soon as the bonus token is known, so on a GPU they run while the host finishes the
+        step and builds the next trie; ``propose`` reads them after the host's own drafts."""
+        self._limit_candidates()
+        recycling = self.recycler.launch(root)
+        wide = self.head_on and self.offer >= FULL_OFFER  # the head's levels cost the same whatever the width:
+        # they pay only where wide trees are cheap (all 39 prompts on this CPU, 4-level chains: tau 1.56 -> 1.83 but
+        # 1.30x -> 1.28x vanilla, 10 % drafting)
+        launching = time.perf_counter()
+        growing = self.drafts.launch(root, self.offer) if wide else None
+        self._head_s = time.perf_counter() - launching if wide else 0.0
+        return root, self.offer, recycling, growing
 
     def prices(self, sizes: int) -> list[float]:
         """``hardware.step_prices(self.costs, sizes)``, remembered per curve: ``_select`` asks for every size each
@@ -272,7 +307,10 @@ class MergedDrafter(Drafter):
         # by (-path, depth, node): two stable sorts on list lookups, half the time of one sort on a Python key
         ranked = sorted(sorted(range(len(path)), key=trie.depths.__getitem__),
                         key=[-p for p in path].__getitem__)[:self.max_nodes]
-        best = pick_tree_size([path[i] for i in ranked], self.costs, self.prices(len(ranked)))
+        best = pick_tree_size([path[i] for i in ranked], self.costs, self.prices(len(ranked)),
+                              self.host.seconds if self.host is not None else 0.0)
+        if self.host is not None:
+            self.host.chose(best)
         tree, out_path = self._depth_first(trie, path, ranked[:best])
         self.steps, self.nodes = self.steps + 1, self.nodes + len(tree)
         self.kept = 0.9 * self.kept + 0.1 * len(tree)
@@ -326,11 +364,34 @@ class MergedDrafter(Drafter):
         return tree, [path[i] for i in order]
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        updating = time.perf_counter()
         full_tree, full_logits = tree, logits
         if self.chains is not None:  # the prompt chains are read here; the other drafters see real tokens only
             real = self.chains.real_part(tree)
             tree, logits = tree.truncated(max_nodes=real), logits[:real]
         path = tree.path_of(accepted)
+        if not self._plain_step:  # a plain step starts no device work: the matrix learns from drafted steps
+            self.recycler.update(tree, logits, accepted)  # device work first: the next fill reads the rows it writes
+        if self.head_on:
+            self.drafts.update((path if full_tree is tree else full_tree.path_of(accepted))[-1])
+        if not self._plain_step:
+            self._observe(tree, path, full_tree, full_logits, accepted)
+        elif self.chains is not None:
+            self.chains.start()  # a plain step verified no chain: nothing guessed for the next one
+        if self.host is None or not self.host.plain_left:
+            self._launched = self._launch(accepted[-1])
+        for drafter in (self.lookup, self.lookahead):
+            drafter.update(tree, logits, accepted)
+        drafted, depth = len(accepted) - 1, max(tree.depths)
+        self.last = MISSED if drafted == 0 else (FULL if drafted == depth else PARTIAL)
+        if self.host is not None and not self._plain_step:
+            self.host.spent(time.perf_counter() - updating)
+            self.host.drafted()
+
+    def _observe(self, tree: TokenTree, path: list[int], full_tree: TokenTree, full_logits: torch.Tensor,
+                 accepted: list[int]) -> None:
+        """A drafted step's outcome: per bucket, its offered nodes below the accepted path and which were accepted;
+        what the head alone gained for its time; what the prompt chains guessed."""
         on_path = set(path)
         keys: dict[int, tuple[int, ...]] = {0: ()}  # token paths of the accepted nodes: their children's sources
         for node in path[1:]:
@@ -343,21 +404,16 @@ class MergedDrafter(Drafter):
             for bucket in self.sources.get(keys[parent] + (token,), ()):
                 offered[bucket] = offered.get(bucket, 0) * memory + 1
                 accepted_counts[bucket] = accepted_counts.get(bucket, 0) * memory + hit
-        for drafter in (self.lookup, self.lookahead, self.recycler):
-            drafter.update(tree, logits, accepted)
-        if self.head_on:
-            self.drafts.update((path if full_tree is tree else full_tree.path_of(accepted))[-1])
-            if self.ledger is not None and self._head_s:
-                alone = sum(1 for i in path[1:] if {b[0] for b in self.sources.get(keys[i], ())} == {"redrafter"})
-                self.ledger.observe(alone, len(accepted), self._head_s, time.perf_counter() - self._step_started)
+        if self.head_on and self.ledger is not None and self._head_s:
+            alone = sum(1 for i in path[1:] if {b[0] for b in self.sources.get(keys[i], ())} == {"redrafter"})
+            self.ledger.observe(alone, len(accepted), self._head_s, time.perf_counter() - self._step_started)
         if self.chains is not None:
             if self.chains.guesses is not None:
                 self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))
             self.chains.read(full_tree, full_logits, accepted)
-        drafted, depth = len(accepted) - 1, max(tree.depths)
-        self.last = MISSED if drafted == 0 else (FULL if drafted == depth else PARTIAL)
 
     def finish(self) -> None:
+        self._launched = None
         for drafter in (self.lookup, self.lookahead, self.recycler):
             drafter.finish()
         if self.ledger is not None and self.drafts is not None and self.offer >= FULL_OFFER:
@@ -366,10 +422,10 @@ class MergedDrafter(Drafter):
 
 def new_merged(recycled: TokenRecycling, trie: NGramTrie, costs: dict[int, float],
                prompts: PromptTokens | None = None, drafts: HeadDrafts | None = None,
-               ledger: HeadLedger | None = None) -> MergedDrafter:
+               ledger: HeadLedger | None = None, host: DraftingCost | None = None) -> MergedDrafter:
     """A merged drafter over ``recycled``'s matrix and a Lookahead ``trie`` (both kept by the caller), with
-    trained prompt tokens and a trained draft head when there are some."""
+    trained prompt tokens and a trained draft head when there are some; ``host`` prices its drafting."""
     return MergedDrafter(costs, TokenRecycling(recycled.matrix, probs=recycled.probs),
                          LookaheadTrie(LookaheadConfig(decoding_length=LOOKAHEAD_NODES), trie), prompts=prompts,
-                         drafts=drafts, ledger=ledger)
+                         drafts=drafts, ledger=ledger, host=host)
 

@@ -16,6 +16,7 @@ Trained heads: ``$TOKENWORKS_CACHE/draft_heads/redrafter-<model>.safetensors`` (
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..captured import CapturedCalls, capture_supported
-from ..hardware import StepPrices, pick_tree_size
+from ..hardware import DraftingCost, StepPrices, pick_tree_size
 from ..trained import TrainedWeights
 from ..tree import TokenTree
 from ..verify import Drafter
@@ -233,20 +234,29 @@ class RecurrentDrafting(Drafter):
     paying (by the head's own path probabilities). The next step's head starts in ``update``, as soon as the
     accepted node (its features) and the bonus token (the next root) are known: on a GPU its levels then run
     while the host finishes the step (the run's bookkeeping, the text streamed out) instead of while it waits in
-    ``propose``. Same inputs, same tree."""
+    ``propose``. Same inputs, same tree. With a ``host`` price (served), the rule also charges the measured host
+    seconds of a drafted step, on the head's path probabilities scaled down to the tokens it has been getting
+    accepted (``DraftingCost.calibration``), and where no tree pays the drafter takes plain steps that launch no
+    head."""
 
     reads_hidden = True
 
-    def __init__(self, head: DraftHead, model, costs: dict[int, float], max_nodes: int = 64) -> None:
+    def __init__(self, head: DraftHead, model, costs: dict[int, float], max_nodes: int = 64,
+                 host: DraftingCost | None = None) -> None:
         self.drafts = HeadDrafts(head, model)
         self.costs = costs
         self.max_nodes = max_nodes
         self.prices = StepPrices()
+        self.host = host  # the host's price of a drafted step for the tree-size rule, and its plain fallback
         self._launched: tuple[int, torch.Tensor | None] | None = None  # (root, grown tree) started by ``update``
+        self._plain_step = False  # this step drafts nothing (the plain fallback)
+        self._started = self._expected = 0.0  # this step's start; the drafted tokens its head expected
 
     def start(self, prompt: list[int]) -> None:
         self.drafts.start()
         self._launched = None
+        if self.host is not None:
+            self.host.start()
 
     def finish(self) -> None:
         self._launched = None
@@ -258,16 +268,35 @@ class RecurrentDrafting(Drafter):
         return {"draft_head": True}
 
     def propose(self, context: list[int]) -> TokenTree:
+        self._started = time.perf_counter()
         root, launched = context[-1], self._launched
         self._launched = None
+        self._plain_step = self.host is not None and self.host.plain()
+        if self._plain_step:
+            return TokenTree.chain(root, [])
         started = launched is not None and launched[0] == root
         grown = launched[1] if started else self.drafts.launch(root, self.max_nodes)
-        if grown is None:
+        if grown is None:  # no features yet (the first step): nothing drafted, nothing to price
+            self._plain_step = True
             return TokenTree.chain(root, [])
         tree, _, _, path = self.drafts.read(grown)
         prices = self.prices(self.costs, max(len(path), self.max_nodes))
-        return tree.truncated(max_nodes=pick_tree_size(path, self.costs, prices))
+        if self.host is None:
+            return tree.truncated(max_nodes=pick_tree_size(path, self.costs, prices))
+        scale = self.host.calibration  # the head's probabilities, scaled to what it has been getting accepted
+        size = pick_tree_size([path[0]] + [p * scale for p in path[1:]] if scale < 1.0 else path, self.costs, prices,
+                              self.host.seconds)
+        self._expected = sum(path[1:size])
+        self.host.chose(size)
+        self.host.spent(time.perf_counter() - self._started)
+        return tree.truncated(max_nodes=size)
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
+        updating = time.perf_counter()
         self.drafts.update(tree.path_of(accepted)[-1])
-        self._launched = accepted[-1], self.drafts.launch(accepted[-1], self.max_nodes)
+        if self.host is None or not self.host.plain_left:
+            self._launched = accepted[-1], self.drafts.launch(accepted[-1], self.max_nodes)
+        if self.host is not None and not self._plain_step:
+            self.host.accepted(self._expected, len(accepted) - 1)
+            self.host.spent(time.perf_counter() - updating)
+            self.host.drafted()

@@ -209,7 +209,7 @@ def ensure_placeholders(tokenizer: Any, text_encoder: nn.Module, count: int) -> 
 
 @torch.no_grad()
 def write_compass_embeddings(tokenizer: Any, text_encoder: nn.Module, encoder: AngleEncoder,
-                             objects: Sequence[CompassObject]) -> list[int]:
+                             objects: Sequence[CompassObject]) -> None:
     """Write each object's compass embedding into the input table rows of its placeholder token."""
     token_ids = ensure_placeholders(tokenizer, text_encoder, len(objects))
     table = text_encoder.get_input_embeddings().weight
@@ -219,7 +219,6 @@ def write_compass_embeddings(tokenizer: Any, text_encoder: nn.Module, encoder: A
         raise PipelineError(f"The compass encoder makes {vectors.shape[-1]}-d tokens but this text encoder needs "
                             f"{table.shape[-1]}-d ones: load an encoder trained for this model.")
     table[token_ids] = vectors
-    return token_ids
 
 
 def localisation_biases(compass: CompassPrompt, objects: Sequence[CompassObject],

@@ -63,7 +63,7 @@ def trie_start_row(prompt: list[int], vocab: int, repeats: int) -> dict:
             "start_cpu_s": statistics.median(cpu), "earlier_answer_kept": survived}
 
 
-def drafter_costs(name: str, make, prompt: list[int], vocab: int, steps: int = 20) -> dict:
+def drafter_costs(make, prompt: list[int], vocab: int, steps: int = 20) -> dict:
     """``start`` and mean ``propose``/``update`` seconds with ``prompt`` as the context (random logits)."""
     drafter = make()
     started = time.perf_counter()
@@ -93,8 +93,8 @@ def growth_rows(prompt: list[int], vocab: int, costs: dict[int, float]) -> list[
     }
     rows = []
     for name, make in makers.items():
-        short = drafter_costs(name, make, prompt[-500:], vocab)
-        long = drafter_costs(name, make, prompt, vocab)
+        short = drafter_costs(make, prompt[-500:], vocab)
+        long = drafter_costs(make, prompt, vocab)
         rows.append({"method": f"{name}_drafter_costs", "short_context": 500, "long_context": len(prompt),
                      **{f"{key}_short": value for key, value in short.items()},
                      **{f"{key}_long": value for key, value in long.items()},

@@ -70,8 +70,8 @@ class OraclePipeline(ImagePipeline):
     after the served controls are set up (everything else is the served path unchanged)."""
 
     def prepare_controls(self, pipe: Any, arch: str, request: ImageRequest, parsed: Any, control: Any,
-                         call: dict[str, Any], generators: list[torch.Generator], info: dict[str, Any]) -> Any:
-        binding = super().prepare_controls(pipe, arch, request, parsed, control, call, generators, info)
+                         call: dict[str, Any], info: dict[str, Any]) -> Any:
+        binding = super().prepare_controls(pipe, arch, request, parsed, control, call, info)
         if getattr(request, "oracle", ""):
             control.biases.extend(oracle_biases(pipe.tokenizer, parsed.text, request.oracle_pairs, request.oracle))
             info.setdefault("controls", {})["oracle"] = request.oracle

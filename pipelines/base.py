@@ -151,12 +151,11 @@ def bound_text(value: str, what: str = "Prompt") -> str:
     return value
 
 
-def require_choice(value: str, what: str, choices: Iterable[str]) -> str:
+def require_choice(value: str, what: str, choices: Iterable[str]) -> None:
     """Reject a value outside a tab's fixed choices (comparisons, schedulers), naming them."""
     choices = tuple(choices)
     if value not in choices:
         raise PipelineError(f"Unknown {what} {value!r}. Choose one of: {', '.join(choices)}.")
-    return value
 
 
 def require_range(value: float | int | None, name: str, low: float, high: float) -> float:

@@ -51,7 +51,7 @@ def tiny_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 320, attn: str = "sdpa"):
+def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 320):
     """A 2-layer causal LM of a real architecture with random weights, fp32."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
@@ -72,7 +72,7 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, vocab_size: int = 320, 
     else:
         raise ValueError(f"Unknown tiny family {family!r}")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.eval()
 
 

@@ -12,7 +12,8 @@ import torch
 
 from pipelines.decoding.drafters.recurrent_drafter import DraftHead, new_head
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
-from pipelines.decoding.tree import TokenTree, block_attention_mask, block_position_ids
+from pipelines.decoding.sliding import additive
+from pipelines.decoding.tree import TokenTree, block_position_ids, block_visibility
 from pipelines.decoding.verify import speculative_decode
 from pipelines.tiny import tiny_causal_lm
 
@@ -78,8 +79,9 @@ def tree_logits(forward, context: list[int], tree: TokenTree) -> torch.Tensor:
     cache = forward.new_cache()
     forward(context[:-1], torch.arange(len(context) - 1)[None], None, cache)
     past = cache.get_seq_length()
-    return forward(tree.tokens, block_position_ids(tree, 0, past, forward.device),
-                   block_attention_mask(tree, 0, past, torch.float32, forward.device), cache)
+    visible = torch.from_numpy(block_visibility(tree, 0, past)).to(forward.device)
+    return forward(tree.tokens, block_position_ids(tree, 0, past, forward.device), additive(visible, torch.float32),
+                   cache)
 
 
 def root_path(tree: TokenTree, node: int) -> list[int]:

@@ -124,7 +124,7 @@ class LaunchedApp:
 _shared: LaunchedApp | None = None
 
 
-def launch_in_process(show_error: bool = False, queue_max_size: int | None = None) -> LaunchedApp:
+def launch_in_process(queue_max_size: int | None = None) -> LaunchedApp:
     """The tiny-preset app on a free port in this process, errors shown only when they are gr.Errors."""
     from app import build_demo, launch_options, parse_args
     from pipelines.registry import build_registry
@@ -134,7 +134,7 @@ def launch_in_process(show_error: bool = False, queue_max_size: int | None = Non
     if queue_max_size is not None:
         demo.queue(max_size=queue_max_size, default_concurrency_limit=None)
     options = launch_options(parse_args(["--port", str(free_port())]))
-    options.update(show_error=show_error, quiet=True, prevent_thread_lock=True, css_paths=None)
+    options.update(show_error=False, quiet=True, prevent_thread_lock=True, css_paths=None)
     demo.launch(**options)
     return LaunchedApp(demo.local_url, demo, registry)
 

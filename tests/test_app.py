@@ -56,7 +56,7 @@ def test_share_without_auth_warns():
 
 
 @pytest.mark.slow
-def test_cli_starts_tiny_app_quickly_and_exposes_generate_text(tmp_path):
+def test_cli_starts_tiny_app_quickly_and_exposes_generate_text():
     from gradio_client import Client
 
     port = 7961

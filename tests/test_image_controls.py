@@ -14,6 +14,7 @@ from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, composi
                                          group_tokens)
 from pipelines.diffusion.leakfix import isolate_items
 from pipelines.diffusion.lpa import layer_tags, route_style_tokens
+from pipelines.diffusion.models import scheduled_pipe
 from pipelines.tabs.image import ImagePipeline, ImageRequest
 from pipelines.diffusion.prompts import encode_positive, parse_prompt
 from pipelines.models import ModelStore
@@ -127,13 +128,13 @@ def test_lpa_routes_by_role_on_sd15_and_sdxl():
 def test_lpa_suppresses_content_on_style_layers_only_inside_the_window(image_pipeline, arch):
     request = ImageRequest(prompt=PROMPT, model=TINY[arch], steps=10, seed=1, lpa=True)
     model = image_pipeline.load(request.model)
-    pipe = image_pipeline.scheduled_pipe(model, "default")
+    pipe = scheduled_pipe(model, "default")
     control = AttentionControl(pipe.unet)
     parsed = parse_prompt(PROMPT)
     info: dict = {}
     call = dict(num_inference_steps=10, guidance_scale=7.5, height=32, width=32, num_images_per_prompt=1,
                 generator=[torch.Generator().manual_seed(1)])
-    image_pipeline.prepare_controls(pipe, model.arch, request, parsed, control, call, [], info)
+    image_pipeline.prepare_controls(pipe, model.arch, request, parsed, control, call, info)
     content, style = info["controls"]["lpa"]["content_tokens"], info["controls"]["lpa"]["style_tokens"]
     with control:
         pipe(**call, callback_on_step_end=control.step_callback)

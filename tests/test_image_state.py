@@ -18,6 +18,7 @@ from pipelines.diffusion.attention import AttentionControl, KeyBias
 from pipelines.diffusion.fast import FastUNet, unet_graphs
 from pipelines.diffusion.hooks import CAPTURE_SAFE, capture_name, capture_safe
 from pipelines.diffusion.merging import apply_merging, installed_merging, remove_merging
+from pipelines.diffusion.models import scheduled_pipe
 from pipelines.diffusion.state import ATTRIBUTE, UNetState, unet_state
 from pipelines.models import ModelStore
 from pipelines.tabs.image import ImagePipeline
@@ -47,7 +48,7 @@ def test_loaded_image_model_exposes_its_unets_state():
     pipeline = ImagePipeline(ModelStore(packaged={}), "tiny")
     model = pipeline.load("")
     assert model.state is unet_state(model.pipe.unet)
-    assert pipeline.scheduled_pipe(model, "default").unet is model.pipe.unet  # every request sees this state
+    assert scheduled_pipe(model, "default").unet is model.pipe.unet  # every request sees this state
 
 
 def test_a_copied_unet_starts_with_empty_state():

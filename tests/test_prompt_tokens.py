@@ -222,7 +222,7 @@ def test_trained_tokens_are_found_by_model_name_and_checked_against_the_model(mo
     assert prompt_tokens_for(model, "") is None and prompt_tokens_for(model, "someone/Unknown-Model") is None
 
 
-def test_distillation_batch_lays_chains_out_as_the_verifier_does(models):
+def test_distillation_batch_lays_chains_out_as_the_verifier_does():
     prompts = PromptTokens(torch.zeros(2, 8), 320)
     batch = distillation_batch([([5, 6, 7, 8, 9], 2)], prompts, anchors=2, rng=random.Random(0),
                                device=torch.device("cpu"), dtype=torch.float32)

@@ -105,7 +105,7 @@ def test_files_in_the_output_dir_are_served():
     assert httpx.get(f"{base}/gradio_api/file={probe}", timeout=30).text == "served"
 
 
-def test_oversize_upload_is_refused_and_the_server_keeps_serving(tmp_path):
+def test_oversize_upload_is_refused_and_the_server_keeps_serving():
     base = shared_app().url.rstrip("/")
     limit = int(re.match(r"(\d+)mb", MAX_UPLOAD_SIZE).group(1)) * 1_000_000
     big = b"\0" * (limit + 2_000_000)

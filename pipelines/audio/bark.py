@@ -267,10 +267,9 @@ def codec_decode(tts: BarkTTS, codes: torch.Tensor) -> np.ndarray:
     return tts.model.codec_decode(codes)[0].detach().float().cpu().numpy()
 
 
-def synthesize(tts: BarkTTS, text: str, settings: BarkSettings,
-               cancel: CancelToken | None = None) -> Generator[np.ndarray, None, BarkOutput]:
+def synthesize(tts: BarkTTS, text: str, settings: BarkSettings) -> Generator[np.ndarray, None, BarkOutput]:
     """Yield waveform chunks (float32, ``tts.sample_rate``) as they become ready; return the run's BarkOutput."""
-    steps = Returning(synthesize_steps(tts, text, settings, cancel))
+    steps = Returning(synthesize_steps(tts, text, settings))
     yield from (item for item in steps if isinstance(item, np.ndarray))
     return steps.value
 

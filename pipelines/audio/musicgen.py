@@ -325,19 +325,17 @@ def stream_accompaniment(
     guidance_scale: float = 3.0,
     draft: bool = True,
     static_cache: bool = True,
-    schedule: ChunkSchedule | None = None,
     cancel: CancelToken | None = None,
 ) -> Generator[np.ndarray | Progress, None, Accompaniment]:
-    """Yield audio chunks (float32, mono) as the decode loop completes frames (chunk ends follow ``schedule``),
+    """Yield audio chunks (float32, mono) as the decode loop completes frames (ends: ``ChunkSchedule(first=25)``),
     and a Progress (complete frames) after every forward, so a consumer can stop between model steps; return the
     whole track (``yield from`` or ``streaming.Returning``). The concatenated chunks are the whole track."""
-    schedule = schedule or ChunkSchedule(first=25)
     started = time.perf_counter()
     conditioning = encode_text(model, tokenizer, [prompt], guidance_scale)
     stats = MusicgenDecodeStats()
     decoder = EncodecStream(model.audio_encoder)
     num_codebooks = model.decoder.config.num_codebooks
-    ends = iter(schedule.boundaries(num_frames))
+    ends = iter(ChunkSchedule(first=25).boundaries(num_frames))
     next_end = next(ends)
     chunks: list[np.ndarray] = []
     first_audio_s = 0.0

@@ -8,7 +8,6 @@ import io
 import wave
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,11 +59,6 @@ def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
         handle.setframerate(int(sample_rate))
         handle.writeframes(to_int16(samples).tobytes())
     return buffer.getvalue()
-
-
-def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> Path:
-    Path(path).write_bytes(wav_bytes(samples, sample_rate))
-    return Path(path)
 
 
 def save_float_wav(audio: np.ndarray, sample_rate: int, parameters: dict[str, Any], task: str, name: str) -> str:

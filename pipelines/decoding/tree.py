@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .sliding import additive
-
 
 @dataclass
 class TokenTree:
@@ -133,13 +131,6 @@ def block_visibility(tree: TokenTree, chain_before_root: int, past: int) -> np.n
     allowed[m:, past:past + m] = True
     allowed[m:, past + m:] = tree.ancestor_matrix()
     return allowed
-
-
-def block_attention_mask(tree: TokenTree, chain_before_root: int, past: int, dtype: torch.dtype,
-                         device: torch.device) -> torch.Tensor:
-    """``block_visibility`` as an additive float mask ``(1, 1, q, past + q)`` for models whose layers all
-    attend alike."""
-    return additive(torch.from_numpy(block_visibility(tree, chain_before_root, past)).to(device), dtype)
 
 
 def block_position_ids(tree: TokenTree, chain_before_root: int, past: int, device: torch.device) -> torch.Tensor:

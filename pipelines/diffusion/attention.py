@@ -168,13 +168,12 @@ class AttentionRecorder:
     def clear(self) -> None:
         self.maps.clear()
 
-    def aggregate(self, steps: Collection[int] | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Mean over recorded layers and steps, each resized (bilinear) to ``size`` (default: the largest grid)."""
-        chosen = [m for s, layers in self.maps.items() if steps is None or s in steps for m in layers.values()]
+    def aggregate(self) -> torch.Tensor:
+        """Mean over recorded layers and steps, each resized (bilinear) to the largest grid."""
+        chosen = [m for layers in self.maps.values() for m in layers.values()]
         if not chosen:
             raise ValueError("No attention maps were recorded for the requested steps.")
-        if size is None:
-            size = max((m.shape[1], m.shape[2]) for m in chosen)
+        size = max((m.shape[1], m.shape[2]) for m in chosen)
         resized = []
         for m in chosen:
             if (m.shape[1], m.shape[2]) != tuple(size):

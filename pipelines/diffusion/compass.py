@@ -209,7 +209,7 @@ def ensure_placeholders(tokenizer: Any, text_encoder: nn.Module, count: int) -> 
 
 @torch.no_grad()
 def write_compass_embeddings(tokenizer: Any, text_encoder: nn.Module, encoder: AngleEncoder,
-                             objects: Sequence[CompassObject]) -> list[int]:
+                             objects: Sequence[CompassObject]) -> None:
     """Write each object's compass embedding into the input table rows of its placeholder token."""
     token_ids = ensure_placeholders(tokenizer, text_encoder, len(objects))
     table = text_encoder.get_input_embeddings().weight
@@ -219,17 +219,15 @@ def write_compass_embeddings(tokenizer: Any, text_encoder: nn.Module, encoder: A
         raise PipelineError(f"The compass encoder makes {vectors.shape[-1]}-d tokens but this text encoder needs "
                             f"{table.shape[-1]}-d ones: load an encoder trained for this model.")
     table[token_ids] = vectors
-    return token_ids
 
 
-def localisation_biases(compass: CompassPrompt, objects: Sequence[CompassObject], extra_offsets: Sequence[int] = (),
+def localisation_biases(compass: CompassPrompt, objects: Sequence[CompassObject],
                         rows: str | slice = "cond") -> list[KeyBias]:
     """CALL: -inf on the compass and object token logits outside each object's enlarged square box."""
     biases = []
     for (compass_pos, object_pos), obj in zip(compass.pairs, objects):
         region = outside_box_mask(square_box(obj.box or DEFAULT_BOX))
-        tokens = [compass_pos, object_pos, *(object_pos + k for k in extra_offsets)]
-        biases.append(KeyBias(tokens=tokens, value=float("-inf"), region=region, rows=rows,
+        biases.append(KeyBias(tokens=[compass_pos, object_pos], value=float("-inf"), region=region, rows=rows,
                               label=f"compass:{obj.name}"))
     return biases
 
@@ -278,7 +276,7 @@ def lora_diffusion_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return converted
 
 
-def load_official_compass(folder: str | Path, unet: nn.Module | None = None, step: int | None = None) -> CompassEncoder:
+def load_official_compass(folder: str | Path, unet: nn.Module | None = None) -> CompassEncoder:
     """Load the released Compass Control checkpoint folder; with ``unet``, also attach its LoRA via PEFT."""
     folder = Path(folder)
     try:
@@ -287,8 +285,6 @@ def load_official_compass(folder: str | Path, unet: nn.Module | None = None, ste
     except FileNotFoundError:
         raise PipelineError(f"No args.pkl in {folder}: point to the official '__compass' checkpoint folder.") from None
     states = sorted(folder.glob("training_state_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    if step is not None:
-        states = [p for p in states if p.stem.endswith(f"_{step}")]
     if not states:
         raise PipelineError(f"No training_state_<step>.pth in {folder}.")
     state = torch.load(states[-1], map_location="cpu", weights_only=True)

@@ -72,10 +72,10 @@ def supported(unet: Any) -> bool:
             and not getattr(unet, "peft_config", None))
 
 
-def choose_backend(device: torch.device | str, fast: bool = True, unet: Any = None) -> str:
+def choose_backend(device: torch.device | str, fast: bool, unet: Any) -> str:
     """The backend for a run: ``off`` when not asked or the model is unsupported; ``eager`` (no capture) on the
     CPU and on ZeroGPU (no ``torch.compile`` there); else ``TOKENWORKS_FAST_BACKEND`` or ``graph``."""
-    if not fast or (unet is not None and not supported(unet)):
+    if not fast or not supported(unet):
         return "off"
     if torch.device(device).type != "cuda" or settings.zero_gpu():
         return "eager"

@@ -37,10 +37,9 @@ def model_config(size: str = "small"):
                        eos_token_id=2, rms_norm_eps=1e-5)
 
 
-def packaged_folder(weights: Path | None = None) -> str | None:
+def packaged_folder() -> str | None:
     """The committed weights folder, or None while a part is missing (the model is then not available)."""
-    weights = WEIGHTS if weights is None else weights
-    return str(weights) if all((weights / part).is_file() for part in PARTS) else None
+    return str(WEIGHTS) if all((WEIGHTS / part).is_file() for part in PARTS) else None
 
 
 @dataclass

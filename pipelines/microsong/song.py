@@ -50,8 +50,7 @@ class Take:
 
 
 def stream_song(note: NoteModel, lyrics: str, style: str, sampling: SamplingConfig, draft: bool, seed: int,
-                cancel: CancelToken | None = None, guard: bool = True,
-                ) -> Generator[Progress | tuple[np.ndarray, np.ndarray], None, Take]:
+                cancel: CancelToken | None = None) -> Generator[Progress | tuple[np.ndarray, np.ndarray], None, Take]:
     """Yields a Progress per decoder forward and (vocals, accompaniment) per bar as soon as the bar is complete
     (then the final tail); returns the whole ``Take``. The style's open choices (key, meter, tempo) are drawn
     from ``seed``."""
@@ -70,7 +69,7 @@ def stream_song(note: NoteModel, lyrics: str, style: str, sampling: SamplingConf
         return stems[-1]
 
     decode_s, started = 0.0, time.perf_counter()
-    for run in decode_body(note, plan, sampling, draft, guard, cancel, stats):
+    for run in decode_body(note, plan, sampling, draft, True, cancel, stats):
         decode_s += time.perf_counter() - started
         tokens += run
         yield Progress(len(tokens), limit, "decoding notes")

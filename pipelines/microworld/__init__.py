@@ -19,20 +19,19 @@ PARTS = ("model_index.json", "text_encoder/model.safetensors", "unet/config.json
          "tokenizer/tokenizer_config.json")
 
 
-def packaged_model_folder(weights: Path | None = None) -> str | None:
-    """The committed micro-world v2 folder (``weights``, default ``WEIGHTS_V2``), or None while a part is missing
-    (the preset is then simply not available)."""
-    weights = WEIGHTS_V2 if weights is None else weights
-    return str(weights) if all((weights / part).is_file() for part in PARTS) else None
+def packaged_model_folder() -> str | None:
+    """The committed micro-world v2 folder (``WEIGHTS_V2``), or None while a part is missing (the preset is then
+    simply not available)."""
+    return str(WEIGHTS_V2) if all((WEIGHTS_V2 / part).is_file() for part in PARTS) else None
 
 
 WEIGHTS_MOTION_V2 = Path(__file__).resolve().parent / "weights_motion_v2"
 
 
-def packaged_motion_folder(weights: Path | None = None) -> str | None:
-    """The committed micro-world motion adapter (``weights``, default ``WEIGHTS_MOTION_V2``), or None while it or
-    the v2 pipeline it sits on is missing (the video preset is then not listed)."""
-    weights = WEIGHTS_MOTION_V2 if weights is None else weights
+def packaged_motion_folder() -> str | None:
+    """The committed micro-world motion adapter (``WEIGHTS_MOTION_V2``), or None while it or the v2 pipeline it
+    sits on is missing (the video preset is then not listed)."""
+    weights = WEIGHTS_MOTION_V2
     stored = (weights / "diffusion_pytorch_model.safetensors").is_file() or (
         weights / "diffusion_pytorch_model.safetensors.index.json").is_file()
     return str(weights) if stored and (weights / "config.json").is_file() and packaged_model_folder() else None

@@ -94,10 +94,9 @@ def fit_paths(middle: np.ndarray, velocity: np.ndarray, radius: np.ndarray, fram
     return np.clip(middle, low, size - low) - half
 
 
-def sample_clips(n: int, seed: int | tuple[int, ...], frames: int = FRAMES, size: int = scenes_v2.SIZE,
-                 held_out: bool = False) -> Clips:
+def sample_clips(n: int, seed: int | tuple[int, ...], frames: int = FRAMES, size: int = scenes_v2.SIZE) -> Clips:
     """``n`` clips for ``seed`` (the same seed always gives the same clips); scenes as ``scenes_v2.sample_layouts``."""
-    layouts = scenes_v2.sample_layouts(n, seed, size, held_out)
+    layouts = scenes_v2.sample_layouts(n, seed, size)
     velocity, spin = draw_motion(np.random.default_rng((*np.atleast_1d(seed), 7)), layouts, frames)
     start = dataclasses.replace(layouts, center=fit_paths(layouts.center, velocity, layouts.radius, frames, size))
     return Clips(start, velocity, spin, frames)

@@ -97,9 +97,6 @@ class ImagePipeline(PresetModels, Pipeline):
         check_window(request.lpa_window)
         request.seed = resolve_seed(request.seed)
 
-    def scheduled_pipe(self, model: LoadedImageModel, name: str) -> Any:
-        return scheduled_pipe(model, name)
-
     def generate(self, request: ImageRequest) -> Iterator[Event]:
         spec = self.spec_for(request.model)
         self.validate(request, spec)
@@ -128,7 +125,7 @@ class ImagePipeline(PresetModels, Pipeline):
     def render(self, model: LoadedImageModel, request: ImageRequest, parsed: ParsedPrompt, controlled: bool,
                variant: str, emit: Callable[[Event], None]) -> dict[str, Any]:
         """One full generation (baseline or controlled), run on a worker thread; events go through ``emit``."""
-        pipe = self.scheduled_pipe(model, request.scheduler)
+        pipe = scheduled_pipe(model, request.scheduler)
         batch = int(request.batch_size)
         generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(batch)]
         call: dict[str, Any] = dict(num_inference_steps=int(request.steps), guidance_scale=float(request.cfg),
@@ -145,7 +142,7 @@ class ImagePipeline(PresetModels, Pipeline):
                                        layers=grid_layers(pipe.unet, latent_size(pipe, request))) if heat_tokens else None
         binding = None
         if controlled:
-            binding = self.prepare_controls(pipe, model.arch, request, parsed, control, call, generators, info)
+            binding = self.prepare_controls(pipe, model.arch, request, parsed, control, call, info)
         else:
             call.update(prompt=parsed.text, negative_prompt=request.negative_prompt or None)
         reset_peak_memory(pipe._execution_device)
@@ -214,7 +211,7 @@ class ImagePipeline(PresetModels, Pipeline):
         return on_latents
 
     def prepare_controls(self, pipe: Any, arch: str, request: ImageRequest, parsed: ParsedPrompt,
-                         control: AttentionControl, call: dict[str, Any], generators: list[torch.Generator],
+                         control: AttentionControl, call: dict[str, Any],
                          info: dict[str, Any]) -> SemanticBinding | None:
         """Encode the prompt ourselves and apply the embedding-level controls; set up the attention-level ones
         (diffusion/controls.py). A method so a benchmark can add its own controls after the served ones."""

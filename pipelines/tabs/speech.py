@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..audio.bark import BARK_TEMPERATURE, BarkOutput, BarkSettings, BarkTTS, load_bark, synthesize_steps
-from ..audio.pcm import AudioChunk, write_wav
+from ..audio.pcm import AudioChunk, wav_bytes
 from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
                     resolve_seed)
 from ..decoding.plain import SamplingConfig
@@ -138,7 +138,7 @@ class SpeechPipeline(PresetModels, Pipeline):
             **extra,
         }
         path = new_output_path("speech", ".wav")
-        write_wav(path, audio, sample_rate)
+        path.write_bytes(wav_bytes(audio, sample_rate))
         parameters = {"task": "speech", "text": request.text, "model": spec.name, "speed": float(request.speed),
                       "seed": request.seed, "stats": stats}
         if isinstance(model, BarkTTS):

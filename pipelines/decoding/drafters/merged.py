@@ -183,7 +183,6 @@ class MergedDrafter(Drafter):
         # the host's price of a drafted step for the tree-size rule, and its plain fallback (None: never priced)
         self.host = host
         self._launched: tuple | None = None  # (root, offer, recycler fill, head tree) started by ``update``
-        self._bare: dict[int, TokenTree] = {}  # root -> its one-node tree: a plain step builds none
         self._plain_step = False  # this step drafts nothing (the plain fallback)
 
     @property
@@ -235,7 +234,7 @@ class MergedDrafter(Drafter):
         self._plain_step = self.host is not None and self.host.plain()
         if self._plain_step:
             self._launched = None
-            return self._bare.get(context[-1]) or self._bare.setdefault(context[-1], TokenTree.chain(context[-1], []))
+            return TokenTree.chain(context[-1], [])
         launched, self._launched = self._launched, None
         if launched is None or launched[:2] != (context[-1], self._offer_size()):
             launched = self._launch(context[-1])

@@ -46,17 +46,24 @@ def test_a_plain_stretch_doubles_while_drafting_does_not_pay_and_resets_when_it_
     assert abs(cost.seconds - 0.003) < 1e-12  # propose and update of one step together
     stretches = []
     for _ in range(7):
-        cost.chose(1)
+        assert cost.charge == cost.seconds
+        cost.chose(1)  # no tree pays for its drafting
         taken = 0
         while cost.plain():
             taken += 1
         stretches.append(taken)
+        assert cost.probing and cost.charge == 0.0  # the probe after a stretch is priced without the host
+        cost.chose(5)  # ... and its tree neither ends the doubling nor starts a stretch
+        assert not cost.probing and not cost.plain()
     assert stretches == [2, 4, 8, 16, 32, 32, 32] and PLAIN_STRETCH == 2 and LONGEST_STRETCH == 32
     cost.chose(5)
     cost.chose(1)
     assert cost.plain_left == PLAIN_STRETCH
-    cost.start()  # a new request drafts from its first step
-    assert not cost.plain()
+    cost.chose(1)
+    cost.start()  # a new request drafts from its first step, and a first stretch is short again
+    assert not cost.plain() and not cost.probing
+    cost.chose(1)
+    assert cost.plain_left == PLAIN_STRETCH
     assert DraftingCost(fixed=0.25).seconds == 0.25
 
 
@@ -70,10 +77,24 @@ def _decode(model, drafter, prompt, tokens: int = 40) -> tuple[list[int], Decode
     return run(speculative_decode(model, prompt, tokens, SamplingConfig(), set(), drafter, stats=stats)), stats
 
 
+def _record_trees(drafter) -> list[tuple[bool, int]]:
+    """Per step: whether it was a probe, and the size of the tree it proposed."""
+    trees, propose = [], drafter.propose
+
+    def recorded(context: list[int]) -> TokenTree:
+        probe = drafter.host.probing
+        tree = propose(context)
+        trees.append((probe, len(tree)))
+        return tree
+
+    drafter.propose = recorded
+    return trees
+
+
 def test_drafting_that_never_pays_falls_back_to_plain_steps_with_plain_output():
     """A host price no tree can pay (100 s a step against a 1 s forward: a path is at most 13 tokens): every
-    drafted step verifies a bare root, drafting stops for ever longer stretches, and the ids are plain greedy
-    decoding's (sampled ones too)."""
+    priced step verifies a bare root, drafting stops for ever longer stretches (a probe after each), and the ids
+    are plain greedy decoding's (sampled ones too)."""
     model = tiny_causal_lm("llama", seed=0).eval()
     prompt = repetitive_prompt(0, 40)
     plain = run(speculative_decode(model, prompt, 40, SamplingConfig(), set(), NoDraft()))
@@ -83,10 +104,13 @@ def test_drafting_that_never_pays_falls_back_to_plain_steps_with_plain_output():
         free, free_stats = _decode(model, make(DraftingCost(fixed=0.0)), prompt)
         assert free == plain and free_stats.tau > 1.0, name  # drafting for free: trees are verified and accepted
         drafter = make(DraftingCost(fixed=100.0))
+        trees = _record_trees(drafter)
         out, stats = _decode(model, drafter, prompt)
-        assert out == plain and stats.tau == 1.0, name
+        assert out == plain, name
+        drafted = [probe for probe, size in trees if size > 1]
+        assert drafted and all(drafted), name  # trees only on the probes, which draft as if drafting were free
         if name.startswith("merged"):
-            assert drafter.steps <= 6, name  # of 40 steps: drafted at 1, 4, 9, 18, 35 only
+            assert drafter.steps <= 10, name  # of 40 steps: priced at 1, 4-5, 10-11, 20-21 and 38-39 only
     assert_sampling_reproduced(model, {"merged": _merged(model, DraftingCost(fixed=100.0)),
                                        "redrafter": RecurrentDrafting(random_head(model), model, FLAT,
                                                                       host=DraftingCost(fixed=100.0))})

@@ -148,8 +148,10 @@ class DraftingCost:
     ``update``, wall clock: on a GPU its reads wait for device work a plain step never starts), and the plain
     fallback the tree-size rule leads to. Where the rule answers a bare root, no tree paid for its drafting: the
     drafter then takes plain one-token steps that draft nothing, ``stretch`` of them (doubled each time drafting
-    is found not to pay again, back to the first when it pays), and drafts one step again to see. ``fixed`` stands
-    in for the measurement (tests: a known price, so the trees are deterministic)."""
+    is found not to pay again, back to the first when it pays, and at every request), then one probe: a step
+    priced at no host cost, so it drafts whatever its forward alone pays for and its outcome updates the estimates
+    the next step is priced on. ``fixed`` stands in for the measurement (tests: a known price, so the trees are
+    deterministic)."""
 
     def __init__(self, memory: float = 0.9, fixed: float | None = None) -> None:
         self.memory = memory  # the mean follows the last ~10 drafted steps
@@ -158,6 +160,7 @@ class DraftingCost:
         self._predicted = self._realized = 0.0  # drafted tokens a drafter's own probabilities expected, and got
         self.stretch = PLAIN_STRETCH
         self.plain_left = 0  # plain steps still to take before drafting again
+        self.probing = False  # the step after a plain stretch: priced without the host
 
     @property
     def seconds(self) -> float:
@@ -165,6 +168,13 @@ class DraftingCost:
         if self.fixed is not None:
             return self.fixed
         return self._total / self._weight if self._weight else 0.0
+
+    @property
+    def charge(self) -> float:
+        """Host seconds the tree-size rule charges this step: none on a probe. Charged, a probe would be sized on
+        the estimates the plain stretch left unchanged (a merged drafter's rates learn from drafted trees only),
+        answer a bare root again, and a request that once fell back would never draft again."""
+        return 0.0 if self.probing else self.seconds
 
     def spent(self, seconds: float) -> None:
         """Host seconds the current drafted step spent drafting (its ``propose``, then its ``update``)."""
@@ -192,8 +202,11 @@ class DraftingCost:
 
     def chose(self, size: int) -> None:
         """The rule's answer for a drafted step: a bare root starts a plain stretch (each one longer than the
-        last while drafting keeps not paying), a tree ends the doubling."""
-        if size > 1:
+        last while drafting keeps not paying), a tree ends the doubling. A probe's answer changes neither: the step
+        after it decides on what the probe saw."""
+        if self.probing:
+            self.probing = False
+        elif size > 1:
             self.stretch = PLAIN_STRETCH
         else:
             self.plain_left = self.stretch
@@ -203,13 +216,14 @@ class DraftingCost:
         """Whether the step about to be proposed is a plain one (it counts the stretch down)."""
         if self.plain_left:
             self.plain_left -= 1
+            self.probing = not self.plain_left
             self._predicted, self._realized = self._predicted * self.memory, self._realized * self.memory
             return True
         return False
 
     def start(self) -> None:
         """A new request drafts from its first step: its prompt may copy where the last one did not."""
-        self.plain_left = 0
+        self.plain_left, self.stretch, self.probing = 0, PLAIN_STRETCH, False
 
 
 TREE_PROFILES = ("auto", "cpu", "gpu")

@@ -307,7 +307,7 @@ class MergedDrafter(Drafter):
         ranked = sorted(sorted(range(len(path)), key=trie.depths.__getitem__),
                         key=[-p for p in path].__getitem__)[:self.max_nodes]
         best = pick_tree_size([path[i] for i in ranked], self.costs, self.prices(len(ranked)),
-                              self.host.seconds if self.host is not None else 0.0)
+                              self.host.charge if self.host is not None else 0.0)
         if self.host is not None:
             self.host.chose(best)
         tree, out_path = self._depth_first(trie, path, ranked[:best])

@@ -285,7 +285,7 @@ class RecurrentDrafting(Drafter):
             return tree.truncated(max_nodes=pick_tree_size(path, self.costs, prices))
         scale = self.host.calibration  # the head's probabilities, scaled to what it has been getting accepted
         size = pick_tree_size([path[0]] + [p * scale for p in path[1:]] if scale < 1.0 else path, self.costs, prices,
-                              self.host.seconds)
+                              self.host.charge)
         self._expected = sum(path[1:size])
         self.host.chose(size)
         self.host.spent(time.perf_counter() - self._started)

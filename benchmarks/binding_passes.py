@@ -4,10 +4,10 @@ official config's, counted from ``hutaiHang/ToMe`` ``pipe_tome.py``.
 
 Per step with token refinement and per group the official code runs one anchor forward, ``token_refinement_steps``
 forward+backward on the composite token and one unconditional forward for the anchor's own step; per step with
-attention refinement up to ``attention_refinement_steps`` forward+backward on the latents. The tab runs one
-classifier-free-guided anchor call (its conditional half is the loss target: one batch of two rows), the same
-forward+backward steps plus one forward scoring the last proposal (issue 22's back-off), and the entropy iterations;
-its entropy forwards stop after the last layer the loss reads.
+attention refinement up to ``attention_refinement_steps`` forward+backward on the latents. The tab runs the token
+work of all groups in the same calls (a batch row per group): per step one classifier-free-guided anchor call (its
+conditional half is the loss target), the same forward+backward steps plus one forward scoring the last proposal
+(issue 22's back-off); then the entropy iterations, whose forwards stop after the last layer the loss reads.
 
     python benchmarks/binding_passes.py --json benchmarks/results/binding_passes_cpu.json
 """

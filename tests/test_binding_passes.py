@@ -20,20 +20,20 @@ PROMPT = "a [red hat] and a [blue car]"
 
 
 def expected_passes(summary: dict, refinement_steps: int = 3) -> tuple[int, int]:
-    """Per denoising step with token refinement and per group: one classifier-free-guided anchor call (its
-    conditional half is the loss target), ``refinement_steps`` forwards scoring proposals (with gradients unless it is
-    the last, issue 22's back-off) and a backward for each accepted one but the last; plus one forward+backward per
-    entropy iteration."""
+    """Per denoising step with token refinement, for all groups together (one batch, a row per group): one
+    classifier-free-guided anchor call (its conditional half is the loss target), ``refinement_steps`` + 1 forwards
+    scoring proposals (with gradients unless it is the last, issue 22's back-off) and a backward for the first and
+    for each later one but the last that some group accepted; plus one forward+backward per entropy iteration."""
     forwards = backwards = len(summary["binding_entropy_trace"])
-    for trace in summary["binding_loss_trace"].values():
-        for start in range(0, len(trace), refinement_steps + 1):
-            values = trace[start:start + refinement_steps + 1]
-            forwards += 1 + len(values)
-            best = values[0]
-            backwards += 1
-            for value in values[1:-1]:
-                backwards += value <= best
-                best = min(best, value)
+    traces = list(summary["binding_loss_trace"].values())
+    for start in range(0, len(traces[0]), refinement_steps + 1):
+        values = [trace[start:start + refinement_steps + 1] for trace in traces]
+        forwards += 1 + len(values[0])
+        best = [group[0] for group in values]
+        backwards += 1
+        for iteration in range(1, len(values[0]) - 1):
+            backwards += any(group[iteration] <= low for group, low in zip(values, best))
+            best = [min(low, group[iteration]) for group, low in zip(values, best)]
     return forwards, backwards
 
 
@@ -56,9 +56,9 @@ def test_binding_unet_passes_per_image_with_the_tab_defaults():
     assert 2 <= entropy <= 2 * BindingConfig().attention_refinement_steps[0]
     forwards, backwards = stats["binding_unet_forwards"], stats["binding_unet_backwards"]
     assert (forwards, backwards) == expected_passes(stats)
-    assert forwards == 2 * 2 * 5 + entropy and 2 * 2 + entropy <= backwards <= 2 * 2 * 3 + entropy
+    assert forwards == 2 * 5 + entropy and 2 + entropy <= backwards <= 2 * 3 + entropy  # both groups in each call
     assert len(calls) == denoising + forwards  # the counter sees every call besides the denoising loop's
-    assert sum(calls) == 2 * 2 * 3 + entropy  # with gradients: each proposal but the last (a rejected one is not
+    assert sum(calls) == 2 * 3 + entropy  # with gradients: each proposal but the last (a rejected one is not
     # differentiated: its row goes back to the accepted token and that token's gradient), each entropy iteration
 
 
@@ -120,22 +120,25 @@ def test_refinement_needs_no_weight_gradients_and_restores_the_flags():
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_the_anchor_call_gives_both_the_loss_target_and_the_anchor_step(guidance):
-    """One call per group and step for the anchor: with guidance its conditional half is the target; without, the
-    target and the anchor's noise are the same tensor."""
+    """One call per step for every group's anchor: with guidance its conditional half is the target; without, the
+    target and the anchor's noise are the same tensor. Each group's chunk is its own anchor's (layout kept)."""
     binding, positive, latents, control = prepared()
     binding.guidance_scale = guidance
     if guidance <= 1:
         binding.negative = None
     t = binding.pipe.scheduler.timesteps[0]
+    binding.anchor_latents[1] = binding.anchor_latents[1] + 0.5  # the groups' anchors part after their first step
     with torch.no_grad(), control:
-        noise, target = binding._anchor_noise(0, t, binding.anchor_latents[0])
-        cond = binding._unet(binding.anchor_latents[0], t, binding.anchor_embeds[0], None)
-    torch.testing.assert_close(target, cond, rtol=0, atol=1e-5)
+        noise, target = binding._anchor_noise(t, binding.anchor_latents)
+        assert binding.passes["forward"] == 1
+        for index, (own_noise, own_target) in enumerate(zip(noise.chunk(2), target.chunk(2))):
+            cond = binding._unet(binding.anchor_latents[index], t, binding.anchor_embeds[index], None)
+            torch.testing.assert_close(own_target, cond, rtol=0, atol=1e-5)
+            if guidance > 1:
+                uncond = binding._unet(binding.anchor_latents[index], t, binding.negative, None)
+                torch.testing.assert_close(own_noise, uncond + guidance * (cond - uncond), rtol=0, atol=1e-4)
     if guidance <= 1:
         assert noise is target
-    else:
-        uncond = binding._unet(binding.anchor_latents[0], t, binding.negative, None)
-        torch.testing.assert_close(noise, uncond + guidance * (cond - uncond), rtol=0, atol=1e-4)
 
 
 def test_sdxl_at_1024_px_reads_the_official_three_layers_and_stops_after_the_third():
@@ -164,3 +167,86 @@ def test_refinement_through_the_fast_path_runner_equals_the_plain_refinement():
     (plain_latents, plain_positive, plain_trace, plain_forwards), (latents, positive, trace, forwards) = results
     assert torch.equal(latents, plain_latents) and torch.equal(positive, plain_positive)
     assert trace == plain_trace and forwards == plain_forwards
+
+
+def bound(prompt: str = PROMPT, arch: str = "sd15", images: int = 1, guided: bool = True
+          ) -> tuple[SemanticBinding, torch.Tensor, AttentionControl]:
+    """A prepared binding on a tiny model (fp32, CPU), built the same way on every call (fixed seeds)."""
+    pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
+    parsed = parse_prompt(prompt)
+    control = AttentionControl(pipe.unet)
+    binding = SemanticBinding(pipe, arch, control, parsed, steps=10)
+    pipe.scheduler.set_timesteps(10)
+    noise = torch.randn(images, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    negative = encode_positive(pipe, "", images) if guided else None
+    positive = binding.prepare(encode_positive(pipe, parsed.text, images), negative,
+                               noise * pipe.scheduler.init_noise_sigma, 32, 32)
+    return binding, positive, control
+
+
+THREE_GROUPS = "a [red hat], a [blue car] and a [green cup]"
+
+
+@pytest.mark.parametrize("prompt, groups", [(PROMPT, 2), (THREE_GROUPS, 3)])
+@pytest.mark.parametrize("guided", [True, False])
+def test_token_refinement_runs_every_group_in_one_unet_call_per_evaluation(prompt, groups, guided):
+    """Per denoising step: one anchor call and ``token_refinement_steps`` + 1 loss calls for all groups together
+    (before: that many per group), each call's batch one row per group (the anchor's: twice that, with guidance)."""
+    binding, positive, control = bound(prompt, guided=guided)
+    assert len(binding.groups) == groups
+    unet = binding.pipe.unet
+    batches = []
+    handle = unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        with control:
+            for step in range(2):
+                positive = binding.refine_tokens(step, binding.pipe.scheduler.timesteps[step], positive)
+    finally:
+        handle.remove()
+    evaluations = binding.config.token_refinement_steps + 1
+    anchor = groups * (2 if guided else 1)
+    assert batches == 2 * ([anchor] + [groups] * evaluations)
+    assert binding.passes["forward"] == 2 * (1 + evaluations)
+    assert 2 <= binding.passes["backward"] <= 2 * binding.config.token_refinement_steps
+    trace = binding.summary()["binding_loss_trace"]  # still one value per group and evaluation
+    assert len(trace) == groups and all(len(values) == 2 * evaluations for values in trace.values())
+
+
+def alone(binding: SemanticBinding, index: int) -> SemanticBinding:
+    """``binding`` left with its ``index``-th group only, the anchor state of that group included."""
+    binding.groups = [binding.groups[index]]
+    binding.anchor_embeds = [binding.anchor_embeds[index]]
+    binding.anchor_latents = [binding.anchor_latents[index]]
+    binding.anchor_schedulers = [binding.anchor_schedulers[index]]
+    binding.token_norms = [binding.token_norms[index]]
+    return binding
+
+
+@pytest.mark.parametrize("arch, images, guided", [("sd15", 1, True), ("sd15", 2, True), ("sd15", 1, False),
+                                                  ("sdxl", 1, True)])
+def test_batched_token_refinement_equals_refining_each_group_alone(arch, images, guided):
+    """The groups' losses are independent, so one batched descent is the per-group one: same tokens, anchor
+    latents (two steps: the anchors' scheduler copies keep their own state) and loss traces, up to rounding."""
+    def refined(binding, positive, control):
+        with control:
+            for step in range(2):
+                positive = binding.refine_tokens(step, binding.pipe.scheduler.timesteps[step], positive)
+        return positive
+
+    together, start, control = bound(arch=arch, images=images, guided=guided)
+    batched = refined(together, start, control)
+    trace = together.summary()["binding_loss_trace"]
+    for index, group in enumerate(together.groups):
+        single, own_start, own_control = bound(arch=arch, images=images, guided=guided)
+        assert torch.equal(own_start, start)
+        single = alone(single, index)
+        own = refined(single, own_start, own_control)
+        noun = group.nouns[0]
+        assert not torch.allclose(batched[:, noun], start[:, noun], atol=1e-3)  # the token did move
+        torch.testing.assert_close(batched[:, noun], own[:, noun], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.anchor_latents[index], single.anchor_latents[0], rtol=1e-4, atol=1e-4)
+        assert trace[group.phrase] == pytest.approx(single.summary()["binding_loss_trace"][group.phrase], rel=1e-4)
+        assert [h["accepted"] for h in together.history if h["group"] == index] == [
+            h["accepted"] for h in single.history]
+    others = [p for p in range(start.shape[1]) if p not in {g.nouns[0] for g in together.groups}]
+    assert torch.equal(batched[:, others], start[:, others])

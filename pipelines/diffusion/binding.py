@@ -16,11 +16,13 @@ refine the result:
 Runs inside ``callback_on_step_end`` (for step i+1) and once before the loop (for step 0); the callback's
 ``prompt_embeds`` are ``cat([negative, positive])``, so only the positive half is edited.
 
-Cost (issue 19; ``benchmarks/binding_passes.py`` counts it): per refined step and group one anchor call (its
-classifier-free-guided noise advances the anchor, its conditional half is the loss target), 3 forward+backward and
-one scoring forward on the token; per entropy iteration one forward+backward that stops after the last recorded
-layer. Weights need no gradient meanwhile. In the image tab every one of these passes is a captured CUDA graph
-(``FastUNet.captured``), replayed on later requests.
+Cost (issue 19; ``benchmarks/binding_passes.py`` counts it): per refined step one anchor call (its
+classifier-free-guided noise advances the anchors, its conditional half is the loss target), 3 forward+backward and
+one scoring forward on the tokens, each call for all groups at once (rows = groups x images: a group's loss reads
+only its own token, anchor latents and target, so batching changes the number of calls, not the algorithm); per
+entropy iteration one forward+backward that stops after the last recorded layer. Weights need no gradient
+meanwhile. In the image tab every one of these passes is a captured CUDA graph (``FastUNet.captured``), replayed on
+later requests.
 """
 from __future__ import annotations
 
@@ -350,28 +352,36 @@ class SemanticBinding:
         return latents, positive
 
     def refine_tokens(self, step: int, t: Any, positive: torch.Tensor) -> torch.Tensor:
+        """Every group's composite token refined in one batched descent (rows = groups x images, group-major): one
+        anchor call and one call per evaluation for all groups, not one each per group. Each row keeps its own
+        accept/back-off, so the tokens are the ones refining each group alone gives (up to rounding)."""
         positive = positive.clone()
+        if not self.groups:
+            return positive
+        count = len(self.groups)
         with self.control.scope(recorders=[], biases=[], cfg=False):
-            for index, group in enumerate(self.groups):
-                anchor_latents = self.anchor_latents[index].detach()
-                with torch.no_grad():
-                    noise, anchor = self._anchor_noise(index, t, anchor_latents)
-                target = self._own(anchor).float()
-                evaluate = self._token_loss(t, anchor_latents, target, positive.dtype)
-                token = self.descend_with(positive[:, group.nouns[0]].detach().float(), evaluate, target[0].numel(),
-                                          {"step": step, "loss": "binding", "group": index})
+            anchor_latents = [latents.detach() for latents in self.anchor_latents]
+            with torch.no_grad():
+                noise, anchor = self._anchor_noise(t, anchor_latents)
+            target = self._own(anchor).float()
+            evaluate = self._token_loss(t, torch.cat(anchor_latents), target, positive.dtype)
+            tokens = torch.cat([positive[:, group.nouns[0]] for group in self.groups]).detach().float()
+            records = [{"step": step, "loss": "binding", "group": index} for index in range(count)]
+            tokens = self.descend_with(tokens, evaluate, target[0].numel(), records)
+            extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
+            per_group = zip(self.groups, tokens.chunk(count), noise.chunk(count), self.anchor_schedulers,
+                            anchor_latents)
+            for index, (group, token, own_noise, scheduler, latents) in enumerate(per_group):
                 positive[:, group.nouns[0]] = token.to(positive.dtype)
-                extra = self.pipe.prepare_extra_step_kwargs(self.generator, 0.0)
-                self.anchor_latents[index] = self.anchor_schedulers[index].step(noise, t, anchor_latents, **extra,
-                                                                                return_dict=False)[0]
+                self.anchor_latents[index] = scheduler.step(own_noise, t, latents, **extra, return_dict=False)[0]
         self._log_norms(positive)
         return positive
 
     def _token_loss(self, t: Any, anchor_latents: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> Evaluate:
-        """The binding loss of a composite token (MSE between ε(z, token alone) and ``target``, per image) as an
-        ``Evaluate`` for ``descend_with``."""
+        """The binding loss of the composite tokens (MSE between ε(z, token alone) and ``target``, per row: one row
+        per group and image, each with its own token as its whole context) as an ``Evaluate`` for ``descend_with``."""
         inputs = [self.pipe.scheduler.scale_model_input(anchor_latents, t), torch.as_tensor(t), target,
-                  *self._added(1)]
+                  *self._added(len(self.groups))]
 
         def loss(token: torch.Tensor, sample: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                  *added: torch.Tensor) -> torch.Tensor:
@@ -409,12 +419,14 @@ class SemanticBinding:
     def descend(self, token: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor], elements: int,
                 record: dict[str, Any]) -> torch.Tensor:
         """``descend_with`` on a differentiable per-row loss function."""
-        return self.descend_with(token, self._autograd_evaluate(loss_of), elements, record)
+        return self.descend_with(token, self._autograd_evaluate(loss_of), elements, [record])
 
     def descend_with(self, token: torch.Tensor, evaluate: Evaluate, elements: int,
-                     record: dict[str, Any]) -> torch.Tensor:
-        """``token_refinement_steps`` gradient steps on ``token`` ([batch, dim]) against the per-image loss that
-        ``evaluate(token, with_gradient)`` returns (with a function giving its gradient).
+                     records: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """``token_refinement_steps`` gradient steps on ``token`` ([rows, dim]) against the per-row loss that
+        ``evaluate(token, with_gradient)`` returns (with a function giving its gradient). The rows are split evenly
+        among ``records`` (groups refined together), each logged in ``history`` on its own; ``elements`` is one
+        row's latent size.
 
         The step is the official one scaled by ``elements / REFERENCE_LATENT_ELEMENTS`` and capped per row at
         ``token_max_update`` of the token's norm. Each proposal is scored by the next evaluation (the last by one
@@ -431,8 +443,7 @@ class SemanticBinding:
             candidate = token.detach()
             loss, gradient = evaluate(candidate, not last)
             accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss <= best_loss
-            self.history.append({**record, "iteration": iteration, "value": loss.mean().item(),
-                                 "accepted": bool(accepted.all())})
+            self._record(records, iteration, loss, accepted)
             fresh = not last and bool(accepted.any())  # a rejected row keeps the gradient of its accepted token
             grad = gradient() if fresh else best_grad
             keep = accepted[:, None]
@@ -444,20 +455,34 @@ class SemanticBinding:
                 token = best - capped_update(best, scale * size * best_grad, config.token_max_update)
         return best
 
-    def _anchor_noise(self, index: int, t: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One call for the anchor prompt's own trajectory, on its scheduler copy: the classifier-free-guided noise
-        of its next step and its conditional prediction, which is also the binding loss's target (ε(z, anchor))."""
-        scheduler = self.anchor_schedulers[index]
+    def _record(self, records: Sequence[dict[str, Any]], iteration: int, loss: torch.Tensor,
+                accepted: torch.Tensor) -> None:
+        """One ``history`` entry per record: the mean loss of its rows and whether every one of them was accepted."""
+        values = loss.reshape(len(records), -1).mean(1).tolist()
+        kept = accepted.reshape(len(records), -1).all(1).tolist()
+        self.history += [{**record, "iteration": iteration, "value": value, "accepted": ok}
+                         for record, value, ok in zip(records, values, kept)]
+
+    def _anchor_noise(self, t: Any, latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call for every group's anchor trajectory (``latents``: one per group, scaled by its own scheduler
+        copy): the classifier-free-guided noise of each anchor's next step and its conditional prediction, which is
+        also the binding loss's target (ε(z, anchor)); both group-major, one chunk per group. With guidance the
+        call's rows are every group's unconditional ones, then every group's conditional ones."""
         guided = self.negative is not None
-        sample = scheduler.scale_model_input(torch.cat([latents, latents]) if guided else latents, t)
-        context = torch.cat([self.negative, self.anchor_embeds[index]]) if guided else self.anchor_embeds[index]
+        sample = torch.cat([scheduler.scale_model_input(own, t)
+                            for scheduler, own in zip(self.anchor_schedulers, latents)])
+        context = torch.cat(self.anchor_embeds)
+        if guided:
+            sample = torch.cat([sample, sample])
+            context = torch.cat([self.negative] * len(latents) + [context])
 
         def predict(sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     *added: torch.Tensor) -> tuple[torch.Tensor]:
             return (self._unet(sample, t, context, self._added_dict(added)),)
 
         self.passes["forward"] += 1
-        noise = self._run("binding-anchor", predict, [sample, torch.as_tensor(t), context, *self._added(1 + guided)])[0]
+        noise = self._run("binding-anchor", predict,
+                          [sample, torch.as_tensor(t), context, *self._added(len(latents) * (1 + guided))])[0]
         if not guided:
             return noise, noise
         uncond, cond = noise.chunk(2)

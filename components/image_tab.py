@@ -67,7 +67,7 @@ MICROWORLD_COMPASS = str(WEIGHTS_V2 / "compass") if (WEIGHTS_V2 / "compass" / "c
     else "phrase"
 # Seeds picked from 0-5 by benchmarks/microworld_v2_examples.py (off vs on, results/microworld_v2_examples_cpu.json):
 # binding swaps the prior's colours back to the asked ones at seed 1 (binding score 0 -> 1; 2 of 6 seeds improve,
-# none worsen), LPA changes no seed visibly (seed 2 is a clean scene), the leakage fix improves no seed (the purple
+# none worsen; over 32 held-out units it helps no more than it harms: results/control_effect_v2_binding_cpu32.json), LPA changes no seed visibly (seed 2 is a clean scene), the leakage fix improves no seed (the purple
 # arrow is drawn green at every seed, and at seed 3 the fix drops the green star; seed 4 is a clean scene), compass
 # turns the arrow towards the left (heading error 108 -> 24 deg; the arrow grows a second head) at seed 0.
 MICROWORLD_EXAMPLES = [

@@ -1,0 +1,27 @@
+"""The binding ablation's variants reach the served request path and leave the served defaults as they were."""
+from __future__ import annotations
+
+import importlib
+
+from pipelines.diffusion.binding import BindingConfig
+from pipelines.diffusion.controls import ControlPlan
+from pipelines.tabs.image import ImageRequest
+
+
+def test_binding_variant_reaches_the_plan_and_the_defaults_come_back():
+    ablation = importlib.import_module("benchmarks.binding_ablation_v2")
+    request = ImageRequest(prompt="a [red circle]", binding=True, ets_step=4)
+    with ablation.binding_variant({"token_refinement_steps": 0, "cap_composite_norm": False}):
+        inside = ControlPlan.from_request(request).binding
+    after = ControlPlan.from_request(request).binding
+    assert inside.token_refinement_steps == 0 and not inside.cap_composite_norm
+    assert inside.ets_step == 4  # the request's own field still applies on top of the variant
+    assert after == BindingConfig(ets_step=4) and after.token_refinement_steps == 3
+    assert BindingConfig().token_refinement_steps == 3 and BindingConfig().cap_composite_norm
+
+
+def test_every_variant_names_real_config_fields():
+    ablation = importlib.import_module("benchmarks.binding_ablation_v2")
+    fields = set(BindingConfig.__dataclass_fields__)
+    assert list(ablation.VARIANTS)[0] == "served" and ablation.VARIANTS["served"] == {}
+    assert all(set(overrides) <= fields for overrides in ablation.VARIANTS.values())

@@ -144,8 +144,8 @@ PLAIN_STRETCH, LONGEST_STRETCH = 2, 32
 
 
 class DraftingCost:
-    """What drafting costs the host per drafted step, measured where it is paid (the drafter's ``propose`` and
-    ``update``, wall clock: on a GPU its reads wait for device work a plain step never starts), and the plain
+    """What drafting costs the host per drafted step (its ``propose`` and ``update``, wall clock, as the verifier
+    times them: on a GPU their reads wait for device work a plain step never starts), and the plain
     fallback the tree-size rule leads to. Where the rule answers a bare root, no tree paid for its drafting: the
     drafter then takes plain one-token steps that draft nothing, ``stretch`` of them (doubled each time drafting
     is found not to pay again, back to the first when it pays, and at every request), then one probe: a step

@@ -48,6 +48,10 @@ class Drafter:
     def finish(self) -> None:
         """The request is over (finished, stopped at EOS or cancelled)."""
 
+    def drafting_took(self, seconds: float) -> None:
+        """The host seconds this step's ``propose`` and ``update`` took, as the verifier timed them for its stats:
+        for drafters that price their own drafting (``hardware.DraftingCost``)."""
+
     def embedding(self, model) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The input embedding the forward needs for this drafter's trees (None: the model's own). Drafters
         with virtual tokens (PPD's prompt tokens) return one that also embeds those."""
@@ -301,7 +305,9 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
             update_drafter(drafter, forward, tree, logits, run)
             finished = time.perf_counter()
             stats.count_forward(len(run))
-            stats.draft_s += (drafted - started) + (finished - updating)
+            drafting = (drafted - started) + (finished - updating)
+            drafter.drafting_took(drafting)
+            stats.draft_s += drafting
             stats.step_s += finished - started
             yield run
             if run[-1] in eos_ids:

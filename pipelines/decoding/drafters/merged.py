@@ -263,10 +263,7 @@ class MergedDrafter(Drafter):
         if found is not None:
             drafted, head_ranks, conditional, _ = found
             trie.add(drafted, "redrafter", _ranked(head_ranks, conditional))
-        tree = self._select(trie)
-        if self.host is not None:
-            self.host.spent(time.perf_counter() - self._step_started)
-        return tree
+        return self._select(trie)
 
     def _launch(self, root: int) -> tuple:
         """Start the device's drafts below ``root`` (the recycler's fill; the head's levels where trees are wide):
@@ -363,7 +360,6 @@ class MergedDrafter(Drafter):
         return tree, [path[i] for i in order]
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        updating = time.perf_counter()
         full_tree, full_logits = tree, logits
         if self.chains is not None:  # the prompt chains are read here; the other drafters see real tokens only
             real = self.chains.real_part(tree)
@@ -383,8 +379,10 @@ class MergedDrafter(Drafter):
             drafter.update(tree, logits, accepted)
         drafted, depth = len(accepted) - 1, max(tree.depths)
         self.last = MISSED if drafted == 0 else (FULL if drafted == depth else PARTIAL)
+
+    def drafting_took(self, seconds: float) -> None:
         if self.host is not None and not self._plain_step:
-            self.host.spent(time.perf_counter() - updating)
+            self.host.spent(seconds)
             self.host.drafted()
 
     def _observe(self, tree: TokenTree, path: list[int], full_tree: TokenTree, full_logits: torch.Tensor,

@@ -16,7 +16,6 @@ Trained heads: ``$TOKENWORKS_CACHE/draft_heads/redrafter-<model>.safetensors`` (
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -250,7 +249,7 @@ class RecurrentDrafting(Drafter):
         self.host = host  # the host's price of a drafted step for the tree-size rule, and its plain fallback
         self._launched: tuple[int, torch.Tensor | None] | None = None  # (root, grown tree) started by ``update``
         self._plain_step = False  # this step drafts nothing (the plain fallback)
-        self._started = self._expected = 0.0  # this step's start; the drafted tokens its head expected
+        self._expected = 0.0  # the drafted tokens the head expected this step
 
     def start(self, prompt: list[int]) -> None:
         self.drafts.start()
@@ -268,7 +267,6 @@ class RecurrentDrafting(Drafter):
         return {"draft_head": True}
 
     def propose(self, context: list[int]) -> TokenTree:
-        self._started = time.perf_counter()
         root, launched = context[-1], self._launched
         self._launched = None
         self._plain_step = self.host is not None and self.host.plain()
@@ -288,15 +286,16 @@ class RecurrentDrafting(Drafter):
                               self.host.charge)
         self._expected = sum(path[1:size])
         self.host.chose(size)
-        self.host.spent(time.perf_counter() - self._started)
         return tree.truncated(max_nodes=size)
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        updating = time.perf_counter()
         self.drafts.update(tree.path_of(accepted)[-1])
         if self.host is None or not self.host.plain_left:
             self._launched = accepted[-1], self.drafts.launch(accepted[-1], self.max_nodes)
         if self.host is not None and not self._plain_step:
             self.host.accepted(self._expected, len(accepted) - 1)
-            self.host.spent(time.perf_counter() - updating)
+
+    def drafting_took(self, seconds: float) -> None:
+        if self.host is not None and not self._plain_step:
+            self.host.spent(seconds)
             self.host.drafted()

@@ -130,12 +130,8 @@ class Runner:
         self.state = DecodingState(model)
         self.recycler = self.state.recycler()
         self.nodes = len(self.recycler.template)
-        # the merged drafter keeps its own matrix and trie: sharing the recycling/lookahead methods' state
-        # would hand it what they just learnt on the same prompt
-        vocab = model.get_output_embeddings().weight.shape[0]
-        own = TokenRecycling(torch.zeros(vocab, self.recycler.matrix.shape[1], dtype=torch.long, device=model.device))
         costs = self.state.step_costs(args.tree_profile)
-        self.merged = new_merged(own, NGramTrie(LookaheadConfig.max_nodes), costs)
+        self.merged = new_merged(self.state.recycler("merged"), self.state.trie("merged"), costs)
         # each merged variant has its own matrix and trie too, so they all learn the same way
         methods = [m.strip() for m in args.methods.split(",")]
         variants = {"merged-ppd": dict(prompts=prompts), "merged-redrafter": dict(head=head),

@@ -24,7 +24,8 @@ def test_the_merged_drafter_takes_the_head_where_there_is_one_else_the_prompt_to
     assert state.merged(FLAT).drafts.head is state.head and merged.chains is None
     state.head = state.prompts = None
     assert state.merged(FLAT) is merged and merged.chains is None and merged.drafts is None
-    assert merged.recycler.matrix is state.recycler().matrix and merged.lookahead.trie is state.trie()
+    assert merged.recycler.matrix is state.recycler("merged").matrix and merged.lookahead.trie is state.trie("merged")
+    assert state.recycler("merged") is not state.recycler() and state.trie("merged") is not state.trie()
 
 
 def test_each_cost_curve_is_measured_once_per_model_state(monkeypatch):

@@ -106,11 +106,24 @@ def test_the_drafters_state_lives_with_the_loaded_model_across_requests(pipeline
     recycler = pipeline.drafter(lm, TextRequest(method="recycling"))
     assert recycler is lm.state.recycler() and pipeline.load("tiny-llama (random weights)").state is lm.state
     merged = pipeline.drafter(lm, TextRequest(method="merged"))
-    assert merged.recycler.matrix is recycler.matrix and merged.lookahead.trie is lm.state.trie()
+    assert merged.recycler.matrix is lm.state.recycler("merged").matrix
+    assert merged.lookahead.trie is lm.state.trie("merged")
     before = recycler.matrix.clone()
     result(pipeline, method="recycling", max_new_tokens=8)
     assert not torch.equal(lm.state.recycler().matrix, before)  # the next request starts hot
     assert pipeline.drafter(lm, TextRequest(method="merged")) is merged
+
+
+def test_one_methods_answers_never_draft_another_methods_request(pipeline):
+    """Recycling and Lookahead remember their own answers only: the merged drafter (and each other) start from
+    their own memory, so running two methods on one prompt compares them rather than replaying the first."""
+    lm = pipeline.load("tiny-llama (random weights)")
+    merged = pipeline.drafter(lm, TextRequest(method="merged"))
+    matrix, nodes = merged.recycler.matrix.clone(), merged.lookahead.trie.nodes
+    result(pipeline, method="recycling", max_new_tokens=12)
+    result(pipeline, method="lookahead", max_new_tokens=12)
+    assert lm.state.trie().nodes > nodes and not torch.equal(lm.state.recycler().matrix, matrix)
+    assert merged.lookahead.trie.nodes == nodes and torch.equal(merged.recycler.matrix, matrix)
     assert pipeline.drafter(lm, TextRequest(method="vanilla")) is None
 
 

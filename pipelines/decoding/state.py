@@ -1,8 +1,13 @@
-"""What a loaded model's drafters share across requests, in one object kept with the model: Token Recycling's
+"""What a loaded model's drafters keep across requests, in one object kept with the model: Token Recycling's
 matrix and counts (the paper's hot start), the Lookahead output trie (alipay's global output frequencies), the
 merged drafter's acceptance counts, the measured cost curves and the trained prompt tokens / draft head (loaded
 once per model, here: ``trained.TrainedWeights`` only finds and reads them). The caller holds the model's lock:
-one decode at a time reads and updates it."""
+one decode at a time reads and updates it.
+
+Each method has its own matrix and trie (the merged drafter its own pair): a memory shared between methods
+drafts one method's request from another method's answer to the same prompt, which turns a side-by-side of two
+methods into a replay (on an H100, the merged drafter's tau was 6.1 when Lookahead had answered the same prompts
+first and 3.2 alone)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +35,8 @@ class DecodingState:
     prompts: PromptTokens | None = None  # PPD's trained prompt tokens for this model, where there are some
     head: DraftHead | None = None  # a trained ReDrafter head for this model, where there is one
     curves: dict[tuple[int, ...], dict[int, float]] = field(default_factory=dict)  # buckets -> measured cost curve
-    _recycler: TokenRecycling | None = None
-    _trie: NGramTrie | None = None
+    _recyclers: dict[str, TokenRecycling] = field(default_factory=dict)  # method -> its recycling memory
+    _tries: dict[str, NGramTrie] = field(default_factory=dict)  # method -> its output trie
     _merged: MergedDrafter | None = None
     _settled: set[str] = field(default_factory=set)  # trained fields already looked up (or set by ``use``)
 
@@ -52,29 +57,29 @@ class DecodingState:
             setattr(self, name, value)
             self._settled.add(name)
 
-    def recycler(self) -> TokenRecycling:
-        """The model's Token Recycling drafter (matrix and acceptance counts), created on first use."""
-        if self._recycler is None:
+    def recycler(self, method: str = "recycling") -> TokenRecycling:
+        """``method``'s Token Recycling drafter (matrix and acceptance counts) for this model, created on first use."""
+        if method not in self._recyclers:
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            self._recycler = TokenRecycling(cold_matrix(vocab, next(self.model.parameters()).device))
-        return self._recycler
+            self._recyclers[method] = TokenRecycling(cold_matrix(vocab, next(self.model.parameters()).device))
+        return self._recyclers[method]
 
-    def trie(self) -> NGramTrie:
-        """The model's Lookahead output trie, created on first use."""
-        if self._trie is None:
-            self._trie = NGramTrie(LookaheadConfig.max_nodes)
-        return self._trie
+    def trie(self, method: str = "lookahead") -> NGramTrie:
+        """``method``'s Lookahead output trie for this model, created on first use."""
+        if method not in self._tries:
+            self._tries[method] = NGramTrie(LookaheadConfig.max_nodes)
+        return self._tries[method]
 
     def step_costs(self, profile: str = "auto", forward: CausalLMForward | None = None) -> dict[int, float]:
         """``hardware.step_costs`` for this model, each curve measured once and kept here."""
         return step_costs(self.model, profile, forward, self.curves)
 
     def merged(self, costs: dict[int, float]) -> MergedDrafter:
-        """The model's merged drafter over its recycling matrix and output trie, its acceptance counts kept
+        """The model's merged drafter over its own recycling matrix and output trie, its acceptance counts kept
         across requests; it drafts with the draft head when there is one (while it pays for its time), else with
         the prompt tokens."""
         if self._merged is None:
-            self._merged = new_merged(self.recycler(), self.trie(), costs, ledger=HeadLedger(),
+            self._merged = new_merged(self.recycler("merged"), self.trie("merged"), costs, ledger=HeadLedger(),
                                       host=DraftingCost())
         drafter = self._merged
         prompts = self.prompts if self.head is None else None

@@ -5,6 +5,10 @@ sheet of the chosen seeds (left off, right on).
 
     PYTHONPATH=. python benchmarks/microworld_v2_examples.py --seeds 6 \
         --json benchmarks/results/microworld_v2_examples_cpu.json --png benchmarks/results/microworld_v2_examples_cpu.png
+
+When one example changes (its prompt, its controls, the compass encoder), ``--only TEXT --rendered OLD.json``
+renders only the examples whose prompt contains TEXT and keeps every other example's rows from OLD.json; each row
+records the command that rendered it.
 """
 from __future__ import annotations
 
@@ -92,6 +96,14 @@ def render(examples: list[Any], seeds: int) -> list[dict[str, Any]]:
     return rows
 
 
+def merged_rows(examples: list[Any], fresh: list[dict[str, Any]], rendered: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows in ``examples``' order: the freshly rendered ones, else the ones ``rendered`` holds (each keeps the
+    command that rendered it); a prompt that is no longer an example is dropped."""
+    by_prompt = {row["prompt"]: {"command": rendered["command"], **row} for row in rendered["rows"]}
+    by_prompt.update({row["prompt"]: row for row in fresh})
+    return [by_prompt[e.prompt] for e in examples if e.prompt in by_prompt]
+
+
 def main(argv: list[str] | None = None) -> dict:
     from components.image_tab import MICROWORLD_EXAMPLES
 
@@ -101,10 +113,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--png", required=True)
     parser.add_argument("--rendered", help="a JSON this script wrote: redraw the sheet for the examples' current "
                                            "seeds from its images instead of rendering again")
+    parser.add_argument("--only", help="render only the examples whose prompt contains this text and take every "
+                                       "other example's rows from --rendered")
     args = parser.parse_args(argv)
+    if args.only and not args.rendered:
+        parser.error("--only needs --rendered: the JSON that the other examples' rows come from")
     os.environ.setdefault("TOKENWORKS_OUTPUT_DIR", tempfile.mkdtemp(prefix="mw-examples-"))
     rendered = json.load(open(args.rendered)) if args.rendered else None
-    rows = rendered["rows"] if rendered else render(MICROWORLD_EXAMPLES, args.seeds)
+    if args.only:
+        fresh = render([e for e in MICROWORLD_EXAMPLES if args.only in e.prompt], args.seeds)
+        rows = merged_rows(MICROWORLD_EXAMPLES, [{**row, "command": command_line(argv)} for row in fresh], rendered)
+    else:
+        rows = rendered["rows"] if rendered else render(MICROWORLD_EXAMPLES, args.seeds)
     chosen = {e.prompt: e.seed for e in MICROWORLD_EXAMPLES}
     tiles = []
     for row in rows:
@@ -112,9 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
         unit = next(u for u in row["units"] if u["seed"] == row["example_seed"])
         tiles.append(labelled(*unit["paths"], f"seed {unit['seed']}: {row['prompt'][:40]}"))
     Image.fromarray(np.concatenate(tiles, axis=0)).save(args.png)
-    report = {"command": rendered["command"] if rendered else command_line(argv), "model": MICROWORLD_MODEL,
+    redrawn = rendered and not args.only
+    report = {"command": rendered["command"] if redrawn else command_line(argv), "model": MICROWORLD_MODEL,
               "rows": rows}
-    if rendered:
+    if redrawn:
         report["sheet_command"] = command_line(argv)
     write_report(report, args.json)
     return report

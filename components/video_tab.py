@@ -11,6 +11,7 @@ import gradio as gr
 from pipelines.base import PipelineError, Progress, Result
 from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
 from pipelines.diffusion.timeline import TRANSITIONS, add_shot, parse_shots, remove_last_shot
+from pipelines.presets import MICROWORLD_VIDEO_MODEL
 from pipelines.tabs.video import COMPARISONS, MAX_FRAMES, MAX_STEPS, VideoPipeline, VideoRequest
 
 from .common import (link_seed_reuse, lpa_window, lpa_window_row, number, on_gpu, refresh_availability, run_buttons,
@@ -28,6 +29,30 @@ EXAMPLE_SHOTS = (
     ' {"start": 8, "prompt": "a red fox running across a frozen lake, cinematic", "transition": "smooth"},\n'
     ' {"start": 16, "prompt": "close-up of a red fox sleeping by a fire", "transition": "cut"}\n]'
 )
+
+# Micro-world motion knows only its scenes' words (5 shapes, 8 colours, 8 directions, "moving", "spinning"): a photo
+# negative prompt reaches its tokenizer as letter fragments, and it was trained with empty captions for guidance and
+# sampled at CFG 5 (pipelines/microworld/train_motion.py).
+FAMILY_DEFAULTS = {  # micro-world? -> (prompt placeholder, negative prompt, CFG)
+    True: ("a red circle moving right", "", 5.0),
+    False: ("a red fox walking through snow, cinematic", "low quality, blurry", 7.5),
+}
+MODEL_INFO = {  # micro-world? -> what the model picker says of it
+    True: ("Micro-world motion, trained here for 966 steps: its frames stay coherent, but objects do not yet move "
+           "the way the prompt says (README)."),
+    False: "",
+}
+
+
+def model_defaults(name: str | None, negative: str | None, cfg: float | None) -> tuple[dict, ...]:
+    """Updates for the picked model: its prompt placeholder, and its negative prompt and CFG where those fields still
+    hold the other family's defaults (values a person typed stay). Order: model info, prompt, negative prompt, CFG."""
+    microworld = name == MICROWORLD_VIDEO_MODEL
+    placeholder, own_negative, own_cfg = FAMILY_DEFAULTS[microworld]
+    _, other_negative, other_cfg = FAMILY_DEFAULTS[not microworld]
+    return (gr.update(info=MODEL_INFO[microworld] or None), gr.update(placeholder=placeholder),
+            gr.update(value=own_negative) if (negative or "") == other_negative else gr.skip(),
+            gr.update(value=own_cfg) if cfg == other_cfg else gr.skip())
 
 
 def describe(shots_text: str, frames: float | None, window: float | None) -> str:
@@ -154,11 +179,13 @@ def build(pipeline: VideoPipeline) -> None:
     """The video tab: prompt, shot timeline and the A/B videos on the left; model and settings on the right."""
     tiny = pipeline.preset == "tiny"
     notice = tab_notices(pipeline)
+    default_model = pipeline.default_model_name()
+    placeholder, default_negative, default_cfg = FAMILY_DEFAULTS[default_model == MICROWORLD_VIDEO_MODEL]
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt",
-                                placeholder="a red fox walking through snow, cinematic")
-            negative = gr.Textbox(label="Negative prompt", lines=1, value="" if tiny else "low quality, blurry")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt", placeholder=placeholder)
+            negative = gr.Textbox(label="Negative prompt", lines=1, value="" if tiny else default_negative,
+                                  elem_id="video-negative")
             timeline = shot_timeline()
             generate, stop = run_buttons("video")
             with gr.Row():
@@ -168,12 +195,12 @@ def build(pipeline: VideoPipeline) -> None:
                                     loop=True)
             strip = gr.Image(label="Frame strip", type="filepath", format="png", elem_id="video-strip")
         with gr.Column(scale=1):
-            model = gr.Dropdown(pipeline.model_choices(), value=pipeline.default_model_name(), label="Model",
-                                elem_id="video-model")
+            model = gr.Dropdown(pipeline.model_choices(), value=default_model, label="Model", elem_id="video-model",
+                                info=MODEL_INFO[default_model == MICROWORLD_VIDEO_MODEL] or None)
             frames = gr.Slider(2, MAX_FRAMES, value=8 if tiny else 16, step=1, label="Frames")
             fps = gr.Slider(1, 30, value=8, step=1, label="FPS")
             steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")
-            cfg = gr.Slider(0.0, 20.0, value=7.5, step=0.5, label="CFG scale")
+            cfg = gr.Slider(0.0, 20.0, value=default_cfg, step=0.5, label="CFG scale", elem_id="video-cfg")
             width, height = size_row(1024)
             seed = seed_row()
             compare = gr.Dropdown(list(COMPARISONS), value="none", label="Same-seed A/B",
@@ -189,4 +216,6 @@ def build(pipeline: VideoPipeline) -> None:
     outputs = [video, baseline, strip, stats]
     wire_generate("video", generate, stop, video_generator(pipeline), inputs, outputs, outputs, stats)
     link_seed_reuse(seed, stats)
+    model.change(model_defaults, inputs=[model, negative, cfg], outputs=[model, prompt, negative, cfg],
+                 api_visibility="private", queue=False)
     refresh_availability(pipeline, notice, generate, {model: pipeline.model_choices})

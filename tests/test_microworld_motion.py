@@ -171,3 +171,38 @@ def test_sample_read_measures_the_shift_along_the_stated_direction_and_the_frame
     assert stated_motion("a red circle moving right", frames)["shift"] == -6.0
     assert stated_motion("a green arrow pointing up-left moving up-left", frames) is None  # no green here
     assert stated_motion("a blue square spinning", frames) is None
+
+
+def test_committed_motion_adapter_is_the_offline_video_model_and_serves_frames(hub_offline_empty_cache, tmp_path,
+                                                                                 monkeypatch):
+    """The trained adapter in the checkout (not a stand-in): listed, the default offline, resolved from the package,
+    loaded with its trained temporal weights, and a request at the tab's defaults (0 = native side) gives 128 px
+    frames of the asked count."""
+    import imageio
+    from safetensors.torch import load_file
+
+    from pipelines import microworld
+    from pipelines.base import Result
+    from pipelines.models import ModelStore
+    from pipelines.presets import MICROWORLD_VIDEO_MODEL
+    from pipelines.tabs.video import VideoPipeline, VideoRequest
+
+    folder = microworld.packaged_motion_folder()
+    assert folder is not None, "pipelines/microworld/weights_motion_v2 is missing from this checkout"
+    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path))
+    store = ModelStore(device=torch.device("cpu"), dtype=torch.float32)
+    video = VideoPipeline(store, "auto")
+    assert video.default_model_name() == MICROWORLD_VIDEO_MODEL  # offline, AnimateDiff needs a download
+    resolved = store.resolve(video.spec_for(MICROWORLD_VIDEO_MODEL))
+    assert resolved.source == "package" and Path(resolved.location) == microworld.WEIGHTS_MOTION_V2
+    result = next(e for e in video.generate(VideoRequest(prompt="a red circle moving right", num_frames=4, steps=1,
+                                                         guidance_scale=5.0, seed=0)) if isinstance(e, Result))
+    frames = result.value.frames
+    assert frames.shape == (4, 128, 128, 3) and result.stats["model"] == MICROWORLD_VIDEO_MODEL
+    assert 0.0 <= frames.min() and frames.max() <= 1.0 and frames.std() > 0.01
+    with imageio.get_reader(result.value.video, format="FFMPEG") as reader:
+        assert [frame.shape for frame in reader] == [(128, 128, 3)] * 4
+    saved = {k: v for f in microworld.WEIGHTS_MOTION_V2.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    name = "down_blocks.0.motion_modules.0.proj_out.weight"
+    served = video.load(MICROWORLD_VIDEO_MODEL).unet.state_dict()[name]
+    assert saved[name].abs().sum() > 0 and torch.equal(served, saved[name].float())  # trained, and what is served

@@ -90,4 +90,37 @@ def test_a_model_fetched_while_the_app_runs_counts_after_a_page_reload(hub_offli
         (folder / "refs" / "main").write_text("abc")
     notice, generate, picker = refresh()
     assert notice["visible"] is False and generate["interactive"] is True
-    assert picker["choices"] == [("AnimateDiff v1-5-3 on SD1.5 · available here", "AnimateDiff v1-5-3 on SD1.5")]
+    assert picker["choices"][0] == ("AnimateDiff v1-5-3 on SD1.5 · available here", "AnimateDiff v1-5-3 on SD1.5")
+
+
+def test_offline_video_tab_opens_on_the_microworld_motion_model_with_its_defaults(hub_offline_empty_cache):
+    import gradio as gr
+
+    from app import build_demo
+    from pipelines.models import ModelStore
+    from pipelines.presets import MICROWORLD_VIDEO_MODEL
+    from pipelines.tabs.video import VideoPipeline
+
+    demo = build_demo({"video": VideoPipeline(ModelStore(), "auto")})  # the committed adapter, packaged
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert blocks["video-model"].value == MICROWORLD_VIDEO_MODEL
+    labels = dict((value, label) for label, value in blocks["video-model"].choices)
+    assert labels[MICROWORLD_VIDEO_MODEL].endswith("available here")
+    assert blocks["video-negative"].value == "" and blocks["video-cfg"].value == 5.0  # as it was trained and sampled
+    assert "moving" in blocks["video-prompt"].placeholder and blocks["video-generate"].interactive is not False
+    notice = next(b for b in demo.blocks.values() if isinstance(b, gr.Markdown) and "tw-unavailable" in b.elem_classes)
+    assert notice.visible is False
+
+
+def test_picking_a_model_swaps_the_negative_prompt_and_cfg_only_while_they_are_the_defaults():
+    from components.video_tab import model_defaults
+    from pipelines.presets import MICROWORLD_VIDEO_MODEL
+
+    info, prompt, negative, cfg = model_defaults(MICROWORLD_VIDEO_MODEL, "low quality, blurry", 7.5)
+    assert "circle" in prompt["placeholder"] and negative["value"] == "" and cfg["value"] == 5.0
+    assert "do not yet move" in info["info"]  # the picker says what the model cannot do
+    info, prompt, negative, cfg = model_defaults("AnimateDiff v1-5-3 on SD1.5", "", 5.0)
+    assert "fox" in prompt["placeholder"] and negative["value"] == "low quality, blurry" and cfg["value"] == 7.5
+    assert info["info"] is None
+    _, _, negative, cfg = model_defaults(MICROWORLD_VIDEO_MODEL, "a green star", 9.0)  # typed by a person: kept
+    assert "value" not in negative and "value" not in cfg

@@ -7,8 +7,8 @@ with its weights; they are in the history). v2 (issue 22): ``scenes_v2`` (128 px
 with held-out swaps), ``text_v2`` (a causal CLIP text encoder trained here), ``train_v2`` (resumable staged
 trainer), ``compass_v2`` and ``scorer_v2`` (precision and validity). Its committed folder (``weights_v2``) is a
 complete SD pipeline folder, the image tab's offline default. ``motion_v2`` (moving scenes) and ``train_motion``
-train a ``MotionAdapter`` for the frozen v2 pipeline; its folder (``weights_motion_v2``, once trained and
-committed) is the video tab's offline model.
+train a ``MotionAdapter`` for the frozen v2 pipeline; its committed folder (``weights_motion_v2``, 966 steps so
+far) is the video tab's offline model.
 """
 from __future__ import annotations
 

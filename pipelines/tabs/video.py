@@ -56,8 +56,8 @@ class VideoRequest(Request):
     fps: int = 8
     steps: int = 25
     guidance_scale: float = 7.5
-    width: int = 512  # 0 = the model's native side (native_size)
-    height: int = 512
+    width: int = 0  # 0 = the model's native side (a spec's ``size``, else DEFAULT_SIDE), as the UI and image tab
+    height: int = 0
     context_length: int = CONTEXT_LENGTH
     context_stride: int = CONTEXT_STRIDE
     merge_ratio: float = 0.0  # token merging on the spatial self-attention only (diffusion/merging.py)

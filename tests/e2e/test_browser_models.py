@@ -44,21 +44,24 @@ def pick(page, picker: str, option: str) -> None:
     page.get_by_role("option", name=re.compile("^" + re.escape(option))).click()
 
 
-@pytest.mark.parametrize("task, label, needs", [
-    ("video", "Video", ["AnimateDiff v1-5-3 on SD1.5", "hf download guoyww/animatediff-motion-adapter-v1-5-3",
-                        "hf download stable-diffusion-v1-5/stable-diffusion-v1-5"]),
-])
-def test_tab_without_models_says_on_arrival_what_to_fetch(browser, offline_url, task, label, needs):  # noqa: F811
+def test_video_tab_opens_offline_on_the_committed_motion_model(browser, offline_url):  # noqa: F811
+    """The micro-world motion adapter is committed, so the video tab runs offline: its picker marks it available,
+    AnimateDiff as needing a download, and the fields hold its own defaults (no photo negative prompt, CFG 5)."""
     from playwright.sync_api import expect
 
-    url, cache = offline_url
-    page = open_tab(browser, url, label, task)
-    notice = page.locator(f"#{task}-unavailable")
-    expect(notice).to_be_visible(timeout=30_000)
-    for text in [*needs, cache]:
-        expect(notice).to_contain_text(text)
-    expect(page.locator(f"#{task}-generate")).to_be_disabled()
-    page.screenshot(path=str(SHOTS / f"models-{task}-offline.png"), full_page=True)
+    page = open_tab(browser, offline_url[0], "Video", "video")
+    picker = page.locator("#video-model input")
+    expect(picker).to_have_value(re.compile(r"^micro-world v2 motion .* · available here$"))
+    expect(page.locator("#video-unavailable")).to_be_hidden()
+    expect(page.locator("#video-generate")).to_be_enabled()
+    expect(page.locator("#video-negative textarea")).to_have_value("")
+    expect(page.locator("#video-prompt textarea")).to_have_attribute("placeholder", "a red circle moving right")
+    picker.click()
+    animatediff = re.compile(r"^AnimateDiff v1-5-3 on SD1\.5 · needs a download")
+    expect(page.get_by_role("option", name=animatediff)).to_be_visible()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)  # the closed menu fades out
+    page.screenshot(path=str(SHOTS / "models-video-offline.png"), full_page=True)
     page.close()
 
 

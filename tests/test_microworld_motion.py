@@ -11,7 +11,7 @@ import pytest
 import torch
 
 MOTION = ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--frames", "4", "--max-seq-length", "8",
-          "--max-steps", "2", "--log-every", "1", "--warmup", "1", "--no-samples"]
+          "--max-steps", "2", "--log-every", "1", "--warmup", "1", "--no-samples", "--probe-clips", "2"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -101,6 +101,73 @@ def test_adapter_copies_the_unet_layout_starts_as_the_image_model_and_learns(bas
     assert torch.equal(model.conv_in.weight, unet.conv_in.weight)  # the image UNet stays frozen
 
 
+def test_reversed_captions_name_the_opposite_direction_and_keep_the_rest():
+    from pipelines.microworld import motion_v2
+
+    clips = motion_v2.sample_clips(16, 4, frames=8, size=64)
+    opposite = {"left": "right", "up": "down", "up-left": "down-right", "up-right": "down-left"}
+    opposite |= {v: k for k, v in opposite.items()}
+    changed = 0
+    for i in range(len(clips)):
+        words, reversed_words = clips.motion_words(i), clips.motion_words(i, reverse=True)
+        for word, other in zip(words, reversed_words):
+            if word.startswith("moving "):
+                assert other == "moving " + opposite[word.removeprefix("moving ")]
+                changed += 1
+            else:
+                assert other == word  # still or spinning: nothing to reverse
+        true, flipped = (motion_v2.clip_caption(clips, i, np.random.default_rng(i), r) for r in (False, True))
+        assert true.split("moving")[0] == flipped.split("moving")[0]  # same template and object phrases
+    assert changed >= 10
+
+
+def test_v_weighting_equals_the_v_prediction_error_of_the_same_epsilon_prediction():
+    from diffusers import DDPMScheduler
+
+    from pipelines.microworld import train_motion as tm
+    from pipelines.microworld.train_v2 import SD15_SCHEDULE
+
+    scheduler = DDPMScheduler(**SD15_SCHEDULE, prediction_type="v_prediction")
+    alphas = scheduler.alphas_cumprod
+    torch.manual_seed(0)
+    x0, noise, eps_hat = torch.randn(3, 3, 4, 2, 2, 2).unbind(0)
+    t = torch.tensor([10, 500, 990])
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    v_error = (scheduler.get_velocity(x0, noise, t) - (a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat)) ** 2
+    eps_error = ((noise - eps_hat) ** 2).mean((1, 2, 3, 4))
+    weighted = eps_error * tm.loss_weights(alphas, t, "v")
+    assert torch.allclose(weighted, v_error.mean((1, 2, 3, 4)), rtol=1e-4)
+    assert torch.equal(tm.loss_weights(alphas, t, "eps"), torch.ones(3))
+    assert 150 < float(tm.loss_weights(alphas, torch.tensor([999]), "v")) < 250
+    with pytest.raises(ValueError):
+        tm.loss_weights(alphas, t, "snr")
+
+
+def test_probe_reads_the_image_model_as_parity_and_no_direction_gain_and_an_adapter_off_parity(base):
+    from diffusers import DDPMScheduler
+
+    from pipelines.microworld import train_motion as tm
+    from pipelines.microworld.train_v2 import SD15_SCHEDULE, load_resumed
+
+    config = tm.parse_args(MOTION + ["--base", str(base), "--probe-clips", "5"])
+    device = torch.device("cpu")
+    models = load_resumed(base, device)
+    alphas = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod
+    probe = tm.make_probe(models, config, device, alphas)
+    assert probe.t.tolist() == list(tm.PROBE_T) and not torch.equal(probe.context, probe.reversed_context)
+    fresh = tm.motion_unet(models.unet, tm.build_adapter(models.unet.config, 8)).eval()
+    report = tm.probe_report(fresh, probe, config, device)
+    assert all(abs(report[f"mse/image_t{t}"] - 1) < 1e-4 for t in tm.PROBE_T)  # zeroed adapter = image model
+    assert abs(report["direction"]) < 1e-4
+    for module in fresh.modules():  # an adapter that adds something: the ratios move off parity
+        if module.__class__.__name__ == "AnimateDiffTransformer3D":
+            torch.nn.init.normal_(module.proj_out.weight, std=0.5)
+    moved = tm.probe_report(fresh, probe, config, device)
+    assert any(abs(moved[f"mse/image_t{t}"] - 1) > 1e-3 for t in tm.PROBE_T) and moved["direction"] != 0
+
+
 def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
     from diffusers import MotionAdapter
     from safetensors.torch import load_file
@@ -109,7 +176,9 @@ def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
 
     out = tm.train(tm.parse_args(MOTION + ["--base", str(base), "--out", str(tmp_path / "a")]))
     report = json.loads((out / "train_report.json").read_text())
-    assert report["steps"] == 2 and [r["step"] for r in report["runs"][0]["history"] if "mse" in r] == [1, 2]
+    history = report["runs"][0]["history"]
+    assert report["steps"] == 2 and [r["step"] for r in history if "loss" in r] == [1, 2]
+    assert all("direction" in r and "mse/image_t100" in r for r in history if "loss" in r)  # the probe is logged
     adapter = MotionAdapter.from_pretrained(out)
     assert adapter.config.block_out_channels == [16, 16, 16, 16] and adapter.config.motion_max_seq_length == 8
     assert adapter.config.motion_norm_num_groups == 4 and list(adapter.config.motion_num_attention_heads) == [2] * 4
@@ -118,9 +187,9 @@ def test_trainer_saves_resumes_and_packs_a_loadable_adapter(base, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("proj_out.weight"))  # it trained
     again = tm.train(tm.parse_args(MOTION + ["--base", str(base), "--resume", str(out), "--out", str(tmp_path / "b"),
                                             "--pack", str(tmp_path / "pack"), "--samples", "--sample-steps", "1",
-                                            "--sample-videos", "2"]))
+                                            "--sample-videos", "2", "--weighting", "v"]))
     report = json.loads((again / "train_report.json").read_text())
-    assert report["steps"] == 4 and len(report["runs"]) == 2
+    assert report["steps"] == 4 and len(report["runs"]) == 2 and report["runs"][1]["config"]["weighting"] == "v"
     parts = sorted((tmp_path / "pack").glob("b.tar.part*"))
     assert parts and all((tmp_path / "pack" / name).is_file() for name in ("train_report.json", "samples.png"))
     samples = json.loads((again / "samples.json").read_text())

@@ -55,13 +55,14 @@ class Clips:
                                  heading.reshape(-1, heading.shape[-1]) % 360, repeat(self.start.count),
                                  repeat(self.start.mode), self.start.size)
 
-    def motion_words(self, i: int) -> list[str]:
-        """Per present object of clip ``i``: "moving left", "spinning" or "" (still)."""
+    def motion_words(self, i: int, reverse: bool = False) -> list[str]:
+        """Per present object of clip ``i``: "moving left", "spinning" or "" (still); ``reverse`` names the opposite
+        direction (the counterfactual captions that test whether a model reads the direction words)."""
         words = []
         for k in range(int(self.start.count[i])):
             vx, vy = self.velocity[i, k]
             if vx or vy:
-                words.append(f"moving {direction_word(np.degrees(np.arctan2(-vy, vx)))}")
+                words.append(f"moving {direction_word(np.degrees(np.arctan2(-vy, vx)) + 180.0 * reverse)}")
             else:
                 words.append("spinning" if self.spin[i, k] else "")
         return words
@@ -102,9 +103,9 @@ def sample_clips(n: int, seed: int | tuple[int, ...], frames: int = FRAMES, size
     return Clips(start, velocity, spin, frames)
 
 
-def clip_caption(clips: Clips, i: int, rng: np.random.Generator) -> str:
-    """A v2 caption variant for clip ``i`` with each object's motion after its phrase."""
-    return scenes_v2.caption(clips.start, i, rng, suffixes=clips.motion_words(i))
+def clip_caption(clips: Clips, i: int, rng: np.random.Generator, reverse: bool = False) -> str:
+    """A v2 caption variant for clip ``i`` with each object's motion (``reverse``: the opposite) after its phrase."""
+    return scenes_v2.caption(clips.start, i, rng, suffixes=clips.motion_words(i, reverse))
 
 
 def render_clips(clips: Clips, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

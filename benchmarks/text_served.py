@@ -22,6 +22,10 @@ first divergences, ``recompiles_after_warmup`` (dynamo frames compiled during ti
 ``first_request_s`` (the method's cold request: compile and capture included), ``slowest_request_s`` and
 ``gc_pause_s`` (the garbage collector's pauses inside the method's timed requests: where an outlier came from).
 
+Diagnostic methods the tab does not offer, named in ``--methods`` like ours (``MERGED_VARIANTS``): the merged
+drafter without its draft head (``merged-ppd``: PPD's prompt tokens in its place; ``merged-lean``: neither), each
+with its own memory, so one run tells what the head and the prompt tokens cost and bring on the device.
+
 ``--exact`` adds each method in exact mode (``TextRequest.exact``, decoding/exact.py) as ``<method>+exact``: its
 speed-up is still over our default vanilla (so ``vanilla+exact`` is the mode's own cost), and its
 ``identical_fraction`` is over ``vanilla+exact``, which exact mode makes 1.0 by construction.
@@ -36,7 +40,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -45,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import command_line, write_report  # noqa: E402
 from benchmarks.text_decoding import HF_PLD_TOKENS, WARMUP_PROMPT, read_prompts  # noqa: E402
 from pipelines.decoding.causal_lm import CausalLM, eos_token_ids  # noqa: E402
+from pipelines.decoding.drafters.merged import HeadLedger, MergedDrafter, new_merged  # noqa: E402
+from pipelines.decoding.hardware import DraftingCost  # noqa: E402
+from pipelines.decoding.methods import DECODING_METHODS, Method  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.packaged import convert_gguf  # noqa: E402
 from pipelines.tabs.text import TextPipeline, TextRequest  # noqa: E402
@@ -61,6 +69,26 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
 }
+
+
+MERGED_VARIANTS = {"merged-ppd": True, "merged-lean": False}  # diagnostic variant -> with PPD's prompt tokens
+
+
+def merged_variant(name: str, with_prompts: bool) -> Method:
+    """A diagnostic merged drafter without the draft head (PPD's prompt tokens or nothing in its place), priced and
+    served like the tab's, with its own memory (``DecodingState``'s per-method matrix and trie)."""
+    drafters: dict[int, MergedDrafter] = {}
+
+    def factory(pipeline: TextPipeline, lm: CausalLM, request: TextRequest, forward: Any) -> MergedDrafter:
+        costs = lm.state.step_costs(request.tree_profile, forward)
+        if id(lm) not in drafters:
+            drafters[id(lm)] = new_merged(lm.state.recycler(name), lm.state.trie(name), costs,
+                                          prompts=lm.state.prompts if with_prompts else None,
+                                          ledger=HeadLedger(), host=DraftingCost())
+        drafters[id(lm)].costs = costs
+        return drafters[id(lm)]
+
+    return Method(f"{name} (diagnostic: the merged drafter without its draft head)", factory)
 
 
 class GcClock:
@@ -300,6 +328,23 @@ def main(argv: list[str] | None = None) -> dict:
                         "over --profile-prompts, the device's busy share and a Chrome trace (diagnostic)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    with diagnostic_methods(args.methods.split(",")):
+        return run(args, argv)
+
+
+@contextmanager
+def diagnostic_methods(names: list[str]) -> Iterator[None]:
+    """The ``MERGED_VARIANTS`` named in ``names`` registered as decoding methods for the run, and removed after it."""
+    added = [name for name in names if name in MERGED_VARIANTS and name not in DECODING_METHODS]
+    DECODING_METHODS.update({name: merged_variant(name, MERGED_VARIANTS[name]) for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            del DECODING_METHODS[name]
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     pipeline, model_name = build(args)
     runner = Runner(pipeline, model_name, args.max_new_tokens)
     ours = [m for m in args.methods.split(",") if m]

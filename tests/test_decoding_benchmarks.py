@@ -63,6 +63,18 @@ def test_text_served_drives_the_tab_and_checks_identity_against_our_plain_path(t
     assert rows["vanilla+exact", "all"]["speedup_vs_plain"] > 0
 
 
+def test_text_served_runs_the_merged_drafter_without_its_head_as_a_diagnostic_only_for_the_run(tmp_path):
+    import text_served
+    from pipelines.decoding.methods import DECODING_METHODS
+
+    out = tmp_path / "served.json"
+    text_served.main(["--tiny", "--limit", "1", "--max-new-tokens", "6", "--methods", "vanilla,merged-ppd,merged-lean",
+                      "--anchors", "", "--json", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"] if r["category"] == "all"}
+    assert rows["merged-ppd"]["identical_fraction"] == rows["merged-lean"]["identical_fraction"] == 1.0
+    assert "merged-ppd" not in DECODING_METHODS and "merged-lean" not in DECODING_METHODS  # the tab never sees them
+
+
 def test_first_divergence_names_the_first_differing_token():
     import text_served
 

@@ -78,12 +78,15 @@ def scores(paths: list[str], truths: list[dict[str, Any]]) -> list[dict[str, flo
 
 def variant_row(name: str, overrides: dict[str, Any], off: list[dict[str, float]], on: list[dict[str, float]],
                 stats: list[dict[str, Any]], seconds: float, resamples: int) -> dict[str, Any]:
-    """The paired comparison against the baseline, and the composite tokens' norms (first and last logged)."""
+    """The paired comparison against the baseline, the composite tokens' norms (first and last logged) and the
+    entropy refinement's evaluations per refined step and request (under the cap where every image stopped)."""
     norms = [list(trace) for st in stats for trace in st.get("binding_token_norm", {}).values()]
     metrics = {m: effect.paired(np.array([u[m] for u in off]), np.array([u[m] for u in on]), effect.BETTER[m],
                                 resamples) for m in ("binding", "found", "presence", "leakage", "valid")}
+    iterations = [n for st in stats for n in st.get("binding_entropy_iterations", [])]
     return {"method": name, "overrides": overrides, "units": len(on), "metrics": metrics,
-            "token_norm_first_last": [[t[0], t[-1]] for t in norms if t], "seconds": round(seconds, 1)}
+            "token_norm_first_last": [[t[0], t[-1]] for t in norms if t],
+            "entropy_iterations_per_step": iterations, "seconds": round(seconds, 1)}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -1,9 +1,11 @@
 """ToMe binding on small latents: the token step is scaled to the latent and backs off, the losses read one
-attention grid chosen by its size, the entropy threshold is rescaled to that grid, end-token substitution is off
-by default (issue 22)."""
+attention grid chosen by its size, the entropy threshold is rescaled to that grid and held against each image's own
+loss, an entropy step that raises the loss is undone and every step is capped by the norms, end-token substitution
+is off by default (issue 22)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,8 +20,8 @@ from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 PROMPT = "a [red hat] and a [blue car]"
 
 
-def prepared_binding(arch: str, config: BindingConfig, seed: int = 0) -> tuple[SemanticBinding, torch.Tensor,
-                                                                              torch.Tensor, AttentionControl]:
+def prepared_binding(arch: str, config: BindingConfig, seed: int = 0, batch: int = 1
+                     ) -> tuple[SemanticBinding, torch.Tensor, torch.Tensor, AttentionControl]:
     """A binding on a tiny model at 32 px (16x16 latent: 64x fewer latent values than SDXL's at 1024 px)."""
     pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
     parsed = parse_prompt(PROMPT)
@@ -27,9 +29,9 @@ def prepared_binding(arch: str, config: BindingConfig, seed: int = 0) -> tuple[S
     binding = SemanticBinding(pipe, arch, control, parsed, steps=10, config=config)  # the UNets' native 16x16
     pipe.scheduler.set_timesteps(10)
     pipe._guidance_scale = 7.5
-    positive = encode_positive(pipe, parsed.text, 1)
-    negative = encode_positive(pipe, "", 1)
-    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    positive = encode_positive(pipe, parsed.text, batch)
+    negative = encode_positive(pipe, "", batch)
+    noise = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
     latents = noise * pipe.scheduler.init_noise_sigma
     return binding, binding.prepare(positive, negative, latents, 32, 32), latents, control
 
@@ -146,6 +148,51 @@ def test_entropy_refinement_on_8x8_maps_does_not_stop_at_the_first_iteration():
         binding.refine(0, binding.pipe.scheduler.timesteps[0], latents, positive)
     entropy = [h["value"] for h in binding.history if h["loss"] == "entropy"]
     assert len(entropy) == config.attention_refinement_steps[0]
+
+
+def entropy_refined(config: BindingConfig, batch: int) -> tuple[SemanticBinding, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor]:
+    """(binding, latents, positive, refined latents, refined positive) of step 0's entropy refinement on the
+    tiny SD1.5 UNet at a 16x16 latent: 8x8 maps, as micro-world v2's."""
+    binding, positive, latents, control = prepared_binding("sd15", replace(config, token_control_steps=0),
+                                                           batch=batch)
+    assert binding.grid == (8, 8)
+    with control:
+        refined_latents, refined = binding.refine(0, binding.pipe.scheduler.timesteps[0], latents, positive)
+    return binding, latents, positive, refined_latents, refined
+
+
+def test_each_image_of_a_batch_stops_under_its_own_threshold():
+    # Before: the batch's total loss was held against a one-image threshold, so a batch never got under it and
+    # micro-world v2 (8 images per request) ran every step to the cap.
+    config = BindingConfig(thresholds={0: 30})  # 8x8, two nouns: 16.8 per image, above any one image's loss (16.6)
+    binding, latents, positive, refined_latents, refined = entropy_refined(config, batch=3)
+    assert len([h for h in binding.history if h["loss"] == "entropy"]) == 1
+    assert binding.summary()["binding_entropy_iterations"] == [1]
+    assert torch.equal(refined_latents, latents) and torch.equal(refined, positive)  # nothing left to do
+
+
+def test_entropy_steps_never_leave_an_image_worse_and_are_bounded_by_its_norms():
+    # Before: 4 unchecked steps of any length; a step that raised the loss was kept.
+    config = BindingConfig(scale_factor=1e6, attention_refinement_steps=(2, 2))  # one step, far too long
+    binding, latents, positive, refined_latents, refined = entropy_refined(config, batch=3)
+    first, second = [h for h in binding.history if h["loss"] == "entropy"]
+    assert second["value"] != first["value"]  # the step was taken and scored
+    moved = torch.linalg.vector_norm(refined_latents - latents, dim=(1, 2, 3))
+    assert torch.all(moved <= 0.25 * torch.linalg.vector_norm(latents, dim=(1, 2, 3)) * (1 + 1e-5))
+    tokens = (refined - positive).norm(dim=-1)
+    assert torch.all(tokens <= 0.25 * positive.norm(dim=-1) * (1 + 1e-5))
+    zeroed = [a for group in binding.groups for a in group.attributes]
+    assert torch.all(refined[:, zeroed] == 0)  # the composites' attribute slots stay merged
+    before = image_losses(binding, latents, positive)
+    assert torch.all(image_losses(binding, refined_latents, refined) <= before + 1e-4)
+
+
+def image_losses(binding: SemanticBinding, latents: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Each image's entropy loss at step 0 (``entropy_losses`` of the maps the refinement reads)."""
+    binding.recorder.enabled = True
+    with torch.enable_grad(), binding.control, binding.control.scope(recorders=[binding.recorder], cfg=False):
+        return binding._entropy_gradients(binding.pipe.scheduler.timesteps[0], latents.clone(), positive.clone())[0]
 
 
 def test_end_token_substitution_is_off_by_default_as_in_the_official_attribute_config():

@@ -11,8 +11,11 @@ refine the result:
   to the token's norm, and a step that raises the loss is undone and retried shorter;
 - entropy loss: entropy of each noun's cross-attention map (on the layers of the grid a quarter of the latent
   side, the official three where the UNet has them, see ``binding_layers``), gradient steps on the latents and
-  the positive text embedding until a
-  threshold (the official one, rescaled to the grid's cell count) or an iteration cap.
+  the positive text embedding until a threshold (the official one, rescaled to the grid's cell count) or an
+  iteration cap. The official code runs one image; here each image of a batch has its own loss and stops on its
+  own (the batch's total against a one-image threshold never stopped: micro-world v2 ran every batch to the cap),
+  a step that raises an image's loss is undone and retried shorter, and each step is capped relative to the
+  latent's and each token's norm, as the token step is.
 Runs inside ``callback_on_step_end`` (for step i+1) and once before the loop (for step 0); the callback's
 ``prompt_embeds`` are ``cat([negative, positive])``, so only the positive half is edited.
 
@@ -129,6 +132,8 @@ class BindingConfig:
     token_max_update: float = 0.25  # ours: no update longer than this share of the token's norm
     token_backoff: float = 0.5  # ours: a step that raised the loss is undone and retried this much shorter
     attention_refinement_steps: tuple[int, int] = (4, 4)  # cap while t/1000 > 0.9, then after
+    attention_max_update: float = 0.25  # ours: per image, no latent or token moved more than this share of its norm
+    attention_backoff: float = 0.5  # ours: an entropy step that raised the image's loss is undone, retried shorter
     scale_factor: float = 3.0  # entropy step = 3 * linspace(1, 0, steps)[i]; latents take half of it
     temperature: float = 0.5  # softmax over text tokens at temperature 0.5
     thresholds: dict[int, float] = field(default_factory=lambda: {0: 26, 1: 25, 2: 24, 3: 23, 4: 22.5, 5: 22,
@@ -194,15 +199,22 @@ def attribute_free_prompt(parsed: ParsedPrompt) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def entropy_loss(maps: torch.Tensor, noun_positions: list[int], last: int, temperature: float) -> torch.Tensor:
-    """Sum over nouns of 2x the entropy of each noun's min-max-normalised attention map ([B, h, w, tokens])."""
+def entropy_losses(maps: torch.Tensor, noun_positions: list[int], last: int, temperature: float) -> torch.Tensor:
+    """Per image ([B]): the sum over nouns of 2x the entropy of each noun's min-max-normalised attention map
+    (``maps``: [B, h, w, tokens]). The official code runs one image, so its threshold is for one image's loss."""
     text = torch.softmax(maps[..., 1:last] / temperature, dim=-1)
     nouns = torch.stack([text[..., p - 1] for p in noun_positions], dim=-1)  # no index tensor: capturable
     low = nouns.amin(dim=(1, 2), keepdim=True)
     high = nouns.amax(dim=(1, 2), keepdim=True)
     nouns = (nouns - low) / (high - low + 1e-8)
     nouns = nouns / nouns.sum(dim=(1, 2), keepdim=True)
-    return -2 * (nouns * torch.log(nouns + 1e-5)).sum()
+    return -2 * (nouns * torch.log(nouns + 1e-5)).flatten(1).sum(1)
+
+
+def entropy_loss(maps: torch.Tensor, noun_positions: list[int], last: int, temperature: float) -> torch.Tensor:
+    """The batch's total of ``entropy_losses``: what the gradients are taken of (each image's latents and text
+    rows reach only its own maps, so each gets the gradient of its own loss)."""
+    return entropy_losses(maps, noun_positions, last, temperature).sum()
 
 
 def entropy_threshold(config: BindingConfig, step: int, nouns: int, cells: int) -> float:
@@ -212,11 +224,18 @@ def entropy_threshold(config: BindingConfig, step: int, nouns: int, cells: int) 
     return official * math.log(cells) / math.log(REFERENCE_GRID_CELLS)
 
 
-def capped_update(token: torch.Tensor, update: torch.Tensor, max_share: float) -> torch.Tensor:
-    """``update`` ([batch, dim]) shortened per row to at most ``max_share`` of that row's token norm."""
-    limit = max_share * token.norm(dim=-1, keepdim=True)
-    length = update.norm(dim=-1, keepdim=True)
+def capped_update(token: torch.Tensor, update: torch.Tensor, max_share: float,
+                  dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """``update`` shortened to at most ``max_share`` of ``token``'s norm, the norm taken over ``dims`` (the default:
+    per row of a [batch, dim] token, or per token of a [batch, tokens, dim] embedding)."""
+    limit = max_share * torch.linalg.vector_norm(token, dim=dims, keepdim=True)
+    length = torch.linalg.vector_norm(update, dim=dims, keepdim=True)
     return update * torch.clamp(limit / (length + 1e-12), max=1.0)
+
+
+def rows_where(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where the row's ``keep`` ([rows]) is true, else ``old``: a per-image choice for any tensor shape."""
+    return torch.where(keep.view(-1, *[1] * (new.ndim - 1)), new, old)
 
 
 class SemanticBinding:
@@ -285,7 +304,13 @@ class SemanticBinding:
                               if h["loss"] == "binding" and h["group"] == i] for i, g in enumerate(self.groups)}
         return {"binding_token_norm": {g.phrase: self.token_norms[i] for i, g in enumerate(self.groups)},
                 "binding_loss_trace": binding,
-                "binding_entropy_trace": [round(float(h["value"]), 4) for h in self.history if h["loss"] == "entropy"]}
+                "binding_entropy_trace": [round(float(h["value"]), 4) for h in self.history if h["loss"] == "entropy"],
+                "binding_entropy_iterations": self.entropy_iterations()}
+
+    def entropy_iterations(self) -> list[int]:
+        """Entropy evaluations per refined step: below the cap where every image got under the threshold."""
+        steps = [h["step"] for h in self.history if h["loss"] == "entropy"]
+        return [steps.count(step) for step in dict.fromkeys(steps)]
 
     def _added_cond(self, batch: int, height: int, width: int, dtype: torch.dtype) -> dict | None:
         if self.arch != "sdxl":
@@ -490,30 +515,64 @@ class SemanticBinding:
 
     def refine_attention(self, step: int, t: Any, latents: torch.Tensor, positive: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official iterate-until-threshold entropy refinement, per image: each image stops once its own loss is
+        under the threshold (the official code runs one image; the batch's total never got under a one-image
+        threshold, so every batch ran to the cap). ``_descend_entropy`` keeps only steps that lower the loss."""
         config = self.config
         train_steps = self.pipe.scheduler.config.num_train_timesteps
         caps = config.attention_refinement_steps
         cap = caps[0] if float(t) / train_steps > 0.9 else caps[1]
-        step_size = config.scale_factor * float(self.scale_range[step])
+        size = config.scale_factor * float(self.scale_range[step])
         threshold = entropy_threshold(config, step, len(self.groups), self.grid[0] * self.grid[1])
         self.recorder.enabled = True
         try:
             with self.control.scope(recorders=[self.recorder], cfg=False):
-                for iteration in range(cap):
-                    loss, grad_latents, grad_text = self._entropy_gradients(t, latents.detach(), positive.detach())
-                    self.history.append({"step": step, "loss": "entropy", "iteration": iteration, "value": loss.item()})
-                    latents = latents.detach() - 0.5 * step_size * self._own_update(grad_latents)
-                    positive = positive.detach() - step_size * grad_text
-                    if loss.item() < threshold:
-                        break
+                latents, positive = self._descend_entropy(step, t, latents.detach(), positive.detach(), cap, size,
+                                                          threshold)
         finally:
             self.recorder.enabled = False
             self.recorder.clear()
         return latents.detach(), positive.detach()
 
+    def _descend_entropy(self, step: int, t: Any, latents: torch.Tensor, positive: torch.Tensor, cap: int,
+                         size: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """At most ``cap`` evaluations (one forward+backward each, as the official iterations) of the per-image
+        entropy loss. Each image keeps its lowest-loss state: a step that raised its loss is undone and the next one
+        is ``attention_backoff`` times shorter (as the token step), so the result never scores worse than the input;
+        an image under ``threshold`` takes no more steps, and the loop ends when every image is. The official step
+        (``size`` on the text, half of it on the latents) is capped per image at ``attention_max_update`` of the
+        latent's norm and of each token's norm (the zeroed attribute slots of a composite stay zero)."""
+        config = self.config
+        rows = positive.shape[0]
+        best, best_loss, grads = (latents, positive), None, (torch.zeros_like(latents), torch.zeros_like(positive))
+        scale = torch.ones(rows, device=positive.device)
+        candidate = best
+        for iteration in range(cap):
+            loss, grad_latents, grad_text = self._entropy_gradients(t, *(x.detach() for x in candidate))
+            loss = loss.float().reshape(rows, -1).mean(1)  # per image (a video shot: the mean over its frames)
+            accepted = torch.ones_like(loss, dtype=torch.bool) if best_loss is None else loss <= best_loss
+            best = tuple(rows_where(accepted, new, old) for new, old in zip(candidate, best))
+            grads = tuple(rows_where(accepted, new, old) for new, old in zip((grad_latents, grad_text), grads))
+            best_loss = loss if best_loss is None else torch.where(accepted, loss, best_loss)
+            scale = torch.where(accepted, scale, scale * config.attention_backoff)
+            active = best_loss >= threshold
+            self.history.append({"step": step, "loss": "entropy", "iteration": iteration,
+                                 "value": loss.mean().item(), "accepted": bool(accepted.all()),
+                                 "under_threshold": int((~active).sum())})
+            if not active.any():
+                break
+            rate = size * scale * active  # an image under the threshold stays where it is
+            latent_step = 0.5 * rate.view(-1, *[1] * (latents.ndim - 1)) * self._own_update(grads[0])
+            text_step = rate.view(-1, 1, 1) * grads[1]
+            latent_step = capped_update(best[0], latent_step, config.attention_max_update, tuple(range(1, latents.ndim)))
+            text_step = capped_update(best[1], text_step, config.attention_max_update)
+            candidate = (best[0] - latent_step.to(latents.dtype), best[1] - text_step.to(positive.dtype))
+        return best
+
     def _entropy_gradients(self, t: Any, latents: torch.Tensor, positive: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The entropy loss at (``latents``, ``positive``) and its gradients for both. The UNet stops after the last
+        """The entropy loss of each image (``entropy_losses``) at (``latents``, ``positive``) and the gradients of
+        their total for both. The UNet stops after the last
         recorded layer; ``scale_model_input`` stays outside the (captured) work, as its factor depends on the step,
         and the latents' gradient goes back through it by autograd, as before."""
         nouns, last, temperature = [g.nouns[0] for g in self.groups], self.prompt_length + 1, self.config.temperature
@@ -526,9 +585,9 @@ class SemanticBinding:
             self.recorder.clear()
             with truncated_after(self.last_layer):
                 self._unet(sample, t, positive, self._added_dict(added))
-            loss = entropy_loss(self._own_maps(self.recorder.aggregate()), nouns, last, temperature)
+            losses = entropy_losses(self._own_maps(self.recorder.aggregate()), nouns, last, temperature)
             self.recorder.clear()
-            return (loss.detach(), *torch.autograd.grad(loss, [sample, positive]))
+            return (losses.detach(), *torch.autograd.grad(losses.sum(), [sample, positive]))
 
         self.passes["forward"] += 1
         self.passes["backward"] += 1

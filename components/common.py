@@ -111,16 +111,18 @@ def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message:
     stop.click(stop_and_report, outputs=outputs, cancels=events, queue=False, api_visibility="private")
 
 
-def clear_on_start(triggers: list, outputs: list, task: str) -> None:
+def clear_on_start(triggers: list, outputs: list, task: str) -> Any:
     """Empty ``outputs`` the moment a run is asked for, so no panel shows the previous run's result as if it
-    were this one's (a stopped or failed run then leaves nothing stale behind); Stop learns a request is queued."""
+    were this one's (a stopped or failed run then leaves nothing stale behind); Stop learns a request is queued.
+    Returns the clearing event: chain the run on it (``.then``), or a clear that lands late (a loaded server answers
+    it after the run's first streamed output) empties what the run has shown."""
     empty = [{} if isinstance(output, gr.JSON) else None for output in outputs]
 
     def clear(request: gr.Request) -> list:
         CANCELS.ask(session_of(request), task)
         return empty
 
-    gr.on(triggers, clear, outputs=outputs, queue=False, api_visibility="private")
+    return gr.on(triggers, clear, outputs=outputs, queue=False, api_visibility="private")
 
 
 def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | None) -> Iterator[Event]:
@@ -172,9 +174,9 @@ def tab_outputs(events: Iterator[Event], count: int, result: Callable[[Result], 
 def wire_generate(task: str, generate: gr.Button, stop: gr.Button, handler: Callable, inputs: list, outputs: list,
                   cleared: list, stats: gr.JSON) -> None:
     """Generate as the tab's endpoint ``/generate_<task>`` on the GPU lane; ``cleared`` emptied the moment it is
-    asked for, and Stop cancelling it."""
-    clear_on_start([generate.click], cleared, task)
-    event = generate.click(handler, inputs=inputs, outputs=outputs, api_name=f"generate_{task}", **GPU_LANE)
+    asked for (the run starts after the clear, so a late clear cannot wipe its first output), and Stop cancelling it."""
+    event = clear_on_start([generate.click], cleared, task).then(handler, inputs=inputs, outputs=outputs,
+                                                                  api_name=f"generate_{task}", **GPU_LANE)
     wire_stop(stop, task, [event], stats)
 
 

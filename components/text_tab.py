@@ -370,13 +370,16 @@ def wire_runs(pipeline: TextPipeline, prompt: gr.Textbox, generate: gr.Button, c
     api_compared = api_compare_trigger.click(compare_text, inputs=with_draft,
                                              outputs=[shown.vanilla_text, shown.method_text, shown.comparison],
                                              api_name="compare_text", **GPU_LANE)
-    gr.on([generate.click, prompt.submit], clear_for_generate, outputs=cleared, queue=False, api_visibility="private")
-    compare.click(clear_for_compare, inputs=settings.method, outputs=cleared, queue=False, api_visibility="private")
-    generated = gr.on([generate.click, prompt.submit], generate_in_view, inputs=with_draft,
-                      outputs=[shown.output, shown.view, stats, shown.headline, shown.saved],
-                      api_visibility="private", **GPU_LANE)
-    compared = compare.click(compare_in_view, inputs=with_draft,
-                             outputs=[shown.vanilla_view, shown.method_view, shown.comparison, shown.headline,
-                                      shown.saved], api_visibility="private", **GPU_LANE)
+    # each run starts after its clear: a clear answered late (a loaded server) would empty the run's first output
+    clearing = gr.on([generate.click, prompt.submit], clear_for_generate, outputs=cleared, queue=False,
+                     api_visibility="private")
+    clearing_for_compare = compare.click(clear_for_compare, inputs=settings.method, outputs=cleared, queue=False,
+                                         api_visibility="private")
+    generated = clearing.then(generate_in_view, inputs=with_draft,
+                              outputs=[shown.output, shown.view, stats, shown.headline, shown.saved],
+                              api_visibility="private", **GPU_LANE)
+    compared = clearing_for_compare.then(compare_in_view, inputs=with_draft,
+                                         outputs=[shown.vanilla_view, shown.method_view, shown.comparison,
+                                                  shown.headline, shown.saved], api_visibility="private", **GPU_LANE)
     wire_stop(stop, "text", [generated, compared, api_event, api_compared], stats, shown.headline)
     link_seed_reuse(settings.seed, stats)

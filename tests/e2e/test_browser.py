@@ -209,6 +209,8 @@ def test_text_tab_one_view_headline_compare_and_stop(browser, app_url):
     page.get_by_role("option", name="Vanilla (one token per forward)").click()
     page.locator("#text-exact input").check()
     page.locator("#text-generate").click()
+    # the compare run's note stays in the view until this run's clear lands (late on a loaded machine): wait it out
+    expect(view).not_to_contain_text("Comparing", timeout=30_000)
     expect(view).not_to_be_empty(timeout=60_000)
     page.locator("#text-stop").click()
     expect(headline).to_contain_text("Stopped at token", timeout=15_000)

@@ -564,7 +564,8 @@ class SemanticBinding:
             rate = size * scale * active  # an image under the threshold stays where it is
             latent_step = 0.5 * rate.view(-1, *[1] * (latents.ndim - 1)) * self._own_update(grads[0])
             text_step = rate.view(-1, 1, 1) * grads[1]
-            latent_step = capped_update(best[0], latent_step, config.attention_max_update, tuple(range(1, latents.ndim)))
+            latent_step = capped_update(best[0], latent_step, config.attention_max_update,
+                                        tuple(range(1, latents.ndim)))
             text_step = capped_update(best[1], text_step, config.attention_max_update)
             candidate = (best[0] - latent_step.to(latents.dtype), best[1] - text_step.to(positive.dtype))
         return best

@@ -33,14 +33,10 @@ EXAMPLE_SHOTS = (
 # Micro-world motion knows only its scenes' words (5 shapes, 8 colours, 8 directions, "moving", "spinning"): a photo
 # negative prompt reaches its tokenizer as letter fragments, and it was trained with empty captions for guidance and
 # sampled at CFG 5 (pipelines/microworld/train_motion.py).
-FAMILY_DEFAULTS = {  # micro-world? -> (prompt placeholder, negative prompt, CFG)
-    True: ("a red circle moving right", "", 5.0),
-    False: ("a red fox walking through snow, cinematic", "low quality, blurry", 7.5),
-}
-MODEL_INFO = {  # micro-world? -> what the model picker says of it
-    True: ("Micro-world motion, trained here for 966 steps: its frames stay coherent, but objects do not yet move "
-           "the way the prompt says (README)."),
-    False: "",
+FAMILY_DEFAULTS = {  # micro-world? -> (prompt placeholder, negative prompt, CFG, what the model picker says of it)
+    True: ("a red circle moving right", "", 5.0, "Micro-world motion, trained here: its frames stay coherent, but "
+           "objects do not yet move the way the prompt says (README)."),
+    False: ("a red fox walking through snow, cinematic", "low quality, blurry", 7.5, None),
 }
 
 
@@ -48,9 +44,9 @@ def model_defaults(name: str | None, negative: str | None, cfg: float | None) ->
     """Updates for the picked model: its prompt placeholder, and its negative prompt and CFG where those fields still
     hold the other family's defaults (values a person typed stay). Order: model info, prompt, negative prompt, CFG."""
     microworld = name == MICROWORLD_VIDEO_MODEL
-    placeholder, own_negative, own_cfg = FAMILY_DEFAULTS[microworld]
-    _, other_negative, other_cfg = FAMILY_DEFAULTS[not microworld]
-    return (gr.update(info=MODEL_INFO[microworld] or None), gr.update(placeholder=placeholder),
+    placeholder, own_negative, own_cfg, info = FAMILY_DEFAULTS[microworld]
+    _, other_negative, other_cfg, _ = FAMILY_DEFAULTS[not microworld]
+    return (gr.update(info=info), gr.update(placeholder=placeholder),
             gr.update(value=own_negative) if (negative or "") == other_negative else gr.skip(),
             gr.update(value=own_cfg) if cfg == other_cfg else gr.skip())
 
@@ -180,7 +176,7 @@ def build(pipeline: VideoPipeline) -> None:
     tiny = pipeline.preset == "tiny"
     notice = tab_notices(pipeline)
     default_model = pipeline.default_model_name()
-    placeholder, default_negative, default_cfg = FAMILY_DEFAULTS[default_model == MICROWORLD_VIDEO_MODEL]
+    placeholder, default_negative, default_cfg, info = FAMILY_DEFAULTS[default_model == MICROWORLD_VIDEO_MODEL]
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="video-prompt", placeholder=placeholder)
@@ -196,7 +192,7 @@ def build(pipeline: VideoPipeline) -> None:
             strip = gr.Image(label="Frame strip", type="filepath", format="png", elem_id="video-strip")
         with gr.Column(scale=1):
             model = gr.Dropdown(pipeline.model_choices(), value=default_model, label="Model", elem_id="video-model",
-                                info=MODEL_INFO[default_model == MICROWORLD_VIDEO_MODEL] or None)
+                                info=info)
             frames = gr.Slider(2, MAX_FRAMES, value=8 if tiny else 16, step=1, label="Frames")
             fps = gr.Slider(1, 30, value=8, step=1, label="FPS")
             steps = gr.Slider(1, MAX_STEPS, value=2 if tiny else 25, step=1, label="Steps")

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.image_speed import SD15_UNET, SDXL_UNET  # noqa: E402
 from benchmarks.report import command_line, write_report  # noqa: E402
+from pipelines.settings import fast_backend  # noqa: E402
 from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.models import ModelSpec, ModelStore, module_nbytes  # noqa: E402
 from pipelines.diffusion.animatediff import animatediff_scheduler  # noqa: E402
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"steps": args.steps, "video_steps": args.video_steps, "repeats": args.repeats,
                            "frames": args.frames, "prompt": PROMPT,
                            "configs": {**IMAGE_CONFIGS, **{f"video:{k}": v for k, v in VIDEO_CONFIGS.items()}},
-                           "command": command_line(argv)},
+                           "fast_backend": fast_backend(), "command": command_line(argv)},
               "rows": all_rows}
     for case in args.cases.split(","):
         arch, size, *only = case.split(":")

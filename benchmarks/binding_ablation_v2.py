@@ -45,7 +45,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "composite_only": {"token_refinement_steps": 0, "attention_control_steps": 0},
     "composite_only_uncapped": {"token_refinement_steps": 0, "attention_control_steps": 0,
                                 "cap_composite_norm": False},
+    "ets0": {"ets_step": 0},  # the official RunConfig1: end tokens from the attribute-free prompt from step 0
 }
+REQUEST_FIELDS = ("ets_step",)  # set through the request, as the tab does (the plan reads them from it)
 
 
 @contextmanager
@@ -64,8 +66,9 @@ def render(pipeline: ImagePipeline, jobs: list[effect.Job], args: argparse.Names
     with binding_variant(overrides):
         for job in jobs:
             compare = "controls off" if baseline else NO_COMPARISON
+            fields = {**job.prompt.fields, **{k: v for k, v in overrides.items() if k in REQUEST_FIELDS}}
             paths, base, st = effect.serve(pipeline, effect.base_request(args, job.seed, job.batch, compare=compare,
-                                                                         **job.prompt.fields))
+                                                                         **fields))
             on += paths
             off += base
             stats.append(st)

@@ -278,7 +278,7 @@ def test_committed_motion_adapter_is_the_offline_video_model_and_serves_frames(h
 
 
 def resumed_model(base: Path, adapter_folder: Path, rank: int) -> tuple[object, object]:
-    """(config, inflated UNet) as ``train`` builds them when resuming ``adapter_folder`` with ``--spatial-lora rank``."""
+    """(config, inflated UNet) as ``train`` builds them resuming ``adapter_folder`` with ``--spatial-lora rank``."""
     from pipelines.microworld import train_motion as tm
 
     config = tm.parse_args(MOTION + ["--base", str(base), "--resume", str(adapter_folder), "--spatial-lora", str(rank)])
@@ -290,7 +290,7 @@ def resumed_model(base: Path, adapter_folder: Path, rank: int) -> tuple[object, 
 
 @pytest.fixture(scope="module")
 def adapter_folder(base, tmp_path_factory) -> Path:
-    """An adapter with non-zero temporal outputs (so the motion modules do something), saved with no LoRA."""
+    """An adapter whose temporal outputs are not zero (its motion modules act), saved without a LoRA."""
     from diffusers import UNet2DConditionModel
 
     from pipelines.microworld import train_motion as tm
@@ -306,6 +306,8 @@ def adapter_folder(base, tmp_path_factory) -> Path:
 
 
 def test_spatial_lora_off_trains_the_same_parameters_to_the_same_values_as_before(base, adapter_folder):
+    from dataclasses import replace
+
     from diffusers import UNetMotionModel
 
     from pipelines.microworld import train_motion as tm
@@ -318,23 +320,20 @@ def test_spatial_lora_off_trains_the_same_parameters_to_the_same_values_as_befor
     assert not getattr(model, "peft_config", None)
     assert ([n for n, p in model.named_parameters() if p.requires_grad]
             == [n for n, p in before.named_parameters() if p.requires_grad])
+    one_step = replace(config, max_steps=1, probe_clips=0, history=[])
     for trained in (model, before):
-        tm.train_steps(trained.train(), models, replace_steps(config, 1), torch.device("cpu"), Budget(0), 0)
+        tm.train_steps(trained.train(), models, one_step, torch.device("cpu"), Budget(0), 0)
     after, expected = model.state_dict(), before.state_dict()
     assert after.keys() == expected.keys() and all(torch.equal(after[k], expected[k]) for k in expected)
-    assert not torch.equal(expected["down_blocks.0.motion_modules.0.proj_out.weight"],
-                           adapter.state_dict()["down_blocks.0.motion_modules.0.proj_out.weight"])  # a step was taken
-
-
-def replace_steps(config, steps: int):
-    from dataclasses import replace
-
-    return replace(config, max_steps=steps, probe_clips=0, history=[])
+    name = "down_blocks.0.motion_modules.0.proj_out.weight"
+    assert not torch.equal(expected[name], adapter.state_dict()[name])  # a step was taken
 
 
 def test_spatial_lora_starts_as_the_resumed_adapter_and_trains_with_the_motion_modules(base, adapter_folder):
+    from diffusers import DDPMScheduler
+
     from pipelines.microworld import train_motion as tm
-    from pipelines.microworld.train_v2 import descend, optimiser
+    from pipelines.microworld.train_v2 import SD15_SCHEDULE, descend, optimiser
 
     _, plain = resumed_model(base, adapter_folder, 0)
     config, model = resumed_model(base, adapter_folder, 4)
@@ -342,28 +341,23 @@ def test_spatial_lora_starts_as_the_resumed_adapter_and_trains_with_the_motion_m
     lora = [n for n in trainable if ".lora_" in n]
     motion = [n for n, p in plain.named_parameters() if p.requires_grad]
     assert [n for n in trainable if ".lora_" not in n] == motion  # the motion modules still train
-    modules = {n.split(".lora_")[0] for n in lora}
-    assert len(modules) == 2 * sum(1 for n, _ in plain.named_modules() if n.endswith(".attn2") and
-                                   "motion_modules" not in n)
-    assert all(".attentions." in n and n.endswith(("attn2.to_k", "attn2.to_v")) for n in modules)
+    modules = {n.split(".lora_")[0] for n in lora}  # every spatial cross-attention's key and value, nothing else
+    spatial = [n for n, _ in plain.named_modules() if n.endswith(".attn2") and "motion_modules" not in n]
+    assert spatial and modules == {f"{n}.{p}" for n in spatial for p in ("to_k", "to_v")}
     torch.manual_seed(0)
-    latents, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, 32).repeat_interleave(4, 0)
-    t = torch.tensor([500, 900])
+    latents, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, 32)
+    t, states = torch.tensor([500, 900]), context.repeat_interleave(4, 0)
     with torch.no_grad():
-        assert torch.equal(model(latents, t, context).sample, plain(latents, t, context).sample)  # B = 0
-    from diffusers import DDPMScheduler
-
-    from pipelines.microworld.train_v2 import SD15_SCHEDULE
-
+        assert torch.equal(model(latents, t, states).sample, plain(latents, t, states).sample)  # B = 0
     alphas = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimiser(params, 1e-3, 1)
     named = dict(model.named_parameters())
     for side in ("lora_B", "lora_A"):  # B = 0 leaves A without a gradient until B has moved
         torch.manual_seed(1)
-        descend(optimizer, schedule, tm.motion_loss(model, latents, context[::4], alphas, config,
-                                                    torch.device("cpu")), params)
-        assert all(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in lora if side in n)
+        descend(optimizer, schedule, tm.motion_loss(model, latents, context, alphas, config, torch.device("cpu")),
+                params)
+        assert all(named[n].grad.abs().sum() > 0 for n in lora if side in n)
     assert all(named[n].grad.abs().sum() > 0 for n in motion)
 
 
@@ -376,9 +370,9 @@ def test_trainer_saves_packs_and_resumes_the_spatial_lora_in_diffusers_format(ba
     from pipelines.diffusion.animatediff import SPATIAL_LORA
     from pipelines.microworld import train_motion as tm
 
-    common = MOTION + ["--base", str(base), "--probe-clips", "0"]
+    common = MOTION + ["--base", str(base), "--probe-clips", "0", "--out", str(tmp_path / "a")]
     out = tm.train(tm.parse_args(common + ["--resume", str(adapter_folder), "--spatial-lora", "4",
-                                           "--out", str(tmp_path / "a"), "--pack", str(tmp_path / "pack")]))
+                                           "--pack", str(tmp_path / "pack")]))
     saved = load_file(str(out / SPATIAL_LORA))
     assert saved and all(k.startswith("unet.") and ".lora_" in k and v.dtype == torch.float16 for k, v in saved.items())
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)  # it trained
@@ -387,16 +381,18 @@ def test_trainer_saves_packs_and_resumes_the_spatial_lora_in_diffusers_format(ba
     assert report["runs"][-1]["history"][0]["spatial_lora"] == 4
     (tmp_path / "unpacked").mkdir()
     subprocess.run(f"cat {tmp_path}/pack/a.tar.part* | tar -x -C {tmp_path}/unpacked", shell=True, check=True)
-    assert load_file(str(tmp_path / "unpacked" / "a" / SPATIAL_LORA)).keys() == saved.keys()
-    _, model = resumed_model(base, tmp_path / "unpacked" / "a", 0)  # the file's rank, though the flag says 0
+    unpacked = tmp_path / "unpacked" / "a"
+    _, model = resumed_model(base, unpacked, 0)  # the file's rank, though the flag says 0
     resumed = tm.spatial_lora_state(model)
+    assert resumed.keys() == {k.removeprefix("unet.") for k in saved}
     assert all(torch.equal(resumed[k.removeprefix("unet.")], v.float()) for k, v in saved.items())
-    pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=MotionAdapter.from_pretrained(out))
-    pipe.load_lora_weights(out, weight_name=SPATIAL_LORA)  # what serving loads
-    loaded = {n: p for n, p in pipe.unet.named_parameters() if ".lora_" in n}
-    assert len(loaded) == len(saved)
+    pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=MotionAdapter.from_pretrained(unpacked))
+    pipe.load_lora_weights(unpacked, weight_name=SPATIAL_LORA)  # the standard loader takes it
+    assert sum(".lora_" in n for n, _ in pipe.unet.named_parameters()) == len(saved)
     with pytest.raises(SystemExit, match="rank-4"):
         resumed_model(base, out, 8)
+    tm.train(tm.parse_args(common))  # a run without one leaves no stale LoRA to be served with its adapter
+    assert not (out / SPATIAL_LORA).exists()
 
 
 def test_video_tab_fuses_the_folders_spatial_lora_into_its_own_unet_only(base, adapter_folder, tmp_path,
@@ -420,13 +416,12 @@ def test_video_tab_fuses_the_folders_spatial_lora_into_its_own_unet_only(base, a
     monkeypatch.setattr(microworld, "WEIGHTS_V2", base)
     monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path / "outputs"))
     store = ModelStore(device=torch.device("cpu"), dtype=torch.float32)
-    image_unet = ImagePipeline(store, "auto").load(MICROWORLD_MODEL).pipe.unet
+    image_unet = ImagePipeline(store, "auto").load(MICROWORLD_MODEL).pipe.unet  # the image tab's, in the same store
     stored, where = {k: v.clone() for k, v in image_unet.state_dict().items()}, placement(image_unet)
     video = VideoPipeline(store, "auto")
     request = dict(prompt="a red circle moving left", model=MICROWORLD_VIDEO_MODEL, num_frames=4, steps=2,
                    guidance_scale=5.0, seed=0)
     plain = video.run(VideoRequest(**request)).value.frames
-
     _, model = resumed_model(base, folder, 4)
     torch.manual_seed(5)
     for name, param in model.named_parameters():
@@ -446,3 +441,7 @@ def test_video_tab_fuses_the_folders_spatial_lora_into_its_own_unet_only(base, a
     assert np.abs(result.value.frames - plain).max() > 1e-3
     assert placement(image_unet) == where
     assert all(torch.equal(v, stored[k]) for k, v in image_unet.state_dict().items())  # the image tab's UNet
+    half = VideoPipeline(ModelStore(device=torch.device("cpu"), dtype=torch.bfloat16), "auto").load(
+        MICROWORLD_VIDEO_MODEL)  # fused in fp32, then cast as the store asks
+    assert {p.dtype for p in [*half.unet.parameters(), *half.text_encoder.parameters()]} == {torch.bfloat16}
+    assert torch.equal(half.unet.get_submodule(name).weight, fused.bfloat16())

@@ -1,5 +1,5 @@
-"""AnimateDiff as the video tab drives it: loading, the authors' scheduler, FreeNoise on and off, the stock
-denoising call and its decode.
+"""AnimateDiff as the video tab drives it: loading (with a spatial LoRA saved beside the adapter fused in), the
+authors' scheduler, FreeNoise on and off, the stock denoising call and its decode.
 
 FreeNoise (diffusers' ``enable_free_noise``) gives sliding context windows for videos longer than the motion
 module's window and per-frame prompts; ``exact_lerp`` makes its prompt interpolation realise the shot timeline
@@ -68,9 +68,9 @@ def fuse_spatial_lora(pipe, folder: str) -> None:
     the pipeline is cast: a bf16 weight plus an update under half its spacing rounds back to the weight. The UNet is
     the motion UNet this pipeline built from its own base load (``UNetMotionModel.from_unet2d`` copies weights), so
     the image tab's stored UNet is not touched."""
-    pipe.load_lora_weights(folder, weight_name=SPATIAL_LORA)
-    pipe.fuse_lora(components=["unet"])
-    pipe.unload_lora_weights()
+    pipe.unet.load_lora_adapter(folder, weight_name=SPATIAL_LORA, prefix="unet")  # as pipe.load_lora_weights does
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
 
 
 def exact_lerp(start_frame: int, end_frame: int, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ micro-world v2 pipeline (``weights_v2``): the video tab's offline model.
     # continue a saved adapter (the folder unpacked and carried)
     python -m pipelines.microworld.train_motion --minutes 8 --resume outputs/weights_motion_v2 \
         --out outputs/weights_motion_v2 --pack "$OUT"
+    # continue the committed adapter with a spatial LoRA (rank 8 now; later runs resume it at its saved rank)
+    python -m pipelines.microworld.train_motion --minutes 7 --resume pipelines/microworld/weights_motion_v2 \
+        --out outputs/weights_motion_v2 --weighting v --spatial-lora 8 --pack "$OUT"
     # back home: cat weights_motion_v2.tar.part* | tar -x -C pipelines/microworld/
 
 As AnimateDiff trains its motion modules: the image UNet, VAE and text encoder stay frozen; the adapter's
@@ -23,6 +26,17 @@ What to read in the log: ``loss`` barely moves (the frozen image model explains 
 1.00 at t=100, 0.92 at t=500, 0.53 at t=900 -- the temporal modules hold the layout, where it is decided), and
 ``direction``, > 0 once reversed direction words hurt (run 1: -0.0008, i.e. the words were ignored). ``--weighting
 v`` gives the high-noise steps their share of the gradient (``loss_weights``).
+
+Why the words were ignored, and ``--spatial-lora RANK``: diffusers' motion modules get no caption states, so text
+reaches motion only through the frozen image UNet's spatial features, and an image model trained on stills has no
+use for a heading word. The option also trains a LoRA on the spatial cross-attention's ``to_k``/``to_v`` (the only
+projections that read the caption; ``add_spatial_lora``), with the motion modules, one optimiser and one EMA over
+both. Its B starts at zero, so a resumed adapter without one starts exactly where it was: the first probe rows sit
+near the adapter's own ``direction``; if the LoRA opens that route, ``direction`` climbs above 0 over the run, and
+``mse/image_t*`` then also carry the LoRA's change to each frame. It is saved beside the adapter as
+``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, ``unet.``-prefixed keys; ``pipe.load_lora_weights``
+reads it), packed with it, resumed from ``--resume`` at its saved rank, and fused into the video tab's motion UNet
+when serving (``diffusion/animatediff.fuse_spatial_lora``). 0 (the default) trains the motion modules alone, as before.
 """
 from __future__ import annotations
 
@@ -60,7 +74,7 @@ class MotionConfig:
     uncond: float = 0.1  # empty captions, so guidance's unconditional branch also moves
     ema: float = 0.999  # over every trainable parameter: the motion modules and the spatial LoRA
     weighting: str = "eps"  # eps (AnimateDiff: plain epsilon MSE) | v (see ``loss_weights``)
-    spatial_lora: int = 0  # rank of a LoRA on the spatial attn2.to_k/to_v, trained too (0: off; see ``add_spatial_lora``)
+    spatial_lora: int = 0  # rank of a LoRA on the spatial attn2.to_k/to_v trained too (0: off); ``add_spatial_lora``
     probe_clips: int = 10  # the held-out probe logged with every log line (0: off); see ``make_probe``
     log_every: int = 25
     seed: int = 0
@@ -342,6 +356,8 @@ def save(adapter: Any, config: MotionConfig, folder: Path, steps: int, previous:
     if lora:
         AnimateDiffPipeline.save_lora_weights(folder, unet_lora_layers={k: v.half() for k, v in lora.items()},
                                               weight_name=SPATIAL_LORA)
+    else:  # a LoRA left in ``folder`` by an earlier run would be served with this adapter
+        (folder / SPATIAL_LORA).unlink(missing_ok=True)
     run = {"config": {k: v for k, v in asdict(config).items() if k != "history"}, "history": config.history}
     report = {"steps": steps, "base": config.base, "runs": previous + [run],
               "parameters": sum(p.numel() for p in adapter.parameters()),
@@ -363,7 +379,8 @@ def train(config: MotionConfig) -> Path:
                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
     budget = Budget(max(0.05, config.minutes - config.reserve_minutes - (time.monotonic() - started) / 60))
     steps = train_steps(model, models, config, device, budget, first)
-    adapter, lora = adapter_of(model.eval(), settings), spatial_lora_state(model) if rank else None
+    adapter = adapter_of(model.eval(), settings)
+    lora = spatial_lora_state(model) if rank else None
     save(adapter, config, out, steps, previous, lora)
     if config.pack:  # packed before sampling too: a call killed while sampling still brings the weights back
         pack(out, Path(config.pack))

@@ -436,6 +436,11 @@ def test_video_tab_fuses_the_folders_spatial_lora_into_its_own_unet_only(base, a
     fused = pipe.unet.get_submodule(name).weight
     update = lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]  # scale 1: alpha = rank
     assert torch.allclose(fused, stored[f"{name}.weight"] + update, atol=1e-6) and update.abs().sum() > 0
+    torch.manual_seed(0)
+    latents, t, states = torch.randn(1, 4, 4, 8, 8), torch.tensor([700]), torch.randn(4, 77, 32)
+    with torch.no_grad():  # served as trained: the fused UNet computes what the trainer's LoRA model did
+        assert torch.allclose(pipe.unet(latents, t, states).sample, model.eval()(latents, t, states).sample,
+                              atol=1e-5)
     result = video.run(VideoRequest(**request))
     assert result.stats["fast"] == "eager"  # the fast path takes the fused UNet (on the CPU: its eager backend)
     assert np.abs(result.value.frames - plain).max() > 1e-3

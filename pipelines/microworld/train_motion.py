@@ -27,16 +27,17 @@ What to read in the log: ``loss`` barely moves (the frozen image model explains 
 ``direction``, > 0 once reversed direction words hurt (run 1: -0.0008, i.e. the words were ignored). ``--weighting
 v`` gives the high-noise steps their share of the gradient (``loss_weights``).
 
-Why the words were ignored, and ``--spatial-lora RANK``: diffusers' motion modules get no caption states, so text
-reaches motion only through the frozen image UNet's spatial features, and an image model trained on stills has no
-use for a heading word. The option also trains a LoRA on the spatial cross-attention's ``to_k``/``to_v`` (the only
-projections that read the caption; ``add_spatial_lora``), with the motion modules, one optimiser and one EMA over
-both. Its B starts at zero, so a resumed adapter without one starts exactly where it was: the first probe rows sit
-near the adapter's own ``direction``; if the LoRA opens that route, ``direction`` climbs above 0 over the run, and
-``mse/image_t*`` then also carry the LoRA's change to each frame. It is saved beside the adapter as
-``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, ``unet.``-prefixed keys; ``pipe.load_lora_weights``
-reads it), packed with it, resumed from ``--resume`` at its saved rank, and fused into the video tab's motion UNet
-when serving (``diffusion/animatediff.fuse_spatial_lora``). 0 (the default) trains the motion modules alone, as before.
+``--spatial-lora RANK``: diffusers' motion modules get no caption states, so text reaches motion only through the
+frozen image UNet's spatial features, and an image model trained on stills has no use for a heading word (the likely
+reason the words were ignored). The option also trains a LoRA on the spatial cross-attention's ``to_k``/``to_v``
+(the only projections that read the caption; ``add_spatial_lora``) with the motion modules: one optimiser, one EMA
+over both. Its B starts at zero, so a resumed adapter without one starts exactly where it was (``direction`` about
+-0.0008). Read ``direction`` over the run: above 0 once the words steer motion through the LoRA, still about 0 if
+this route was not what held them back; ``mse/image_t*`` now also carry the LoRA's change to each frame. The LoRA is
+saved beside the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, ``unet.``-prefixed keys,
+so ``pipe.load_lora_weights`` reads it), packed with it, resumed from ``--resume`` at its saved rank, and fused into
+the video tab's motion UNet when serving (``diffusion/animatediff.fuse_spatial_lora``). 0, the default, trains the
+motion modules alone, as before.
 """
 from __future__ import annotations
 

@@ -275,3 +275,178 @@ def test_committed_motion_adapter_is_the_offline_video_model_and_serves_frames(h
     name = "down_blocks.0.motion_modules.0.proj_out.weight"
     served = video.load(MICROWORLD_VIDEO_MODEL).unet.state_dict()[name]
     assert saved[name].abs().sum() > 0 and torch.equal(served, saved[name].float())  # trained, and what is served
+
+
+def resumed_model(base: Path, adapter_folder: Path, rank: int) -> tuple[object, object]:
+    """(config, inflated UNet) as ``train`` builds them resuming ``adapter_folder`` with ``--spatial-lora rank``."""
+    from pipelines.microworld import train_motion as tm
+
+    config = tm.parse_args(MOTION + ["--base", str(base), "--resume", str(adapter_folder), "--spatial-lora", str(rank)])
+    models, adapter, *_ = tm.load_models(config, torch.device("cpu"))
+    model = tm.motion_unet(models.unet, adapter)
+    tm.spatial_lora(model, config)
+    return config, model
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(base, tmp_path_factory) -> Path:
+    """An adapter whose temporal outputs are not zero (its motion modules act), saved without a LoRA."""
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.microworld import train_motion as tm
+
+    adapter = tm.build_adapter(UNet2DConditionModel.from_pretrained(base / "unet").config, 8)
+    torch.manual_seed(3)
+    for name, param in adapter.named_parameters():
+        if "proj_out" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    folder = tmp_path_factory.mktemp("adapter") / "weights_motion_v2"
+    adapter.save_pretrained(folder)
+    return folder
+
+
+def test_spatial_lora_off_trains_the_same_parameters_to_the_same_values_as_before(base, adapter_folder):
+    from dataclasses import replace
+
+    from diffusers import UNetMotionModel
+
+    from pipelines.microworld import train_motion as tm
+    from pipelines.microworld.train_v2 import Budget
+
+    config, model = resumed_model(base, adapter_folder, 0)
+    models, adapter, *_ = tm.load_models(config, torch.device("cpu"))
+    before = UNetMotionModel.from_unet2d(models.unet, adapter)  # the model as the trainer built it before the option
+    before.freeze_unet2d_params()
+    assert not getattr(model, "peft_config", None)
+    assert ([n for n, p in model.named_parameters() if p.requires_grad]
+            == [n for n, p in before.named_parameters() if p.requires_grad])
+    one_step = replace(config, max_steps=1, probe_clips=0, history=[])
+    for trained in (model, before):
+        tm.train_steps(trained.train(), models, one_step, torch.device("cpu"), Budget(0), 0)
+    after, expected = model.state_dict(), before.state_dict()
+    assert after.keys() == expected.keys() and all(torch.equal(after[k], expected[k]) for k in expected)
+    name = "down_blocks.0.motion_modules.0.proj_out.weight"
+    assert not torch.equal(expected[name], adapter.state_dict()[name])  # a step was taken
+
+
+def test_spatial_lora_starts_as_the_resumed_adapter_and_trains_with_the_motion_modules(base, adapter_folder):
+    from diffusers import DDPMScheduler
+
+    from pipelines.microworld import train_motion as tm
+    from pipelines.microworld.train_v2 import SD15_SCHEDULE, descend, optimiser
+
+    _, plain = resumed_model(base, adapter_folder, 0)
+    config, model = resumed_model(base, adapter_folder, 4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [n for n in trainable if ".lora_" in n]
+    motion = [n for n, p in plain.named_parameters() if p.requires_grad]
+    assert [n for n in trainable if ".lora_" not in n] == motion  # the motion modules still train
+    modules = {n.split(".lora_")[0] for n in lora}  # every spatial cross-attention's key and value, nothing else
+    spatial = [n for n, _ in plain.named_modules() if n.endswith(".attn2") and "motion_modules" not in n]
+    assert spatial and modules == {f"{n}.{p}" for n in spatial for p in ("to_k", "to_v")}
+    torch.manual_seed(0)
+    latents, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, 32)
+    t, states = torch.tensor([500, 900]), context.repeat_interleave(4, 0)
+    with torch.no_grad():
+        assert torch.equal(model(latents, t, states).sample, plain(latents, t, states).sample)  # B = 0
+    alphas = DDPMScheduler(**SD15_SCHEDULE).alphas_cumprod
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, schedule = optimiser(params, 1e-3, 1)
+    named = dict(model.named_parameters())
+    for side in ("lora_B", "lora_A"):  # B = 0 leaves A without a gradient until B has moved
+        torch.manual_seed(1)
+        descend(optimizer, schedule, tm.motion_loss(model, latents, context, alphas, config, torch.device("cpu")),
+                params)
+        assert all(named[n].grad.abs().sum() > 0 for n in lora if side in n)
+    assert all(named[n].grad.abs().sum() > 0 for n in motion)
+
+
+def test_trainer_saves_packs_and_resumes_the_spatial_lora_in_diffusers_format(base, adapter_folder, tmp_path):
+    import subprocess
+
+    from diffusers import AnimateDiffPipeline, MotionAdapter
+    from safetensors.torch import load_file
+
+    from pipelines.diffusion.animatediff import SPATIAL_LORA
+    from pipelines.microworld import train_motion as tm
+
+    common = MOTION + ["--base", str(base), "--probe-clips", "0", "--out", str(tmp_path / "a")]
+    out = tm.train(tm.parse_args(common + ["--resume", str(adapter_folder), "--spatial-lora", "4",
+                                           "--pack", str(tmp_path / "pack")]))
+    saved = load_file(str(out / SPATIAL_LORA))
+    assert saved and all(k.startswith("unet.") and ".lora_" in k and v.dtype == torch.float16 for k, v in saved.items())
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if ".lora_B." in k)  # it trained
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["spatial_lora_parameters"] == sum(v.numel() for v in saved.values())
+    assert report["runs"][-1]["history"][0]["spatial_lora"] == 4
+    (tmp_path / "unpacked").mkdir()
+    subprocess.run(f"cat {tmp_path}/pack/a.tar.part* | tar -x -C {tmp_path}/unpacked", shell=True, check=True)
+    unpacked = tmp_path / "unpacked" / "a"
+    _, model = resumed_model(base, unpacked, 0)  # the file's rank, though the flag says 0
+    resumed = tm.spatial_lora_state(model)
+    assert resumed.keys() == {k.removeprefix("unet.") for k in saved}
+    assert all(torch.equal(resumed[k.removeprefix("unet.")], v.float()) for k, v in saved.items())
+    pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=MotionAdapter.from_pretrained(unpacked))
+    pipe.load_lora_weights(unpacked, weight_name=SPATIAL_LORA)  # the standard loader takes it
+    assert sum(".lora_" in n for n, _ in pipe.unet.named_parameters()) == len(saved)
+    with pytest.raises(SystemExit, match="rank-4"):
+        resumed_model(base, out, 8)
+    tm.train(tm.parse_args(common))  # a run without one leaves no stale LoRA to be served with its adapter
+    assert not (out / SPATIAL_LORA).exists()
+
+
+def test_video_tab_fuses_the_folders_spatial_lora_into_its_own_unet_only(base, adapter_folder, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    from diffusers import AnimateDiffPipeline
+
+    from pipelines import microworld
+    from pipelines.diffusion.animatediff import SPATIAL_LORA
+    from pipelines.diffusion.fast import supported
+    from pipelines.microworld import train_motion as tm
+    from pipelines.models import ModelStore, placement
+    from pipelines.presets import MICROWORLD_MODEL, MICROWORLD_VIDEO_MODEL
+    from pipelines.tabs.image import ImagePipeline
+    from pipelines.tabs.video import VideoPipeline, VideoRequest
+
+    folder = tmp_path / "weights_motion_v2"
+    shutil.copytree(adapter_folder, folder)
+    monkeypatch.setattr(microworld, "WEIGHTS_MOTION_V2", folder)
+    monkeypatch.setattr(microworld, "WEIGHTS_V2", base)
+    monkeypatch.setenv("TOKENWORKS_OUTPUT_DIR", str(tmp_path / "outputs"))
+    store = ModelStore(device=torch.device("cpu"), dtype=torch.float32)
+    image_unet = ImagePipeline(store, "auto").load(MICROWORLD_MODEL).pipe.unet  # the image tab's, in the same store
+    stored, where = {k: v.clone() for k, v in image_unet.state_dict().items()}, placement(image_unet)
+    video = VideoPipeline(store, "auto")
+    request = dict(prompt="a red circle moving left", model=MICROWORLD_VIDEO_MODEL, num_frames=4, steps=2,
+                   guidance_scale=5.0, seed=0)
+    plain = video.run(VideoRequest(**request)).value.frames
+    _, model = resumed_model(base, folder, 4)
+    torch.manual_seed(5)
+    for name, param in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(param, std=0.5)
+    lora = tm.spatial_lora_state(model)
+    AnimateDiffPipeline.save_lora_weights(folder, unet_lora_layers=lora, weight_name=SPATIAL_LORA)
+    store.unload(MICROWORLD_VIDEO_MODEL)
+    pipe = video.load(MICROWORLD_VIDEO_MODEL)
+    assert supported(pipe.unet) and not any(".lora_" in n for n, _ in pipe.unet.named_parameters())  # fused
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    fused = pipe.unet.get_submodule(name).weight
+    update = lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]  # scale 1: alpha = rank
+    assert torch.allclose(fused, stored[f"{name}.weight"] + update, atol=1e-6) and update.abs().sum() > 0
+    torch.manual_seed(0)
+    latents, t, states = torch.randn(1, 4, 4, 8, 8), torch.tensor([700]), torch.randn(4, 77, 32)
+    with torch.no_grad():  # served as trained: the fused UNet computes what the trainer's LoRA model did
+        assert torch.allclose(pipe.unet(latents, t, states).sample, model.eval()(latents, t, states).sample,
+                              atol=1e-5)
+    result = video.run(VideoRequest(**request))
+    assert result.stats["fast"] == "eager"  # the fast path takes the fused UNet (on the CPU: its eager backend)
+    assert np.abs(result.value.frames - plain).max() > 1e-3
+    assert placement(image_unet) == where
+    assert all(torch.equal(v, stored[k]) for k, v in image_unet.state_dict().items())  # the image tab's UNet
+    half = VideoPipeline(ModelStore(device=torch.device("cpu"), dtype=torch.bfloat16), "auto").load(
+        MICROWORLD_VIDEO_MODEL)  # fused in fp32, then cast as the store asks
+    assert {p.dtype for p in [*half.unet.parameters(), *half.text_encoder.parameters()]} == {torch.bfloat16}
+    assert torch.equal(half.unet.get_submodule(name).weight, fused.bfloat16())

@@ -1,5 +1,5 @@
-"""AnimateDiff as the video tab drives it: loading, the authors' scheduler, FreeNoise on and off, the stock
-denoising call and its decode.
+"""AnimateDiff as the video tab drives it: loading (with a spatial LoRA saved beside the adapter fused in), the
+authors' scheduler, FreeNoise on and off, the stock denoising call and its decode.
 
 FreeNoise (diffusers' ``enable_free_noise``) gives sliding context windows for videos longer than the motion
 module's window and per-frame prompts; ``exact_lerp`` makes its prompt interpolation realise the shot timeline
@@ -8,6 +8,7 @@ module's window and per-frame prompts; ``exact_lerp`` makes its prompt interpola
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -18,6 +19,10 @@ from ..models import ModelSpec, ModelStore, ResolvedModel
 from ..tiny import tiny_animatediff_pipeline
 from .fast import FastUNet
 from .loop import Refine, step_callback
+
+# A LoRA on the base's spatial layers trained with the adapter (micro-world's ``train_motion --spatial-lora``), kept
+# in the motion folder under diffusers' default LoRA file name.
+SPATIAL_LORA = "pytorch_lora_weights.safetensors"
 
 
 def animatediff_scheduler(base: str | None, linear_betas: bool = True):
@@ -35,7 +40,8 @@ def animatediff_scheduler(base: str | None, linear_betas: bool = True):
 
 def load_animatediff(resolved: ResolvedModel, store: ModelStore):
     """A MotionAdapter (the spec's Hub id or packaged folder) on its SD1.5 base (the spec's ``base`` Hub id or
-    ``base_package``), or the tiny one. ``base_betas`` keeps the base's noise schedule (see animatediff_scheduler)."""
+    ``base_package``), or the tiny one. ``base_betas`` keeps the base's noise schedule (see animatediff_scheduler).
+    A ``SPATIAL_LORA`` in the adapter's folder is fused into this pipeline's own UNet (``fuse_spatial_lora``)."""
     if resolved.source == "tiny":
         pipe = tiny_animatediff_pipeline().to(dtype=store.dtype)
     else:
@@ -44,11 +50,27 @@ def load_animatediff(resolved: ResolvedModel, store: ModelStore):
         spec = resolved.spec
         base_id, base_package = spec.option("base"), spec.option("base_package")
         base = store.resolve(ModelSpec(base_id or base_package, "sd15", hub_id=base_id, package=base_package)).location
-        adapter = MotionAdapter.from_pretrained(resolved.location, torch_dtype=store.dtype)
-        pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=adapter, torch_dtype=store.dtype)
+        lora = (Path(resolved.location) / SPATIAL_LORA).is_file()
+        dtype = torch.float32 if lora else store.dtype
+        adapter = MotionAdapter.from_pretrained(resolved.location, torch_dtype=dtype)
+        pipe = AnimateDiffPipeline.from_pretrained(base, motion_adapter=adapter, torch_dtype=dtype)
+        if lora:
+            fuse_spatial_lora(pipe, resolved.location)
+            pipe.to(dtype=store.dtype)
         pipe.scheduler = animatediff_scheduler(base, linear_betas=not spec.option("base_betas", False))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(store.device)
+
+
+def fuse_spatial_lora(pipe, folder: str) -> None:
+    """The folder's ``SPATIAL_LORA`` fused into ``pipe.unet`` and the LoRA layers removed: plain weights, so the
+    fast path captures the UNet as it does without one (``fast.supported`` refuses PEFT layers). Fused in fp32 before
+    the pipeline is cast: a bf16 weight plus an update under half its spacing rounds back to the weight. The UNet is
+    the motion UNet this pipeline built from its own base load (``UNetMotionModel.from_unet2d`` copies weights), so
+    the image tab's stored UNet is not touched."""
+    pipe.unet.load_lora_adapter(folder, weight_name=SPATIAL_LORA, prefix="unet")  # as pipe.load_lora_weights does
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
 
 
 def exact_lerp(start_frame: int, end_frame: int, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

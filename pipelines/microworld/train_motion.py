@@ -7,6 +7,9 @@ micro-world v2 pipeline (``weights_v2``): the video tab's offline model.
     # continue a saved adapter (the folder unpacked and carried)
     python -m pipelines.microworld.train_motion --minutes 8 --resume outputs/weights_motion_v2 \
         --out outputs/weights_motion_v2 --pack "$OUT"
+    # continue the committed adapter with a spatial LoRA (rank 8 now; later runs resume it at its saved rank)
+    python -m pipelines.microworld.train_motion --minutes 7 --resume pipelines/microworld/weights_motion_v2 \
+        --out outputs/weights_motion_v2 --weighting v --spatial-lora 8 --pack "$OUT"
     # back home: cat weights_motion_v2.tar.part* | tar -x -C pipelines/microworld/
 
 As AnimateDiff trains its motion modules: the image UNet, VAE and text encoder stay frozen; the adapter's
@@ -23,6 +26,18 @@ What to read in the log: ``loss`` barely moves (the frozen image model explains 
 1.00 at t=100, 0.92 at t=500, 0.53 at t=900 -- the temporal modules hold the layout, where it is decided), and
 ``direction``, > 0 once reversed direction words hurt (run 1: -0.0008, i.e. the words were ignored). ``--weighting
 v`` gives the high-noise steps their share of the gradient (``loss_weights``).
+
+``--spatial-lora RANK``: diffusers' motion modules get no caption states, so text reaches motion only through the
+frozen image UNet's spatial features, and an image model trained on stills has no use for a heading word (the likely
+reason the words were ignored). The option also trains a LoRA on the spatial cross-attention's ``to_k``/``to_v``
+(the only projections that read the caption; ``add_spatial_lora``) with the motion modules: one optimiser, one EMA
+over both. Its B starts at zero, so a resumed adapter without one starts exactly where it was (``direction`` about
+-0.0008). Read ``direction`` over the run: above 0 once the words steer motion through the LoRA, still about 0 if
+this route was not what held them back; ``mse/image_t*`` now also carry the LoRA's change to each frame. The LoRA is
+saved beside the adapter as ``pytorch_lora_weights.safetensors`` (diffusers' LoRA format, ``unet.``-prefixed keys,
+so ``pipe.load_lora_weights`` reads it), packed with it, resumed from ``--resume`` at its saved rank, and fused into
+the video tab's motion UNet when serving (``diffusion/animatediff.fuse_spatial_lora``). 0, the default, trains the
+motion modules alone, as before.
 """
 from __future__ import annotations
 
@@ -36,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.animatediff import SPATIAL_LORA
 from . import WEIGHTS_V2, motion_v2, text_v2
 from .train_v2 import (MAX_SHARD, SD15_SCHEDULE, Batches, Budget, Models, autocast, descend, latents_of,
                        load_resumed, log, noised, optimiser, pack, parse_config, thread_tokenizer)
@@ -57,8 +73,9 @@ class MotionConfig:
     lr: float = 1e-4  # AnimateDiff trains its motion modules at 1e-4
     warmup: int = 100
     uncond: float = 0.1  # empty captions, so guidance's unconditional branch also moves
-    ema: float = 0.999
+    ema: float = 0.999  # over every trainable parameter: the motion modules and the spatial LoRA
     weighting: str = "eps"  # eps (AnimateDiff: plain epsilon MSE) | v (see ``loss_weights``)
+    spatial_lora: int = 0  # rank of a LoRA on the spatial attn2.to_k/to_v trained too (0: off); ``add_spatial_lora``
     probe_clips: int = 10  # the held-out probe logged with every log line (0: off); see ``make_probe``
     log_every: int = 25
     seed: int = 0
@@ -101,6 +118,65 @@ def motion_unet(unet: Any, adapter: Any) -> Any:
     model = UNetMotionModel.from_unet2d(unet, adapter)
     model.freeze_unet2d_params()
     return model
+
+
+# The projections that read the caption states: the only place a direction word can change what the frozen
+# spatial layers hand the motion modules. Only the spatial transformers' (``attentions``): the motion modules' blocks
+# have an ``attn2`` too, a temporal self-attention.
+SPATIAL_LORA_TARGETS = r".*\.attentions\.\d+\.transformer_blocks\.\d+\.attn2\.(to_k|to_v)"
+
+
+def add_spatial_lora(model: Any, rank: int) -> None:
+    """A LoRA on the spatial cross-attention's key and value projections of an inflated UNet, trained with its
+    motion modules: the image UNet was trained on stills, where a heading word changes nothing, so its features
+    carry no direction for the temporal layers to read (AnimateDiff v3 adapts the image model with a spatial LoRA
+    too, its "domain adapter"). B starts at zero (peft's default): the model starts exactly as without it.
+    ``lora_alpha`` = rank (scale 1), what diffusers' loader assumes for a file without alpha."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=SPATIAL_LORA_TARGETS))
+    model.freeze_unet2d_params()  # peft left only its own parameters trainable: the motion modules train again
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(True)
+
+
+def spatial_lora_state(model: Any) -> dict[str, torch.Tensor]:
+    """The LoRA's weights, keyed as diffusers' ``unet_lora_layers`` (no adapter name)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def saved_lora_rank(folder: Path) -> int:
+    """The rank of the spatial LoRA saved in ``folder`` (0: none)."""
+    from safetensors import safe_open
+
+    if not (folder / SPATIAL_LORA).is_file():
+        return 0
+    with safe_open(str(folder / SPATIAL_LORA), "pt") as weights:
+        return next(weights.get_slice(k).get_shape()[0] for k in weights.keys() if ".lora_A." in k)
+
+
+def spatial_lora(model: Any, config: MotionConfig) -> int:
+    """Put the spatial LoRA on ``model``: the resumed folder's (its rank wins, as its adapter's layout does), else a
+    fresh one of rank ``spatial_lora``; returns the rank (0: none, today's model)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    resumed = saved_lora_rank(Path(config.resume)) if config.resume else 0
+    if resumed and config.spatial_lora not in (0, resumed):
+        raise SystemExit(f"--spatial-lora {config.spatial_lora}: {config.resume} holds a rank-{resumed} LoRA.")
+    rank = resumed or config.spatial_lora
+    if rank:
+        add_spatial_lora(model, rank)
+    if resumed:
+        saved = load_file(str(Path(config.resume) / SPATIAL_LORA))
+        loaded = set_peft_model_state_dict(model, {k.removeprefix("unet."): v.float() for k, v in saved.items()})
+        missing = [k for k in loaded.missing_keys if ".lora_" in k]
+        if loaded.unexpected_keys or missing:
+            raise SystemExit(f"{config.resume}/{SPATIAL_LORA} does not fit: {(loaded.unexpected_keys + missing)[:3]}")
+    return rank
 
 
 def adapter_of(model: Any, config: dict[str, Any]) -> Any:
@@ -269,14 +345,24 @@ def train_steps(model: Any, models: Models, config: MotionConfig, device: torch.
     return step
 
 
-def save(adapter: Any, config: MotionConfig, folder: Path, steps: int, previous: list[dict[str, Any]]) -> None:
-    """The adapter in fp16 (files <= 14 MB) and the report of every run so far."""
+def save(adapter: Any, config: MotionConfig, folder: Path, steps: int, previous: list[dict[str, Any]],
+         lora: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter in fp16 (files <= 14 MB), the spatial LoRA (``lora``) beside it in diffusers' LoRA format (fp16,
+    under 1 MB at rank 8), and the report of every run so far."""
+    from diffusers import AnimateDiffPipeline
+
     folder.mkdir(parents=True, exist_ok=True)
     adapter.half().save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD)
     adapter.float()
+    if lora:
+        AnimateDiffPipeline.save_lora_weights(folder, unet_lora_layers={k: v.half() for k, v in lora.items()},
+                                              weight_name=SPATIAL_LORA)
+    else:  # a LoRA left in ``folder`` by an earlier run would be served with this adapter
+        (folder / SPATIAL_LORA).unlink(missing_ok=True)
     run = {"config": {k: v for k, v in asdict(config).items() if k != "history"}, "history": config.history}
     report = {"steps": steps, "base": config.base, "runs": previous + [run],
-              "parameters": sum(p.numel() for p in adapter.parameters())}
+              "parameters": sum(p.numel() for p in adapter.parameters()),
+              "spatial_lora_parameters": sum(v.numel() for v in (lora or {}).values())}
     (folder / "train_report.json").write_text(json.dumps(report, indent=1))
 
 
@@ -287,19 +373,22 @@ def train(config: MotionConfig) -> Path:
     if config.frames > config.max_seq_length:
         raise SystemExit(f"--frames {config.frames} exceeds --max-seq-length {config.max_seq_length}.")
     models, adapter, settings, first, previous = load_models(config, device)
-    model = motion_unet(models.unet, adapter).to(device).train()
-    log(config, {"start": True, "from_step": first, "trainable": sum(p.numel() for p in model.parameters()
-                                                                     if p.requires_grad)})
+    model = motion_unet(models.unet, adapter)
+    rank = spatial_lora(model, config)
+    model = model.to(device).train()
+    log(config, {"start": True, "from_step": first, "spatial_lora": rank,
+                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
     budget = Budget(max(0.05, config.minutes - config.reserve_minutes - (time.monotonic() - started) / 60))
     steps = train_steps(model, models, config, device, budget, first)
     adapter = adapter_of(model.eval(), settings)
-    save(adapter, config, out, steps, previous)
+    lora = spatial_lora_state(model) if rank else None
+    save(adapter, config, out, steps, previous, lora)
     if config.pack:  # packed before sampling too: a call killed while sampling still brings the weights back
         pack(out, Path(config.pack))
     if config.samples:
         sample_strip(models, model, config, device, out)
     log(config, {"done": True, "steps": steps, "minutes": round((time.monotonic() - started) / 60, 2)})
-    save(adapter, config, out, steps, previous)
+    save(adapter, config, out, steps, previous, lora)
     if config.pack:
         pack(out, Path(config.pack))
     return out

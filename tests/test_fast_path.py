@@ -179,3 +179,24 @@ def test_video_fast_path_equals_eager_with_shot_controls():
     assert fast.stats["fast"] == "eager" and fast.stats["eager_unet_calls"] == 3
     assert fast.stats["biased_attention_calls"] == eager.stats["biased_attention_calls"] > 0
     assert np.abs(fast.value.frames - eager.value.frames).max() <= 1e-4
+
+
+def test_switching_between_controls_and_sizes_reuses_every_graph():
+    """A user alternating between the tab's control configurations at two sizes gets every graph from the cache
+    the second time round: an eviction would mean a fresh capture (on an H100, 0.06-0.8 s per request; with 8
+    graphs per UNet the served benchmark's nine configurations recaptured on every call)."""
+    pipeline = ImagePipeline(ModelStore(packaged={}), "tiny")
+    configs = [{}, dict(merge_ratio=0.5), dict(lpa=True), dict(compass=COMPASS), dict(isolate="red car"),
+               dict(lpa=True, compass=COMPASS, merge_ratio=0.5)]
+
+    def round_of_requests() -> set[int]:
+        for size in (32, 48):
+            for controls in configs:
+                pipeline.run(ImageRequest(prompt="a red car by a table in watercolor style", model=TINY["sd15"],
+                                          steps=2, seed=1, width=size, height=size, **controls))
+        unet = pipeline.load(TINY["sd15"]).pipe.unet
+        return {id(entry) for entry in unet_graphs(unet).entries.values()}
+
+    first = round_of_requests()
+    assert len(first) >= 2 * len(configs) - 2  # merging may share a key with its plain size; the rest differ
+    assert round_of_requests() == first

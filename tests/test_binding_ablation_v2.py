@@ -25,3 +25,20 @@ def test_every_variant_names_real_config_fields():
     fields = set(BindingConfig.__dataclass_fields__)
     assert list(ablation.VARIANTS)[0] == "served" and ablation.VARIANTS["served"] == {}
     assert all(set(overrides) <= fields for overrides in ablation.VARIANTS.values())
+
+
+def test_request_field_variants_reach_the_served_request(monkeypatch):
+    """``ets0`` must travel in the request: the plan takes ``ets_step`` from it over any config override."""
+    ablation = importlib.import_module("benchmarks.binding_ablation_v2")
+    seen = []
+
+    def serve(pipeline, request):
+        seen.append(request)
+        return [], [], {}
+
+    monkeypatch.setattr(ablation.effect, "serve", serve)
+    args = ablation.parse(["--json", "unused.json", "--device", "cpu"])
+    jobs = ablation.effect.plan("binding", 2, 2, "")
+    ablation.render(None, jobs, args, ablation.VARIANTS["ets0"], baseline=False)
+    ablation.render(None, jobs, args, ablation.VARIANTS["served"], baseline=False)
+    assert [ControlPlan.from_request(r).binding.ets_step for r in seen] == [0] * len(jobs) + [-1] * len(jobs)

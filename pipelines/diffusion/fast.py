@@ -30,9 +30,8 @@ Which UNet pre-hooks may run inside a graph shared across requests is declared w
 Graphs are kept in the UNet's ``state.UNetState`` (``unet_graphs``), with what merging installed; the control and
 the merging are read through their public accessors.
 
-Backends: ``graph`` (default on CUDA), ``compile`` (``torch.compile(mode="reduce-overhead")`` of the same
-hooked call; ``TOKENWORKS_FAST_BACKEND=compile python benchmarks/image_served.py`` times it as served), ``eager``
-(the same static code path without capture: CPU, ZeroGPU, where ``torch.compile`` and CUDA graphs are not used),
+Backends: ``graph`` (default on CUDA), ``eager`` (the same static code path without capture: CPU, ZeroGPU, where
+CUDA graphs are not used),
 ``off`` (not installed: the stock call).
 """
 from __future__ import annotations
@@ -52,7 +51,7 @@ from .attention import AppliedBias, AttentionControl, layer_matches
 from .hooks import capture_name, put_pre_hooks, take_pre_hooks
 from .state import UNetGraphs, UNetState, unet_state
 
-BACKENDS = ("off", "eager", "graph", "compile")
+BACKENDS = ("off", "eager", "graph")
 # Graphs kept per UNet (resolution x batch x control structure); least recently used goes first. Sized for a user
 # switching between the tab's control configurations at a few sizes, with binding's refinement graphs: with 8, the
 # served benchmark's nine configurations recaptured on every call (H100: +0.06 s a request at 512 px, +0.6 s binding).
@@ -77,7 +76,7 @@ def supported(unet: Any) -> bool:
 
 def choose_backend(device: torch.device | str, fast: bool, unet: Any) -> str:
     """The backend for a run: ``off`` when not asked or the model is unsupported; ``eager`` (no capture) on the
-    CPU and on ZeroGPU (no ``torch.compile`` there); else ``TOKENWORKS_FAST_BACKEND`` or ``graph``."""
+    CPU and on ZeroGPU (no CUDA graphs there); else ``TOKENWORKS_FAST_BACKEND`` or ``graph``."""
     if not fast or not supported(unet):
         return "off"
     if torch.device(device).type != "cuda" or settings.zero_gpu():
@@ -240,7 +239,7 @@ def _clone(output: Any) -> Any:
 
 @dataclass
 class Entry:
-    """Static inputs, the captured graph (or compiled function) and the control buffers of one cache key."""
+    """Static inputs, the captured graph and the control buffers of one cache key."""
 
     spec: Any
     inputs: list[torch.Tensor]
@@ -248,7 +247,6 @@ class Entry:
     buffers: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict)
     graph: Any = None
-    compiled: Any = None
     output: Any = None
     merged: tuple[int, int] = (0, 0)  # tokens and blocks merged per call (counted at capture)
     owner: Any = None  # weak reference to the StaticBiases whose masks the buffers hold
@@ -368,7 +366,7 @@ class FastUNet:
         tensors: list[torch.Tensor] = []
         spec = _flatten((args, kwargs), tensors)
         sample = tensors[0]
-        if self.backend in ("graph", "compile") and sample.device.type != "cuda":
+        if self.backend == "graph" and sample.device.type != "cuda":
             self.backend = "eager"
             self._context = self._context_key()
         key = (spec, self._context)
@@ -394,7 +392,7 @@ class FastUNet:
         call_args, call_kwargs = _rebuild(spec, iter(entry.inputs))
         if self.backend == "eager" or self.recording():
             output = self._eager(call_args, call_kwargs)
-        elif fresh or (entry.graph is None and entry.compiled is None):
+        elif fresh or entry.graph is None:
             output = self._capture(entry, lambda: self._run_hooked(call_args, call_kwargs))
             self._store(key, entry)
         else:
@@ -481,7 +479,7 @@ class FastUNet:
             yield
 
     def _capture(self, entry: Entry, run: Callable[[], Any]) -> Any:
-        """Warm up ``run`` once eagerly on a side stream, capture (or compile) it, replay; the time goes to
+        """Warm up ``run`` once eagerly on a side stream, capture it, replay; the time goes to
         ``capture_s``."""
         start = time.perf_counter()
         merging = self.state.merging
@@ -494,18 +492,12 @@ class FastUNet:
             torch.cuda.current_stream().wait_stream(stream)
             if merging is not None:
                 entry.merged = merging.stats.last_call()
-            if self.backend == "compile":
-                entry.compiled = torch.compile(run, mode="reduce-overhead", dynamic=False)
-                for _ in range(3):  # cudagraph trees record on the third call
-                    torch.compiler.cudagraph_mark_step_begin()
-                    entry.compiled()
-            else:
-                graphs = self.state.graphs
-                if graphs.pool is None:
-                    graphs.pool = torch.cuda.graph_pool_handle()
-                entry.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(entry.graph, pool=graphs.pool, capture_error_mode="thread_local"):
-                    entry.output = run()
+            graphs = self.state.graphs
+            if graphs.pool is None:
+                graphs.pool = torch.cuda.graph_pool_handle()
+            entry.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(entry.graph, pool=graphs.pool, capture_error_mode="thread_local"):
+                entry.output = run()
         if merging is not None:
             merging.stats.restore(counted)
         output = self._replay(entry)
@@ -515,12 +507,8 @@ class FastUNet:
 
     def _replay(self, entry: Entry) -> Any:
         self.replays += 1
-        if entry.compiled is not None:
-            torch.compiler.cudagraph_mark_step_begin()
-            output = _clone(entry.compiled())
-        else:
-            entry.graph.replay()
-            output = _clone(entry.output)
+        entry.graph.replay()
+        output = _clone(entry.output)
         merging = self.state.merging
         if merging is not None and merging.active:
             merging.stats.add_call(entry.merged)

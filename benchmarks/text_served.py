@@ -145,7 +145,7 @@ class Runner:
     def __init__(self, pipeline: TextPipeline, model_name: str, max_new_tokens: int) -> None:
         self.pipeline, self.model_name, self.max_new = pipeline, model_name, max_new_tokens
         self.lm: CausalLM = pipeline.load(model_name)
-        self.eos = eos_token_ids(self.lm)
+        self.eos = eos_token_ids(self.lm.model, self.lm.tokenizer)
         self.recompiles = 0
         self.gc = GcClock()
 

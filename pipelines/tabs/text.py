@@ -102,7 +102,8 @@ class TextPipeline(PresetModels, Pipeline):
         lm = self.load(request.model)
         input_ids = self.encode_prompt(lm, request)
         stats = DecodeStats(top_logits=[])
-        reply = Reply(lm.tokenizer, eos_token_ids(lm), StopStrings(lm.tokenizer, request.stop_strings))
+        tokenizer = lm.tokenizer
+        reply = Reply(tokenizer, eos_token_ids(lm.model, tokenizer), StopStrings(tokenizer, request.stop_strings))
         start = time.perf_counter()
         first_token_s = None
         with lm.lock:

@@ -189,10 +189,8 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     categories = ["all"] + sorted({r["category"] for r in records})
     for category in categories:
         chosen = [r for r in records if category == "all" or r["category"] == category]
-        speed = {}
-        for method in methods:
-            runs = [r[method] for r in chosen]
-            speed[method] = statistics.mean(len(x["tokens"]) / x["time_s"] for x in runs)
+        speed = {method: statistics.mean(len(r[method]["tokens"]) / r[method]["time_s"] for r in chosen)
+                 for method in methods}
         for method in methods:
             runs = [r[method] for r in chosen]
             step_s = sum(x["step_s"] for x in runs)

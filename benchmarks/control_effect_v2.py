@@ -155,11 +155,8 @@ def plan(control: str, units: int, batch: int, encoder: str) -> list[Job]:
     requests = math.ceil(units / batch)
     prompts = {"binding": lambda n: binding_prompts(), "leakfix": lambda n: leakfix_prompts(), "lpa": lpa_prompts,
                "compass": lambda n: compass_prompts(n, encoder)}[control](requests)
-    jobs = []
-    for r in range(requests):
-        jobs.append(Job(control, prompts[r % len(prompts)], (r // len(prompts)) * batch,
-                        min(batch, units - r * batch)))
-    return jobs
+    return [Job(control, prompts[r % len(prompts)], (r // len(prompts)) * batch, min(batch, units - r * batch))
+            for r in range(requests)]
 
 
 def serve(pipeline: ImagePipeline, request: ImageRequest) -> tuple[list[str], list[str], dict[str, Any]]:

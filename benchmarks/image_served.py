@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.image_speed import SD15_UNET, SDXL_UNET  # noqa: E402
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import command_line, sync, write_report  # noqa: E402
 from pipelines.settings import fast_backend  # noqa: E402
 from pipelines.tabs.image import ImagePipeline, ImageRequest  # noqa: E402
 from pipelines.models import ModelSpec, ModelStore, module_nbytes  # noqa: E402
@@ -132,11 +132,6 @@ def saved_models(root: Path, arch: str, tiny: bool, device: torch.device, dtype:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(call: Callable[[], Any], device: torch.device) -> tuple[float, float]:
     """Wall seconds of ``call`` and the largest allocation above what was allocated before it (GB)."""
     sync(device)

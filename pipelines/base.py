@@ -138,17 +138,14 @@ def resolve_seed(seed: int | float | None) -> int:
 
 
 def require_text(value: str | None, what: str = "Prompt") -> str:
-    """Reject empty or whitespace-only text with a message the user can act on."""
-    if value is None or not str(value).strip():
+    """Reject empty or whitespace-only text, and text over MAX_TEXT_CHARS (checked before tokenizing, so the
+    refusal costs nothing), with a message the user can act on."""
+    text = "" if value is None else str(value)
+    if not text.strip():
         raise PipelineError(f"{what} is empty. Type something to generate from.")
-    return bound_text(str(value), what)
-
-
-def bound_text(value: str, what: str = "Prompt") -> str:
-    """Refuse text over MAX_TEXT_CHARS characters; checked before tokenizing, so the refusal costs nothing."""
-    if len(value) > MAX_TEXT_CHARS:
-        raise PipelineError(f"{what} is {len(value):,} characters; the limit is {MAX_TEXT_CHARS:,}. Shorten it.")
-    return value
+    if len(text) > MAX_TEXT_CHARS:
+        raise PipelineError(f"{what} is {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}. Shorten it.")
+    return text
 
 
 def require_choice(value: str, what: str, choices: Iterable[str]) -> None:

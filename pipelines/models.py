@@ -58,7 +58,6 @@ class ResolvedModel:
 @dataclass
 class LoadedModel:
     value: Any
-    resolved: ResolvedModel
     nbytes: int
 
 
@@ -332,7 +331,7 @@ class ModelStore:
             settle_heap()
             nbytes = module_nbytes(value)
             self._make_room(nbytes)
-            self._loaded[key] = LoadedModel(value, resolved, nbytes)
+            self._loaded[key] = LoadedModel(value, nbytes)
             return value
 
     def _make_room(self, incoming: int) -> None:

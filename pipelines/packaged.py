@@ -130,6 +130,17 @@ PACKAGED_RESOLVERS: dict[str, Callable] = {
 }
 
 
+def packaged_location(name: str) -> str:
+    """For command lines: a packaged alias's folder (exiting when its package is not installed), else ``name`` (a
+    local folder or a Hub id)."""
+    if name not in PACKAGED_RESOLVERS:
+        return name
+    location = PACKAGED_RESOLVERS[name]()
+    if location is None:
+        raise SystemExit(f"The packaged model {name!r} is not installed (see requirements-weights.txt).")
+    return location
+
+
 # Whether each package is installed, without converting anything (the resolvers above dequantise GGUF files on
 # their first call): what the model pickers mark as "available here" on every page load.
 PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {

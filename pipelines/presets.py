@@ -137,11 +137,6 @@ def fetch_plan(specs: list[ModelSpec], store: ModelStore) -> list[tuple[str, lis
     return []
 
 
-def hub_model_ids() -> list[str]:
-    """Every Hub id the app may use (for the README's `models:` header)."""
-    return sorted({spec.hub_id for specs in AUTO_MODELS.values() for spec in specs if spec.hub_id})
-
-
 class PresetModels:
     """The model dropdown of a tab's pipeline (which sets ``task``; the preset's ``specs`` for it are listed): the
     listed names, the default, and a name or Hub id back to its spec. A name that is not listed is taken as a

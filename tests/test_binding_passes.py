@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipelines.diffusion.attention import AttentionControl
-from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, binding_layers, entropy_loss, grid_layers,
-                                         truncated_after)
+from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, binding_layers, entropy_losses,
+                                         grid_layers, truncated_after)
 from pipelines.tabs.image import ImagePipeline, ImageRequest
 from pipelines.diffusion.prompts import encode_positive, parse_prompt
 from pipelines.models import ModelStore
@@ -81,8 +81,8 @@ def entropy_gradients(binding: SemanticBinding, latents: torch.Tensor, positive:
     with binding.control.scope(recorders=[binding.recorder], cfg=False), torch.enable_grad():
         with truncated_after(binding.last_layer) if truncate else nullcontext():
             binding._unet(binding.pipe.scheduler.scale_model_input(latents, t), t, positive, None)
-        loss = entropy_loss(binding.recorder.aggregate(), [g.nouns[0] for g in binding.groups],
-                            binding.prompt_length + 1, 0.5)
+        loss = entropy_losses(binding.recorder.aggregate(), [g.nouns[0] for g in binding.groups],
+                              binding.prompt_length + 1, 0.5).sum()
         return (loss, *torch.autograd.grad(loss, [latents, positive]))
 
 

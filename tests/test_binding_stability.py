@@ -12,7 +12,7 @@ import torch
 
 from pipelines.diffusion.attention import AttentionControl
 from pipelines.diffusion import binding as tome
-from pipelines.diffusion.binding import BindingConfig, SemanticBinding, entropy_loss
+from pipelines.diffusion.binding import BindingConfig, SemanticBinding, entropy_losses
 from pipelines.tabs.image import ImageRequest
 from pipelines.diffusion.prompts import encode_positive, parse_prompt
 from pipelines.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
@@ -136,8 +136,8 @@ def test_entropy_threshold_is_the_same_share_of_the_largest_loss_on_every_grid(s
     threshold = tome.entropy_threshold(config, 0, len(nouns), side * side)
     largest = 2 * len(nouns) * math.log(side * side)
     assert threshold / largest == pytest.approx((26 - 2) / (2 * 2 * math.log(1024)))
-    assert entropy_loss(spread, nouns, last, config.temperature) > threshold  # spread maps: keep refining
-    assert entropy_loss(peaked, nouns, last, config.temperature) < threshold
+    assert entropy_losses(spread, nouns, last, config.temperature) > threshold  # spread maps: keep refining
+    assert entropy_losses(peaked, nouns, last, config.temperature) < threshold
 
 
 def test_entropy_refinement_on_8x8_maps_does_not_stop_at_the_first_iteration():

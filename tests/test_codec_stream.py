@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.audio.codec_stream import EncodecStream, decoder_reach
+from pipelines.audio.codec_stream import EncodecStream
 from pipelines.audio.pcm import ChunkSchedule
 from pipelines.tiny import tiny_bark, tiny_musicgen
 
@@ -32,8 +32,8 @@ def streamed(codec, codes, ends, holdback_samples=None):
 def test_reach_is_read_off_the_modules():
     """MusicGen's 32 kHz EnCodec reaches 2402 samples (3.75 frames) ahead; Bark's causal 24 kHz one reaches none."""
     model, _ = tiny_musicgen()
-    assert decoder_reach(model.audio_encoder.decoder).tail == 2402
-    assert decoder_reach(tiny_bark().model.codec_model.decoder).tail == 0
+    assert EncodecStream(model.audio_encoder).holdback_samples == 2402
+    assert EncodecStream(tiny_bark().model.codec_model).holdback_samples == 0
 
 
 @pytest.mark.parametrize("name", ["musicgen", "bark"])
@@ -41,7 +41,7 @@ def test_derived_tail_is_exactly_where_truncation_changes_the_audio(codecs, name
     codec, books, size = codecs[name]
     codes = torch.randint(0, size, (1, books, 40), generator=torch.Generator().manual_seed(0))
     full, part = one_shot(codec, codes), one_shot(codec, codes[..., :20])
-    boundary = part.size - decoder_reach(codec.decoder).tail
+    boundary = part.size - EncodecStream(codec).holdback_samples
     assert np.abs(part[:boundary] - full[:boundary]).max() < 1e-6
     if boundary < part.size:
         assert np.abs(part[boundary:] - full[boundary:part.size]).max() > 1e-5

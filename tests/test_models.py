@@ -206,8 +206,9 @@ def test_readme_spaces_header_lists_every_hub_model_the_app_may_load():
     """Spaces links (and can preload) the models named in the README's front matter: it must follow the presets."""
     from pathlib import Path
 
-    from pipelines.presets import hub_model_ids
+    from pipelines.presets import AUTO_MODELS
 
+    hub_model_ids = sorted({spec.hub_id for specs in AUTO_MODELS.values() for spec in specs if spec.hub_id})
     front_matter = (Path(__file__).parents[1] / "README.md").read_text().split("---\n")[1]
     listed = front_matter.split("models:\n", 1)[1].splitlines()
-    assert [line.removeprefix("  - ") for line in listed if line.startswith("  - ")] == hub_model_ids()
+    assert [line.removeprefix("  - ") for line in listed if line.startswith("  - ")] == hub_model_ids

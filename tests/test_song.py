@@ -12,14 +12,24 @@ from pipelines.decoding.plain import SamplingConfig
 from pipelines.decoding.tree import TokenTree
 from pipelines.decoding.verify import Drafter
 from pipelines.audio.lyrics import parse_sections, plan_timeline
-from pipelines.audio.musicgen import (ColumnVocabulary, MusicgenDecodeStats, build_delay_pattern, column_drafter,
-                                      decode_columns, delay_pattern_pad_mask, encode_text, revert_delay_pattern,
-                                      stream_accompaniment)
+from pipelines.audio.musicgen import (ColumnVocabulary, MusicgenDecodeStats, column_drafter, decode_columns,
+                                      delay_pattern_pad_mask, encode_text, revert_delay_pattern, stream_accompaniment)
 from pipelines.streaming import Returning
 from pipelines.tiny import tiny_musicgen
 
 GREEDY = SamplingConfig(temperature=0.0)
 GUIDANCE = 3.0
+
+
+def build_delay_pattern(codes: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``[B, K, T]`` frames -> ``[B, K, T + K]`` delayed columns: column 0 is the start column (all pad) and
+    codebook k of frame f sits at column ``f + 1 + k``; every other cell is pad (transformers' layout)."""
+    batch, num_codebooks, frames = codes.shape
+    delayed = torch.full((batch, num_codebooks, frames + num_codebooks), pad_id, dtype=codes.dtype,
+                         device=codes.device)
+    for k in range(num_codebooks):
+        delayed[:, k, 1 + k:1 + k + frames] = codes[:, k]
+    return delayed
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,16 @@
 """Speech: Bark's AR stages in the project's loop (stock-exact, lossless drafting), exact chunk seams, the tab."""
 from __future__ import annotations
 
+import io
 import json
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.audio.pcm import ChunkSchedule, read_wav, wav_bytes
+from pipelines.audio.pcm import ChunkSchedule, wav_bytes
 from pipelines.audio.bark import BarkOutput, BarkSettings, BarkTTS, codec_decode, synthesize, synthesize_steps, text_ids
 from pipelines.base import PipelineError, Progress
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode
@@ -19,6 +21,14 @@ from pipelines.decoding.verify import CausalLMForward, NoDraft, speculative_deco
 from pipelines.tiny import tiny_bark, tiny_causal_lm
 
 TEXT = "Hello world, a red hat."
+
+
+def read_wav(data: bytes) -> tuple[int, np.ndarray]:
+    """(sample_rate, float32 samples) of a mono 16-bit WAV given as bytes."""
+    with wave.open(io.BytesIO(data), "rb") as handle:
+        rate = handle.getframerate()
+        pcm = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
+    return rate, pcm.astype(np.float32) / 32767.0
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -99,12 +99,6 @@ def split_at_lstm(decoder) -> tuple[list[nn.Module], EncodecLSTM, list[nn.Module
     return layers[:at[0]], layers[at[0]], layers[at[0] + 1:]
 
 
-def decoder_reach(decoder) -> Reach:
-    """Tail and need of the whole decoder: the LSTM is causal, so it adds no tail and needs nothing ahead."""
-    before, _, after = split_at_lstm(decoder)
-    return stack_reach(before).then(stack_reach(after))
-
-
 def run_layers(layers, hidden: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         hidden = layer(hidden)

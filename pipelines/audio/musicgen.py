@@ -68,17 +68,6 @@ def load_musicgen(resolved: ResolvedModel, store: ModelStore) -> Musicgen:
     return Musicgen(model.to(store.device).eval(), tokenizer)
 
 
-def build_delay_pattern(codes: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """``[B, K, T]`` frames -> ``[B, K, T + K]`` delayed columns: column 0 is the start column (all pad) and
-    codebook k of frame f sits at column ``f + 1 + k``; every other cell is pad (transformers' layout)."""
-    batch, num_codebooks, frames = codes.shape
-    delayed = torch.full((batch, num_codebooks, frames + num_codebooks), pad_id, dtype=codes.dtype,
-                         device=codes.device)
-    for k in range(num_codebooks):
-        delayed[:, k, 1 + k:1 + k + frames] = codes[:, k]
-    return delayed
-
-
 def revert_delay_pattern(delayed: torch.Tensor) -> torch.Tensor:
     """``[B, K, C]`` delayed columns (C >= K) -> the ``C - K`` frames that are complete in them."""
     num_codebooks, columns = delayed.shape[1], delayed.shape[2]

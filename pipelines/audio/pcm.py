@@ -72,14 +72,6 @@ def save_float_wav(audio: np.ndarray, sample_rate: int, parameters: dict[str, An
     return str(path)
 
 
-def read_wav(data: bytes) -> tuple[int, np.ndarray]:
-    """(sample_rate, float32 samples) of a mono 16-bit WAV given as bytes."""
-    with wave.open(io.BytesIO(data), "rb") as handle:
-        rate = handle.getframerate()
-        pcm = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
-    return rate, pcm.astype(np.float32) / 32767.0
-
-
 @dataclass
 class AudioChunk:
     """One streamed piece of audio: the ``Partial`` value of the speech and song tabs. ``samples`` are float32,

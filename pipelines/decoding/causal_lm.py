@@ -48,10 +48,10 @@ def load_causal_lm(resolved: ResolvedModel, store: ModelStore) -> CausalLM:
     return CausalLM(model.to(store.device).eval(), tokenizer)
 
 
-def eos_token_ids(lm: CausalLM) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """Every id that ends a reply: the generation config's and the tokenizer's (chat models often list several)."""
     ids: set[int] = set()
-    for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         if isinstance(source, int):
             ids.add(source)
         elif source:

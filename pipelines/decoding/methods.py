@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..base import PipelineError
+from ..base import PipelineError, require_choice
 from .drafters.draft_model import DraftModel
 from .drafters.lookahead import LookaheadConfig, LookaheadTrie
 from .drafters.prompt_lookup import PromptLookup
@@ -96,8 +96,7 @@ TRAINED_STATS = {"draft_head": False, "ppd_prompt_tokens": False}
 
 def require_method(name: str) -> Method:
     """The registered method ``name``, or an error listing the ones there are."""
-    if name not in DECODING_METHODS:
-        raise PipelineError(f"Unknown decoding method {name!r}. Choose one of: {', '.join(DECODING_METHODS)}.")
+    require_choice(name, "decoding method", DECODING_METHODS)
     return DECODING_METHODS[name]
 
 

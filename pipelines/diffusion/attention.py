@@ -38,11 +38,8 @@ LayerFilter = Callable[[str], bool] | Collection[str] | None
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
     """Module names of every cross-attention (``attn2``) layer of the spatial transformers, in UNet order."""
-    names = []
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and getattr(module, "is_cross_attention", False) and "motion_modules" not in name:
-            names.append(name)
-    return names
+    return [name for name, module in unet.named_modules()
+            if name.endswith("attn2") and getattr(module, "is_cross_attention", False) and "motion_modules" not in name]
 
 
 def cross_attention_levels(unet: torch.nn.Module) -> dict[str, int]:

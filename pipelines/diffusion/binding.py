@@ -211,12 +211,6 @@ def entropy_losses(maps: torch.Tensor, noun_positions: list[int], last: int, tem
     return -2 * (nouns * torch.log(nouns + 1e-5)).flatten(1).sum(1)
 
 
-def entropy_loss(maps: torch.Tensor, noun_positions: list[int], last: int, temperature: float) -> torch.Tensor:
-    """The batch's total of ``entropy_losses``: what the gradients are taken of (each image's latents and text
-    rows reach only its own maps, so each gets the gradient of its own loss)."""
-    return entropy_losses(maps, noun_positions, last, temperature).sum()
-
-
 def entropy_threshold(config: BindingConfig, step: int, nouns: int, cells: int) -> float:
     """The official stopping threshold (for 32x32 maps) as the same share of the largest possible loss on a grid
     of ``cells``: the loss is 2x an entropy, which tops out at 2·ln(cells) per noun."""

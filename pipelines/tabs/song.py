@@ -25,8 +25,8 @@ from ..audio.lyrics import Section, TimedSection, describe_timeline, parse_secti
 from ..audio.musicgen import Accompaniment, load_musicgen, stream_accompaniment
 from ..audio.pcm import AudioChunk, mix_stems, save_float_wav
 from ..audio.vocals import VocalTrack
-from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range, require_text,
-                    resolve_seed)
+from ..base import (Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_choice, require_range,
+                    require_text, resolve_seed)
 from ..decoding.plain import SamplingConfig
 from ..microsong.model import load_note_model
 from ..microsong.song import SAMPLE_RATE, stream_events
@@ -117,8 +117,7 @@ class SongPipeline(Pipeline):
         return [item for kind in MODE_KINDS["dual"] for item in fetch_plan(self.candidates(kind), self.store)]
 
     def validate(self, request: SongRequest) -> list[Section]:
-        if request.mode not in MODES:
-            raise PipelineError(f"Unknown mode {request.mode!r}. Choose one of: {', '.join(MODES)}.")
+        require_choice(request.mode, "mode", MODES)
         require_text(request.lyrics, "Lyrics")
         require_text(request.style, "Style")
         require_range(request.duration_s, "Duration (s)", 1.0, MAX_DURATION_S[request.mode])

@@ -8,8 +8,8 @@ from typing import Any, Iterator
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_range,
-                    require_text, resolve_seed, side_of_ab, with_baseline)
+from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_choice,
+                    require_range, require_text, resolve_seed, side_of_ab, with_baseline)
 from ..decoding.causal_lm import CausalLM, eos_token_ids, load_causal_lm
 from ..decoding.methods import TRAINED_STATS, build_drafter, require_method
 from ..decoding.plain import DecodeStats, SamplingConfig, plain_decode
@@ -102,7 +102,8 @@ class TextPipeline(PresetModels, Pipeline):
         lm = self.load(request.model)
         input_ids = self.encode_prompt(lm, request)
         stats = DecodeStats(top_logits=[])
-        reply = Reply(lm.tokenizer, eos_token_ids(lm), StopStrings(lm.tokenizer, request.stop_strings))
+        tokenizer = lm.tokenizer
+        reply = Reply(tokenizer, eos_token_ids(lm.model, tokenizer), StopStrings(tokenizer, request.stop_strings))
         start = time.perf_counter()
         first_token_s = None
         with lm.lock:
@@ -159,8 +160,7 @@ class TextPipeline(PresetModels, Pipeline):
     def generate_ab(self, request: TextRequest) -> Iterator[Event]:
         """Same-seed A/B: the request decoded with vanilla (A, Partials tagged "A"), then as set (B); B's Result
         carries A's, so a caller sees both texts, both speeds and whether B reproduced A's tokens."""
-        if request.compare not in COMPARISONS:
-            raise PipelineError(f"Unknown comparison {request.compare!r}. Choose one of: {', '.join(COMPARISONS)}.")
+        require_choice(request.compare, "comparison", COMPARISONS)
         request.seed = resolve_seed(request.seed)  # both sides sample with one seed
         single = replace(request, compare=NO_COMPARISON)
         baseline = yield from side_of_ab(self.generate(replace(single, method="vanilla")))

@@ -301,13 +301,9 @@ def setup(config_class: type, argv: list[str] | None, description: str):
     config = config_class(**vars(parser.parse_args(argv)))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ...packaged import PACKAGED_RESOLVERS
+    from ...packaged import packaged_location
 
-    location = config.model
-    if location in PACKAGED_RESOLVERS:
-        location = PACKAGED_RESOLVERS[location]()
-        if location is None:
-            raise SystemExit(f"The packaged model {config.model!r} is not installed (see requirements-weights.txt).")
+    location = packaged_location(config.model)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer = AutoTokenizer.from_pretrained(location)

@@ -202,7 +202,6 @@ def methods_for(args) -> list[Method]:
     return methods
 
 
-@torch.no_grad()
 @dataclass
 class Reference:
     """Each method's eager output, peak memory and merging stats at one size: what its timed rows compare to."""
@@ -291,6 +290,7 @@ def method_row(method: Method, times: dict[str, list[float]], reference: Referen
         "graph_vs_eager_max_abs_diff": replay_diff.get(method.name)}
 
 
+@torch.no_grad()
 def measure_size(unet, size: int, methods: list[Method], args, device, dtype) -> list[dict]:
     """Every method at one latent size, in each of ``args.modes``: a row each, or its error."""
     inputs = unet_inputs(unet, size, args.batch, device, dtype)  # timestep 999 until the timing loop

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import torch
 
@@ -17,7 +18,7 @@ def test_image_speed_measures_every_size_without_autograd(monkeypatch):
     monkeypatch.setattr(image_speed, "eager_reference", eager_reference)
     monkeypatch.setattr(image_speed, "unet_inputs", lambda *_args: {})
     try:
-        image_speed.measure_size(None, 64, [], None, "cpu", torch.float32)
+        image_speed.measure_size(None, 64, [], SimpleNamespace(batch=2), "cpu", torch.float32)
     except StopIteration:
         pass
     assert seen == [False]

@@ -92,12 +92,13 @@ class CandidateTrie:
         where = [at] * len(tree)
         tokens, parents, depths, sources, children = self.tokens, self.parents, self.depths, self.sources, self.children
         ids, buckets, last = self._ids, self.buckets, self.last
+        levels = [min(depth + below, DEPTH_BUCKETS) for depth in range(MAX_DEPTH + 1)]  # a tree depth's bucket
         for i, token, up, depth, feature in zip(range(1, len(tree)), islice(tree.tokens, 1, None),
                                                 islice(tree.parents, 1, None), islice(tree.depths, 1, None),
                                                 islice(features, 1, None)):
             if depth > MAX_DEPTH:
                 continue  # and so are its descendants: parents come first
-            bucket = (source, feature, min(depth + below, DEPTH_BUCKETS), last)
+            bucket = (source, feature, levels[depth], last)
             bucket_id = ids.get(bucket)
             if bucket_id is None:
                 bucket_id = ids[bucket] = len(buckets)

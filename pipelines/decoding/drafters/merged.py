@@ -349,8 +349,8 @@ class MergedDrafter(Drafter):
 
     def _depth_first(self, trie: CandidateTrie, path: list[float], kept: list[int]) -> tuple[TokenTree, list[float]]:
         """The ``kept`` nodes in depth-first order, likeliest child first (ties: the later node), and their path
-        probabilities; keeps the tree and each node's bucket ids for ``update`` (which finds the verified nodes in
-        it by their tokens: cheaper than a key per proposed node, as only the accepted path's children are read)."""
+        probabilities; keeps the tree and each node's bucket ids for ``update``, which reads them by node
+        (``_proposed_index``): a token-path key per proposed node cost a tuple each, for the few that update reads."""
         below: dict[int, list[int]] = {node: [] for node in kept}  # a kept node's parent is kept: it ranks higher
         for node in sorted(sorted(kept), key=path.__getitem__):  # by (path, node): stacked least likely first
             if node:

@@ -14,10 +14,14 @@ inflate it); on a GPU keep ``wall``: a read from the device waits there, and tha
 size their trees as they did there. Device work, not host work, on a GPU: ``StaticForward._step`` (the forward: one
 graph replay there), ``HeadDrafts.launch`` and ``TokenRecycling.launch`` (one replay each there);
 ``TokenRecycling.update`` is mostly the top-k over the verified rows' logits.
+The ``gc generation N`` rows are the garbage collector's passes, already counted inside whichever rows allocated
+when they ran: on a CPU the eager forward's allocations set off full passes of ~0.2 s that land in a drafter row in
+one run and not in the next, so compare the drafter rows of runs whose gc rows match (or subtract them).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -80,6 +84,23 @@ def timing(clock, spent: dict[str, float], calls: dict[str, int]) -> None:
         setattr(owner, name, timed)
 
 
+def gc_timing(clock, spent: dict[str, float], calls: dict[str, int]) -> None:
+    """Add up the garbage collector's passes as one more row: a pass runs inside whichever timed function allocated
+    past the collector's threshold, so a few full passes (a CPU's eager forward allocates thousands of objects a
+    step) can double a drafter row in one run and not the next; this row says how much of the rows they are."""
+    started = [0.0]
+
+    def collected(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = clock()
+        else:
+            label = f"gc generation {info['generation']} (inside the rows)"
+            spent[label] += clock() - started[0]
+            calls[label] += 1
+
+    gc.callbacks.append(collected)
+
+
 def counting_rows(rows: list[int]) -> None:
     """Append every verified tree's size to ``rows`` (what the cost curve priced)."""
     choose_run = verify.choose_run
@@ -137,6 +158,7 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     timing(CLOCKS[args.clock], spent, calls)
+    gc_timing(CLOCKS[args.clock], spent, calls)
     trees: list[int] = []
     counting_rows(trees)
     results = [pipeline.run(TextRequest(prompt=prompt, **request)) for prompt in prompts]

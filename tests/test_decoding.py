@@ -383,7 +383,7 @@ def test_merged_drafter_learns_acceptance_per_source():
     drafter.update(chain, torch.zeros(2, 50), [7, 8])
     assert drafter.last == FULL
     drafter.propose(prompt + [3, 9, 1, 0, 7, 8])
-    buckets = [b for sources in drafter.sources.values() for b in sources]
+    buckets = [drafter.buckets[b] for ids in drafter.sources for b in ids]
     assert buckets and all(b[-1] == FULL for b in buckets)
 
 

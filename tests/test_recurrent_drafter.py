@@ -136,14 +136,15 @@ def test_merged_drafter_takes_the_heads_tree_as_a_source(models):
     drafter.start([5, 6, 7])
     drafts.anchor = torch.randn(model.config.hidden_size)
     tree = drafter.propose([5, 6, 7])
-    heads = {key for key, buckets in drafter.sources.items() if any(b[0] == "redrafter" for b in buckets)}
+    heads = {tuple(root_path(drafter.proposed, node)[1:]) for node, ids in enumerate(drafter.sources)
+             if any(drafter.buckets[b][0] == "redrafter" for b in ids)}
     head_tree = drafts.candidates(7, drafter.offer)[0]
     assert heads and heads <= {tuple(root_path(head_tree, i)[1:]) for i in range(1, len(head_tree))}
     assert len(tree) > 1
     drafter.costs, drafter.kept = STEEP, 2.0  # a CPU's small trees: the head's levels would cost more than they add
     drafter.propose([5, 6, 7])
     assert drafter.offer < 64
-    assert not any(b[0] == "redrafter" for buckets in drafter.sources.values() for b in buckets)
+    assert not any(bucket[0] == "redrafter" for bucket in drafter.buckets)
     assert not drafter.reads_hidden  # so the next request's forwards do not record features at all
     prompt = repetitive_prompt(3, 20)
     reference = run(plain_decode(model, prompt, 20, SamplingConfig(), set()))

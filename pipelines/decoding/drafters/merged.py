@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from itertools import islice
+from typing import Sequence
 
 import torch
 
@@ -68,12 +69,16 @@ def _prior(bucket: tuple) -> float:
 
 
 class CandidateTrie:
-    """The step's de-duplicated trie of every source's candidates: per node its token, parent, depth, the
-    buckets of the sources that proposed it, and its children by token."""
+    """The step's de-duplicated trie of every source's candidates: per node its token, parent, depth, the ids of the
+    buckets of the sources that proposed it (``buckets[id]`` is the bucket), and its children by token. Nodes name
+    their buckets by id so the rates are estimated and read per distinct bucket: a bucket is a tuple, whose hash
+    Python recomputes at every lookup (~300 nodes a step on a GPU's trees, each looked up twice)."""
 
     def __init__(self, root: int, last: int) -> None:
         self.tokens, self.parents, self.depths = [root], [-1], [0]
-        self.buckets: list[list[tuple]] = [[]]
+        self.sources: list[list[int]] = [[]]
+        self.buckets: list[tuple] = []
+        self._ids: dict[tuple, int] = {}
         self.children: list[dict[int, int]] = [{}]
         self.last = last  # how the previous step went: the last part of every bucket
 
@@ -85,13 +90,19 @@ class CandidateTrie:
         ``features[i]`` is ``source``'s feature of its node ``i`` (the root's is not read). Returns the trie node
         of each node of ``tree``."""
         where = [at] * len(tree)
-        tokens, parents, depths, buckets, children = self.tokens, self.parents, self.depths, self.buckets, self.children
-        last = self.last
+        tokens, parents, depths, sources, children = self.tokens, self.parents, self.depths, self.sources, self.children
+        ids, buckets, last = self._ids, self.buckets, self.last
+        levels = [min(depth + below, DEPTH_BUCKETS) for depth in range(MAX_DEPTH + 1)]  # a tree depth's bucket
         for i, token, up, depth, feature in zip(range(1, len(tree)), islice(tree.tokens, 1, None),
                                                 islice(tree.parents, 1, None), islice(tree.depths, 1, None),
                                                 islice(features, 1, None)):
             if depth > MAX_DEPTH:
                 continue  # and so are its descendants: parents come first
+            bucket = (source, feature, levels[depth], last)
+            bucket_id = ids.get(bucket)
+            if bucket_id is None:
+                bucket_id = ids[bucket] = len(buckets)
+                buckets.append(bucket)
             parent = where[up]
             siblings = children[parent]
             node = siblings.get(token)
@@ -100,10 +111,10 @@ class CandidateTrie:
                 tokens.append(token)
                 parents.append(parent)
                 depths.append(depths[parent] + 1)
-                buckets.append([(source, feature, min(depth + below, DEPTH_BUCKETS), last)])
+                sources.append([bucket_id])
                 children.append({})
             else:
-                buckets[node].append((source, feature, min(depth + below, DEPTH_BUCKETS), last))
+                sources[node].append(bucket_id)
             where[i] = node
         return where
 
@@ -167,7 +178,10 @@ class MergedDrafter(Drafter):
         self.memory = memory
         self.offered: dict[tuple, int] = {}
         self.accepted: dict[tuple, int] = {}
-        self.sources: dict[tuple[int, ...], list[tuple]] = {}  # path of the last proposal -> its buckets
+        # the last proposal (before prompt chains), per node its bucket ids, and the buckets they name
+        self.proposed = TokenTree([0], [-1], [0])
+        self.sources: list[list[int]] = [[]]
+        self.buckets: list[tuple] = []
         self.steps = self.nodes = 0  # trees proposed and their total size: the size the cost curve chose
         self.kept = float(max_nodes)  # running mean of the verified size
         self.lookahead_nodes = lookahead.config.decoding_length
@@ -317,13 +331,11 @@ class MergedDrafter(Drafter):
     def _path_probabilities(self, trie: CandidateTrie) -> list[float]:
         """Per trie node, the product down from the root of its conditional acceptance: the best of its sources'
         rates, scaled down with its siblings' where theirs add up past one (siblings exclude each other)."""
-        rates: dict[tuple, float] = {}  # many nodes share a bucket: estimate each once per step
-        for bucket in {b for bs in islice(trie.buckets, 1, None) for b in bs}:
-            if bucket not in rates:  # estimated already as a deeper bucket's prior
-                self.rate(bucket, rates)
+        known: dict[tuple, float] = {}  # every bucket shares its parents' estimates
+        rates = [self.rate(bucket, known) for bucket in trie.buckets]
         rated = rates.__getitem__
-        conditional = [1.0] + [rated(bs[0]) if len(bs) == 1 else max(map(rated, bs))
-                               for bs in islice(trie.buckets, 1, None)]
+        conditional = [1.0] + [rates[ids[0]] if len(ids) == 1 else max(map(rated, ids))
+                               for ids in islice(trie.sources, 1, None)]
         for table in trie.children:
             if len(table) > 1:  # an only child's rate is at most one already
                 total = sum([conditional[i] for i in table.values()])
@@ -337,26 +349,25 @@ class MergedDrafter(Drafter):
 
     def _depth_first(self, trie: CandidateTrie, path: list[float], kept: list[int]) -> tuple[TokenTree, list[float]]:
         """The ``kept`` nodes in depth-first order, likeliest child first (ties: the later node), and their path
-        probabilities; records each node's sources under its token path for ``update``."""
+        probabilities; keeps the tree and each node's bucket ids for ``update``, which reads them by node
+        (``_proposed_index``): a token-path key per proposed node cost a tuple each, for the few that update reads."""
         below: dict[int, list[int]] = {node: [] for node in kept}  # a kept node's parent is kept: it ranks higher
         for node in sorted(sorted(kept), key=path.__getitem__):  # by (path, node): stacked least likely first
             if node:
                 below[trie.parents[node]].append(node)
-        tokens, buckets = trie.tokens, trie.buckets
-        order, out_parents, sources = [0], [-1], {(): buckets[0]}
-        stack: list[tuple[int, int, tuple[int, ...]]] = [(child, 0, ()) for child in below[0]]
+        order, out_parents = [0], [-1]
+        stack: list[tuple[int, int]] = [(child, 0) for child in below[0]]
         pop, push = stack.pop, stack.append  # bound once: ~70 nodes a step
         while stack:
-            node, parent, prefix = pop()
+            node, parent = pop()
             here = len(order)
             order.append(node)
             out_parents.append(parent)
-            key = prefix + (tokens[node],)
-            sources[key] = buckets[node]
             for child in below[node]:
-                push((child, here, key))
-        self.sources = sources
-        tree = TokenTree([tokens[i] for i in order], out_parents, [trie.depths[i] for i in order])
+                push((child, here))
+        tokens, depths, sources = trie.tokens, trie.depths, trie.sources
+        tree = TokenTree([tokens[i] for i in order], out_parents, [depths[i] for i in order])
+        self.proposed, self.sources, self.buckets = tree, [sources[i] for i in order], trie.buckets
         return tree, [path[i] for i in order]
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
@@ -390,24 +401,39 @@ class MergedDrafter(Drafter):
         """A drafted step's outcome: per bucket, its offered nodes below the accepted path and which were accepted;
         what the head alone gained for its time; what the prompt chains guessed."""
         on_path = set(path)
-        keys: dict[int, tuple[int, ...]] = {0: ()}  # token paths of the accepted nodes: their children's sources
-        for node in path[1:]:
-            keys[node] = keys[tree.parents[node]] + (tree.tokens[node],)
+        index, sources, buckets = self._proposed_index(tree), self.sources, self.buckets
         offered, accepted_counts, memory = self.offered, self.accepted, self.memory
-        for i, parent, token in zip(range(1, len(tree)), tree.parents[1:], tree.tokens[1:]):
-            if parent not in on_path:
+        for i, parent in zip(range(1, len(tree)), tree.parents[1:]):
+            if parent not in on_path or index[i] is None:
                 continue
             hit = i in on_path
-            for bucket in self.sources.get(keys[parent] + (token,), ()):
+            for bucket_id in sources[index[i]]:
+                bucket = buckets[bucket_id]
                 offered[bucket] = offered.get(bucket, 0) * memory + 1
                 accepted_counts[bucket] = accepted_counts.get(bucket, 0) * memory + hit
         if self.head_on and self.ledger is not None and self._head_s:
-            alone = sum(1 for i in path[1:] if {b[0] for b in self.sources.get(keys[i], ())} == {"redrafter"})
+            alone = sum(1 for i in path[1:] if self._only_source(index[i], "redrafter"))
             self.ledger.observe(alone, len(accepted), self._head_s, time.perf_counter() - self._step_started)
         if self.chains is not None:
             if self.chains.guesses is not None:
-                self.chains.credit(sum(1 for i in on_path if i and {b[0] for b in self.sources.get(keys[i], ())} == {"ppd"}))
+                self.chains.credit(sum(1 for i in on_path if i and self._only_source(index[i], "ppd")))
             self.chains.read(full_tree, full_logits, accepted)
+
+    def _proposed_index(self, tree: TokenTree) -> Sequence[int | None]:
+        """Per node of the verified ``tree``, the proposed node holding the same tokens from the root (None: none
+        does). The verified tree is nearly always the proposal or a prefix of it (a bucket's fit, the real part before
+        prompt chains): the same indices. Only a cut by depth (a request's last tokens) renumbers it."""
+        proposed, n = self.proposed, len(tree)
+        if tree.parents == proposed.parents[:n] and tree.tokens == proposed.tokens[:n]:
+            return range(n)
+        found: list[int | None] = [0]
+        for up, token in zip(tree.parents[1:], tree.tokens[1:]):
+            found.append(proposed.child(found[up], token) if found[up] is not None else None)
+        return found
+
+    def _only_source(self, node: int | None, source: str) -> bool:
+        """Whether proposed ``node`` was drafted by ``source`` alone."""
+        return node is not None and {self.buckets[b][0] for b in self.sources[node]} == {source}
 
     def finish(self) -> None:
         self._launched = None

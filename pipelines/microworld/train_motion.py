@@ -148,30 +148,26 @@ def spatial_lora_state(model: Any) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def saved_lora_rank(folder: Path) -> int:
-    """The rank of the spatial LoRA saved in ``folder`` (0: none)."""
-    from safetensors import safe_open
+def saved_lora(folder: Path) -> dict[str, torch.Tensor]:
+    """The spatial LoRA saved in ``folder`` (diffusers' keys), or {} where there is none."""
+    from safetensors.torch import load_file
 
-    if not (folder / SPATIAL_LORA).is_file():
-        return 0
-    with safe_open(str(folder / SPATIAL_LORA), "pt") as weights:
-        return next(weights.get_slice(k).get_shape()[0] for k in weights.keys() if ".lora_A." in k)
+    return load_file(str(folder / SPATIAL_LORA)) if (folder / SPATIAL_LORA).is_file() else {}
 
 
 def spatial_lora(model: Any, config: MotionConfig) -> int:
     """Put the spatial LoRA on ``model``: the resumed folder's (its rank wins, as its adapter's layout does), else a
     fresh one of rank ``spatial_lora``; returns the rank (0: none, today's model)."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    resumed = saved_lora_rank(Path(config.resume)) if config.resume else 0
+    saved = saved_lora(Path(config.resume)) if config.resume else {}
+    resumed = next((v.shape[0] for k, v in saved.items() if ".lora_A." in k), 0)
     if resumed and config.spatial_lora not in (0, resumed):
         raise SystemExit(f"--spatial-lora {config.spatial_lora}: {config.resume} holds a rank-{resumed} LoRA.")
     rank = resumed or config.spatial_lora
     if rank:
         add_spatial_lora(model, rank)
     if resumed:
-        saved = load_file(str(Path(config.resume) / SPATIAL_LORA))
         loaded = set_peft_model_state_dict(model, {k.removeprefix("unet."): v.float() for k, v in saved.items()})
         missing = [k for k in loaded.missing_keys if ".lora_" in k]
         if loaded.unexpected_keys or missing:

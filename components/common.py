@@ -36,6 +36,7 @@ class Run:
     stage: str = ""  # the last Progress note ("loading model", ...), so a stop before step 1 says what it stopped
     finished: bool = False  # its result reached the browser, or it failed: a later Stop leaves it standing
     queued: bool = False  # asked for by a click, still waiting in the queue
+    result_stats: dict[str, Any] | None = None  # the Result's stats, once the pipeline made it
 
     def stopped_stats(self) -> dict[str, Any]:
         unit, elapsed = STEP_UNITS.get(self.task, "step"), time.monotonic() - self.started
@@ -81,6 +82,12 @@ class RunRegistry:
         running = [run for run in runs if not run.finished]
         return running[0] if running else None
 
+    def ended(self, session: str | None, task: str) -> Run | None:
+        """The session's last run on ``task`` if it has ended."""
+        with self._lock:
+            run = self._runs.get((session or "", task))
+        return run if run is not None and run.finished else None
+
 
 CANCELS = RunRegistry()
 
@@ -92,14 +99,17 @@ def session_of(request: gr.Request | None) -> str | None:
 def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message: gr.Markdown | None = None) -> None:
     """Stop cancels ``events`` (queued or running) and reports where the run stopped in ``stats`` (and
     ``message``): the partial output stays, and the stats say plainly that it is not a finished result. A Stop
-    while the clicked request still waits in the queue says so (otherwise the panels stayed empty)."""
+    while the clicked request still waits in the queue says so (otherwise the panels stayed empty). A Stop that
+    lands as a run ends shows the finished run's stats again: Gradio's cancel can drop the result's last message
+    on its way to the browser, which left the stats panel empty."""
     outputs = [stats] + ([message] if message is not None else [])
 
     def stop_and_report(request: gr.Request):
         session = session_of(request)
         run = CANCELS.stop(session, task)
-        if run is None:  # nothing asked for, or the run had ended: its result stands
-            report = [gr.skip(), gr.skip()]
+        if run is None:  # nothing asked for, or the run had ended: its result stands, its stats shown again
+            ended = CANCELS.ended(session, task)
+            report = [ended.result_stats if ended is not None and ended.result_stats else gr.skip(), gr.skip()]
         elif run.queued:
             run.finished = True
             report = [{"stopped": True, "stopped_at": "before it started"},
@@ -145,6 +155,8 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
         for event in events:
             if isinstance(event, Progress):
                 run.step, run.total, run.stage = event.step, event.total, event.note
+            elif isinstance(event, Result):
+                run.result_stats = event.stats
             yield event
         run.finished = True  # not closed by a cancel: every event, the result too, reached the browser
     except PipelineError as error:

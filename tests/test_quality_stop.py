@@ -163,14 +163,16 @@ def test_a_run_closed_with_its_result_in_flight_is_reported_by_stop(app):
     events.close()
     assert CANCELS.stop(None, "text") is not None
     events = run_pipeline(app.registry["text"], request, None)
-    assert any(isinstance(event, Result) for event in list(events))
+    results = [event for event in events if isinstance(event, Result)]
     assert CANCELS.stop(None, "text") is None, "a run whose every event was taken has finished"
+    assert CANCELS.ended(None, "text").result_stats is results[0].stats, "kept for a Stop that lands as it ends"
 
 
 def test_the_stop_button_writes_its_report_into_the_tab_panels():
     """The Stop button's own handler: one stats dict for a tab with a stats panel, stats and a message for the
     text tab; "before it started" while the clicked request has not left the queue (the first one, or one queued
-    after a run that ended); nothing (skipped) once the session's run on that tab has ended."""
+    after a run that ended); nothing (skipped) once the session's run on that tab has ended, but the finished run's
+    stats again (Gradio's cancel can drop the result's last message)."""
     from types import SimpleNamespace
 
     import gradio as gr
@@ -204,6 +206,9 @@ def test_the_stop_button_writes_its_report_into_the_tab_panels():
     assert report["tokens_per_s"] == pytest.approx(7 / report["time_s"], rel=0.05)
     run.finished = True
     assert all(isinstance(value, dict) and value.get("__type__") for value in text_stop(session)), "skipped"
+    run.result_stats = {"tokens_per_s": 50.0}  # a run that ended with its result, as Stop lands
+    report, shown = text_stop(session)
+    assert report == {"tokens_per_s": 50.0} and shown.get("__type__"), "the finished run's stats shown again"
     CANCELS.ask(session.session_hash, "text")  # a second click, queued after the run that ended
     assert text_stop(session)[0]["stopped_at"] == "before it started"
     running = CANCELS.start(session.session_hash, "text")

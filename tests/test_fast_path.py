@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines.diffusion import fast
 from pipelines.diffusion.attention import AttentionControl, KeyBias
 from pipelines.diffusion.fast import FastUNet, StaticBiases, choose_backend, unet_graphs
 from pipelines.diffusion.lpa import route_style_tokens
@@ -202,3 +203,19 @@ def test_switching_between_controls_and_sizes_reuses_every_graph():
     first = round_of_requests()
     assert len(first) >= 2 * len(configs) - 2  # merging may share a key with its plain size; the rest differ
     assert round_of_requests() == first
+
+
+def test_graph_cache_misses_count_the_entries_a_request_builds(image_pipeline, monkeypatch):
+    """``graph_cache_misses`` is the number of entries a request had to build (on a GPU each is a capture, ~0.1 s
+    at SD1.5 512 px): none when a request finds its graph; one per request when two configurations take turns in a
+    cache with room for one (as the served benchmark's nine configurations did in 8 entries at 26f4781). The
+    leakage fix changes only the prompt embeddings, so it is served by the plain request's graph."""
+    def misses(**controls: object) -> int:
+        return image_pipeline.run(ImageRequest(prompt="a red car by a table in watercolor style", model=TINY["sd15"],
+                                               steps=2, seed=1, width=32, height=32, **controls)
+                                  ).stats["graph_cache_misses"]
+
+    unet_graphs(image_pipeline.load(TINY["sd15"]).pipe.unet).entries.clear()
+    assert [misses(), misses(), misses(isolate="red car")] == [1, 0, 0]
+    monkeypatch.setattr(fast, "MAX_CACHED", 1)
+    assert [misses(lpa=True), misses(), misses(lpa=True), misses(lpa=True)] == [1, 1, 1, 0]

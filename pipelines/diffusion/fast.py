@@ -271,6 +271,7 @@ class FastUNet:
         self.capture_s = 0.0
         self.replays = 0
         self.eager_calls = 0
+        self.cache_misses = 0  # entries this run built: each one a capture on the graph backend
         self.capture_failures: set[str] = set()
         self._suspended = 0
         self._hooks: tuple[OrderedDict, dict] | None = None  # the UNet's pre-hooks, taken off while entered
@@ -379,6 +380,7 @@ class FastUNet:
             control.timestep = self.host_timestep(timestep) if static is not None and static.layers else None
         fresh = entry is None
         if fresh:
+            self.cache_misses += 1
             entry = self._new_entry(spec, tensors)
         else:
             self.cache.move_to_end(key)
@@ -427,6 +429,7 @@ class FastUNet:
             entry = self._lookup(cache_key)
             failed = self.state.graphs.failed
             if entry is None and cache_key not in failed:
+                self.cache_misses += 1
                 entry = self._new_entry(spec, inputs)
                 try:
                     output = self._capture(entry, lambda: fn(*entry.inputs))
@@ -517,7 +520,8 @@ class FastUNet:
 
     def stats(self) -> dict[str, Any]:
         """For the stats panel: the backend, seconds spent capturing in this run (0 when every graph was cached),
-        graph replays and eager UNet calls."""
+        cache entries it had to build (``graph_cache_misses``: on the graph backend each is a capture, so a cache
+        that evicts what the next request needs shows here on any device), graph replays and eager UNet calls."""
         failures = {"capture_failed": sorted(self.capture_failures)} if self.capture_failures else {}
-        return {"fast": self.backend, "capture_s": round(self.capture_s, 3), "graph_replays": self.replays,
-                "eager_unet_calls": self.eager_calls, **failures}
+        return {"fast": self.backend, "capture_s": round(self.capture_s, 3), "graph_cache_misses": self.cache_misses,
+                "graph_replays": self.replays, "eager_unet_calls": self.eager_calls, **failures}

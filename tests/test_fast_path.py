@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipelines.diffusion import fast
-from pipelines.diffusion.attention import AttentionControl, KeyBias
+from pipelines.diffusion.attention import AttentionControl, KeyBias, KeyShare, cross_attention_layers
 from pipelines.diffusion.fast import FastUNet, StaticBiases, choose_backend, unet_graphs
 from pipelines.diffusion.lpa import route_style_tokens
 from pipelines.diffusion.merging import apply_merging, merging_stats, remove_merging
@@ -156,6 +156,41 @@ def test_static_bias_equals_eager_bias_at_every_step():
             fast = static.bias(name, 2, 16, 77, torch.device("cpu"), torch.float32)
             expected = torch.zeros_like(fast) if eager is None else eager
             assert torch.equal(fast, expected), (name, step)
+
+
+def test_static_key_shares_equal_eager_and_build_their_counts_once(image_pipeline, monkeypatch):
+    """Compass's key shares on the fast path give the eager keys bit for bit, from counts built once per layer and
+    cache entry: not in every UNet call (on a GPU a zero fill and two kernels per share, layer and replay), and
+    not again for the next request served by the same entry."""
+    unet = tiny_sd15_pipeline().unet
+    control = AttentionControl(unet)
+    control.key_shares += [KeyShare(target=3, source=4), KeyShare(target=6, source=7),
+                           KeyShare(target=9, source=5, rows="all")]
+    static = StaticBiases(control)
+    key = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(0))
+    for name in control.layers:
+        eager = control.share_keys(name, key)
+        with control.static_biases(static):
+            assert torch.equal(control.share_keys(name, key), eager) and not torch.equal(eager, key)
+            assert torch.equal(control.share_keys(name, key), eager)
+
+    built: list[str] = []
+    count_shares = AttentionControl.share_counts
+
+    def spy(self: AttentionControl, name: str, *args: object) -> dict:
+        built.append(name)
+        return count_shares(self, name, *args)
+
+    monkeypatch.setattr(AttentionControl, "share_counts", spy)
+    request = dict(prompt="a red car by a table", model=TINY["sd15"], steps=3, seed=1, width=32, height=32,
+                   compass=COMPASS)
+    unet_graphs(image_pipeline.load(TINY["sd15"]).pipe.unet).entries.clear()
+    first = image_pipeline.run(ImageRequest(**request))
+    layers = cross_attention_layers(image_pipeline.load(TINY["sd15"]).pipe.unet)
+    assert first.stats["eager_unet_calls"] >= 3 and sorted(built) == sorted(layers)
+    built.clear()
+    image_pipeline.run(ImageRequest(**request))
+    assert built == []
 
 
 def test_cached_entry_is_refilled_with_the_next_requests_masks():

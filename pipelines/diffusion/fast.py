@@ -10,8 +10,8 @@ stock diffusers loop (scheduler, callbacks, previews, Stop) runs unchanged. Each
    shapes, dtypes and non-tensor arguments, the control structure, the merging config, the processors and hooks;
 2. the token controls' per-step choice (is this ``KeyBias`` on at this step and timestep?) is made on the host,
    from the scheduler's timesteps read once per run, exactly as ``KeyBias.active`` decides it eagerly, and written
-   into a static gate tensor; the controlled processors build their bias from gates and static masks
-   (``StaticBiases``), so the captured region has no Python branch on data;
+   into a static gate tensor; the controlled processors build their bias from gates and static masks, and add
+   shared keys by static counts (``StaticBiases``), so the captured region has no Python branch on data;
 3. the first call of a key runs once eagerly (warm-up: lazy inits, merging's index tables) and is then captured
    (``torch.cuda.CUDAGraph``, one memory pool per UNet); every call replays. The output is cloned, because the
    next replay overwrites it.
@@ -161,6 +161,18 @@ class StaticBiases:
         on = self.buffers["gates"].index_select(0, masks.index)[:, None] & masks.rows
         cells = on[:, :, None, None] & masks.queries[:, None, :, None] & masks.keys[:, None, None, :]
         return torch.where(cells, masks.values[:, None, None, None], 0).sum(0)[:, None]
+
+    def share_counts(self, name: str, batch: int, keys: int, device: torch.device,
+                     dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """The control's key-share counts of this layer, built once per cache entry instead of in every call (a
+        zero fill and two small kernels per share and layer that each replay would repeat). They follow from the
+        shares' targets, sources and rows and from the shapes, all part of the entry's key, so unlike the masks
+        they need no refill for a later request."""
+        key = ("shares", name, batch, keys, dtype)
+        counts = self.buffers.get(key)
+        if counts is None:
+            counts = self.buffers[key] = self.control.share_counts(name, batch, keys, device, dtype)
+        return counts
 
     def masks(self, name: str, batch: int, queries: int, keys: int, device: torch.device,
               dtype: torch.dtype) -> LayerMasks:

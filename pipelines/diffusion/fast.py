@@ -54,8 +54,10 @@ from .state import UNetGraphs, UNetState, unet_state
 BACKENDS = ("off", "eager", "graph")
 # Graphs kept per UNet (resolution x batch x control structure); least recently used goes first. Sized for a user
 # switching between the tab's control configurations at a few sizes, with binding's refinement graphs: with 8, the
-# served benchmark's nine configurations evicted binding's graphs, which it then recaptured on every call (H100:
-# capture_s 0.57 s of a 1.57 s request at 512 px, 0.81 s at 1024 px; image_served_h100_26f4781.json).
+# served benchmark's nine configurations (10 graphs, 5 of them binding's) evicted binding's graphs, which it then
+# recaptured on every call (H100: capture_s 0.57 s of a 1.57 s request at 512 px, 0.81 s at 1024 px;
+# image_served_h100_26f4781.json), and by the same rotation merge, lpa, compass and lpa+compass+merge recaptured
+# their one graph in every timed call while plain never did (leakfix uses plain's graph and kept it recent).
 # The graphs share one memory pool, so an entry costs its static inputs and output, not a pool of its own.
 MAX_CACHED = 32
 

@@ -8,7 +8,9 @@ called as its docs show (prompt string, CUDA generator, PIL output). Ours includ
 prompt parsing, controls, previews, PNG/MP4 writing with parameters.
 
 Rows: ``seconds`` (wall per output), ``ratio_vs_stock``, ``ratio_vs_plain`` (the tab with no controls), (binding)
-the refinement's UNet forwards/backwards per image and the last call's graph replays, and ``peak_memory_gb`` = the pipeline's weights + the largest allocation above them during a timed call + (ours) the
+the refinement's UNet forwards/backwards per image and the last call's graph replays, (ours) the
+``graph_cache_misses`` of every call, warm-up first (a miss in a timed call is a capture timed with it), and
+``peak_memory_gb`` = the pipeline's weights + the largest allocation above them during a timed call + (ours) the
 CUDA-graph pool the warm-up reserved for that configuration.
 
     python benchmarks/image_served.py --cases sd15:512,sd15:1024,sdxl:1024,video:512 \
@@ -184,11 +186,13 @@ def image_case(arch: str, size: int, folder: str, configs: list[str], args: argp
     device = store.device
 
     passes: dict[str, dict[str, int]] = {}
+    misses: dict[str, list[int]] = {}  # per call, warm-up first: a miss after warm-up is a capture in a timed call
 
     def ours(settings: dict[str, Any]) -> Callable[[], Any]:
         def call() -> None:
             stats = served.run(ImageRequest(prompt=PROMPT, model=folder, steps=args.steps, width=size, height=size,
                                             seed=1, **settings)).stats
+            misses.setdefault(str(settings), []).append(stats.get("graph_cache_misses"))
             if "binding_unet_forwards" in stats:  # the hardware-independent figure of binding's cost
                 passes[str(settings)] = {key: stats[key] for key in PASS_FIELDS}
         return call
@@ -201,7 +205,10 @@ def image_case(arch: str, size: int, folder: str, configs: list[str], args: argp
     calls = {"stock": direct, **{name: ours(IMAGE_CONFIGS[name]) for name in configs}}
     measured = compare(arch, size, calls, ours_weights, module_nbytes(stock) / 1e9, args, store)
     for row in measured:
-        row.update(passes.get(str(IMAGE_CONFIGS.get(row["config"])), {}))
+        settings = str(IMAGE_CONFIGS.get(row["config"]))
+        row.update(passes.get(settings, {}))
+        if settings in misses:
+            row["graph_cache_misses"] = misses[settings]
     return measured
 
 

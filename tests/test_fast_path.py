@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.diffusion.attention import AttentionControl, KeyBias
+from pipelines.diffusion import fast
+from pipelines.diffusion.attention import AttentionControl, KeyBias, KeyShare, cross_attention_layers
 from pipelines.diffusion.fast import FastUNet, StaticBiases, choose_backend, unet_graphs
 from pipelines.diffusion.lpa import route_style_tokens
 from pipelines.diffusion.merging import apply_merging, merging_stats, remove_merging
@@ -157,6 +158,41 @@ def test_static_bias_equals_eager_bias_at_every_step():
             assert torch.equal(fast, expected), (name, step)
 
 
+def test_static_key_shares_equal_eager_and_build_their_counts_once(image_pipeline, monkeypatch):
+    """Compass's key shares on the fast path give the eager keys bit for bit, from counts built once per layer and
+    cache entry: not in every UNet call (on a GPU a zero fill and two kernels per share, layer and replay), and
+    not again for the next request served by the same entry."""
+    unet = tiny_sd15_pipeline().unet
+    control = AttentionControl(unet)
+    control.key_shares += [KeyShare(target=3, source=4), KeyShare(target=6, source=7),
+                           KeyShare(target=9, source=5, rows="all")]
+    static = StaticBiases(control)
+    key = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(0))
+    for name in control.layers:
+        eager = control.share_keys(name, key)
+        with control.static_biases(static):
+            assert torch.equal(control.share_keys(name, key), eager) and not torch.equal(eager, key)
+            assert torch.equal(control.share_keys(name, key), eager)
+
+    built: list[str] = []
+    count_shares = AttentionControl.share_counts
+
+    def spy(self: AttentionControl, name: str, *args: object) -> dict:
+        built.append(name)
+        return count_shares(self, name, *args)
+
+    monkeypatch.setattr(AttentionControl, "share_counts", spy)
+    request = dict(prompt="a red car by a table", model=TINY["sd15"], steps=3, seed=1, width=32, height=32,
+                   compass=COMPASS)
+    unet_graphs(image_pipeline.load(TINY["sd15"]).pipe.unet).entries.clear()
+    first = image_pipeline.run(ImageRequest(**request))
+    layers = cross_attention_layers(image_pipeline.load(TINY["sd15"]).pipe.unet)
+    assert first.stats["eager_unet_calls"] >= 3 and sorted(built) == sorted(layers)
+    built.clear()
+    image_pipeline.run(ImageRequest(**request))
+    assert built == []
+
+
 def test_cached_entry_is_refilled_with_the_next_requests_masks():
     """A graph captured in one request replays in the next: the masks it reads must be the new request's."""
     pipe = tiny_sd15_pipeline()
@@ -202,3 +238,19 @@ def test_switching_between_controls_and_sizes_reuses_every_graph():
     first = round_of_requests()
     assert len(first) >= 2 * len(configs) - 2  # merging may share a key with its plain size; the rest differ
     assert round_of_requests() == first
+
+
+def test_graph_cache_misses_count_the_entries_a_request_builds(image_pipeline, monkeypatch):
+    """``graph_cache_misses`` is the number of entries a request had to build (on a GPU each is a capture, ~0.1 s
+    at SD1.5 512 px): none when a request finds its graph; one per request when two configurations take turns in a
+    cache with room for one (as the served benchmark's nine configurations did in 8 entries at 26f4781). The
+    leakage fix changes only the prompt embeddings, so it is served by the plain request's graph."""
+    def misses(**controls: object) -> int:
+        return image_pipeline.run(ImageRequest(prompt="a red car by a table in watercolor style", model=TINY["sd15"],
+                                               steps=2, seed=1, width=32, height=32, **controls)
+                                  ).stats["graph_cache_misses"]
+
+    unet_graphs(image_pipeline.load(TINY["sd15"]).pipe.unet).entries.clear()
+    assert [misses(), misses(), misses(isolate="red car")] == [1, 0, 0]
+    monkeypatch.setattr(fast, "MAX_CACHED", 1)
+    assert [misses(lpa=True), misses(), misses(lpa=True), misses(lpa=True)] == [1, 1, 1, 0]

@@ -323,19 +323,26 @@ class AttentionControl:
     def share_keys(self, name: str, key: torch.Tensor) -> torch.Tensor:
         """``key`` ([batch, keys, dim]) with this layer's key shares added: one masked add of the shifted key per
         source-to-target distance, so a batch with a share per row (a training batch of different prompts) costs
-        small fills of a [batch, keys] mask, not one autograd copy of the whole key per row in the backward."""
-        shares = [s for s in self.key_shares if s.active(name, key.shape[1])]
-        if not shares:
-            return key
-        counts: dict[int, torch.Tensor] = {}
-        for share in shares:
-            offset = share.source - share.target
-            if offset not in counts:
-                counts[offset] = torch.zeros(*key.shape[:2], 1, dtype=key.dtype, device=key.device)
-            counts[offset][self.row_slice(share.rows, key.shape[0]), share.target] += 1
-        for offset, count in counts.items():
+        small fills of a [batch, keys] mask, not one autograd copy of the whole key per row in the backward. On the
+        fast path the counts come from ``static`` (built once per cache entry, not in every captured call)."""
+        counter = self.static if self.static is not None else self
+        for offset, count in counter.share_counts(name, *key.shape[:2], key.device, key.dtype).items():
             key = key + count * key.roll(-offset, dims=1)
         return key
+
+    def share_counts(self, name: str, batch: int, num_keys: int, device: torch.device,
+                     dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """Per source-to-target distance of this layer's key shares, how often each ``[batch, keys, 1]`` key
+        gains the key that far along."""
+        counts: dict[int, torch.Tensor] = {}
+        for share in self.key_shares:
+            if not share.active(name, num_keys):
+                continue
+            offset = share.source - share.target
+            if offset not in counts:
+                counts[offset] = torch.zeros(batch, num_keys, 1, dtype=dtype, device=device)
+            counts[offset][self.row_slice(share.rows, batch), share.target] += 1
+        return counts
 
     def build_bias(self, name: str, batch: int, num_queries: int, num_keys: int, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor | None:

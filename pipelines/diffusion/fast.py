@@ -10,8 +10,8 @@ stock diffusers loop (scheduler, callbacks, previews, Stop) runs unchanged. Each
    shapes, dtypes and non-tensor arguments, the control structure, the merging config, the processors and hooks;
 2. the token controls' per-step choice (is this ``KeyBias`` on at this step and timestep?) is made on the host,
    from the scheduler's timesteps read once per run, exactly as ``KeyBias.active`` decides it eagerly, and written
-   into a static gate tensor; the controlled processors build their bias from gates and static masks
-   (``StaticBiases``), so the captured region has no Python branch on data;
+   into a static gate tensor; the controlled processors build their bias from gates and static masks, and add
+   shared keys by static counts (``StaticBiases``), so the captured region has no Python branch on data;
 3. the first call of a key runs once eagerly (warm-up: lazy inits, merging's index tables) and is then captured
    (``torch.cuda.CUDAGraph``, one memory pool per UNet); every call replays. The output is cloned, because the
    next replay overwrites it.
@@ -54,8 +54,10 @@ from .state import UNetGraphs, UNetState, unet_state
 BACKENDS = ("off", "eager", "graph")
 # Graphs kept per UNet (resolution x batch x control structure); least recently used goes first. Sized for a user
 # switching between the tab's control configurations at a few sizes, with binding's refinement graphs: with 8, the
-# served benchmark's nine configurations evicted binding's graphs, which it then recaptured on every call (H100:
-# capture_s 0.57 s of a 1.57 s request at 512 px, 0.81 s at 1024 px; image_served_h100_26f4781.json).
+# served benchmark's nine configurations (10 graphs, 5 of them binding's) evicted binding's graphs, which it then
+# recaptured on every call (H100: capture_s 0.57 s of a 1.57 s request at 512 px, 0.81 s at 1024 px;
+# image_served_h100_26f4781.json), and by the same rotation merge, lpa, compass and lpa+compass+merge recaptured
+# their one graph in every timed call while plain never did (leakfix uses plain's graph and kept it recent).
 # The graphs share one memory pool, so an entry costs its static inputs and output, not a pool of its own.
 MAX_CACHED = 32
 
@@ -161,6 +163,18 @@ class StaticBiases:
         on = self.buffers["gates"].index_select(0, masks.index)[:, None] & masks.rows
         cells = on[:, :, None, None] & masks.queries[:, None, :, None] & masks.keys[:, None, None, :]
         return torch.where(cells, masks.values[:, None, None, None], 0).sum(0)[:, None]
+
+    def share_counts(self, name: str, batch: int, keys: int, device: torch.device,
+                     dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """The control's key-share counts of this layer, built once per cache entry instead of in every call (a
+        zero fill and two small kernels per share and layer that each replay would repeat). They follow from the
+        shares' targets, sources and rows and from the shapes, all part of the entry's key, so unlike the masks
+        they need no refill for a later request."""
+        key = ("shares", name, batch, keys, dtype)
+        counts = self.buffers.get(key)
+        if counts is None:
+            counts = self.buffers[key] = self.control.share_counts(name, batch, keys, device, dtype)
+        return counts
 
     def masks(self, name: str, batch: int, queries: int, keys: int, device: torch.device,
               dtype: torch.dtype) -> LayerMasks:
@@ -271,6 +285,7 @@ class FastUNet:
         self.capture_s = 0.0
         self.replays = 0
         self.eager_calls = 0
+        self.cache_misses = 0  # entries this run built: each one a capture on the graph backend
         self.capture_failures: set[str] = set()
         self._suspended = 0
         self._hooks: tuple[OrderedDict, dict] | None = None  # the UNet's pre-hooks, taken off while entered
@@ -379,6 +394,7 @@ class FastUNet:
             control.timestep = self.host_timestep(timestep) if static is not None and static.layers else None
         fresh = entry is None
         if fresh:
+            self.cache_misses += 1
             entry = self._new_entry(spec, tensors)
         else:
             self.cache.move_to_end(key)
@@ -427,6 +443,7 @@ class FastUNet:
             entry = self._lookup(cache_key)
             failed = self.state.graphs.failed
             if entry is None and cache_key not in failed:
+                self.cache_misses += 1
                 entry = self._new_entry(spec, inputs)
                 try:
                     output = self._capture(entry, lambda: fn(*entry.inputs))
@@ -517,7 +534,8 @@ class FastUNet:
 
     def stats(self) -> dict[str, Any]:
         """For the stats panel: the backend, seconds spent capturing in this run (0 when every graph was cached),
-        graph replays and eager UNet calls."""
+        cache entries it had to build (``graph_cache_misses``: on the graph backend each is a capture, so a cache
+        that evicts what the next request needs shows here on any device), graph replays and eager UNet calls."""
         failures = {"capture_failed": sorted(self.capture_failures)} if self.capture_failures else {}
-        return {"fast": self.backend, "capture_s": round(self.capture_s, 3), "graph_replays": self.replays,
-                "eager_unet_calls": self.eager_calls, **failures}
+        return {"fast": self.backend, "capture_s": round(self.capture_s, 3), "graph_cache_misses": self.cache_misses,
+                "graph_replays": self.replays, "eager_unet_calls": self.eager_calls, **failures}

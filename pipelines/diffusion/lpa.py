@@ -12,6 +12,10 @@ SD1.5 block index, so they are correct on SDXL too (SDXL has no attention in dow
 - up1: the decoder's first (deepest) attention level — SD1.5 up_blocks.1, SDXL up_blocks.0;
 - up2: the decoder's later, higher-resolution attention levels — SD1.5 up_blocks.2-3, SDXL up_blocks.1.
 (The official table leaves SD1.5 down_blocks.2 and up_blocks.3 untagged; here they join their neighbours.)
+
+``causal_style`` (off by default, as in the paper): in a causal text encoder every token from the style words on has
+read the style (the words after them and above all the end token and the padding), so masking the style words alone
+leaves the style on content layers. With it on, those tokens count as style keys too (content words excepted).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class LPAConfig:
     window: tuple[float, float] = (300.0, 650.0)
     style_tags: tuple[str, ...] = ("up2",)
     content_tags: tuple[str, ...] = ("down1", "mid")
+    causal_style: bool = False  # not in the paper: also mask what has read the style (end tokens included)
 
 
 def layer_tags(layers: list[str]) -> dict[str, str]:

@@ -203,6 +203,15 @@ def scores(paths: list[str], truths: list[dict[str, Any]]) -> list[dict[str, flo
     return [effect.unit_metrics(score_file(path, truth), False) for path, truth in zip(paths, truths)]
 
 
+def pixel_change(off_paths: list[str], on_paths: list[str]) -> dict[str, float]:
+    """How much a variant moves the picture at all: the mean absolute pixel difference (0-255) from the baseline, and
+    the share of units whose difference averages over one level."""
+    changes = [float(np.abs(np.asarray(Image.open(a).convert("RGB"), np.float32)
+                            - np.asarray(Image.open(b).convert("RGB"), np.float32)).mean())
+               for a, b in zip(off_paths, on_paths)]
+    return {"mean_abs": round(float(np.mean(changes)), 3), "share_over_one_level": float(np.mean(np.array(changes) > 1))}
+
+
 def variant_row(name: str, overrides: dict[str, Any], off: list[dict[str, float]], on: list[dict[str, float]],
                 stats: list[dict[str, Any]], seconds: float, resamples: int, control: str = "binding") -> dict[str, Any]:
     """The paired comparison against the baseline and the validity kept; for binding also the composite tokens'
@@ -354,6 +363,7 @@ def main(argv: list[str] | None = None, control: str | None = None) -> dict[str,
         on = scores(on_paths, truths)
         rows.append(variant_row(name, variants[name], [s for _, s in off], on, stats, time.perf_counter() - started,
                                 args.bootstrap, args.control))
+        rows[-1]["pixel_change"] = pixel_change([p for p, _ in off], on_paths)
         units += [{"variant": name, "seed": job.seed + k, "prompt": job.prompt.fields["prompt"],
                    "off": {"path": off[i][0], **off[i][1]}, "on": {"path": on_paths[i], **on[i]}}
                   for i, (job, k) in enumerate((j, k) for j in jobs for k in range(j.batch))]

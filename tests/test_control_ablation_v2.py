@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.diffusion.attention import AttentionControl
 from pipelines.diffusion.binding import BindingConfig
@@ -59,3 +61,13 @@ def test_end_token_probes_touch_the_end_tokens_only(ablation):
     call, control, plain, end = prepared(ablation, "end_tokens_attribute_free")
     assert not control.biases and torch.equal(call["prompt_embeds"][:, :end], plain[:, :end])
     assert not torch.allclose(call["prompt_embeds"][:, end:], plain[:, end:])
+
+
+def test_pixel_change_is_zero_for_the_same_picture_and_counts_moved_units(ablation, tmp_path):
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    paths = []
+    for name, delta in (("a", 0), ("b", 0), ("c", 3)):
+        Image.fromarray(grey + delta).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    assert ablation.pixel_change(paths[:1], paths[1:2]) == {"mean_abs": 0.0, "share_over_one_level": 0.0}
+    assert ablation.pixel_change(paths[:2], [paths[1], paths[2]]) == {"mean_abs": 1.5, "share_over_one_level": 0.5}

@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "lpa": {
         "served": {},  # the paper's lpa_late_only: style -> up2, content -> down1 + mid, t in [300, 650]
         "causal_style": {"causal_style": True},  # all that has read the style masked on content layers: the end too
+        "causal_both": {"causal_style": True, "causal_content": True},  # ... and style layers see the style only
         "wide": WIDE,  # every attention level routed, every step: the most the paper's masks can do
         "wide_causal_style": {**WIDE, "causal_style": True},
         # Probes, not LPA: where the style rides. Style words off on every layer at every step, then all that read it.

@@ -60,9 +60,10 @@ def test_lpa_routing_reports_none_without_a_style_and_puts_rows_on_every_bias():
 
 
 
-def test_lpa_causal_style_masks_what_has_read_the_style_on_content_layers_only_when_asked():
+def test_lpa_causal_options_mask_what_has_read_the_style_or_the_content_only_when_asked():
     """In a causal encoder the words after the style and the end tokens have read it: with ``causal_style`` they are
-    masked where the style words are (content layers), content words never, and nothing changes by default."""
+    masked where the style words are (content layers), content words never; with ``causal_content`` style layers keep
+    only the start token and the style words; nothing changes by default."""
     pipe = tiny_sd15_pipeline()
     text = "in watercolor style, a castle"
     end = len(pipe.tokenizer(text)["input_ids"]) - 1
@@ -78,4 +79,9 @@ def test_lpa_causal_style_masks_what_has_read_the_style_on_content_layers_only_w
     later = set(range(min(style_words), end)) - content
     assert later - style_words  # "style" and "," come after the style word and are not content
     assert masked[True]["lpa: style keys off on content layers"] == style_words | later | set(range(end, 77))
-    assert not LPAConfig().causal_style
+    assert not LPAConfig().causal_style and not LPAConfig().causal_content
+    control = AttentionControl(pipe.unet)
+    ControlPlan(lpa=LPAConfig(causal_content=True)).route_lpa(control, pipe.tokenizer, parse_prompt(text))
+    masked = {b.label: set(b.tokens) for b in control.biases}
+    assert masked["lpa: content keys off on style layers"] == set(range(1, 77)) - style_words
+    assert masked["lpa: style keys off on content layers"] == style_words

@@ -64,6 +64,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "causal_both": {"causal_style": True, "causal_content": True},  # ... and style layers see the style only
         "wide": WIDE,  # every attention level routed, every step: the most the paper's masks can do
         "wide_causal_style": {**WIDE, "causal_style": True},
+        "wide_causal_style_early": {**WIDE, "causal_style": True, "lpa_window": (650.0, 1000.0)},  # which steps
+        "wide_causal_style_late": {**WIDE, "causal_style": True, "lpa_window": (0.0, 300.0)},
         # Probes, not LPA: where the style rides. Style words off on every layer at every step, then all that read it.
         "probe_style_words_off": EVERYWHERE,
         "probe_style_causal_off": {**EVERYWHERE, "causal_style": True},

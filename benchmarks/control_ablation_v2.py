@@ -212,11 +212,13 @@ def pixel_change(off_paths: list[str], on_paths: list[str]) -> dict[str, float]:
     changes = [float(np.abs(np.asarray(Image.open(a).convert("RGB"), np.float32)
                             - np.asarray(Image.open(b).convert("RGB"), np.float32)).mean())
                for a, b in zip(off_paths, on_paths)]
-    return {"mean_abs": round(float(np.mean(changes)), 3), "share_over_one_level": float(np.mean(np.array(changes) > 1))}
+    moved = float(np.mean(np.array(changes) > 1))
+    return {"mean_abs": round(float(np.mean(changes)), 3), "share_over_one_level": moved}
 
 
 def variant_row(name: str, overrides: dict[str, Any], off: list[dict[str, float]], on: list[dict[str, float]],
-                stats: list[dict[str, Any]], seconds: float, resamples: int, control: str = "binding") -> dict[str, Any]:
+                stats: list[dict[str, Any]], seconds: float, resamples: int,
+                control: str = "binding") -> dict[str, Any]:
     """The paired comparison against the baseline and the validity kept; for binding also the composite tokens'
     norms (first and last logged) and the entropy refinement's evaluations per refined step and request."""
     metrics = {m: effect.paired(np.array([u[m] for u in off]), np.array([u[m] for u in on]), effect.BETTER[m],
@@ -243,8 +245,9 @@ def attention_row(pipeline: DiagnosticPipeline, args: argparse.Namespace, prompt
             pipeline.recorded.clear()
             with config_variant("lpa", config):
                 for job in jobs:
-                    effect.serve(pipeline, effect.base_request(args, job.seed, job.batch, DiagnosticRequest,
-                                                               compare=NO_COMPARISON, **{**job.prompt.fields, **fields}))
+                    request = effect.base_request(args, job.seed, job.batch, DiagnosticRequest,
+                                                  compare=NO_COMPARISON, **{**job.prompt.fields, **fields})
+                    effect.serve(pipeline, request)
             out[name] = mean_shares([r.shares() for r in pipeline.recorded])
             out["layer_tags"] = pipeline.recorded[0].tags
     finally:
@@ -284,7 +287,8 @@ def encoder_pairs(control: str) -> list[tuple[str, str, dict[str, tuple[int, int
         if control == "leakfix":
             (first, a), (second, b) = [(o["colour"], o["shape"]) for o in prompt.prompt.truth["objects"]]
             traded = text.replace(f"{first} {a}", f"{second} {a}").replace(f"{second} {b}", f"{first} {b}")
-            spans = [(text.index(phrase), text.index(phrase) + len(phrase)) for phrase in (f"{first} {a}", f"{second} {b}")]
+            phrases = (f"{first} {a}", f"{second} {b}")
+            spans = [(text.index(phrase), text.index(phrase) + len(phrase)) for phrase in phrases]
             out.append((text, traded, {"item_0_alone": spans[0], "item_1_alone": spans[1]}))
         else:
             parsed = parse_prompt(text)
@@ -371,9 +375,9 @@ def main(argv: list[str] | None = None, control: str | None = None) -> dict[str,
                    "off": {"path": off[i][0], **off[i][1]}, "on": {"path": on_paths[i], **on[i]}}
                   for i, (job, k) in enumerate((j, k) for j in jobs for k in range(j.batch))]
         sheet.append((name, [Image.open(on_paths[i]) for i in shown]))
-        print(json.dumps({"method": name, "seconds": rows[-1]["seconds"],
-                          **{m: [round(v, 3) for v in [rows[-1]["metrics"][m]["difference"], *rows[-1]["metrics"][m]["ci95"]]]
-                             for m in METRICS[args.control][:2]}}), flush=True)
+        shown_metrics = {m: [round(v, 3) for v in [row["difference"], *row["ci95"]]]
+                         for m, row in rows[-1]["metrics"].items() if m in METRICS[args.control][:2]}
+        print(json.dumps({"method": name, "seconds": rows[-1]["seconds"], **shown_metrics}), flush=True)
     if args.encoder:
         rows.append(encoder_row(pipeline.load(args.model).pipe, args.control))
     if args.attention:

@@ -42,6 +42,7 @@ from pipelines.diffusion.binding import BindingConfig, attribute_free_prompt, en
 from pipelines.diffusion.lpa import LPAConfig, layer_tags  # noqa: E402
 from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, parse_prompt,  # noqa: E402
                                          span_positions, token_positions)
+from pipelines.microworld.scorer import Detection, match  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
 from pipelines.tabs.image import NO_COMPARISON, ImagePipeline, ImageRequest  # noqa: E402
@@ -204,6 +205,19 @@ def render(pipeline: ImagePipeline, jobs: list[effect.Job], args: argparse.Names
 
 def scores(paths: list[str], truths: list[dict[str, Any]]) -> list[dict[str, float]]:
     return [effect.unit_metrics(score_file(path, truth), False) for path, truth in zip(paths, truths)]
+
+
+def leakage_by_object(paths: list[str], truths: list[dict[str, Any]]) -> list[float]:
+    """Per asked object in prompt order, the share of units where it was drawn in the other object's colour. In a
+    causal encoder the first object's words cannot have read the second's: its leak is not one the fix patches."""
+    leaks = np.zeros(2)
+    for path, truth in zip(paths, truths):
+        wanted = truth["objects"]
+        detections = [Detection(**d) for d in score_file(path, truth)["detections"]]
+        colours = {o["colour"] for o in wanted}
+        for i, j in match(wanted, detections)[0].items():
+            leaks[i] += detections[j].colour != wanted[i]["colour"] and detections[j].colour in colours
+    return [round(float(v), 3) for v in leaks / max(1, len(paths))]
 
 
 def pixel_change(off_paths: list[str], on_paths: list[str]) -> dict[str, float]:
@@ -371,6 +385,9 @@ def main(argv: list[str] | None = None, control: str | None = None) -> dict[str,
         rows.append(variant_row(name, variants[name], [s for _, s in off], on, stats, time.perf_counter() - started,
                                 args.bootstrap, args.control))
         rows[-1]["pixel_change"] = pixel_change([p for p, _ in off], on_paths)
+        if args.control == "leakfix":
+            rows[-1]["leakage_by_object"] = {"off": leakage_by_object([p for p, _ in off], truths),
+                                             "on": leakage_by_object(on_paths, truths)}
         units += [{"variant": name, "seed": job.seed + k, "prompt": job.prompt.fields["prompt"],
                    "off": {"path": off[i][0], **off[i][1]}, "on": {"path": on_paths[i], **on[i]}}
                   for i, (job, k) in enumerate((j, k) for j in jobs for k in range(j.batch))]

@@ -71,3 +71,21 @@ def test_pixel_change_is_zero_for_the_same_picture_and_counts_moved_units(ablati
         paths.append(str(tmp_path / f"{name}.png"))
     assert ablation.pixel_change(paths[:1], paths[1:2]) == {"mean_abs": 0.0, "share_over_one_level": 0.0}
     assert ablation.pixel_change(paths[:2], [paths[1], paths[2]]) == {"mean_abs": 1.5, "share_over_one_level": 0.5}
+
+
+def test_leakage_by_object_reads_each_asked_object_in_prompt_order(ablation, tmp_path):
+    from pipelines.microworld import scenes_v2
+
+    layouts = scenes_v2.sample_layouts(64, 7)
+    i = next(k for k in range(len(layouts)) if layouts.count[k] == 2 and layouts.shape[k, 0] != layouts.shape[k, 1]
+             and layouts.style[k, 0] == layouts.style[k, 1] == 0)
+    images, _ = scenes_v2.render_layouts(layouts)
+    path = tmp_path / "scene.png"
+    Image.fromarray(scenes_v2.to_uint8(images)[i]).save(path)
+    drawn = [{"shape": o["shape"], "colour": o["colour"]} for o in layouts.objects(i)]
+    traded = [{**drawn[0], "colour": drawn[1]["colour"]}, {**drawn[1], "colour": drawn[0]["colour"]}]
+    other = next(c for c in scenes_v2.COLOURS if c not in {drawn[0]["colour"], drawn[1]["colour"]})
+    first_leaks = [{**drawn[0], "colour": other}, {**drawn[1], "colour": drawn[0]["colour"]}]
+    assert ablation.leakage_by_object([str(path)], [{"objects": drawn}]) == [0.0, 0.0]
+    assert ablation.leakage_by_object([str(path)], [{"objects": traded}]) == [1.0, 1.0]
+    assert ablation.leakage_by_object([str(path)] * 2, [{"objects": first_leaks}, {"objects": drawn}]) == [0.5, 0.0]

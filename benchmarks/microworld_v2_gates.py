@@ -37,7 +37,7 @@ from benchmarks.control_effect_v2 import base_request, contact_sheet, make_pool,
 from benchmarks.report import bootstrap_interval, command_line, write_report  # noqa: E402
 from pipelines.diffusion.attention import KeyBias  # noqa: E402
 from pipelines.diffusion.compass import outside_box_mask  # noqa: E402
-from pipelines.diffusion.prompts import token_positions  # noqa: E402
+from pipelines.diffusion.prompts import end_positions, token_positions  # noqa: E402
 from pipelines.microworld import scenes_v2  # noqa: E402
 from pipelines.microworld.scenes import BACKGROUND, PALETTE, smooth_noise  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file, score_image  # noqa: E402
@@ -90,8 +90,7 @@ def oracle_biases(tokenizer: Any, text: str, pairs: tuple[tuple[str, str], ...],
             tokens += token_positions(tokenizer, text, begin, start)
         biases.append(KeyBias(tokens=tokens, region=outside_box_mask(box), label="oracle"))
     if mode == "phrase+eot":
-        end = len(tokenizer(text)["input_ids"]) - 1
-        biases.append(KeyBias(tokens=list(range(end, tokenizer.model_max_length)), label="oracle-eot"))
+        biases.append(KeyBias(tokens=end_positions(tokenizer, text), label="oracle-eot"))
     return biases
 
 

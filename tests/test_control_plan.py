@@ -57,3 +57,31 @@ def test_lpa_routing_reports_none_without_a_style_and_puts_rows_on_every_bias():
     report = plan.route_lpa(control, pipe.tokenizer, parse_prompt("a castle in watercolor style"), rows=slice(4, 8))
     assert report["style"] == "watercolor" and report["style_tokens"] and report["content_tokens"]
     assert control.biases and all(b.rows == slice(4, 8) and b.timesteps == (300.0, 650.0) for b in control.biases)
+
+
+
+def test_lpa_causal_options_mask_what_has_read_the_style_or_the_content_only_when_asked():
+    """In a causal encoder the words after the style and the end tokens have read it: with ``causal_style`` they are
+    masked where the style words are (content layers), content words never; with ``causal_content`` style layers keep
+    only the start token and the style words; nothing changes by default."""
+    pipe = tiny_sd15_pipeline()
+    text = "in watercolor style, a castle"
+    end = len(pipe.tokenizer(text)["input_ids"]) - 1
+    masked = {}
+    for flag in (False, True):
+        control = AttentionControl(pipe.unet)
+        report = ControlPlan(lpa=LPAConfig(causal_style=flag)).route_lpa(control, pipe.tokenizer, parse_prompt(text))
+        masked[flag] = {b.label: set(b.tokens) for b in control.biases}
+        assert masked[flag]["lpa: content keys off on style layers"] == set(report["content_tokens"])
+    style_words, content = masked[False]["lpa: style keys off on content layers"], masked[False][
+        "lpa: content keys off on style layers"]
+    assert style_words and max(style_words) < min(content) < end
+    later = set(range(min(style_words), end)) - content
+    assert later - style_words  # "style" and "," come after the style word and are not content
+    assert masked[True]["lpa: style keys off on content layers"] == style_words | later | set(range(end, 77))
+    assert not LPAConfig().causal_style and not LPAConfig().causal_content
+    control = AttentionControl(pipe.unet)
+    ControlPlan(lpa=LPAConfig(causal_content=True)).route_lpa(control, pipe.tokenizer, parse_prompt(text))
+    masked = {b.label: set(b.tokens) for b in control.biases}
+    assert masked["lpa: content keys off on style layers"] == set(range(1, 77)) - style_words
+    assert masked["lpa: style keys off on content layers"] == style_words

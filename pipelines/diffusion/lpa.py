@@ -12,6 +12,12 @@ SD1.5 block index, so they are correct on SDXL too (SDXL has no attention in dow
 - up1: the decoder's first (deepest) attention level — SD1.5 up_blocks.1, SDXL up_blocks.0;
 - up2: the decoder's later, higher-resolution attention levels — SD1.5 up_blocks.2-3, SDXL up_blocks.1.
 (The official table leaves SD1.5 down_blocks.2 and up_blocks.3 untagged; here they join their neighbours.)
+
+``causal_style`` and ``causal_content`` (off by default, as in the paper): in a causal text encoder every token from
+the style words on has read the style (the words after them and above all the end token and the padding), and the
+end tokens have read the content too, so masking words alone leaves the style on content layers and the content on
+style layers. ``causal_style`` counts every non-content token from the style words on as a style key;
+``causal_content`` counts every key but the start token and the style words as a content key.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class LPAConfig:
     window: tuple[float, float] = (300.0, 650.0)
     style_tags: tuple[str, ...] = ("up2",)
     content_tags: tuple[str, ...] = ("down1", "mid")
+    causal_style: bool = False  # not in the paper: content layers lose all that has read the style (the end too)
+    causal_content: bool = False  # not in the paper: style layers keep only the start token and the style words
 
 
 def layer_tags(layers: list[str]) -> dict[str, str]:
@@ -47,6 +55,17 @@ def layer_tags(layers: list[str]) -> dict[str, str]:
         else:
             tags[name] = "up1" if int(match.group(2)) == up[0] else "up2"
     return tags
+
+
+def causal_keys(content: list[int], style: list[int], end: list[int], config: LPAConfig) -> tuple[list[int], list[int]]:
+    """(content keys, style keys) with ``causal_style`` and ``causal_content`` applied; ``end`` is the end token's
+    position and the padding's. Without a style word both stay as they are."""
+    words = list(style)
+    if config.causal_style and words:
+        style = sorted({*words, *(p for p in range(words[0], end[0]) if p not in content), *end})
+    if config.causal_content and words:
+        content = [p for p in range(1, end[-1] + 1) if p not in words]
+    return content, style
 
 
 def route_style_tokens(layers: list[str], content_tokens: list[int], style_tokens: list[int],

@@ -142,6 +142,12 @@ def token_positions(tokenizer: Any, text: str, start: int, end: int) -> list[int
     return [p for p in range(1 + before, 1 + upto) if p < limit]
 
 
+def end_positions(tokenizer: Any, text: str) -> list[int]:
+    """Positions of the end token and the padding after it: in a causal encoder they have read the whole prompt."""
+    end = min(len(tokenizer(text)["input_ids"]) - 1, tokenizer.model_max_length - 1)
+    return list(range(end, tokenizer.model_max_length))
+
+
 def span_positions(tokenizer: Any, text: str, spans: list[Span]) -> list[int]:
     return sorted({p for s in spans for p in token_positions(tokenizer, text, s.start, s.end)})
 

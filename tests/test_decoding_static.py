@@ -169,3 +169,31 @@ def test_the_whole_step_compile_keeps_one_key_width(models):
     H100, so it attends over the whole cache only; the other modes keep the narrow widths."""
     assert static(models["llama"], compile="dynamic").widths == (256,)
     assert static(models["llama"]).widths == (32, 64, 128, 256)
+
+
+class GradWatch(OracleDrafter):
+    """Notes the grad mode each update of the decode loop runs under."""
+
+    def __init__(self, reference: list[int]) -> None:
+        super().__init__(reference)
+        self.grad_modes: list[bool] = []
+
+    def update(self, tree, logits, accepted):
+        self.grad_modes.append(torch.is_grad_enabled())
+
+
+def test_decoding_records_no_autograd_graph_and_leaves_the_callers_grad_mode(models):
+    """With grad on, a forward over weights that require grad records its autograd graph and the static cache's
+    in-place K/V writes chained every step's graph to the next: a served CPU run held every step's activations
+    (11 GB after three requests of SmolLM2-135M)."""
+    model = models["llama"]
+    assert any(parameter.requires_grad for parameter in model.parameters())  # what recorded the graph
+    prompt = repetitive_prompt(1, 21)
+    reference = greedy(model, prompt, 20)
+    forward, drafter = static(model), GradWatch(reference)
+    runs = []
+    for chunk in speculative_decode(model, prompt, 20, SamplingConfig(), set(), drafter, forward=forward):
+        assert torch.is_grad_enabled()  # the caller's mode between the loop's steps
+        runs.extend(chunk)
+    assert runs == reference and drafter.grad_modes and not any(drafter.grad_modes)
+    assert not any(layer.keys.requires_grad or layer.values.requires_grad for layer in forward.cache.layers)

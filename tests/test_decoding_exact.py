@@ -141,3 +141,23 @@ def test_a_divergence_far_from_a_tie_is_not_called_rounding():
     assert (found.index, found.plain_token, found.method_token) == (1, 9, 5)
     assert found.plain_logit_of_method_token is None and not found.near_tie
     assert first_divergence([7], [7, 9], top, other) is None  # one run only longer: no differing token
+
+
+def test_top_two_of_the_chosen_rows_ranking_only_up_to_the_last_one():
+    """Each step keeps the top-2 of the rows its committed tokens were chosen at (root, then the accepted nodes,
+    anywhere in the tree), read back in one transfer at the end; ranking every verified row cost a CPU ~3.6 ms a
+    step."""
+    generator = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(12, 50, generator=generator).bfloat16(), [0, 2, 7]),
+             (torch.randn(1, 50, generator=generator), None),
+             (torch.randn(9, 50, generator=generator).bfloat16(), [0, 1])]
+    stats = DecodeStats(top_logits=[])
+    for logits, rows in steps:
+        stats.keep_top(logits, rows)
+    expected = []
+    for logits, rows in steps:
+        for row in range(len(logits)) if rows is None else rows:
+            values, ids = logits[row].float().sort(descending=True)
+            expected.append([(int(ids[0]), float(values[0])), (int(ids[1]), float(values[1]))])
+    assert stats.top_two() == expected
+    assert [len(values) for values, _, _ in stats.top_logits] == [8, 1, 2]  # the rows after the last chosen one: unranked

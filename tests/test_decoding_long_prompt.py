@@ -2,6 +2,7 @@
 cap), and the prompt goes in under the model's causal mask."""
 from __future__ import annotations
 
+import gc
 import random
 import time
 
@@ -45,9 +46,9 @@ def test_one_roots_many_continuations_squeeze_only_that_root():
     trie.insert(other, from_prompt=False)
     for _ in range(60):  # 180 new nodes under root 5: squeezed a few times
         trie.insert([5] + [rng.randrange(100, 30000) for _ in range(3)], from_prompt=False)
-    assert trie.roots[5].size <= 64 and trie.nodes == trie.roots[5].size + trie.roots[9].size
+    assert trie.size[trie.roots[5]] <= 64 and trie.nodes == trie.size[trie.roots[5]] + trie.size[trie.roots[9]]
     assert trie.match(frequent) is not None and trie.match(other) is not None
-    assert trie.match(other).output == 1  # never halved: the squeeze stayed below root 5
+    assert trie.output[trie.match(other)] == 1  # never halved: the squeeze stayed below root 5
 
 
 def test_prompt_nodes_do_not_count_against_a_roots_cap():
@@ -55,9 +56,9 @@ def test_prompt_nodes_do_not_count_against_a_roots_cap():
     for i in range(50):
         trie.insert([5, 100 + i, 200 + i], from_prompt=True)
     trie.insert([5, 1, 2], from_prompt=False)
-    assert trie.match([5, 1, 2]).output == 1 and trie.roots[5].size == 102
+    assert trie.output[trie.match([5, 1, 2])] == 1 and trie.size[trie.roots[5]] == 102
     trie.reset_prompt()
-    assert trie.roots[5].size == 2 and trie.nodes == 2
+    assert trie.size[trie.roots[5]] == 2 and trie.nodes == 2
 
 
 class WalkingLookahead(LookaheadTrie):
@@ -71,8 +72,9 @@ class WalkingLookahead(LookaheadTrie):
                 self.trie.extend(self.output[start:end])
 
 
-def _trie_state(node) -> tuple:
-    return node.prompt, node.output, node.size, node.held, {t: _trie_state(c) for t, c in sorted(node.children.items())}
+def _trie_state(trie: NGramTrie, node: int) -> tuple:
+    return (trie.prompt[node], trie.output[node], trie.size[node], trie.held[node],
+            {t: _trie_state(trie, c) for t, c in sorted(trie.children[node].items())})
 
 
 def _streamed(drafter_class, seed: int) -> tuple:
@@ -90,7 +92,7 @@ def _streamed(drafter_class, seed: int) -> tuple:
             drafter.update(tree, torch.empty(0), accepted)
             context += accepted
         drafter.finish()
-    return drafts, {token: _trie_state(root) for token, root in sorted(trie.roots.items())}, trie.nodes, trie.prunes
+    return drafts, {token: _trie_state(trie, root) for token, root in sorted(trie.roots.items())}, trie.nodes, trie.prunes
 
 
 def test_held_branch_tips_count_what_walking_from_the_root_counts():
@@ -144,14 +146,33 @@ def test_ending_a_request_visits_only_what_its_prompt_held():
         drafter.finish()
     before = trie.nodes
     untouched = trie.roots[1500]
-    untouched.children = WatchedChildren(untouched.children)
+    trie.children[untouched] = WatchedChildren(trie.children[untouched])
     WatchedChildren.listed = False
     prompt = list(range(5, 25))  # the answer's branches start in its last 12 tokens (13..24)
     drafter.start(prompt)
     drafter.update(None, torch.empty(0), [30, 31])
     drafter.finish()
     assert not WatchedChildren.listed
-    assert trie.match([24, 30, 31]).output == 1 and trie.match([13, 14]).prompt == 0
+    assert trie.output[trie.match([24, 30, 31])] == 1 and trie.prompt[trie.match([13, 14])] == 0
     assert trie.match([5, 6]) is None and 5 not in trie.roots and 12 not in trie.roots  # only the prompt held these
-    assert trie.roots[13].held == 0 and trie.prompt_nodes == []
-    assert trie.nodes == before + sum(root.size for token, root in trie.roots.items() if token < 1000)
+    assert trie.held[trie.roots[13]] == 0 and trie.prompt_nodes == []
+    assert trie.nodes == before + sum(trie.size[root] for token, root in trie.roots.items() if token < 1000)
+
+
+def test_the_shared_trie_adds_no_objects_for_the_garbage_collector():
+    """The trie persists across requests and grows to ``max_nodes``: as objects (a node and its dict each) every node
+    went through the collector's generations and each pass over the old ones walked them all."""
+    rng = random.Random(3)
+    trie = NGramTrie(LookaheadConfig.max_nodes)
+    drafter = LookaheadTrie(LookaheadConfig(), trie)
+    drafter.start([1, 2])
+    gc.collect()
+    tracked = len(gc.get_objects())
+    for _ in range(3):
+        drafter.start([rng.randrange(50) for _ in range(200)])
+        drafter.update(None, torch.empty(0), [rng.randrange(3000) for _ in range(200)])
+        drafter.propose([7])
+        drafter.finish()
+    gc.collect()
+    assert trie.nodes > 5000 and len(gc.get_objects()) - tracked < 20
+    assert not any(gc.is_tracked(children) for children in trie.children) and not gc.is_tracked(trie.roots)

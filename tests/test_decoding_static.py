@@ -1,12 +1,13 @@
 """The static fast path (padded buckets, index rollback) decodes exactly what the dynamic-cache path does."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines.decoding.plain import SamplingConfig, plain_decode
 from pipelines.decoding.static import StaticForward, StaticTreeCache, capture_supported
-from pipelines.decoding.tree import TokenTree
+from pipelines.decoding.tree import TokenTree, block_position_ids, block_visibility
 from pipelines.decoding.verify import speculative_decode
 from tests.test_decoding import OracleDrafter, RandomTreeDrafter, drafters_for, greedy, repetitive_prompt, run
 from decoding_support import assert_identical_to_greedy, stop_inside_reference
@@ -169,3 +170,46 @@ def test_the_whole_step_compile_keeps_one_key_width(models):
     H100, so it attends over the whole cache only; the other modes keep the narrow widths."""
     assert static(models["llama"], compile="dynamic").widths == (256,)
     assert static(models["llama"]).widths == (32, 64, 128, 256)
+
+
+class GradWatch(OracleDrafter):
+    """Notes the grad mode each update of the decode loop runs under."""
+
+    def __init__(self, reference: list[int]) -> None:
+        super().__init__(reference)
+        self.grad_modes: list[bool] = []
+
+    def update(self, tree, logits, accepted):
+        self.grad_modes.append(torch.is_grad_enabled())
+
+
+def test_decoding_records_no_autograd_graph_and_leaves_the_callers_grad_mode(models):
+    """With grad on, a forward over weights that require grad records its autograd graph and the static cache's
+    in-place K/V writes chained every step's graph to the next: a served CPU run held every step's activations
+    (11 GB after three requests of SmolLM2-135M)."""
+    model = models["llama"]
+    assert any(parameter.requires_grad for parameter in model.parameters())  # what recorded the graph
+    prompt = repetitive_prompt(1, 21)
+    reference = greedy(model, prompt, 20)
+    forward, drafter = static(model), GradWatch(reference)
+    runs = []
+    for chunk in speculative_decode(model, prompt, 20, SamplingConfig(), set(), drafter, forward=forward):
+        assert torch.is_grad_enabled()  # the caller's mode between the loop's steps
+        runs.extend(chunk)
+    assert runs == reference and drafter.grad_modes and not any(drafter.grad_modes)
+    assert not any(layer.keys.requires_grad or layer.values.requires_grad for layer in forward.cache.layers)
+
+
+@pytest.mark.parametrize("before_root", [0, 1, 5])
+def test_block_inputs_are_the_full_constructions_block(models, before_root):
+    """The static step's pattern is the block part of the verifier's full visibility (every row sees the cached
+    prefix; the re-fed chain is causal; tree nodes see the chain and their ancestors), built piece by piece."""
+    forward = static(models["llama"])
+    tree = TokenTree([4, 9, 8, 7, 9, 3, 2], [-1, 0, 0, 1, 1, 3, 2])
+    allowed, positions = forward.block_inputs(tree, before_root, 11)
+    reference = block_visibility(tree, before_root, 11)
+    assert allowed.dtype == np.bool_ and allowed.shape == reference[:, 11:].shape
+    assert np.array_equal(allowed, reference[:, 11:]) and reference[:, :11].all()
+    assert positions == block_position_ids(tree, before_root, 11, torch.device("cpu"))[0].tolist()
+    allowed[:] = False  # the caller's own copy: the next step's pattern is unchanged
+    assert np.array_equal(forward.block_inputs(tree, before_root, 11)[0], reference[:, 11:])

@@ -205,14 +205,20 @@ class StaticForward(CausalLMForward, CapturedSteps):
         return self.cache
 
     def block_inputs(self, tree: TokenTree, before_root: int, past: int):
-        """Host-side only: the block's own ``[q, q]`` visibility pattern and its positions."""
+        """Host-side only: the block's own ``[q, q]`` visibility pattern and its positions. Each part of the pattern
+        is written once, and a tree with nothing re-fed before it is its ancestor matrix alone: zeroing the whole
+        block, then a lower triangle built from a matrix of ones, then copying the tree's part in took ~0.13 ms a
+        step on a CPU after the forward (most of it the triangle, ~0.1 ms even when empty)."""
         m, n = before_root, len(tree)
-        allowed = np.zeros((m + n, m + n), dtype=bool)
-        allowed[:m, :m] = np.tril(np.ones((m, m), dtype=bool))
+        positions = [past + m + depth for depth in tree.depths]
+        if not m:
+            return tree.ancestor_matrix(), positions
+        allowed = np.empty((m + n, m + n), dtype=bool)
+        allowed[:m, :m] = np.tri(m, dtype=bool)
+        allowed[:m, m:] = False
         allowed[m:, :m] = True
-        allowed[m:, m:] = tree.ancestor_matrix()
-        positions = list(range(past, past + m)) + [past + m + depth for depth in tree.depths]
-        return allowed, positions
+        tree.ancestor_matrix(out=allowed[m:, m:])
+        return allowed, list(range(past, past + m)) + positions
 
     def fit(self, tree: TokenTree, before_root: int) -> TokenTree:
         """Re-fed rows count against the bucket the tree was sized for: a 64-node tree behind 2 re-fed rows would

@@ -103,10 +103,10 @@ class TokenTree:
         return TokenTree([self.tokens[i] for i in keep], [index[self.parents[i]] if i else -1 for i in keep],
                          [self.depths[i] for i in keep])
 
-    def ancestor_matrix(self) -> np.ndarray:
+    def ancestor_matrix(self, out: np.ndarray | None = None) -> np.ndarray:
         """``[n, n]`` bool: row i is True at i and at every ancestor of i. Built once per tree, one numpy step per
-        level rather than one Python row per node (the verifier asks twice a step: the forward's mask and the
-        device walk); each caller gets its own copy."""
+        level rather than one Python row per node; each caller gets its own copy, written into ``out`` (an
+        ``[n, n]`` bool view: a block's tree part) when given."""
         if self._ancestors is None:
             n = len(self.tokens)
             up = np.asarray(self.parents)
@@ -117,7 +117,10 @@ class TokenTree:
                 allowed[rows, node] = True
                 node = up[node]
             self._ancestors = allowed
-        return self._ancestors.copy()
+        if out is None:
+            return self._ancestors.copy()
+        out[...] = self._ancestors
+        return out
 
 
 def block_visibility(tree: TokenTree, chain_before_root: int, past: int) -> np.ndarray:

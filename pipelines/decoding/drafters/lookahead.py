@@ -39,29 +39,29 @@ class LookaheadConfig:
     prompt_window: int = 2048  # only the prompt's last tokens are indexed (bounded start on long prompts)
 
 
-class TrieNode:
-    """A trie node; on a root, ``size`` counts the nodes below it and ``held`` those the prompt holds."""
-
-    __slots__ = ("children", "prompt", "output", "size", "held")
-
-    def __init__(self) -> None:
-        self.children: dict[int, TrieNode] = {}
-        self.prompt = 0
-        self.output = 0
-        self.size = 0
-        self.held = 0
-
-
 class NGramTrie:
-    """``roots[t]`` is the trie of continuations seen after token ``t``."""
+    """``roots[t]`` is the trie of continuations seen after token ``t``.
+
+    A node is an id into flat per-node lists: ``children[n]`` (token -> child id), its ``prompt`` and ``output``
+    counts and, on a root, ``size`` (the nodes below it) and ``held`` (those the prompt holds). Containers of ints
+    only are not tracked by the garbage collector, so the trie, which persists across requests and grows to
+    ``max_nodes``, adds nothing to its passes: as objects (a node and its dict each; ~700 new nodes a request of
+    SmolLM2's answers) every node went through the collector's generations and each pass over the old ones
+    walked the whole trie. Dropped ids (and their emptied dicts) are reused."""
 
     def __init__(self, max_nodes: int, max_root_nodes: int = LookaheadConfig.max_root_nodes) -> None:
-        self.roots: dict[int, TrieNode] = {}
+        self.roots: dict[int, int] = {}
+        self.children: list[dict[int, int]] = []
+        self.prompt: list[int] = []
+        self.output: list[int] = []
+        self.size: list[int] = []
+        self.held: list[int] = []
+        self.free: list[int] = []  # dropped ids
         self.max_nodes = max_nodes
         self.max_root_nodes = max_root_nodes
         self.nodes = 0
         # (root token, parent, token, node) per node the prompt holds, parents before children
-        self.prompt_nodes: list[tuple[int, TrieNode, int, TrieNode]] = []
+        self.prompt_nodes: list[tuple[int, int, int, int]] = []
         self.prunes = 0  # squeezes and prompt resets so far: a node held from before one may have been dropped
 
     def insert(self, branch: list[int], from_prompt: bool) -> None:
@@ -72,7 +72,7 @@ class NGramTrie:
         if not from_prompt:
             self._bound(branch[0])
 
-    def extend(self, branch: list[int], tip: TrieNode | None = None) -> TrieNode:
+    def extend(self, branch: list[int], tip: int | None = None) -> int:
         """Count only the last node of an output ``branch`` whose earlier nodes were counted when they
         were generated: streaming the output this way counts each branch once, like ``insert`` would. ``tip``,
         when the caller holds it, is the node of ``branch[:-1]`` (what this returned for that branch, no prune
@@ -82,42 +82,55 @@ class NGramTrie:
             node = tip
         else:
             for token in branch[1:-1]:
-                node = node.children.get(token) or self._count(root, node, token, False, 0)
+                child = self.children[node].get(token)
+                node = child if child is not None else self._count(root, node, token, False, 0)
         node = self._count(root, node, branch[-1], False)
         self._bound(branch[0])
         return node
 
-    def _root(self, token: int) -> TrieNode:
+    def _new(self) -> int:
+        if self.free:
+            node = self.free.pop()  # its dict was emptied before it was dropped
+            self.prompt[node] = self.output[node] = self.size[node] = self.held[node] = 0
+            return node
+        for values in (self.prompt, self.output, self.size, self.held):
+            values.append(0)
+        self.children.append({})
+        return len(self.children) - 1
+
+    def _root(self, token: int) -> int:
         node = self.roots.get(token)
         if node is None:
-            node = self.roots[token] = TrieNode()
+            node = self.roots[token] = self._new()
         return node
 
-    def _count(self, root: TrieNode, node: TrieNode, token: int, from_prompt: bool, amount: int = 1,
-               key: int = -1) -> TrieNode:
+    def _count(self, root: int, node: int, token: int, from_prompt: bool, amount: int = 1, key: int = -1) -> int:
         """Count ``token`` below ``node`` (in the sub-trie of ``root``, whose token is ``key``: prompt counts only)."""
-        child = node.children.get(token)
+        child = self.children[node].get(token)
         if child is None:
-            child = node.children[token] = TrieNode()
+            child = self.children[node][token] = self._new()
             self.nodes += 1
-            root.size += 1
+            self.size[root] += 1
         if from_prompt:
-            if child.prompt == 0:
+            if self.prompt[child] == 0:
                 self.prompt_nodes.append((key, node, token, child))
-                root.held += 1
-            child.prompt += amount
+                self.held[root] += 1
+            self.prompt[child] += amount
         else:
-            child.output += amount
+            self.output[child] += amount
         return child
 
     def _bound(self, key: int) -> None:
         root = self.roots[key]
-        if root.size - root.held > self.max_root_nodes:
+        if self.size[root] - self.held[root] > self.max_root_nodes:
             self.squeeze_root(root)
-            if not root.children:  # gone now: the end of the request no longer walks every root
-                del self.roots[key]
+            if not self.children[root]:  # gone now: the end of the request no longer walks every root
+                self._drop_root(key)
         if self.output_nodes() > self.max_nodes:
             self.squeeze()
+
+    def _drop_root(self, key: int) -> None:
+        self.free.append(self.roots.pop(key))
 
     def output_nodes(self) -> int:
         """Nodes held for output, the ones the budget bounds (the request's prompt nodes are freed at its end)."""
@@ -127,16 +140,18 @@ class NGramTrie:
         """Forget the finished request's prompt counts and drop the nodes only the prompt held: children before
         their parents, so a branch the output never reached goes whole. Costs the prompt's nodes, not the trie's."""
         self.prunes += 1
+        children, prompt, output, size, held = self.children, self.prompt, self.output, self.size, self.held
         for key, parent, token, node in reversed(self.prompt_nodes):
-            node.prompt = 0
+            prompt[node] = 0
             root = self.roots[key]
-            root.held = 0
-            if node.output == 0 and not node.children:
-                del parent.children[token]
-                root.size -= 1
+            held[root] = 0
+            if output[node] == 0 and not children[node]:
+                del children[parent][token]
+                self.free.append(node)
+                size[root] -= 1
                 self.nodes -= 1
-                if not root.children:
-                    del self.roots[key]
+                if not children[root]:
+                    self._drop_root(key)
         self.prompt_nodes = []
 
     def squeeze(self) -> None:
@@ -145,19 +160,19 @@ class NGramTrie:
         self.prunes += 1
         while self.output_nodes() > self.max_nodes * 3 // 4:
             for root in self.roots.values():
-                _halve(root)
+                self._halve(root)
             before = self.nodes
             self._prune()
             if self.nodes == before:
                 break
 
-    def squeeze_root(self, root: TrieNode) -> None:
+    def squeeze_root(self, root: int) -> None:
         """The same squeeze on one root's sub-trie, down to 3/4 of its cap."""
         self.prunes += 1
-        while root.size - root.held > self.max_root_nodes * 3 // 4:
-            _halve(root)
-            removed = _prune_below(root)
-            root.size -= removed
+        while self.size[root] - self.held[root] > self.max_root_nodes * 3 // 4:
+            self._halve(root)
+            removed = self._prune_below(root)
+            self.size[root] -= removed
             self.nodes -= removed
             if not removed:
                 break
@@ -165,42 +180,42 @@ class NGramTrie:
     def _prune(self) -> None:
         for token in list(self.roots):
             root = self.roots[token]
-            removed = _prune_below(root)
-            root.size -= removed
+            removed = self._prune_below(root)
+            self.size[root] -= removed
             self.nodes -= removed
-            if not root.children:
-                del self.roots[token]
+            if not self.children[root]:
+                self._drop_root(token)
 
-    def match(self, suffix: list[int]) -> TrieNode | None:
+    def _halve(self, root: int) -> None:
+        """Halve every output frequency below ``root``."""
+        children, output = self.children, self.output
+        stack = [root]
+        while stack:
+            for child in children[stack.pop()].values():
+                output[child] //= 2
+                stack.append(child)
+
+    def _prune_below(self, node: int) -> int:
+        """Drop the leaves below ``node`` that neither the prompt nor the output counts (repeatedly, bottom-up);
+        returns how many nodes went."""
+        removed = 0
+        below = self.children[node]
+        for token in list(below):
+            child = below[token]
+            removed += self._prune_below(child)
+            if self.prompt[child] == 0 and self.output[child] == 0 and not self.children[child]:
+                del below[token]
+                self.free.append(child)
+                removed += 1
+        return removed
+
+    def match(self, suffix: list[int]) -> int | None:
         node = self.roots.get(suffix[0])
         for token in suffix[1:]:
             if node is None:
                 return None
-            node = node.children.get(token)
+            node = self.children[node].get(token)
         return node
-
-
-def _halve(root: TrieNode) -> None:
-    """Halve every output frequency below ``root``."""
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for child in node.children.values():
-            child.output //= 2
-            stack.append(child)
-
-
-def _prune_below(node: TrieNode) -> int:
-    """Drop the leaves below ``node`` that neither the prompt nor the output counts (repeatedly, bottom-up);
-    returns how many nodes went."""
-    removed = 0
-    for token in list(node.children):
-        child = node.children[token]
-        removed += _prune_below(child)
-        if child.prompt == 0 and child.output == 0 and not child.children:
-            del node.children[token]
-            removed += 1
-    return removed
 
 
 class LookaheadTrie(Drafter):
@@ -211,8 +226,10 @@ class LookaheadTrie(Drafter):
         self.config = config or LookaheadConfig()
         self.trie = trie if trie is not None else NGramTrie(self.config.max_nodes, self.config.max_root_nodes)
         self.output: list[int] = []
-        # per start of an open output branch: the node its last extend returned and the trie's prunes before it
-        self.tips: dict[int, tuple[TrieNode, int]] = {}
+        # per start of an open output branch, the node its last extend returned; all of them from extends made since
+        # the trie's ``tips_prunes``-th prune (a prune may drop any node)
+        self.tips: dict[int, int] = {}
+        self.tips_prunes = 0
 
     def start(self, prompt: list[int]) -> None:
         width = self.config.branch_length + 1
@@ -227,23 +244,24 @@ class LookaheadTrie(Drafter):
 
     def scored(self, context: list[int]) -> tuple[TokenTree, list[float], int]:
         """The tree, each node's frequency score (the root's is 0) and the length of the matched query."""
-        config = self.config
+        config, trie = self.config, self.trie
+        children, prompt, output = trie.children, trie.prompt, trie.output
         match = None
         for length in range(min(config.max_query_length, len(context)), 0, -1):
-            match = self.trie.match(context[-length:])
-            if match is not None and match.children:
+            match = trie.match(context[-length:])
+            if match is not None and children[match]:
                 break
-        if match is None or not match.children or config.decoding_length < 2:
+        if match is None or not children[match] or config.decoding_length < 2:
             return TokenTree([context[-1]], [-1]), [0.0], 0
 
-        def score(node: TrieNode) -> float:
-            return config.prompt_weight * node.prompt + node.output
+        def score(node: int) -> float:
+            return config.prompt_weight * prompt[node] + output[node]
 
         # best-first over the sub-trie: a node is only reachable once its parent is taken
         order = 0
-        heap = [(-score(child), (order := order + 1), token, child, 0, 1) for token, child in match.children.items()]
+        heap = [(-score(child), (order := order + 1), token, child, 0, 1) for token, child in children[match].items()]
         heapq.heapify(heap)
-        picked: list[tuple[int, int, TrieNode]] = []  # (token, parent index in picked+root, node)
+        picked: list[tuple[int, int, int]] = []  # (token, parent index in picked+root, node)
         kids: list[list[int]] = [[]]
         while heap and len(picked) < config.decoding_length - 1:
             _, _, token, node, parent, depth = heapq.heappop(heap)
@@ -251,7 +269,7 @@ class LookaheadTrie(Drafter):
             kids.append([])
             kids[parent].append(len(picked))
             if depth < config.branch_length:
-                for child_token, child in node.children.items():
+                for child_token, child in children[node].items():
                     heapq.heappush(heap, (-score(child), (order := order + 1), child_token, child, len(picked), depth + 1))
         tokens, parents, depths, scores = [context[-1]], [-1], [0], [0.0]
         stack = [(child, 0) for child in reversed(kids[0])]
@@ -268,7 +286,7 @@ class LookaheadTrie(Drafter):
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
         """Stream the accepted tokens into the trie. Each open branch grows by one token per step, so its last
         node is held and the next extend starts there instead of walking down from the root (unless a prune
-        may have dropped it)."""
+        may have dropped it: then every held node is let go)."""
         trie, tips = self.trie, self.tips
         for token in accepted:
             self.output.append(token)
@@ -276,10 +294,10 @@ class LookaheadTrie(Drafter):
             first = max(0, end - 1 - self.config.branch_length)
             tips.pop(first - 1, None)  # that branch is full: it no longer grows
             for start in range(first, end - 1):
-                held = tips.get(start)
-                prunes = trie.prunes
-                tip = held[0] if held is not None and held[1] == prunes else None
-                tips[start] = (trie.extend(self.output[start:end], tip), prunes)
+                if trie.prunes != self.tips_prunes:
+                    tips.clear()
+                    self.tips_prunes = trie.prunes
+                tips[start] = trie.extend(self.output[start:end], tips.get(start))
 
     def finish(self) -> None:
         self.output = []

@@ -266,12 +266,9 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
     embeddings): ``prefill`` holds the prompt's model inputs; its forward alone picks the first token and
     ``input_ids`` is only the history the drafter searches (it may be empty). ``processors`` (a
     ``LogitsProcessorList``) rewrite the logits at every verified position exactly where plain decoding would;
-    ``generator`` replaces the one seeded from ``config``.
-
-    Without grad, as transformers' ``generate``: with it, a forward over a model whose weights require grad records
-    its autograd graph, and the static cache's in-place K/V writes chained every step's graph to the next (a CPU
-    run of SmolLM2-135M held 11 GB of activations and ~45k live tensors after three requests, and every op on the
-    logits recorded a backward node)."""
+    ``generator`` replaces the one seeded from ``config``. Without grad, as transformers' ``generate``: with it,
+    the static cache's in-place K/V writes chained every step's autograd graph to the next (a CPU run of
+    SmolLM2-135M held 11 GB after three requests)."""
     stats = stats if stats is not None else DecodeStats()
     forward = verifying_forward(model, drafter, forward)
     forward.record_hidden = drafter.reads_hidden  # fixed for the request

@@ -14,32 +14,13 @@ unit instead of three, where the served variant's figures are already on record.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from contextlib import AbstractContextManager
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import control_ablation_v2 as ablation  # noqa: E402
-from benchmarks.control_ablation_v2 import REQUEST_FIELDS, effect  # noqa: E402,F401
-
-VARIANTS = ablation.VARIANTS["binding"]
-
-
-def binding_variant(overrides: dict[str, Any]) -> AbstractContextManager:
-    """Requests with binding on get ``BindingConfig`` with ``overrides`` while inside (control_ablation_v2)."""
-    return ablation.config_variant("binding", overrides)
-
-
-def render(pipeline: Any, jobs: list[effect.Job], args: argparse.Namespace, overrides: dict[str, Any],
-           baseline: bool) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-    return ablation.render(pipeline, jobs, args, overrides, baseline, "binding")
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    return ablation.parse(argv, "binding")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def wire_stop(stop: gr.Button, task: str, events: list, stats: gr.JSON, message:
         run = CANCELS.stop(session, task)
         if run is None:  # nothing asked for, or the run had ended: its result stands, its stats shown again
             ended = CANCELS.ended(session, task)
-            report = [ended.result_stats if ended is not None and ended.result_stats else gr.skip(), gr.skip()]
+            report = [(ended.result_stats if ended else None) or gr.skip(), gr.skip()]
         elif run.queued:
             run.finished = True
             report = [{"stopped": True, "stopped_at": "before it started"},

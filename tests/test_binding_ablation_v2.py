@@ -1,4 +1,5 @@
-"""The binding ablation's variants reach the served request path and leave the served defaults as they were."""
+"""The binding ablation's variants (control_ablation_v2's, run by binding_ablation_v2) reach the served request path
+and leave the served defaults as they were."""
 from __future__ import annotations
 
 import importlib
@@ -9,9 +10,9 @@ from pipelines.tabs.image import ImageRequest
 
 
 def test_binding_variant_reaches_the_plan_and_the_defaults_come_back():
-    ablation = importlib.import_module("benchmarks.binding_ablation_v2")
+    ablation = importlib.import_module("benchmarks.control_ablation_v2")
     request = ImageRequest(prompt="a [red circle]", binding=True, ets_step=4)
-    with ablation.binding_variant({"token_refinement_steps": 0, "cap_composite_norm": False}):
+    with ablation.config_variant("binding", {"token_refinement_steps": 0, "cap_composite_norm": False}):
         inside = ControlPlan.from_request(request).binding
     after = ControlPlan.from_request(request).binding
     assert inside.token_refinement_steps == 0 and not inside.cap_composite_norm
@@ -21,15 +22,15 @@ def test_binding_variant_reaches_the_plan_and_the_defaults_come_back():
 
 
 def test_every_variant_names_real_config_fields():
-    ablation = importlib.import_module("benchmarks.binding_ablation_v2")
+    ablation = importlib.import_module("benchmarks.control_ablation_v2")
     fields = set(BindingConfig.__dataclass_fields__)
-    assert list(ablation.VARIANTS)[0] == "served" and ablation.VARIANTS["served"] == {}
-    assert all(set(overrides) <= fields for overrides in ablation.VARIANTS.values())
+    assert list(ablation.VARIANTS["binding"])[0] == "served" and ablation.VARIANTS["binding"]["served"] == {}
+    assert all(set(overrides) <= fields for overrides in ablation.VARIANTS["binding"].values())
 
 
 def test_request_field_variants_reach_the_served_request(monkeypatch):
     """``ets0`` must travel in the request: the plan takes ``ets_step`` from it over any config override."""
-    ablation = importlib.import_module("benchmarks.binding_ablation_v2")
+    ablation = importlib.import_module("benchmarks.control_ablation_v2")
     seen = []
 
     def serve(pipeline, request):
@@ -37,8 +38,8 @@ def test_request_field_variants_reach_the_served_request(monkeypatch):
         return [], [], {}
 
     monkeypatch.setattr(ablation.effect, "serve", serve)
-    args = ablation.parse(["--json", "unused.json", "--device", "cpu"])
+    args = ablation.parse(["--json", "unused.json", "--device", "cpu"], "binding")
     jobs = ablation.effect.plan("binding", 2, 2, "")
-    ablation.render(None, jobs, args, ablation.VARIANTS["ets0"], baseline=False)
-    ablation.render(None, jobs, args, ablation.VARIANTS["served"], baseline=False)
+    ablation.render(None, jobs, args, ablation.VARIANTS["binding"]["ets0"], baseline=False, control="binding")
+    ablation.render(None, jobs, args, ablation.VARIANTS["binding"]["served"], baseline=False, control="binding")
     assert [ControlPlan.from_request(r).binding.ets_step for r in seen] == [0] * len(jobs) + [-1] * len(jobs)

@@ -20,7 +20,7 @@ from .attention import AttentionControl
 from .binding import BindingConfig, GroupTokens, SemanticBinding
 from .leakfix import isolate_items
 from .lpa import LPAConfig, causal_keys, route_style_tokens
-from .prompts import ParsedPrompt, content_words, end_positions, find_words, span_positions, token_positions
+from .prompts import ParsedPrompt, content_words, find_words, span_positions, token_positions
 
 
 def split_words(text: str) -> list[str]:
@@ -78,7 +78,7 @@ class ControlPlan:
             return None
         content = span_positions(tokenizer, parsed.text, content_words(parsed))
         style = token_positions(tokenizer, parsed.text, parsed.style.start, parsed.style.end)
-        content, style = causal_keys(content, style, end_positions(tokenizer, parsed.text), self.lpa)
+        content, style = causal_keys(content, style, tokenizer, parsed.text, self.lpa)
         for bias in route_style_tokens(control.layers, content, style, self.lpa):
             if rows is not None:
                 bias.rows = rows

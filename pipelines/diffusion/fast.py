@@ -31,8 +31,7 @@ Graphs are kept in the UNet's ``state.UNetState`` (``unet_graphs``), with what m
 the merging are read through their public accessors.
 
 Backends: ``graph`` (default on CUDA), ``eager`` (the same static code path without capture: CPU, ZeroGPU, where
-CUDA graphs are not used),
-``off`` (not installed: the stock call).
+CUDA graphs are not used), ``off`` (not installed: the stock call).
 """
 from __future__ import annotations
 

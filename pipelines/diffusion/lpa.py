@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .attention import KeyBias
+from .prompts import end_positions
 
 BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
 
@@ -57,13 +59,16 @@ def layer_tags(layers: list[str]) -> dict[str, str]:
     return tags
 
 
-def causal_keys(content: list[int], style: list[int], end: list[int], config: LPAConfig) -> tuple[list[int], list[int]]:
-    """(content keys, style keys) with ``causal_style`` and ``causal_content`` applied; ``end`` is the end token's
-    position and the padding's. Without a style word both stay as they are."""
-    words = list(style)
-    if config.causal_style and words:
+def causal_keys(content: list[int], style: list[int], tokenizer: Any, text: str,
+                config: LPAConfig) -> tuple[list[int], list[int]]:
+    """(content keys, style keys) of ``text`` with ``causal_style`` and ``causal_content`` applied (the end token's
+    and the padding's positions read only then). Without a style word both stay as they are."""
+    if not (config.causal_style or config.causal_content) or not style:
+        return content, style
+    words, end = list(style), end_positions(tokenizer, text)
+    if config.causal_style:
         style = sorted({*words, *(p for p in range(words[0], end[0]) if p not in content), *end})
-    if config.causal_content and words:
+    if config.causal_content:
         content = [p for p in range(1, end[-1] + 1) if p not in words]
     return content, style
 

@@ -87,6 +87,9 @@ def load_training_pipe(model: str) -> Any:
         return tiny_sd15_pipeline()
     from diffusers import StableDiffusionPipeline
 
+    from .models import import_own_components
+
+    import_own_components(model)
     return StableDiffusionPipeline.from_pretrained(model)
 
 

@@ -3,7 +3,10 @@ request can pick, each a fresh scheduler on the stored components."""
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +58,17 @@ class LoadedImageModel:
         return unet_state(self.pipe.unet)
 
 
+def import_own_components(folder: str) -> None:
+    """Import the Tokenworks modules (``pipelines.*``) a local pipeline folder's ``model_index.json`` names, such as
+    micro-world v3's ``WordReadoutCLIPTextModel``: diffusers resolves a component named by module path only from
+    ``sys.modules`` and never imports one itself. Only our own package, so a folder cannot run code by naming it."""
+    index = Path(folder) / "model_index.json"
+    entries = json.loads(index.read_text()).values() if index.is_file() else ()
+    for entry in entries:
+        if isinstance(entry, list) and isinstance(entry[0], str) and entry[0].startswith("pipelines."):
+            importlib.import_module(entry[0])
+
+
 def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageModel:
     arch = resolved.spec.kind
     if resolved.source == "tiny":
@@ -65,6 +79,7 @@ def load_image_model(resolved: ResolvedModel, store: ModelStore) -> LoadedImageM
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+        import_own_components(resolved.location)
         pipe = cls.from_pretrained(resolved.location, torch_dtype=store.dtype).to(store.device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedImageModel(pipe, arch, fit_latent_rgb(pipe.vae))

@@ -89,6 +89,44 @@ def test_a_new_text_encoder_replaces_the_old_one_and_the_unet_goes_on(trained, t
     assert CLIPTokenizer.from_pretrained(resumed / "tokenizer").tokenize("zigzagging") == ["zigzagging</w>"]
 
 
+def test_unet_stage_trains_on_the_word_readout_and_saves_a_folder_that_loads_it(trained, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.microworld import train_v2
+    from pipelines.microworld.word_readout import WordReadoutCLIPTextModel
+
+    contexts = []
+    conditioning = train_v2.conditioning
+
+    def spy(models, ids, *args):
+        latents, context = conditioning(models, ids, *args)
+        contexts.append((ids, context))
+        return latents, context
+
+    monkeypatch.setattr(train_v2, "conditioning", spy)
+    v3 = train_v2.train(train_v2.parse_args(TINY + ["--stages", "unet,compass", "--resume", str(trained),
+                                                    "--text-readout", "words", "--out", str(tmp_path / "v3")]))
+    eot = json.loads((trained / "text_encoder" / "config.json").read_text())["eos_token_id"]
+    for ids, context in contexts:
+        first = (ids == eot).int().argmax(-1)
+        for row in range(len(ids)):
+            assert (context[row, first[row]:] == 0).all() and (context[row, :first[row]].abs().sum(-1) > 0).all()
+    report = json.loads((v3 / "train_report.json").read_text())
+    assert report["steps"]["unet"] == 4 and report["steps"]["compass"] == 2
+    assert report["runs"][-1]["config"]["text_readout"] == "words"
+    for part in ("vae", "text_encoder"):
+        before, after = weights(trained / part), weights(v3 / part)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    pipe = StableDiffusionPipeline.from_pretrained(v3)
+    assert type(pipe.text_encoder) is WordReadoutCLIPTextModel
+    again = train_v2.train(train_v2.parse_args(TINY + ["--stages", "unet", "--resume", str(v3), "--max-steps", "1",
+                                                       "--out", str(tmp_path / "again")]))
+    assert json.loads((again / "train_report.json").read_text())["runs"][-1]["config"]["text_readout"] == "words"
+    with pytest.raises(SystemExit, match="text-readout"):
+        train_v2.train(train_v2.parse_args(TINY + ["--stages", "unet", "--resume", str(trained), "--text-readout",
+                                                   "eot", "--out", str(tmp_path / "no")]))
+
+
 def test_pack_splits_the_folder_into_parts_that_unpack_to_the_same_files(trained, tmp_path):
     from pipelines.microworld import train_v2
 

@@ -7,6 +7,9 @@
     # the compass encoder, from the saved weights alone
     python -m pipelines.microworld.train_v2 --stages unet,compass --minutes 9 \
         --resume outputs/microworld_v2 --out outputs/microworld_v2 --pack "$OUT"
+    # micro-world v3: v2's UNet continued on the word-token readout, its compass encoder retrained on that UNet
+    python -m pipelines.microworld.train_v2 --resume pipelines/microworld/weights_v2 --stages unet,compass \
+        --text-readout words --minutes 9 --out outputs/microworld_v3 --pack "$OUT"
     # back home: cat microworld_v2.tar.part* | tar -x -C outputs/
 
 Stages (each saves the folder when it ends, so a killed call keeps what finished):
@@ -21,6 +24,9 @@ Stages (each saves the folder when it ends, so a killed call keeps what finished
   (1/std of the latents, as SD's 0.18215 was measured).
 - ``unet``: a ``UNet2DConditionModel`` (SD1.5 layout, cross-attention at 32/16/8) with SD1.5's noise schedule,
   epsilon prediction, min-SNR-5 loss weights, 10 % empty captions for guidance, EMA weights saved.
+  ``--text-readout words`` trains it on the word tokens only (``word_readout``: every state from the first end
+  token on is zero), micro-world v3; the saved ``model_index.json`` then names ``WordReadoutCLIPTextModel``, and a
+  run resumed from that folder keeps its readout unless told otherwise.
 - ``compass``: a Compass Control angle encoder for the frozen model (``compass_v2``).
 Resuming restarts AdamW (with a short warm-up) from the saved weights alone: optimiser state would double what
 has to travel between sessions. Data is rendered on the device each step (``scenes_v2``), seeded by
@@ -47,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes_v2, text_v2
+from .word_readout import READOUTS, folder_readout, readout_class, with_readout
 
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -96,6 +103,9 @@ class TrainConfig:
     seed: int = 0
     samples: bool = True
     new_text_encoder: bool = False  # with --resume and the clip stage: train a new text tower; the UNet goes on
+    # what the UNet reads of the text encoder: all (every position, v2) | words (zero from the first end token on,
+    # v3: word_readout); "" = the resumed folder's, else all
+    text_readout: str = ""
     pack: str = ""  # also write the folder as a split tar (parts <= 15 MiB), report and samples here
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -256,7 +266,7 @@ def train_clip(models: Models, config: TrainConfig, device: torch.device, budget
             running = []
         models.steps["clip"] = step
     batches.close()
-    models.text_encoder = text_v2.text_encoder_of(clip.float().cpu()).to(device)
+    models.text_encoder = with_readout(text_v2.text_encoder_of(clip.float().cpu()), config.text_readout).to(device)
 
 
 def build_vae(config: TrainConfig) -> Any:
@@ -391,14 +401,16 @@ def train_unet(models: Models, config: TrainConfig, device: torch.device, budget
 
 
 def load_resumed(folder: Path, device: torch.device) -> Models:
-    """Whatever a previous run saved in ``folder`` (fp32 on ``device``) and its step counts."""
+    """Whatever a previous run saved in ``folder`` (fp32 on ``device``; the text encoder with the folder's readout)
+    and its step counts."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     models = Models()
     if (folder / "tokenizer").is_dir():
         models.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    parts = {"text_encoder": CLIPTextModel, "vae": AutoencoderKL, "unet": UNet2DConditionModel}
+    parts = {"text_encoder": readout_class(folder_readout(folder)), "vae": AutoencoderKL,
+             "unet": UNet2DConditionModel}
     for name, cls in parts.items():
         if (folder / name / "config.json").is_file():
             module = cls.from_pretrained(folder / name, torch_dtype=torch.float32).to(device)
@@ -541,6 +553,11 @@ def train(config: TrainConfig) -> Path:
     previous = json.loads((resumed / "train_report.json").read_text())["runs"] if resumed and (
         resumed / "train_report.json").is_file() else []
     check_stages(stages, models, config.new_text_encoder)
+    config.text_readout = config.text_readout or (folder_readout(resumed) if resumed else "all")
+    if config.text_readout not in READOUTS:
+        raise SystemExit(f"Unknown --text-readout {config.text_readout!r}; choose from {', '.join(READOUTS)}.")
+    if models.text_encoder is not None:
+        models.text_encoder = with_readout(models.text_encoder, config.text_readout)
     if models.tokenizer is None or (config.new_text_encoder and "clip" in stages):
         models.tokenizer = text_v2.build_tokenizer()  # a new tower takes today's vocabulary
     budget_of = stage_budgets(config, [s for s in STAGES if s in stages], started)

@@ -11,7 +11,7 @@ from pipelines.base import NO_COMPARISON, PipelineError, Result
 from pipelines.diffusion.compass import draw_compass_preview, parse_compass_objects
 from pipelines.diffusion.merging import DEFAULT_MIN_TOKENS
 from pipelines.tabs.image import MAX_BATCH, MAX_STEPS, SCHEDULERS, ImagePipeline, ImageRequest
-from pipelines.microworld import WEIGHTS_V2
+from pipelines.microworld import WEIGHTS_V2, served_weights
 from pipelines.presets import MICROWORLD_MODEL
 
 from .common import (link_seed_reuse, lpa_window, lpa_window_row, number, on_gpu, refresh_availability, run_buttons,
@@ -63,8 +63,10 @@ class ImageExample:
 # shape has a favourite colour, and a shape in another shape's favourite next to that shape in its own
 # ("a blue circle and a red square") never appeared in training: where binding and the leakage fix have a prior
 # to fight. 30 steps at CFG 5 (how the model is evaluated).
-MICROWORLD_COMPASS = str(WEIGHTS_V2 / "compass") if (WEIGHTS_V2 / "compass" / "compass_config.json").is_file() \
-    else "phrase"
+# The compass encoder is trained against one UNet: the served folder's own (v3's once committed).
+MICROWORLD_WEIGHTS = served_weights() or WEIGHTS_V2
+MICROWORLD_COMPASS = str(MICROWORLD_WEIGHTS / "compass") if (
+    MICROWORLD_WEIGHTS / "compass" / "compass_config.json").is_file() else "phrase"
 # Seeds picked from 0-5 by benchmarks/microworld_v2_examples.py on the CPU (off vs on,
 # results/microworld_v2_examples_cpu.json and .png): binding swaps the prior's colours back to the asked ones at seed
 # 1 (binding score 0 -> 1; after the per-image entropy refinement 1 of 6 seeds improves, seed 3 worsens), LPA changes

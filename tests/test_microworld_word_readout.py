@@ -1,5 +1,6 @@
 """Micro-world v3's word readout: the text encoder zeroes exactly the positions from the first end token on, a saved
-folder loads through the stock diffusers call with that class."""
+folder loads through the stock diffusers call with that class, and the image tab serves v3 once it is committed
+while the video tab's base stays v2."""
 from __future__ import annotations
 
 import json
@@ -75,6 +76,41 @@ def test_a_words_folder_loads_through_the_stock_pipeline_call_with_the_subclass(
     ids = pipe.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids[0]
     first = int((ids == pipe.tokenizer.eos_token_id).nonzero()[0])
     assert (embeds[0, first:] == 0).all() and (embeds[0, :first].abs().sum(-1) > 0).all()
+
+
+def complete_folder(folder: Path) -> Path:
+    from pipelines.microworld import PARTS
+
+    for part in PARTS:
+        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+        (folder / part).write_text("{}")
+    return folder
+
+
+def test_image_tab_serves_v3_once_committed_and_the_video_base_stays_v2(tmp_path, monkeypatch):
+    from pipelines import microworld
+    from pipelines.models import ModelSpec, ModelStore
+    from pipelines.packaged import PACKAGED_INSTALLED, PACKAGED_RESOLVERS
+    from pipelines.presets import MICROWORLD_VIDEO
+
+    v2, v3 = complete_folder(tmp_path / "weights_v2"), tmp_path / "weights_v3"
+    monkeypatch.setattr(microworld, "WEIGHTS_V2", v2)
+    monkeypatch.setattr(microworld, "WEIGHTS_V3", v3)
+    motion = tmp_path / "weights_motion_v2"
+    motion.mkdir()
+    (motion / "config.json").write_text("{}")
+    (motion / "diffusion_pytorch_model.safetensors").write_text("")
+    monkeypatch.setattr(microworld, "WEIGHTS_MOTION_V2", motion)
+    assert PACKAGED_RESOLVERS["microworld"]() == str(v2)  # no v3: as before
+    complete_folder(v3)
+    assert PACKAGED_RESOLVERS["microworld"]() == str(v3) and PACKAGED_INSTALLED["microworld"]()
+    base = MICROWORLD_VIDEO.option("base_package")
+    store = ModelStore(device=torch.device("cpu"))
+    assert store.resolve(ModelSpec(base, "sd15", package=base)).location == str(v2)
+    assert microworld.packaged_motion_folder() == str(motion)
+    monkeypatch.setattr(microworld, "WEIGHTS_V2", tmp_path / "missing")  # v3 alone cannot carry the v2 adapter
+    assert microworld.packaged_motion_folder() is None and not PACKAGED_INSTALLED[base]()
+    assert PACKAGED_RESOLVERS["microworld"]() == str(v3)
 
 
 def test_the_served_loader_imports_the_readout_module_a_fresh_process_lacks(tmp_path):

@@ -139,10 +139,10 @@ def run_pipeline(pipeline: Pipeline, request: Request, session: gr.Request | Non
     """Events of ``pipeline`` for ``request``, with Stop wired in and failures turned into gr.Error.
 
     The pipeline runs on its own thread, the request's one worker (stages of it that stream from a worker of their
-    own, such as a diffusers call, run there too: ``pipelines.streaming``): a handler yields at every event (a Progress per model step at least),
-    the only place where Gradio's own cancel (API, closed tab) can close it, and each of those round trips
-    through Gradio (milliseconds) would otherwise stall the model. Closing cancels the pipeline at its next step;
-    progress that a newer event has overtaken is dropped, so the UI never lags behind the model."""
+    own, such as a diffusers call, run there too: ``pipelines.streaming``): a handler yields at every event (a Progress
+    per model step at least), the only place where Gradio's own cancel (API, closed tab) can close it, and each of
+    those round trips through Gradio (milliseconds) would otherwise stall the model. Closing cancels the pipeline at
+    its next step; progress that a newer event has overtaken is dropped, so the UI never lags behind the model."""
     run = CANCELS.start(session_of(session), pipeline.task)
     request.cancel = run.token
 
@@ -247,8 +247,8 @@ def seed_row() -> gr.Number:
 
 def link_seed_reuse(seed: gr.Number, stats: gr.JSON) -> None:
     """♻️ puts the seed of the last result (from its stats) back into the seed box."""
-    seed.reuse_button.click(lambda s: (s or {}).get("seed", -1), inputs=stats, outputs=seed,  # type: ignore[attr-defined]
-                            api_visibility="private")
+    seed.reuse_button.click(lambda s: (s or {}).get("seed", -1),  # type: ignore[attr-defined]
+                            inputs=stats, outputs=seed, api_visibility="private")
 
 
 def stats_panel(label: str = "Stats") -> gr.JSON:

@@ -103,8 +103,9 @@ PLACEHOLDERS = {  # prompt, heatmap words, items to encode alone: per model fami
 }
 AB_INFO = ("Rendered only when a control is on (binding, LPA, leakage fix, compass or merging): with every control "
            "off the image already is the baseline.")
-MICROWORLD_MERGE_INFO = (f"Off for the micro-world model: its largest attention grid is 32×32 = 1,024 tokens, far below the "
-                         f"{DEFAULT_MIN_TOKENS:,} tokens where merging starts to pay, so nothing would merge.")
+MICROWORLD_MERGE_INFO = ("Off for the micro-world model: its largest attention grid is 32×32 = 1,024 tokens, "
+                         f"far below the {DEFAULT_MIN_TOKENS:,} tokens where merging starts to pay, "
+                         "so nothing would merge.")
 
 
 def model_controls(name: str | None) -> tuple[dict, ...]:

@@ -93,7 +93,8 @@ def with_baseline(result: Result, baseline: Result, compare: str) -> Result:
 
 
 def same_seed_ab(render_a: Callable[[], Generator[Event, None, Result]] | None,
-                 render_b: Callable[[], Generator[Event, None, Result]], compare: str) -> Generator[Event, None, Result]:
+                 render_b: Callable[[], Generator[Event, None, Result]],
+                 compare: str) -> Generator[Event, None, Result]:
     """A same-seed A/B inside one request: the A side first (when there is one), then B with A attached."""
     baseline = (yield from render_a()) if render_a is not None else None
     result = yield from render_b()

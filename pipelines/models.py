@@ -268,7 +268,8 @@ class ModelStore:
         self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes(self.device)
         self.packaged = packaged if packaged is not None else default_packaged_resolvers()
         # Cheap "is it installed" checks per package (the resolvers may convert weights on first call).
-        self.installed = installed if installed is not None else (default_installed_checks() if packaged is None else {})
+        self.installed = (installed if installed is not None
+                          else (default_installed_checks() if packaged is None else {}))
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
 

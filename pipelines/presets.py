@@ -24,7 +24,8 @@ MICROWORLD_VIDEO = ModelSpec(MICROWORLD_VIDEO_MODEL, "animatediff", package="mic
 # long (the song tab sets its own per-line budget).
 BARK_SMALL = ModelSpec("Bark small · token AR", "bark", hub_id="suno/bark-small")
 BARK = ModelSpec("Bark · token AR", "bark", hub_id="suno/bark")
-TINY_BARK = ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True, options=(("max_semantic_tokens", 64),))
+TINY_BARK = ModelSpec("tiny-bark · token AR (random weights)", "bark", tiny=True,
+                      options=(("max_semantic_tokens", 64),))
 
 # Per tab, in order of preference under `auto`. Packaged entries come first for text because they are
 # what works with no Hub access; a larger cached/Hub model can be picked from the model dropdown.
@@ -188,5 +189,6 @@ class PresetModels:
         if spec is None and self.preset != "tiny":
             spec = self.unlisted(name)
         if spec is None:
-            raise PipelineError(f"Unknown {self.unknown_label} {name!r}. Choose one of: {', '.join(self.model_names())}.")
+            raise PipelineError(f"Unknown {self.unknown_label} {name!r}. "
+                                f"Choose one of: {', '.join(self.model_names())}.")
         return spec

@@ -8,9 +8,10 @@ greedy decoding reproduces stock ``BarkModel.generate`` exactly. The coarse wind
 semantic tokens they read exist, so the first audio does not wait for the whole semantic pass.
 
 Streaming: the fine stage runs per chunk on the new coarse frames with the fine codes already played as its
-history (Bark's own ``fine_prompt`` mechanism), then EnCodec decodes exactly at the seams (``codec_stream.EncodecStream``).
-Bark's stock fine pass is bidirectional over up to 1024 frames, so streamed fine codes differ from a one-shot
-fine pass; with streaming off the fine pass and the codec decode are Bark's own, over everything at once.
+history (Bark's own ``fine_prompt`` mechanism), then EnCodec decodes exactly at the seams
+(``codec_stream.EncodecStream``). Bark's stock fine pass is bidirectional over up to 1024 frames, so streamed
+fine codes differ from a one-shot fine pass; with streaming off the fine pass and the codec decode are Bark's
+own, over everything at once.
 """
 from __future__ import annotations
 

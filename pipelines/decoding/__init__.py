@@ -7,8 +7,9 @@ Public API
 ``plain.plain_decode(model, input_ids, max_new_tokens, config, eos_ids, cancel=None, stats=None, forward=None,
 processors=None)``
     The baseline: one token per forward, run by the verifier's own loop with ``verify.NoDraft`` (through
-    ``verify.StockForward``, the model's own cache, when no ``forward`` is given). Yields ``[token]`` lists. ``SamplingConfig`` holds temperature, top-k,
-    top-p and the seed (``generate``'s order and draws); ``processors`` (e.g. repetition penalty) as in ``generate``.
+    ``verify.StockForward``, the model's own cache, when no ``forward`` is given). Yields ``[token]`` lists.
+    ``SamplingConfig`` holds temperature, top-k, top-p and the seed (``generate``'s order and draws); ``processors``
+    (e.g. repetition penalty) as in ``generate``.
 ``verify.speculative_decode(model, input_ids, max_new_tokens, config, eos_ids, drafter, cancel=None,
 stats=None, forward=None, *, prefill=None, processors=None, generator=None)``
     Same contract, but each step drafts a ``TokenTree``, verifies it in one forward (float additive 4D

@@ -114,7 +114,8 @@ class ExactForward(CausalLMForward, CapturedSteps):
         positions = position_ids.flatten().tolist() if torch.is_tensor(position_ids) else list(position_ids)
         pattern = np.tril(np.ones((q, q), dtype=bool)) if mask is None else np.asarray(mask, dtype=bool)
         if past + q + self.rows > self.max_cache_len:
-            raise ValueError(f"The exact cache holds {self.max_cache_len} tokens; this step needs {past + q + self.rows}.")
+            raise ValueError(f"The exact cache holds {self.max_cache_len} tokens; "
+                             f"this step needs {past + q + self.rows}.")
         lead = max(0, q - self.block)
         causal_lead = np.array_equal(pattern[:lead, :lead], np.tril(np.ones((lead, lead), dtype=bool)))
         if not causal_lead or not pattern[lead:, :lead].all():
@@ -176,7 +177,8 @@ class ExactForward(CausalLMForward, CapturedSteps):
         self._gather.copy_(gather[:, :length])
         keys = self._cols[:length]
         mask = self.layout.masks(keys[None, :] <= positions[:, None], positions, keys, self.dtype)
-        mask = {kind: m[0, 0][:, None, None] for kind, m in mask.items()} if isinstance(mask, dict) else mask[0, 0][:, None, None]
+        mask = ({kind: m[0, 0][:, None, None] for kind, m in mask.items()} if isinstance(mask, dict)
+                else mask[0, 0][:, None, None])
         ids = ids_all[rows][:, None]
         inputs = {"inputs_embeds": self.embed(ids)} if self.embed is not None else {"input_ids": ids}
         out = self.model(**inputs, attention_mask=mask, position_ids=positions[:, None], use_cache=True,

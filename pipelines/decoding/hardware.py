@@ -234,8 +234,8 @@ def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = N
     """The cost curve for ``profile``: ``gpu`` is the H200 curve above (what the GPU would use); ``auto``
     measures this model on its own device once and keeps the result in ``measured`` (bucket sizes of the
     forward, () for the model's own -> curve: ``DecodingState.curves``, kept with the model); ``cpu`` does the
-    same and insists the model is on the CPU. A padded ``forward`` (one with ``buckets``: the static path) is measured itself, at its
-    bucket sizes, and the curve is flat within each bucket (``bucketed``)."""
+    same and insists the model is on the CPU. A padded ``forward`` (one with ``buckets``: the static path) is
+    measured itself, at its bucket sizes, and the curve is flat within each bucket (``bucketed``)."""
     if profile not in TREE_PROFILES:
         raise ValueError(f"Unknown tree profile {profile!r}; choose one of {', '.join(TREE_PROFILES)}.")
     if profile == "gpu":
@@ -260,7 +260,8 @@ def step_costs(model, profile: str = "auto", forward: CausalLMForward | None = N
 
 def curve_key(model, sizes: tuple[int, ...] = DEFAULT_SIZES, path: str = "eager") -> str | None:
     """What a measured curve depends on: the model (by name), its dtype, the device (GPU name, or CPU model and
-    thread count), the forward that serves (``path``) and the sizes. None for unnamed models (random test models): those are measured per process."""
+    thread count), the forward that serves (``path``) and the sizes. None for unnamed models (random test models):
+    those are measured per process."""
     name = getattr(model.config, "_name_or_path", "")
     if not name:
         return None

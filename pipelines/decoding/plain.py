@@ -101,7 +101,8 @@ def choose_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def logits_processing(processors, prompt: torch.Tensor, generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+def logits_processing(processors, prompt: torch.Tensor,
+                      generated: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
     """A node's logits rewritten by a transformers ``LogitsProcessorList``: the processors see the prompt ids
     ``prompt`` (1-D), the generated ids, then ``path`` (the tokens accepted on the way to the node), as in
     ``generate`` (repetition penalty reads the prompt)."""

@@ -13,7 +13,8 @@ PACKAGED = Path(__file__).parent / "weights"
 
 
 def weights_name(model_name: str, technique: str) -> str:
-    """File name for a model id: (``HuggingFaceTB/SmolLM2-135M-Instruct``, ``ppd``) -> ``ppd-smollm2-135m-instruct.safetensors``."""
+    """File name for a model id: (``HuggingFaceTB/SmolLM2-135M-Instruct``, ``ppd``) ->
+    ``ppd-smollm2-135m-instruct.safetensors``."""
     return technique + "-" + re.sub(r"[^a-z0-9.-]+", "-", model_name.split("/")[-1].lower()) + ".safetensors"
 
 

@@ -185,7 +185,8 @@ def composite_tokens(embeds: torch.Tensor, groups: list[GroupTokens], config: Bi
     return merged
 
 
-def end_token_substitution(embeds: torch.Tensor, merged_prompt_embeds: torch.Tensor, prompt_length: int) -> torch.Tensor:
+def end_token_substitution(embeds: torch.Tensor, merged_prompt_embeds: torch.Tensor,
+                           prompt_length: int) -> torch.Tensor:
     """Positions after the prompt's own tokens (its end token and padding) come from the attribute-free prompt."""
     out = embeds.clone()
     out[:, prompt_length + 1:] = merged_prompt_embeds[:, prompt_length + 1:]
@@ -359,7 +360,8 @@ class SemanticBinding:
     def wants(self, step: int) -> bool:
         return step < max(self.token_steps, self.attention_steps) or step == self.config.ets_step
 
-    def refine(self, step: int, t: Any, latents: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(self, step: int, t: Any, latents: torch.Tensor,
+               positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Binding work for denoising step ``step`` (before its UNet call): ETS, token and attention refinement."""
         if step == self.config.ets_step:
             positive = end_token_substitution(positive, self.merged_prompt_embeds, self.prompt_length)

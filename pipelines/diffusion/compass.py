@@ -262,7 +262,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     """``args.pkl`` holds a plain dict; refuse anything that would import code."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise PipelineError(f"The compass checkpoint's args.pkl references code ({module}.{name}); refusing to load it.")
+        raise PipelineError(f"The compass checkpoint's args.pkl references code ({module}.{name}); "
+                            "refusing to load it.")
 
 
 def lora_diffusion_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -373,7 +374,8 @@ class CompassEncoders:
             raise PipelineError("Compass Control and semantic binding cannot be combined yet: turn one of them off.")
         stacks = [(pipe.tokenizer, pipe.text_encoder, self.encoder(request.compass_encoder, pipe))]
         if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the second encoder gets the phrase encoder
-            stacks.append((pipe.tokenizer_2, pipe.text_encoder_2, PhraseCompassEncoder(pipe.text_encoder_2, pipe.tokenizer_2)))
+            stacks.append((pipe.tokenizer_2, pipe.text_encoder_2,
+                           PhraseCompassEncoder(pipe.text_encoder_2, pipe.tokenizer_2)))
         compass = apply_compass(control, stacks, text, objects)
         info.setdefault("controls", {})["compass"] = [
             {"name": o.name, "angle": o.angle, "box": list(o.box or DEFAULT_BOX), "tokens": list(pair)}

@@ -152,12 +152,14 @@ class CompassTrainer:
         return F.mse_loss(prediction.float(), noise.float())
 
 
-def evaluate(trainer: CompassTrainer, rows: list[Row], size: int, probes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def evaluate(trainer: CompassTrainer, rows: list[Row], size: int,
+             probes: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     with torch.no_grad():
         return float(np.mean([trainer.loss(row, size, *probe).item() for row, probe in zip(rows, probes)]))
 
 
-def train(rows: list[Row], pipe: Any, steps: int, lr: float, size: int, lora_rank: int, seed: int) -> tuple[CompassTrainer, dict]:
+def train(rows: list[Row], pipe: Any, steps: int, lr: float, size: int, lora_rank: int,
+          seed: int) -> tuple[CompassTrainer, dict]:
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     trainer = CompassTrainer(pipe, width, lora_rank, seed)
     latent_size = size // pipe.vae_scale_factor

@@ -12,7 +12,8 @@ from ..base import PipelineError
 from .prompts import encode_positive, find_words, token_positions
 
 
-def isolate_items(pipe: Any, text: str, items: list[str], positive: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[int]]]:
+def isolate_items(pipe: Any, text: str, items: list[str],
+                  positive: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Replace each item's token vectors in ``positive`` [batch, tokens, dim] by those of the item encoded alone."""
     tokenizer = pipe.tokenizer
     patched = positive.clone()

@@ -4,8 +4,9 @@ The note model chooses the music (chords, rhythm, pitches); the guard only remov
 song's shape: sections and lines in the plan's order, a chord after every ``BAR``, a duration after every note or
 rest, bars filled exactly, and each sung line carrying exactly its syllable count of notes (no line, section or end
 before the count is reached, no further note after it, rests only once the line is sung and only to fill its
-bar, a phrase of at least two bars, at most ``MAX_BARS`` bars of chords in an instrumental section). It is a ``LogitsProcessor`` (``processors`` of the decoding core), applied at every verified node exactly
-as plain decoding applies it, so drafting stays lossless with it on.
+bar, a phrase of at least two bars, at most ``MAX_BARS`` bars of chords in an instrumental section). It is a
+``LogitsProcessor`` (``processors`` of the decoding core), applied at every verified node exactly as plain decoding
+applies it, so drafting stays lossless with it on.
 """
 from __future__ import annotations
 

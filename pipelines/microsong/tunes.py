@@ -349,7 +349,8 @@ class BodyReader:
             self.pitch, self.rest = int(token[1:]) + LOWEST_STEP, False
         elif token == "R":
             self.pitch, self.rest = None, True
-        elif self.bar is not None and token[:1] == "D" and token[1:].isdigit() and (self.pitch is not None or self.rest):
+        elif (self.bar is not None and token[:1] == "D" and token[1:].isdigit()
+              and (self.pitch is not None or self.rest)):
             self.bar.events.append((self.pitch, int(token[1:])))
             self.pitch, self.rest = None, False
         return done

@@ -138,8 +138,9 @@ class ImagePipeline(PresetModels, Pipeline):
             parsed = parse_prompt(self.compass.apply(pipe, request, parsed.text, control, info), request.style)
         self.compass.switch_lora(pipe.unet, request.compass_encoder if compass else None)
         heat_tokens = heatmap_tokens(pipe.tokenizer, parsed.text, split_words(request.heatmap_words))
-        heat_recorder = control.record(tokens=[p for _, ps in heat_tokens for p in ps],
-                                       layers=grid_layers(pipe.unet, latent_size(pipe, request))) if heat_tokens else None
+        heat_recorder = (control.record(tokens=[p for _, ps in heat_tokens for p in ps],
+                                        layers=grid_layers(pipe.unet, latent_size(pipe, request)))
+                         if heat_tokens else None)
         binding = None
         if controlled:
             binding = self.prepare_controls(pipe, model.arch, request, parsed, control, call, info)

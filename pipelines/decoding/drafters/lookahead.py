@@ -270,7 +270,8 @@ class LookaheadTrie(Drafter):
             kids[parent].append(len(picked))
             if depth < config.branch_length:
                 for child_token, child in children[node].items():
-                    heapq.heappush(heap, (-score(child), (order := order + 1), child_token, child, len(picked), depth + 1))
+                    heapq.heappush(heap, (-score(child), (order := order + 1), child_token, child, len(picked),
+                                          depth + 1))
         tokens, parents, depths, scores = [context[-1]], [-1], [0], [0.0]
         stack = [(child, 0) for child in reversed(kids[0])]
         while stack:

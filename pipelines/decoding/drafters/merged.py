@@ -4,12 +4,13 @@ cost curve decides how much of it to verify (reference §9.3: trees pay off wher
 PPD's hardware-aware size, applied per step to measured acceptance instead of a fixed template).
 
 Every drafted node carries the sources that proposed it, each with a bucket (source, feature, depth, last):
-the n-gram length and how far back the context agrees with the earlier spot for prompt lookup, the match length and frequency for Lookahead, top-1 or not and the
-recorded probability for recycling; ``last`` says how the previous step went (nothing accepted, part of
-it, or every level offered), which tells copying stretches (a quoted passage, a translation) from free text. Per bucket the drafter counts how often a node whose parent was on the accepted path was
-accepted itself; a node's conditional acceptance is the best of its sources' smoothed rates, its path
-probability the product down from the root. The nodes are ranked by path probability (a child never
-outranks its parent) and the verified prefix is the one with the most expected tokens per second of
+the n-gram length and how far back the context agrees with the earlier spot for prompt lookup, the match length
+and frequency for Lookahead, top-1 or not and the recorded probability for recycling; ``last`` says how the
+previous step went (nothing accepted, part of it, or every level offered), which tells copying stretches (a
+quoted passage, a translation) from free text. Per bucket the drafter counts how often a node whose parent was
+on the accepted path was accepted itself; a node's conditional acceptance is the best of its sources' smoothed
+rates, its path probability the product down from the root. The nodes are ranked by path probability (a child
+never outranks its parent) and the verified prefix is the one with the most expected tokens per second of
 forward. Verification is the one lossless verifier, so the output is plain greedy/sampled decoding (bit for bit
 where the forward's rows do not depend on the block: fp32, or exact mode; see exact.py).
 """
@@ -265,8 +266,9 @@ class MergedDrafter(Drafter):
         guesses = self.chains.guesses if self.chains is not None else None
         if guesses is not None:
             guessed, guess_ranks, path = guesses.tree(context[-1], self.offer)
-            where = trie.add(guessed, "ppd", [None] + [(min(guess_ranks[i], 1), _bin(path[i] / path[guessed.parents[i]]))
-                                                       for i in range(1, len(guessed))])
+            where = trie.add(guessed, "ppd",
+                             [None] + [(min(guess_ranks[i], 1), _bin(path[i] / path[guessed.parents[i]]))
+                                       for i in range(1, len(guessed))])
             for i in range(1, min(self.graft + 1, len(guessed))):  # the likeliest guesses come first
                 sub, probs = self.recycler.scored([guessed.tokens[i]])
                 trie.add(sub.truncated(max_nodes=self.graft_nodes), "recycling", _ranked(ranks, probs), at=where[i],

@@ -200,9 +200,9 @@ class PromptChains:
         (``hardware.pick_tree_size``, priced by ``hardware.step_cost``) with two more candidates per prefix. Each
         prefix is priced, rows and all, alone (the rule's candidate), with the chain ``attach`` would hang below
         its likeliest end (worth ``gain`` tokens times that node's chance to end the path) and with a chain below
-        every node (worth ``gain``: the chances to end the path add up to one). Priced without the chains it carries, the tree
-        shrank to the bare root wherever one chain took the forward into a dearer bucket (the static path's 8-row
-        bucket): the guesses were read on every step and never verified (tau 1.0 served on an H100)."""
+        every node (worth ``gain``: the chances to end the path add up to one). Priced without the chains it carries,
+        the tree shrank to the bare root wherever one chain took the forward into a dearer bucket (the static path's
+        8-row bucket): the guesses were read on every step and never verified (tau 1.0 served on an H100)."""
         m = len(self.ids)
         prices = self.prices(costs, max(len(path), max_nodes))
         last = [0.0] * len(path)

@@ -42,13 +42,15 @@ class TreeTemplate:
         return TreeTemplate(self.parents[:nodes], self.ranks[:nodes], self.prior[:nodes])
 
 
-def build_template(level_sizes: tuple[int, ...] = LEVEL_SIZES, rank_prior: tuple[float, ...] = RANK_PRIOR) -> TreeTemplate:
+def build_template(level_sizes: tuple[int, ...] = LEVEL_SIZES,
+                   rank_prior: tuple[float, ...] = RANK_PRIOR) -> TreeTemplate:
     """Fill each level with its most probable (parent, rank) pairs under ``rank_prior``, then order all
     nodes by path probability (a child is never more probable than its parent, so parents stay first)."""
     paths: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
     level = [((), 1.0)]
     for size in level_sizes:
-        candidates = [(path + (rank,), prob * rank_prior[rank]) for path, prob in level for rank in range(len(rank_prior))]
+        candidates = [(path + (rank,), prob * rank_prior[rank])
+                      for path, prob in level for rank in range(len(rank_prior))]
         candidates.sort(key=lambda item: -item[1])
         level = candidates[:size]
         paths.extend(level)
@@ -136,7 +138,8 @@ class TokenRecycling(Drafter):
                 for accepted, offered, prior in zip(self.accepted, self.offered, self.template.prior)]
 
 
-def template_levels(active: TreeTemplate, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def template_levels(active: TreeTemplate,
+                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per depth below the root: the template's node indices there, their parents and their child ranks."""
     depth = [0] * len(active)
     for i in range(1, len(active)):

@@ -216,10 +216,12 @@ def evaluate(model, prompts: PromptTokens, items, config: TrainConfig, device, d
 
 
 def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else torch.autocast("cpu", enabled=False))
 
 
-def train(model, tokenizer, config: TrainConfig, data: list[tuple[list[int], int]] | None = None) -> tuple[PromptTokens, dict]:
+def train(model, tokenizer, config: TrainConfig,
+          data: list[tuple[list[int], int]] | None = None) -> tuple[PromptTokens, dict]:
     """Self-distil ``config.count`` prompt tokens for ``model`` (frozen). Returns them and a report."""
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the mask's dtype: autocast's on CUDA

@@ -115,7 +115,8 @@ def evaluate(model, head: DraftHead, items, config: HeadConfig, device) -> dict[
     return report
 
 
-def train(model, tokenizer, config: HeadConfig, data: list[tuple[list[int], int]] | None = None) -> tuple[DraftHead, dict]:
+def train(model, tokenizer, config: HeadConfig,
+          data: list[tuple[list[int], int]] | None = None) -> tuple[DraftHead, dict]:
     """Self-distil a ReDrafter head for ``model`` (frozen). Returns the head and a report."""
     device = next(model.parameters()).device
     model.requires_grad_(False)

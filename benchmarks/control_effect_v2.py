@@ -179,7 +179,8 @@ def run_jobs(pipeline: ImagePipeline, jobs: list[Job], args: argparse.Namespace,
     what serving them cost (wall time, the served path's own per-run times, its fast-path backend and calls)."""
     units, served, start = [], [], time.perf_counter()
     for job in jobs:
-        on, off, stats = serve(pipeline, base_request(args, job.seed, job.batch, compare="controls off", **job.prompt.fields))
+        on, off, stats = serve(pipeline, base_request(args, job.seed, job.batch, compare="controls off",
+                                                      **job.prompt.fields))
         served.append(stats)
         if len(off) != len(on):
             raise RuntimeError(f"{job.control}: the served path rendered no baseline (is the control on?)")

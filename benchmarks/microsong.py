@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         })
     report = benchmark_report(
         "microsong", device_name(torch.device("cpu")), MICROSONG_MODEL,
-        {"repeats": args.repeats, "temperature": args.temperature, "seeds": [args.seed + r for r in range(args.repeats)],
+        {"repeats": args.repeats, "temperature": args.temperature,
+         "seeds": [args.seed + r for r in range(args.repeats)],
          "lyrics": lyrics, "style": style, "torch": torch.__version__, "threads": torch.get_num_threads(),
          "path": "SongPipeline.generate (offline mode), wall time per request incl. synthesis and WAV writing"},
         rows, argv)

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
             headings = np.array([s["heading_error"] for s in scores])
             headings = headings[np.isfinite(headings)]
             rows.append({"method": f"classical scorer, {condition}", "size": size, "scenes": args.scenes,
-                         "objects": int(sum(len(make_scene(s, size).objects) for s in range(HELD_OUT, HELD_OUT + args.scenes))),
+                         "objects": int(sum(len(make_scene(s, size).objects)
+                                            for s in range(HELD_OUT, HELD_OUT + args.scenes))),
                          "shape_colour_accuracy": float(np.mean([s["binding"] for s in scores])),
                          "shape_accuracy": float(np.mean([s["presence"] for s in scores])),
                          "extra_detections_per_image": float(np.mean([s["extra_objects"] for s in scores])),

@@ -4,7 +4,8 @@ runs it) for seeds 0-5, both images scored by the v2 scorer against the objects 
 sheet of the chosen seeds (left off, right on).
 
     PYTHONPATH=. python benchmarks/microworld_v2_examples.py --seeds 6 \
-        --json benchmarks/results/microworld_v2_examples_cpu.json --png benchmarks/results/microworld_v2_examples_cpu.png
+        --json benchmarks/results/microworld_v2_examples_cpu.json \
+        --png benchmarks/results/microworld_v2_examples_cpu.png
 
 When one example changes (its prompt, its controls, the compass encoder), ``--only TEXT --rendered OLD.json``
 renders only the examples whose prompt contains TEXT and keeps every other example's rows from OLD.json; each row

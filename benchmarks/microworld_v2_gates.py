@@ -183,8 +183,8 @@ def oracle_gate(pipeline: ImagePipeline, args: argparse.Namespace, pool: Executo
     pending = []
     for prompt, pairs in scenes_v2.swapped_prompts()[::args.gate_stride]:
         truth = {"objects": [{"shape": s, "colour": c} for c, s in pairs]}
-        oracle, baseline = render(pipeline, args, prompt, OracleRequest, compare="controls off", oracle=args.oracle_tokens,
-                                  oracle_pairs=tuple(tuple(p) for p in pairs))
+        oracle, baseline = render(pipeline, args, prompt, OracleRequest, compare="controls off",
+                                  oracle=args.oracle_tokens, oracle_pairs=tuple(tuple(p) for p in pairs))
         sheet.append((f"oracle gate: {prompt} (off)", [Image.open(p) for p in baseline]))
         sheet.append((f"oracle gate: {prompt} (oracle on)", [Image.open(p) for p in oracle]))
         pending += [(pool.submit(score_file, off, truth), pool.submit(score_file, on, truth))

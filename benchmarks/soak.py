@@ -244,7 +244,8 @@ def rss_summary(samples: list[tuple[float, int]], warmup_s: float, end_s: float)
     if not baseline or not final:
         return {"error": "too few samples after the warm-up"}
     base, last = statistics.median(baseline), statistics.median(final)
-    slope = statistics.linear_regression([t for t, _ in after], [rss for _, rss in after]).slope if len(after) > 2 else 0
+    slope = (statistics.linear_regression([t for t, _ in after], [rss for _, rss in after]).slope
+             if len(after) > 2 else 0)
     return {"baseline_mb": round(base / 1e6, 1), "final_mb": round(last / 1e6, 1),
             "growth_pct": round(100 * (last - base) / base, 2),
             "peak_after_warmup_mb": round(max(rss for _, rss in after) / 1e6, 1),
@@ -292,7 +293,8 @@ def summarise(records: list[dict], samples: list, args: argparse.Namespace, end_
         "lost_requests": [r for r in records if r["outcome"] == "lost"][:50],
         "unreadable": [r for r in records if r["outcome"] == "unreadable"][:50],
         "unexpected": unexpected[:50],
-        "error_messages": sorted({f'{r["kind"]}: {r["detail"][:100]}' for r in records if r["outcome"] == "error"})[:40],
+        "error_messages": sorted({f'{r["kind"]}: {r["detail"][:100]}'
+                                  for r in records if r["outcome"] == "error"})[:40],
     }
 
 

@@ -4,8 +4,10 @@ Methods, interleaved per repeat after a warm-up: plain decoding with a dynamic c
 cache, and lossless column drafting (prompt lookup) with the static cache. Reports time to first audio, RTF,
 forwards, tau (columns per forward) and whether each method's codes equal plain decoding's.
 
-    python benchmarks/song_speed.py --device cpu --model tiny --seconds 2 --json benchmarks/results/song_speed_cpu_tiny.json
-    python benchmarks/song_speed.py --device cuda --model random-small --seconds 10 --json benchmarks/results/song_speed_cuda.json
+    python benchmarks/song_speed.py --device cpu --model tiny --seconds 2 \
+        --json benchmarks/results/song_speed_cpu_tiny.json
+    python benchmarks/song_speed.py --device cuda --model random-small --seconds 10 \
+        --json benchmarks/results/song_speed_cuda.json
     python benchmarks/song_speed.py --device cuda --model facebook/musicgen-small   # real weights: meaningful tau
 
 ``random-small`` is the musicgen-small architecture (T5-base encoder, 24x1024 decoder over 4x2048 codes,
@@ -39,7 +41,8 @@ METHODS = {  # name -> (draft, static cache)
 
 
 def random_small(device: torch.device, dtype: torch.dtype):
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration, T5Config
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              T5Config)
 
     from pipelines.tiny import tiny_tokenizer
 

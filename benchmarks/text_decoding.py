@@ -41,13 +41,14 @@ from pipelines.packaged import packaged_location  # noqa: E402
 
 METHODS = ("vanilla", "hf-pld", "recycling", "lookahead", "pld", "merged", "draft", "ppd", "merged-ppd",
            "redrafter", "merged-redrafter", "merged-ppd-redrafter")
-PROMPT_TOKEN_METHODS = ("ppd", "merged-ppd", "merged-ppd-redrafter")  # PPD's trained prompt tokens: alone, and as a source of the merged tree
+# PPD's trained prompt tokens: alone, and as a source of the merged tree
+PROMPT_TOKEN_METHODS = ("ppd", "merged-ppd", "merged-ppd-redrafter")
 HEAD_METHODS = ("redrafter", "merged-redrafter", "merged-ppd-redrafter")  # a trained ReDrafter head, alone or merged
 # outside every prompt set: warming up on a measured prompt would let the Lookahead trie remember its answer
 WARMUP_PROMPT = "Explain in a few sentences how a bicycle's gears make climbing a hill easier."
 
-HF_PLD_TOKENS = 10
-PACKAGED_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}  # the value transformers' docs use for prompt_lookup_num_tokens
+HF_PLD_TOKENS = 10  # the value transformers' docs use for prompt_lookup_num_tokens
+PACKAGED_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 
 
 def load(name: str, device: str, dtype_name: str = "auto"):
@@ -211,7 +212,8 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="Hub id, local folder, or smollm2-135m / gemma3-270m")
-    parser.add_argument("--prompts", required=True, help="jsonl: 'turns' (first element) or 'prompt', optional 'category'")
+    parser.add_argument("--prompts", required=True,
+                        help="jsonl: 'turns' (first element) or 'prompt', optional 'category'")
     parser.add_argument("--methods", default="vanilla,hf-pld,recycling,lookahead,pld")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -219,16 +221,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tree size from this device's measured step cost (auto/cpu) or the H200 curve (gpu)")
     parser.add_argument("--draft-model", default="", help="for method 'draft': a smaller model with the same tokenizer")
     parser.add_argument("--prompt-tokens", default="",
-                        help="for ppd / merged-ppd: trained prompt tokens (.safetensors); default: those found for --name")
+                        help="for ppd / merged-ppd: trained prompt tokens (.safetensors); "
+                             "default: those found for --name")
     parser.add_argument("--draft-head", default="",
-                        help="for the redrafter methods: a trained draft head (.safetensors); default: the one found for --name")
-    parser.add_argument("--name", default="", help="the model's Hub id, to find its trained prompt tokens and head "
-                                                    "(default: --model; smollm2-135m -> HuggingFaceTB/SmolLM2-135M-Instruct)")
+                        help="for the redrafter methods: a trained draft head (.safetensors); "
+                             "default: the one found for --name")
+    parser.add_argument("--name", default="",
+                        help="the model's Hub id, to find its trained prompt tokens and head "
+                             "(default: --model; smollm2-135m -> HuggingFaceTB/SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
     parser.add_argument("--stride", type=int, default=1, help="use every N-th prompt (keeps every category)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto = what the text tab uses (fp32 on a CPU: bf16 rows come out differently in a wider forward)")
+                        help="auto = what the text tab uses "
+                             "(fp32 on a CPU: bf16 rows come out differently in a wider forward)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0 = torch's default); 1 avoids thread thrashing on a shared CPU")
     return parser.parse_args(argv)

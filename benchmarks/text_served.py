@@ -359,7 +359,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
                              "command": command_line(argv)},
                 "rows": summarise(records, methods, first), "recompile_reasons_after_warmup": reasons,
                 "compile": getattr(runner.lm.fast_forward, "compile_mode", None),
-                "cost_curves_ms": {",".join(map(str, buckets)) or "eager": {n: round(c * 1e3, 4) for n, c in curve.items()}
+                "cost_curves_ms": {",".join(map(str, buckets)) or "eager":
+                                       {n: round(c * 1e3, 4) for n, c in curve.items()}
                                    for buckets, curve in runner.lm.state.curves.items()}}
 
     records, first, reasons = run_all(runner, prompts, methods,

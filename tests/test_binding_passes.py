@@ -147,7 +147,8 @@ def test_sdxl_at_1024_px_reads_the_official_three_layers_and_stops_after_the_thi
     official = {f"up_blocks.0.attentions.1.transformer_blocks.{i}.attn2" for i in (1, 2, 3)}
     assert binding_layers(unet, (128, 128)) == official < grid_layers(unet, (128, 128))
     assert binding_layers(unet, (16, 16)) == grid_layers(unet, (16, 16))  # a grid without them: by size
-    binding = SemanticBinding(pipe, "sdxl", AttentionControl(unet), parse_prompt(PROMPT), steps=10, latent_hw=(128, 128))
+    binding = SemanticBinding(pipe, "sdxl", AttentionControl(unet), parse_prompt(PROMPT), steps=10,
+                              latent_hw=(128, 128))
     assert binding.last_layer is unet.get_submodule(
         "up_blocks.0.attentions.1.transformer_blocks.3.attn2") and binding.grid == (32, 32)
 

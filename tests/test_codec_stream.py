@@ -13,7 +13,8 @@ from pipelines.tiny import tiny_bark, tiny_musicgen
 @pytest.fixture(scope="module")
 def codecs():
     torch.set_num_threads(1)
-    return {"musicgen": (tiny_musicgen(seed=1)[0].audio_encoder, 4, 64), "bark": (tiny_bark(seed=2).model.codec_model, 8, 32)}
+    return {"musicgen": (tiny_musicgen(seed=1)[0].audio_encoder, 4, 64),
+            "bark": (tiny_bark(seed=2).model.codec_model, 8, 32)}
 
 
 def one_shot(codec, codes):

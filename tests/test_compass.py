@@ -149,7 +149,8 @@ def test_args_pickle_that_imports_code_is_refused(tmp_path):
 
 
 def test_lora_key_conversion_to_peft_names():
-    converted = lora_diffusion_to_peft({"a.to_q.lora_down.weight": torch.ones(1), "a.to_q.lora_up.weight": torch.ones(1),
+    converted = lora_diffusion_to_peft({"a.to_q.lora_down.weight": torch.ones(1),
+                                        "a.to_q.lora_up.weight": torch.ones(1),
                                         "a.to_q.linear.weight": torch.ones(1)})
     assert set(converted) == {"a.to_q.lora_A.weight", "a.to_q.lora_B.weight"}
 

@@ -336,7 +336,8 @@ def test_measured_curves_of_named_models_are_kept_across_processes(tmp_path, mon
 
 def merged_drafter(costs, prompt):
     drafter = MergedDrafter(costs, TokenRecycling(torch.zeros(50, 8, dtype=torch.long)),
-                            LookaheadTrie(LookaheadConfig(decoding_length=8, branch_length=3)), PromptLookup(num_tokens=3))
+                            LookaheadTrie(LookaheadConfig(decoding_length=8, branch_length=3)),
+                            PromptLookup(num_tokens=3))
     drafter.start(prompt)
     return drafter
 

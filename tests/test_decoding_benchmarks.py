@@ -26,7 +26,8 @@ def test_step_cost_writes_a_curve_for_every_size(tmp_path):
 def test_text_decoding_rows_compare_against_vanilla_in_the_same_run():
     def record(category, vanilla_tokens, fast_tokens, fast_time):
         return {"category": category,
-                "vanilla": {"tokens": vanilla_tokens, "time_s": 2.0, "forwards": len(vanilla_tokens), "draft_s": 0.0, "step_s": 2.0},
+                "vanilla": {"tokens": vanilla_tokens, "time_s": 2.0, "forwards": len(vanilla_tokens), "draft_s": 0.0,
+                            "step_s": 2.0},
                 "pld": {"tokens": fast_tokens, "time_s": fast_time, "forwards": 2, "draft_s": 0.1, "step_s": fast_time}}
 
     rows = text_decoding.summarise([record("math", [1, 2, 3, 4], [1, 2, 3, 4], 1.0),

@@ -69,8 +69,8 @@ def test_stock_bf16_trees_flip_near_ties_that_exact_mode_keeps(tied):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_exact_mode_identical_to_plain_for_every_drafter_in_bf16(tied, family):
-    """Every kind of tree (24-node random trees over two 16-row forwards, recycling and merged trees, tries, chains), and
-    Gemma 3's sliding window applied at logical positions."""
+    """Every kind of tree (24-node random trees over two 16-row forwards, recycling and merged trees, tries, chains),
+    and Gemma 3's sliding window applied at logical positions."""
     model = tied if family == "llama" else tiny_causal_lm(family, seed=0).to(torch.bfloat16)
     prompt = repetitive_prompt(1, 23)
     forward = ExactForward(model, max_cache_len=256, rows=16, block=128, capture=False)
@@ -160,4 +160,5 @@ def test_top_two_of_the_chosen_rows_ranking_only_up_to_the_last_one():
             values, ids = logits[row].float().sort(descending=True)
             expected.append([(int(ids[0]), float(values[0])), (int(ids[1]), float(values[1]))])
     assert stats.top_two() == expected
-    assert [len(values) for values, _, _ in stats.top_logits] == [8, 1, 2]  # the rows after the last chosen one: unranked
+    # the rows after the last chosen one: unranked
+    assert [len(values) for values, _, _ in stats.top_logits] == [8, 1, 2]

@@ -88,11 +88,13 @@ def _streamed(drafter_class, seed: int) -> tuple:
         for _ in range(50):
             tree, scores, query = drafter.scored(context)
             drafts.append((tree.tokens, tree.parents, scores, query))
-            accepted = [rng.choice(context) if rng.random() < 0.5 else rng.randrange(12) for _ in range(rng.randint(1, 5))]
+            accepted = [rng.choice(context) if rng.random() < 0.5 else rng.randrange(12)
+                        for _ in range(rng.randint(1, 5))]
             drafter.update(tree, torch.empty(0), accepted)
             context += accepted
         drafter.finish()
-    return drafts, {token: _trie_state(trie, root) for token, root in sorted(trie.roots.items())}, trie.nodes, trie.prunes
+    return (drafts, {token: _trie_state(trie, root) for token, root in sorted(trie.roots.items())},
+            trie.nodes, trie.prunes)
 
 
 def test_held_branch_tips_count_what_walking_from_the_root_counts():

@@ -14,7 +14,8 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from pipelines.decoding.drafters import merged as merged_module
-from pipelines.decoding.hardware import GPU_STEP_COST, REFED_ROWS, StepPrices, bucketed, interpolate, pick_tree_size, step_cost
+from pipelines.decoding.hardware import (GPU_STEP_COST, REFED_ROWS, StepPrices, bucketed, interpolate, pick_tree_size,
+                                         step_cost)
 from pipelines.decoding.drafters.lookahead import NGramTrie
 from pipelines.decoding.drafters.merged import new_merged
 from pipelines.decoding.plain import DecodeStats, SamplingConfig, plain_decode

@@ -78,7 +78,8 @@ def test_every_method_equals_generate_past_the_sliding_window(gemma, static, see
     assert run(plain_decode(gemma, prompt, NEW, SamplingConfig(), set(), forward=plain_forward)) == expected
     for name, drafter in every_drafter(gemma, expected).items():
         forward = forward_for(gemma, drafter, static)
-        assert run(speculative_decode(gemma, prompt, NEW, SamplingConfig(), set(), drafter, forward=forward)) == expected, name
+        assert run(speculative_decode(gemma, prompt, NEW, SamplingConfig(), set(), drafter,
+                                      forward=forward)) == expected, name
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])

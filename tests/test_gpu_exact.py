@@ -77,7 +77,8 @@ def test_exact_mode_identical_to_plain_for_every_drafter_on_cuda_bf16(model, see
     forward = ExactForward(model, max_cache_len=512, capture=True)
     reference = run(plain_decode(model, prompt, NEW, SamplingConfig(), set(), forward=forward))
     for name, drafter in drafters(reference).items():
-        assert run(speculative_decode(model, prompt, NEW, SamplingConfig(), set(), drafter, forward=forward)) == reference, name
+        assert run(speculative_decode(model, prompt, NEW, SamplingConfig(), set(), drafter,
+                                      forward=forward)) == reference, name
     assert forward.graphs and forward.capture  # captured, not the eager fallback
     static = StaticForward(model, max_cache_len=512, capture=True)
     stock = run(plain_decode(model, prompt, NEW, SamplingConfig(), set(), forward=static))

@@ -56,7 +56,8 @@ def test_generate_image_with_compass_objects_confines_their_tokens(tiny_client):
     assert baseline and stats["biased_attention_calls"] > 0
 
 
-@pytest.mark.parametrize("objects, message", [("[{", "must be JSON"), ('[{"name": "boat", "angle": 0}]', "does not appear")])
+@pytest.mark.parametrize("objects, message", [("[{", "must be JSON"),
+                                              ('[{"name": "boat", "angle": 0}]', "does not appear")])
 def test_generate_image_rejects_bad_compass_objects(tiny_client, objects, message):
     from gradio_client.exceptions import AppError
 

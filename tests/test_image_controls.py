@@ -226,7 +226,8 @@ def test_controlled_run_with_compare_reports_ab_and_overhead(image_pipeline):
     assert np.array_equal(baseline, stock_images("sd15", parse_prompt(PROMPT).text, 2, steps=4)[0])
     assert not np.array_equal(baseline, load_png(result.value[0]))
     assert result.stats["time_ratio_vs_baseline"] > 0 and result.stats["binding_groups"] == 2
-    assert result.stats["compare"] == "controls off" and result.stats["baseline_time_s"] == result.baseline.stats["time_s"]
+    assert (result.stats["compare"] == "controls off"
+            and result.stats["baseline_time_s"] == result.baseline.stats["time_s"])
     assert len(result.metadata["heatmaps"]) == 1 and len(result.baseline.metadata["heatmaps"]) == 1
 
 

@@ -137,7 +137,8 @@ def test_render_is_audible_and_the_mix_is_the_sum_of_stems_without_clipping():
     chunks, _ = rendered(compose_body(plan_song(LYRICS, header), random.Random(7)), header)
     vocals, accompaniment, mix = mix_stems(*(np.concatenate(stem) for stem in zip(*chunks)))
     np.testing.assert_allclose(mix, vocals + accompaniment, atol=1e-6)
-    assert np.abs(mix).max() <= 1.0 and np.sqrt(np.mean(vocals ** 2)) > 0.01 and np.sqrt(np.mean(accompaniment ** 2)) > 0.01
+    assert (np.abs(mix).max() <= 1.0 and np.sqrt(np.mean(vocals ** 2)) > 0.01
+            and np.sqrt(np.mean(accompaniment ** 2)) > 0.01)
     bar_s = 6 * 30.0 / 90.0
     assert mix.size / SAMPLE_RATE == pytest.approx(len(chunks[:-1]) * bar_s + 1.5, abs=0.01)
 

@@ -205,7 +205,8 @@ def test_control_effect_v2_runs_end_to_end_on_the_served_path(trained, tmp_path)
     report = effect.main(["--model", str(trained), "--device", "cpu", "--units", "3", "--batch", "2", "--steps", "1",
                           "--gate-seeds", "1", "--gate-stride", "20", "--noise", "4", "--bootstrap", "20",
                           "--workers", "0", "--images", str(tmp_path / "images"), "--json", str(out),
-                          "--sheet", str(tmp_path / "sheet.png"), "--sheet-pairs", "2", "--pack", str(tmp_path / "out")])
+                          "--sheet", str(tmp_path / "sheet.png"), "--sheet-pairs", "2",
+                          "--pack", str(tmp_path / "out")])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     assert set(report["gates"]) == {"single_object_colour_accuracy", "heading_error_deg", "noise_presence",
                                     "oracle_binding_gain"}

@@ -235,7 +235,8 @@ def test_distillation_batch_lays_chains_out_as_the_verifier_does():
         assert allowed[row, :t + 1].all() and not allowed[row, t + 1:5].any() and allowed[row, row]
         assert allowed[row + 1, row] and allowed[row + 1, row + 1] and not allowed[row, row + 1]
     assert not allowed[:5, 5:].any()  # real rows never see a chain: their logits are the teacher
-    for student, teacher, depth in zip(batch["students"].tolist(), batch["teachers"].tolist(), batch["depths"].tolist()):
+    for student, teacher, depth in zip(batch["students"].tolist(), batch["teachers"].tolist(),
+                                       batch["depths"].tolist()):
         assert teacher == positions[student] and 1 <= depth <= 2
 
 
@@ -265,7 +266,8 @@ def test_prompt_chains_through_the_static_path(models):
                             embed=prompts.embedding(model))
     assert run(plain_decode(model, prompt, 30, SamplingConfig(), set(), forward=forward)) == reference
     for name, drafter in drafters.items():
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, forward=forward)) == reference, name
+        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter,
+                                      forward=forward)) == reference, name
 
 
 def test_the_likeliest_guesses_get_recycled_successors_grafted_below(models):

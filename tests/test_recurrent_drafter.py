@@ -82,7 +82,8 @@ def test_the_static_path_hands_over_the_same_features(models):
     reference = run(plain_decode(model, prompt, 30, SamplingConfig(), set()))
     static = StaticForward(model, max_cache_len=512, buckets=(1, 8, 32, 128), capture=False)
     for name, drafter in head_drafters(model).items():
-        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter, forward=static)) == reference, name
+        assert run(speculative_decode(model, prompt, 30, SamplingConfig(), set(), drafter,
+                                      forward=static)) == reference, name
 
 
 def test_candidates_follow_the_head_recursion_from_the_last_accepted_nodes_features(models):
@@ -163,8 +164,8 @@ def test_heads_are_found_by_model_name_and_checked_against_the_model(models, tmp
     loaded = load_head(path, model)
     assert loaded.vocab.tolist() == [5, 9, 7] and loaded.model_name == "someone/Tiny-Llama"
     for name, tensor in head.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[name], tensor.half().to(tensor.dtype) if tensor.is_floating_point()
-                                   else tensor)
+        torch.testing.assert_close(loaded.state_dict()[name],
+                                   tensor.half().to(tensor.dtype) if tensor.is_floating_point() else tensor)
     other = tmp_path / "other.safetensors"
     DraftHead(48, model_name="someone/Narrower").save(other)
     with pytest.raises(ValueError, match="trained for 'someone/Narrower'"):

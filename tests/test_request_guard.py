@@ -96,7 +96,8 @@ def test_a_chunked_json_body_over_the_cap_is_refused_while_streaming():
                          headers={"content-type": "application/json"})
     assert refused.status_code == 413, f"a streamed {MAX_REQUEST_BYTES // MB + 2} MB body got {refused.status_code}"
     assert f"{MAX_FORMLESS_BYTES:,}" in refused.json()["error"]
-    assert raw_call(shared_app().url, "text", ["ok", "", "", "vanilla", 2, 0.0, 1.0, 1, 0, 1.0, "", False])[0] == "complete"
+    assert raw_call(shared_app().url, "text",
+                    ["ok", "", "", "vanilla", 2, 0.0, 1.0, 1, 0, 1.0, "", False])[0] == "complete"
 
 
 def test_uploads_are_charged_to_the_session_budget_until_they_expire(guarded_app):
@@ -192,7 +193,8 @@ def test_a_huge_prompt_is_refused_fast_with_flat_memory_before_any_tokenizer(meg
     url = shared_app().url
     raw_call(url, "text", ["warm", "", "", "vanilla", 1, 0.0, 1.0, 1, 0, 1.0, "", False])
     tokenizer_calls.clear()
-    body = json.dumps({"data": ["a" * int(megabytes * MB), "", "", "vanilla", 4, 0.0, 1.0, 1, 0, 1.0, "", False]}).encode()
+    body = json.dumps({"data": ["a" * int(megabytes * MB), "", "", "vanilla", 4, 0.0, 1.0, 1, 0, 1.0, "",
+                                False]}).encode()
     with PeakRss() as memory:  # times the server: the body is encoded before
         started = time.perf_counter()
         event, payload = raw_call(url, "text", body)

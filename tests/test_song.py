@@ -112,7 +112,8 @@ def test_accepted_drafts_keep_output_identical_with_static_and_dynamic_cache(mus
     drafted, stats = decode(model, conditioning, 40, drafter=OracleDrafter(plain, vocabulary), static=static,
                             vocabulary=vocabulary)
     assert torch.equal(plain, drafted)
-    assert stats.tau > 1.5 and stats.forwards < plain_stats.forwards and stats.drafted > stats.new_tokens - stats.forwards
+    assert (stats.tau > 1.5 and stats.forwards < plain_stats.forwards
+            and stats.drafted > stats.new_tokens - stats.forwards)
 
 
 def test_column_vocabulary_gives_repeated_columns_one_id_and_lookup_proposes_what_followed():
@@ -131,7 +132,8 @@ def test_streamed_chunks_concatenate_to_the_one_shot_decode(musicgen):
     chunks = [item for item in stream if not isinstance(item, Progress)]
     result = stream.value
     assert len(chunks) >= 2 and result.first_audio_s > 0
-    one_shot = model.audio_encoder.decode(result.codes[None, None], audio_scales=[None]).audio_values[0, 0].detach().numpy()
+    one_shot = model.audio_encoder.decode(result.codes[None, None],
+                                          audio_scales=[None]).audio_values[0, 0].detach().numpy()
     streamed = np.concatenate(chunks)
     assert streamed.shape == one_shot.shape == (60 * 640,)
     np.testing.assert_allclose(streamed, one_shot, atol=1e-5)
@@ -202,7 +204,8 @@ def test_dual_mode_streams_the_first_mix_chunk_before_the_later_lines_are_sung(s
     events = list(SongPipeline(store, "tiny").generate(SongRequest(lyrics=lyrics, style="lofi", duration_s=2.0,
                                                                    seed=3)))
     first_chunk = next(i for i, e in enumerate(events) if isinstance(e, Partial))
-    last_line = next(i for i, e in enumerate(events) if isinstance(e, Progress) and e.note.startswith("singing line 4/4"))
+    last_line = next(i for i, e in enumerate(events)
+                     if isinstance(e, Progress) and e.note.startswith("singing line 4/4"))
     assert first_chunk < last_line
     result = events[-1]
     assert isinstance(result, Result) and result.stats["sung_lines"] == 4

@@ -35,4 +35,5 @@ def test_bark_accordion_is_hidden_when_the_tab_opens_on_an_offline_voice(hub_off
     speed = next(b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label.startswith("Speed"))
     assert bark.visible is False and speed.visible is True
     picker = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Voice / model")
-    assert dict((value, label) for label, value in picker.choices)["hibari · heart (packaged)"].endswith("available here")
+    assert (dict((value, label) for label, value in picker.choices)["hibari · heart (packaged)"]
+            .endswith("available here"))

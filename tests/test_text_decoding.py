@@ -75,7 +75,8 @@ def test_prompt_token_methods_follow_what_was_trained_for_the_model(pipeline):
     out = result(pipeline, model=model, method="merged", max_new_tokens=8)
     assert out.stats["ppd_prompt_tokens"] is False
     lm.state.use(prompts=new_prompt_tokens(lm.model))
-    assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="ppd")), ParallelPromptDecoding)
+    assert isinstance(pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="ppd")),
+                      ParallelPromptDecoding)
     assert pipeline.drafter(pipeline.load(model), TextRequest(model=model, method="merged")).chains is not None
     assert result(pipeline, model=model, method="merged", max_new_tokens=8).stats["ppd_prompt_tokens"] is True
 

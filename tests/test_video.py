@@ -135,7 +135,8 @@ def test_smooth_conditioning_interpolates_across_the_window(video):
 
 def test_cut_shots_confine_text_to_their_frames(video):
     """Changing one shot's prompt changes the text context of that shot's frames and of no other frame."""
-    first = '[{"start": 0, "prompt": "a red hat"}, {"start": 4, "prompt": "a blue car"}, {"start": 8, "prompt": "a dog"}]'
+    first = ('[{"start": 0, "prompt": "a red hat"}, {"start": 4, "prompt": "a blue car"}, '
+             '{"start": 8, "prompt": "a dog"}]')
     second = first.replace("a blue car", "a castle in watercolor style")
     context_a, _ = per_frame_contexts(video, first, 12)
     context_b, _ = per_frame_contexts(video, second, 12)

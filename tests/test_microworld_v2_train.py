@@ -228,3 +228,25 @@ def test_control_effect_v2_runs_end_to_end_on_the_served_path(trained, tmp_path)
     back = tmp_path / "control_effect_v2_jpeg"
     assert (back / "units.jsonl").is_file() and len(list(back.rglob("*.jpg"))) == len(list(
         (tmp_path / "images").rglob("*.png")))
+
+
+def test_unet_log_reports_a_text_gap_that_is_zero_exactly_when_the_unet_ignores_the_caption(trained):
+    from diffusers import DDPMScheduler
+
+    from pipelines.microworld import train_v2
+
+    report = json.loads((trained / "train_report.json").read_text())
+    unet_rows = [row for row in report["runs"][0]["history"] if row.get("stage") == "unet" and "step" in row]
+    assert unet_rows and all("text_gap" in row for row in unet_rows)
+    config = train_v2.parse_args(TINY + ["--probe-scenes", "6"])
+    device = torch.device("cpu")
+    models = train_v2.load_resumed(trained, device)
+    probe = train_v2.make_text_probe(models, config, device, DDPMScheduler(**train_v2.SD15_SCHEDULE).alphas_cumprod)
+    assert not torch.equal(probe.context, probe.rolled)  # six different captions
+    reads = train_v2.text_gap(models.unet, probe, config, device)
+    for name, module in models.unet.named_modules():
+        if name.endswith("attn2"):
+            torch.nn.init.zeros_(module.to_out[0].weight)
+            torch.nn.init.zeros_(module.to_out[0].bias)
+    ignores = train_v2.text_gap(models.unet, probe, config, device)
+    assert reads["text_gap"] != 0 and ignores["text_gap"] == 0

@@ -26,7 +26,8 @@ Stages (each saves the folder when it ends, so a killed call keeps what finished
   epsilon prediction, min-SNR-5 loss weights, 10 % empty captions for guidance, EMA weights saved.
   ``--text-readout words`` trains it on the word tokens only (``word_readout``: every state from the first end
   token on is zero), micro-world v3; the saved ``model_index.json`` then names ``WordReadoutCLIPTextModel``, and a
-  run resumed from that folder keeps its readout unless told otherwise.
+  run resumed from that folder keeps its readout unless told otherwise. Each log line reports how much the UNet uses
+  the caption, which its MSE cannot tell (``text_gap``).
 - ``compass``: a Compass Control angle encoder for the frozen model (``compass_v2``).
 Resuming restarts AdamW (with a short warm-up) from the saved weights alone: optimiser state would double what
 has to travel between sessions. Data is rendered on the device each step (``scenes_v2``), seeded by

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from ..diffusion.animatediff import SPATIAL_LORA
 from . import WEIGHTS_V2, motion_v2, text_v2
-from .train_v2 import (MAX_SHARD, SD15_SCHEDULE, Batches, Budget, Models, autocast, descend, latents_of,
-                       load_resumed, log, noised, optimiser, pack, parse_config, thread_tokenizer)
+from .train_v2 import (MAX_SHARD, SD15_SCHEDULE, Batches, Budget, Models, autocast, descend, diffused,
+                       latents_of, load_resumed, log, noised, optimiser, pack, parse_config, thread_tokenizer)
 
 
 @dataclass
@@ -259,8 +259,7 @@ def make_probe(models: Models, config: MotionConfig, device: torch.device, alpha
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.tensor(PROBE_T, device=device).repeat(len(clips))[:len(clips)]
-    scale = alphas[t].view(-1, 1, 1, 1, 1)
-    noisy = scale.sqrt() * latents + (1 - scale).sqrt() * noise
+    noisy = diffused(alphas, latents, noise, t)
     f, frames, image = config.frames, noisy.transpose(1, 2).flatten(0, 1), []
     for states in (context, reversed_context):
         with autocast(config, device):

@@ -357,12 +357,17 @@ def conditioning(models: Models, ids: torch.Tensor, layouts: Any, config: TrainC
     return latents, context
 
 
+def diffused(alphas: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The DDPM forward process: ``x0`` (any rank, one timestep per first-axis row) noised with ``noise`` at ``t``."""
+    scale = alphas[t].view(-1, *[1] * (x0.dim() - 1))
+    return scale.sqrt() * x0 + (1 - scale).sqrt() * noise
+
+
 def noised(alphas: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, the noise, timesteps) at uniformly drawn timesteps of the DDPM forward process."""
     noise = torch.randn_like(x0)
     t = torch.randint(0, len(alphas), (len(x0),), device=x0.device)
-    scale = alphas[t].view(-1, 1, 1, 1)
-    return scale.sqrt() * x0 + (1 - scale).sqrt() * noise, noise, t
+    return diffused(alphas, x0, noise, t), noise, t
 
 
 @dataclass
@@ -387,8 +392,7 @@ def make_text_probe(models: Models, config: TrainConfig, device: torch.device, a
     generator = torch.Generator(device).manual_seed(config.seed)
     noise = torch.randn(x0.shape, generator=generator, device=device)
     t = torch.linspace(100, 900, len(x0), device=device).long()
-    scale = alphas[t].view(-1, 1, 1, 1)
-    return TextProbe(scale.sqrt() * x0 + (1 - scale).sqrt() * noise, noise, t, context, context.roll(1, 0))
+    return TextProbe(diffused(alphas, x0, noise, t), noise, t, context, context.roll(1, 0))
 
 
 @torch.no_grad()

@@ -250,3 +250,17 @@ def test_unet_log_reports_a_text_gap_that_is_zero_exactly_when_the_unet_ignores_
             torch.nn.init.zeros_(module.to_out[0].bias)
     ignores = train_v2.text_gap(models.unet, probe, config, device)
     assert reads["text_gap"] != 0 and ignores["text_gap"] == 0
+
+
+def test_the_text_probe_is_the_same_in_every_run(trained):
+    from diffusers import DDPMScheduler
+
+    from pipelines.microworld import train_v2
+
+    config = train_v2.parse_args(TINY + ["--probe-scenes", "4"])
+    models = train_v2.load_resumed(trained, torch.device("cpu"))
+    alphas = DDPMScheduler(**train_v2.SD15_SCHEDULE).alphas_cumprod
+    first = train_v2.make_text_probe(models, config, torch.device("cpu"), alphas)
+    torch.randn(7)  # whatever the global generator did before
+    again = train_v2.make_text_probe(models, config, torch.device("cpu"), alphas)
+    assert torch.equal(first.noisy, again.noisy)

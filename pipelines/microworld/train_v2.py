@@ -388,7 +388,10 @@ def make_text_probe(models: Models, config: TrainConfig, device: torch.device, a
     rng = np.random.default_rng((*seed, 1))
     captions = [scenes_v2.caption(layouts, i, rng) for i in range(config.probe_scenes)]
     ids = text_v2.tokenize(thread_tokenizer(models.tokenizer), captions)
-    x0, context = conditioning(models, ids, layouts, config, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # the VAE's posterior sample: the same probe in every run (not the noise's seed: the two draws would match)
+        torch.manual_seed(config.seed + 1)
+        x0, context = conditioning(models, ids, layouts, config, device)
     generator = torch.Generator(device).manual_seed(config.seed)
     noise = torch.randn(x0.shape, generator=generator, device=device)
     t = torch.linspace(100, 900, len(x0), device=device).long()

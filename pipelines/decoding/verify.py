@@ -252,6 +252,18 @@ def update_drafter(drafter: Drafter, forward: CausalLMForward, tree: TokenTree, 
     drafter.update(tree, logits, run)
 
 
+def account_step(stats: DecodeStats, drafter: Drafter, committed: int, times: tuple[float, float, float, float]
+                 ) -> None:
+    """Count a verified step: its committed tokens, its time, and the drafter's share of it (proposing the tree
+    and updating after it; ``times`` = started, drafted, updating, finished)."""
+    started, drafted, updating, finished = times
+    drafting = (drafted - started) + (finished - updating)
+    stats.count_forward(committed)
+    drafter.drafting_took(drafting)
+    stats.draft_s += drafting
+    stats.step_s += finished - started
+
+
 @torch.no_grad()  # wraps each resumption of the generator: the caller's grad mode is untouched between yields
 def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, config: SamplingConfig, eos_ids: set[int],
                        drafter: Drafter, cancel: CancelToken | None = None, stats: DecodeStats | None = None,
@@ -306,12 +318,7 @@ def speculative_decode(model, input_ids: torch.Tensor, max_new_tokens: int, conf
 
             updating = time.perf_counter()
             update_drafter(drafter, forward, tree, logits, run)
-            finished = time.perf_counter()
-            stats.count_forward(len(run))
-            drafting = (drafted - started) + (finished - updating)
-            drafter.drafting_took(drafting)
-            stats.draft_s += drafting
-            stats.step_s += finished - started
+            account_step(stats, drafter, len(run), (started, drafted, updating, time.perf_counter()))
             yield run
             if run[-1] in eos_ids:
                 return

@@ -96,21 +96,34 @@ def image_variants(args: argparse.Namespace, store: ModelStore) -> tuple[dict[st
     return variants, module_nbytes(stock) / 1e9
 
 
+COMPILED: dict[int, Any] = {}  # id of a UNet -> its torch.compile wrapper, built once (compiled at warm-up)
+
+
 @contextmanager
 def knob(pipe: Any, name: str) -> Iterator[None]:
     """A speed setting the tab does not use (it changes the output's last bits), on the stock pipeline for one call:
     ``channels_last`` (UNet and VAE convolutions in NHWC, cuDNN's native bf16 layout), ``vae_channels_last``,
-    ``sdpa_cudnn`` (cuDNN attention tried before FlashAttention-2)."""
+    ``sdpa_cudnn`` (cuDNN attention tried before FlashAttention-2), ``fused_qkv`` (diffusers' fused attention
+    projections: one matmul for q, k, v), ``compile_unet`` (the UNet through ``torch.compile``, inductor's fused
+    kernels; the first call compiles)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     modules = {"channels_last": [pipe.unet, pipe.vae], "vae_channels_last": [pipe.vae]}.get(name, [])
     for module in modules:
         module.to(memory_format=torch.channels_last)
+    if name == "fused_qkv":
+        pipe.fuse_qkv_projections()
+    unet = pipe.unet
+    if name == "compile_unet":
+        pipe.unet = COMPILED.setdefault(id(unet), torch.compile(unet, fullgraph=True))
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
         with sdpa_kernel(order, set_priority=True) if name == "sdpa_cudnn" else nullcontext():
             yield
     finally:
+        pipe.unet = unet
+        if name == "fused_qkv":
+            pipe.unfuse_qkv_projections()
         for module in modules:
             module.to(memory_format=torch.contiguous_format)
 
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a quick check of the script")
     parser.add_argument("--knobs", default="", help="comma-separated stock rows with a speed setting the tab does "
-                        "not use: channels_last, vae_channels_last, sdpa_cudnn (see knob)")
+                        "not use: channels_last, vae_channels_last, sdpa_cudnn, fused_qkv, compile_unet (see knob)")
     parser.add_argument("--models", default="/tmp/tokenworks-bench-models")
     parser.add_argument("--json")
     args = parser.parse_args(argv)

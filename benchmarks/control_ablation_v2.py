@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -40,8 +41,8 @@ from pipelines.diffusion import controls  # noqa: E402
 from pipelines.diffusion.attention import AttentionRecorder, KeyBias  # noqa: E402
 from pipelines.diffusion.binding import BindingConfig, attribute_free_prompt, end_token_substitution  # noqa: E402
 from pipelines.diffusion.lpa import LPAConfig, layer_tags  # noqa: E402
-from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, parse_prompt,  # noqa: E402
-                                         span_positions, token_positions)
+from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, find_words,  # noqa: E402
+                                         parse_prompt, span_positions, token_positions)
 from pipelines.microworld.scorer import Detection, match  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
@@ -76,6 +77,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "end_tokens_off": {"probe": "end_tokens_off"},  # ... and the end tokens masked: only the patched items speak
         "end_tokens_attribute_free": {"probe": "end_tokens_attribute_free"},  # ... ends from "a circle and a star"
         "probe_end_tokens_off_only": {"isolate": "", "probe": "end_tokens_off"},  # no isolation, ends masked
+        # not the paper's: each item re-encoded after the earlier words with their attributes taken out, so it keeps
+        # its place in the sentence ("a circle and a" + "red square") but not the earlier items' colours
+        "in_neutral_context": {"probe": "isolate_in_neutral_context"},
     },
 }
 REQUEST_FIELDS = ("ets_step", "lpa_window", "isolate", "probe")  # set through the request, as the tab does
@@ -106,7 +110,8 @@ def config_variant(control: str, overrides: dict[str, Any]) -> Iterator[Any]:
 class DiagnosticRequest(ImageRequest):
     """An image request that may carry a probe: "end_tokens_off" (the end tokens masked on every layer at every
     step), "end_tokens_attribute_free" (the end tokens from the prompt without its attribute words, ToMe's end-token
-    substitution alone) or "record" (nothing changed; the run is controlled, so ``--attention`` records it)."""
+    substitution alone), "isolate_in_neutral_context" (``in_neutral_context``) or "record" (nothing changed; the
+    run is controlled, so ``--attention`` records it)."""
 
     probe: str = ""
 
@@ -174,6 +179,9 @@ class DiagnosticPipeline(ImagePipeline):
             free = encode_positive(pipe, attribute_free_prompt(parsed), positive.shape[0]).to(positive.dtype)
             length = end_positions(pipe.tokenizer, parsed.text)[0] - 1
             call["prompt_embeds"] = end_token_substitution(positive, free, length)
+        elif probe == "isolate_in_neutral_context":
+            items = controls.split_words(request.isolate)
+            call["prompt_embeds"] = in_neutral_context(pipe, parsed, items, call["prompt_embeds"])
         elif probe not in ("", "record"):
             raise ValueError(f"unknown probe {probe!r}")
         if probe:
@@ -185,6 +193,32 @@ class DiagnosticPipeline(ImagePipeline):
             control.recorders.append(recorder)
             self.recorded.append(recorder)
         return binding
+
+
+def neutral_prefix(parsed: Any, before: int) -> str:
+    """The prompt's text before character ``before`` with every attribute word in it taken out."""
+    text = parsed.text[:before]
+    for span in sorted((a for g in parsed.groups for a in g.attributes if a.end <= before), key=lambda a: -a.start):
+        text = text[:span.start] + text[span.end:]
+    return re.sub(r"\s+", " ", text).lstrip()
+
+
+def in_neutral_context(pipe: Any, parsed: Any, items: list[str], positive: torch.Tensor) -> torch.Tensor:
+    """``positive`` with each item's token states taken from the item written after ``neutral_prefix``: where Follow
+    the Flow encodes the item alone, this keeps what the earlier words say about its place (a second object) and
+    drops only their attributes. In a causal encoder the first item's states come out as in the prompt."""
+    patched = positive.clone()
+    for item in items:
+        span = find_words(parsed.text, item)
+        positions = token_positions(pipe.tokenizer, parsed.text, span.start, span.end)
+        prefix = neutral_prefix(parsed, span.start)
+        context = prefix + span.text
+        inside = token_positions(pipe.tokenizer, context, len(prefix), len(context))
+        if len(inside) != len(positions):
+            raise ValueError(f"{item!r} tokenizes differently after {prefix!r}")
+        encoded = encode_positive(pipe, context, positive.shape[0]).to(positive.dtype)
+        patched[:, positions] = encoded[:, inside]
+    return patched
 
 
 def render(pipeline: ImagePipeline, jobs: list[effect.Job], args: argparse.Namespace, overrides: dict[str, Any],

@@ -12,7 +12,7 @@ from pipelines.diffusion.attention import AttentionControl
 from pipelines.diffusion.binding import BindingConfig
 from pipelines.diffusion.controls import ControlPlan
 from pipelines.diffusion.lpa import LPAConfig
-from pipelines.diffusion.prompts import encode_positive, parse_prompt
+from pipelines.diffusion.prompts import encode_positive, parse_prompt, token_positions
 from pipelines.models import ModelStore
 from pipelines.tabs.image import ImageRequest
 from pipelines.tiny import tiny_sd15_pipeline
@@ -61,6 +61,24 @@ def test_end_token_probes_touch_the_end_tokens_only(ablation):
     call, control, plain, end = prepared(ablation, "end_tokens_attribute_free")
     assert not control.biases and torch.equal(call["prompt_embeds"][:, :end], plain[:, :end])
     assert not torch.allclose(call["prompt_embeds"][:, end:], plain[:, end:])
+
+
+def test_neutral_context_keeps_each_items_place_and_drops_earlier_attributes(ablation):
+    pipe = tiny_sd15_pipeline()
+    text, context = "a purple circle and a red star", "a circle and a red star"
+    plain = encode_positive(pipe, text, 1)
+    assert ablation.neutral_prefix(parse_prompt(text), text.index("red")) == "a circle and a "
+    first = token_positions(pipe.tokenizer, text, 2, text.index(" and"))
+    second = token_positions(pipe.tokenizer, text, text.index("red"), len(text))
+    inside = token_positions(pipe.tokenizer, context, context.index("red"), len(context))
+    patched = ablation.in_neutral_context(pipe, parse_prompt(text), ["purple circle", "red star"], plain)
+    neutral, alone = encode_positive(pipe, context, 1), encode_positive(pipe, "red star", 1)
+    assert torch.equal(patched[:, first], plain[:, first])  # causal: the first item comes out as in the prompt
+    assert torch.equal(patched[:, second], neutral[:, inside])
+    assert not torch.allclose(patched[:, second], plain[:, second])  # "purple" is gone from its context
+    assert not torch.allclose(patched[:, second], alone[:, 1:1 + len(second)])  # "a circle and a" is not
+    others = [i for i in range(plain.shape[1]) if i not in first + second]
+    assert torch.equal(patched[:, others], plain[:, others])
 
 
 def test_pixel_change_is_zero_for_the_same_picture_and_counts_moved_units(ablation, tmp_path):

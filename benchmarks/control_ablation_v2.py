@@ -80,6 +80,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         # not the paper's: each item re-encoded after the earlier words with their attributes taken out, so it keeps
         # its place in the sentence ("a circle and a" + "red square") but not the earlier items' colours
         "in_neutral_context": {"probe": "isolate_in_neutral_context"},
+        # each item encoded alone as the paper does, but at its own positions in the prompt (``isolated_at_place``)
+        "at_place": {"probe": "isolate_at_place"},
     },
 }
 REQUEST_FIELDS = ("ets_step", "lpa_window", "isolate", "probe")  # set through the request, as the tab does
@@ -110,7 +112,7 @@ def config_variant(control: str, overrides: dict[str, Any]) -> Iterator[Any]:
 class DiagnosticRequest(ImageRequest):
     """An image request that may carry a probe: "end_tokens_off" (the end tokens masked on every layer at every
     step), "end_tokens_attribute_free" (the end tokens from the prompt without its attribute words, ToMe's end-token
-    substitution alone), "isolate_in_neutral_context" (``in_neutral_context``) or "record" (nothing changed; the
+    substitution alone), "isolate_in_neutral_context" (``in_neutral_context``), "isolate_at_place" (``isolated_at_place``) or "record" (nothing changed; the
     run is controlled, so ``--attention`` records it)."""
 
     probe: str = ""
@@ -182,6 +184,9 @@ class DiagnosticPipeline(ImagePipeline):
         elif probe == "isolate_in_neutral_context":
             items = controls.split_words(request.isolate)
             call["prompt_embeds"] = in_neutral_context(pipe, parsed, items, call["prompt_embeds"])
+        elif probe == "isolate_at_place":
+            items = controls.split_words(request.isolate)
+            call["prompt_embeds"] = isolated_at_place(pipe, parsed, items, call["prompt_embeds"])
         elif probe not in ("", "record"):
             raise ValueError(f"unknown probe {probe!r}")
         if probe:
@@ -218,6 +223,24 @@ def in_neutral_context(pipe: Any, parsed: Any, items: list[str], positive: torch
             raise ValueError(f"{item!r} tokenizes differently after {prefix!r}")
         encoded = encode_positive(pipe, context, positive.shape[0]).to(positive.dtype)
         patched[:, positions] = encoded[:, inside]
+    return patched
+
+
+def isolated_at_place(pipe: Any, parsed: Any, items: list[str], positive: torch.Tensor) -> torch.Tensor:
+    """``positive`` with each item encoded alone (the start token and its words, no end token) at the positions it
+    has in the prompt: Follow the Flow's uncontextualised vectors, which the encoder otherwise computes at positions
+    1..n for every item, as if each were the first thing named. SD1.5-family pipelines (one text encoder)."""
+    patched = positive.clone()
+    for item in items:
+        span = find_words(parsed.text, item)
+        positions = token_positions(pipe.tokenizer, parsed.text, span.start, span.end)
+        ids = pipe.tokenizer(span.text)["input_ids"][:-1]
+        if len(ids) - 1 != len(positions):
+            raise ValueError(f"{item!r} tokenizes differently alone than in the prompt")
+        device = pipe.text_encoder.device
+        states = pipe.text_encoder(torch.tensor([ids], device=device),
+                                   position_ids=torch.tensor([[0] + positions], device=device))[0]
+        patched[:, positions] = states[:, 1:].to(device=positive.device, dtype=positive.dtype)
     return patched
 
 

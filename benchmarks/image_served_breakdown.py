@@ -115,7 +115,9 @@ def knob(pipe: Any, name: str) -> Iterator[None]:
         pipe.fuse_qkv_projections()
     unet = pipe.unet
     if name == "compile_unet":
-        pipe.unet = COMPILED.setdefault(id(unet), torch.compile(unet, fullgraph=True))
+        if id(unet) not in COMPILED:
+            COMPILED[id(unet)] = torch.compile(unet, fullgraph=True)
+        pipe.unet = COMPILED[id(unet)]
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
         with sdpa_kernel(order, set_priority=True) if name == "sdpa_cudnn" else nullcontext():

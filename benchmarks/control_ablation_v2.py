@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -40,9 +39,10 @@ from benchmarks.report import benchmark_report, write_report  # noqa: E402
 from pipelines.diffusion import controls  # noqa: E402
 from pipelines.diffusion.attention import AttentionRecorder, KeyBias  # noqa: E402
 from pipelines.diffusion.binding import BindingConfig, attribute_free_prompt, end_token_substitution  # noqa: E402
+from pipelines.diffusion.leakfix import isolate_items  # noqa: E402
 from pipelines.diffusion.lpa import LPAConfig, layer_tags  # noqa: E402
-from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, find_words,  # noqa: E402
-                                         parse_prompt, span_positions, token_positions)
+from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, parse_prompt,  # noqa: E402
+                                         span_positions, token_positions)
 from pipelines.microworld.scorer import Detection, match  # noqa: E402
 from pipelines.microworld.scorer_v2 import score_file  # noqa: E402
 from pipelines.models import ModelStore  # noqa: E402
@@ -80,7 +80,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         # not the paper's: each item re-encoded after the earlier words with their attributes taken out, so it keeps
         # its place in the sentence ("a circle and a" + "red square") but not the earlier items' colours
         "in_neutral_context": {"probe": "isolate_in_neutral_context"},
-        # each item encoded alone as the paper does, but at its own positions in the prompt (``isolated_at_place``)
+        # each item encoded alone as the paper does, but at its own positions in the prompt (``at_place``)
         "at_place": {"probe": "isolate_at_place"},
     },
 }
@@ -113,7 +113,7 @@ class DiagnosticRequest(ImageRequest):
     """An image request that may carry a probe: "end_tokens_off" (the end tokens masked on every layer at every
     step), "end_tokens_attribute_free" (the end tokens from the prompt without its attribute words, ToMe's end-token
     substitution alone), "isolate_in_neutral_context" (``in_neutral_context``), "isolate_at_place"
-    (``isolated_at_place``) or "record" (nothing changed; the run is controlled, so ``--attention`` records it)."""
+    (``at_place``) or "record" (nothing changed; the run is controlled, so ``--attention`` records it)."""
 
     probe: str = ""
 
@@ -181,12 +181,9 @@ class DiagnosticPipeline(ImagePipeline):
             free = encode_positive(pipe, attribute_free_prompt(parsed), positive.shape[0]).to(positive.dtype)
             length = end_positions(pipe.tokenizer, parsed.text)[0] - 1
             call["prompt_embeds"] = end_token_substitution(positive, free, length)
-        elif probe == "isolate_in_neutral_context":
-            items = controls.split_words(request.isolate)
-            call["prompt_embeds"] = in_neutral_context(pipe, parsed, items, call["prompt_embeds"])
-        elif probe == "isolate_at_place":
-            items = controls.split_words(request.isolate)
-            call["prompt_embeds"] = isolated_at_place(pipe, parsed, items, call["prompt_embeds"])
+        elif probe in ITEM_ENCODERS:
+            call["prompt_embeds"] = isolate_items(pipe, parsed.text, controls.split_words(request.isolate),
+                                                  call["prompt_embeds"], ITEM_ENCODERS[probe])[0]
         elif probe not in ("", "record"):
             raise ValueError(f"unknown probe {probe!r}")
         if probe:
@@ -200,48 +197,33 @@ class DiagnosticPipeline(ImagePipeline):
         return binding
 
 
-def neutral_prefix(parsed: Any, before: int) -> str:
-    """The prompt's text before character ``before`` with every attribute word in it taken out."""
-    text = parsed.text[:before]
-    for span in sorted((a for g in parsed.groups for a in g.attributes if a.end <= before), key=lambda a: -a.start):
-        text = text[:span.start] + text[span.end:]
-    return re.sub(r"\s+", " ", text).lstrip()
+def in_neutral_context(pipe: Any, text: str, span: Any, positions: list[int], batch: int) -> torch.Tensor:
+    """The item's states written after the earlier words with their attributes taken out ("a circle and a" + "red
+    star"): where Follow the Flow encodes the item alone, this keeps what the earlier words say about its place (a
+    second object) and drops only their attributes. In a causal encoder the first item comes out as in the prompt."""
+    prefix = attribute_free_prompt(parse_prompt(text), span.start)
+    prefix += " " if prefix else ""
+    context = prefix + span.text
+    inside = token_positions(pipe.tokenizer, context, len(prefix), len(context))
+    if len(inside) != len(positions):
+        raise ValueError(f"{span.text!r} tokenizes differently after {prefix!r}")
+    return encode_positive(pipe, context, batch)[:, inside]
 
 
-def in_neutral_context(pipe: Any, parsed: Any, items: list[str], positive: torch.Tensor) -> torch.Tensor:
-    """``positive`` with each item's token states taken from the item written after ``neutral_prefix``: where Follow
-    the Flow encodes the item alone, this keeps what the earlier words say about its place (a second object) and
-    drops only their attributes. In a causal encoder the first item's states come out as in the prompt."""
-    patched = positive.clone()
-    for item in items:
-        span = find_words(parsed.text, item)
-        positions = token_positions(pipe.tokenizer, parsed.text, span.start, span.end)
-        prefix = neutral_prefix(parsed, span.start)
-        context = prefix + span.text
-        inside = token_positions(pipe.tokenizer, context, len(prefix), len(context))
-        if len(inside) != len(positions):
-            raise ValueError(f"{item!r} tokenizes differently after {prefix!r}")
-        encoded = encode_positive(pipe, context, positive.shape[0]).to(positive.dtype)
-        patched[:, positions] = encoded[:, inside]
-    return patched
+def at_place(pipe: Any, text: str, span: Any, positions: list[int], batch: int) -> torch.Tensor:
+    """The item encoded alone (the start token and its words, no end token) at the positions it has in the prompt:
+    Follow the Flow's uncontextualised vectors, which the encoder otherwise computes at positions 1..n for every
+    item, as if each were the first thing named. SD1.5-family pipelines (one text encoder)."""
+    ids = pipe.tokenizer(span.text)["input_ids"][:-1]
+    if len(ids) - 1 != len(positions):
+        raise ValueError(f"{span.text!r} tokenizes differently alone than in the prompt")
+    device = pipe.text_encoder.device
+    states = pipe.text_encoder(torch.tensor([ids], device=device),
+                               position_ids=torch.tensor([[0] + positions], device=device))[0]
+    return states[:, 1:].expand(batch, -1, -1)
 
 
-def isolated_at_place(pipe: Any, parsed: Any, items: list[str], positive: torch.Tensor) -> torch.Tensor:
-    """``positive`` with each item encoded alone (the start token and its words, no end token) at the positions it
-    has in the prompt: Follow the Flow's uncontextualised vectors, which the encoder otherwise computes at positions
-    1..n for every item, as if each were the first thing named. SD1.5-family pipelines (one text encoder)."""
-    patched = positive.clone()
-    for item in items:
-        span = find_words(parsed.text, item)
-        positions = token_positions(pipe.tokenizer, parsed.text, span.start, span.end)
-        ids = pipe.tokenizer(span.text)["input_ids"][:-1]
-        if len(ids) - 1 != len(positions):
-            raise ValueError(f"{item!r} tokenizes differently alone than in the prompt")
-        device = pipe.text_encoder.device
-        states = pipe.text_encoder(torch.tensor([ids], device=device),
-                                   position_ids=torch.tensor([[0] + positions], device=device))[0]
-        patched[:, positions] = states[:, 1:].to(device=positive.device, dtype=positive.dtype)
-    return patched
+ITEM_ENCODERS = {"isolate_in_neutral_context": in_neutral_context, "isolate_at_place": at_place}
 
 
 def render(pipeline: ImagePipeline, jobs: list[effect.Job], args: argparse.Namespace, overrides: dict[str, Any],

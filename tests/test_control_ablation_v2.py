@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from pipelines.diffusion.attention import AttentionControl
-from pipelines.diffusion.binding import BindingConfig
+from pipelines.diffusion.binding import BindingConfig, attribute_free_prompt
 from pipelines.diffusion.controls import ControlPlan
+from pipelines.diffusion.leakfix import isolate_items
 from pipelines.diffusion.lpa import LPAConfig
 from pipelines.diffusion.prompts import encode_positive, parse_prompt, token_positions
 from pipelines.models import ModelStore
@@ -67,11 +68,11 @@ def test_neutral_context_keeps_each_items_place_and_drops_earlier_attributes(abl
     pipe = tiny_sd15_pipeline()
     text, context = "a purple circle and a red star", "a circle and a red star"
     plain = encode_positive(pipe, text, 1)
-    assert ablation.neutral_prefix(parse_prompt(text), text.index("red")) == "a circle and a "
+    assert attribute_free_prompt(parse_prompt(text), text.index("red")) == "a circle and a"
     first = token_positions(pipe.tokenizer, text, 2, text.index(" and"))
     second = token_positions(pipe.tokenizer, text, text.index("red"), len(text))
     inside = token_positions(pipe.tokenizer, context, context.index("red"), len(context))
-    patched = ablation.in_neutral_context(pipe, parse_prompt(text), ["purple circle", "red star"], plain)
+    patched = isolate_items(pipe, text, ["purple circle", "red star"], plain, ablation.in_neutral_context)[0]
     neutral, alone = encode_positive(pipe, context, 1), encode_positive(pipe, "red star", 1)
     assert torch.equal(patched[:, first], plain[:, first])  # causal: the first item comes out as in the prompt
     assert torch.equal(patched[:, second], neutral[:, inside])
@@ -88,7 +89,7 @@ def test_isolated_at_place_is_the_item_alone_at_its_own_positions(ablation):
     first = token_positions(pipe.tokenizer, text, 0, text.index(" and"))
     second = token_positions(pipe.tokenizer, text, text.index("red"), len(text))
     with torch.no_grad():
-        patched = ablation.isolated_at_place(pipe, parse_prompt(text), ["purple circle", "red star"], plain)
+        patched = isolate_items(pipe, text, ["purple circle", "red star"], plain, ablation.at_place)[0]
     alone = encode_positive(pipe, "red star", 1)
     assert first[0] == 1 and torch.allclose(patched[:, first], plain[:, first], atol=1e-6)  # nothing before it
     assert not torch.allclose(patched[:, second], plain[:, second])  # the earlier words are not read

@@ -193,9 +193,11 @@ def end_token_substitution(embeds: torch.Tensor, merged_prompt_embeds: torch.Ten
     return out
 
 
-def attribute_free_prompt(parsed: ParsedPrompt) -> str:
-    text = parsed.text
-    for span in sorted((a for g in parsed.groups for a in g.attributes), key=lambda s: -s.start):
+def attribute_free_prompt(parsed: ParsedPrompt, end: int | None = None) -> str:
+    """The prompt (its first ``end`` characters) with every attribute word taken out."""
+    end = len(parsed.text) if end is None else end
+    text = parsed.text[:end]
+    for span in sorted((a for g in parsed.groups for a in g.attributes if a.end <= end), key=lambda s: -s.start):
         text = text[:span.start] + text[span.end:]
     return re.sub(r"\s+", " ", text).strip()
 

@@ -39,7 +39,7 @@ from benchmarks.report import benchmark_report, write_report  # noqa: E402
 from pipelines.diffusion import controls  # noqa: E402
 from pipelines.diffusion.attention import AttentionRecorder, KeyBias  # noqa: E402
 from pipelines.diffusion.binding import BindingConfig, attribute_free_prompt, end_token_substitution  # noqa: E402
-from pipelines.diffusion.leakfix import isolate_items  # noqa: E402
+from pipelines.diffusion.leakfix import encoded_at_place, isolate_items  # noqa: E402
 from pipelines.diffusion.lpa import LPAConfig, layer_tags  # noqa: E402
 from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, parse_prompt,  # noqa: E402
                                          span_positions, token_positions)
@@ -210,20 +210,7 @@ def in_neutral_context(pipe: Any, text: str, span: Any, positions: list[int], ba
     return encode_positive(pipe, context, batch)[:, inside]
 
 
-def at_place(pipe: Any, text: str, span: Any, positions: list[int], batch: int) -> torch.Tensor:
-    """The item encoded alone (the start token and its words, no end token) at the positions it has in the prompt:
-    Follow the Flow's uncontextualised vectors, which the encoder otherwise computes at positions 1..n for every
-    item, as if each were the first thing named. SD1.5-family pipelines (one text encoder)."""
-    ids = pipe.tokenizer(span.text)["input_ids"][:-1]
-    if len(ids) - 1 != len(positions):
-        raise ValueError(f"{span.text!r} tokenizes differently alone than in the prompt")
-    device = pipe.text_encoder.device
-    states = pipe.text_encoder(torch.tensor([ids], device=device),
-                               position_ids=torch.tensor([[0] + positions], device=device))[0]
-    return states[:, 1:].expand(batch, -1, -1)
-
-
-ITEM_ENCODERS = {"isolate_in_neutral_context": in_neutral_context, "isolate_at_place": at_place}
+ITEM_ENCODERS = {"isolate_in_neutral_context": in_neutral_context, "isolate_at_place": encoded_at_place}
 
 
 def render(pipeline: ImagePipeline, jobs: list[effect.Job], args: argparse.Namespace, overrides: dict[str, Any],

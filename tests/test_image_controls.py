@@ -12,7 +12,7 @@ from pipelines.base import Partial, Result
 from pipelines.diffusion.attention import AttentionControl, KeyBias, cross_attention_layers
 from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, composite_tokens, end_token_substitution,
                                          group_tokens)
-from pipelines.diffusion.leakfix import isolate_items
+from pipelines.diffusion.leakfix import encoded_at_place, isolate_items
 from pipelines.diffusion.lpa import layer_tags, route_style_tokens
 from pipelines.diffusion.models import scheduled_pipe
 from pipelines.tabs.image import ImagePipeline, ImageRequest
@@ -216,6 +216,21 @@ def test_leakfix_patches_item_vectors_with_its_alone_encoding(arch):
     untouched = [i for i in range(77) if i not in positions]
     assert torch.equal(patched[0, untouched], positive[0, untouched])
     assert not torch.equal(patched[0, positions], positive[0, positions])
+
+
+def test_leakfix_at_place_reads_the_pipelines_layer_at_the_items_own_positions(arch):
+    pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
+    text = "pool by a table"
+    positive = encode_positive(pipe, text, 2)
+    with torch.no_grad():
+        patched, where = isolate_items(pipe, text, ["pool", "table"], positive, encode_item=encoded_at_place)
+    alone = encode_positive(pipe, "table", 1)
+    first, second = where["pool"], where["table"]
+    assert first == [1] and torch.allclose(patched[:, first], positive[:, first], atol=1e-5)  # nothing before it
+    assert not torch.allclose(patched[:, second], positive[:, second], atol=1e-3)  # the earlier words are not read
+    assert not torch.allclose(patched[0, second], alone[0, 1:1 + len(second)], atol=1e-3)  # nor is it at 1..n
+    untouched = [i for i in range(77) if i not in first + second]
+    assert torch.equal(patched[:, untouched], positive[:, untouched])
 
 
 def test_controlled_run_with_compare_reports_ab_and_overhead(image_pipeline):

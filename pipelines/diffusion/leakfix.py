@@ -22,6 +22,25 @@ def encoded_alone(pipe: Any, text: str, span: Span, positions: list[int], batch:
     return encode_positive(pipe, span.text, batch)[:, 1:1 + len(positions)]
 
 
+def encoded_at_place(pipe: Any, text: str, span: Span, positions: list[int], batch: int) -> torch.Tensor:
+    """The item encoded alone (its start token and words, nothing before them) but at the positions it has in the
+    prompt. Alone, every item sits at positions 1..n, as if it were the first thing named; here only the earlier
+    words are gone. The layer is the one the pipeline reads: the last state (SD1.5), each encoder's penultimate
+    state side by side (SDXL)."""
+    encoders = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    states = []
+    for tokenizer, encoder in encoders:
+        ids = tokenizer(span.text)["input_ids"][:-1]  # no end token: a causal encoder's words never read it
+        if len(ids) - 1 != len(positions):
+            raise PipelineError(f"Leakage fix: '{span.text}' tokenizes differently alone than in the prompt.")
+        out = encoder(torch.tensor([ids], device=encoder.device), output_hidden_states=len(encoders) > 1,
+                      position_ids=torch.tensor([[0] + positions], device=encoder.device))
+        states.append(out.hidden_states[-2] if len(encoders) > 1 else out[0])
+    return torch.cat(states, dim=-1)[:, 1:].expand(batch, -1, -1)
+
+
 def isolate_items(pipe: Any, text: str, items: list[str], positive: torch.Tensor,
                   encode_item: ItemEncoder = encoded_alone) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Replace each item's token vectors in ``positive`` [batch, tokens, dim] by ``encode_item``'s (the item

@@ -113,3 +113,21 @@ def test_recycling_graphs_read_the_current_matrix():
             got, expected = captured.scored([root]), eager.scored([root])
             assert (got[0].tokens, got[1]) == (expected[0].tokens, expected[1])
     assert set(captured.calls.graphs) == {81, 12}
+
+
+@pytest.mark.parametrize("compile", ["off", "layers"])
+def test_the_device_loops_captured_steps_give_plain_greedy_tokens(model, compile):
+    """Token Recycling's device loop: one graph per key width, replayed in bursts; fp32, so identical to plain greedy
+    decoding; a second request reuses the graphs and the warm matrix."""
+    from pipelines.decoding.device_loop import recycling_decode
+    from pipelines.decoding.plain import DecodeStats
+
+    forward = StaticForward(model, max_cache_len=1024, buckets=BUCKETS, capture=True, compile=compile)
+    eager = StaticForward(model, max_cache_len=1024, buckets=BUCKETS, capture=False)
+    for seed, length in ((2, 40), (5, 300)):
+        prompt = repetitive_prompt(seed, length).cuda()
+        expected = run(plain_decode(model, prompt, 120, SamplingConfig(), set(), forward=eager))
+        drafter, stats = TokenRecycling(cold_matrix(320, "cuda")), DecodeStats(top_logits=[])
+        drafter.resize(64)
+        assert run(recycling_decode(forward, drafter, prompt, 120, set(), stats=stats)) == expected
+        assert stats.forwards < 120 and [pair[0][0] for pair in stats.top_two()] == expected

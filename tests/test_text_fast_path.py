@@ -19,6 +19,24 @@ def test_fast_path_gives_the_stock_path_token_ids(store, monkeypatch, method):
     assert pipeline.load("").fast_forward is not None  # the adapter was built and kept with the model
 
 
+def test_greedy_recycling_on_the_fast_path_runs_its_step_on_the_device(store, monkeypatch):
+    from pipelines.decoding import device_loop
+
+    loops = []
+    decode = device_loop.RecyclingLoop.decode
+    monkeypatch.setattr(device_loop.RecyclingLoop, "decode",
+                        lambda loop, *args: loops.append(loop) or decode(loop, *args))
+    monkeypatch.setenv("TOKENWORKS_TEXT_FAST", "1")
+    pipeline = TextPipeline(store, "tiny")
+    request = dict(prompt="the quick brown fox jumps over the lazy dog. the quick brown", max_new_tokens=24, seed=3)
+    recycled = pipeline.run(TextRequest(**request, method="recycling"))
+    assert len(loops) == 1 and recycled.stats["tau"] > 1.0
+    vanilla = pipeline.run(TextRequest(**request, method="vanilla"))
+    assert recycled.metadata["token_ids"] == vanilla.metadata["token_ids"]
+    pipeline.run(TextRequest(**request, method="recycling", temperature=0.7))
+    assert len(loops) == 1  # sampling takes the host verifier
+
+
 def test_fast_path_is_off_on_the_cpu_by_default(store, monkeypatch):
     monkeypatch.delenv("TOKENWORKS_TEXT_FAST", raising=False)
     pipeline = TextPipeline(store, "tiny")

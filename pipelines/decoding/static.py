@@ -199,6 +199,7 @@ class StaticForward(CausalLMForward, CapturedSteps):
         elif layers is not None:
             self._step_fn = LayerCompile(layers).around(self._step)
         self.warmup_s = 0.0  # seconds spent compiling and capturing so far (the first steps of each bucket)
+        self.loops: dict = {}  # device-resident decoding loops over this cache, kept with it (device_loop.loop_for)
 
     def new_cache(self) -> StaticTreeCache:
         self.cache.length = 0

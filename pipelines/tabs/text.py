@@ -10,6 +10,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from ..base import (NO_COMPARISON, Event, Partial, Pipeline, PipelineError, Progress, Request, Result, require_choice,
                     require_range, require_text, resolve_seed, side_of_ab, with_baseline)
+from ..decoding import device_loop
 from ..decoding.causal_lm import CausalLM, eos_token_ids, load_causal_lm
 from ..decoding.methods import TRAINED_STATS, build_drafter, require_method
 from ..decoding.plain import DecodeStats, SamplingConfig, plain_decode
@@ -176,6 +177,8 @@ class TextPipeline(PresetModels, Pipeline):
         if drafter is None:
             return plain_decode(lm.model, input_ids, max_new, config, eos_ids, request.cancel, stats, forward=forward,
                                 processors=processors)
+        if device_loop.supports(drafter, forward, config, processors):
+            return device_loop.recycling_decode(forward, drafter, input_ids, max_new, eos_ids, request.cancel, stats)
         return speculative_decode(lm.model, input_ids, max_new, config, eos_ids, drafter, request.cancel, stats,
                                   forward=forward, processors=processors)
 

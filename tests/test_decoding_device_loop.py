@@ -2,14 +2,19 @@
 its drafts really accepted, cut at end tokens and budgets, and the recycler left as the host path leaves it."""
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
-from pipelines.decoding.device_loop import BURST, recycling_decode, supports
+from pipelines.decoding.device_loop import BURST, RecyclingLoop, recycling_decode, supports
+from pipelines.decoding.drafters.prompt_lookup import PromptLookup
 from pipelines.decoding.drafters.recycling import TokenRecycling, cold_matrix
+from pipelines.decoding.drafters.recycling_lookup import LOOKUP_TOKENS, RecyclingLookup
 from pipelines.decoding.plain import DecodeStats, SamplingConfig
 from pipelines.decoding.static import StaticForward
 from pipelines.decoding.verify import speculative_decode
+from pipelines.tiny import tiny_causal_lm
 from tests.test_decoding import greedy, repetitive_prompt, run
 from decoding_support import stop_inside_reference
 
@@ -91,3 +96,39 @@ def test_only_greedy_unprocessed_recycling_on_the_static_step_runs_there(models)
     assert not supports(drafter, forward, SamplingConfig(), ["repetition penalty"])
     assert not supports(drafter, None, SamplingConfig(), None)
     assert not supports(object(), forward, SamplingConfig(), None)
+
+
+def test_the_device_lookup_finds_what_prompt_lookup_finds():
+    """The vectorised n-gram search gives ``PromptLookup``'s chain (3-gram first, the latest occurrence) on contexts
+    with and without repeats, including none found and continuations cut by the context's end."""
+    rng = random.Random(0)
+    forward = static(tiny_causal_lm("llama", seed=0).eval(), length=128)
+    loop = RecyclingLoop(forward, recycler(forward.model, 9), lookup=LOOKUP_TOKENS)
+    found_any = False
+    for _ in range(200):
+        context = [rng.randrange(6) for _ in range(rng.randrange(1, 60))]
+        finder = PromptLookup(num_tokens=LOOKUP_TOKENS)
+        finder.start(context)
+        matches = finder.matches(context)
+        expected = matches[0][1] if matches else []
+        loop.context[:len(context)] = torch.tensor(context)
+        chain, length = loop.looked_up(torch.tensor(len(context)))
+        assert chain[:int(length)].tolist() == expected, context
+        found_any |= bool(expected)
+    assert found_any
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("nodes", [1, 9, 30])
+def test_recycling_with_a_lookup_chain_is_plain_greedy_and_its_chain_is_accepted(models, family, nodes):
+    """With a root-only template every accepted draft is the chain's; larger templates compete with it."""
+    model = models[family]
+    prompt = repetitive_prompt(9, 80)
+    expected = greedy(model, prompt, 80)
+    stats = DecodeStats()
+    drafter = RecyclingLookup(recycler(model, nodes))
+    assert run(recycling_decode(static(model, 1024), drafter, prompt, 80, set(), stats=stats)) == expected
+    host = run(speculative_decode(model, prompt, 80, SamplingConfig(), set(), RecyclingLookup(recycler(model, nodes)),
+                                  forward=static(model, 1024)))
+    assert host == expected
+    assert stats.forwards < 80  # drafts accepted (with a root-only template, the chain's)

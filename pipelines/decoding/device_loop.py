@@ -29,6 +29,7 @@ import torch
 from ..base import CancelToken
 from .captured import CapturedCalls
 from .drafters.recycling import TokenRecycling
+from .drafters.recycling_lookup import RecyclingLookup
 from .plain import DecodeStats, SamplingConfig
 from .static import StaticForward
 from .tree import TokenTree
@@ -38,32 +39,39 @@ STATE = ("past", "root", "count", "steps")  # device scalars: cache rows committ
 
 
 def supports(drafter: object, forward: object, config: SamplingConfig, processors: object) -> bool:
-    """Whether a request runs here: Token Recycling, greedy, no logits processors, on the static step."""
-    return (isinstance(drafter, TokenRecycling) and isinstance(forward, StaticForward) and config.greedy
-            and not processors and forward.embed is None)
+    """Whether a request runs here: Token Recycling (with or without a lookup chain), greedy, no logits processors,
+    on the static step."""
+    return (isinstance(drafter, (TokenRecycling, RecyclingLookup)) and isinstance(forward, StaticForward)
+            and config.greedy and not processors and forward.embed is None)
 
 
 class RecyclingLoop:
     """Device-resident Token Recycling over ``forward``'s static cache, drafting with ``recycler``'s matrix (shared
-    with the host path: the paper's hot start across requests) at its active template size. Built once per
-    (forward, recycler, size) and kept with the forward (``loop_for``): its graphs and buffers serve every request."""
+    with the host path: the paper's hot start across requests) at its active template size, with ``lookup`` > 0 a
+    prompt-lookup chain of that many tokens beside the template (``drafters.recycling_lookup``). Built once per
+    (forward, recycler, size, lookup) and kept with the forward (``loop_for``): its graphs and buffers serve every
+    request."""
 
-    def __init__(self, forward: StaticForward, recycler: TokenRecycling) -> None:
-        self.forward, self.recycler = forward, recycler
+    def __init__(self, forward: StaticForward, recycler: TokenRecycling, lookup: int = 0) -> None:
+        self.forward, self.recycler, self.lookup = forward, recycler, lookup
         template, device = recycler.active, forward.device
-        depths = TokenTree([0] * len(template), list(template.parents)).depths
-        self.nodes, self.depth = len(template), max(depths)
+        self.fill_levels, self.drafted = recycler.levels, len(template)  # template nodes, then the chain
+        parents = list(template.parents) + ([0] + list(range(len(template), len(template) + lookup - 1))
+                                            if lookup else [])
+        tree = TokenTree([0] * len(parents), parents)
+        self.nodes, self.depth = len(parents), max(tree.depths)
         self.size = forward.bucket(self.nodes)
-        self.depths = torch.tensor(depths, device=device)
-        self.parents = torch.tensor([max(p, 0) for p in template.parents], device=device)
-        self.pattern = torch.from_numpy(block_pattern(template.parents, self.size)).to(device)
-        self.levels = recycler.levels
+        self.depths = torch.tensor(tree.depths, device=device)
+        self.parents = torch.tensor([max(p, 0) for p in parents], device=device)
+        self.accept_levels = depth_levels(parents, tree.depths, device)
+        self.pattern = torch.from_numpy(block_pattern(parents, self.size)).to(device)
         self.state = torch.zeros(len(STATE), dtype=torch.long, device=device)
         # every token a request can write: its budget (< the cache), then what two bursts in flight may add
         self.room = forward.max_cache_len + 2 * BURST * (self.depth + 1) + self.depth + 1
         self.out = torch.zeros(self.room, dtype=torch.long, device=device)
+        self.context = torch.zeros(self.room + lookup, dtype=torch.long, device=device)  # prompt + committed tokens
         self.committed = torch.zeros(self.room, dtype=torch.long, device=device)  # per step
-        self.accepted = torch.zeros(self.nodes, dtype=torch.long, device=device)  # per template node
+        self.accepted = torch.zeros(self.drafted, dtype=torch.long, device=device)  # per template node
         self.top = torch.zeros(self.room, 2, device=device), torch.zeros(self.room, 2, dtype=torch.long, device=device)
         self.calls = CapturedCalls(forward.capture)
         # two pinned read-back buffers (state, tokens, tokens per step): one being read while the next burst fills one
@@ -74,9 +82,7 @@ class RecyclingLoop:
         """One verified step from the device state: draft, forward, accept, move K/V, recycle, advance."""
         forward, n, depth = self.forward, self.nodes, self.depth
         past, root, count, steps = self.state.unbind()
-        tokens = root.expand(n).clone()
-        for nodes, parents, ranks in self.levels:
-            tokens[nodes] = self.recycler.matrix[tokens[parents], ranks]
+        tokens, usable = self.draft(past, root)
         ids, positions, scalars, block, cols = forward._staged_args(self.size, width)
         ids[0, n:].zero_()
         ids[0, :n].copy_(tokens)
@@ -86,26 +92,68 @@ class RecyclingLoop:
         block.copy_(self.pattern)
         logits = forward._step_fn(ids, positions, scalars, block, cols)[0][:n]
         choice = logits.argmax(-1)
-        accepted = tokens == choice[self.parents]
+        accepted = (tokens == choice[self.parents]) & usable
         accepted[0] = True
-        for nodes, parents, _ in self.levels:
+        for nodes, parents in self.accept_levels:
             accepted[nodes] &= accepted[parents]
-        path = torch.zeros(depth + 2, dtype=torch.long, device=tokens.device)  # accepted node per depth (+ a bin)
-        path.scatter_(0, torch.where(accepted, self.depths, depth + 1), torch.arange(n, device=tokens.device))
-        kept = accepted.sum() - 1  # accepted drafts
+        path, kept = self.accepted_path(accepted)
         slots = torch.arange(depth + 1, device=tokens.device)
         bonus = choice.gather(0, path.gather(0, kept.view(1)))
         run = torch.where(slots == kept, bonus, tokens[path[1:]])  # the drafts, the bonus, then unused slots
         self.out.index_copy_(0, count + slots, run)
+        self.context.index_copy_(0, past + 1 + slots, run)
         top = logits[path[:-1]].float().topk(2, dim=-1)  # the rows the committed tokens were chosen at
         self.top[0].index_copy_(0, count + slots, top.values)
         self.top[1].index_copy_(0, count + slots, top.indices)
         self.move_rows(past, path[1:-1], kept)
-        self.recycle(tokens, logits)
-        self.accepted.add_(accepted)
+        self.recycler.recycle(tokens, logits)
+        self.accepted.add_(accepted[:self.drafted])
         self.committed.index_copy_(0, steps.view(1), (kept + 1).view(1))
         self.state.copy_(torch.stack([past + kept + 1, bonus[0], count + kept + 1, steps + 1]))
         return self.state
+
+    def draft(self, past: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tree's tokens (the template filled from the matrix below ``root``, then the looked-up chain) and
+        which nodes may be accepted (a chain shorter than ``lookup`` pads with nodes that may not)."""
+        tokens = root.expand(self.nodes).clone()
+        for nodes, parents, ranks in self.fill_levels:
+            tokens[nodes] = self.recycler.matrix[tokens[parents], ranks]
+        usable = torch.ones(self.nodes, dtype=torch.bool, device=tokens.device)
+        if self.lookup:
+            chain, length = self.looked_up(past + 1)
+            tokens[self.drafted:] = chain
+            usable[self.drafted:] = torch.arange(self.lookup, device=tokens.device) < length
+        return tokens, usable
+
+    def looked_up(self, length: torch.Tensor, max_ngram: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt lookup over the ``length`` context tokens: the tokens after the latest earlier occurrence of the
+        trailing 3-gram, else 2-gram, else 1-gram (``PromptLookup``'s order), and how many of them there are."""
+        context, size = self.context, self.forward.max_cache_len
+        starts = torch.arange(size, device=context.device)
+        begin = torch.full_like(length, -1)  # where the continuation starts; -1: nothing found yet
+        for n in range(max_ngram, 0, -1):
+            trailing = context.gather(0, (length - n + torch.arange(n, device=context.device)).clamp(min=0))
+            found = starts + n < length  # an earlier occurrence, with a token after it
+            for j in range(n):
+                found &= context[j:j + size] == trailing[j]
+            latest = torch.where(found, starts, -1).max()
+            begin = torch.where((begin < 0) & (latest >= 0), latest + n, begin)
+        chain = context.gather(0, begin.clamp(min=0) + torch.arange(self.lookup, device=context.device))
+        return chain, torch.where(begin >= 0, (length - begin).clamp(max=self.lookup), 0)
+
+    def accepted_path(self, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The accepted node at each depth (index ``depth + 1`` collects the rest) and how many drafts were accepted.
+        The template's siblings hold distinct tokens, so it has one accepted path, and so has the chain; where both
+        accept, the longer one is taken (the template on a tie)."""
+        depth, device = self.depth, accepted.device
+        if self.lookup:
+            in_chain = torch.arange(self.nodes, device=device) >= self.drafted
+            on_template, on_chain = accepted & ~in_chain, accepted & (in_chain | (self.depths == 0))
+            longer = on_chain.sum() > on_template.sum()
+            accepted = torch.where(longer, on_chain, on_template)
+        path = torch.zeros(depth + 2, dtype=torch.long, device=device)
+        path.scatter_(0, torch.where(accepted, self.depths, depth + 1), torch.arange(self.nodes, device=device))
+        return path, accepted.sum() - 1
 
     def move_rows(self, past: torch.Tensor, path: torch.Tensor, kept: torch.Tensor) -> None:
         """Copy the accepted nodes' K/V (rows ``past + node``) to ``past + 1 + i``: the cache then holds the
@@ -116,14 +164,6 @@ class RecyclingLoop:
         for layer in self.forward.cache.layers:
             for buffer in (layer.keys, layer.values):
                 buffer.index_copy_(2, target, buffer.index_select(2, source))
-
-    def recycle(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Token Recycling's update: every node's top-k becomes its token's row, as ``TokenRecycling.update``."""
-        matrix, probs = self.recycler.matrix, self.recycler.probs
-        logits = logits.float()
-        top = logits.topk(matrix.shape[1], dim=-1)
-        matrix[tokens] = top.indices
-        probs[tokens] = logits.softmax(-1).gather(-1, top.indices)
 
     def launch(self, steps: int, width: int, host: torch.Tensor) -> torch.cuda.Event | None:
         """``steps`` replays, then the state, the tokens and the tokens per step copied into ``host`` (pinned);
@@ -168,6 +208,7 @@ class RecyclingLoop:
         if len(prompt) > 1:
             forward(prompt[:-1], list(range(len(prompt) - 1)), None, cache, keep=1)
         self.state.copy_(torch.tensor([len(prompt) - 1, prompt[-1], 0, 0]))
+        self.context[:len(prompt)].copy_(torch.tensor(prompt))
         self.accepted.zero_()
         started, done, read = time.perf_counter(), 0, 0  # tokens yielded, tokens read back
         past, launched, bursts, flights = len(prompt) - 1, 0, 0, deque()
@@ -216,7 +257,17 @@ def cut_run(run: list[int], eos_ids: set[int], remaining: int) -> list[int]:
     return run[:remaining]
 
 
-def block_pattern(parents: tuple[int, ...], size: int) -> np.ndarray:
+def depth_levels(parents: list[int], depths: list[int],
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per depth below the root, the tree's nodes there and their parents: acceptance flows down level by level."""
+    levels = []
+    for level in range(1, max(depths) + 1):
+        nodes = [i for i, d in enumerate(depths) if d == level]
+        levels.append((torch.tensor(nodes, device=device), torch.tensor([parents[i] for i in nodes], device=device)))
+    return levels
+
+
+def block_pattern(parents: list[int], size: int) -> np.ndarray:
     """The template's ancestor pattern padded to ``size``: dummy rows see only themselves (as ``StaticForward``
     stages a padded block)."""
     pattern = np.zeros((size, size), dtype=bool)
@@ -228,18 +279,20 @@ def block_pattern(parents: tuple[int, ...], size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def recycling_decode(forward: StaticForward, recycler: TokenRecycling, input_ids: torch.Tensor, max_new_tokens: int,
-                     eos_ids: set[int], cancel: CancelToken | None = None,
+def recycling_decode(forward: StaticForward, drafter: TokenRecycling | RecyclingLookup, input_ids: torch.Tensor,
+                     max_new_tokens: int, eos_ids: set[int], cancel: CancelToken | None = None,
                      stats: DecodeStats | None = None) -> Iterator[list[int]]:
-    """Greedy Token Recycling with the step on the device (``RecyclingLoop``): ``speculative_decode``'s contract."""
+    """Greedy decoding with ``drafter``'s tree built and verified on the device (``RecyclingLoop``):
+    ``speculative_decode``'s contract."""
     stats = stats if stats is not None else DecodeStats()
-    yield from loop_for(forward, recycler).decode(input_ids[0].tolist(), max_new_tokens, eos_ids, cancel, stats)
+    yield from loop_for(forward, drafter).decode(input_ids[0].tolist(), max_new_tokens, eos_ids, cancel, stats)
 
 
-def loop_for(forward: StaticForward, recycler: TokenRecycling) -> RecyclingLoop:
-    """The loop for ``recycler`` at its active size over ``forward``, built on first use and kept with the forward."""
-    key = (id(recycler), len(recycler.active))
+def loop_for(forward: StaticForward, drafter: TokenRecycling | RecyclingLookup) -> RecyclingLoop:
+    """The loop for ``drafter``'s tree over ``forward``, built on first use and kept with the forward."""
+    recycler, lookup = (drafter.recycler, drafter.lookup) if isinstance(drafter, RecyclingLookup) else (drafter, 0)
+    key = (id(recycler), len(recycler.active), lookup)
     loop = forward.loops.get(key)
     if loop is None or loop.recycler is not recycler:
-        loop = forward.loops[key] = RecyclingLoop(forward, recycler)
+        loop = forward.loops[key] = RecyclingLoop(forward, recycler, lookup)
     return loop

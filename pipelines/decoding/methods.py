@@ -12,6 +12,7 @@ from .drafters.lookahead import LookaheadConfig, LookaheadTrie
 from .drafters.prompt_lookup import PromptLookup
 from .drafters.prompt_tokens import ParallelPromptDecoding
 from .drafters.recurrent_drafter import RecurrentDrafting
+from .drafters.recycling_lookup import LOOKUP_TOKENS, RecyclingLookup
 from .hardware import DraftingCost, pick_tree_size
 from .sliding import UnsupportedAttention, attention_layout
 from .static import StaticForward
@@ -64,6 +65,14 @@ def recycling_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest
     return recycler
 
 
+def recycling_lookup_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
+                             forward: StaticForward | None) -> Drafter:
+    """The template at the size this device affords less the chain's tokens, so the tree keeps its priced size."""
+    recycler = lm.state.recycler(request.method)
+    recycler.resize(max(1, recycling_nodes(lm, request, forward) - LOOKUP_TOKENS))
+    return RecyclingLookup(recycler)
+
+
 def lookahead_drafter(pipeline: TextPipeline, lm: CausalLM, request: TextRequest,
                       forward: StaticForward | None) -> Drafter:
     # alipay's 64-node budget, never more than this device affords
@@ -84,6 +93,8 @@ DECODING_METHODS: dict[str, Method] = {
     "redrafter": Method("Recurrent Drafter (trained draft head)", recurrent_drafter),
     "ppd": Method("Parallel Prompt Decoding (trained prompt tokens)", ppd_drafter),
     "recycling": Method("Token Recycling", recycling_drafter),
+    "recycling_lookup": Method("Token Recycling + prompt lookup (one tree; on a GPU drafted and verified on the device)",
+                               recycling_lookup_drafter),
     "lookahead": Method("Lookahead (trie)", lookahead_drafter),
     "prompt_lookup": Method("Prompt lookup", lambda pipeline, lm, request, forward: PromptLookup()),
     "draft_model": Method("Draft model", draft_model_drafter),

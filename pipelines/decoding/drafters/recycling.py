@@ -119,18 +119,27 @@ class TokenRecycling(Drafter):
         return torch.stack([tokens.double(), probs.double()])
 
     def update(self, tree: TokenTree, logits: torch.Tensor, accepted: list[int]) -> None:
-        rows = torch.tensor(tree.tokens).to(self.matrix.device, non_blocking=True)  # staged, no wait for the device
+        self.recycle(tree.tokens, logits)
+        self.count(tree, accepted)
+
+    def count(self, tree: TokenTree, accepted: list[int]) -> None:
+        """One more offer of every template node of ``tree`` and one more acceptance of those on the ``accepted``
+        path; none for a tree cut short at the end of a request (node indices no longer match the template)."""
+        if len(tree) != len(self.active) or tree.parents != list(self.active.parents):
+            return
+        for i in range(len(tree)):
+            self.offered[i] += 1
+        for node in tree.path_of(accepted):
+            self.accepted[node] += 1
+
+    def recycle(self, tokens: list[int] | torch.Tensor, logits: torch.Tensor) -> None:
+        """Every node's top-k becomes its token's row (``logits``: one raw row per token), rejected nodes included."""
+        rows = torch.as_tensor(tokens).to(self.matrix.device, non_blocking=True)  # staged, no wait for the device
         logits = logits.float()
         top = logits.topk(self.matrix.shape[1], dim=-1)
         self.matrix[rows] = top.indices.to(self.matrix.device)
         # softmax then gather: on a CPU half the time of a logsumexp over the same rows
         self.probs[rows] = logits.softmax(-1).gather(-1, top.indices).to(self.probs.device)
-        if len(tree) != len(self.active) or tree.parents != list(self.active.parents):
-            return  # cut short at the end of a request: node indices no longer match the template
-        for i in range(len(tree)):
-            self.offered[i] += 1
-        for node in tree.path_of(accepted):
-            self.accepted[node] += 1
 
     def acceptance_rates(self, prior_weight: float = 20.0) -> list[float]:
         """Per template node, how often it was on the accepted path when offered, smoothed by the prior."""

@@ -39,7 +39,7 @@ from benchmarks.report import benchmark_report, write_report  # noqa: E402
 from pipelines.diffusion import controls  # noqa: E402
 from pipelines.diffusion.attention import AttentionRecorder, KeyBias  # noqa: E402
 from pipelines.diffusion.binding import BindingConfig, attribute_free_prompt, end_token_substitution  # noqa: E402
-from pipelines.diffusion.leakfix import encoded_at_place, isolate_items  # noqa: E402
+from pipelines.diffusion.leakfix import encoded_alone, isolate_items  # noqa: E402
 from pipelines.diffusion.lpa import LPAConfig, layer_tags  # noqa: E402
 from pipelines.diffusion.prompts import (content_words, encode_positive, end_positions, parse_prompt,  # noqa: E402
                                          span_positions, token_positions)
@@ -73,15 +73,15 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "probe_style_causal_off": {**EVERYWHERE, "causal_style": True},
     },
     "leakfix": {
-        "served": {},  # each object phrase re-encoded alone (Follow the Flow)
+        "served": {},  # each object phrase re-encoded alone at its own positions (leakfix.encoded_at_place)
         "end_tokens_off": {"probe": "end_tokens_off"},  # ... and the end tokens masked: only the patched items speak
         "end_tokens_attribute_free": {"probe": "end_tokens_attribute_free"},  # ... ends from "a circle and a star"
         "probe_end_tokens_off_only": {"isolate": "", "probe": "end_tokens_off"},  # no isolation, ends masked
         # not the paper's: each item re-encoded after the earlier words with their attributes taken out, so it keeps
         # its place in the sentence ("a circle and a" + "red square") but not the earlier items' colours
         "in_neutral_context": {"probe": "isolate_in_neutral_context"},
-        # each item encoded alone as the paper does, but at its own positions in the prompt (``at_place``)
-        "at_place": {"probe": "isolate_at_place"},
+        # the paper's placement: each item encoded as a prompt of its own, at positions 1..n (``encoded_alone``)
+        "paper_placement": {"probe": "isolate_alone"},
     },
 }
 REQUEST_FIELDS = ("ets_step", "lpa_window", "isolate", "probe")  # set through the request, as the tab does
@@ -112,8 +112,8 @@ def config_variant(control: str, overrides: dict[str, Any]) -> Iterator[Any]:
 class DiagnosticRequest(ImageRequest):
     """An image request that may carry a probe: "end_tokens_off" (the end tokens masked on every layer at every
     step), "end_tokens_attribute_free" (the end tokens from the prompt without its attribute words, ToMe's end-token
-    substitution alone), "isolate_in_neutral_context" (``in_neutral_context``), "isolate_at_place"
-    (``at_place``) or "record" (nothing changed; the run is controlled, so ``--attention`` records it)."""
+    substitution alone), "isolate_in_neutral_context" (``in_neutral_context``), "isolate_alone"
+    (``leakfix.encoded_alone``, the paper's placement) or "record" (nothing changed; the run is controlled, so ``--attention`` records it)."""
 
     probe: str = ""
 
@@ -210,7 +210,7 @@ def in_neutral_context(pipe: Any, text: str, span: Any, positions: list[int], ba
     return encode_positive(pipe, context, batch)[:, inside]
 
 
-ITEM_ENCODERS = {"isolate_in_neutral_context": in_neutral_context, "isolate_at_place": encoded_at_place}
+ITEM_ENCODERS = {"isolate_in_neutral_context": in_neutral_context, "isolate_alone": encoded_alone}
 
 
 def render(pipeline: ImagePipeline, jobs: list[effect.Job], args: argparse.Namespace, overrides: dict[str, Any],

@@ -157,7 +157,8 @@ def token_controls(microworld: bool, isolate_hint: str) -> TokenControls:
         style = gr.Textbox(label="Style (optional)", placeholder="watercolor")
         window = lpa_window_row("Window")
     with gr.Accordion("Leakage fix (Follow the Flow)", open=False, elem_id="image-leakfix") as leak_box:
-        isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint)
+        isolate = gr.Textbox(label="Items to encode alone (comma-separated)", placeholder=isolate_hint,
+                             info="Each item re-encoded without the words before it, at its own place in the prompt")
     with gr.Accordion("Compass Control (object orientation)", open=False, elem_id="image-compass") as compass_box:
         gr.Markdown("One row per object: a word of the prompt, its heading in degrees (0 = facing the "
                     "viewer, 90 = right, 180 = away, 270 = left) and its box in 0..1 image coordinates.")

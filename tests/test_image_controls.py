@@ -12,7 +12,7 @@ from pipelines.base import Partial, Result
 from pipelines.diffusion.attention import AttentionControl, KeyBias, cross_attention_layers
 from pipelines.diffusion.binding import (BindingConfig, SemanticBinding, composite_tokens, end_token_substitution,
                                          group_tokens)
-from pipelines.diffusion.leakfix import encoded_at_place, isolate_items
+from pipelines.diffusion.leakfix import encoded_alone, isolate_items
 from pipelines.diffusion.lpa import layer_tags, route_style_tokens
 from pipelines.diffusion.models import scheduled_pipe
 from pipelines.tabs.image import ImagePipeline, ImageRequest
@@ -205,11 +205,11 @@ def test_binding_losses_decrease_over_refinement_iterations(arch):
     assert not torch.equal(new_latents, latents) and not torch.equal(new_positive, positive)
 
 
-def test_leakfix_patches_item_vectors_with_its_alone_encoding(arch):
+def test_leakfix_with_the_papers_placement_patches_item_vectors_with_its_alone_encoding(arch):
     pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
     text = "a pool by a table"
     positive = encode_positive(pipe, text, 1)
-    patched, where = isolate_items(pipe, text, ["table"], positive)
+    patched, where = isolate_items(pipe, text, ["table"], positive, encode_item=encoded_alone)
     alone = encode_positive(pipe, "table", 1)
     positions = where["table"]
     assert torch.equal(patched[0, positions], alone[0, 1:1 + len(positions)])
@@ -218,12 +218,12 @@ def test_leakfix_patches_item_vectors_with_its_alone_encoding(arch):
     assert not torch.equal(patched[0, positions], positive[0, positions])
 
 
-def test_leakfix_at_place_reads_the_pipelines_layer_at_the_items_own_positions(arch):
+def test_served_leakfix_reads_the_pipelines_layer_at_the_items_own_positions(arch):
     pipe = tiny_sdxl_pipeline() if arch == "sdxl" else tiny_sd15_pipeline()
     text = "pool by a table"
     positive = encode_positive(pipe, text, 2)
     with torch.no_grad():
-        patched, where = isolate_items(pipe, text, ["pool", "table"], positive, encode_item=encoded_at_place)
+        patched, where = isolate_items(pipe, text, ["pool", "table"], positive)
     alone = encode_positive(pipe, "table", 1)
     first, second = where["pool"], where["table"]
     assert first == [1] and torch.allclose(patched[:, first], positive[:, first], atol=1e-5)  # nothing before it

@@ -25,13 +25,15 @@ def test_leakage_fix_patches_only_the_frames_of_the_shot_that_names_the_item():
     plain, _ = contexts()
     fixed, result = contexts(isolate="pool")
     pipe = VIDEO.load("")
-    from pipelines.diffusion.prompts import encode_positive
+    from pipelines.diffusion.leakfix import encoded_at_place
+    from pipelines.diffusion.prompts import find_words
 
-    alone = encode_positive(pipe, "pool", 1)[0, 1]
     changed = [frame for frame in range(8) if not torch.allclose(plain[8 + frame], fixed[8 + frame], atol=1e-6)]
     assert changed == [0, 1, 2, 3]
-    position = result.metadata["parameters"]["controls"][0]["isolated"]["pool"][0]
-    torch.testing.assert_close(fixed[8 + 0, position], alone, rtol=0, atol=1e-5)
+    positions = result.metadata["parameters"]["controls"][0]["isolated"]["pool"]
+    with torch.no_grad():
+        alone = encoded_at_place(pipe, "a pool by a table", find_words("a pool by a table", "pool"), positions, 1)
+    torch.testing.assert_close(fixed[8 + 0, positions], alone[0], rtol=0, atol=1e-5)
     assert torch.equal(plain[:8], fixed[:8])  # negative half untouched
 
 

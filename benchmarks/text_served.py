@@ -57,7 +57,7 @@ from pipelines.models import ModelStore  # noqa: E402
 from pipelines.packaged import convert_gguf  # noqa: E402
 from pipelines.tabs.text import TextPipeline, TextRequest  # noqa: E402
 
-OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "lookahead")
+OURS = ("vanilla", "merged", "redrafter", "ppd", "prompt_lookup", "recycling", "recycling_lookup", "lookahead")
 EXACT = "+exact"  # suffix of a method run in exact mode
 ANCHORS = ("hf-eager", "hf-pld", "hf-static-compile")
 # Random weights of these shapes measure step costs (acceptance needs real weights: use --model for that).

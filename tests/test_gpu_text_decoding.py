@@ -116,18 +116,30 @@ def test_recycling_graphs_read_the_current_matrix():
 
 
 @pytest.mark.parametrize("compile", ["off", "layers"])
-def test_the_device_loops_captured_steps_give_plain_greedy_tokens(model, compile):
-    """Token Recycling's device loop: one graph per key width, replayed in bursts; fp32, so identical to plain greedy
-    decoding; a second request reuses the graphs and the warm matrix."""
+@pytest.mark.parametrize("lookup", [False, True])
+def test_the_device_loops_captured_steps_give_plain_greedy_tokens(model, compile, lookup):
+    """The device loop (Token Recycling, with or without its lookup chain): one graph per key width, replayed in
+    bursts; fp32, so identical to plain greedy decoding; later requests reuse the graphs (no recompiles) and the
+    warm matrix."""
+    from torch._dynamo.utils import counters
+
     from pipelines.decoding.device_loop import recycling_decode
+    from pipelines.decoding.drafters.recycling_lookup import RecyclingLookup
     from pipelines.decoding.plain import DecodeStats
 
     forward = StaticForward(model, max_cache_len=1024, buckets=BUCKETS, capture=True, compile=compile)
     eager = StaticForward(model, max_cache_len=1024, buckets=BUCKETS, capture=False)
-    for seed, length in ((2, 40), (5, 300)):
+    recycler = TokenRecycling(cold_matrix(320, "cuda"))
+    recycler.resize(54 if lookup else 64)
+    drafter = RecyclingLookup(recycler) if lookup else recycler
+    for request, (seed, length) in enumerate(((2, 40), (5, 300), (2, 40))):
         prompt = repetitive_prompt(seed, length).cuda()
         expected = run(plain_decode(model, prompt, 120, SamplingConfig(), set(), forward=eager))
-        drafter, stats = TokenRecycling(cold_matrix(320, "cuda")), DecodeStats(top_logits=[])
-        drafter.resize(64)
+        stats = DecodeStats(top_logits=[])
         assert run(recycling_decode(forward, drafter, prompt, 120, set(), stats=stats)) == expected
         assert stats.forwards < 120 and [pair[0][0] for pair in stats.top_two()] == expected
+        if request == 0:
+            compiled = int(counters["stats"]["unique_graphs"])
+    assert int(counters["stats"]["unique_graphs"]) == compiled
+    (loop,) = forward.loops.values()
+    assert set(loop.calls.graphs) <= set(forward.widths)

@@ -83,7 +83,7 @@ MICROWORLD_EXAMPLES = [
     ImageExample("a red circle and a blue square", seed=0, cfg=5.0),
     ImageExample("a [blue circle] and a [red square]", binding=True, seed=1, cfg=5.0),
     ImageExample("a yellow star and a green arrow, in dotted style", lpa=True, seed=2, cfg=5.0),
-    ImageExample("a purple arrow and a green star", isolate="purple arrow, green star", seed=4, cfg=5.0),
+    ImageExample("a red square and a blue circle", isolate="red square, blue circle", seed=1, cfg=5.0),
     ImageExample("a green arrow and a red circle", seed=0, cfg=5.0, compass_encoder=MICROWORLD_COMPASS,
                  compass=json.dumps([{"name": "arrow", "angle": 270, "box": [0.05, 0.3, 0.5, 0.75]}])),
     ImageExample("a striped blue square and a green arrow pointing up", heatmap_words="square, arrow", seed=0,

@@ -61,6 +61,18 @@ def test_same_tokens_and_steps_as_the_host_verifier_with_the_same_drafter(models
     assert device_stats.accepted_per_forward == host_stats.accepted_per_forward
 
 
+def test_through_a_forward_that_embeds_prompt_tokens_too(models):
+    """With trained PPD prompt tokens every method's forward embeds through their embedding (real ids: the model's
+    own lookup), which the device loop's real ids go through unchanged."""
+    model = models["llama"]
+    prompt = repetitive_prompt(4, 30)
+    forward = StaticForward(model, max_cache_len=512, buckets=BUCKETS, capture=False,
+                            embed=model.get_input_embeddings())
+    drafter = recycler(model)
+    assert supports(drafter, forward, SamplingConfig(), None)
+    assert run(recycling_decode(forward, drafter, prompt, 40, set())) == greedy(model, prompt, 40)
+
+
 def test_stops_at_an_end_token_met_mid_run_and_at_the_budget(models):
     model = models["llama"]
     prompt = repetitive_prompt(3, 17)

@@ -42,7 +42,7 @@ def supports(drafter: object, forward: object, config: SamplingConfig, processor
     """Whether a request runs here: Token Recycling (with or without a lookup chain), greedy, no logits processors,
     on the static step."""
     return (isinstance(drafter, (TokenRecycling, RecyclingLookup)) and isinstance(forward, StaticForward)
-            and config.greedy and not processors and forward.embed is None)
+            and config.greedy and not processors)
 
 
 class RecyclingLoop:

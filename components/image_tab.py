@@ -70,15 +70,16 @@ MICROWORLD_COMPASS = str(MICROWORLD_WEIGHTS / "compass") if (
 # Seeds picked from 0-5 by benchmarks/microworld_v2_examples.py on the CPU (off vs on,
 # results/microworld_v2_examples_cpu.json and .png): binding swaps the prior's colours back to the asked ones at seed
 # 1 (binding score 0 -> 1; after the per-image entropy refinement 1 of 6 seeds improves, seed 3 worsens), LPA changes
-# no seed visibly (seed 2 is a clean scene), the leakage fix improves no seed (the purple arrow is drawn green at
-# every seed, and at seed 3 the fix drops the green star; seed 4 is a clean scene), and compass with the trained
+# no seed visibly (seed 2 is a clean scene), the leakage fix (each item at its own positions) gives the swapped pair
+# its asked colours at seeds 1-3 (binding 0 -> 1; the baseline swaps them at every seed), and compass with the trained
 # encoder (MICROWORLD_COMPASS) turns the arrow from pointing down to a clean arrow pointing left at seed 0 (heading
 # error 108 -> 2 deg; 5 of 6 seeds get closer, though at seed 3 the arrow fuses with a second red disc, and seed 5
 # turns away: 10 -> 179 deg).
 # Over 300 (prompt, seed) units per control on the GPU (results/control_effect_v2.json): compass cuts the heading
 # error 93 -> 46 deg (95 % CI of the difference [-57, -38]), binding lowers the binding score 0.30 -> 0.22 (CI [-0.12,
-# -0.05]), LPA and the leakage fix change nothing measurable (CIs include zero), and the oracle binding gain gate
-# fails (-0.013, CI [-0.047, 0.022], 160 units); that binding row predates the per-image entropy refinement.
+# -0.05]), LPA and the leakage fix (then placed as in the paper) change nothing measurable (CIs include zero), and
+# the oracle binding gain gate fails (-0.013, CI [-0.047, 0.022], 160 units); that binding row predates the per-image
+# entropy refinement.
 MICROWORLD_EXAMPLES = [
     ImageExample("a red circle and a blue square", seed=0, cfg=5.0),
     ImageExample("a [blue circle] and a [red square]", binding=True, seed=1, cfg=5.0),

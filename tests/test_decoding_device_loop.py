@@ -49,7 +49,7 @@ def test_identical_to_plain_greedy_and_drafts_are_accepted(models, family, seed,
 
 
 def test_same_tokens_and_steps_as_the_host_verifier_with_the_same_drafter(models):
-    """The host verifier with a chain-free template and a fresh matrix makes the same trees, so the same steps."""
+    """The host verifier with the same template and a fresh matrix makes the same trees, so the same steps."""
     model = models["llama"]
     prompt = repetitive_prompt(1, 40)
     host_stats, device_stats = DecodeStats(), DecodeStats()

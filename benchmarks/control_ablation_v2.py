@@ -113,7 +113,8 @@ class DiagnosticRequest(ImageRequest):
     """An image request that may carry a probe: "end_tokens_off" (the end tokens masked on every layer at every
     step), "end_tokens_attribute_free" (the end tokens from the prompt without its attribute words, ToMe's end-token
     substitution alone), "isolate_in_neutral_context" (``in_neutral_context``), "isolate_alone"
-    (``leakfix.encoded_alone``, the paper's placement) or "record" (nothing changed; the run is controlled, so ``--attention`` records it)."""
+    (``leakfix.encoded_alone``, the paper's placement) or "record" (nothing changed; the run is controlled, so
+    ``--attention`` records it)."""
 
     probe: str = ""
 

@@ -28,8 +28,8 @@ import torch
 
 from ..base import CancelToken
 from .captured import CapturedCalls
-from .drafters.recycling import TokenRecycling
-from .drafters.recycling_lookup import RecyclingLookup
+from .drafters.recycling import TokenRecycling, depth_levels
+from .drafters.recycling_lookup import RecyclingLookup, with_chain
 from .plain import DecodeStats, SamplingConfig
 from .static import StaticForward
 from .tree import TokenTree
@@ -56,15 +56,20 @@ class RecyclingLoop:
         self.forward, self.recycler, self.lookup = forward, recycler, lookup
         template, device = recycler.active, forward.device
         self.fill_levels, self.drafted = recycler.levels, len(template)  # template nodes, then the chain
-        parents = list(template.parents) + ([0] + list(range(len(template), len(template) + lookup - 1))
-                                            if lookup else [])
+        parents = with_chain(list(template.parents), lookup)
         tree = TokenTree([0] * len(parents), parents)
         self.nodes, self.depth = len(parents), max(tree.depths)
         self.size = forward.bucket(self.nodes)
         self.depths = torch.tensor(tree.depths, device=device)
         self.parents = torch.tensor([max(p, 0) for p in parents], device=device)
-        self.accept_levels = depth_levels(parents, tree.depths, device)
-        self.pattern = torch.from_numpy(block_pattern(parents, self.size)).to(device)
+        self.accept_levels = depth_levels(parents, device)
+        self.pattern = torch.from_numpy(block_pattern(tree, self.size)).to(device)
+        # index constants of every step, made once
+        self.node_ids = torch.arange(self.nodes, device=device)
+        self.slots = torch.arange(self.depth + 1, device=device)  # a step's committed tokens: drafts, then the bonus
+        self.chain_ids = torch.arange(lookup, device=device)
+        self.in_chain = self.node_ids >= self.drafted
+        self.starts = torch.arange(forward.max_cache_len, device=device)  # where an earlier n-gram may begin
         self.state = torch.zeros(len(STATE), dtype=torch.long, device=device)
         # every token a request can write: its budget (< the cache), then what two bursts in flight may add
         self.room = forward.max_cache_len + 2 * BURST * (self.depth + 1) + self.depth + 1
@@ -80,7 +85,7 @@ class RecyclingLoop:
 
     def step(self, width: int) -> torch.Tensor:
         """One verified step from the device state: draft, forward, accept, move K/V, recycle, advance."""
-        forward, n, depth = self.forward, self.nodes, self.depth
+        forward, n = self.forward, self.nodes
         past, root, count, steps = self.state.unbind()
         tokens, usable = self.draft(past, root)
         ids, positions, scalars, block, cols = forward._staged_args(self.size, width)
@@ -97,7 +102,7 @@ class RecyclingLoop:
         for nodes, parents in self.accept_levels:
             accepted[nodes] &= accepted[parents]
         path, kept = self.accepted_path(accepted)
-        slots = torch.arange(depth + 1, device=tokens.device)
+        slots = self.slots
         bonus = choice.gather(0, path.gather(0, kept.view(1)))
         run = torch.where(slots == kept, bonus, tokens[path[1:]])  # the drafts, the bonus, then unused slots
         self.out.index_copy_(0, count + slots, run)
@@ -122,14 +127,13 @@ class RecyclingLoop:
         if self.lookup:
             chain, length = self.looked_up(past + 1)
             tokens[self.drafted:] = chain
-            usable[self.drafted:] = torch.arange(self.lookup, device=tokens.device) < length
+            usable[self.drafted:] = self.chain_ids < length
         return tokens, usable
 
     def looked_up(self, length: torch.Tensor, max_ngram: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt lookup over the ``length`` context tokens: the tokens after the latest earlier occurrence of the
         trailing 3-gram, else 2-gram, else 1-gram (``PromptLookup``'s order), and how many of them there are."""
-        context, size = self.context, self.forward.max_cache_len
-        starts = torch.arange(size, device=context.device)
+        context, starts, size = self.context, self.starts, self.forward.max_cache_len
         begin = torch.full_like(length, -1)  # where the continuation starts; -1: nothing found yet
         for n in range(max_ngram, 0, -1):
             trailing = context.gather(0, (length - n + torch.arange(n, device=context.device)).clamp(min=0))
@@ -138,27 +142,26 @@ class RecyclingLoop:
                 found &= context[j:j + size] == trailing[j]
             latest = torch.where(found, starts, -1).max()
             begin = torch.where((begin < 0) & (latest >= 0), latest + n, begin)
-        chain = context.gather(0, begin.clamp(min=0) + torch.arange(self.lookup, device=context.device))
+        chain = context.gather(0, begin.clamp(min=0) + self.chain_ids)
         return chain, torch.where(begin >= 0, (length - begin).clamp(max=self.lookup), 0)
 
     def accepted_path(self, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The accepted node at each depth (index ``depth + 1`` collects the rest) and how many drafts were accepted.
         The template's siblings hold distinct tokens, so it has one accepted path, and so has the chain; where both
         accept, the longer one is taken (the template on a tie)."""
-        depth, device = self.depth, accepted.device
+        depth = self.depth
         if self.lookup:
-            in_chain = torch.arange(self.nodes, device=device) >= self.drafted
-            on_template, on_chain = accepted & ~in_chain, accepted & (in_chain | (self.depths == 0))
+            on_template, on_chain = accepted & ~self.in_chain, accepted & (self.in_chain | (self.depths == 0))
             longer = on_chain.sum() > on_template.sum()
             accepted = torch.where(longer, on_chain, on_template)
-        path = torch.zeros(depth + 2, dtype=torch.long, device=device)
-        path.scatter_(0, torch.where(accepted, self.depths, depth + 1), torch.arange(self.nodes, device=device))
+        path = torch.zeros(depth + 2, dtype=torch.long, device=accepted.device)
+        path.scatter_(0, torch.where(accepted, self.depths, depth + 1), self.node_ids)
         return path, accepted.sum() - 1
 
     def move_rows(self, past: torch.Tensor, path: torch.Tensor, kept: torch.Tensor) -> None:
         """Copy the accepted nodes' K/V (rows ``past + node``) to ``past + 1 + i``: the cache then holds the
         committed prefix. Unused slots copy a row onto itself (fixed shapes)."""
-        slots = torch.arange(path.shape[0], device=path.device)
+        slots = self.slots[:-1]
         target = past + 1 + slots
         source = torch.where(slots < kept, past + path, target)
         for layer in self.forward.cache.layers:
@@ -257,23 +260,12 @@ def cut_run(run: list[int], eos_ids: set[int], remaining: int) -> list[int]:
     return run[:remaining]
 
 
-def depth_levels(parents: list[int], depths: list[int],
-                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per depth below the root, the tree's nodes there and their parents: acceptance flows down level by level."""
-    levels = []
-    for level in range(1, max(depths) + 1):
-        nodes = [i for i, d in enumerate(depths) if d == level]
-        levels.append((torch.tensor(nodes, device=device), torch.tensor([parents[i] for i in nodes], device=device)))
-    return levels
-
-
-def block_pattern(parents: list[int], size: int) -> np.ndarray:
-    """The template's ancestor pattern padded to ``size``: dummy rows see only themselves (as ``StaticForward``
+def block_pattern(tree: TokenTree, size: int) -> np.ndarray:
+    """The tree's ancestor pattern padded to ``size``: dummy rows see only themselves (as ``StaticForward``
     stages a padded block)."""
     pattern = np.zeros((size, size), dtype=bool)
-    tree = TokenTree([0] * len(parents), list(parents))
-    pattern[:len(parents), :len(parents)] = tree.ancestor_matrix()
-    dummies = np.arange(len(parents), size)
+    pattern[:len(tree), :len(tree)] = tree.ancestor_matrix()
+    dummies = np.arange(len(tree), size)
     pattern[dummies, dummies] = True
     return pattern
 
@@ -292,7 +284,6 @@ def loop_for(forward: StaticForward, drafter: TokenRecycling | RecyclingLookup) 
     """The loop for ``drafter``'s tree over ``forward``, built on first use and kept with the forward."""
     recycler, lookup = (drafter.recycler, drafter.lookup) if isinstance(drafter, RecyclingLookup) else (drafter, 0)
     key = (id(recycler), len(recycler.active), lookup)
-    loop = forward.loops.get(key)
-    if loop is None or loop.recycler is not recycler:
-        loop = forward.loops[key] = RecyclingLoop(forward, recycler, lookup)
-    return loop
+    if key not in forward.loops:  # the loop holds the recycler, so its id names no other while the loop lives
+        forward.loops[key] = RecyclingLoop(forward, recycler, lookup)
+    return forward.loops[key]

@@ -147,19 +147,23 @@ class TokenRecycling(Drafter):
                 for accepted, offered, prior in zip(self.accepted, self.offered, self.template.prior)]
 
 
+def depth_levels(parents: list[int] | tuple[int, ...],
+                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per depth below the root of a tree given by its ``parents`` (parents first): its node indices there and
+    their parents, so work that flows down the tree (filling, acceptance) runs one level at a time."""
+    depths = TokenTree([0] * len(parents), list(parents)).depths
+    levels = []
+    for level in range(1, max(depths) + 1):
+        nodes = [i for i, d in enumerate(depths) if d == level]
+        levels.append((torch.tensor(nodes, device=device), torch.tensor([parents[i] for i in nodes], device=device)))
+    return levels
+
+
 def template_levels(active: TreeTemplate,
                     device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per depth below the root: the template's node indices there, their parents and their child ranks."""
-    depth = [0] * len(active)
-    for i in range(1, len(active)):
-        depth[i] = depth[active.parents[i]] + 1
-    levels = []
-    for d in range(1, max(depth) + 1):
-        nodes_at = [i for i in range(len(active)) if depth[i] == d]
-        levels.append((torch.tensor(nodes_at, device=device),
-                       torch.tensor([active.parents[i] for i in nodes_at], device=device),
-                       torch.tensor([active.ranks[i] for i in nodes_at], device=device)))
-    return levels
+    ranks = torch.tensor(active.ranks, device=device)
+    return [(nodes, parents, ranks[nodes]) for nodes, parents in depth_levels(active.parents, device)]
 
 
 def cold_matrix(vocab: int, device: torch.device | str = "cpu", k: int = TOP_K) -> torch.Tensor:

@@ -18,6 +18,12 @@ from .recycling import TokenRecycling
 LOOKUP_TOKENS = 10  # transformers' prompt_lookup_num_tokens
 
 
+def with_chain(parents: list[int], length: int) -> list[int]:
+    """``parents`` of a tree, then those of a chain of ``length`` nodes appended below its root."""
+    size = len(parents)
+    return parents + ([0] + list(range(size, size + length - 1)) if length else [])
+
+
 class RecyclingLookup(Drafter):
     """``recycler``'s template (at its active size) plus, under the root, the tokens that followed the latest earlier
     occurrence of the context's trailing 3-, 2- or 1-gram (at most ``lookup`` of them)."""
@@ -33,9 +39,7 @@ class RecyclingLookup(Drafter):
         self.template = template = self.recycler.propose(context)
         found = self.finder.matches(context)
         chain = found[0][1] if found else []
-        size = len(template)
-        parents = [0] + list(range(size, size + len(chain) - 1)) if chain else []
-        self.proposed = TokenTree(template.tokens + chain, template.parents + parents,
+        self.proposed = TokenTree(template.tokens + chain, with_chain(template.parents, len(chain)),
                                   template.depths + list(range(1, len(chain) + 1)))
         return self.proposed
 
